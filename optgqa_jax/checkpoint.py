@@ -17,8 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from optgqa_jax.config import ModelConfig
-from optgqa_jax.model import abstract_params
-from optgqa_jax.weights import check_params_match
+from optgqa_jax.model import abstract_params, check_params_match
 
 CONFIG_FILE = "optgqa_config.json"
 PARAMS_DIR = "params"
@@ -94,5 +93,5 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
         params = checkpointer.restore(params_path, target)
     except (ValueError, KeyError) as e:
         raise ValueError(f"checkpoint arrays in {params_path!r} do not fit its config: {e}") from e
-    check_params_match(saved, params)
+    check_params_match(saved, params, what="checkpoint tensors")
     return saved, params

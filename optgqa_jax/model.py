@@ -183,6 +183,46 @@ def abstract_params(cfg: ModelConfig) -> dict:
                                                         tokens)["params"])
 
 
+def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> None:
+    """Raise ValueError listing every leaf whose path, shape or dtype differs from `cfg`'s."""
+    expected = abstract_params(cfg)
+    def name(path):
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    flat_exp = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    flat_got = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    problems = []
+    for key in sorted(set(flat_exp) | set(flat_got)):
+        if key not in flat_got:
+            problems.append(f"{key}: missing")
+        elif key not in flat_exp:
+            problems.append(f"{key}: not part of this config")
+        else:
+            e, g = flat_exp[key], flat_got[key]
+            if tuple(e.shape) != tuple(np.shape(g)):
+                problems.append(f"{key}: shape {tuple(np.shape(g))}, config expects {tuple(e.shape)}")
+            elif jnp.dtype(e.dtype) != jnp.dtype(g.dtype):
+                problems.append(f"{key}: dtype {g.dtype}, config expects {e.dtype}")
+    if problems:
+        shown = "\n  ".join(problems[:12])
+        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise ValueError(f"{what} do not match the config:\n  {shown}{more}")
+
+@functools.lru_cache(maxsize=64)
+def _expected_leaves(cfg: ModelConfig):
+    leaves, treedef = jax.tree_util.tree_flatten(abstract_params(cfg))
+    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
+def _check_params_fast(cfg: ModelConfig, params) -> None:
+    """Cheap structural check on every call; the detailed report only on mismatch."""
+    treedef, expected = _expected_leaves(cfg)
+    leaves, got_def = jax.tree_util.tree_flatten(params)
+    if got_def != treedef or tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in leaves) != expected:
+        check_params_match(cfg, params)
+        raise ValueError("params do not match the config (tree structure differs)")
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -222,10 +262,12 @@ def forward(cfg: ModelConfig, params: dict, tokens) -> jax.Array:
 
     Raises:
       ValueError: bad shape, ids outside the vocabulary (checked when `tokens` is
-        concrete, i.e. not inside a trace), or T > max_seq_len.
+        concrete, i.e. not inside a trace), T > max_seq_len, or params whose
+        structure, shapes or dtypes do not match `cfg`.
     """
     tokens = jnp.asarray(tokens)
     check_tokens(cfg, tokens)
+    _check_params_fast(cfg, params)
     if tokens.shape[1] > cfg.max_seq_len:
         raise ValueError(f"tokens has length {tokens.shape[1]}, longer than "
                          f"max_seq_len={cfg.max_seq_len}")
@@ -261,6 +303,7 @@ def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache,
     """
     tokens = jnp.asarray(tokens)
     check_tokens(cfg, tokens)
+    _check_params_fast(cfg, params)
     start = jnp.asarray(start, jnp.int32)
     B, T = tokens.shape
     S = cache.k.shape[2]

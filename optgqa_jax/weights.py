@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optgqa_jax.config import ModelConfig
-from optgqa_jax.model import abstract_params
+from optgqa_jax.model import check_params_match
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -53,30 +51,5 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], object],
         }
     if not cfg.tie_embeddings:
         params["lm_head"] = fetch("lm_head.weight", True)
-    check_params_match(cfg, params)
+    check_params_match(cfg, params, what="checkpoint tensors")
     return params
-
-
-def check_params_match(cfg: ModelConfig, params: dict, what: str = "checkpoint") -> None:
-    """Raise ValueError listing every leaf whose path, shape or dtype differs from `cfg`'s."""
-    expected = abstract_params(cfg)
-    flat_exp = {jax.tree_util.keystr(k): v for k, v in
-                jax.tree_util.tree_flatten_with_path(expected)[0]}
-    flat_got = {jax.tree_util.keystr(k): v for k, v in
-                jax.tree_util.tree_flatten_with_path(params)[0]}
-    problems = []
-    for key in sorted(set(flat_exp) | set(flat_got)):
-        if key not in flat_got:
-            problems.append(f"{key}: missing")
-        elif key not in flat_exp:
-            problems.append(f"{key}: not part of this config")
-        else:
-            e, g = flat_exp[key], flat_got[key]
-            if tuple(e.shape) != tuple(np.shape(g)):
-                problems.append(f"{key}: shape {tuple(np.shape(g))}, config expects {tuple(e.shape)}")
-            elif jnp.dtype(e.dtype) != jnp.dtype(g.dtype):
-                problems.append(f"{key}: dtype {g.dtype}, config expects {e.dtype}")
-    if problems:
-        shown = "\n  ".join(problems[:12])
-        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise ValueError(f"{what} parameters do not match the config:\n  {shown}{more}")

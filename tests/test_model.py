@@ -140,3 +140,11 @@ def test_forward_is_jittable_with_static_config(tiny):
     jitted = jax.jit(og.forward, static_argnums=0)
     np.testing.assert_allclose(jitted(cfg, params, tokens), og.forward(cfg, params, tokens),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_params_of_another_config_are_rejected(tiny):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match=r"q_proj.*shape \(64, 64\), config expects \(64, 128\)"):
+        og.forward(cfg.replace(n_heads=8, n_kv_heads=2), params, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="lm_head: missing"):
+        og.forward(cfg, {k: v for k, v in params.items() if k != "lm_head"}, [[1, 2]])
