@@ -1,10 +1,28 @@
 """Pallas (Triton-lowering) attention kernels for optgqa-jax.
 
 Every kernel module holds the kernel, a jitted wrapper that validates its
-inputs, and a pure-jnp reference beside it. The kernels target Pallas' Triton
-lowering so that they run on JAX's CUDA and ROCm backends alike.
+inputs, a frozen tuning-config dataclass with per-backend defaults, and a
+pure-jnp reference beside it. The kernels use only Pallas' Triton lowering
+(explicit ``triton.CompilerParams``), so they run on JAX's CUDA and ROCm
+backends alike; on CPU pass ``interpret=True``.
+
+* :func:`paged_attention` — decode over a paged KV cache (GQA sharing, split-K, ALiBi).
+* :func:`flash_attention` — dense causal prefill / training forward (GQA, ALiBi).
+* :func:`paged_prefill_attention` — ragged packed prefill over a paged cache.
+* :func:`alibi_slopes` — per-head ALiBi slopes.
 """
 
 from pallas_kernels.alibi import alibi_slopes, alibi_slopes_np
+from pallas_kernels.flash_attention import (FlashAttentionConfig, flash_attention,
+                                            flash_attention_reference)
+from pallas_kernels.paged_attention import (PagedAttentionConfig, paged_attention,
+                                            paged_attention_reference)
+from pallas_kernels.paged_prefill_attention import (PagedPrefillConfig, paged_prefill_attention,
+                                                    paged_prefill_attention_reference)
 
-__all__ = ["alibi_slopes", "alibi_slopes_np"]
+__all__ = [
+    "alibi_slopes", "alibi_slopes_np",
+    "FlashAttentionConfig", "flash_attention", "flash_attention_reference",
+    "PagedAttentionConfig", "paged_attention", "paged_attention_reference",
+    "PagedPrefillConfig", "paged_prefill_attention", "paged_prefill_attention_reference",
+]

@@ -23,25 +23,28 @@ def rope(x, positions, theta):
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def attention_np(q, k, v, q_positions, kv_head_map, slopes=None, sm_scale=None):
-    """q [T, N, H], k/v [S, K, H]; key slot s is position s; explicit bias and mask matrices."""
+def attention_np(q, k, v, q_positions, kv_head_map, slopes=None, sm_scale=None, causal=True):
+    """q [T, N, H], k/v [S, K, H]; key slot s is position s; explicit bias and mask matrices.
+
+    Rows with no visible key give zeros.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     T, N, H = q.shape
     S = k.shape[0]
     sm_scale = 1 / np.sqrt(H) if sm_scale is None else sm_scale
+    rel = np.arange(S)[None, :] - np.asarray(q_positions)[:, None]  # [T, S]: j - i
+    mask = rel <= 0 if causal else np.ones((T, S), bool)
     out = np.zeros((T, N, H))
     for h in range(N):
         kh, vh = k[:, kv_head_map[h]], v[:, kv_head_map[h]]
         scores = (q[:, h] @ kh.T) * sm_scale  # [T, S]
-        bias = np.zeros((T, S))
         if slopes is not None:
-            for t in range(T):
-                for s in range(S):
-                    bias[t, s] = slopes[h] * (s - q_positions[t])
-        mask = np.array([[s <= q_positions[t] for s in range(S)] for t in range(T)])
-        scores = np.where(mask, scores + bias, -np.inf)
-        p = np.exp(scores - scores.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        out[:, h] = p @ vh
+            scores = scores + slopes[h] * rel  # the ALiBi bias matrix
+        scores = np.where(mask, scores, -np.inf)
+        top = scores.max(axis=1, keepdims=True)
+        p = np.where(mask, np.exp(scores - np.where(np.isfinite(top), top, 0)), 0.0)
+        denom = p.sum(axis=1, keepdims=True)
+        out[:, h] = (p / np.where(denom == 0, 1, denom)) @ vh
     return out
 
 

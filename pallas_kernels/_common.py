@@ -1,0 +1,86 @@
+"""Helpers shared by the kernels: backend detection, input checks, small math."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -1e30  # finite: exp2(MASK_VALUE - m) underflows to 0 and never makes NaN
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def backend() -> str:
+    """"cuda", "rocm" or "cpu": the platform the kernels will be compiled for."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return "cpu"
+    version = getattr(dev.client, "platform_version", "") or ""
+    return "rocm" if dev.platform == "rocm" or "rocm" in version.lower() else "cuda"
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def check_float(name: str, x) -> None:
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def check_int32(name: str, x) -> None:
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+        raise ValueError(f"{name} must be int32, got {x.dtype}")
+
+
+def check_rank(name: str, x, rank: int, legend: str) -> None:
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank} {legend}, got shape {tuple(x.shape)}")
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim} is not supported; the kernels need one of "
+                         f"{SUPPORTED_HEAD_DIMS} (pad the heads, or use the jnp reference)")
+
+
+def check_heads(num_q_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"number of query heads ({num_q_heads}) must be a multiple of the number "
+                         f"of KV heads ({num_kv_heads})")
+
+
+def check_slopes(alibi_slopes, num_q_heads: int):
+    """Return float32 slopes [N] or None; raise on a bad shape."""
+    if alibi_slopes is None:
+        return None
+    slopes = jnp.asarray(alibi_slopes, jnp.float32)
+    if slopes.shape != (num_q_heads,):
+        raise ValueError(f"alibi_slopes must have shape [num_q_heads]=({num_q_heads},), got "
+                         f"{tuple(slopes.shape)}")
+    return slopes
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def dot(a, b):
+    """2-D matrix product with float32 accumulation.
+
+    float32 inputs ask for full IEEE precision: Triton's default for float32 is
+    TF32, about 1e-3 relative error, which would hide real bugs in the tests.
+    """
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)

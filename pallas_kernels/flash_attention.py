@@ -1,0 +1,216 @@
+"""Dense causal flash attention with GQA and in-kernel ALiBi (Pallas, Triton lowering).
+
+The prefill and training-forward kernel. ``q`` holds T query tokens that are
+the *last* T positions of a sequence of S keys (T == S for a plain causal
+pass; S > T when a chunk attends to an already computed prefix).
+
+Kernel design (FlashAttention-2 forward): grid ``(B, N, ceil(T / block_q))``;
+each program keeps a [block_q, D] query tile in registers and streams
+[block_k, D] key/value tiles of its KV head ``h // G`` with an online
+softmax in float32 (base-2 exponentials). Under causality the key loop stops
+at the tile holding the program's last query, and masking is only applied
+on the tiles that straddle the diagonal. ALiBi adds ``slope_h * (j - i)`` to
+the scores inside the kernel, so no [T, S] bias matrix is ever built (paper
+§III-A, "Integration and Optimization of ALiBi").
+
+Axis legend: B batch, T query tokens, S key tokens, N query heads, K KV heads,
+G = N / K, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common as C
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashAttentionConfig:
+    """Tuning knobs of :func:`flash_attention` (block sizes are powers of two >= 16)."""
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    @classmethod
+    def for_backend(cls, backend: str, head_dim: int = 128) -> "FlashAttentionConfig":
+        if backend == "rocm":
+            # 64 KB of LDS: two 64x128 bf16 tiles per stage, one stage.
+            return cls(block_q=64, block_k=64, num_warps=4, num_stages=1)
+        if head_dim <= 64:
+            return cls(block_q=128, block_k=64, num_warps=4, num_stages=3)
+        return cls()
+
+    def validate(self) -> None:
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if not (C.is_power_of_two(v) and v >= 16):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if not 1 <= self.num_warps <= 16:
+            raise ValueError(f"num_warps={self.num_warps} must be in [1, 16]")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k: int, offset: int,
+                  causal: bool, sm_scale: float, use_alibi: bool):
+    # q_ref [block_q, D]; k_ref, v_ref [S_padded, D]; slope_ref [1] (times log2 e); o_ref [block_q, D]
+    q_block = pl.program_id(2)
+    q = q_ref[...]
+    block_q, D = q.shape
+    q_pos = offset + q_block * block_q + jnp.arange(block_q)  # absolute query positions
+    scale = sm_scale * C.LOG2E
+    slope = slope_ref[0] if use_alibi else None
+    if causal:
+        key_end = jnp.minimum(seq_k, offset + (q_block + 1) * block_q)
+        # tiles entirely below the diagonal (and inside seq_k) need no mask
+        full_tiles = jnp.minimum(seq_k, offset + q_block * block_q + 1) // block_k
+    else:
+        key_end = seq_k
+        full_tiles = seq_k // block_k
+    num_tiles = C.cdiv(key_end, block_k)
+
+    def tile(j, carry, masked: bool):
+        acc, m, l = carry
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = C.dot(q, k.T) * scale  # [block_q, block_k]
+        k_pos = j * block_k + jnp.arange(block_k)
+        if use_alibi:
+            s = s + slope * (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
+        if masked:
+            valid = k_pos[None, :] < seq_k
+            if causal:
+                valid = valid & (k_pos[None, :] <= q_pos[:, None])
+            s = jnp.where(valid, s, C.MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + p.sum(axis=-1)
+        acc = acc * alpha[:, None] + C.dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    carry = (jnp.zeros((block_q, D), jnp.float32), jnp.full((block_q,), C.MASK_VALUE, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    carry = jax.lax.fori_loop(0, full_tiles, functools.partial(tile, masked=False), carry)
+    carry = jax.lax.fori_loop(full_tiles, num_tiles, functools.partial(tile, masked=True), carry)
+    acc, _, l = carry
+    o_ref[...] = (acc / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "config",
+                                             "use_alibi"))
+def _flash_attention(q, k, v, slopes, *, causal, sm_scale, interpret, config, use_alibi):
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    block_q = min(config.block_q, max(16, C.next_power_of_two(T)))
+    block_k = min(config.block_k, max(16, C.next_power_of_two(S)))
+    Tp, Sp = C.cdiv(T, block_q) * block_q, C.cdiv(S, block_k) * block_k
+    if Tp != T:  # pad so that every tile load is in bounds; padded queries are sliced off
+        q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    if Sp != S:  # padded keys are masked in the kernel
+        k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    kernel = functools.partial(_flash_kernel, block_k=block_k, seq_k=S, offset=S - T,
+                               causal=causal, sm_scale=sm_scale, use_alibi=use_alibi)
+    out = pl.pallas_call(
+        kernel,
+        grid=(B, N, Tp // block_q),
+        in_specs=[
+            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
+            pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
+            pl.BlockSpec((None, 1), lambda b, h, i: (h, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Tp, N, D), q.dtype),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        name="optgqa_flash_attention",
+    )(q, k, v, (slopes * C.LOG2E).reshape(N, 1))
+    return out[:, :T]
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                    alibi_slopes: Optional[jax.Array] = None, sm_scale: Optional[float] = None,
+                    interpret: bool = False,
+                    config: Optional[FlashAttentionConfig] = None) -> jax.Array:
+    """Dense (prefill / training-forward) attention with GQA and optional ALiBi.
+
+    Args:
+      q: [B, T, N, D] queries; they are the last T of the S positions.
+      k: [B, S, K, D] keys, N a multiple of K; query head h reads KV head h // (N // K).
+      v: [B, S, K, D] values.
+      causal: query at position i attends to keys j <= i (else to all S keys).
+      alibi_slopes: optional float [N]; adds ``slope_h * (j - i)`` to the scores.
+      sm_scale: score scale, default ``1 / sqrt(D)``.
+      interpret: Pallas interpret mode (CPU testing).
+      config: tuning knobs; default per backend and head dim.
+
+    Returns:
+      [B, T, N, D] in q's dtype (softmax and accumulation in float32).
+
+    Raises:
+      ValueError: bad ranks, dtypes or shapes, head counts that do not divide,
+        unsupported head_dim, or causal attention with S < T.
+    """
+    C.check_rank("q", q, 4, "[batch, q_len, num_q_heads, head_dim]")
+    C.check_rank("k", k, 4, "[batch, kv_len, num_kv_heads, head_dim]")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        C.check_float(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, T, N, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+                         "in batch or head_dim")
+    S = k.shape[1]
+    C.check_heads(N, k.shape[2])
+    C.check_head_dim(D)
+    if causal and S < T:
+        raise ValueError(f"causal attention needs kv_len >= q_len (queries are the last q_len "
+                         f"positions), got kv_len={S}, q_len={T}")
+    slopes = C.check_slopes(alibi_slopes, N)
+    if T == 0 or B == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    if S == 0:
+        return jnp.zeros(q.shape, q.dtype)  # no keys: every row is empty, as in paged_attention
+    config = config or FlashAttentionConfig.for_backend(C.backend(), D)
+    config.validate()
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    return _flash_attention(q, k, v, jnp.zeros((N,), jnp.float32) if slopes is None else slopes,
+                            causal=causal, sm_scale=float(sm_scale), interpret=interpret,
+                            config=config, use_alibi=slopes is not None)
+
+
+def flash_attention_reference(q, k, v, *, causal=True, alibi_slopes=None, sm_scale=None):
+    """Pure-jnp reference of :func:`flash_attention` (float32 math)."""
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    qg = q.reshape(B, T, K, G, D).astype(jnp.float32)
+    s = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)) * sm_scale
+    q_pos = (S - T) + jnp.arange(T)
+    rel = jnp.arange(S)[None, :] - q_pos[:, None]  # [T, S]: j - i
+    if alibi_slopes is not None:
+        s = s + jnp.asarray(alibi_slopes, jnp.float32).reshape(1, K, G, 1, 1) * rel
+    if causal:
+        s = jnp.where(rel <= 0, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("BKGTS,BSKD->BTKGD", p, v.astype(jnp.float32))
+    return o.reshape(B, T, N, D).astype(q.dtype)

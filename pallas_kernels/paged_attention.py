@@ -1,0 +1,307 @@
+"""Paged decode attention with grouped-query sharing and in-kernel ALiBi (Pallas, Triton lowering).
+
+One query token per sequence attends to that sequence's keys/values, which
+live in fixed-size pages of a shared pool and are found through the
+sequence's block table (vLLM's PagedAttention layout, per KV head).
+
+Kernel design:
+
+* Grid ``(B, K, num_splits)``. A program owns one sequence, one KV head and
+  one contiguous range of its pages. It loads each K/V page **once** and uses
+  it for the whole group of G = N / K query heads (the Opt-GQA key/value
+  sharing, paper §III-A): the group's queries form the M side of the two
+  matrix products, padded to at least 16 rows because Triton's ``dot`` needs
+  it (queries are tiny; the padding costs compute, not memory traffic).
+* Online softmax in float32 with base-2 exponentials (scores are pre-scaled
+  by log2 e), as in FlashAttention.
+* Split-K as in Flash-Decoding: when ``B * K`` programs cannot fill the GPU,
+  each sequence's pages are cut into ``num_splits`` ranges processed in
+  parallel; the partial results (normalised outputs, row maxima and sums) are
+  merged by a log-sum-exp reduction inside the same jitted call.
+* ALiBi: ``slope_h * (j - (length - 1))`` is added to the score of key
+  position ``j``; the query sits at position ``length - 1``.
+
+Axis legend: B batch, N query heads, K KV heads, G query heads per KV head
+(padded: Gp), D head dim, P pages in the pool, Z page size, M max pages per
+sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common as C
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionConfig:
+    """Tuning knobs of :func:`paged_attention`.
+
+    Attributes:
+      keys_per_block: keys processed per inner-loop step (a multiple of the page
+        size is used: ``max(1, keys_per_block // page_size)`` pages).
+      num_splits: split-K factor; None picks one from the shapes so that about
+        ``target_programs`` programs run.
+      target_programs: programs to aim for when choosing ``num_splits``.
+      num_warps: Triton warps per program (ROCm: at most 16, 64-wide wavefronts).
+      num_stages: Triton software-pipelining stages.
+    """
+
+    keys_per_block: int = 64
+    num_splits: Optional[int] = None
+    target_programs: int = 512
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "PagedAttentionConfig":
+        if backend == "rocm":
+            # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
+            return cls(keys_per_block=64, num_warps=4, num_stages=1)
+        return cls()
+
+    def validate(self) -> None:
+        if not C.is_power_of_two(self.keys_per_block):
+            raise ValueError(f"keys_per_block={self.keys_per_block} must be a power of two")
+        if self.num_splits is not None and not C.is_power_of_two(self.num_splits):
+            raise ValueError(f"num_splits={self.num_splits} must be a power of two")
+        if not 1 <= self.num_warps <= 16:
+            raise ValueError(f"num_warps={self.num_warps} must be in [1, 16]")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref, *out_refs,
+                         page_size: int, pages_per_block: int, pages_per_split: int,
+                         sm_scale: float, use_alibi: bool, split: bool):
+    # q_ref [Gp, D]; k_ref, v_ref [P, Z, D]; tables_ref [pages_per_split]; length_ref [1];
+    # slopes_ref [Gp] (already multiplied by log2 e).
+    split_id = pl.program_id(2)
+    length = length_ref[0]
+    q = q_ref[...]
+    Gp, D = q.shape
+    block_k = pages_per_block * page_size
+    first_page = split_id * pages_per_split
+    pages_here = jnp.clip(C.cdiv(length, page_size) - first_page, 0, pages_per_split)
+    num_blocks = C.cdiv(pages_here, pages_per_block)
+    slopes = slopes_ref[...] if use_alibi else None
+    scale = sm_scale * C.LOG2E
+
+    def body(i, carry):
+        acc, m, l = carry
+        pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(block_k, D)  # one gather of whole pages, shared by the group
+        v = v_ref[pages].reshape(block_k, D)
+        s = C.dot(q, k.T) * scale  # [Gp, block_k]
+        pos = (first_page + i * pages_per_block) * page_size + jnp.arange(block_k)
+        if use_alibi:
+            s = s + slopes[:, None] * (pos - (length - 1)).astype(jnp.float32)[None, :]
+        s = jnp.where((pos < length)[None, :], s, C.MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + p.sum(axis=-1)
+        acc = acc * alpha[:, None] + C.dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    acc = jnp.zeros((Gp, D), jnp.float32)
+    m = jnp.full((Gp,), C.MASK_VALUE, jnp.float32)
+    l = jnp.zeros((Gp,), jnp.float32)
+    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, (acc, m, l))
+    out = acc / jnp.where(l == 0, 1.0, l)[:, None]  # empty ranges (length 0) give zeros
+    if split:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = out
+        m_ref[...] = m
+        l_ref[...] = l
+    else:
+        (o_ref,) = out_refs
+        o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _choose_splits(cfg: PagedAttentionConfig, batch: int, kv_heads: int, blocks_per_seq: int) -> int:
+    if cfg.num_splits is not None:
+        return max(1, min(cfg.num_splits, C.next_power_of_two(blocks_per_seq)))
+    want = max(1, cfg.target_programs // max(1, batch * kv_heads))
+    splits = 1
+    while splits * 2 <= want and splits * 2 <= blocks_per_seq:
+        splits *= 2
+    return splits
+
+
+def check_paged_inputs(q, k_pages, v_pages, block_tables, lengths, *, q_rank: int = 3):
+    """Shared validation of the paged kernels' cache arguments (raises ValueError)."""
+    C.check_rank("k_pages", k_pages, 4, "[num_kv_heads, num_pages, page_size, head_dim]")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages shape {tuple(v_pages.shape)} must equal k_pages shape "
+                         f"{tuple(k_pages.shape)}")
+    C.check_float("q", q)
+    C.check_float("k_pages", k_pages)
+    if not (q.dtype == k_pages.dtype == v_pages.dtype):
+        raise ValueError(f"q, k_pages and v_pages must share one dtype, got {q.dtype}, "
+                         f"{k_pages.dtype}, {v_pages.dtype}")
+    C.check_int32("block_tables", block_tables)
+    C.check_int32("lengths", lengths)
+    C.check_rank("block_tables", block_tables, 2, "[batch, max_pages_per_seq]")
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    if q.shape[-1] != head_dim:
+        raise ValueError(f"q head_dim {q.shape[-1]} must equal k_pages head_dim {head_dim}")
+    C.check_head_dim(head_dim)
+    C.check_heads(q.shape[-2], num_kv_heads)
+    if not (C.is_power_of_two(page_size) and 8 <= page_size <= 256):
+        raise ValueError(f"page_size={page_size} must be a power of two in [8, 256]")
+    return num_kv_heads, page_size, head_dim
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "config", "use_alibi"))
+def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_scale, interpret,
+                     config: PagedAttentionConfig, use_alibi: bool):
+    B, N, D = q.shape
+    K, P, Z, _ = k_pages.shape
+    G = N // K
+    Gp = max(16, C.next_power_of_two(G))
+    M = block_tables.shape[1]
+    pages_per_block = max(1, config.keys_per_block // Z)
+    pages_per_block = min(pages_per_block, C.next_power_of_two(M))
+    if pages_per_block * Z < 16:  # Triton's dot needs at least 16 keys per block
+        pages_per_block = C.cdiv(16, Z)
+    blocks_per_seq = C.cdiv(M, pages_per_block)
+    splits = _choose_splits(config, B, K, blocks_per_seq)
+    pages_per_split = C.cdiv(blocks_per_seq, splits) * pages_per_block
+    padded_pages = pages_per_split * splits
+    tables = jnp.pad(block_tables, ((0, 0), (0, padded_pages - M)))  # page 0: masked reads
+    tables = tables.reshape(B, splits, pages_per_split)
+    qg = q.reshape(B, K, G, D)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # [B, K, Gp, D]
+    slopes = jnp.pad((slopes * C.LOG2E).reshape(K, G), ((0, 0), (0, Gp - G)))  # [K, Gp]
+    is_split = splits > 1
+
+    kernel = functools.partial(
+        _paged_decode_kernel, page_size=Z, pages_per_block=pages_per_block,
+        pages_per_split=pages_per_split, sm_scale=sm_scale, use_alibi=use_alibi, split=is_split)
+    in_specs = [
+        pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),      # q
+        pl.BlockSpec((None, P, Z, D), lambda b, h, s: (h, 0, 0, 0)),          # k_pages
+        pl.BlockSpec((None, P, Z, D), lambda b, h, s: (h, 0, 0, 0)),          # v_pages
+        pl.BlockSpec((None, None, pages_per_split), lambda b, h, s: (b, s, 0)),  # tables
+        pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),                       # lengths
+        pl.BlockSpec((None, Gp), lambda b, h, s: (h, 0)),                      # slopes
+    ]
+    if is_split:
+        out_shape = [jax.ShapeDtypeStruct((B, K, splits, Gp, D), jnp.float32),
+                     jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32),
+                     jax.ShapeDtypeStruct((B, K, splits, Gp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
+                     pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
+                     pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, K, Gp, D), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0))]
+    outs = pl.pallas_call(
+        kernel, grid=(B, K, splits), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        name="optgqa_paged_decode",
+    )(qg, k_pages, v_pages, tables, lengths.reshape(B, 1), slopes)
+    if is_split:
+        o, m, l = outs  # [B, K, S, Gp, D], [B, K, S, Gp], [B, K, S, Gp]
+        m_max = m.max(axis=2, keepdims=True)
+        w = l * jnp.exp2(m - m_max)  # weight of each split's normalised output
+        total = w.sum(axis=2)
+        out = (o * w[..., None]).sum(axis=2) / jnp.where(total == 0, 1.0, total)[..., None]
+        out = out.astype(q.dtype)
+    else:
+        (out,) = outs
+    return out[:, :, :G].reshape(B, N, D)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                    block_tables: jax.Array, lengths: jax.Array, *,
+                    alibi_slopes: Optional[jax.Array] = None, sm_scale: Optional[float] = None,
+                    interpret: bool = False,
+                    config: Optional[PagedAttentionConfig] = None) -> jax.Array:
+    """Decode attention over a paged KV cache, one query token per sequence.
+
+    Args:
+      q: [B, N, D] queries (float32, bfloat16 or float16).
+      k_pages: [K, P, Z, D] key pages of the pool (same dtype as q).
+      v_pages: [K, P, Z, D] value pages.
+      block_tables: int32 [B, M]; ``block_tables[b, i]`` is the pool page that
+        holds positions ``i*Z .. i*Z+Z-1`` of sequence b.
+      lengths: int32 [B] tokens in each sequence's cache, including the current
+        one (its query sits at position ``length - 1``). 0 gives a zero output row.
+      alibi_slopes: optional float [N] ALiBi slopes (see ``alibi_slopes``).
+      sm_scale: score scale, default ``1 / sqrt(D)``.
+      interpret: run in Pallas interpret mode (CPU testing).
+      config: tuning knobs; default per backend.
+
+    Returns:
+      [B, N, D] in q's dtype. Query head h uses KV head ``h // (N // K)``.
+
+    Raises:
+      ValueError: bad ranks, dtypes or shapes, head counts that do not divide,
+        unsupported head_dim or page size, or (when `lengths` is concrete)
+        lengths beyond ``M * Z`` or negative.
+    """
+    C.check_rank("q", q, 3, "[batch, num_q_heads, head_dim]")
+    K, Z, D = check_paged_inputs(q, k_pages, v_pages, block_tables, lengths)
+    B = q.shape[0]
+    if block_tables.shape[0] != B or lengths.shape != (B,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} and lengths "
+                         f"{tuple(lengths.shape)} must have batch size {B}")
+    if C.is_concrete(lengths) and B:
+        host = np.asarray(lengths)
+        capacity = block_tables.shape[1] * Z
+        if host.min() < 0:
+            raise ValueError(f"lengths must be >= 0, got {int(host.min())}")
+        if host.max() > capacity:
+            raise ValueError(f"lengths up to {int(host.max())} need more pages than block_tables "
+                             f"holds ({block_tables.shape[1]} pages of {Z} = {capacity} tokens)")
+    slopes = C.check_slopes(alibi_slopes, q.shape[1])
+    config = config or PagedAttentionConfig.for_backend(C.backend())
+    config.validate()
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    return _paged_attention(
+        q, k_pages, v_pages, block_tables, lengths,
+        jnp.zeros((q.shape[1],), jnp.float32) if slopes is None else slopes,
+        sm_scale=float(sm_scale), interpret=interpret, config=config,
+        use_alibi=slopes is not None)
+
+
+def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, alibi_slopes=None,
+                              sm_scale=None):
+    """Pure-jnp reference of :func:`paged_attention` (same arguments, float32 math)."""
+    B, N, D = q.shape
+    K, _, Z, _ = k_pages.shape
+    G = N // K
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    k = k_pages[:, block_tables]  # [K, B, M, Z, D]
+    v = v_pages[:, block_tables]
+    S = block_tables.shape[1] * Z
+    k = k.reshape(K, B, S, D).astype(jnp.float32)
+    v = v.reshape(K, B, S, D).astype(jnp.float32)
+    qg = q.reshape(B, K, G, D).astype(jnp.float32)
+    s = jnp.einsum("BKGD,KBSD->BKGS", qg, k) * sm_scale
+    pos = jnp.arange(S)
+    if alibi_slopes is not None:
+        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(1, K, G, 1)
+        s = s + slopes * (pos[None, :] - (lengths[:, None] - 1)).astype(jnp.float32)[:, None, None]
+    valid = (pos[None, :] < lengths[:, None])[:, None, None]  # [B, 1, 1, S]
+    s = jnp.where(valid, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.where(valid, p, 0.0)
+    denom = p.sum(-1, keepdims=True)
+    o = jnp.einsum("BKGS,KBSD->BKGD", p / jnp.where(denom == 0, 1.0, denom), v)
+    return o.reshape(B, N, D).astype(q.dtype)

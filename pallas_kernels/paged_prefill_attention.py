@@ -1,0 +1,259 @@
+"""Ragged paged prefill attention (Pallas, Triton lowering).
+
+The new tokens of several sequences are packed along one token axis; each
+attends causally to its sequence's whole context — a cached prefix (a prefix
+cache hit, or earlier chunks of a chunked prefill) plus the new tokens
+themselves — read from the paged KV pool. The caller writes the new tokens'
+K/V into their pages first; this kernel only reads.
+
+Layout:
+
+* ``q`` [T_total, N, D]: sequence b's new tokens are rows
+  ``cu_q_lens[b] : cu_q_lens[b + 1]``.
+* ``context_lens`` [B]: tokens in sequence b's cache *including* its new
+  ones, so new token t (0-based) of sequence b sits at position
+  ``context_lens[b] - n_b + t`` with ``n_b = cu_q_lens[b+1] - cu_q_lens[b]``.
+* ``block_tables`` [B, M] and the pages as in ``paged_attention``.
+
+Kernel design: grid ``(B, N, ceil(max_q_len / block_q))``; a program takes a
+tile of one sequence's new tokens for one query head (programs past the end
+of their sequence exit at once), then streams the sequence's pages in blocks
+of whole pages with an online float32 softmax, stopping at the tile's last
+query position. ALiBi is applied in-kernel. Decode is the special case
+n_b = 1, but ``paged_attention`` is faster for it because it shares each page
+across the query-head group.
+
+Axis legend: B sequences, N query heads, K KV heads, D head dim, P pool pages,
+Z page size, M max pages per sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common as C
+from pallas_kernels.paged_attention import check_paged_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedPrefillConfig:
+    """Tuning knobs of :func:`paged_prefill_attention` (powers of two)."""
+
+    block_q: int = 64
+    keys_per_block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def for_backend(cls, backend: str) -> "PagedPrefillConfig":
+        if backend == "rocm":
+            return cls(block_q=64, keys_per_block=64, num_warps=4, num_stages=1)
+        return cls()
+
+    def validate(self) -> None:
+        for name in ("block_q", "keys_per_block"):
+            v = getattr(self, name)
+            if not (C.is_power_of_two(v) and v >= 16):
+                raise ValueError(f"{name}={v} must be a power of two >= 16")
+        if not 1 <= self.num_warps <= 16:
+            raise ValueError(f"num_warps={self.num_warps} must be in [1, 16]")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+def _paged_prefill_kernel(q_ref, k_ref, v_ref, tables_ref, cu_ref, ctx_ref, slope_ref, o_ref, *,
+                          block_q: int, page_size: int, pages_per_block: int, sm_scale: float,
+                          use_alibi: bool):
+    # q_ref, o_ref [T_padded, D] (this head); k_ref, v_ref [P, Z, D]; tables_ref [M];
+    # cu_ref [2] (start, end of this sequence's rows); ctx_ref [1]; slope_ref [1].
+    q_block = pl.program_id(2)
+    row_start = cu_ref[0]
+    n_new = cu_ref[1] - row_start
+    context = ctx_ref[0]
+    first = q_block * block_q
+
+    @pl.when(first < n_new)
+    def _():
+        rows = pl.ds(row_start + first, block_q)
+        q = q_ref[rows, :]
+        D = q.shape[-1]
+        t = first + jnp.arange(block_q)
+        q_pos = context - n_new + t  # absolute positions of this tile's queries
+        block_k = pages_per_block * page_size
+        last_pos = context - n_new + jnp.minimum(n_new, first + block_q) - 1
+        num_blocks = C.cdiv(last_pos + 1, block_k)
+        scale = sm_scale * C.LOG2E
+        slope = slope_ref[0] if use_alibi else None
+
+        def body(i, carry):
+            acc, m, l = carry
+            pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
+            k = k_ref[pages].reshape(block_k, D)
+            v = v_ref[pages].reshape(block_k, D)
+            s = C.dot(q, k.T) * scale
+            k_pos = i * block_k + jnp.arange(block_k)
+            if use_alibi:
+                s = s + slope * (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
+            s = jnp.where(k_pos[None, :] <= q_pos[:, None], s, C.MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + p.sum(axis=-1)
+            acc = acc * alpha[:, None] + C.dot(p.astype(v.dtype), v)
+            return acc, m_new, l
+
+        carry = (jnp.zeros((block_q, D), jnp.float32),
+                 jnp.full((block_q,), C.MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+        acc, _, l = jax.lax.fori_loop(0, num_blocks, body, carry)
+        out = (acc / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
+        # rows past this sequence's end belong to the next sequence: mask them out
+        plgpu.store(o_ref.at[rows, :], out, mask=(t < n_new)[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("max_q_len", "sm_scale", "interpret", "config",
+                                             "use_alibi"))
+def _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens, slopes, *,
+                   max_q_len, sm_scale, interpret, config, use_alibi):
+    T, N, D = q.shape
+    K, P, Z, _ = k_pages.shape
+    B, M = block_tables.shape
+    G = N // K
+    block_q = min(config.block_q, max(16, C.next_power_of_two(max_q_len)))
+    pages_per_block = max(1, config.keys_per_block // Z)
+    if pages_per_block * Z < 16:
+        pages_per_block = C.cdiv(16, Z)
+    padded_pages = C.cdiv(M, pages_per_block) * pages_per_block
+    tables = jnp.pad(block_tables, ((0, 0), (0, padded_pages - M)))
+    # block_q spare rows so that a tile starting inside the last sequence stays in bounds
+    qp = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))
+    bounds = jnp.stack([cu_q_lens[:-1], cu_q_lens[1:]], axis=1)  # [B, 2]
+    kernel = functools.partial(_paged_prefill_kernel, block_q=block_q, page_size=Z,
+                               pages_per_block=pages_per_block, sm_scale=sm_scale,
+                               use_alibi=use_alibi)
+    out = pl.pallas_call(
+        kernel,
+        grid=(B, N, C.cdiv(max_q_len, block_q)),
+        in_specs=[
+            pl.BlockSpec((T + block_q, None, D), lambda b, h, i: (0, h, 0)),     # q
+            pl.BlockSpec((None, P, Z, D), lambda b, h, i: (h // G, 0, 0, 0)),    # k_pages
+            pl.BlockSpec((None, P, Z, D), lambda b, h, i: (h // G, 0, 0, 0)),    # v_pages
+            pl.BlockSpec((None, padded_pages), lambda b, h, i: (b, 0)),          # tables
+            pl.BlockSpec((None, 2), lambda b, h, i: (b, 0)),                     # row bounds
+            pl.BlockSpec((None, 1), lambda b, h, i: (b, 0)),                     # context_lens
+            pl.BlockSpec((None, 1), lambda b, h, i: (h, 0)),                     # slopes
+        ],
+        out_specs=pl.BlockSpec((T + block_q, None, D), lambda b, h, i: (0, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((T + block_q, N, D), q.dtype),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        name="optgqa_paged_prefill",
+    )(qp, k_pages, v_pages, tables, bounds, context_lens.reshape(B, 1),
+      (slopes * C.LOG2E).reshape(N, 1))
+    return out[:T]
+
+
+def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                            block_tables: jax.Array, cu_q_lens: jax.Array,
+                            context_lens: jax.Array, *, max_q_len: Optional[int] = None,
+                            alibi_slopes: Optional[jax.Array] = None,
+                            sm_scale: Optional[float] = None, interpret: bool = False,
+                            config: Optional[PagedPrefillConfig] = None) -> jax.Array:
+    """Causal attention of packed new tokens over their sequences' paged caches.
+
+    Args:
+      q: [T_total, N, D] new tokens of all sequences, packed.
+      k_pages, v_pages: [K, P, Z, D] the pool (the new tokens' K/V already written).
+      block_tables: int32 [B, M] pool pages of each sequence.
+      cu_q_lens: int32 [B + 1] cumulative new-token counts (``cu_q_lens[0] = 0``,
+        ``cu_q_lens[B] = T_total``).
+      context_lens: int32 [B] cached tokens per sequence including the new ones.
+      max_q_len: static upper bound on any sequence's new-token count (sets the
+        grid); required when `cu_q_lens` is traced, computed otherwise.
+      alibi_slopes: optional float [N].
+      sm_scale: default ``1 / sqrt(D)``.
+      interpret: Pallas interpret mode (CPU testing).
+      config: tuning knobs; default per backend.
+
+    Returns:
+      [T_total, N, D] in q's dtype.
+
+    Raises:
+      ValueError: bad ranks, dtypes or shapes; inconsistent `cu_q_lens`,
+        `context_lens` or `block_tables` (checked when concrete); missing
+        `max_q_len` under tracing.
+    """
+    C.check_rank("q", q, 3, "[total_tokens, num_q_heads, head_dim]")
+    K, Z, D = check_paged_inputs(q, k_pages, v_pages, block_tables, context_lens)
+    C.check_int32("cu_q_lens", cu_q_lens)
+    B, M = block_tables.shape
+    if cu_q_lens.shape != (B + 1,) or context_lens.shape != (B,):
+        raise ValueError(f"cu_q_lens must have shape [B+1]=({B + 1},) and context_lens [B]=({B},),"
+                         f" got {tuple(cu_q_lens.shape)} and {tuple(context_lens.shape)}")
+    if C.is_concrete(cu_q_lens) and C.is_concrete(context_lens):
+        cu, ctx = np.asarray(cu_q_lens), np.asarray(context_lens)
+        n_new = np.diff(cu)
+        if cu[0] != 0 or cu[-1] != q.shape[0] or (n_new < 0).any():
+            raise ValueError(f"cu_q_lens must rise from 0 to total_tokens={q.shape[0]}, got "
+                             f"{cu.tolist()}")
+        if (n_new > ctx).any():
+            b = int(np.argmax(n_new > ctx))
+            raise ValueError(f"sequence {b} has {n_new[b]} new tokens but context_lens[{b}]="
+                             f"{ctx[b]}; context_lens must include the new tokens")
+        if ctx.max(initial=0) > M * Z:
+            raise ValueError(f"context_lens up to {ctx.max()} need more pages than block_tables "
+                             f"holds ({M} pages of {Z} = {M * Z} tokens)")
+        longest = int(n_new.max(initial=0))
+        if max_q_len is None:
+            max_q_len = longest
+        elif longest > max_q_len:
+            raise ValueError(f"a sequence has {longest} new tokens, more than max_q_len={max_q_len}")
+    elif max_q_len is None:
+        raise ValueError("max_q_len must be given when cu_q_lens or context_lens are traced")
+    slopes = C.check_slopes(alibi_slopes, q.shape[1])
+    if q.shape[0] == 0 or max_q_len == 0 or B == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    config = config or PagedPrefillConfig.for_backend(C.backend())
+    config.validate()
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    return _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens,
+                          jnp.zeros((q.shape[1],), jnp.float32) if slopes is None else slopes,
+                          max_q_len=int(max_q_len), sm_scale=float(sm_scale),
+                          interpret=interpret, config=config, use_alibi=slopes is not None)
+
+
+def paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens,
+                                      *, alibi_slopes=None, sm_scale=None):
+    """Per-sequence jnp reference of :func:`paged_prefill_attention` (concrete inputs only)."""
+    T, N, D = q.shape
+    K, _, Z, _ = k_pages.shape
+    G = N // K
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    cu, ctx = np.asarray(cu_q_lens), np.asarray(context_lens)
+    out = jnp.zeros((T, N, D), jnp.float32)
+    for b in range(len(ctx)):
+        n, c = int(cu[b + 1] - cu[b]), int(ctx[b])
+        if n == 0:
+            continue
+        pages = np.asarray(block_tables[b, :C.cdiv(c, Z)])
+        k = k_pages[:, pages].reshape(K, -1, D)[:, :c].astype(jnp.float32)  # [K, c, D]
+        v = v_pages[:, pages].reshape(K, -1, D)[:, :c].astype(jnp.float32)
+        qb = q[cu[b]:cu[b + 1]].reshape(n, K, G, D).astype(jnp.float32)
+        s = jnp.einsum("TKGD,KSD->KGTS", qb, k) * sm_scale
+        rel = jnp.arange(c)[None, :] - (c - n + jnp.arange(n))[:, None]  # [n, c]: j - i
+        if alibi_slopes is not None:
+            s = s + jnp.asarray(alibi_slopes, jnp.float32).reshape(K, G, 1, 1) * rel
+        s = jnp.where(rel <= 0, s, -jnp.inf)
+        o = jnp.einsum("KGTS,KSD->TKGD", jax.nn.softmax(s, axis=-1), v).reshape(n, N, D)
+        out = out.at[cu[b]:cu[b + 1]].set(o)
+    return out.astype(q.dtype)

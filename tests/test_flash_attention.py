@@ -1,0 +1,91 @@
+"""flash_attention (dense prefill) against a float64 numpy reference; interpret mode on CPU."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checks import assert_close_to_scale
+from kernel_cases import INTERPRET, TOLERANCE, attention_np, contiguous_map, rand
+from pallas_kernels import alibi_slopes
+from pallas_kernels.flash_attention import (FlashAttentionConfig, flash_attention,
+                                            flash_attention_reference)
+
+SMALL = FlashAttentionConfig(block_q=16, block_k=16, num_warps=4, num_stages=1)
+
+CASES = [
+    # dtype, B, T, S, N, K, D, causal, alibi
+    (jnp.float32, 2, 37, 37, 12, 4, 64, True, True),    # odd length, 12/4 heads, ALiBi
+    (jnp.bfloat16, 1, 48, 48, 8, 2, 128, True, False),
+    (jnp.float16, 1, 5, 41, 4, 4, 64, True, True),       # MHA, queries are the last 5 of 41
+    (jnp.bfloat16, 1, 33, 50, 8, 1, 64, False, True),    # MQA, not causal
+    (jnp.float32, 2, 1, 1, 6, 3, 128, True, True),       # length 1
+    (jnp.float32, 1, 1, 23, 5, 1, 64, True, False),      # single query against a prefix
+]
+
+
+def _check(rng, dtype, B, T, S, N, K, D, causal, alibi, config=SMALL):
+    q, q64 = rand(rng, (B, T, N, D), dtype)
+    k, k64 = rand(rng, (B, S, K, D), dtype)
+    v, v64 = rand(rng, (B, S, K, D), dtype)
+    slopes = np.asarray(alibi_slopes(N), np.float64) if alibi else None
+    out = flash_attention(q, k, v, causal=causal,
+                          alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32),
+                          interpret=INTERPRET, config=config)
+    assert out.shape == q.shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b in range(B):
+        ref = attention_np(q64[b], k64[b], v64[b], S - T + np.arange(T), contiguous_map(N, K),
+                           slopes, causal=causal)
+        assert_close_to_scale(out[b], ref, TOLERANCE[dtype], what=f"batch row {b}")
+
+
+@pytest.mark.parametrize("dtype,B,T,S,N,K,D,causal,alibi", CASES)
+def test_matches_float64_reference(rng, dtype, B, T, S, N, K, D, causal, alibi):
+    _check(rng, dtype, B, T, S, N, K, D, causal, alibi)
+
+
+def test_random_shapes(rng):
+    for _ in range(3):
+        K = int(rng.choice([1, 2, 3]))
+        T = int(rng.integers(1, 40))
+        _check(rng, jnp.float32, 1, T, T + int(rng.integers(0, 20)), K * int(rng.integers(1, 5)),
+               K, int(rng.choice([64, 128])), bool(rng.integers(2)), bool(rng.integers(2)))
+
+
+def test_default_config_and_jnp_reference(rng):
+    q, _ = rand(rng, (1, 70, 4, 64), jnp.float32)
+    k, _ = rand(rng, (1, 70, 2, 64), jnp.float32)
+    v, _ = rand(rng, (1, 70, 2, 64), jnp.float32)
+    slopes = alibi_slopes(4)
+    assert_close_to_scale(flash_attention(q, k, v, alibi_slopes=slopes, interpret=INTERPRET),
+                          flash_attention_reference(q, k, v, alibi_slopes=slopes), 1e-4)
+
+
+def test_length_zero_gives_empty_output(rng):
+    q, _ = rand(rng, (1, 0, 4, 64), jnp.float32)
+    k, _ = rand(rng, (1, 0, 2, 64), jnp.float32)
+    assert flash_attention(q, k, k, interpret=INTERPRET).shape == (1, 0, 4, 64)
+
+
+@pytest.mark.parametrize("shapes, kwargs, match", [
+    (((1, 8, 6, 64), (1, 8, 4, 64)), {}, r"query heads \(6\) must be a multiple"),
+    (((8, 6, 64), (1, 8, 2, 64)), {}, "q must have rank 4"),
+    (((1, 8, 4, 64), (1, 4, 2, 64)), {}, "causal attention needs kv_len >= q_len"),
+    (((1, 8, 4, 96), (1, 8, 2, 96)), {}, "head_dim=96 is not supported"),
+    (((1, 8, 4, 64), (2, 8, 2, 64)), {}, "does not match q shape"),
+    (((1, 8, 4, 64), (1, 8, 2, 64)), dict(alibi_slopes=jnp.ones(2)), "alibi_slopes must have shape"),
+    (((1, 8, 4, 64), (1, 8, 2, 64)), dict(config=FlashAttentionConfig(block_q=8)),
+     "block_q=8 must be a power of two >= 16"),
+])
+def test_invalid_inputs(shapes, kwargs, match):
+    q = jnp.ones(shapes[0], jnp.float32)
+    k = jnp.ones(shapes[1], jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, k, interpret=INTERPRET, **kwargs)
+
+
+def test_mixed_dtypes_rejected():
+    q = jnp.ones((1, 8, 4, 64), jnp.bfloat16)
+    k = jnp.ones((1, 8, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        flash_attention(q, k, k, interpret=INTERPRET)

@@ -1,0 +1,117 @@
+"""paged_attention (decode) against a float64 numpy reference; interpret mode on CPU."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checks import assert_close_to_scale
+from kernel_cases import (INTERPRET, TOLERANCE, attention_np, contiguous_map, gather_sequence,
+                          rand, random_block_tables, random_pool)
+from pallas_kernels import alibi_slopes
+from pallas_kernels.paged_attention import (PagedAttentionConfig, paged_attention,
+                                            paged_attention_reference)
+
+CASES = [
+    # dtype, B, N, K, D, page, alibi, splits
+    (jnp.float32, 3, 12, 4, 64, 16, True, None),     # non-power-of-two heads with ALiBi
+    (jnp.bfloat16, 4, 8, 2, 128, 16, False, None),
+    (jnp.float16, 2, 8, 8, 64, 8, True, 2),           # MHA (ratio 1), small pages, split-K
+    (jnp.bfloat16, 2, 8, 1, 64, 32, True, 4),         # MQA (ratio N)
+    (jnp.float32, 2, 6, 3, 128, 64, False, 2),
+]
+
+
+def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None):
+    max_pages = 5
+    num_pages = B * max_pages + 3
+    q, q64 = rand(rng, (B, N, D), dtype)
+    k, v, k64, v64 = random_pool(rng, K, num_pages, Z, D, dtype)
+    tables = random_block_tables(rng, B, max_pages, num_pages)
+    if lengths is None:
+        # lengths 0, 1, a page-multiple, and random non-multiples
+        lengths = rng.integers(2, max_pages * Z + 1, size=B)
+        lengths[0], lengths[-1] = 0, 1
+        if B > 2:
+            lengths[1] = 2 * Z
+    lengths = np.asarray(lengths, np.int32)
+    slopes = np.asarray(alibi_slopes(N), np.float64) if alibi else None
+    out = paged_attention(q, k, v, jnp.asarray(tables), jnp.asarray(lengths),
+                          alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32),
+                          interpret=INTERPRET, config=PagedAttentionConfig(num_splits=splits))
+    assert out.shape == (B, N, D) and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b in range(B):
+        L = int(lengths[b])
+        if L == 0:
+            assert np.all(out[b] == 0), "length 0 must give a zero row"
+            continue
+        ref = attention_np(q64[b][None], gather_sequence(k64, tables[b], L),
+                           gather_sequence(v64, tables[b], L), [L - 1], contiguous_map(N, K),
+                           slopes)[0]
+        assert_close_to_scale(out[b], ref, TOLERANCE[dtype], what=f"sequence {b} (length {L})")
+
+
+@pytest.mark.parametrize("dtype,B,N,K,D,Z,alibi,splits", CASES)
+def test_matches_float64_reference(rng, dtype, B, N, K, D, Z, alibi, splits):
+    _check(rng, dtype, B, N, K, D, Z, alibi, splits)
+
+
+def test_random_shapes(rng):
+    for _ in range(3):
+        K = int(rng.choice([1, 2, 3]))
+        N = K * int(rng.choice([1, 2, 3, 4, 5]))
+        _check(rng, jnp.float32, int(rng.integers(1, 4)), N, K, int(rng.choice([64, 128])),
+               int(rng.choice([8, 16, 32])), bool(rng.integers(2)),
+               [None, 1, 2][int(rng.integers(3))])
+
+
+def test_jnp_reference_agrees(rng):
+    B, N, K, D, Z = 3, 8, 2, 64, 16
+    q, _ = rand(rng, (B, N, D), jnp.float32)
+    k, v, _, _ = random_pool(rng, K, 20, Z, D, jnp.float32)
+    tables = jnp.asarray(random_block_tables(rng, B, 4, 20))
+    lengths = jnp.asarray([0, 17, 64], jnp.int32)
+    slopes = alibi_slopes(N)
+    assert_close_to_scale(
+        paged_attention(q, k, v, tables, lengths, alibi_slopes=slopes, interpret=INTERPRET),
+        paged_attention_reference(q, k, v, tables, lengths, alibi_slopes=slopes), 1e-4)
+
+
+@pytest.fixture
+def inputs(rng):
+    q, _ = rand(rng, (2, 8, 64), jnp.float32)
+    k, v, _, _ = random_pool(rng, 2, 8, 16, 64, jnp.float32)
+    return q, k, v, jnp.zeros((2, 4), jnp.int32), jnp.asarray([3, 5], jnp.int32)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda q, k, v, t, l: (q[:, :5], k, v, t, l), r"query heads \(5\) must be a multiple"),
+    (lambda q, k, v, t, l: (q[:, :7], k[:1], v[:1], t, l), None),  # 7 heads over 1 KV head is fine
+    (lambda q, k, v, t, l: (q[0], k, v, t, l), "q must have rank 3"),
+    (lambda q, k, v, t, l: (q, k[0], v[0], t, l), "k_pages must have rank 4"),
+    (lambda q, k, v, t, l: (q.astype(jnp.bfloat16), k, v, t, l), "must share one dtype"),
+    (lambda q, k, v, t, l: (q.astype(jnp.int32), k, v, t, l), "q must be float32, bfloat16"),
+    (lambda q, k, v, t, l: (q, k, v, t.astype(jnp.float32), l), "block_tables must be int32"),
+    (lambda q, k, v, t, l: (q, k, v, t, jnp.asarray([3, 65], jnp.int32)),
+     "need more pages than block_tables holds"),
+    (lambda q, k, v, t, l: (q, k, v, t, jnp.asarray([-1, 2], jnp.int32)), "lengths must be >= 0"),
+    (lambda q, k, v, t, l: (q, k, v, t[:1], l), "must have batch size 2"),
+    (lambda q, k, v, t, l: (q[..., :48], k[..., :48], v[..., :48], t, l), "head_dim=48"),
+    (lambda q, k, v, t, l: (q, k[:, :, :12], v[:, :, :12], t, l), "page_size=12"),
+])
+def test_invalid_inputs_raise_before_launch(inputs, mutate, match):
+    args = mutate(*inputs)
+    if match is None:
+        paged_attention(*args, interpret=INTERPRET)
+        return
+    with pytest.raises(ValueError, match=match):
+        paged_attention(*args, interpret=INTERPRET)
+
+
+def test_bad_slopes_and_config(inputs):
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[num_q_heads\]"):
+        paged_attention(*inputs, alibi_slopes=jnp.ones(3), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="keys_per_block=48 must be a power of two"):
+        paged_attention(*inputs, config=PagedAttentionConfig(keys_per_block=48), interpret=INTERPRET)
+    with pytest.raises(ValueError, match=r"num_warps=32 must be in \[1, 16\]"):
+        paged_attention(*inputs, config=PagedAttentionConfig(num_warps=32), interpret=INTERPRET)

@@ -1,0 +1,101 @@
+"""paged_prefill_attention (ragged, packed) against a float64 numpy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checks import assert_close_to_scale
+from kernel_cases import (INTERPRET, TOLERANCE, attention_np, contiguous_map, gather_sequence,
+                          rand, random_block_tables, random_pool)
+from pallas_kernels import alibi_slopes
+from pallas_kernels.paged_prefill_attention import (PagedPrefillConfig, paged_prefill_attention,
+                                                    paged_prefill_attention_reference)
+
+SMALL = PagedPrefillConfig(block_q=16, keys_per_block=16)
+
+CASES = [
+    # dtype, N, K, D, page, alibi, new tokens per sequence, context lengths
+    (jnp.float32, 12, 4, 64, 8, True, [5, 0, 19, 1], [9, 0, 40, 1]),   # cache hits, empty, length 1
+    (jnp.bfloat16, 8, 2, 128, 16, False, [17, 3], [17, 30]),            # fresh prompt, chunk
+    (jnp.float16, 4, 4, 64, 32, True, [33], [70]),                      # MHA
+    (jnp.bfloat16, 8, 1, 64, 8, True, [1, 2, 3], [1, 9, 27]),           # MQA
+]
+
+
+def _check(rng, dtype, N, K, D, Z, alibi, new, ctx, config=SMALL):
+    B = len(new)
+    max_pages = max(-(-c // Z) for c in ctx) + 1
+    num_pages = B * max_pages + 2
+    cu = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q, q64 = rand(rng, (int(cu[-1]), N, D), dtype)
+    k, v, k64, v64 = random_pool(rng, K, num_pages, Z, D, dtype)
+    tables = random_block_tables(rng, B, max_pages, num_pages)
+    slopes = np.asarray(alibi_slopes(N), np.float64) if alibi else None
+    out = paged_prefill_attention(
+        q, k, v, jnp.asarray(tables), jnp.asarray(cu), jnp.asarray(ctx, jnp.int32),
+        alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32),
+        interpret=INTERPRET, config=config)
+    assert out.shape == q.shape and out.dtype == dtype
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    for b in range(B):
+        n, c = new[b], ctx[b]
+        if n == 0:
+            continue
+        ref = attention_np(q64[cu[b]:cu[b + 1]], gather_sequence(k64, tables[b], c),
+                           gather_sequence(v64, tables[b], c), c - n + np.arange(n),
+                           contiguous_map(N, K), slopes)
+        assert_close_to_scale(out[cu[b]:cu[b + 1]], ref, TOLERANCE[dtype], what=f"sequence {b}")
+
+
+@pytest.mark.parametrize("dtype,N,K,D,Z,alibi,new,ctx", CASES)
+def test_matches_float64_reference(rng, dtype, N, K, D, Z, alibi, new, ctx):
+    _check(rng, dtype, N, K, D, Z, alibi, new, ctx)
+
+
+def test_random_ragged_batches(rng):
+    for _ in range(2):
+        B = int(rng.integers(1, 4))
+        ctx = [int(c) for c in rng.integers(1, 50, size=B)]
+        new = [int(rng.integers(0, c + 1)) for c in ctx]
+        K = int(rng.choice([1, 2]))
+        _check(rng, jnp.float32, K * int(rng.integers(1, 4)), K, 64, int(rng.choice([8, 16])),
+               bool(rng.integers(2)), new, ctx)
+
+
+def test_default_config_and_jnp_reference(rng):
+    new, ctx, Z = [20, 7], [20, 45], 16
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(new)]), jnp.int32)
+    q, _ = rand(rng, (27, 6, 64), jnp.float32)
+    k, v, _, _ = random_pool(rng, 2, 10, Z, 64, jnp.float32)
+    tables = jnp.asarray(random_block_tables(rng, 2, 4, 10))
+    ctx = jnp.asarray(ctx, jnp.int32)
+    slopes = alibi_slopes(6)
+    assert_close_to_scale(
+        paged_prefill_attention(q, k, v, tables, cu, ctx, alibi_slopes=slopes, interpret=INTERPRET),
+        paged_prefill_attention_reference(q, k, v, tables, cu, ctx, alibi_slopes=slopes), 1e-4)
+
+
+def test_traced_inputs_need_max_q_len(rng):
+    q, _ = rand(rng, (4, 4, 64), jnp.float32)
+    k, v, _, _ = random_pool(rng, 2, 4, 16, 64, jnp.float32)
+    tables, cu, ctx = jnp.zeros((1, 2), jnp.int32), jnp.asarray([0, 4], jnp.int32), jnp.asarray([6], jnp.int32)
+    with pytest.raises(ValueError, match="max_q_len must be given"):
+        jax.jit(lambda c: paged_prefill_attention(q, k, v, tables, c, ctx, interpret=INTERPRET))(cu)
+    out = jax.jit(lambda c: paged_prefill_attention(q, k, v, tables, c, ctx, max_q_len=4,
+                                                    interpret=INTERPRET))(cu)
+    assert_close_to_scale(out, paged_prefill_attention_reference(q, k, v, tables, cu, ctx), 1e-4)
+
+
+@pytest.mark.parametrize("cu, ctx, match", [
+    ([0, 3, 4], [5, 1], "must rise from 0 to total_tokens=5"),
+    ([0, 4, 5], [3, 1], "sequence 0 has 4 new tokens but context_lens"),
+    ([0, 4, 5], [40, 1], "need more pages than block_tables holds"),
+    ([0, 5], [5, 1], r"cu_q_lens must have shape \[B\+1\]"),
+])
+def test_inconsistent_lengths(rng, cu, ctx, match):
+    q, _ = rand(rng, (5, 4, 64), jnp.float32)
+    k, v, _, _ = random_pool(rng, 2, 8, 16, 64, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        paged_prefill_attention(q, k, v, jnp.zeros((2, 2), jnp.int32), jnp.asarray(cu, jnp.int32),
+                                jnp.asarray(ctx, jnp.int32), interpret=INTERPRET)

@@ -1,0 +1,52 @@
+"""Every kernel entry point lowers for JAX's ROCm backend (Pallas' Triton lowering), on CPU."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+from pallas_kernels import alibi_slopes
+from pallas_kernels.flash_attention import FlashAttentionConfig, flash_attention
+from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
+from pallas_kernels.paged_prefill_attention import PagedPrefillConfig, paged_prefill_attention
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+S = jax.ShapeDtypeStruct
+
+
+def export_for(platform, fn, *args):
+    exported = export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    return exported.mlir_module()
+
+
+PAGED = (S((4, 12, 128), jnp.bfloat16), S((4, 64, 16, 128), jnp.bfloat16),
+         S((4, 64, 16, 128), jnp.bfloat16), S((4, 16), jnp.int32), S((4,), jnp.int32))
+DENSE = (S((2, 100, 12, 64), jnp.float16), S((2, 100, 4, 64), jnp.float16),
+         S((2, 100, 4, 64), jnp.float16))
+RAGGED = (S((100, 12, 64), jnp.bfloat16), S((4, 64, 16, 64), jnp.bfloat16),
+          S((4, 64, 16, 64), jnp.bfloat16), S((3, 16), jnp.int32), S((4,), jnp.int32),
+          S((3,), jnp.int32))
+
+ENTRY_POINTS = {
+    "paged_attention": (lambda alibi, cfg: lambda *a: paged_attention(
+        *a, alibi_slopes=alibi, config=cfg), PAGED, PagedAttentionConfig),
+    "paged_attention_split": (lambda alibi, cfg: lambda *a: paged_attention(
+        *a, alibi_slopes=alibi, config=PagedAttentionConfig(num_splits=4, num_stages=1)), PAGED,
+        PagedAttentionConfig),
+    "flash_attention": (lambda alibi, cfg: lambda *a: flash_attention(
+        *a, alibi_slopes=alibi, config=cfg), DENSE, FlashAttentionConfig),
+    "paged_prefill_attention": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
+        *a, max_q_len=64, alibi_slopes=alibi, config=cfg), RAGGED, PagedPrefillConfig),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_kernel_lowers_through_triton(name, alibi, platform):
+    make, args, config_cls = ENTRY_POINTS[name]
+    slopes = alibi_slopes(12) if alibi else None
+    cfg = config_cls.for_backend(platform)
+    module = export_for(platform, make(slopes, cfg), *args)
+    assert module.count(TRITON_CALL) == 1
