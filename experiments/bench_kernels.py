@@ -1,0 +1,306 @@
+"""Benchmark the Pallas attention kernels against their peers, on an NVIDIA GPU.
+
+Measured in one run:
+
+(a) the ceiling: device-to-device copy bandwidth (bytes read + written per second);
+(b) paged decode — ours vs JAX's Pallas ``paged_attention`` (float16: its
+    bfloat16 path fails in jax 0.11) and an XLA gather + einsum reference — as
+    GB/s of K/V read and % of the copy bandwidth;
+(c) dense causal prefill — our ``flash_attention`` vs ``jax.nn.dot_product_attention``
+    (cuDNN and XLA) and JAX's Pallas ``mha`` (K/V repeated to MHA for it) in TFLOP/s;
+
+each with and without ALiBi where the peer supports it (ALiBi is passed to
+cuDNN/XLA as a materialised bias). Every kernel output is checked against the
+reference before it is timed.
+
+Usage::
+
+    python experiments/bench_kernels.py [--out experiments/results] [--quick] [--sweep]
+
+Writes ``bench_kernels.json`` and ``bench_kernels.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pallas_kernels import (FlashAttentionConfig, PagedAttentionConfig, alibi_slopes,  # noqa: E402
+                            flash_attention, paged_attention, paged_attention_reference)
+
+
+def commit() -> str:
+    if os.environ.get("OPTGQA_COMMIT"):
+        return os.environ["OPTGQA_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def timeit(fn, *args, iters=20, trials=5):
+    """Median seconds per call over `trials` batches of `iters` calls (after warm-up)."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x * 2)  # one read, one write per element
+    t = timeit(f, x, iters=10)
+    return 2 * nbytes / t
+
+
+# --------------------------------------------------------------------------- paged decode
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    name: str
+    batch: int
+    context: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int = 128
+    page: int = 16
+
+
+def decode_inputs(s: DecodeShape, dtype, key):
+    pages_per_seq = s.context // s.page
+    num_pages = s.batch * pages_per_seq
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    q = jax.random.normal(k1, (s.batch, s.q_heads, s.head_dim), dtype)
+    kp = jax.random.normal(k2, (s.kv_heads, num_pages, s.page, s.head_dim), dtype)
+    vp = jax.random.normal(k3, (s.kv_heads, num_pages, s.page, s.head_dim), dtype)
+    tables = jax.random.permutation(k4, num_pages).reshape(s.batch, pages_per_seq).astype(jnp.int32)
+    lengths = jnp.full((s.batch,), s.context, jnp.int32)
+    return q, kp, vp, tables, lengths
+
+
+def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
+    rows = []
+    kv_bytes = 2 * s.batch * s.context * s.kv_heads * s.head_dim * 2  # K and V, 2-byte dtypes
+    slopes = alibi_slopes(s.q_heads)
+
+    def record(impl, dtype, alibi, fn, args, ref=None, note=""):
+        row = dict(kernel="paged_decode", shape=s.name, impl=impl, dtype=jnp.dtype(dtype).name,
+                   alibi=alibi, batch=s.batch, context=s.context, q_heads=s.q_heads,
+                   kv_heads=s.kv_heads, head_dim=s.head_dim, page=s.page, note=note)
+        try:
+            out = fn(*args)
+            if ref is not None:
+                row["rel_err"] = rel_err(out, ref)
+            t = timeit(fn, *args)
+            row.update(ms=t * 1e3, gbps=kv_bytes / t / 1e9, pct_ceiling=100 * kv_bytes / t / ceiling)
+        except Exception as e:  # a failing peer is a result too
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        return row
+
+    for dtype in (jnp.bfloat16, jnp.float16):
+        args = decode_inputs(s, dtype, jax.random.PRNGKey(0))
+        for alibi in (False, True):
+            sl = slopes if alibi else None
+            ref_fn = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention_reference(
+                q, k, v, t, l, alibi_slopes=sl))
+            ref = ref_fn(*args)
+            ours = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention(q, k, v, t, l, alibi_slopes=sl))
+            record("optgqa", dtype, alibi, ours, args, ref)
+            if sweep and not alibi and dtype == jnp.bfloat16:
+                for kpb in (32, 64, 128):
+                    for warps in (4, 8):
+                        for stages in (2, 3):
+                            cfg = PagedAttentionConfig(keys_per_block=kpb, num_warps=warps,
+                                                       num_stages=stages)
+                            fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
+                                q, k, v, t, l, config=cfg))
+                            record("optgqa-sweep", dtype, alibi, fn, args, ref,
+                                   note=f"kpb={kpb} w={warps} st={stages}")
+            if dtype == jnp.float16 and not alibi:
+                from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+                record("jax-pallas", dtype, alibi,
+                       jax.jit(lambda q, k, v, t, l: jax_paged.paged_attention(q, k, v, t, l)),
+                       args, ref)
+            if dtype == jnp.bfloat16:
+                record("xla", dtype, alibi, ref_fn, args)
+        if dtype == jnp.bfloat16:
+            from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+            record("jax-pallas", dtype, False,
+                   jax.jit(lambda q, k, v, t, l: jax_paged.paged_attention(q, k, v, t, l)), args,
+                   note="bfloat16 path of JAX's kernel")
+    return rows
+
+
+# --------------------------------------------------------------------------- flash prefill
+def alibi_bias(slopes, T, S):
+    rel = jnp.arange(S)[None, :] - ((S - T) + jnp.arange(T))[:, None]
+    return (slopes[:, None, None] * rel[None]).astype(jnp.bfloat16)[None]  # [1, N, T, S]
+
+
+def bench_flash(B, T, N, K, D, sweep: bool):
+    rows = []
+    key = jax.random.PRNGKey(1)
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, T, N, D), jnp.bfloat16)
+    k = jax.random.normal(k2, (B, T, K, D), jnp.bfloat16)
+    v = jax.random.normal(k3, (B, T, K, D), jnp.bfloat16)
+    flops = 4 * B * N * T * T * D / 2  # causal: half of QK^T and PV
+    slopes = alibi_slopes(N)
+    G = N // K
+    kr, vr = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    name = f"B={B} T={T} N={N} K={K} D={D}"
+
+    def record(impl, alibi, fn, args, ref=None, note=""):
+        row = dict(kernel="flash_attention", shape=name, impl=impl, alibi=alibi, batch=B,
+                   seq=T, q_heads=N, kv_heads=K, head_dim=D, dtype="bfloat16", note=note)
+        try:
+            out = fn(*args)
+            if ref is not None:
+                row["rel_err"] = rel_err(out, ref)
+            t = timeit(fn, *args, iters=10)
+            row.update(ms=t * 1e3, tflops=flops / t / 1e12)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        return row
+
+    for alibi in (False, True):
+        sl = slopes if alibi else None
+        bias = alibi_bias(slopes, T, T) if alibi else None
+        xla = jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
+            q, k, v, bias=b, is_causal=True, implementation="xla"))
+        ref = xla(q, k, v)
+        ours = jax.jit(lambda q, k, v, sl=sl: flash_attention(q, k, v, causal=True, alibi_slopes=sl))
+        record("optgqa", alibi, ours, (q, k, v), ref)
+        if sweep and not alibi:
+            for bq, bk, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                                  (128, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]:
+                cfg = FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+                fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
+                record("optgqa-sweep", alibi, fn, (q, k, v), ref, note=f"bq={bq} bk={bk} w={w} st={st}")
+        record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
+            q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
+        record("xla", alibi, xla, (q, k, v))
+        if not alibi:
+            from jax.experimental.pallas.ops.gpu import attention as jax_attention
+            sm = 1.0 / math.sqrt(D)
+            record("jax-pallas-mha", alibi, jax.jit(lambda q, k, v: jax_attention.mha(
+                q, k, v, segment_ids=None, sm_scale=sm, causal=True)), (q, kr, vr), ref,
+                note="K/V repeated to MHA")
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+def markdown(meta, rows) -> str:
+    lines = [f"# Kernel benchmark", "",
+             f"- device: {meta['device']}", f"- jax: {meta['jax']}", f"- commit: {meta['commit']}",
+             f"- copy bandwidth (ceiling, read + write): {meta['copy_gbps']:.0f} GB/s", ""]
+    lines += ["## Paged decode (GB/s of K/V read)", "",
+              "| shape | impl | dtype | ALiBi | ms | GB/s | % of copy | rel. err | note |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["kernel"] != "paged_decode" or r["impl"] == "optgqa-sweep":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['impl']} | {r['dtype']} | {r['alibi']} | fails | | | | "
+                         f"{r['error'][:90]} |")
+        else:
+            lines.append(f"| {r['shape']} | {r['impl']} | {r['dtype']} | {r['alibi']} | {r['ms']:.3f} | "
+                         f"{r['gbps']:.0f} | {r['pct_ceiling']:.0f}% | {r.get('rel_err', float('nan')):.1e} "
+                         f"| {r['note']} |")
+    lines += ["", "## Flash attention, causal prefill (TFLOP/s)", "",
+              "| shape | impl | ALiBi | ms | TFLOP/s | rel. err | note |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["kernel"] != "flash_attention" or r["impl"] == "optgqa-sweep":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['impl']} | {r['alibi']} | fails | | | {r['error'][:90]} |")
+        else:
+            lines.append(f"| {r['shape']} | {r['impl']} | {r['alibi']} | {r['ms']:.3f} | "
+                         f"{r['tflops']:.0f} | {r.get('rel_err', float('nan')):.1e} | {r['note']} |")
+    sweep = [r for r in rows if r["impl"] == "optgqa-sweep" and "error" not in r]
+    if sweep:
+        lines += ["", "## Tuning sweep (ours)", "", "| kernel | shape | config | ms | metric |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in sweep:
+            metric = f"{r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['tflops']:.0f} TFLOP/s"
+            lines.append(f"| {r['kernel']} | {r['shape']} | {r['note']} | {r['ms']:.3f} | {metric} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--quick", action="store_true", help="only the headline shapes")
+    parser.add_argument("--sweep", action="store_true", help="also sweep our tuning knobs")
+    args = parser.parse_args()
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        sys.exit(f"this benchmark needs a GPU; jax sees {dev.platform}")
+    meta = dict(device=dev.device_kind, jax=jax.__version__, commit=commit(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    meta["copy_gbps"] = copy_bandwidth() / 1e9
+    print(f"copy bandwidth {meta['copy_gbps']:.0f} GB/s", flush=True)
+    shapes = [DecodeShape("B=64 ctx=4096 GQA 32/8", 64, 4096, 32, 8)]
+    if not args.quick:
+        shapes += [DecodeShape("B=8 ctx=16384 GQA 32/8", 8, 16384, 32, 8),
+                   DecodeShape("B=64 ctx=4096 MHA 32/32", 64, 4096, 32, 32),
+                   DecodeShape("B=64 ctx=4096 MQA 32/1", 64, 4096, 32, 1)]
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():
+        with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
+            f.write(markdown(meta, rows))
+
+    for s in shapes:
+        try:
+            rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0])
+        except Exception:
+            traceback.print_exc()
+        save()
+        print(f"decode {s.name} done", flush=True)
+    flash_shapes = [(4, 4096, 32, 8, 128)]
+    if not args.quick:
+        flash_shapes += [(4, 4096, 32, 32, 128), (4, 4096, 32, 1, 128)]
+    for i, fs in enumerate(flash_shapes):
+        try:
+            rows += bench_flash(*fs, sweep=args.sweep and i == 0)
+        except Exception:
+            traceback.print_exc()
+        save()
+        print(f"flash {fs} done", flush=True)
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
