@@ -218,7 +218,7 @@ def bench_flash(B, T, N, K, D, sweep: bool):
 
 # --------------------------------------------------------------------------- report
 def markdown(meta, rows) -> str:
-    lines = [f"# Kernel benchmark", "",
+    lines = ["# Kernel benchmark", "",
              f"- device: {meta['device']}", f"- jax: {meta['jax']}", f"- commit: {meta['commit']}",
              f"- copy bandwidth (ceiling, read + write): {meta['copy_gbps']:.0f} GB/s", ""]
     lines += ["## Paged decode (GB/s of K/V read)", "",
