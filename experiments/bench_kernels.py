@@ -123,6 +123,10 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
         rows.append(row)
         return row
 
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+    scale = 1.0 / math.sqrt(s.head_dim)
+    jax_paged_fn = jax.jit(lambda q, k, v, t, l: jax_paged.paged_attention(q * scale, k, v, t, l))
+
     for dtype in (jnp.bfloat16, jnp.float16):
         args = decode_inputs(s, dtype, jax.random.PRNGKey(0))
         for alibi in (False, True):
@@ -133,27 +137,19 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
             ours = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention(q, k, v, t, l, alibi_slopes=sl))
             record("optgqa", dtype, alibi, ours, args, ref)
             if sweep and not alibi and dtype == jnp.bfloat16:
-                for kpb in (32, 64, 128):
-                    for warps in (4, 8):
-                        for stages in (2, 3):
-                            cfg = PagedAttentionConfig(keys_per_block=kpb, num_warps=warps,
-                                                       num_stages=stages)
-                            fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
-                                q, k, v, t, l, config=cfg))
-                            record("optgqa-sweep", dtype, alibi, fn, args, ref,
-                                   note=f"kpb={kpb} w={warps} st={stages}")
-            if dtype == jnp.float16 and not alibi:
-                from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
-                record("jax-pallas", dtype, alibi,
-                       jax.jit(lambda q, k, v, t, l: jax_paged.paged_attention(q, k, v, t, l)),
-                       args, ref)
+                for kpb, warps, stages in ((64, 4, 2), (128, 8, 2), (64, 4, 3)):
+                    for target in (256, 512, 1024, 2048):
+                        cfg = PagedAttentionConfig(keys_per_block=kpb, num_warps=warps,
+                                                   num_stages=stages, target_programs=target)
+                        fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
+                            q, k, v, t, l, config=cfg))
+                        record("optgqa-sweep", dtype, alibi, fn, args, ref,
+                               note=f"kpb={kpb} w={warps} st={stages} programs>={target}")
+            if not alibi:  # JAX's kernel has neither ALiBi nor a softmax scale: pre-scale q
+                record("jax-pallas", dtype, alibi, jax_paged_fn, args, ref,
+                       note="q pre-scaled by 1/sqrt(D)")
             if dtype == jnp.bfloat16:
                 record("xla", dtype, alibi, ref_fn, args)
-        if dtype == jnp.bfloat16:
-            from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
-            record("jax-pallas", dtype, False,
-                   jax.jit(lambda q, k, v, t, l: jax_paged.paged_attention(q, k, v, t, l)), args,
-                   note="bfloat16 path of JAX's kernel")
     return rows
 
 
@@ -199,11 +195,17 @@ def bench_flash(B, T, N, K, D, sweep: bool):
         ours = jax.jit(lambda q, k, v, sl=sl: flash_attention(q, k, v, causal=True, alibi_slopes=sl))
         record("optgqa", alibi, ours, (q, k, v), ref)
         if sweep and not alibi:
-            for bq, bk, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                                  (128, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]:
-                cfg = FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-                fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
-                record("optgqa-sweep", alibi, fn, (q, k, v), ref, note=f"bq={bq} bk={bk} w={w} st={st}")
+            for bq, bk, w, st in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3),
+                                  (64, 128, 4, 3), (128, 128, 8, 4)]:
+                for heavy in (True, False):
+                    for heads in (True, False):
+                        cfg = FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w,
+                                                   num_stages=st, heavy_first=heavy,
+                                                   heads_fastest=heads)
+                        fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
+                        record("optgqa-sweep", alibi, fn, (q, k, v), ref,
+                               note=f"bq={bq} bk={bk} w={w} st={st} heavy_first={heavy} "
+                                    f"heads_fastest={heads}")
         record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
             q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
         record("xla", alibi, xla, (q, k, v))

@@ -60,7 +60,8 @@ def _round_up(n: int, multiple: int) -> int:
 def generate_simple(cfg: ModelConfig, params: dict,
                     prompt_ids: Union[TokenIds, Sequence[TokenIds]], max_tokens: int, *,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                    seed: int = 0, eos_id: Optional[int] = None, progress: bool = False
+                    seed: int = 0, eos_id: Optional[int] = None, progress: bool = False,
+                    attention_impl: str = "auto"
                     ) -> Union[list[int], list[list[int]]]:
     """Generate continuations of one prompt or a batch of prompts.
 
@@ -76,6 +77,7 @@ def generate_simple(cfg: ModelConfig, params: dict,
         on the rest of the batch.
       eos_id: stop a row after it emits this id (the id is included in its output).
       progress: show a tqdm progress bar over decode steps.
+      attention_impl: ``"auto"``, ``"pallas"`` or ``"reference"`` (see ``optgqa_jax.forward``).
 
     Returns:
       The generated ids (without the prompt): a list for one prompt, a list of
@@ -104,7 +106,8 @@ def generate_simple(cfg: ModelConfig, params: dict,
     top_ps = jnp.full((B,), top_p, jnp.float32)
     seeds = jnp.full((B,), seed, jnp.uint32)
 
-    logits, cache = forward_with_cache(cfg, params, padded, cache, np.zeros(B, np.int32))
+    logits, cache = forward_with_cache(cfg, params, padded, cache, np.zeros(B, np.int32),
+                                       attention_impl=attention_impl)
     last = jnp.asarray(logits)[np.arange(B), lengths - 1]  # [B, V]
     positions = lengths.copy()  # position of the token about to be sampled
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -121,7 +124,8 @@ def generate_simple(cfg: ModelConfig, params: dict,
                 done[i] = eos_id is not None and int(next_ids[i]) == eos_id
         if done.all() or step == max_tokens - 1:
             break
-        logits, cache = forward_with_cache(cfg, params, next_ids[:, None], cache, positions)
+        logits, cache = forward_with_cache(cfg, params, next_ids[:, None], cache, positions,
+                                           attention_impl=attention_impl)
         last = logits[:, 0]
         positions = positions + 1
     bar.close()

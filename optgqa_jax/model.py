@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgqa_jax.attention import attention
+from optgqa_jax.attention import check_attention_impl, attention, cached_attention
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
@@ -37,9 +37,13 @@ _INIT = nn.initializers.normal(stddev=0.02)
 class KVCache(NamedTuple):
     """Contiguous K/V cache: slot s of row b holds the key/value of position s.
 
+    The layout puts the KV head first so that one layer's cache, reshaped to
+    ``[K, B*S/Z, Z, H]``, is a paged pool in the kernels' layout (row b owns
+    pages ``b*S/Z ..``): the Pallas paged kernels read it without a copy.
+
     Attributes:
-      k: [L, B, S, K, H] keys (after RoPE).
-      v: [L, B, S, K, H] values.
+      k: [L, K, B, S, H] keys (after RoPE).
+      v: [L, K, B, S, H] values.
     """
 
     k: jax.Array
@@ -47,7 +51,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
-        shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, cfg.n_kv_heads, batch_size, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
 
 
@@ -75,6 +79,7 @@ class Attention(nn.Module):
 
     cfg: ModelConfig
     layer: int
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, cache_k=None, cache_v=None):
@@ -90,14 +95,17 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, cfg.rope_theta)
         elif cfg.position == "alibi":
             slopes = alibi_slopes(N)
-        if cache_k is not None:
+        kv_map = cfg.layer_kv_head_map(self.layer)
+        if cache_k is None:
+            out = attention(q, k, v, positions, kv_head_map=kv_map, alibi_slopes=slopes,
+                            impl=self.impl)  # [B, T, N, H]
+        else:
             # Write this call's keys/values at their positions, then attend to the whole cache.
             rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-            cache_k = cache_k.at[rows, positions].set(k)  # [B, S, K, H]
-            cache_v = cache_v.at[rows, positions].set(v)
-            k, v = cache_k, cache_v
-        out = attention(q, k, v, positions, kv_head_map=cfg.layer_kv_head_map(self.layer),
-                        alibi_slopes=slopes)  # [B, T, N, H]
+            cache_k = cache_k.at[:, rows, positions].set(jnp.moveaxis(k, 2, 0))  # [K, B, S, H]
+            cache_v = cache_v.at[:, rows, positions].set(jnp.moveaxis(v, 2, 0))
+            out = cached_attention(q, cache_k, cache_v, positions, kv_head_map=kv_map,
+                                   alibi_slopes=slopes, impl=self.impl)
         out = _dense(cfg.d_model, "o_proj", dt)(out.reshape(B, T, N * H))
         return out, cache_k, cache_v
 
@@ -118,11 +126,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     cfg: ModelConfig
     layer: int
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, positions, cache_k=None, cache_v=None):
         cfg = self.cfg
-        h, cache_k, cache_v = Attention(cfg, self.layer, name="attn")(
+        h, cache_k, cache_v = Attention(cfg, self.layer, self.impl, name="attn")(
             RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, cache_k, cache_v)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
@@ -130,9 +139,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The whole decoder: tokens [B, T] -> float32 logits [B, T, V]."""
+    """The whole decoder: tokens [B, T] -> float32 logits [B, T, V].
+
+    ``impl`` selects the attention implementation (see ``optgqa_jax.attention``).
+    """
 
     cfg: ModelConfig
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Optional[KVCache] = None):
@@ -145,7 +158,7 @@ class Transformer(nn.Module):
             ck = cv = None
             if cache is not None:
                 ck, cv = cache.k[i], cache.v[i]
-            x, ck, cv = Block(cfg, i, name=f"layer_{i}")(x, positions, ck, cv)
+            x, ck, cv = Block(cfg, i, self.impl, name=f"layer_{i}")(x, positions, ck, cv)
             new_k.append(ck)
             new_v.append(cv)
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
@@ -242,20 +255,22 @@ def check_tokens(cfg: ModelConfig, tokens, name: str = "tokens") -> None:
                              f"[0, vocab_size={cfg.vocab_size})")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(cfg, params, tokens):
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward(cfg, params, tokens, impl):
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return Transformer(cfg).apply({"params": params}, tokens, positions)[0]
+    return Transformer(cfg, impl).apply({"params": params}, tokens, positions)[0]
 
 
-def forward(cfg: ModelConfig, params: dict, tokens) -> jax.Array:
+def forward(cfg: ModelConfig, params: dict, tokens, *, attention_impl: str = "auto") -> jax.Array:
     """Full causal forward pass, no cache.
 
     Args:
       cfg: the model's configuration.
       params: parameters as returned by :func:`init_params` or a loader.
       tokens: int [B, T] token ids, ``1 <= T <= cfg.max_seq_len``.
+      attention_impl: ``"auto"`` (Pallas kernels on GPU, jnp reference on CPU),
+        ``"pallas"`` or ``"reference"``.
 
     Returns:
       float32 logits [B, T, vocab_size].
@@ -273,18 +288,19 @@ def forward(cfg: ModelConfig, params: dict, tokens) -> jax.Array:
                          f"max_seq_len={cfg.max_seq_len}")
     if tokens.shape[1] == 0:
         raise ValueError("tokens must hold at least one token per row, got length 0")
-    return _forward(cfg, params, tokens.astype(jnp.int32))
+    check_attention_impl(attention_impl)
+    return _forward(cfg, params, tokens.astype(jnp.int32), attention_impl)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _forward_with_cache(cfg, params, tokens, cache, start):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=3)
+def _forward_with_cache(cfg, params, tokens, cache, start, impl):
     T = tokens.shape[1]
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    return Transformer(cfg).apply({"params": params}, tokens, positions, cache)
+    return Transformer(cfg, impl).apply({"params": params}, tokens, positions, cache)
 
 
-def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache,
-                       start) -> tuple[jax.Array, KVCache]:
+def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache, start, *,
+                       attention_impl: str = "auto") -> tuple[jax.Array, KVCache]:
     """Run `tokens` at positions ``start[b] + t`` against a contiguous cache.
 
     The new keys/values are written into the cache; each token attends to the
@@ -297,6 +313,7 @@ def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache,
       tokens: int [B, T] token ids.
       cache: :class:`KVCache` with S slots per row.
       start: int [B] position of each row's first token in this call.
+      attention_impl: ``"auto"``, ``"pallas"`` or ``"reference"`` (see :func:`forward`).
 
     Returns:
       (float32 logits [B, T, V], updated cache).
@@ -305,17 +322,18 @@ def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache,
     check_tokens(cfg, tokens)
     _check_params_fast(cfg, params)
     start = jnp.asarray(start, jnp.int32)
+    check_attention_impl(attention_impl)
     B, T = tokens.shape
-    S = cache.k.shape[2]
+    S = cache.k.shape[3]
     if start.shape != (B,):
         raise ValueError(f"start must have shape [batch]=({B},), got {tuple(start.shape)}")
-    if cache.k.shape[:2] != (cfg.n_layers, B):
-        raise ValueError(f"cache has leading shape {cache.k.shape[:2]}, expected "
-                         f"(n_layers={cfg.n_layers}, batch={B})")
+    if cache.k.shape[:3] != (cfg.n_layers, cfg.n_kv_heads, B):
+        raise ValueError(f"cache has leading shape {cache.k.shape[:3]}, expected "
+                         f"(n_layers={cfg.n_layers}, n_kv_heads={cfg.n_kv_heads}, batch={B})")
     if _is_concrete(start):
         last = int(np.asarray(start).max()) + T
         if last > S:
             raise ValueError(f"positions up to {last - 1} do not fit the cache of {S} slots")
         if last > cfg.max_seq_len:
             raise ValueError(f"positions up to {last - 1} exceed max_seq_len={cfg.max_seq_len}")
-    return _forward_with_cache(cfg, params, tokens.astype(jnp.int32), cache, start)
+    return _forward_with_cache(cfg, params, tokens.astype(jnp.int32), cache, start, attention_impl)

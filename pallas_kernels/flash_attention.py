@@ -31,15 +31,28 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 
+_HIGHEST = jax.lax.Precision.HIGHEST  # the references must not use TF32 on GPUs
+
 
 @dataclasses.dataclass(frozen=True)
 class FlashAttentionConfig:
-    """Tuning knobs of :func:`flash_attention` (block sizes are powers of two >= 16)."""
+    """Tuning knobs of :func:`flash_attention` (block sizes are powers of two >= 16).
+
+    Attributes:
+      block_q, block_k: query and key tile sizes.
+      num_warps, num_stages: Triton launch parameters.
+      heavy_first: launch the q-blocks with the most (causal) work first, so the
+        cheap ones fill the tail of the schedule.
+      heads_fastest: order the grid so that programs of the query heads sharing
+        one KV head run side by side and find its K/V tiles in L2.
+    """
 
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    heavy_first: bool = True
+    heads_fastest: bool = True
 
     @classmethod
     def for_backend(cls, backend: str, head_dim: int = 128) -> "FlashAttentionConfig":
@@ -62,9 +75,9 @@ class FlashAttentionConfig:
 
 
 def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k: int, offset: int,
-                  causal: bool, sm_scale: float, use_alibi: bool):
+                  causal: bool, sm_scale: float, use_alibi: bool, q_block_of):
     # q_ref [block_q, D]; k_ref, v_ref [S_padded, D]; slope_ref [1] (times log2 e); o_ref [block_q, D]
-    q_block = pl.program_id(2)
+    q_block = q_block_of(pl.program_id(2))
     q = q_ref[...]
     block_q, D = q.shape
     q_pos = offset + q_block * block_q + jnp.arange(block_q)  # absolute query positions
@@ -121,18 +134,40 @@ def _flash_attention(q, k, v, slopes, *, causal, sm_scale, interpret, config, us
     if Sp != S:  # padded keys are masked in the kernel
         k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    nq = Tp // block_q
+
+    def q_block_of(i):  # heaviest (last) causal q-blocks first
+        return nq - 1 - i if config.heavy_first else i
+
     kernel = functools.partial(_flash_kernel, block_k=block_k, seq_k=S, offset=S - T,
-                               causal=causal, sm_scale=sm_scale, use_alibi=use_alibi)
+                               causal=causal, sm_scale=sm_scale, use_alibi=use_alibi,
+                               q_block_of=q_block_of)
+    if config.heads_fastest:  # program_id(0) varies fastest in the launch order
+        grid, bh = (N, B, nq), (lambda x, y: (y, x))
+    else:
+        grid, bh = (B, N, nq), (lambda x, y: (x, y))
+
+    def q_map(x, y, i):
+        b, h = bh(x, y)
+        return (b, q_block_of(i), h, 0)
+
+    def kv_map(x, y, i):
+        b, h = bh(x, y)
+        return (b, 0, h // G, 0)
+
+    def slope_map(x, y, i):
+        return (bh(x, y)[1], 0)
+
     out = pl.pallas_call(
         kernel,
-        grid=(B, N, Tp // block_q),
+        grid=grid,
         in_specs=[
-            pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
-            pl.BlockSpec((None, Sp, None, D), lambda b, h, i: (b, 0, h // G, 0)),
-            pl.BlockSpec((None, 1), lambda b, h, i: (h, 0)),
+            pl.BlockSpec((None, block_q, None, D), q_map),
+            pl.BlockSpec((None, Sp, None, D), kv_map),
+            pl.BlockSpec((None, Sp, None, D), kv_map),
+            pl.BlockSpec((None, 1), slope_map),
         ],
-        out_specs=pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        out_specs=pl.BlockSpec((None, block_q, None, D), q_map),
         out_shape=jax.ShapeDtypeStruct((B, Tp, N, D), q.dtype),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
@@ -204,7 +239,7 @@ def flash_attention_reference(q, k, v, *, causal=True, alibi_slopes=None, sm_sca
     G = N // K
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     qg = q.reshape(B, T, K, G, D).astype(jnp.float32)
-    s = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)) * sm_scale
+    s = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32), precision=_HIGHEST) * sm_scale
     q_pos = (S - T) + jnp.arange(T)
     rel = jnp.arange(S)[None, :] - q_pos[:, None]  # [T, S]: j - i
     if alibi_slopes is not None:
@@ -212,5 +247,5 @@ def flash_attention_reference(q, k, v, *, causal=True, alibi_slopes=None, sm_sca
     if causal:
         s = jnp.where(rel <= 0, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("BKGTS,BSKD->BTKGD", p, v.astype(jnp.float32))
+    o = jnp.einsum("BKGTS,BSKD->BTKGD", p, v.astype(jnp.float32), precision=_HIGHEST)
     return o.reshape(B, T, N, D).astype(q.dtype)

@@ -41,6 +41,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 
+_HIGHEST = jax.lax.Precision.HIGHEST  # the references must not use TF32 on GPUs
+
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttentionConfig:
@@ -292,7 +294,7 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, ali
     k = k.reshape(K, B, S, D).astype(jnp.float32)
     v = v.reshape(K, B, S, D).astype(jnp.float32)
     qg = q.reshape(B, K, G, D).astype(jnp.float32)
-    s = jnp.einsum("BKGD,KBSD->BKGS", qg, k) * sm_scale
+    s = jnp.einsum("BKGD,KBSD->BKGS", qg, k, precision=_HIGHEST) * sm_scale
     pos = jnp.arange(S)
     if alibi_slopes is not None:
         slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(1, K, G, 1)
@@ -303,5 +305,5 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, ali
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     p = jnp.where(valid, p, 0.0)
     denom = p.sum(-1, keepdims=True)
-    o = jnp.einsum("BKGS,KBSD->BKGD", p / jnp.where(denom == 0, 1.0, denom), v)
+    o = jnp.einsum("BKGS,KBSD->BKGD", p / jnp.where(denom == 0, 1.0, denom), v, precision=_HIGHEST)
     return o.reshape(B, N, D).astype(q.dtype)

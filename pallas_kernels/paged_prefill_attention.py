@@ -41,6 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # the references must not use TF32 on GPUs
 from pallas_kernels.paged_attention import check_paged_inputs
 
 
@@ -249,11 +251,11 @@ def paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, cu_q_le
         k = k_pages[:, pages].reshape(K, -1, D)[:, :c].astype(jnp.float32)  # [K, c, D]
         v = v_pages[:, pages].reshape(K, -1, D)[:, :c].astype(jnp.float32)
         qb = q[cu[b]:cu[b + 1]].reshape(n, K, G, D).astype(jnp.float32)
-        s = jnp.einsum("TKGD,KSD->KGTS", qb, k) * sm_scale
+        s = jnp.einsum("TKGD,KSD->KGTS", qb, k, precision=_HIGHEST) * sm_scale
         rel = jnp.arange(c)[None, :] - (c - n + jnp.arange(n))[:, None]  # [n, c]: j - i
         if alibi_slopes is not None:
             s = s + jnp.asarray(alibi_slopes, jnp.float32).reshape(K, G, 1, 1) * rel
         s = jnp.where(rel <= 0, s, -jnp.inf)
-        o = jnp.einsum("KGTS,KSD->TKGD", jax.nn.softmax(s, axis=-1), v).reshape(n, N, D)
+        o = jnp.einsum("KGTS,KSD->TKGD", jax.nn.softmax(s, axis=-1), v, precision=_HIGHEST).reshape(n, N, D)
         out = out.at[cu[b]:cu[b + 1]].set(o)
     return out.astype(q.dtype)
