@@ -137,14 +137,14 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
             ours = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention(q, k, v, t, l, alibi_slopes=sl))
             record("optgqa", dtype, alibi, ours, args, ref)
             if sweep and not alibi and dtype == jnp.bfloat16:
-                for kpb, warps, stages in ((64, 4, 2), (128, 8, 2), (64, 4, 3)):
-                    for target in (256, 512, 1024, 2048):
-                        cfg = PagedAttentionConfig(keys_per_block=kpb, num_warps=warps,
-                                                   num_stages=stages, target_programs=target)
-                        fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
-                            q, k, v, t, l, config=cfg))
-                        record("optgqa-sweep", dtype, alibi, fn, args, ref,
-                               note=f"kpb={kpb} w={warps} st={stages} programs>={target}")
+                for kpb, warps, stages, target in ((64, 4, 2, 512), (128, 8, 3, 512),
+                                                   (64, 4, 3, 1024)):
+                    cfg = PagedAttentionConfig(keys_per_block=kpb, num_warps=warps,
+                                               num_stages=stages, target_programs=target)
+                    fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
+                        q, k, v, t, l, config=cfg))
+                    record("optgqa-sweep", dtype, alibi, fn, args, ref,
+                           note=f"kpb={kpb} w={warps} st={stages} programs>={target}")
             if not alibi:  # JAX's kernel has neither ALiBi nor a softmax scale: pre-scale q
                 record("jax-pallas", dtype, alibi, jax_paged_fn, args, ref,
                        note="q pre-scaled by 1/sqrt(D)")
@@ -195,17 +195,16 @@ def bench_flash(B, T, N, K, D, sweep: bool):
         ours = jax.jit(lambda q, k, v, sl=sl: flash_attention(q, k, v, causal=True, alibi_slopes=sl))
         record("optgqa", alibi, ours, (q, k, v), ref)
         if sweep and not alibi:
-            for bq, bk, w, st in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3),
-                                  (64, 128, 4, 3), (128, 128, 8, 4)]:
-                for heavy in (True, False):
-                    for heads in (True, False):
-                        cfg = FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w,
-                                                   num_stages=st, heavy_first=heavy,
-                                                   heads_fastest=heads)
-                        fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
-                        record("optgqa-sweep", alibi, fn, (q, k, v), ref,
-                               note=f"bq={bq} bk={bk} w={w} st={st} heavy_first={heavy} "
-                                    f"heads_fastest={heads}")
+            for bq, bk, w, st, heavy, heads in [(128, 128, 8, 3, True, True),
+                                                (128, 128, 8, 3, True, False),
+                                                (128, 64, 8, 3, False, False),
+                                                (128, 128, 8, 2, False, False)]:
+                cfg = FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st,
+                                           heavy_first=heavy, heads_fastest=heads)
+                fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
+                record("optgqa-sweep", alibi, fn, (q, k, v), ref,
+                       note=f"bq={bq} bk={bk} w={w} st={st} heavy_first={heavy} "
+                            f"heads_fastest={heads}")
         record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
             q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
         record("xla", alibi, xla, (q, k, v))

@@ -51,8 +51,8 @@ class FlashAttentionConfig:
     block_k: int = 128
     num_warps: int = 8
     num_stages: int = 3
-    heavy_first: bool = True
-    heads_fastest: bool = True
+    heavy_first: bool = False
+    heads_fastest: bool = False
 
     @classmethod
     def for_backend(cls, backend: str, head_dim: int = 128) -> "FlashAttentionConfig":
@@ -92,22 +92,33 @@ def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k:
         full_tiles = seq_k // block_k
     num_tiles = C.cdiv(key_end, block_k)
 
+    if use_alibi:
+        row_bias = -slope * q_pos.astype(jnp.float32)  # ALiBi = slope * j + row_bias, hoisted
+
     def tile(j, carry, masked: bool):
-        acc, m, l = carry
+        acc, m, l = carry  # m is kept in scaled log2 units
         k = k_ref[pl.ds(j * block_k, block_k), :]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = C.dot(q, k.T) * scale  # [block_q, block_k]
+        s = C.dot(q, k.T)  # raw scores [block_q, block_k]
         k_pos = j * block_k + jnp.arange(block_k)
-        if use_alibi:
-            s = s + slope * (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
         if masked:
             valid = k_pos[None, :] < seq_k
             if causal:
                 valid = valid & (k_pos[None, :] <= q_pos[:, None])
-            s = jnp.where(valid, s, C.MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
+        if use_alibi:
+            s = s * scale + (slope * k_pos.astype(jnp.float32)[None, :] + row_bias[:, None])
+            if masked:
+                s = jnp.where(valid, s, C.MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp2(s - m_new[:, None])
+        else:
+            # Scale after the row max and inside the exponent: one FMA per score
+            # (scale > 0 keeps the max where it was).
+            if masked:
+                s = jnp.where(valid, s, C.MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1) * scale)
+            p = jnp.exp2(s * scale - m_new[:, None])
         alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + p.sum(axis=-1)
         acc = acc * alpha[:, None] + C.dot(p.astype(v.dtype), v)
         return acc, m_new, l

@@ -62,7 +62,7 @@ class PagedAttentionConfig:
     num_splits: Optional[int] = None
     target_programs: int = 512
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     @classmethod
     def for_backend(cls, backend: str) -> "PagedAttentionConfig":
