@@ -15,6 +15,7 @@ from pallas_kernels.alibi import alibi_slopes
 from optgqa_jax.attention import attention, attention_reference
 from optgqa_jax.checkpoint import load_checkpoint, save_checkpoint
 from optgqa_jax.config import PRESETS, ModelConfig
+from optgqa_jax.engine import Completion, Engine, EngineConfig, EngineStats, SamplingParams
 from optgqa_jax.evaluate import perplexity, token_nll
 from optgqa_jax.generate import generate_simple
 from optgqa_jax.gguf_loader import load_gguf, load_pretrained
@@ -32,5 +33,6 @@ __all__ = [
     "PRESETS", "ModelConfig", "perplexity", "token_nll", "generate_simple", "load_gguf",
     "load_pretrained", "load_hf_llama", "KVCache", "Transformer", "abstract_params", "forward",
     "forward_with_cache", "init_params", "LoadedModel", "load_model", "row_keys", "sample",
-    "BPETokenizer", "ByteTokenizer", "Tokenizer",
+    "BPETokenizer", "ByteTokenizer", "Tokenizer", "Completion", "Engine", "EngineConfig",
+    "EngineStats", "SamplingParams",
 ]

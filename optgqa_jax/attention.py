@@ -206,3 +206,55 @@ def cached_attention_reference(q, k_cache, v_cache, q_positions, *, kv_head_map=
     out = jnp.einsum("BKGTS,KBSH->BTKGH", probs.astype(v_cache.dtype), v_cache,
                      preferred_element_type=jnp.float32)  # [B, T, K, G, H]
     return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch,
+                          q_positions: jax.Array, *,
+                          kv_head_map: Optional[Sequence[int]] = None,
+                          alibi_slopes: Optional[jax.Array] = None,
+                          sm_scale: Optional[float] = None, impl: str = "reference") -> jax.Array:
+    """Attention of a serving step's packed tokens over their sequences' pages.
+
+    Args:
+      q: [T, N, H] packed queries; token t belongs to sequence ``batch.token_seq[t]``
+        and sits at position ``q_positions[t]``.
+      k_pages, v_pages: [K, P, Z, H] the pool, this step's K/V already written.
+      batch: a :class:`optgqa_jax.kv_layers.PagedBatch`.
+
+    Returns:
+      [T, N, H]. Rows of padding tokens hold unspecified values.
+    """
+    check_attention_impl(impl)
+    T, N, H = q.shape
+    K = k_pages.shape[0]
+    if not _use_pallas(impl, H, kv_head_map, N, K):
+        return paged_batch_attention_reference(q, k_pages, v_pages, batch.block_tables,
+                                               batch.token_seq, q_positions,
+                                               kv_head_map=kv_head_map,
+                                               alibi_slopes=alibi_slopes, sm_scale=sm_scale)
+    interpret = kernel_common.backend() == "cpu"
+    if batch.decode_only:
+        def run(qq, sl):
+            return pk.paged_attention(qq, k_pages, v_pages, batch.block_tables, batch.context_lens,
+                                      alibi_slopes=sl, sm_scale=sm_scale, interpret=interpret)
+    else:
+        def run(qq, sl):
+            return pk.paged_prefill_attention(qq, k_pages, v_pages, batch.block_tables,
+                                              batch.cu_q_lens, batch.context_lens,
+                                              max_q_len=batch.max_q_len, alibi_slopes=sl,
+                                              sm_scale=sm_scale, interpret=interpret)
+    return _run_grouped(run, q, kv_head_map, alibi_slopes, K, head_axis=1)
+
+
+def paged_batch_attention_reference(q, k_pages, v_pages, block_tables, token_seq, q_positions, *,
+                                    kv_head_map=None, alibi_slopes=None, sm_scale=None):
+    """Jittable jnp reference of :func:`paged_batch_attention`: gathers each token's pages."""
+    K, P, Z, H = k_pages.shape
+    tables = block_tables[token_seq]  # [T, M]
+    T, M = tables.shape
+    k = k_pages[:, tables].reshape(K, T, M * Z, H)  # [K, T, S, H]: each token's whole sequence
+    v = v_pages[:, tables].reshape(K, T, M * Z, H)
+    # One "row" per token: the contiguous reference with B = T rows of one query each.
+    return cached_attention_reference(q[:, None], k, v, q_positions[:, None],
+                                      kv_head_map=kv_head_map, alibi_slopes=alibi_slopes,
+                                      sm_scale=sm_scale)[:, 0]

@@ -19,15 +19,16 @@ dim, N query heads, K KV heads, H head dim, F MLP hidden dim, V vocabulary.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgqa_jax.attention import check_attention_impl, attention, cached_attention
+from optgqa_jax.attention import attention, check_attention_impl
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.kv_layers import ContiguousLayerKV
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
 
@@ -82,7 +83,7 @@ class Attention(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, positions, cache_k=None, cache_v=None):
+    def __call__(self, x, positions, layer_kv=None):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         B, T, _ = x.shape
         N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -96,18 +97,14 @@ class Attention(nn.Module):
         elif cfg.position == "alibi":
             slopes = alibi_slopes(N)
         kv_map = cfg.layer_kv_head_map(self.layer)
-        if cache_k is None:
+        if layer_kv is None:
             out = attention(q, k, v, positions, kv_head_map=kv_map, alibi_slopes=slopes,
                             impl=self.impl)  # [B, T, N, H]
-        else:
-            # Write this call's keys/values at their positions, then attend to the whole cache.
-            rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-            cache_k = cache_k.at[:, rows, positions].set(jnp.moveaxis(k, 2, 0))  # [K, B, S, H]
-            cache_v = cache_v.at[:, rows, positions].set(jnp.moveaxis(v, 2, 0))
-            out = cached_attention(q, cache_k, cache_v, positions, kv_head_map=kv_map,
-                                   alibi_slopes=slopes, impl=self.impl)
+        else:  # store this call's k, v and attend to everything stored so far
+            out, layer_kv = layer_kv.attend(q, k, v, positions, kv_head_map=kv_map,
+                                            alibi_slopes=slopes, impl=self.impl)
         out = _dense(cfg.d_model, "o_proj", dt)(out.reshape(B, T, N * H))
-        return out, cache_k, cache_v
+        return out, layer_kv
 
 
 class MLP(nn.Module):
@@ -129,13 +126,13 @@ class Block(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, positions, cache_k=None, cache_v=None):
+    def __call__(self, x, positions, layer_kv=None):
         cfg = self.cfg
-        h, cache_k, cache_v = Attention(cfg, self.layer, self.impl, name="attn")(
-            RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, cache_k, cache_v)
+        h, layer_kv = Attention(cfg, self.layer, self.impl, name="attn")(
+            RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, layer_kv)
         x = x + h
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
-        return x, cache_k, cache_v
+        return x, layer_kv
 
 
 class Transformer(nn.Module):
@@ -148,19 +145,23 @@ class Transformer(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: Optional[KVCache] = None):
+    def __call__(self, tokens, positions, kv: Optional[Sequence] = None, select=None):
+        """tokens, positions [B, T]; kv: None or one KV object per layer (``kv_layers``);
+        select: optional int [B, R] token indices whose logits are wanted (default all).
+
+        Returns (float32 logits [B, T or R, V], updated kv tuple or None).
+        """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt,
                          embedding_init=_INIT, name="embed")
         x = embed(tokens)  # [B, T, D]
-        new_k, new_v = [], []
+        new_kv = []
         for i in range(cfg.n_layers):
-            ck = cv = None
-            if cache is not None:
-                ck, cv = cache.k[i], cache.v[i]
-            x, ck, cv = Block(cfg, i, self.impl, name=f"layer_{i}")(x, positions, ck, cv)
-            new_k.append(ck)
-            new_v.append(cv)
+            x, layer_kv = Block(cfg, i, self.impl, name=f"layer_{i}")(
+                x, positions, None if kv is None else kv[i])
+            new_kv.append(layer_kv)
+        if select is not None:
+            x = jnp.take_along_axis(x, select[..., None], axis=1)  # [B, R, D]
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed.embedding,
@@ -168,8 +169,7 @@ class Transformer(nn.Module):
         else:
             w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
             logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
-        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -296,7 +296,9 @@ def forward(cfg: ModelConfig, params: dict, tokens, *, attention_impl: str = "au
 def _forward_with_cache(cfg, params, tokens, cache, start, impl):
     T = tokens.shape[1]
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    return Transformer(cfg, impl).apply({"params": params}, tokens, positions, cache)
+    layers = [ContiguousLayerKV(cache.k[i], cache.v[i]) for i in range(cfg.n_layers)]
+    logits, layers = Transformer(cfg, impl).apply({"params": params}, tokens, positions, layers)
+    return logits, KVCache(jnp.stack([l.k for l in layers]), jnp.stack([l.v for l in layers]))
 
 
 def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache, start, *,

@@ -1,0 +1,97 @@
+"""Engine and sampling configuration (frozen dataclasses, validated on construction)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request (vLLM's meaning for every field).
+
+    Attributes:
+      temperature: 0 for greedy decoding, else the softmax temperature.
+      top_p: nucleus mass in (0, 1].
+      top_k: keep the k most likely tokens; 0 keeps all.
+      max_tokens: tokens to generate at most (>= 1).
+      seed: per-request seed; the sampled tokens depend only on (seed, prompt,
+        position), never on what else is in the batch. None draws one.
+      stop_token_ids: finish when one of these is generated (it is kept in the output).
+      ignore_eos: do not stop at the tokenizer's EOS.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    seed: Optional[int] = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) \
+                or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, (int, np.integer)) \
+                or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer))
+                                          and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be None or an integer in [0, 2**32), got {self.seed!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving configuration.
+
+    Attributes:
+      page_size: tokens per KV block (a power of two in [8, 256]).
+      num_pages: pool size in pages; None sizes it from the memory settings.
+      kv_memory_bytes: pool size in bytes (used when num_pages is None).
+      kv_memory_fraction: else this fraction of the device memory free after the
+        weights (devices that report memory; 512 MiB otherwise).
+      max_num_seqs: most sequences in one step.
+      max_num_batched_tokens: most tokens (prefill + decode) in one step; a
+        prompt longer than this is prefilled in chunks.
+      max_model_len: longest prompt + generation; None: the model's max_seq_len.
+      enable_prefix_caching: reuse cached full blocks across requests.
+      attention_impl: "auto", "pallas" or "reference".
+      seed: seeds the per-request seeds of requests that give none.
+    """
+
+    page_size: int = 16
+    num_pages: Optional[int] = None
+    kv_memory_bytes: Optional[int] = None
+    kv_memory_fraction: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: Optional[int] = None
+    enable_prefix_caching: bool = True
+    attention_impl: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        p = self.page_size
+        if not (isinstance(p, int) and 8 <= p <= 256 and p & (p - 1) == 0):
+            raise ValueError(f"page_size={p} must be a power of two in [8, 256]")
+        for name in ("num_pages", "kv_memory_bytes", "max_model_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"{name} must be None or a positive integer, got {v!r}")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.attention_impl not in ("auto", "pallas", "reference"):
+            raise ValueError(f"attention_impl must be 'auto', 'pallas' or 'reference', got "
+                             f"{self.attention_impl!r}")

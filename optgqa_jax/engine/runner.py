@@ -1,0 +1,167 @@
+"""Device side of the engine: the KV pool, step inputs in static shape buckets, the jitted step.
+
+The pool is one pre-allocated pytree, a [K, P, Z, H] key and value array per
+layer, in the Pallas kernels' page layout. It is donated to every step and
+updated in place; it is never re-allocated while serving.
+
+A step packs the scheduled tokens of all sequences along one axis. To keep
+the number of compiled programs small and fixed, shapes are padded to
+buckets: decode-only steps to a power-of-two number of sequences; mixed
+(prefill) steps to a power-of-two token count, with the sequence axis always
+``max_num_seqs`` wide; block tables always span ``max_model_len``. So at most
+``log2(max_num_seqs) + log2(max_num_batched_tokens) + 2`` programs exist, and
+:meth:`ModelRunner.warmup` can compile all of them up front.
+
+Axis legend: T packed tokens, B sequences, M pages per sequence, L layers,
+K KV heads, P pool pages, Z page size, H head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.config import ModelConfig
+from optgqa_jax.engine.scheduler import Scheduled
+from optgqa_jax.kv_layers import PagedBatch, PagedLayerKV
+from optgqa_jax.model import Transformer
+from optgqa_jax.sampling import row_keys, sample
+
+
+class KVPool(NamedTuple):
+    """The paged KV pool: per layer, k and v pages [K, P, Z, H]."""
+
+    k: tuple
+    v: tuple
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> "KVPool":
+        shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, cfg.jnp_dtype)  # noqa: E731
+        return cls(tuple(zeros() for _ in range(cfg.n_layers)),
+                   tuple(zeros() for _ in range(cfg.n_layers)))
+
+
+def page_bytes(cfg: ModelConfig, page_size: int) -> int:
+    """Device bytes of one page across all layers, keys and values."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * page_size * cfg.head_dim * cfg.jnp_dtype.itemsize
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, int(n - 1).bit_length()))
+
+
+class StepInputs(NamedTuple):
+    tokens: np.ndarray        # int32 [T]
+    positions: np.ndarray     # int32 [T]
+    slot_mapping: np.ndarray  # int32 [T]
+    token_seq: np.ndarray     # int32 [T]
+    block_tables: np.ndarray  # int32 [B, M]
+    context_lens: np.ndarray  # int32 [B]
+    cu_q_lens: np.ndarray     # int32 [B + 1]
+    select: np.ndarray        # int32 [B] packed index of each sequence's last token
+    temperature: np.ndarray   # float32 [B]
+    top_k: np.ndarray         # int32 [B]
+    top_p: np.ndarray         # float32 [B]
+    seeds: np.ndarray         # uint32 [B]
+    sample_pos: np.ndarray    # int32 [B] position of the token being sampled
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "max_q_len", "decode_only"),
+                   donate_argnames=("pool",))
+def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
+          decode_only: bool):
+    batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
+                       inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only)
+    layers = [PagedLayerKV(pool.k[i], pool.v[i], batch) for i in range(cfg.n_layers)]
+    logits, layers = Transformer(cfg, impl).apply(
+        {"params": params}, inputs.tokens[None], inputs.positions[None], layers,
+        select=inputs.select[None])  # [1, B, V]
+    keys = row_keys(inputs.seeds, inputs.sample_pos)
+    next_tokens = sample(logits[0], keys, inputs.temperature, inputs.top_k, inputs.top_p)
+    new_pool = KVPool(tuple(l.k_pages for l in layers), tuple(l.v_pages for l in layers))
+    return next_tokens, new_pool
+
+
+class ModelRunner:
+    """Builds padded step inputs and runs the jitted step; counts compiled shape buckets."""
+
+    def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str):
+        self.cfg, self.params, self.impl = cfg, params, impl
+        self.num_pages, self.page_size = num_pages, page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.pool = KVPool.create(cfg, num_pages, page_size)
+        self.signatures: set = set()
+
+    @property
+    def compiles(self) -> int:
+        """Distinct step programs compiled so far (shape buckets seen)."""
+        return len(self.signatures)
+
+    def buckets(self) -> list[tuple[bool, int]]:
+        """Every (decode_only, size) bucket the runner can produce."""
+        out = [(True, b) for b in sorted({_pow2(n) for n in range(1, self.max_num_seqs + 1)})]
+        out += [(False, t) for t in sorted({_pow2(n, 16)
+                                            for n in range(1, self.max_num_batched_tokens + 1)})]
+        return out
+
+    def _empty(self, decode_only: bool, size: int) -> StepInputs:
+        B = size if decode_only else self.max_num_seqs
+        T = size
+        drop = self.num_pages * self.page_size  # past the pool: writes are dropped
+        return StepInputs(
+            tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
+            slot_mapping=np.full(T, drop, np.int32), token_seq=np.zeros(T, np.int32),
+            block_tables=np.zeros((B, self.max_pages_per_seq), np.int32),
+            context_lens=np.zeros(B, np.int32), cu_q_lens=np.zeros(B + 1, np.int32),
+            select=np.zeros(B, np.int32), temperature=np.zeros(B, np.float32),
+            top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
+            seeds=np.zeros(B, np.uint32), sample_pos=np.zeros(B, np.int32))
+
+    def build(self, scheduled: Sequence[Scheduled], tables: dict) -> tuple[StepInputs, bool, int]:
+        """Pack the scheduled tokens into bucket-shaped numpy arrays."""
+        decode_only = all(s.num_new == 1 for s in scheduled)
+        total = sum(s.num_new for s in scheduled)
+        size = _pow2(len(scheduled)) if decode_only else _pow2(total, 16)
+        x = self._empty(decode_only, size)
+        Z = self.page_size
+        t = 0
+        for b, s in enumerate(scheduled):
+            req = s.request
+            ids = req.all_ids[s.start:s.start + s.num_new]
+            pos = np.arange(s.start, s.start + s.num_new, dtype=np.int32)
+            table = np.asarray(tables[req.request_id], np.int32)
+            x.tokens[t:t + s.num_new] = ids
+            x.positions[t:t + s.num_new] = pos
+            x.slot_mapping[t:t + s.num_new] = table[pos // Z] * Z + pos % Z
+            x.token_seq[t:t + s.num_new] = b
+            x.block_tables[b, :len(table)] = table
+            x.context_lens[b] = s.start + s.num_new
+            x.cu_q_lens[b + 1] = t + s.num_new
+            x.select[b] = t + s.num_new - 1
+            p = req.params
+            x.temperature[b], x.top_k[b], x.top_p[b] = p.temperature, p.top_k, p.top_p
+            x.seeds[b] = req.seed
+            x.sample_pos[b] = s.start + s.num_new
+            t += s.num_new
+        x.cu_q_lens[len(scheduled) + 1:] = t
+        return x, decode_only, size
+
+    def run(self, inputs: StepInputs, decode_only: bool, size: int) -> np.ndarray:
+        self.signatures.add((decode_only, size))
+        tokens, self.pool = _step(self.cfg, self.params, self.pool,
+                                  jax.tree_util.tree_map(jnp.asarray, inputs), impl=self.impl,
+                                  max_q_len=1 if decode_only else size, decode_only=decode_only)
+        return np.asarray(tokens)
+
+    def warmup(self) -> None:
+        """Compile every bucket with all-padding steps (they write nothing)."""
+        for decode_only, size in self.buckets():
+            self.run(self._empty(decode_only, size), decode_only, size)

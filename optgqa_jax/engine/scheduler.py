@@ -1,0 +1,160 @@
+"""Continuous-batching scheduler (host side).
+
+Each step it picks which requests run and how many of their tokens are
+computed, under ``max_num_seqs`` and ``max_num_batched_tokens``:
+
+1. running requests first, in admission order — one token for a decoding
+   request, the next chunk for a request whose prompt is still being prefilled;
+2. then waiting requests, oldest first, each reusing its longest cached prefix.
+
+When the pool cannot hold a running request's next tokens, the most recently
+admitted request is preempted: its blocks are freed and it goes back to the
+front of the queue to be recomputed later (prompt plus the tokens it already
+generated). Sampling keys depend only on (seed, position), so preemption never
+changes an output. No request is admitted in a step that preempted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import time
+from typing import Optional
+
+from optgqa_jax.engine.block_manager import KVCacheManager
+from optgqa_jax.engine.config import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and its progress."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    eos_id: Optional[int]
+    arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the pool
+    status: Status = Status.WAITING
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    finish_reason: Optional[str] = None
+    num_cached_tokens: Optional[int] = None  # prefix-cache hit at first admission
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclasses.dataclass
+class Scheduled:
+    """`num_new` tokens of `request`, from position `start`, are computed this step."""
+
+    request: Request
+    start: int
+    num_new: int
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.num_computed = 0
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_num_batched_tokens
+        out: list[Scheduled] = []
+        preempted = False
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = min(req.num_tokens - req.num_computed, budget)
+            while not self.kv.grow(req.request_id, req.num_computed + num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                break
+            out.append(Scheduled(req, req.num_computed, num_new))
+            budget -= num_new
+            idx += 1
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            ids = req.all_ids
+            cached = len(self.kv.cached_prefix(ids)) * self.kv.block_size
+            num_new = min(len(ids) - cached, budget)
+            got = self.kv.admit(req.request_id, ids, cached + num_new)
+            if got is None:
+                break  # not enough free blocks: wait for running requests to finish
+            self.waiting.popleft()
+            req.num_computed = got
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = got
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.append(Scheduled(req, got, num_new))
+            budget -= num_new
+        return out
+
+    def update(self, scheduled: list[Scheduled], sampled: list[int]) -> list[Request]:
+        """Apply a step's results; returns the requests that finished."""
+        now = time.perf_counter()
+        finished = []
+        for item, token in zip(scheduled, sampled):
+            req = item.request
+            req.num_computed = item.start + item.num_new
+            self.kv.register_full_blocks(req.request_id, req.all_ids, req.num_computed)
+            if req.num_computed < req.num_tokens:
+                continue  # a prefill chunk: more prompt to go, the sample is not used
+            req.output_ids.append(int(token))
+            if req.first_token_time is None:
+                req.first_token_time = now
+            p = req.params
+            reason = None
+            if int(token) in p.stop_token_ids or (
+                    not p.ignore_eos and req.eos_id is not None and int(token) == req.eos_id):
+                reason = "stop"
+            elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                req.finish_reason, req.finish_time, req.status = reason, now, Status.FINISHED
+                self.running.remove(req)
+                self.kv.free(req.request_id)
+                finished.append(req)
+        return finished

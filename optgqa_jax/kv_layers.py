@@ -1,0 +1,92 @@
+"""Per-layer key/value storage strategies that the model's attention layers write and read.
+
+A layer's attention computes q, k, v for the tokens of this call and hands
+them to its ``layer_kv`` object, which stores k, v and returns the attention
+output plus its updated self. Two strategies:
+
+* :class:`ContiguousLayerKV` — the simple [K, B, S, H] cache of
+  ``forward_with_cache`` / ``generate_simple`` (slot s of row b = position s).
+* :class:`PagedLayerKV` — one layer of the engine's paged pool,
+  [K, P, Z, H], with a :class:`PagedBatch` describing the packed tokens of a
+  serving step (vLLM-style slot mapping and block tables).
+
+Both are NamedTuples of arrays (pytrees), updated functionally; with the pool
+donated to the jitted step, XLA updates the pages in place.
+
+Axis legend: B sequences (rows), T tokens, S cache slots, N query heads,
+K KV heads, H head dim, P pages, Z page size, M max pages per sequence.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from optgqa_jax.attention import cached_attention, paged_batch_attention
+
+
+class ContiguousLayerKV(NamedTuple):
+    """Contiguous cache of one layer: k, v [K, B, S, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def attend(self, q, k, v, positions, *, kv_head_map: Sequence[int],
+               alibi_slopes: Optional[jax.Array], impl: str):
+        """q [B, T, N, H], k/v [B, T, K, H] at `positions` [B, T] -> ([B, T, N, H], updated)."""
+        B, T = positions.shape
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        new_k = self.k.at[:, rows, positions].set(jnp.moveaxis(k, 2, 0))  # [K, B, S, H]
+        new_v = self.v.at[:, rows, positions].set(jnp.moveaxis(v, 2, 0))
+        out = cached_attention(q, new_k, new_v, positions, kv_head_map=kv_head_map,
+                               alibi_slopes=alibi_slopes, impl=impl)
+        return out, ContiguousLayerKV(new_k, new_v)
+
+
+class PagedBatch(NamedTuple):
+    """The packed tokens of one serving step and where their sequences live in the pool.
+
+    Attributes:
+      slot_mapping: int32 [T] pool slot (page * Z + offset) that receives each
+        token's K/V; padding tokens point past the pool (their writes are dropped).
+      token_seq: int32 [T] sequence index of each token (padding: any valid index).
+      block_tables: int32 [B, M] pool pages of each sequence.
+      context_lens: int32 [B] tokens cached per sequence after this step.
+      cu_q_lens: int32 [B + 1] cumulative count of this step's tokens per sequence.
+      max_q_len: static bound on any sequence's tokens in this step.
+      decode_only: static; every sequence has exactly one token and token i
+        belongs to sequence i (the decode kernel then applies).
+    """
+
+    slot_mapping: jax.Array
+    token_seq: jax.Array
+    block_tables: jax.Array
+    context_lens: jax.Array
+    cu_q_lens: jax.Array
+    max_q_len: int
+    decode_only: bool
+
+
+class PagedLayerKV(NamedTuple):
+    """One layer of the paged pool: k_pages, v_pages [K, P, Z, H], plus the step's batch."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    batch: PagedBatch
+
+    def attend(self, q, k, v, positions, *, kv_head_map: Sequence[int],
+               alibi_slopes: Optional[jax.Array], impl: str):
+        """q [1, T, N, H], k/v [1, T, K, H] (packed tokens) -> ([1, T, N, H], updated)."""
+        K, P, Z, H = self.k_pages.shape
+        slots = self.batch.slot_mapping
+        flat_k = self.k_pages.reshape(K, P * Z, H).at[:, slots].set(
+            jnp.moveaxis(k[0], 1, 0), mode="drop")  # [K, P*Z, H]
+        flat_v = self.v_pages.reshape(K, P * Z, H).at[:, slots].set(
+            jnp.moveaxis(v[0], 1, 0), mode="drop")
+        k_pages, v_pages = flat_k.reshape(K, P, Z, H), flat_v.reshape(K, P, Z, H)
+        out = paged_batch_attention(q[0], k_pages, v_pages, self.batch, positions[0],
+                                    kv_head_map=kv_head_map, alibi_slopes=alibi_slopes,
+                                    impl=impl)  # [T, N, H]
+        return out[None], PagedLayerKV(k_pages, v_pages, self.batch)
