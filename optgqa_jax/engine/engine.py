@@ -214,7 +214,7 @@ class Engine:
         All prompts are validated before any is queued. Returns completions in
         prompt order. `progress` shows a tqdm bar (default: for more than 8 prompts).
         """
-        if isinstance(prompts, str) or (len(prompts) and np.isscalar(prompts[0])):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)

@@ -1,0 +1,178 @@
+"""The engine against og.generate_simple, token for token, under every scheduling regime."""
+
+import jax
+import numpy as np
+import pytest
+
+import optgqa_jax as og
+
+GREEDY = og.SamplingParams(temperature=0.0, max_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = og.ModelConfig.preset("tiny")
+    params = og.init_params(cfg, jax.random.PRNGKey(3))
+    rng = np.random.default_rng(1234)
+    prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, size=n)]
+               for n in rng.integers(1, 45, size=16)]
+    reference = [og.generate_simple(cfg, params, p, GREEDY.max_tokens) for p in prompts]
+    return cfg, params, prompts, reference
+
+
+def _engine(tiny, **kw):
+    cfg, params, _, _ = tiny
+    base = dict(page_size=8, num_pages=256, max_num_seqs=8, max_num_batched_tokens=64,
+                attention_impl="reference")
+    return og.Engine(cfg, params, og.EngineConfig(**(base | kw)))
+
+
+def test_roomy_pool(tiny):
+    eng = _engine(tiny)
+    outs = eng.generate(tiny[2], GREEDY)
+    assert [o.token_ids for o in outs] == tiny[3]
+    assert all(o.finish_reason == "length" and o.latency >= o.ttft > 0 for o in outs)
+    assert eng.stats.preemptions == 0 and eng.stats.pages_used == 0
+
+
+def test_small_pool_preempts_without_changing_outputs(tiny):
+    eng = _engine(tiny, num_pages=12)
+    outs = eng.generate(tiny[2], GREEDY)
+    assert [o.token_ids for o in outs] == tiny[3]
+    assert eng.stats.preemptions > 0
+    assert sum(o.num_preemptions for o in outs) == eng.stats.preemptions
+
+
+def test_prefix_caching_hits_on_shared_prefixes(tiny):
+    cfg, params, _, _ = tiny
+    rng = np.random.default_rng(5)
+    shared = [int(t) for t in rng.integers(0, cfg.vocab_size, size=24)]
+    prompts = [shared + [int(t) for t in rng.integers(0, cfg.vocab_size, size=n)]
+               for n in (1, 3, 8, 13)]
+    ref = [og.generate_simple(cfg, params, p, 10) for p in prompts]
+    eng = _engine(tiny)
+    first = eng.generate(prompts[:1], GREEDY)  # fills the cache with the shared blocks
+    rest = eng.generate(prompts[1:], GREEDY)
+    assert [o.token_ids for o in first + rest] == ref
+    assert eng.stats.prefix_hits >= 3 * 24 and all(o.num_cached_tokens == 24 for o in rest)
+
+
+def test_chunked_prefill_with_small_token_budget(tiny):
+    eng = _engine(tiny, max_num_batched_tokens=16)
+    outs = eng.generate(tiny[2], GREEDY)
+    assert [o.token_ids for o in outs] == tiny[3]
+
+
+def test_pallas_path_matches(tiny):
+    """The engine on the Pallas kernels (interpret mode on CPU) gives the same tokens."""
+    eng = _engine(tiny, attention_impl="pallas", max_num_batched_tokens=32)
+    outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
+    assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
+
+
+def test_no_recompilation_after_warmup(tiny):
+    cfg, params, _, _ = tiny
+    eng = _engine(tiny, max_num_seqs=4, max_num_batched_tokens=32)
+    eng.warmup()
+    compiled = eng.stats.compiles
+    jit_entries = og.engine.runner._step._cache_size()  # jax's own count of compiled steps
+    assert compiled == len(eng.runner.buckets())
+    rng = np.random.default_rng(9)
+    for lengths in ([3, 30, 7], [1, 2, 50, 9, 17, 4]):
+        prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, size=n)] for n in lengths]
+        eng.generate(prompts, og.SamplingParams(temperature=0.7, max_tokens=int(rng.integers(2, 9))))
+        assert eng.stats.compiles == compiled
+        assert og.engine.runner._step._cache_size() == jit_entries
+
+
+def test_seeds(tiny):
+    eng = _engine(tiny)
+    prompt = tiny[2][0]
+    sp = lambda s: og.SamplingParams(temperature=1.0, max_tokens=20, seed=s)  # noqa: E731
+    a, b, c = eng.generate([prompt, prompt, prompt], [sp(1), sp(1), sp(2)])
+    assert a.token_ids == b.token_ids != c.token_ids
+    # the same request alone gives the same tokens as inside a batch
+    assert eng.generate([prompt], sp(1))[0].token_ids == a.token_ids
+
+
+def test_stop_tokens_eos_and_ignore_eos(tiny):
+    cfg, params, prompts, ref = tiny
+    stop = ref[0][3]
+    eng = og.Engine(cfg, params, og.EngineConfig(num_pages=64, page_size=8, max_num_seqs=4,
+                                                 attention_impl="reference"),
+                    tokenizer=og.ByteTokenizer())
+    out = eng.generate([prompts[0]], og.SamplingParams(temperature=0, max_tokens=10,
+                                                       stop_token_ids=(stop,)))[0]
+    assert out.token_ids == ref[0][:ref[0].index(stop) + 1] and out.finish_reason == "stop"
+    assert isinstance(out.text, str)
+    ignore = eng.generate([prompts[0]], og.SamplingParams(temperature=0, max_tokens=10,
+                                                          ignore_eos=True))[0]
+    assert ignore.token_ids == ref[0]
+
+
+def test_step_interface(tiny):
+    eng = _engine(tiny)
+    ids = [eng.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(tiny[2][:3])]
+    done = {}
+    while eng.has_unfinished():
+        for c in eng.step():
+            done[c.request_id] = c.token_ids
+    assert [done[i] for i in ids] == tiny[3][:3]
+    eng.add_request([1], GREEDY, request_id="dup")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1], GREEDY, request_id="dup")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.1), r"top_p must be in \(0, 1\]"),
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(top_k=-2), "top_k must be"),
+])
+def test_invalid_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        og.SamplingParams(**kwargs)
+
+
+def test_invalid_prompts_are_rejected_and_nothing_else_changes(tiny):
+    eng = _engine(tiny, max_model_len=64, num_pages=16)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="contains id 300, outside the vocabulary"):
+        eng.add_request([1, 300], GREEDY)
+    with pytest.raises(ValueError, match="leaves no room to generate within max_model_len=64"):
+        eng.add_request([1] * 64, GREEDY)
+    with pytest.raises(ValueError, match="string but the engine has no tokenizer"):
+        eng.add_request("hello", GREEDY)
+    with pytest.raises(ValueError, match=r"prompts\[1\] contains id"):
+        eng.generate([[1, 2], [999]], GREEDY)  # validated before anything is queued
+    assert not eng.has_unfinished()
+    small = _engine(tiny, num_pages=4)
+    with pytest.raises(ValueError, match="needs 5 KV pages but the pool has 4"):
+        small.add_request([1] * 30, og.SamplingParams(max_tokens=10))
+    fits = [(p, r) for p, r in zip(tiny[2], tiny[3]) if len(p) + 10 <= 32][:2]
+    assert len(fits) == 2
+    assert [o.token_ids for o in small.generate([p for p, _ in fits], GREEDY)] == [r for _, r in fits]
+
+
+def test_engine_config_validation():
+    with pytest.raises(ValueError, match="page_size=12 must be a power of two"):
+        og.EngineConfig(page_size=12)
+    with pytest.raises(ValueError, match="max_num_seqs must be a positive integer"):
+        og.EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="attention_impl must be"):
+        og.EngineConfig(attention_impl="cuda")
+
+
+@pytest.mark.slow
+def test_smollm2_engine_matches_generate_simple(smollm2):
+    cfg, params, tok = smollm2
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    eng = og.Engine(cfg, params, og.EngineConfig(num_pages=64, max_num_seqs=4,
+                                                 max_model_len=256), tokenizer=tok)
+    outs = eng.generate(prompts, og.SamplingParams(temperature=0, max_tokens=12))
+    for p, o in zip(prompts, outs):
+        ref = og.generate_simple(cfg, params, tok.encode(p), 12, eos_id=tok.eos_id)
+        assert o.token_ids == ref and o.text == tok.decode(ref)
+    assert "Paris" in outs[0].text
