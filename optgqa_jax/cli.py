@@ -11,11 +11,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from typing import Optional, Sequence
 
-from optgqa_jax.generate import generate_simple
+from optgqa_jax.engine import Engine, EngineConfig, SamplingParams
 from optgqa_jax.registry import load_model
 
 
@@ -39,16 +41,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = [tok.encode(t) for t in texts]
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     t1 = time.perf_counter()
-    outputs = generate_simple(model.cfg, model.params, prompts, args.max_tokens,
-                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              seed=args.seed, eos_id=None if args.ignore_eos else tok.eos_id,
-                              progress=True)
+    longest = max(len(p) for p in prompts) + args.max_tokens
+    max_model_len = min(model.cfg.max_seq_len, -(-longest // 64) * 64)
+    engine = Engine(model.cfg, model.params,
+                    EngineConfig(max_model_len=max_model_len, max_num_seqs=max(1, len(prompts)),
+                                 seed=args.seed), tokenizer=tok)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    completions = engine.generate(prompts, params, progress=len(prompts) > 1)
     elapsed = time.perf_counter() - t1
-    for prompt, out in zip(args.prompts, outputs):
-        print(f"\n### {prompt}\n{prompt if not args.chat else ''}{tok.decode(out)}")
-    n_out = sum(len(o) for o in outputs)
-    print(f"\n{len(outputs)} prompts, {n_out} tokens generated in {elapsed:.2f}s "
-          f"(includes compilation)", file=sys.stderr)
+    for prompt, c in zip(args.prompts, completions):
+        print(f"\n### {prompt}\n{prompt if not args.chat else ''}{c.text}")
+    n_out = sum(len(c.token_ids) for c in completions)
+    print(f"\n{len(completions)} prompts, {n_out} tokens generated in {elapsed:.2f}s "
+          f"(includes compilation); engine: {engine.stats}", file=sys.stderr)
     return 0
 
 
@@ -69,6 +76,17 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"({_format_bytes(per_token * cfg.max_seq_len)} for one max_seq_len={cfg.max_seq_len} "
           "sequence)")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from optgqa_jax import benchmark
+
+    bc = benchmark.config_from_args(args)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    runs = benchmark.run_suite(bc, compare_mha=args.compare_mha, hf_requests=args.hf_requests,
+                               out_dir=args.out, commit=os.environ.get("OPTGQA_COMMIT", commit))
+    return 0 if all("error" not in r for r in runs) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default="smollm2-135m")
     info.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="offline serving throughput benchmark (GPU)",
+                           description="vLLM-style offline throughput of the engine on a preset with "
+                                       "random weights; --compare-mha adds its MHA twin, "
+                                       "--hf-requests a Hugging Face transformers baseline.")
+    from optgqa_jax import benchmark
+    benchmark.add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -166,6 +166,8 @@ class KVCacheManager:
 
     def register_full_blocks(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Enter the blocks completely filled by computed tokens into the prefix cache."""
+        if not self.pool.enable_prefix_caching:
+            return
         table = self.tables[seq_id]
         full = min(num_computed // self.block_size, len(table))
         start = self.num_registered[seq_id]

@@ -65,6 +65,11 @@ class EngineConfig:
       enable_prefix_caching: reuse cached full blocks across requests.
       attention_impl: "auto", "pallas" or "reference".
       seed: seeds the per-request seeds of requests that give none.
+      seq_buckets: sequence counts that decode steps are padded to (ascending);
+        None: powers of two up to max_num_seqs.
+      token_buckets: token counts that mixed (prefill) steps are padded to;
+        None: powers of two from 16 up to max_num_batched_tokens. Fewer buckets
+        mean fewer compiled programs and more padding.
     """
 
     page_size: int = 16
@@ -77,6 +82,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_impl: str = "auto"
     seed: int = 0
+    seq_buckets: Optional[tuple[int, ...]] = None
+    token_buckets: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         p = self.page_size
@@ -92,6 +99,16 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name, top in (("seq_buckets", self.max_num_seqs),
+                          ("token_buckets", self.max_num_batched_tokens)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            v = tuple(int(x) for x in v)
+            object.__setattr__(self, name, v)
+            if not v or list(v) != sorted(set(v)) or v[0] < 1 or v[-1] < top:
+                raise ValueError(f"{name} must be ascending positive sizes ending at >= {top}, "
+                                 f"got {v}")
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'pallas' or 'reference', got "
                              f"{self.attention_impl!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Optional, Sequence, Union
 
 import jax
@@ -59,6 +60,17 @@ class Completion:
     latency: float
     num_cached_tokens: int
     num_preemptions: int
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One device step (``Engine.record_steps``): what ran and how long it took on the host clock."""
+
+    decode_only: bool
+    num_seqs: int
+    num_tokens: int
+    context_tokens: int  # K/V tokens the step's attention read
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -111,11 +123,16 @@ class Engine:
         self.runner = ModelRunner(cfg, params, num_pages=self.num_pages,
                                   page_size=config.page_size, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, impl=config.attention_impl)
+                                  max_model_len=self.max_model_len, impl=config.attention_impl,
+                                  seq_buckets=config.seq_buckets,
+                                  token_buckets=config.token_buckets)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._steps = 0
         self._requests: dict[str, Request] = {}
+        self.peak_pages_used = 0
+        self.record_steps = False  # set True to log every step in self.step_log
+        self.step_log: list[StepRecord] = []
 
     def _size_pool(self, config: EngineConfig) -> int:
         per_page = page_bytes(self.cfg, config.page_size)
@@ -192,8 +209,14 @@ class Engine:
                 raise RuntimeError("no request could be scheduled; the pool is too small for "
                                    "the waiting requests")
             return []
+        self.peak_pages_used = max(self.peak_pages_used, self.kv.pool.num_used)
         inputs, decode_only, size = self.runner.build(scheduled, self.kv.tables)
-        sampled = self.runner.run(inputs, decode_only, size)
+        t0 = time.perf_counter()
+        sampled = self.runner.run(inputs, decode_only, size)  # blocks until the tokens are back
+        if self.record_steps:
+            self.step_log.append(StepRecord(
+                decode_only, len(scheduled), sum(s.num_new for s in scheduled),
+                int(inputs.context_lens.sum()), time.perf_counter() - t0))
         self._steps += 1
         finished = self.scheduler.update(scheduled, sampled[:len(scheduled)].tolist())
         return [self._completion(r) for r in finished]

@@ -91,7 +91,8 @@ class ModelRunner:
     """Builds padded step inputs and runs the jitted step; counts compiled shape buckets."""
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str):
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
+                 seq_buckets=None, token_buckets=None):
         self.cfg, self.params, self.impl = cfg, params, impl
         self.num_pages, self.page_size = num_pages, page_size
         self.max_num_seqs = max_num_seqs
@@ -99,6 +100,10 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.pool = KVPool.create(cfg, num_pages, page_size)
         self.signatures: set = set()
+        self.seq_buckets = tuple(seq_buckets) if seq_buckets else tuple(sorted(
+            {_pow2(n) for n in range(1, max_num_seqs + 1)}))
+        self.token_buckets = tuple(token_buckets) if token_buckets else tuple(sorted(
+            {_pow2(n, 16) for n in range(1, max_num_batched_tokens + 1)}))
 
     @property
     def compiles(self) -> int:
@@ -107,13 +112,14 @@ class ModelRunner:
 
     def buckets(self) -> list[tuple[bool, int]]:
         """Every (decode_only, size) bucket the runner can produce."""
-        out = [(True, b) for b in sorted({_pow2(n) for n in range(1, self.max_num_seqs + 1)})]
-        out += [(False, t) for t in sorted({_pow2(n, 16)
-                                            for n in range(1, self.max_num_batched_tokens + 1)})]
-        return out
+        return [(True, b) for b in self.seq_buckets] + [(False, t) for t in self.token_buckets]
+
+    @staticmethod
+    def _fit(n: int, buckets: tuple) -> int:
+        return next(b for b in buckets if b >= n)
 
     def _empty(self, decode_only: bool, size: int) -> StepInputs:
-        B = size if decode_only else self.max_num_seqs
+        B = size if decode_only else max(self.max_num_seqs, self.seq_buckets[-1])
         T = size
         drop = self.num_pages * self.page_size  # past the pool: writes are dropped
         return StepInputs(
@@ -129,7 +135,8 @@ class ModelRunner:
         """Pack the scheduled tokens into bucket-shaped numpy arrays."""
         decode_only = all(s.num_new == 1 for s in scheduled)
         total = sum(s.num_new for s in scheduled)
-        size = _pow2(len(scheduled)) if decode_only else _pow2(total, 16)
+        size = (self._fit(len(scheduled), self.seq_buckets) if decode_only
+                else self._fit(total, self.token_buckets))
         x = self._empty(decode_only, size)
         Z = self.page_size
         t = 0

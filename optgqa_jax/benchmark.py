@@ -1,0 +1,384 @@
+"""Offline serving benchmark in the style of vLLM's ``benchmark_throughput``, plus the paper's
+MHA-vs-GQA comparison.
+
+``N`` requests with random token prompts (``input_len`` tokens, or uniform in
+``input_range``) each generate exactly ``output_len`` tokens (EOS ignored). All
+requests arrive at once. Reported: requests/s, total and output tokens/s,
+mean/p50/p99 latency and TTFT, mean TPOT, peak device memory, KV pool size
+and peak use, and the decode steps' model-bandwidth utilisation (MBU: weight
+bytes plus K/V bytes read per step, divided by the step time and by the
+device-to-device copy bandwidth measured in the same process).
+
+Each run (our engine on a model, or Hugging Face transformers ``generate`` as
+the baseline) happens in its own subprocess, so peak memory is per run. Used
+by ``optgqa bench`` and ``experiments/bench_engine.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. Sizes in tokens; ``kv_tokens`` sizes the pool (default: enough for
+    ``max_num_seqs`` requests of full length, so MHA and GQA hold the same number of tokens)."""
+
+    model: str = "llama3-8b"
+    num_requests: int = 1000
+    input_len: int = 256
+    output_len: int = 256
+    input_range: Optional[tuple[int, int]] = None
+    output_range: Optional[tuple[int, int]] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    page_size: int = 16
+    kv_tokens: Optional[int] = None
+    seq_buckets: Optional[tuple[int, ...]] = (64, 256)
+    token_buckets: Optional[tuple[int, ...]] = (1024, 2048)
+    attention_impl: str = "auto"
+    seed: int = 0
+    hf_batch_size: int = 64
+    mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
+
+
+def model_config(bc: BenchConfig, max_seq_len: Optional[int] = None):
+    import optgqa_jax as og
+
+    cfg = og.ModelConfig.preset(bc.model)
+    if bc.mha_twin:
+        cfg = cfg.replace(n_kv_heads=cfg.n_heads)
+    return cfg.replace(max_seq_len=max_seq_len) if max_seq_len else cfg
+
+
+def workload(bc: BenchConfig, vocab_size: int):
+    """Deterministic random prompts and output lengths."""
+    rng = np.random.default_rng(bc.seed)
+    n = bc.num_requests
+    ins = (rng.integers(bc.input_range[0], bc.input_range[1] + 1, size=n) if bc.input_range
+           else np.full(n, bc.input_len))
+    outs = (rng.integers(bc.output_range[0], bc.output_range[1] + 1, size=n) if bc.output_range
+            else np.full(n, bc.output_len))
+    prompts = [rng.integers(0, vocab_size, size=int(k)).astype(np.int32).tolist() for k in ins]
+    return prompts, [int(o) for o in outs]
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x * 2)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            y = f(x)
+        y.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return 2 * nbytes / best
+
+
+def _percentiles(xs) -> dict:
+    xs = np.asarray(xs, np.float64)
+    return dict(mean=float(xs.mean()), p50=float(np.percentile(xs, 50)),
+                p99=float(np.percentile(xs, 99)))
+
+
+def run_engine(bc: BenchConfig) -> dict:
+    """Our engine on a preset with random weights (in this process)."""
+    import jax
+
+    import optgqa_jax as og
+    from optgqa_jax.engine.runner import page_bytes
+
+    longest_request = (max(bc.input_range[1] if bc.input_range else bc.input_len, 1)
+                       + (bc.output_range[1] if bc.output_range else bc.output_len))
+    cfg = model_config(bc, max_seq_len=longest_request + 16)
+    t0 = time.perf_counter()
+    params = og.init_params(cfg, jax.random.PRNGKey(bc.seed))
+    jax.block_until_ready(params)
+    init_s = time.perf_counter() - t0
+    ceiling = copy_bandwidth()
+    prompts, out_lens = workload(bc, cfg.vocab_size)
+    longest = max(len(p) + o for p, o in zip(prompts, out_lens))
+    kv_tokens = bc.kv_tokens or bc.max_num_seqs * longest
+    num_pages = -(-kv_tokens // bc.page_size)
+    engine = og.Engine(cfg, params, og.EngineConfig(
+        page_size=bc.page_size, num_pages=num_pages, max_num_seqs=bc.max_num_seqs,
+        max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
+        attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
+        token_buckets=bc.token_buckets, enable_prefix_caching=False))
+    t0 = time.perf_counter()
+    engine.warmup()
+    warmup_s = time.perf_counter() - t0
+    compiles_before = engine.stats.compiles
+    engine.record_steps = True
+    sps = [og.SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, sps, progress=False)
+    elapsed = time.perf_counter() - t0
+    n_in = sum(len(p) for p in prompts)
+    n_out = sum(len(o.token_ids) for o in outs)
+    param_bytes = cfg.num_params * cfg.jnp_dtype.itemsize
+    decode = [s for s in engine.step_log if s.decode_only]
+    mbu = [(param_bytes + s.context_tokens * cfg.kv_bytes_per_token) / s.seconds / ceiling
+           for s in decode]
+    mem = jax.devices()[0].memory_stats() or {}
+    tpot = [(o.latency - o.ttft) / (len(o.token_ids) - 1) for o in outs if len(o.token_ids) > 1]
+    return dict(
+        impl="optgqa-engine", model=bc.model + (" MHA twin" if bc.mha_twin else ""),
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+        num_requests=len(outs), input_tokens=n_in, output_tokens=n_out, elapsed_s=elapsed,
+        requests_per_s=len(outs) / elapsed, total_tokens_per_s=(n_in + n_out) / elapsed,
+        output_tokens_per_s=n_out / elapsed,
+        latency_s=_percentiles([o.latency for o in outs]), ttft_s=_percentiles([o.ttft for o in outs]),
+        tpot_s=_percentiles(tpot), peak_memory_bytes=int(mem.get("peak_bytes_in_use", 0)),
+        param_bytes=param_bytes, kv_pool_pages=num_pages,
+        kv_pool_bytes=num_pages * page_bytes(cfg, bc.page_size),
+        kv_peak_pages_used=engine.peak_pages_used,
+        kv_peak_bytes_used=engine.peak_pages_used * page_bytes(cfg, bc.page_size),
+        copy_bandwidth_bytes_per_s=ceiling, decode_steps=len(decode),
+        decode_mbu=_percentiles(mbu) if mbu else None,
+        decode_step_ms=_percentiles([s.seconds * 1e3 for s in decode]) if decode else None,
+        steps=engine.stats.steps, preemptions=engine.stats.preemptions,
+        compiles_warmup=compiles_before, compiles_during_run=engine.stats.compiles - compiles_before,
+        init_s=init_s, warmup_s=warmup_s)
+
+
+def run_hf(bc: BenchConfig) -> dict:
+    """Hugging Face transformers ``generate`` on the same architecture (random bf16 weights)."""
+    import torch
+    import transformers
+
+    cfg = model_config(bc)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings)
+    torch.manual_seed(bc.seed)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    prompts, out_lens = workload(bc, cfg.vocab_size)
+    if bc.input_range or bc.output_range:
+        raise ValueError("the Hugging Face baseline runs fixed input/output lengths only")
+    ids = torch.tensor(np.asarray(prompts), device="cuda")
+    gen = dict(max_new_tokens=bc.output_len, min_new_tokens=bc.output_len, do_sample=False,
+               pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids[:2], **(gen | dict(max_new_tokens=4, min_new_tokens=4)))  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        lat = []
+        for start in range(0, len(prompts), bc.hf_batch_size):
+            b0 = time.perf_counter()
+            model.generate(ids[start:start + bc.hf_batch_size], **gen)
+            torch.cuda.synchronize()
+            lat += [time.perf_counter() - t0] * len(prompts[start:start + bc.hf_batch_size])
+            del b0
+        elapsed = time.perf_counter() - t0
+    n_in, n_out = len(prompts) * bc.input_len, len(prompts) * bc.output_len
+    return dict(impl="hf-transformers", model=bc.model + (" MHA twin" if bc.mha_twin else ""),
+                device=torch.cuda.get_device_name(),
+                transformers=transformers.__version__, torch=torch.__version__,
+                n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, num_requests=len(prompts),
+                batch_size=bc.hf_batch_size, input_tokens=n_in, output_tokens=n_out,
+                elapsed_s=elapsed, requests_per_s=len(prompts) / elapsed,
+                total_tokens_per_s=(n_in + n_out) / elapsed, output_tokens_per_s=n_out / elapsed,
+                latency_s=_percentiles(lat),
+                peak_memory_bytes=int(torch.cuda.max_memory_allocated()))
+
+
+def run_in_subprocess(kind: str, bc: BenchConfig, timeout: float = 1800) -> dict:
+    """Run `kind` ("engine" or "hf") in a fresh Python process; returns its result dict."""
+    cmd = [sys.executable, "-m", "optgqa_jax.benchmark", "--worker", kind,
+           "--config", json.dumps(dataclasses.asdict(bc))]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return dict(impl=kind, model=bc.model, error=(proc.stderr or proc.stdout)[-2000:])
+
+
+def _fmt(x, scale=1.0, digits=0):
+    return "—" if x is None else f"{x * scale:,.{digits}f}"
+
+
+def markdown(meta: dict, runs: list[dict]) -> str:
+    lines = ["# Engine benchmark", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += ["| run | heads (q/kv) | req/s | total tok/s | output tok/s | mean latency s | "
+              "p99 latency s | mean TTFT s | mean TPOT ms | peak mem GiB | KV pool GiB | "
+              "decode MBU | compiles in run |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['impl']} {r['model']} | fails: {r['error'][-150:]!r} |" + " |" * 11)
+            continue
+        mbu = r.get("decode_mbu")
+        mbu_text = f"{100 * mbu['mean']:.0f}%" if mbu else "—"
+        lines.append(
+            f"| {r['impl']} {r['model']} ({r['num_requests']} req) | {r['n_heads']}/{r['n_kv_heads']} | "
+            f"{r['requests_per_s']:.2f} | {r['total_tokens_per_s']:,.0f} | "
+            f"{r['output_tokens_per_s']:,.0f} | {r['latency_s']['mean']:.2f} | "
+            f"{r['latency_s']['p99']:.2f} | "
+            f"{_fmt(r.get('ttft_s', {}).get('mean'), 1, 2)} | "
+            f"{_fmt(r.get('tpot_s', {}).get('mean'), 1e3, 1)} | "
+            f"{r['peak_memory_bytes'] / 2**30:.1f} | "
+            f"{_fmt(r.get('kv_pool_bytes'), 2**-30, 1)} | "
+            f"{mbu_text} | "
+            f"{r.get('compiles_during_run', '—')} |")
+    gqa = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r
+                and r["n_kv_heads"] < r["n_heads"]), None)
+    mha = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r
+                and r["n_kv_heads"] == r["n_heads"]), None)
+    if gqa and mha:
+        lines += ["", "## GQA against its MHA twin (the paper's comparison)", "",
+                  "| metric | MHA | GQA | change |", "| --- | --- | --- | --- |"]
+        for name, key, scale in [("latency (mean, s)", ("latency_s", "mean"), 1),
+                                 ("requests/s", ("requests_per_s",), 1),
+                                 ("total tokens/s", ("total_tokens_per_s",), 1),
+                                 ("generation tokens/s", ("output_tokens_per_s",), 1),
+                                 ("peak memory (GiB)", ("peak_memory_bytes",), 2**-30),
+                                 ("KV memory used at peak (GiB)", ("kv_peak_bytes_used",), 2**-30)]:
+            a, b = mha, gqa
+            for k in key:
+                a, b = a[k], b[k]
+            change = f"{100 * (b / a - 1):+.0f}%" if a else "—"
+            lines.append(f"| {name} | {a * scale:,.2f} | {b * scale:,.2f} | {change} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in runs if "error" not in r]
+    labels = [f"{r['impl']}\n{r['n_heads']}/{r['n_kv_heads']} heads" for r in ok]
+    metrics = [("total tokens/s", lambda r: r["total_tokens_per_s"]),
+               ("generation tokens/s", lambda r: r["output_tokens_per_s"]),
+               ("requests/s", lambda r: r["requests_per_s"]),
+               ("peak memory (GiB)", lambda r: r["peak_memory_bytes"] / 2**30)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    for ax, (title, fn) in zip(axes, metrics):
+        values = [fn(r) for r in ok]
+        ax.bar(range(len(ok)), values, color=["#4C72B0", "#DD8452", "#55A868"][:len(ok)])
+        ax.set_xticks(range(len(ok)), labels, fontsize=7)
+        ax.set_title(title, fontsize=10)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:,.0f}" if v >= 100 else f"{v:.1f}", ha="center", va="bottom",
+                    fontsize=7)
+    fig.suptitle(f"{ok[0]['model'] if ok else ''} on {ok[0]['device'] if ok else ''}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_suite(bc: BenchConfig, *, compare_mha: bool, hf_requests: int, out_dir: str,
+              commit: str = "unknown") -> list[dict]:
+    """The engine on `bc.model`, optionally its MHA twin and the HF baseline; writes results."""
+    jobs = [("engine", bc)]
+    if compare_mha:
+        jobs.append(("engine", dataclasses.replace(bc, mha_twin=True)))
+    if hf_requests:
+        jobs.append(("hf", dataclasses.replace(bc, num_requests=hf_requests)))
+    os.makedirs(out_dir, exist_ok=True)
+    runs: list[dict] = []
+    for kind, job in jobs:  # results are written after every run, so a cut-off run keeps the rest
+        print(f"running {kind} on {job.model}{' (MHA twin)' if job.mha_twin else ''} ...",
+              file=sys.stderr, flush=True)
+        runs.append(run_in_subprocess(kind, job))
+        md = _write(bc, runs, out_dir, commit)
+    print(md)
+    return runs
+
+
+def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
+    device = next((r["device"] for r in runs if "device" in r), "unknown")
+    meta = dict(device=device, jax=next((r["jax"] for r in runs if "jax" in r), "unknown"),
+                commit=commit,
+                workload=f"{bc.num_requests} requests, input {bc.input_range or bc.input_len}, "
+                         f"output {bc.output_range or bc.output_len}, EOS ignored",
+                engine=f"max_num_seqs={bc.max_num_seqs}, "
+                       f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
+                       f"page_size={bc.page_size}, attention={bc.attention_impl}",
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    with open(os.path.join(out_dir, "bench_engine.json"), "w") as f:
+        json.dump(dict(meta=meta, config=dataclasses.asdict(bc), runs=runs), f, indent=1)
+    md = markdown(meta, runs)
+    with open(os.path.join(out_dir, "bench_engine.md"), "w") as f:
+        f.write(md)
+    try:
+        bar_chart(runs, os.path.join(out_dir, "bench_engine.png"))
+    except ImportError:
+        print("matplotlib is not installed: no bar chart", file=sys.stderr)
+    return md
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    parser.add_argument("--model", default=d.model, help="preset name (random weights)")
+    parser.add_argument("--num-requests", type=int, default=d.num_requests)
+    parser.add_argument("--input-len", type=int, default=d.input_len)
+    parser.add_argument("--output-len", type=int, default=d.output_len)
+    parser.add_argument("--input-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--output-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    parser.add_argument("--page-size", type=int, default=d.page_size)
+    parser.add_argument("--attention-impl", default=d.attention_impl,
+                        choices=["auto", "pallas", "reference"])
+    parser.add_argument("--compare-mha", action="store_true",
+                        help="also run the model's MHA twin and print the paper's comparison")
+    parser.add_argument("--hf-requests", type=int, default=0,
+                        help="also time Hugging Face transformers generate on this many requests")
+    parser.add_argument("--out", default=os.path.join("experiments", "results"))
+
+
+def config_from_args(args) -> BenchConfig:
+    token_buckets = tuple(b for b in BenchConfig.token_buckets if b < args.max_num_batched_tokens)
+    seq_buckets = tuple(b for b in BenchConfig.seq_buckets if b < args.max_num_seqs)
+    return BenchConfig(
+        model=args.model, num_requests=args.num_requests, input_len=args.input_len,
+        output_len=args.output_len,
+        input_range=tuple(args.input_range) if args.input_range else None,
+        output_range=tuple(args.output_range) if args.output_range else None,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size, attention_impl=args.attention_impl,
+        seq_buckets=seq_buckets + (args.max_num_seqs,),
+        token_buckets=token_buckets + (args.max_num_batched_tokens,))
+
+
+def _worker_main(argv) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", choices=["engine", "hf"], required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    d = json.loads(args.config)
+    for key in ("input_range", "output_range", "seq_buckets", "token_buckets"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    bc = BenchConfig(**d)
+    result = run_engine(bc) if args.worker == "engine" else run_hf(bc)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
