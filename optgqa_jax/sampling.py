@@ -59,5 +59,9 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
         choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
         return order[choice].astype(jnp.int32)
 
-    sampled = jax.vmap(one)(logits, keys, temperature, top_k, top_p)
-    return jnp.where(temperature > 0, sampled, greedy)
+    def stochastic(_):
+        sampled = jax.vmap(one)(logits, keys, temperature, top_k, top_p)
+        return jnp.where(temperature > 0, sampled, greedy)
+
+    # The sort over the vocabulary is the costly part: skip it when every row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)

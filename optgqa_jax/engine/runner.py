@@ -164,7 +164,7 @@ class ModelRunner:
     def run(self, inputs: StepInputs, decode_only: bool, size: int) -> np.ndarray:
         self.signatures.add((decode_only, size))
         tokens, self.pool = _step(self.cfg, self.params, self.pool,
-                                  jax.tree_util.tree_map(jnp.asarray, inputs), impl=self.impl,
+                                  jax.device_put(inputs), impl=self.impl,
                                   max_q_len=1 if decode_only else size, decode_only=decode_only)
         return np.asarray(tokens)
 
