@@ -84,3 +84,34 @@ def dot(a, b):
     """
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
+def validate_tuning(config, block_fields: tuple[str, ...], minimum_block: int = 16) -> None:
+    """Shared checks of the kernels' tuning configs (raise ValueError naming the field)."""
+    for name in block_fields:
+        v = getattr(config, name)
+        if not (is_power_of_two(v) and v >= minimum_block):
+            raise ValueError(f"{name}={v} must be a power of two >= {minimum_block}")
+    if not 1 <= config.num_warps <= 16:  # ROCm: 16 warps of 64 lanes fill a workgroup
+        raise ValueError(f"num_warps={config.num_warps} must be in [1, 16]")
+    if config.num_stages < 1:
+        raise ValueError(f"num_stages={config.num_stages} must be >= 1")
+
+
+def online_softmax_step(acc, m, l, s, v):
+    """One FlashAttention running-softmax update (inside kernels).
+
+    Args:
+      acc: float32 [M, D] unnormalised output so far; m: [M] running max; l: [M] running sum.
+      s: float32 [M, N] scores already in log2 units (scaled by log2 e), masked entries MASK_VALUE.
+      v: [N, D] values of this block.
+
+    Returns:
+      the updated (acc, m, l).
+    """
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + p.sum(axis=-1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+    return acc, m_new, l

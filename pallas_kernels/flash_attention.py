@@ -64,14 +64,7 @@ class FlashAttentionConfig:
         return cls()
 
     def validate(self) -> None:
-        for name in ("block_q", "block_k"):
-            v = getattr(self, name)
-            if not (C.is_power_of_two(v) and v >= 16):
-                raise ValueError(f"{name}={v} must be a power of two >= 16")
-        if not 1 <= self.num_warps <= 16:
-            raise ValueError(f"num_warps={self.num_warps} must be in [1, 16]")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        C.validate_tuning(self, ("block_q", "block_k"))
 
 
 def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k: int, offset: int,

@@ -72,14 +72,9 @@ class PagedAttentionConfig:
         return cls()
 
     def validate(self) -> None:
-        if not C.is_power_of_two(self.keys_per_block):
-            raise ValueError(f"keys_per_block={self.keys_per_block} must be a power of two")
+        C.validate_tuning(self, ("keys_per_block",), minimum_block=1)
         if self.num_splits is not None and not C.is_power_of_two(self.num_splits):
             raise ValueError(f"num_splits={self.num_splits} must be a power of two")
-        if not 1 <= self.num_warps <= 16:
-            raise ValueError(f"num_warps={self.num_warps} must be in [1, 16]")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
 
 def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref, *out_refs,
@@ -108,12 +103,7 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref
         if use_alibi:
             s = s + slopes[:, None] * (pos - (length - 1)).astype(jnp.float32)[None, :]
         s = jnp.where((pos < length)[None, :], s, C.MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[:, None] + C.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return C.online_softmax_step(acc, m, l, s, v)
 
     acc = jnp.zeros((Gp, D), jnp.float32)
     m = jnp.full((Gp,), C.MASK_VALUE, jnp.float32)

@@ -62,14 +62,7 @@ class PagedPrefillConfig:
         return cls()
 
     def validate(self) -> None:
-        for name in ("block_q", "keys_per_block"):
-            v = getattr(self, name)
-            if not (C.is_power_of_two(v) and v >= 16):
-                raise ValueError(f"{name}={v} must be a power of two >= 16")
-        if not 1 <= self.num_warps <= 16:
-            raise ValueError(f"num_warps={self.num_warps} must be in [1, 16]")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        C.validate_tuning(self, ("block_q", "keys_per_block"))
 
 
 def _paged_prefill_kernel(q_ref, k_ref, v_ref, tables_ref, cu_ref, ctx_ref, slope_ref, o_ref, *,
@@ -106,12 +99,7 @@ def _paged_prefill_kernel(q_ref, k_ref, v_ref, tables_ref, cu_ref, ctx_ref, slop
             if use_alibi:
                 s = s + slope * (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
             s = jnp.where(k_pos[None, :] <= q_pos[:, None], s, C.MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - m_new[:, None])
-            l = l * alpha + p.sum(axis=-1)
-            acc = acc * alpha[:, None] + C.dot(p.astype(v.dtype), v)
-            return acc, m_new, l
+            return C.online_softmax_step(acc, m, l, s, v)
 
         carry = (jnp.zeros((block_q, D), jnp.float32),
                  jnp.full((block_q,), C.MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
