@@ -70,6 +70,8 @@ class Scheduled:
 
 
 class Scheduler:
+    """Decides each step's work (see the module docstring); owns the waiting and running queues."""
+
     def __init__(self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int):
         self.kv = kv
@@ -81,6 +83,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        """Queue a validated request (first come, first served)."""
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -95,6 +98,8 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def schedule(self) -> list[Scheduled]:
+        """Pick this step's (request, tokens) pairs, growing or admitting their block tables;
+        may preempt. Running requests come first, in admission order."""
         budget = self.max_num_batched_tokens
         out: list[Scheduled] = []
         preempted = False
