@@ -19,35 +19,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.engine.config import SamplingParams
 from optgqa_jax.model import KVCache, forward_with_cache
 from optgqa_jax.sampling import row_keys, sample
+from optgqa_jax.validation import check_prompt_ids
 
 TokenIds = Sequence[int]
 
 
 def validate_sampling(*, max_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
-    """Raise ValueError naming the first bad sampling argument."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    """Raise ValueError naming the first bad sampling argument (the engine's SamplingParams rules)."""
+    SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens)
 
 
 def validate_prompt(cfg: ModelConfig, prompt: TokenIds, max_tokens: int, name: str = "prompt") -> None:
     """Raise ValueError if a prompt is empty, has out-of-vocabulary ids or is too long."""
-    if len(prompt) == 0:
-        raise ValueError(f"{name} is empty; at least one token id is needed")
-    ids = np.asarray(prompt)
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        bad = int(ids.min() if ids.min() < 0 else ids.max())
-        raise ValueError(f"{name} contains id {bad}, outside the vocabulary "
-                         f"[0, vocab_size={cfg.vocab_size})")
+    check_prompt_ids(prompt, cfg.vocab_size, name)
     if len(prompt) + max_tokens > cfg.max_seq_len:
         raise ValueError(f"{name} of {len(prompt)} tokens plus max_tokens={max_tokens} exceeds "
                          f"max_seq_len={cfg.max_seq_len}")

@@ -31,6 +31,7 @@ from optgqa_jax.engine.config import EngineConfig, SamplingParams
 from optgqa_jax.engine.runner import ModelRunner, page_bytes
 from optgqa_jax.engine.scheduler import Request, Scheduler
 from optgqa_jax.model import check_params_match
+from optgqa_jax.validation import check_prompt_ids
 
 Prompt = Union[str, Sequence[int]]
 
@@ -157,12 +158,7 @@ class Engine:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError(f"{name} is empty; at least one token is needed")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"{name} contains id {bad[0]}, outside the vocabulary "
-                             f"[0, vocab_size={self.cfg.vocab_size})")
+        check_prompt_ids(ids, self.cfg.vocab_size, name)
         return ids
 
     def _prepare(self, prompt: Prompt, params: Optional[SamplingParams], name: str):
