@@ -57,10 +57,14 @@ def test_greedy_generation_matches_transformers(tmp_path, rng):
     model = _save_random_llama(tmp_path, rng, heads=8, kv_heads=2, tie=False)
     cfg, params = og.load_hf_llama(str(tmp_path))
     prompt = [int(t) for t in rng.integers(0, cfg.vocab_size, size=6)]
+    # Greedy decoding by transformers' own full forward pass over the growing sequence. (Its
+    # cached `generate` path disagreed with its own forward pass for some random checkpoints,
+    # e.g. by a margin of 0.33 logits at step 2, so it is not used as the oracle.)
+    seq = list(prompt)
     with torch.no_grad():
-        ref = model.generate(torch.as_tensor([prompt]), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
-    assert og.generate_simple(cfg, params, prompt, 10) == ref
+        for _ in range(10):
+            seq.append(int(model(torch.as_tensor([seq])).logits[0, -1].argmax()))
+    assert og.generate_simple(cfg, params, prompt, 10) == seq[len(prompt):]
 
 
 def test_missing_or_unreadable_files(tmp_path):
