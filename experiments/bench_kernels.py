@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from optgqa_jax.benchmark import copy_bandwidth  # noqa: E402  (the ceiling, best of 5)
+from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402  (the ceiling: best method, best of 5)
 from pallas_kernels import (FlashAttentionConfig, PagedAttentionConfig, alibi_slopes,  # noqa: E402
                             flash_attention, paged_attention, paged_attention_reference)
 
@@ -83,6 +83,20 @@ class DecodeShape:
     kv_heads: int
     head_dim: int = 128
     page: int = 16
+
+
+DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf)
+                for pf in ("none", "tables", "tiles") for kpb in (32, 64, 128) for w in (4, 8)
+                for st in (1, 2, 3)] + [
+    PagedAttentionConfig(keys_per_block=64, prefetch=pf, target_programs=t)
+    for pf in ("none", "tiles") for t in (1024, 2048)]
+
+FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+               for bq, bk, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4),
+                                     (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
+                                     (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4),
+                                     (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3),
+                                     (256, 128, 8, 2), (256, 32, 8, 4))]
 
 
 def decode_inputs(s: DecodeShape, dtype, key):
@@ -131,14 +145,12 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
             ours = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention(q, k, v, t, l, alibi_slopes=sl))
             record("optgqa", dtype, alibi, ours, args, ref)
             if sweep and not alibi and dtype == jnp.bfloat16:
-                for kpb, warps, stages, target in ((64, 4, 2, 512), (128, 8, 3, 512),
-                                                   (64, 4, 3, 1024)):
-                    cfg = PagedAttentionConfig(keys_per_block=kpb, num_warps=warps,
-                                               num_stages=stages, target_programs=target)
+                for cfg in DECODE_SWEEP:
                     fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
                         q, k, v, t, l, config=cfg))
                     record("optgqa-sweep", dtype, alibi, fn, args, ref,
-                           note=f"kpb={kpb} w={warps} st={stages} programs>={target}")
+                           note=f"kpb={cfg.keys_per_block} w={cfg.num_warps} st={cfg.num_stages} "
+                                f"prefetch={cfg.prefetch} programs>={cfg.target_programs}")
             if not alibi:  # JAX's kernel has neither ALiBi nor a softmax scale: pre-scale q
                 record("jax-pallas", dtype, alibi, jax_paged_fn, args, ref,
                        note="q pre-scaled by 1/sqrt(D)")
@@ -189,16 +201,11 @@ def bench_flash(B, T, N, K, D, sweep: bool):
         ours = jax.jit(lambda q, k, v, sl=sl: flash_attention(q, k, v, causal=True, alibi_slopes=sl))
         record("optgqa", alibi, ours, (q, k, v), ref)
         if sweep and not alibi:
-            for bq, bk, w, st, heavy, heads in [(128, 128, 8, 3, True, True),
-                                                (128, 128, 8, 3, True, False),
-                                                (128, 64, 8, 3, False, False),
-                                                (128, 128, 8, 2, False, False)]:
-                cfg = FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st,
-                                           heavy_first=heavy, heads_fastest=heads)
+            for cfg in FLASH_SWEEP:
                 fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
                 record("optgqa-sweep", alibi, fn, (q, k, v), ref,
-                       note=f"bq={bq} bk={bk} w={w} st={st} heavy_first={heavy} "
-                            f"heads_fastest={heads}")
+                       note=f"bq={cfg.block_q} bk={cfg.block_k} w={cfg.num_warps} "
+                            f"st={cfg.num_stages}")
         record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
             q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
         record("xla", alibi, xla, (q, k, v))
@@ -212,10 +219,18 @@ def bench_flash(B, T, N, K, D, sweep: bool):
 
 
 # --------------------------------------------------------------------------- report
+def _err(row) -> str:
+    """Relative error against the reference; the reference rows themselves say so."""
+    return f"{row['rel_err']:.1e}" if "rel_err" in row else "(reference)"
+
+
 def markdown(meta, rows) -> str:
     lines = ["# Kernel benchmark", "",
              f"- device: {meta['device']}", f"- jax: {meta['jax']}", f"- commit: {meta['commit']}",
-             f"- copy bandwidth (ceiling, read + write): {meta['copy_gbps']:.0f} GB/s", ""]
+             f"- copy bandwidth (ceiling, read + write; best of the methods): "
+             f"{meta['copy_gbps']:.0f} GB/s",
+             "- methods: " + ", ".join(f"{k} {v:.0f} GB/s"
+                                       for k, v in meta.get("copy_methods_gbps", {}).items()), ""]
     lines += ["## Paged decode (GB/s of K/V read)", "",
               "| shape | impl | dtype | ALiBi | ms | GB/s | % of copy | rel. err | note |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -227,7 +242,7 @@ def markdown(meta, rows) -> str:
                          f"{r['error'][:90]} |")
         else:
             lines.append(f"| {r['shape']} | {r['impl']} | {r['dtype']} | {r['alibi']} | {r['ms']:.3f} | "
-                         f"{r['gbps']:.0f} | {r['pct_ceiling']:.0f}% | {r.get('rel_err', float('nan')):.1e} "
+                         f"{r['gbps']:.0f} | {r['pct_ceiling']:.0f}% | {_err(r)} "
                          f"| {r['note']} |")
     lines += ["", "## Flash attention, causal prefill (TFLOP/s)", "",
               "| shape | impl | ALiBi | ms | TFLOP/s | rel. err | note |",
@@ -239,7 +254,7 @@ def markdown(meta, rows) -> str:
             lines.append(f"| {r['shape']} | {r['impl']} | {r['alibi']} | fails | | | {r['error'][:90]} |")
         else:
             lines.append(f"| {r['shape']} | {r['impl']} | {r['alibi']} | {r['ms']:.3f} | "
-                         f"{r['tflops']:.0f} | {r.get('rel_err', float('nan')):.1e} | {r['note']} |")
+                         f"{r['tflops']:.0f} | {_err(r)} | {r['note']} |")
     sweep = [r for r in rows if r["impl"] == "optgqa-sweep" and "error" not in r]
     if sweep:
         lines += ["", "## Tuning sweep (ours)", "", "| kernel | shape | config | ms | metric |",
@@ -261,8 +276,10 @@ def main():
         sys.exit(f"this benchmark needs a GPU; jax sees {dev.platform}")
     meta = dict(device=dev.device_kind, jax=jax.__version__, commit=commit(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    meta["copy_gbps"] = copy_bandwidth() / 1e9
-    print(f"copy bandwidth {meta['copy_gbps']:.0f} GB/s", flush=True)
+    methods = copy_bandwidths()
+    meta["copy_methods_gbps"] = {k: v / 1e9 for k, v in methods.items()}
+    meta["copy_gbps"] = max(methods.values()) / 1e9
+    print(f"copy bandwidth {meta['copy_gbps']:.0f} GB/s {meta['copy_methods_gbps']}", flush=True)
     shapes = [DecodeShape("B=64 ctx=4096 GQA 32/8", 64, 4096, 32, 8)]
     if not args.quick:
         shapes += [DecodeShape("B=8 ctx=16384 GQA 32/8", 8, 16384, 32, 8),

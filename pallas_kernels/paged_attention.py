@@ -56,6 +56,12 @@ class PagedAttentionConfig:
       target_programs: programs to aim for when choosing ``num_splits``.
       num_warps: Triton warps per program (ROCm: at most 16, 64-wide wavefronts).
       num_stages: Triton software-pipelining stages.
+      prefetch: how far the kernel itself reads ahead of the block it computes
+        on, independently of Triton's pipeliner: ``"none"``; ``"tables"``
+        (block i+1's page ids are read while block i is used, so the K/V
+        gather never waits on the block-table read); ``"tiles"`` (block i+1's
+        page ids *and* K/V tiles are loaded into registers while block i is
+        computed: explicit double buffering).
     """
 
     keys_per_block: int = 64
@@ -63,6 +69,7 @@ class PagedAttentionConfig:
     target_programs: int = 512
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: str = "none"
 
     @classmethod
     def for_backend(cls, backend: str) -> "PagedAttentionConfig":
@@ -75,11 +82,17 @@ class PagedAttentionConfig:
         C.validate_tuning(self, ("keys_per_block",), minimum_block=1)
         if self.num_splits is not None and not C.is_power_of_two(self.num_splits):
             raise ValueError(f"num_splits={self.num_splits} must be a power of two")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch={self.prefetch!r} must be one of {PREFETCH_MODES}")
+
+
+PREFETCH_MODES = ("none", "tables", "tiles")
 
 
 def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref, *out_refs,
                          page_size: int, pages_per_block: int, pages_per_split: int,
-                         sm_scale: float, use_alibi: bool, split: bool):
+                         num_pool_pages: int, sm_scale: float, use_alibi: bool, split: bool,
+                         prefetch: str):
     # q_ref [Gp, D]; k_ref, v_ref [P, Z, D]; tables_ref [pages_per_split]; length_ref [1];
     # slopes_ref [Gp] (already multiplied by log2 e).
     split_id = pl.program_id(2)
@@ -90,14 +103,19 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref
     first_page = split_id * pages_per_split
     pages_here = jnp.clip(C.cdiv(length, page_size) - first_page, 0, pages_per_split)
     num_blocks = C.cdiv(pages_here, pages_per_block)
+    last_block = jnp.maximum(num_blocks - 1, 0)
     slopes = slopes_ref[...] if use_alibi else None
     scale = sm_scale * C.LOG2E
 
-    def body(i, carry):
-        acc, m, l = carry
-        pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(block_k, D)  # one gather of whole pages, shared by the group
-        v = v_ref[pages].reshape(block_k, D)
+    def page_ids(i):
+        # entries past the sequence's length may hold anything: clamp them into the pool
+        pages = tables_ref[pl.ds(jnp.minimum(i, last_block) * pages_per_block, pages_per_block)]
+        return jnp.clip(pages, 0, num_pool_pages - 1)
+
+    def tiles(pages):  # one gather of whole pages, shared by the query-head group
+        return k_ref[pages].reshape(block_k, D), v_ref[pages].reshape(block_k, D)
+
+    def update(i, acc, m, l, k, v):
         s = C.dot(q, k.T) * scale  # [Gp, block_k]
         pos = (first_page + i * pages_per_block) * page_size + jnp.arange(block_k)
         if use_alibi:
@@ -105,10 +123,31 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref
         s = jnp.where((pos < length)[None, :], s, C.MASK_VALUE)
         return C.online_softmax_step(acc, m, l, s, v)
 
+    def body_plain(i, carry):
+        acc, m, l = carry
+        return update(i, acc, m, l, *tiles(page_ids(i)))
+
+    def body_tables(i, carry):
+        acc, m, l, pages = carry
+        k, v = tiles(pages)
+        pages_next = page_ids(i + 1)  # issued before this block's math
+        return (*update(i, acc, m, l, k, v), pages_next)
+
+    def body_tiles(i, carry):
+        acc, m, l, k, v = carry
+        k_next, v_next = tiles(page_ids(i + 1))  # in flight while block i is computed
+        return (*update(i, acc, m, l, k, v), k_next, v_next)
+
     acc = jnp.zeros((Gp, D), jnp.float32)
     m = jnp.full((Gp,), C.MASK_VALUE, jnp.float32)
     l = jnp.zeros((Gp,), jnp.float32)
-    acc, m, l = jax.lax.fori_loop(0, num_blocks, body, (acc, m, l))
+    if prefetch == "tiles":
+        acc, m, l, _, _ = jax.lax.fori_loop(0, num_blocks, body_tiles,
+                                            (acc, m, l, *tiles(page_ids(0))))
+    elif prefetch == "tables":
+        acc, m, l, _ = jax.lax.fori_loop(0, num_blocks, body_tables, (acc, m, l, page_ids(0)))
+    else:
+        acc, m, l = jax.lax.fori_loop(0, num_blocks, body_plain, (acc, m, l))
     out = acc / jnp.where(l == 0, 1.0, l)[:, None]  # empty ranges (length 0) give zeros
     if split:
         o_ref, m_ref, l_ref = out_refs
@@ -179,7 +218,8 @@ def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_s
 
     kernel = functools.partial(
         _paged_decode_kernel, page_size=Z, pages_per_block=pages_per_block,
-        pages_per_split=pages_per_split, sm_scale=sm_scale, use_alibi=use_alibi, split=is_split)
+        pages_per_split=pages_per_split, num_pool_pages=P, sm_scale=sm_scale,
+        use_alibi=use_alibi, split=is_split, prefetch=config.prefetch)
     in_specs = [
         pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),      # q
         pl.BlockSpec((None, P, Z, D), lambda b, h, s: (h, 0, 0, 0)),          # k_pages
@@ -229,7 +269,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       k_pages: [K, P, Z, D] key pages of the pool (same dtype as q).
       v_pages: [K, P, Z, D] value pages.
       block_tables: int32 [B, M]; ``block_tables[b, i]`` is the pool page that
-        holds positions ``i*Z .. i*Z+Z-1`` of sequence b.
+        holds positions ``i*Z .. i*Z+Z-1`` of sequence b. Entries past a
+        sequence's last page are never used (any value is safe: they are
+        clamped into the pool and masked).
       lengths: int32 [B] tokens in each sequence's cache, including the current
         one (its query sits at position ``length - 1``). 0 gives a zero output row.
       alibi_slopes: optional float [N] ALiBi slopes (see ``alibi_slopes``).

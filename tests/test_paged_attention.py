@@ -21,7 +21,8 @@ CASES = [
 ]
 
 
-def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None):
+def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None, prefetch="none",
+           garbage_tail=False, keys_per_block=64):
     max_pages = 5
     num_pages = B * max_pages + 3
     q, q64 = rand(rng, (B, N, D), dtype)
@@ -35,9 +36,15 @@ def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None):
             lengths[1] = 2 * Z
     lengths = np.asarray(lengths, np.int32)
     slopes = np.asarray(alibi_slopes(N), np.float64) if alibi else None
-    out = paged_attention(q, k, v, jnp.asarray(tables), jnp.asarray(lengths),
+    kernel_tables = tables.copy()
+    if garbage_tail:  # entries past each sequence's last page must never be read
+        for b, L in enumerate(lengths):
+            kernel_tables[b, -(-int(L) // Z):] = rng.choice([-7, num_pages, 10**6])
+    config = PagedAttentionConfig(num_splits=splits, prefetch=prefetch,
+                                  keys_per_block=keys_per_block)
+    out = paged_attention(q, k, v, jnp.asarray(kernel_tables), jnp.asarray(lengths),
                           alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32),
-                          interpret=INTERPRET, config=PagedAttentionConfig(num_splits=splits))
+                          interpret=INTERPRET, config=config)
     assert out.shape == (B, N, D) and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b in range(B):
@@ -54,6 +61,13 @@ def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None):
 @pytest.mark.parametrize("dtype,B,N,K,D,Z,alibi,splits", CASES)
 def test_matches_float64_reference(rng, dtype, B, N, K, D, Z, alibi, splits):
     _check(rng, dtype, B, N, K, D, Z, alibi, splits)
+
+
+@pytest.mark.parametrize("prefetch", ["none", "tables", "tiles"])
+def test_prefetch_modes_ignore_table_tail(rng, prefetch):
+    # several blocks per split (16-key blocks over 8-key pages), so the read-ahead crosses blocks
+    _check(rng, jnp.float32, 3, 6, 2, 64, 8, True, 2, prefetch=prefetch, garbage_tail=True,
+           keys_per_block=16)
 
 
 def test_random_shapes(rng):
@@ -115,3 +129,5 @@ def test_bad_slopes_and_config(inputs):
         paged_attention(*inputs, config=PagedAttentionConfig(keys_per_block=48), interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"num_warps=32 must be in \[1, 16\]"):
         paged_attention(*inputs, config=PagedAttentionConfig(num_warps=32), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="prefetch='all' must be one of"):
+        paged_attention(*inputs, config=PagedAttentionConfig(prefetch="all"), interpret=INTERPRET)
