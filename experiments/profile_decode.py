@@ -1,0 +1,185 @@
+"""Where does a decode step's time go? Profile the engine's jitted step on a GPU.
+
+Builds a model preset with random weights and a paged pool, fills a
+decode-only step of ``--batch`` sequences whose contexts are drawn from
+``--context`` (a range), and measures, in one run:
+
+* the full jitted step (model + K/V writes + attention + sampling), with the
+  Pallas kernels and with the XLA reference attention;
+* the same step with every context of length 1, which leaves the weight reads
+  and everything else but attention's K/V reads;
+* the decode attention kernel alone, once per layer;
+* the model-bandwidth utilisation (MBU) of each, against the copy ceiling;
+* a device trace of a few steps (``jax.profiler``), summed per XLA op, so the
+  largest costs are named.
+
+Usage::
+
+    python experiments/profile_decode.py --model llama3-8b --batch 256 \\
+        --context 257 512 --out experiments/results
+
+Writes ``profile_decode.json`` and ``profile_decode.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import optgqa_jax as og  # noqa: E402
+from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
+from optgqa_jax.engine.runner import ModelRunner, _step  # noqa: E402
+from pallas_kernels import paged_attention  # noqa: E402
+
+
+def device_seconds(fn, iters: int = 10, trials: int = 5) -> float:
+    """Median seconds per call of fn() (which returns arrays) after a warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def op_table(trace_dir: str, steps: int, top: int = 25):
+    """Sum device time per op name over the GPU planes of a jax.profiler trace."""
+    from jax.profiler import ProfileData
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return {}
+    data = ProfileData.from_file(files[0])
+    tables = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            totals = collections.Counter()
+            for ev in line.events:
+                totals[ev.name] += ev.duration_ns
+            if totals:
+                tables[f"{plane.name} | {line.name}"] = [
+                    (name, ns / steps / 1e3) for name, ns in totals.most_common(top)]
+    return tables
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, nargs=2, default=(257, 512),
+                    metavar=("LO", "HI"), help="context lengths drawn uniformly in [LO, HI]")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--mha-twin", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args()
+
+    cfg = og.ModelConfig.preset(args.model)
+    if args.mha_twin:
+        cfg = cfg.replace(n_kv_heads=cfg.n_heads)
+    hi = args.context[1]
+    cfg = cfg.replace(max_seq_len=hi + args.page_size)
+    B, Z = args.batch, args.page_size
+    rng = np.random.default_rng(0)
+    params = og.init_params(cfg, jax.random.PRNGKey(0))
+    pages_per_seq = -(-cfg.max_seq_len // Z)
+    num_pages = B * pages_per_seq
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                commit=os.environ.get("OPTGQA_COMMIT", "unknown"), model=args.model,
+                mha_twin=args.mha_twin, batch=B, context=list(args.context), page_size=Z)
+    methods = copy_bandwidths()
+    ceiling = max(methods.values())
+    meta["copy_methods_gbps"] = {k: v / 1e9 for k, v in methods.items()}
+    meta["copy_gbps"] = ceiling / 1e9
+    print("copy", meta["copy_methods_gbps"], flush=True)
+
+    lengths = rng.integers(args.context[0], hi + 1, size=B).astype(np.int32)
+    tables = rng.permutation(num_pages).reshape(B, pages_per_seq).astype(np.int32)
+    param_bytes = cfg.num_params * cfg.jnp_dtype.itemsize
+    results = {}
+
+    def decode_inputs(runner, lens):
+        x = runner._empty(True, B)
+        pos = lens - 1
+        x.tokens[:] = rng.integers(0, cfg.vocab_size, size=B)
+        x.positions[:] = pos
+        x.slot_mapping[:] = tables[np.arange(B), pos // Z] * Z + pos % Z
+        x.token_seq[:] = np.arange(B)
+        x.block_tables[:] = tables
+        x.context_lens[:] = lens
+        x.cu_q_lens[:] = np.arange(B + 1)
+        x.select[:] = np.arange(B)
+        x.seeds[:] = np.arange(B)
+        x.sample_pos[:] = lens
+        return jax.device_put(x)
+
+    for impl in ("pallas", "reference"):
+        runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=Z, max_num_seqs=B,
+                             max_num_batched_tokens=B, max_model_len=cfg.max_seq_len, impl=impl,
+                             seq_buckets=(B,), token_buckets=(B,))
+        for label, lens in (("step", lengths), ("step, contexts of 1", np.ones(B, np.int32))):
+            inputs = decode_inputs(runner, lens)
+
+            def run():
+                tokens, runner.pool = _step(cfg, params, runner.pool, inputs, impl=impl,
+                                            max_q_len=1, decode_only=True)
+                return tokens
+
+            t = device_seconds(run)
+            kv = int(lens.sum()) * cfg.kv_bytes_per_token
+            results[f"{label} [{impl}]"] = dict(ms=t * 1e3, bytes=param_bytes + kv,
+                                                mbu=(param_bytes + kv) / t / ceiling)
+            print(f"{label} [{impl}]: {t * 1e3:.2f} ms", flush=True)
+            if impl == "pallas" and label == "step":
+                trace_dir = tempfile.mkdtemp()
+                with jax.profiler.trace(trace_dir):
+                    for _ in range(5):
+                        out = run()
+                    jax.block_until_ready(out)
+                meta["ops"] = op_table(trace_dir, steps=5)
+
+    # attention alone: one decode kernel call per layer over the same pages
+    K, H = cfg.n_kv_heads, cfg.head_dim
+    kp = jax.random.normal(jax.random.PRNGKey(1), (K, num_pages, Z, H), cfg.jnp_dtype)
+    vp = jax.random.normal(jax.random.PRNGKey(2), (K, num_pages, Z, H), cfg.jnp_dtype)
+    q = jax.random.normal(jax.random.PRNGKey(3), (B, cfg.n_heads, H), cfg.jnp_dtype)
+    interpret = jax.devices()[0].platform == "cpu"
+    attn = jax.jit(lambda q, k, v, t, l: paged_attention(q, k, v, t, l, interpret=interpret))
+    tj, lj = jnp.asarray(tables), jnp.asarray(lengths)
+    t = device_seconds(lambda: attn(q, kp, vp, tj, lj)) * cfg.n_layers
+    kv = int(lengths.sum()) * cfg.kv_bytes_per_token
+    results["attention kernel x layers"] = dict(ms=t * 1e3, bytes=kv, mbu=kv / t / ceiling)
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    lines = ["# Decode-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items() if k != "ops"]
+    lines += ["", "| what | ms | GB moved | MBU (of copy) |", "| --- | --- | --- | --- |"]
+    for k, v in results.items():
+        lines.append(f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |")
+    for name, rows in meta.get("ops", {}).items():
+        lines += ["", f"## {name} (µs per step)", "", "| op | µs |", "| --- | --- |"]
+        lines += [f"| {n[:100]} | {us:.0f} |" for n, us in rows]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "profile_decode.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
