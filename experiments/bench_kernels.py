@@ -96,7 +96,9 @@ FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_sta
                                      (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
                                      (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4),
                                      (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3),
-                                     (256, 128, 8, 2), (256, 32, 8, 4))]
+                                     (256, 128, 8, 2), (256, 32, 8, 4), (256, 64, 8, 2),
+                                     (256, 64, 16, 3), (256, 128, 16, 2), (128, 128, 16, 3),
+                                     (128, 64, 8, 2))]
 
 
 def decode_inputs(s: DecodeShape, dtype, key):
@@ -270,6 +272,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="only the headline shapes")
     parser.add_argument("--sweep", action="store_true", help="also sweep our tuning knobs")
+    parser.add_argument("--only", choices=("decode", "flash"), help="run one kernel family only")
     args = parser.parse_args()
     dev = jax.devices()[0]
     if dev.platform != "gpu":
@@ -294,7 +297,7 @@ def main():
         with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
             f.write(markdown(meta, rows))
 
-    for s in shapes:
+    for s in shapes if args.only != "flash" else []:
         try:
             rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0])
         except Exception:
@@ -304,7 +307,7 @@ def main():
     flash_shapes = [(4, 4096, 32, 8, 128)]
     if not args.quick:
         flash_shapes += [(4, 4096, 32, 32, 128), (4, 4096, 32, 1, 128)]
-    for i, fs in enumerate(flash_shapes):
+    for i, fs in enumerate(flash_shapes if args.only != "decode" else []):
         try:
             rows += bench_flash(*fs, sweep=args.sweep and i == 0)
         except Exception:

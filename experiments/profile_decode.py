@@ -57,25 +57,69 @@ def device_seconds(fn, iters: int = 10, trials: int = 5) -> float:
 
 
 def op_table(trace_dir: str, steps: int, top: int = 25):
-    """Sum device time per op name over the GPU planes of a jax.profiler trace."""
+    """Per-op device time (µs per step) and call counts, plus the GPU's busy and idle time.
+
+    Reads the trace's GPU planes; a line's idle time is its span minus the
+    union of its events, i.e. the gaps between kernels.
+    """
     from jax.profiler import ProfileData
 
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
-        return {}
+        return {}, {}
     data = ProfileData.from_file(files[0])
-    tables = {}
+    tables, timeline = {}, {}
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
-            totals = collections.Counter()
-            for ev in line.events:
-                totals[ev.name] += ev.duration_ns
-            if totals:
-                tables[f"{plane.name} | {line.name}"] = [
-                    (name, ns / steps / 1e3) for name, ns in totals.most_common(top)]
-    return tables
+            events = sorted(((ev.start_ns, ev.end_ns, ev.name) for ev in line.events))
+            if not events:
+                continue
+            totals, counts = collections.Counter(), collections.Counter()
+            busy, cursor = 0.0, events[0][0]
+            for start, end, name in events:
+                totals[name] += end - start
+                counts[name] += 1
+                busy += max(0.0, end - max(start, cursor))
+                cursor = max(cursor, end)
+            key = f"{plane.name} | {line.name}"
+            tables[key] = [(name, ns / steps / 1e3, counts[name] / steps)
+                           for name, ns in totals.most_common(top)]
+            span = events[-1][1] - events[0][0]
+            timeline[key] = dict(span_ms_per_step=span / steps / 1e6,
+                                 busy_ms_per_step=busy / steps / 1e6,
+                                 idle_ms_per_step=(span - busy) / steps / 1e6,
+                                 kernels_per_step=len(events) / steps)
+    return tables, timeline
+
+
+def projection_gemms(cfg, B: int) -> dict:
+    """One layer's projections at M = B tokens: separate matrices vs fused (concatenated)."""
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    dt = cfg.jnp_dtype
+    L = cfg.n_layers  # distinct weights per layer: nothing is served from L2 or merged by CSE
+    key = jax.random.PRNGKey(7)
+    x = jax.random.normal(key, (B, D), dt)
+
+    def mats(n, salt):
+        return [jax.random.normal(jax.random.fold_in(key, 1000 * salt + i), (D, n), dt) * 0.02
+                for i in range(L)]
+
+    wq, wk, wv, wg, wu = mats(N * H, 1), mats(K * H, 2), mats(K * H, 3), mats(F, 4), mats(F, 5)
+    wqkv = [jnp.concatenate(ws, axis=1) for ws in zip(wq, wk, wv)]
+    wgu = [jnp.concatenate(ws, axis=1) for ws in zip(wg, wu)]
+    out = {}
+    for label, f, args in (
+            ("q, k, v separate", lambda x, a, b, c: [(x @ p, x @ q, x @ r)
+                                                     for p, q, r in zip(a, b, c)], (x, wq, wk, wv)),
+            ("qkv fused", lambda x, a: [x @ p for p in a], (x, wqkv)),
+            ("gate, up separate", lambda x, a, b: [(x @ p, x @ q) for p, q in zip(a, b)],
+             (x, wg, wu)),
+            ("gate_up fused", lambda x, a: [x @ p for p in a], (x, wgu))):
+        fn = jax.jit(f)
+        out[f"{label} (x{L} layers)"] = device_seconds(lambda: fn(*args)) * 1e3
+    return out
 
 
 def main():
@@ -151,8 +195,9 @@ def main():
                     for _ in range(5):
                         out = run()
                     jax.block_until_ready(out)
-                meta["ops"] = op_table(trace_dir, steps=5)
+                meta["ops"], meta["timeline"] = op_table(trace_dir, steps=5)
 
+    runner = params = None  # free the pool and weights before the kernel-only measurements
     # attention alone: one decode kernel call per layer over the same pages
     K, H = cfg.n_kv_heads, cfg.head_dim
     kp = jax.random.normal(jax.random.PRNGKey(1), (K, num_pages, Z, H), cfg.jnp_dtype)
@@ -165,16 +210,25 @@ def main():
     kv = int(lengths.sum()) * cfg.kv_bytes_per_token
     results["attention kernel x layers"] = dict(ms=t * 1e3, bytes=kv, mbu=kv / t / ceiling)
 
+    meta["projection_gemms_ms"] = projection_gemms(cfg, B)
+    print("projections", meta["projection_gemms_ms"], flush=True)
+
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
-    lines = ["# Decode-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items() if k != "ops"]
+    lines = ["# Decode-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items()
+                                             if k not in ("ops", "timeline")]
     lines += ["", "| what | ms | GB moved | MBU (of copy) |", "| --- | --- | --- | --- |"]
     for k, v in results.items():
         lines.append(f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |")
     for name, rows in meta.get("ops", {}).items():
-        lines += ["", f"## {name} (µs per step)", "", "| op | µs |", "| --- | --- |"]
-        lines += [f"| {n[:100]} | {us:.0f} |" for n, us in rows]
+        tl = meta["timeline"][name]
+        lines += ["", f"## {name}", "",
+                  f"Per step: span {tl['span_ms_per_step']:.2f} ms, kernels busy "
+                  f"{tl['busy_ms_per_step']:.2f} ms, idle between kernels "
+                  f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
+                  "| op | µs per step | calls per step |", "| --- | --- | --- |"]
+        lines += [f"| {n[:100]} | {us:.0f} | {c:.0f} |" for n, us, c in rows]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "profile_decode.md"), "w") as f:
         f.write(text)

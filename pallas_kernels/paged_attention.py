@@ -68,7 +68,7 @@ class PagedAttentionConfig:
     num_splits: Optional[int] = None
     target_programs: int = 512
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 1  # H100 sweep: 1 stage beat 2-3 (more programs fit an SM); see experiments
     prefetch: str = "none"
 
     @classmethod
