@@ -43,6 +43,7 @@ class BenchConfig:
     max_num_batched_tokens: int = 2048
     page_size: int = 16
     kv_tokens: Optional[int] = None
+    kv_memory_bytes: Optional[int] = None  # cap on the pool's bytes (same cap for the MHA twin)
     seq_buckets: Optional[tuple[int, ...]] = (64, 256)
     token_buckets: Optional[tuple[int, ...]] = (1024, 2048)
     attention_impl: str = "auto"
@@ -157,6 +158,8 @@ def run_engine(bc: BenchConfig) -> dict:
     longest = max(len(p) + o for p, o in zip(prompts, out_lens))
     kv_tokens = bc.kv_tokens or bc.max_num_seqs * longest
     num_pages = -(-kv_tokens // bc.page_size)
+    if bc.kv_memory_bytes:  # a model whose KV needs more than the budget gets fewer pages
+        num_pages = min(num_pages, bc.kv_memory_bytes // page_bytes(cfg, bc.page_size))
     engine = og.Engine(cfg, params, og.EngineConfig(
         page_size=bc.page_size, num_pages=num_pages, max_num_seqs=bc.max_num_seqs,
         max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
@@ -360,7 +363,9 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                          f"output {bc.output_range or bc.output_len}, EOS ignored",
                 engine=f"max_num_seqs={bc.max_num_seqs}, "
                        f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
-                       f"page_size={bc.page_size}, attention={bc.attention_impl}",
+                       f"page_size={bc.page_size}, attention={bc.attention_impl}"
+                       + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
+                          if bc.kv_memory_bytes else ""),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with open(os.path.join(out_dir, "bench_engine.json"), "w") as f:
         json.dump(dict(meta=meta, config=dataclasses.asdict(bc), runs=runs), f, indent=1)
@@ -385,6 +390,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     parser.add_argument("--page-size", type=int, default=d.page_size)
+    parser.add_argument("--kv-memory-gib", type=float, default=None,
+                        help="cap on the KV pool's size (GiB) for every model of the run: each "
+                             "gets the pool its max_num_seqs needs, up to this; a model whose KV "
+                             "needs more batches fewer sequences (what a fixed GPU allows)")
     parser.add_argument("--attention-impl", default=d.attention_impl,
                         choices=["auto", "pallas", "reference"])
     parser.add_argument("--compare-mha", action="store_true",
@@ -404,6 +413,7 @@ def config_from_args(args) -> BenchConfig:
         output_range=tuple(args.output_range) if args.output_range else None,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, attention_impl=args.attention_impl,
+        kv_memory_bytes=int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else None,
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,))
 
