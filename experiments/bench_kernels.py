@@ -113,7 +113,13 @@ def decode_inputs(s: DecodeShape, dtype, key):
     return q, kp, vp, tables, lengths
 
 
-def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
+ALIBI_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf)
+               for kpb, w, st, pf in ((64, 4, 1, "none"), (64, 4, 2, "none"), (64, 4, 3, "none"),
+                                      (32, 4, 1, "none"), (32, 4, 2, "tiles"), (64, 4, 2, "tiles"),
+                                      (128, 8, 1, "none"), (32, 4, 3, "tables"))]
+
+
+def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool = False):
     rows = []
     kv_bytes = 2 * s.batch * s.context * s.kv_heads * s.head_dim * 2  # K and V, 2-byte dtypes
     slopes = alibi_slopes(s.q_heads)
@@ -153,6 +159,13 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool):
                     record("optgqa-sweep", dtype, alibi, fn, args, ref,
                            note=f"kpb={cfg.keys_per_block} w={cfg.num_warps} st={cfg.num_stages} "
                                 f"prefetch={cfg.prefetch} programs>={cfg.target_programs}")
+            if sweep_alibi and dtype == jnp.bfloat16:  # each config with and without ALiBi
+                for cfg in ALIBI_SWEEP:
+                    fn = jax.jit(lambda q, k, v, t, l, cfg=cfg, sl=sl: paged_attention(
+                        q, k, v, t, l, alibi_slopes=sl, config=cfg))
+                    record("optgqa-sweep", dtype, alibi, fn, args, ref,
+                           note=f"kpb={cfg.keys_per_block} w={cfg.num_warps} st={cfg.num_stages} "
+                                f"prefetch={cfg.prefetch} alibi={alibi}")
             if not alibi:  # JAX's kernel has neither ALiBi nor a softmax scale: pre-scale q
                 record("jax-pallas", dtype, alibi, jax_paged_fn, args, ref,
                        note="q pre-scaled by 1/sqrt(D)")
@@ -272,6 +285,8 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="only the headline shapes")
     parser.add_argument("--sweep", action="store_true", help="also sweep our tuning knobs")
+    parser.add_argument("--sweep-alibi", action="store_true",
+                        help="sweep a few decode configs with and without ALiBi (headline shape)")
     parser.add_argument("--only", choices=("decode", "flash"), help="run one kernel family only")
     args = parser.parse_args()
     dev = jax.devices()[0]
@@ -299,7 +314,8 @@ def main():
 
     for s in shapes if args.only != "flash" else []:
         try:
-            rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0])
+            rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0],
+                                 args.sweep_alibi and s is shapes[0])
         except Exception:
             traceback.print_exc()
         save()
