@@ -68,14 +68,19 @@ class PagedAttentionConfig:
     num_splits: Optional[int] = None
     target_programs: int = 512
     num_warps: int = 4
-    num_stages: int = 1  # H100 sweep: 1 stage beat 2-3 (more programs fit an SM); see experiments
+    num_stages: int = 1  # H100 sweep: 1 stage beat 2-3 (0.41 vs 0.45 ms, more programs per SM)
     prefetch: str = "none"
 
     @classmethod
-    def for_backend(cls, backend: str) -> "PagedAttentionConfig":
+    def for_backend(cls, backend: str, alibi: bool = False) -> "PagedAttentionConfig":
+        """Measured defaults (``experiments/results/bench_kernels*.md``)."""
         if backend == "rocm":
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
+        if alibi:
+            # H100, B=64 ctx=4096 32/8: with ALiBi, 64-key blocks slow to 0.51 ms while
+            # 32-key blocks stay at 0.42 ms (their cost without ALiBi).
+            return cls(keys_per_block=32)
         return cls()
 
     def validate(self) -> None:
@@ -302,7 +307,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             raise ValueError(f"lengths up to {int(host.max())} need more pages than block_tables "
                              f"holds ({block_tables.shape[1]} pages of {Z} = {capacity} tokens)")
     slopes = C.check_slopes(alibi_slopes, q.shape[1])
-    config = config or PagedAttentionConfig.for_backend(C.backend())
+    config = config or PagedAttentionConfig.for_backend(C.backend(), alibi=slopes is not None)
     config.validate()
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)

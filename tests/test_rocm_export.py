@@ -1,5 +1,7 @@
 """Every kernel entry point lowers for JAX's ROCm backend (Pallas' Triton lowering), on CPU."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -34,6 +36,9 @@ ENTRY_POINTS = {
     "paged_attention_split": (lambda alibi, cfg: lambda *a: paged_attention(
         *a, alibi_slopes=alibi, config=PagedAttentionConfig(num_splits=4, num_stages=1)), PAGED,
         PagedAttentionConfig),
+    "paged_attention_prefetch_tiles": (lambda alibi, cfg: lambda *a: paged_attention(
+        *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, prefetch="tiles")), PAGED,
+        PagedAttentionConfig),
     "flash_attention": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=cfg), DENSE, FlashAttentionConfig),
     "paged_prefill_attention": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
@@ -47,6 +52,9 @@ ENTRY_POINTS = {
 def test_kernel_lowers_through_triton(name, alibi, platform):
     make, args, config_cls = ENTRY_POINTS[name]
     slopes = alibi_slopes(12) if alibi else None
-    cfg = config_cls.for_backend(platform)
+    if config_cls is PagedAttentionConfig:  # its defaults differ with ALiBi
+        cfg = config_cls.for_backend(platform, alibi=alibi)
+    else:
+        cfg = config_cls.for_backend(platform)
     module = export_for(platform, make(slopes, cfg), *args)
     assert module.count(TRITON_CALL) == 1
