@@ -18,6 +18,10 @@ Usage::
     python experiments/profile_decode.py --model llama3-8b --batch 256 \\
         --context 257 512 --out experiments/results
 
+    # does XLA's command-buffer (CUDA graph) setting change the step and its idle time?
+    python experiments/profile_decode.py --xla-flags-variant=default \\
+        --xla-flags-variant='--xla_gpu_enable_command_buffer='
+
 Writes ``profile_decode.json`` and ``profile_decode.md``.
 """
 
@@ -130,8 +134,17 @@ def main():
                     metavar=("LO", "HI"), help="context lengths drawn uniformly in [LO, HI]")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--mha-twin", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the Pallas step and its trace (no reference path, no microbenchmarks)")
+    ap.add_argument("--xla-flags-variant", action="append", default=None, metavar="FLAGS",
+                    dest="xla_flags_variants",
+                    help="repeatable, written --xla-flags-variant='--xla_...': rerun (--quick) "
+                         "once per XLA_FLAGS string, each in its own process, and compare step "
+                         "time and GPU idle time; 'default' leaves XLA_FLAGS unset")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.xla_flags_variants:
+        return compare_xla_flags(args)
 
     cfg = og.ModelConfig.preset(args.model)
     if args.mha_twin:
@@ -172,7 +185,7 @@ def main():
         x.sample_pos[:] = lens
         return jax.device_put(x)
 
-    for impl in ("pallas", "reference"):
+    for impl in ("pallas",) if args.quick else ("pallas", "reference"):
         runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=Z, max_num_seqs=B,
                              max_num_batched_tokens=B, max_model_len=cfg.max_seq_len, impl=impl,
                              seq_buckets=(B,), token_buckets=(B,))
@@ -198,6 +211,8 @@ def main():
                 meta["ops"], meta["timeline"] = op_table(trace_dir, steps=5)
 
     runner = params = None  # free the pool and weights before the kernel-only measurements
+    if args.quick:
+        return write(args.out, meta, results)
     # attention alone: one decode kernel call per layer over the same pages
     K, H = cfg.n_kv_heads, cfg.head_dim
     kp = jax.random.normal(jax.random.PRNGKey(1), (K, num_pages, Z, H), cfg.jnp_dtype)
@@ -213,8 +228,12 @@ def main():
     meta["projection_gemms_ms"] = projection_gemms(cfg, B)
     print("projections", meta["projection_gemms_ms"], flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
+    write(args.out, meta, results)
+
+
+def write(out_dir: str, meta: dict, results: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "profile_decode.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     lines = ["# Decode-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items()
                                              if k not in ("ops", "timeline")]
@@ -230,9 +249,55 @@ def main():
                   "| op | µs per step | calls per step |", "| --- | --- | --- |"]
         lines += [f"| {n[:100]} | {us:.0f} | {c:.0f} |" for n, us, c in rows]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "profile_decode.md"), "w") as f:
+    with open(os.path.join(out_dir, "profile_decode.md"), "w") as f:
         f.write(text)
     print(text)
+
+
+def compare_xla_flags(args) -> None:
+    """Run the quick profile once per XLA_FLAGS variant (subprocesses) and tabulate them."""
+    import subprocess
+
+    rows = []
+    for i, flags in enumerate(args.xla_flags_variants):
+        out = os.path.join(args.out, f"xla_flags_{i}")
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)
+        if flags != "default":
+            env["XLA_FLAGS"] = flags
+        cmd = [sys.executable, os.path.abspath(__file__), "--quick", "--model", args.model,
+               "--batch", str(args.batch), "--context", *map(str, args.context),
+               "--page-size", str(args.page_size), "--out", out] + (
+                   ["--mha-twin"] if args.mha_twin else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        row = dict(flags=flags)
+        try:
+            with open(os.path.join(out, "profile_decode.json")) as f:
+                d = json.load(f)
+            step = d["results"]["step [pallas]"]
+            tl = next(iter(d["meta"].get("timeline", {}).values()), {})
+            row.update(ms=step["ms"], mbu=step["mbu"], idle=tl.get("idle_ms_per_step"),
+                       kernels=tl.get("kernels_per_step"), device=d["meta"]["device"])
+        except (OSError, KeyError, StopIteration, ValueError):
+            row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        rows.append(row)
+        print(row, flush=True)
+    lines = ["# Decode step under XLA_FLAGS variants", "",
+             "| XLA_FLAGS | step ms | MBU | GPU idle ms/step | kernels/step |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| `{r['flags']}` | fails: {r['error'][0][:80]} | | | |")
+        else:
+            idle = f"{r['idle']:.2f}" if r["idle"] is not None else "—"
+            lines.append(f"| `{r['flags']}` | {r['ms']:.2f} | {100 * r['mbu']:.0f}% | {idle} | "
+                         f"{r['kernels'] or 0:.0f} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile_decode_xla_flags.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "profile_decode_xla_flags.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
