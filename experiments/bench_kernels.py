@@ -89,7 +89,8 @@ DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages
                 for pf in ("none", "tables", "tiles") for kpb in (32, 64, 128) for w in (4, 8)
                 for st in (1, 2, 3)] + [
     PagedAttentionConfig(keys_per_block=64, prefetch=pf, target_programs=t)
-    for pf in ("none", "tiles") for t in (1024, 2048)]
+    for pf in ("none", "tiles") for t in (1024, 2048)] + [
+    PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
 
 FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
                for bq, bk, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4),
@@ -116,7 +117,8 @@ def decode_inputs(s: DecodeShape, dtype, key):
 ALIBI_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf)
                for kpb, w, st, pf in ((64, 4, 1, "none"), (64, 4, 2, "none"), (64, 4, 3, "none"),
                                       (32, 4, 1, "none"), (32, 4, 2, "tiles"), (64, 4, 2, "tiles"),
-                                      (128, 8, 1, "none"), (32, 4, 3, "tables"))]
+                                      (128, 8, 1, "none"), (32, 4, 3, "tables"))] + [
+    PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
 
 
 def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool = False):
@@ -158,14 +160,16 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
                         q, k, v, t, l, config=cfg))
                     record("optgqa-sweep", dtype, alibi, fn, args, ref,
                            note=f"kpb={cfg.keys_per_block} w={cfg.num_warps} st={cfg.num_stages} "
-                                f"prefetch={cfg.prefetch} programs>={cfg.target_programs}")
+                                f"prefetch={cfg.prefetch} programs>={cfg.target_programs} "
+                                f"replicate_queries={cfg.replicate_queries}")
             if sweep_alibi and dtype == jnp.bfloat16:  # each config with and without ALiBi
                 for cfg in ALIBI_SWEEP:
                     fn = jax.jit(lambda q, k, v, t, l, cfg=cfg, sl=sl: paged_attention(
                         q, k, v, t, l, alibi_slopes=sl, config=cfg))
                     record("optgqa-sweep", dtype, alibi, fn, args, ref,
                            note=f"kpb={cfg.keys_per_block} w={cfg.num_warps} st={cfg.num_stages} "
-                                f"prefetch={cfg.prefetch} alibi={alibi}")
+                                f"prefetch={cfg.prefetch} "
+                                f"replicate_queries={cfg.replicate_queries} alibi={alibi}")
             if not alibi:  # JAX's kernel has neither ALiBi nor a softmax scale: pre-scale q
                 record("jax-pallas", dtype, alibi, jax_paged_fn, args, ref,
                        note="q pre-scaled by 1/sqrt(D)")

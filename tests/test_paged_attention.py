@@ -22,7 +22,7 @@ CASES = [
 
 
 def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None, prefetch="none",
-           garbage_tail=False, keys_per_block=64):
+           garbage_tail=False, keys_per_block=64, replicate_queries=False):
     max_pages = 5
     num_pages = B * max_pages + 3
     q, q64 = rand(rng, (B, N, D), dtype)
@@ -41,7 +41,8 @@ def _check(rng, dtype, B, N, K, D, Z, alibi, splits, lengths=None, prefetch="non
         for b, L in enumerate(lengths):
             kernel_tables[b, -(-int(L) // Z):] = rng.choice([-7, num_pages, 10**6])
     config = PagedAttentionConfig(num_splits=splits, prefetch=prefetch,
-                                  keys_per_block=keys_per_block)
+                                  keys_per_block=keys_per_block,
+                                  replicate_queries=replicate_queries)
     out = paged_attention(q, k, v, jnp.asarray(kernel_tables), jnp.asarray(lengths),
                           alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32),
                           interpret=INTERPRET, config=config)
@@ -68,6 +69,12 @@ def test_prefetch_modes_ignore_table_tail(rng, prefetch):
     # several blocks per split (16-key blocks over 8-key pages), so the read-ahead crosses blocks
     _check(rng, jnp.float32, 3, 6, 2, 64, 8, True, 2, prefetch=prefetch, garbage_tail=True,
            keys_per_block=16)
+
+
+@pytest.mark.parametrize("dtype,B,N,K,D,Z,alibi,splits", CASES)
+def test_replicated_queries_match(rng, dtype, B, N, K, D, Z, alibi, splits):
+    # groups of 1, 4 and 8 are repeated in registers; the group of 3 falls back to padding
+    _check(rng, dtype, B, N, K, D, Z, alibi, splits, replicate_queries=True)
 
 
 def test_random_shapes(rng):
@@ -131,3 +138,22 @@ def test_bad_slopes_and_config(inputs):
         paged_attention(*inputs, config=PagedAttentionConfig(num_warps=32), interpret=INTERPRET)
     with pytest.raises(ValueError, match="prefetch='all' must be one of"):
         paged_attention(*inputs, config=PagedAttentionConfig(prefetch="all"), interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("replicate", [False, True])
+def test_replicated_queries_drop_the_pad_and_slice(replicate):
+    # What the knob is for: with groups of 4 the lowered program pads q and slices the output
+    # around the kernel only when queries are not replicated in registers.
+    import jax
+    from jax import export
+
+    S = jax.ShapeDtypeStruct
+    args = (S((4, 16, 128), jnp.bfloat16), S((4, 64, 16, 128), jnp.bfloat16),
+            S((4, 64, 16, 128), jnp.bfloat16), S((4, 16), jnp.int32), S((4,), jnp.int32))
+    cfg = PagedAttentionConfig(replicate_queries=replicate)
+    text = export.export(
+        jax.jit(lambda *a: paged_attention(*a, config=cfg)), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args).mlir_module()
+    assert ("stablehlo.pad" in text) != replicate
+    assert ("stablehlo.slice" in text) != replicate

@@ -24,6 +24,7 @@ def export_for(platform, fn, *args):
 
 PAGED = (S((4, 12, 128), jnp.bfloat16), S((4, 64, 16, 128), jnp.bfloat16),
          S((4, 64, 16, 128), jnp.bfloat16), S((4, 16), jnp.int32), S((4,), jnp.int32))
+PAGED_G4 = (S((4, 16, 128), jnp.bfloat16),) + PAGED[1:]  # 16 query heads over 4: groups of 4
 DENSE = (S((2, 100, 12, 64), jnp.float16), S((2, 100, 4, 64), jnp.float16),
          S((2, 100, 4, 64), jnp.float16))
 RAGGED = (S((100, 12, 64), jnp.bfloat16), S((4, 64, 16, 64), jnp.bfloat16),
@@ -39,6 +40,9 @@ ENTRY_POINTS = {
     "paged_attention_prefetch_tiles": (lambda alibi, cfg: lambda *a: paged_attention(
         *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, prefetch="tiles")), PAGED,
         PagedAttentionConfig),
+    "paged_attention_replicated_queries": (lambda alibi, cfg: lambda *a: paged_attention(
+        *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, replicate_queries=True)),
+        PAGED_G4, PagedAttentionConfig),
     "flash_attention": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=cfg), DENSE, FlashAttentionConfig),
     "paged_prefill_attention": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
@@ -51,7 +55,7 @@ ENTRY_POINTS = {
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
 def test_kernel_lowers_through_triton(name, alibi, platform):
     make, args, config_cls = ENTRY_POINTS[name]
-    slopes = alibi_slopes(12) if alibi else None
+    slopes = alibi_slopes(args[0].shape[-2]) if alibi else None  # q is [..., N, D]
     if config_cls is PagedAttentionConfig:  # its defaults differ with ALiBi
         cfg = config_cls.for_backend(platform, alibi=alibi)
     else:
