@@ -80,7 +80,7 @@ class PagedAttentionConfig:
 
     @classmethod
     def for_backend(cls, backend: str, alibi: bool = False) -> "PagedAttentionConfig":
-        """Measured defaults (``experiments/results/bench_kernels*.md``)."""
+        """Defaults measured on an H100 (``experiments/results/h100/bench_kernels*.md``)."""
         if backend == "rocm":
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
