@@ -134,6 +134,8 @@ def main():
                     metavar=("LO", "HI"), help="context lengths drawn uniformly in [LO, HI]")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--mha-twin", action="store_true")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="serve from fused q/k/v and gate/up weights (optgqa_jax.fused)")
     ap.add_argument("--quick", action="store_true",
                     help="only the Pallas step and its trace (no reference path, no microbenchmarks)")
     ap.add_argument("--xla-flags-variant", action="append", default=None, metavar="FLAGS",
@@ -153,12 +155,13 @@ def main():
     cfg = cfg.replace(max_seq_len=hi + args.page_size)
     B, Z = args.batch, args.page_size
     rng = np.random.default_rng(0)
-    params = og.init_params(cfg, jax.random.PRNGKey(0))
+    params = og.init_params(cfg, jax.random.PRNGKey(0), fused=args.fuse_projections)
     pages_per_seq = -(-cfg.max_seq_len // Z)
     num_pages = B * pages_per_seq
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 commit=os.environ.get("OPTGQA_COMMIT", "unknown"), model=args.model,
-                mha_twin=args.mha_twin, batch=B, context=list(args.context), page_size=Z)
+                mha_twin=args.mha_twin, fused_projections=args.fuse_projections, batch=B,
+                context=list(args.context), page_size=Z)
     methods = copy_bandwidths()
     ceiling = max(methods.values())
     meta["copy_methods_gbps"] = {k: v / 1e9 for k, v in methods.items()}
@@ -268,7 +271,8 @@ def compare_xla_flags(args) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--quick", "--model", args.model,
                "--batch", str(args.batch), "--context", *map(str, args.context),
                "--page-size", str(args.page_size), "--out", out] + (
-                   ["--mha-twin"] if args.mha_twin else [])
+                   ["--mha-twin"] if args.mha_twin else []) + (
+                   ["--fuse-projections"] if args.fuse_projections else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         row = dict(flags=flags)
         try:

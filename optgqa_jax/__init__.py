@@ -17,6 +17,7 @@ from optgqa_jax.checkpoint import load_checkpoint, save_checkpoint
 from optgqa_jax.config import PRESETS, ModelConfig
 from optgqa_jax.engine import Completion, Engine, EngineConfig, EngineStats, SamplingParams
 from optgqa_jax.evaluate import perplexity, token_nll
+from optgqa_jax.fused import fuse_projections
 from optgqa_jax.generate import generate_simple
 from optgqa_jax.gguf_loader import load_gguf, load_pretrained
 from optgqa_jax.hf_loader import load_hf_llama
@@ -34,5 +35,5 @@ __all__ = [
     "load_pretrained", "load_hf_llama", "KVCache", "Transformer", "abstract_params", "forward",
     "forward_with_cache", "init_params", "LoadedModel", "load_model", "row_keys", "sample",
     "BPETokenizer", "ByteTokenizer", "Tokenizer", "Completion", "Engine", "EngineConfig",
-    "EngineStats", "SamplingParams",
+    "EngineStats", "SamplingParams", "fuse_projections",
 ]

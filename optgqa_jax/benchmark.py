@@ -50,6 +50,7 @@ class BenchConfig:
     seed: int = 0
     hf_batch_size: int = 64
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
+    fuse_projections: bool = False  # serve from fused q/k/v and gate/up weights
 
 
 def model_config(bc: BenchConfig, max_seq_len: Optional[int] = None):
@@ -150,7 +151,7 @@ def run_engine(bc: BenchConfig) -> dict:
                        + (bc.output_range[1] if bc.output_range else bc.output_len))
     cfg = model_config(bc, max_seq_len=longest_request + 16)
     t0 = time.perf_counter()
-    params = og.init_params(cfg, jax.random.PRNGKey(bc.seed))
+    params = og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=bc.fuse_projections)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth()
@@ -164,7 +165,8 @@ def run_engine(bc: BenchConfig) -> dict:
         page_size=bc.page_size, num_pages=num_pages, max_num_seqs=bc.max_num_seqs,
         max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
         attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
-        token_buckets=bc.token_buckets, enable_prefix_caching=False))
+        token_buckets=bc.token_buckets, enable_prefix_caching=False,
+        fuse_projections=bc.fuse_projections))
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
@@ -365,7 +367,8 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
                        f"page_size={bc.page_size}, attention={bc.attention_impl}"
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
-                          if bc.kv_memory_bytes else ""),
+                          if bc.kv_memory_bytes else "")
+                       + (", fused q/k/v and gate/up" if bc.fuse_projections else ""),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with open(os.path.join(out_dir, "bench_engine.json"), "w") as f:
         json.dump(dict(meta=meta, config=dataclasses.asdict(bc), runs=runs), f, indent=1)
@@ -396,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "needs more batches fewer sequences (what a fixed GPU allows)")
     parser.add_argument("--attention-impl", default=d.attention_impl,
                         choices=["auto", "pallas", "reference"])
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="serve from fused q/k/v and gate/up weights (EngineConfig option)")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -414,6 +419,7 @@ def config_from_args(args) -> BenchConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, attention_impl=args.attention_impl,
         kv_memory_bytes=int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else None,
+        fuse_projections=args.fuse_projections,
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,))
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from optgqa_jax.attention import attention, check_attention_impl
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
@@ -87,9 +88,16 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         B, T, _ = x.shape
         N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q = _dense(N * H, "q_proj", dt)(x).reshape(B, T, N, H)  # [B, T, N, H]
-        k = _dense(K * H, "k_proj", dt)(x).reshape(B, T, K, H)  # [B, T, K, H]
-        v = _dense(K * H, "v_proj", dt)(x).reshape(B, T, K, H)  # [B, T, K, H]
+        if self.has_variable("params", "qkv_proj"):  # fused layout (optgqa_jax.fused)
+            qkv = _dense((N + 2 * K) * H, "qkv_proj", dt)(x)
+            q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+        else:
+            q = _dense(N * H, "q_proj", dt)(x)
+            k = _dense(K * H, "k_proj", dt)(x)
+            v = _dense(K * H, "v_proj", dt)(x)
+        q = q.reshape(B, T, N, H)  # [B, T, N, H]
+        k = k.reshape(B, T, K, H)  # [B, T, K, H]
+        v = v.reshape(B, T, K, H)  # [B, T, K, H]
         slopes = None
         if cfg.position == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
@@ -114,9 +122,12 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dt = self.cfg.jnp_dtype
-        gate = _dense(self.cfg.ffn_dim, "gate_proj", dt)(x)  # [B, T, F]
-        up = _dense(self.cfg.ffn_dim, "up_proj", dt)(x)
+        dt, F = self.cfg.jnp_dtype, self.cfg.ffn_dim
+        if self.has_variable("params", "gate_up_proj"):  # fused layout (optgqa_jax.fused)
+            gate, up = jnp.split(_dense(2 * F, "gate_up_proj", dt)(x), 2, axis=-1)
+        else:
+            gate = _dense(F, "gate_proj", dt)(x)  # [B, T, F]
+            up = _dense(F, "up_proj", dt)(x)
         return _dense(self.cfg.d_model, "down_proj", dt)(nn.silu(gate) * up)
 
 
@@ -173,20 +184,22 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- public API
-def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+def init_params(cfg: ModelConfig, key: jax.Array, fused: bool = False) -> dict:
     """Randomly initialised parameters (normal, std 0.02; norm scales 1).
 
     Returns:
       A plain nested dict: ``embed/embedding [V, D]``, ``layer_{i}/attn/{q,k,v,o}_proj/kernel``
       ([D, N*H], [D, K*H], [D, K*H], [N*H, D]), ``layer_{i}/mlp/{gate,up,down}_proj/kernel``,
       ``layer_{i}/{attn,mlp}_norm/scale``, ``final_norm/scale`` and, unless the
-      embeddings are tied, ``lm_head [D, V]``.
+      embeddings are tied, ``lm_head [D, V]``. With ``fused=True``, the serving
+      layout of ``optgqa_jax.fused`` (``qkv_proj``, ``gate_up_proj``), drawn
+      directly so that no unfused copy ever exists.
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     # Leaf by leaf from the abstract tree: no forward pass is traced or compiled, so an
     # 8B-parameter model initialises in seconds (flax's own init compiles the whole model).
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg, fused))
     values = []
     for i, (path, leaf) in enumerate(leaves):
         if getattr(path[-1], "key", None) == "scale":  # RMSNorm scales start at 1
@@ -201,16 +214,23 @@ def _normal_leaf(key, shape, dtype):
     return _INIT(key, shape, dtype)
 
 
-def abstract_params(cfg: ModelConfig) -> dict:
-    """Shapes and dtypes of the parameters of `cfg` (jax.ShapeDtypeStruct leaves), no memory."""
+def abstract_params(cfg: ModelConfig, fused: bool = False) -> dict:
+    """Shapes and dtypes of the parameters of `cfg` (jax.ShapeDtypeStruct leaves), no memory.
+
+    ``fused=True`` gives the layout of ``optgqa_jax.fused`` instead.
+    """
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens,
+    tree = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens,
                                                         tokens)["params"])
+    return jax.eval_shape(functools.partial(fuse_layers, cfg), tree) if fused else tree
 
 
 def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> None:
-    """Raise ValueError listing every leaf whose path, shape or dtype differs from `cfg`'s."""
-    expected = abstract_params(cfg)
+    """Raise ValueError listing every leaf whose path, shape or dtype differs from `cfg`'s.
+
+    Either layout is accepted: unfused, or fused (``optgqa_jax.fused``).
+    """
+    expected = abstract_params(cfg, fused=is_fused(params))
     def name(path):
         return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -233,15 +253,16 @@ def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> 
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
         raise ValueError(f"{what} do not match the config:\n  {shown}{more}")
 
+
 @functools.lru_cache(maxsize=64)
-def _expected_leaves(cfg: ModelConfig):
-    leaves, treedef = jax.tree_util.tree_flatten(abstract_params(cfg))
+def _expected_leaves(cfg: ModelConfig, fused: bool):
+    leaves, treedef = jax.tree_util.tree_flatten(abstract_params(cfg, fused))
     return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
 
 
 def _check_params_fast(cfg: ModelConfig, params) -> None:
     """Cheap structural check on every call; the detailed report only on mismatch."""
-    treedef, expected = _expected_leaves(cfg)
+    treedef, expected = _expected_leaves(cfg, is_fused(params))
     leaves, got_def = jax.tree_util.tree_flatten(params)
     if got_def != treedef or tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in leaves) != expected:
         check_params_match(cfg, params)

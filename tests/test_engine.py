@@ -35,6 +35,12 @@ def test_roomy_pool(tiny):
     assert eng.stats.preemptions == 0 and eng.stats.pages_used == 0
 
 
+def test_fused_projections_serve_the_same_tokens(tiny):
+    eng = _engine(tiny, fuse_projections=True)
+    assert "qkv_proj" in eng.params["layer_0"]["attn"]
+    assert [o.token_ids for o in eng.generate(tiny[2], GREEDY)] == tiny[3]
+
+
 def test_small_pool_preempts_without_changing_outputs(tiny):
     eng = _engine(tiny, num_pages=12)
     outs = eng.generate(tiny[2], GREEDY)

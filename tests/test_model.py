@@ -148,3 +148,41 @@ def test_params_of_another_config_are_rejected(tiny):
         og.forward(cfg.replace(n_heads=8, n_kv_heads=2), params, [[1, 2, 3]])
     with pytest.raises(ValueError, match="lm_head: missing"):
         og.forward(cfg, {k: v for k, v in params.items() if k != "lm_head"}, [[1, 2]])
+
+
+@pytest.mark.parametrize("preset, changes", [
+    ("tiny", {}),                                              # GQA
+    ("tiny", dict(n_kv_heads=4)),                              # MHA
+    ("tiny-alibi", dict(n_heads=12, n_kv_heads=1, head_dim=8)),  # MQA with ALiBi
+])
+def test_fused_projections_compute_the_same_function(rng, preset, changes):
+    cfg = og.ModelConfig.preset(preset, **changes)
+    params = og.init_params(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    fused = og.fuse_projections(cfg, params)
+    assert "qkv_proj" in fused["layer_0"]["attn"] and "q_proj" not in fused["layer_0"]["attn"]
+    assert "gate_up_proj" in fused["layer_1"]["mlp"] and "up_proj" not in fused["layer_1"]["mlp"]
+    assert "q_proj" in params["layer_0"]["attn"]  # the caller's tree is untouched
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 9))
+    ref = forward_np(cfg, params, tokens[0], slopes=None if cfg.position != "alibi" else
+                     np.asarray(og.alibi_slopes(cfg.n_heads), np.float64))
+    assert_close_to_scale(og.forward(cfg, fused, tokens)[0], ref, 1e-4, what="fused logits")
+    assert_close_to_scale(og.forward(cfg, fused, tokens), og.forward(cfg, params, tokens), 1e-6,
+                          what="fused vs unfused")
+
+
+def test_fused_layout_init_and_checks():
+    cfg = og.ModelConfig.preset("tiny")
+    fused = og.init_params(cfg, jax.random.PRNGKey(0), fused=True)
+    shapes = jax.tree.map(lambda x: x.shape, fused)
+    assert shapes == jax.tree.map(lambda x: x.shape, og.abstract_params(cfg, fused=True))
+    N, K, H, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    assert shapes["layer_0"]["attn"]["qkv_proj"]["kernel"] == (cfg.d_model, (N + 2 * K) * H)
+    assert shapes["layer_0"]["mlp"]["gate_up_proj"]["kernel"] == (cfg.d_model, 2 * F)
+    og.forward(cfg, fused, [[1, 2, 3]])  # accepted as it is
+    with pytest.raises(ValueError, match="already fused"):
+        og.fuse_projections(cfg, fused)
+    broken = jax.tree.map(lambda x: x, fused)
+    broken["layer_0"]["attn"]["qkv_proj"]["kernel"] = broken["layer_0"]["attn"]["qkv_proj"][
+        "kernel"][:, :-1]
+    with pytest.raises(ValueError, match="qkv_proj/kernel: shape"):
+        og.forward(cfg, broken, [[1, 2, 3]])

@@ -64,6 +64,11 @@ class EngineConfig:
       max_model_len: longest prompt + generation; None: the model's max_seq_len.
       enable_prefix_caching: reuse cached full blocks across requests.
       attention_impl: "auto", "pallas" or "reference".
+      fuse_projections: serve from a copy of the weights with q/k/v and gate/up
+        concatenated (``optgqa_jax.fused``): fewer, wider matrix products per
+        step. Unfused params are copied into the fused layout (the caller's stay
+        untouched); params already fused (``init_params(..., fused=True)``) are
+        used as they are, whatever this flag says.
       seed: seeds the per-request seeds of requests that give none.
       seq_buckets: sequence counts that decode steps are padded to (ascending);
         None: powers of two up to max_num_seqs.
@@ -81,6 +86,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None
     enable_prefix_caching: bool = True
     attention_impl: str = "auto"
+    fuse_projections: bool = False
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None

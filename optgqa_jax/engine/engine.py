@@ -30,6 +30,7 @@ from optgqa_jax.engine.block_manager import KVCacheManager
 from optgqa_jax.engine.config import EngineConfig, SamplingParams
 from optgqa_jax.engine.runner import ModelRunner, page_bytes
 from optgqa_jax.engine.scheduler import Request, Scheduler
+from optgqa_jax.fused import fuse_projections, is_fused
 from optgqa_jax.model import check_params_match
 from optgqa_jax.validation import check_prompt_ids
 
@@ -111,6 +112,8 @@ class Engine:
         if not isinstance(cfg, ModelConfig):
             raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
         check_params_match(cfg, params)
+        if config.fuse_projections and not is_fused(params):
+            params = fuse_projections(cfg, params)
         self.cfg, self.params, self.config, self.tokenizer = cfg, params, config, tokenizer
         self.max_model_len = config.max_model_len or cfg.max_seq_len
         if self.max_model_len > cfg.max_seq_len:
