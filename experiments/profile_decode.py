@@ -98,6 +98,27 @@ def op_table(trace_dir: str, steps: int, top: int = 25):
     return tables, timeline
 
 
+def hlo_summary(hlo: str) -> dict:
+    """What the compiled step's entry computation launches, from its optimised HLO text.
+
+    On GPUs, XLA wraps runs of kernels into command buffers (CUDA graphs): calls
+    to computations named ``command_buffer*``. Instructions left in the entry
+    computation outside them are launched one by one.
+    """
+    import re
+
+    entry = hlo[hlo.find("\nENTRY"):]
+    entry = entry[:entry.find("\n}")]
+    ops = collections.Counter()
+    for line in entry.splitlines()[1:]:
+        m = re.search(r"=\s*\S+\s+([a-z][\w-]*)\(", line)
+        if m:
+            ops[m.group(1)] += 1
+    return dict(entry_instructions=sum(ops.values()), entry_ops=dict(ops.most_common(20)),
+                command_buffer_calls=entry.count("command_buffer"),
+                command_buffer_computations=len(re.findall(r"\n%?command_buffer\S*\s", hlo)))
+
+
 def projection_gemms(cfg, B: int) -> dict:
     """One layer's projections at M = B tokens: separate matrices vs fused (concatenated)."""
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
@@ -212,6 +233,12 @@ def main():
                         out = run()
                     jax.block_until_ready(out)
                 meta["ops"], meta["timeline"] = op_table(trace_dir, steps=5)
+                hlo = _step.lower(cfg, params, runner.pool, inputs, impl=impl, max_q_len=1,
+                                  decode_only=True).compile().as_text()
+                meta["hlo"] = hlo_summary(hlo)
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:
+                    f.write(hlo)
 
     runner = params = None  # free the pool and weights before the kernel-only measurements
     if args.quick:
@@ -240,6 +267,7 @@ def write(out_dir: str, meta: dict, results: dict) -> None:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     lines = ["# Decode-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items()
                                              if k not in ("ops", "timeline")]
+    # meta["hlo"] (above) says whether XLA formed command buffers (CUDA graphs) for the step
     lines += ["", "| what | ms | GB moved | MBU (of copy) |", "| --- | --- | --- | --- |"]
     for k, v in results.items():
         lines.append(f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |")
