@@ -19,6 +19,8 @@ layout, the one that maps onto Hugging Face names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax.numpy as jnp
 
 from optgqa_jax.config import ModelConfig
@@ -41,8 +43,8 @@ def fuse_layers(cfg: ModelConfig, params: dict) -> dict:
 
 def is_fused(params: dict) -> bool:
     """Whether `params` is in the fused layout."""
-    layer = params.get("layer_0", {}) if isinstance(params, dict) else {}
-    return isinstance(layer, dict) and "qkv_proj" in layer.get("attn", {})
+    layer = params.get("layer_0", {}) if isinstance(params, Mapping) else {}
+    return isinstance(layer, Mapping) and "qkv_proj" in layer.get("attn", {})
 
 
 def fuse_projections(cfg: ModelConfig, params: dict) -> dict:
