@@ -250,9 +250,11 @@ def markdown(meta, rows) -> str:
              f"{meta['copy_gbps']:.0f} GB/s",
              "- methods: " + ", ".join(f"{k} {v:.0f} GB/s"
                                        for k, v in meta.get("copy_methods_gbps", {}).items()), ""]
-    lines += ["## Paged decode (GB/s of K/V read)", "",
-              "| shape | impl | dtype | ALiBi | ms | GB/s | % of copy | rel. err | note |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    has = {r["kernel"] for r in rows if r["impl"] != "optgqa-sweep"}
+    if "paged_decode" in has:
+        lines += ["## Paged decode (GB/s of K/V read)", "",
+                  "| shape | impl | dtype | ALiBi | ms | GB/s | % of copy | rel. err | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["kernel"] != "paged_decode" or r["impl"] == "optgqa-sweep":
             continue
@@ -263,9 +265,10 @@ def markdown(meta, rows) -> str:
             lines.append(f"| {r['shape']} | {r['impl']} | {r['dtype']} | {r['alibi']} | {r['ms']:.3f} | "
                          f"{r['gbps']:.0f} | {r['pct_ceiling']:.0f}% | {_err(r)} "
                          f"| {r['note']} |")
-    lines += ["", "## Flash attention, causal prefill (TFLOP/s)", "",
-              "| shape | impl | ALiBi | ms | TFLOP/s | rel. err | note |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    if "flash_attention" in has:  # a run cut short or `--only decode` has no flash rows
+        lines += ["", "## Flash attention, causal prefill (TFLOP/s)", "",
+                  "| shape | impl | ALiBi | ms | TFLOP/s | rel. err | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["kernel"] != "flash_attention" or r["impl"] == "optgqa-sweep":
             continue
