@@ -308,22 +308,29 @@ def compare_xla_flags(args) -> None:
                 d = json.load(f)
             step = d["results"]["step [pallas]"]
             tl = next(iter(d["meta"].get("timeline", {}).values()), {})
+            ops = next(iter(d["meta"].get("ops", {}).values()), [])
             row.update(ms=step["ms"], mbu=step["mbu"], idle=tl.get("idle_ms_per_step"),
-                       kernels=tl.get("kernels_per_step"), device=d["meta"]["device"])
+                       kernels=tl.get("kernels_per_step"), device=d["meta"]["device"],
+                       command_buffers=d["meta"].get("hlo", {}).get("command_buffer_calls"),
+                       top_ops=[(n[:60], round(us), round(c)) for n, us, c in ops[:8]])
         except (OSError, KeyError, StopIteration, ValueError):
             row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         rows.append(row)
         print(row, flush=True)
     lines = ["# Decode step under XLA_FLAGS variants", "",
-             "| XLA_FLAGS | step ms | MBU | GPU idle ms/step | kernels/step |",
-             "| --- | --- | --- | --- | --- |"]
+             "| XLA_FLAGS | step ms | MBU | GPU idle ms/step | kernels/step | command buffers |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| `{r['flags']}` | fails: {r['error'][0][:80]} | | | |")
+            lines.append(f"| `{r['flags']}` | fails: {r['error'][0][:80]} | | | | |")
         else:
             idle = f"{r['idle']:.2f}" if r["idle"] is not None else "—"
             lines.append(f"| `{r['flags']}` | {r['ms']:.2f} | {100 * r['mbu']:.0f}% | {idle} | "
-                         f"{r['kernels'] or 0:.0f} |")
+                         f"{r['kernels'] or 0:.0f} | {r['command_buffers']} |")
+    for r in rows:  # the largest ops of each variant: which GEMM kernels XLA picked
+        if "error" not in r:
+            lines += ["", f"Largest ops with `{r['flags']}` (µs per step, calls):", ""]
+            lines += [f"- {n}: {us} µs, {c}" for n, us, c in r["top_ops"]]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile_decode_xla_flags.json"), "w") as f:
         json.dump(rows, f, indent=1)
