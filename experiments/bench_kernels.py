@@ -83,6 +83,7 @@ class DecodeShape:
     kv_heads: int
     head_dim: int = 128
     page: int = 16
+    min_context: int = 0  # > 0: lengths drawn uniformly in [min_context, context] (engine-like)
 
 
 DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf)
@@ -110,7 +111,11 @@ def decode_inputs(s: DecodeShape, dtype, key):
     kp = jax.random.normal(k2, (s.kv_heads, num_pages, s.page, s.head_dim), dtype)
     vp = jax.random.normal(k3, (s.kv_heads, num_pages, s.page, s.head_dim), dtype)
     tables = jax.random.permutation(k4, num_pages).reshape(s.batch, pages_per_seq).astype(jnp.int32)
-    lengths = jnp.full((s.batch,), s.context, jnp.int32)
+    if s.min_context:
+        lengths = jax.random.randint(jax.random.fold_in(key, 5), (s.batch,), s.min_context,
+                                     s.context + 1, jnp.int32)
+    else:
+        lengths = jnp.full((s.batch,), s.context, jnp.int32)
     return q, kp, vp, tables, lengths
 
 
@@ -121,9 +126,20 @@ ALIBI_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=
     PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
 
 
-def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool = False):
+# The engine's decode shape (256 short sequences): which knobs matter when programs are short?
+ENGINE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf,
+                                     replicate_queries=rq)
+                for kpb, w, st, pf in ((16, 4, 1, "none"), (32, 4, 1, "none"), (64, 4, 1, "none"),
+                                       (128, 4, 1, "none"), (32, 2, 1, "none"), (64, 2, 1, "none"),
+                                       (32, 4, 2, "none"), (64, 4, 2, "none"), (32, 4, 1, "tiles"),
+                                       (64, 4, 1, "tiles"), (32, 4, 1, "tables"), (64, 8, 1, "none"))
+                for rq in (False, True)]
+
+
+def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool = False,
+                 sweep_configs=None):
     rows = []
-    kv_bytes = 2 * s.batch * s.context * s.kv_heads * s.head_dim * 2  # K and V, 2-byte dtypes
+    sweep_configs = sweep_configs or DECODE_SWEEP
     slopes = alibi_slopes(s.q_heads)
 
     def record(impl, dtype, alibi, fn, args, ref=None, note=""):
@@ -147,6 +163,8 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
 
     for dtype in (jnp.bfloat16, jnp.float16):
         args = decode_inputs(s, dtype, jax.random.PRNGKey(0))
+        # K and V of every sequence's context, 2-byte dtypes
+        kv_bytes = 2 * int(np.asarray(args[4]).sum()) * s.kv_heads * s.head_dim * 2
         for alibi in (False, True):
             sl = slopes if alibi else None
             ref_fn = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention_reference(
@@ -155,7 +173,7 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
             ours = jax.jit(lambda q, k, v, t, l, sl=sl: paged_attention(q, k, v, t, l, alibi_slopes=sl))
             record("optgqa", dtype, alibi, ours, args, ref)
             if sweep and not alibi and dtype == jnp.bfloat16:
-                for cfg in DECODE_SWEEP:
+                for cfg in sweep_configs:
                     fn = jax.jit(lambda q, k, v, t, l, cfg=cfg: paged_attention(
                         q, k, v, t, l, config=cfg))
                     record("optgqa-sweep", dtype, alibi, fn, args, ref,
@@ -294,6 +312,8 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also sweep our tuning knobs")
     parser.add_argument("--sweep-alibi", action="store_true",
                         help="sweep a few decode configs with and without ALiBi (headline shape)")
+    parser.add_argument("--sweep-engine", action="store_true",
+                        help="sweep decode configs on the engine's shape (B=256, contexts 257-512)")
     parser.add_argument("--only", choices=("decode", "flash"), help="run one kernel family only")
     args = parser.parse_args()
     dev = jax.devices()[0]
@@ -306,7 +326,13 @@ def main():
     meta["copy_gbps"] = max(methods.values()) / 1e9
     print(f"copy bandwidth {meta['copy_gbps']:.0f} GB/s {meta['copy_methods_gbps']}", flush=True)
     shapes = [DecodeShape("B=64 ctx=4096 GQA 32/8", 64, 4096, 32, 8)]
+    engine_shape = DecodeShape("B=256 ctx=257-512 GQA 32/8 (engine decode)", 256, 512, 32, 8,
+                               min_context=257)
+    if args.sweep_engine:
+        shapes.append(engine_shape)
     if not args.quick:
+        if not args.sweep_engine:
+            shapes.append(engine_shape)
         shapes += [DecodeShape("B=8 ctx=16384 GQA 32/8", 8, 16384, 32, 8),
                    DecodeShape("B=64 ctx=4096 MHA 32/32", 64, 4096, 32, 32),
                    DecodeShape("B=64 ctx=4096 MQA 32/1", 64, 4096, 32, 1)]
@@ -321,8 +347,12 @@ def main():
 
     for s in shapes if args.only != "flash" else []:
         try:
-            rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0],
-                                 args.sweep_alibi and s is shapes[0])
+            if s is engine_shape:
+                rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep_engine,
+                                     sweep_configs=ENGINE_SWEEP)
+            else:
+                rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0],
+                                     args.sweep_alibi and s is shapes[0])
         except Exception:
             traceback.print_exc()
         save()

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, _step  # noqa: E402
-from pallas_kernels import paged_attention  # noqa: E402
+from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
 
 
 def device_seconds(fn, iters: int = 10, trials: int = 5) -> float:
@@ -119,6 +119,30 @@ def hlo_summary(hlo: str) -> dict:
                 command_buffer_computations=len(re.findall(r"\n%?command_buffer\S*\s", hlo)))
 
 
+def override_decode_config(spec: str) -> None:
+    """Make ``PagedAttentionConfig.for_backend`` return the defaults with ``spec``'s fields
+    changed (an experiment-only patch: the model asks for_backend for its decode config)."""
+    import ast
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(PagedAttentionConfig)}
+    changes = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name.strip() not in fields:
+            raise SystemExit(f"--decode-config: unknown field {name!r}; fields: {sorted(fields)}")
+        try:
+            changes[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            changes[name.strip()] = value.strip()  # bare strings such as prefetch=tiles
+    original = PagedAttentionConfig.for_backend.__func__
+
+    def patched(cls, backend, alibi=False):
+        return dataclasses.replace(original(cls, backend, alibi), **changes)
+
+    PagedAttentionConfig.for_backend = classmethod(patched)
+
+
 def projection_gemms(cfg, B: int) -> dict:
     """One layer's projections at M = B tokens: separate matrices vs fused (concatenated)."""
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
@@ -157,6 +181,9 @@ def main():
     ap.add_argument("--mha-twin", action="store_true")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="serve from fused q/k/v and gate/up weights (optgqa_jax.fused)")
+    ap.add_argument("--decode-config", default="", metavar="K=V,...",
+                    help="override the decode kernel's default PagedAttentionConfig fields for "
+                         "this run, e.g. 'keys_per_block=32,replicate_queries=True'")
     ap.add_argument("--quick", action="store_true",
                     help="only the Pallas step and its trace (no reference path, no microbenchmarks)")
     ap.add_argument("--xla-flags-variant", action="append", default=None, metavar="FLAGS",
@@ -168,6 +195,8 @@ def main():
     args = ap.parse_args()
     if args.xla_flags_variants:
         return compare_xla_flags(args)
+    if args.decode_config:
+        override_decode_config(args.decode_config)
 
     cfg = og.ModelConfig.preset(args.model)
     if args.mha_twin:
@@ -182,7 +211,8 @@ def main():
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 commit=os.environ.get("OPTGQA_COMMIT", "unknown"), model=args.model,
                 mha_twin=args.mha_twin, fused_projections=args.fuse_projections, batch=B,
-                context=list(args.context), page_size=Z)
+                context=list(args.context), page_size=Z,
+                decode_config=repr(PagedAttentionConfig.for_backend("cuda")))
     methods = copy_bandwidths()
     ceiling = max(methods.values())
     meta["copy_methods_gbps"] = {k: v / 1e9 for k, v in methods.items()}
@@ -300,7 +330,8 @@ def compare_xla_flags(args) -> None:
                "--batch", str(args.batch), "--context", *map(str, args.context),
                "--page-size", str(args.page_size), "--out", out] + (
                    ["--mha-twin"] if args.mha_twin else []) + (
-                   ["--fuse-projections"] if args.fuse_projections else [])
+                   ["--fuse-projections"] if args.fuse_projections else []) + (
+                   ["--decode-config", args.decode_config] if args.decode_config else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         row = dict(flags=flags)
         try:
