@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
-from optgqa_jax.engine.runner import ModelRunner, _step  # noqa: E402
+from optgqa_jax.engine.runner import ModelRunner  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
 
 
@@ -184,6 +184,9 @@ def main():
     ap.add_argument("--decode-config", default="", metavar="K=V,...",
                     help="override the decode kernel's default PagedAttentionConfig fields for "
                          "this run, e.g. 'keys_per_block=32,replicate_queries=True'")
+    ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="repeatable: an XLA compiler option of the engine's step (replaces the "
+                         "engine's defaults, e.g. --xla-option xla_gpu_enable_command_buffer=FUSION)")
     ap.add_argument("--quick", action="store_true",
                     help="only the Pallas step and its trace (no reference path, no microbenchmarks)")
     ap.add_argument("--xla-flags-variant", action="append", default=None, metavar="FLAGS",
@@ -237,19 +240,20 @@ def main():
         x.select[:] = np.arange(B)
         x.seeds[:] = np.arange(B)
         x.sample_pos[:] = lens
-        return jax.device_put(x)
+        return x
 
     for impl in ("pallas",) if args.quick else ("pallas", "reference"):
         runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=Z, max_num_seqs=B,
                              max_num_batched_tokens=B, max_model_len=cfg.max_seq_len, impl=impl,
-                             seq_buckets=(B,), token_buckets=(B,))
+                             seq_buckets=(B,), token_buckets=(B,), compiler_options=(
+                                 dict(o.split("=", 1) for o in args.xla_option)
+                                 if args.xla_option else None))
+        meta["compiler_options"] = runner.compiler_options
         for label, lens in (("step", lengths), ("step, contexts of 1", np.ones(B, np.int32))):
             inputs = decode_inputs(runner, lens)
 
-            def run():
-                tokens, runner.pool = _step(cfg, params, runner.pool, inputs, impl=impl,
-                                            max_q_len=1, decode_only=True)
-                return tokens
+            def run():  # as the engine does: pack, one host-to-device copy, launch
+                return runner.dispatch(inputs, True, B)
 
             t = device_seconds(run)
             kv = int(lens.sum()) * cfg.kv_bytes_per_token
@@ -263,8 +267,7 @@ def main():
                         out = run()
                     jax.block_until_ready(out)
                 meta["ops"], meta["timeline"] = op_table(trace_dir, steps=5)
-                hlo = _step.lower(cfg, params, runner.pool, inputs, impl=impl, max_q_len=1,
-                                  decode_only=True).compile().as_text()
+                hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:
@@ -331,7 +334,8 @@ def compare_xla_flags(args) -> None:
                "--page-size", str(args.page_size), "--out", out] + (
                    ["--mha-twin"] if args.mha_twin else []) + (
                    ["--fuse-projections"] if args.fuse_projections else []) + (
-                   ["--decode-config", args.decode_config] if args.decode_config else [])
+                   ["--decode-config", args.decode_config] if args.decode_config else []) + [
+                   f"--xla-option={o}" for o in args.xla_option]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         row = dict(flags=flags)
         try:

@@ -405,6 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
                         help="also time Hugging Face transformers generate on this many requests")
+    parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size,
+                        help="prompts per Hugging Face generate call")
     parser.add_argument("--out", default=os.path.join("experiments", "results"))
 
 
@@ -419,7 +421,7 @@ def config_from_args(args) -> BenchConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, attention_impl=args.attention_impl,
         kv_memory_bytes=int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else None,
-        fuse_projections=args.fuse_projections,
+        fuse_projections=args.fuse_projections, hf_batch_size=args.hf_batch_size,
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,))
 

@@ -81,14 +81,14 @@ def test_no_recompilation_after_warmup(tiny):
     eng = _engine(tiny, max_num_seqs=4, max_num_batched_tokens=32)
     eng.warmup()
     compiled = eng.stats.compiles
-    jit_entries = og.engine.runner._step._cache_size()  # jax's own count of compiled steps
+    jit_entries = eng.runner.step_fn._cache_size()  # jax's own count of compiled steps
     assert compiled == len(eng.runner.buckets())
     rng = np.random.default_rng(9)
     for lengths in ([3, 30, 7], [1, 2, 50, 9, 17, 4]):
         prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, size=n)] for n in lengths]
         eng.generate(prompts, og.SamplingParams(temperature=0.7, max_tokens=int(rng.integers(2, 9))))
         assert eng.stats.compiles == compiled
-        assert og.engine.runner._step._cache_size() == jit_entries
+        assert eng.runner.step_fn._cache_size() == jit_entries
 
 
 def test_seeds(tiny):
@@ -182,3 +182,38 @@ def test_smollm2_engine_matches_generate_simple(smollm2):
         ref = og.generate_simple(cfg, params, tok.encode(p), 12, eos_id=tok.eos_id)
         assert o.token_ids == ref and o.text == tok.decode(ref)
     assert "Paris" in outs[0].text
+
+
+def test_step_inputs_pack_into_one_buffer_and_back():
+    from optgqa_jax.engine.runner import StepInputs, pack_inputs, unpack_inputs
+
+    rng = np.random.default_rng()
+    T, B, M = 5, 3, 4
+    x = StepInputs(
+        tokens=rng.integers(0, 9, T).astype(np.int32), positions=rng.integers(0, 9, T).astype(np.int32),
+        slot_mapping=rng.integers(0, 99, T).astype(np.int32), token_seq=rng.integers(0, B, T).astype(np.int32),
+        block_tables=rng.integers(0, 99, (B, M)).astype(np.int32),
+        context_lens=rng.integers(1, 9, B).astype(np.int32), cu_q_lens=np.arange(B + 1, dtype=np.int32),
+        select=rng.integers(0, T, B).astype(np.int32),
+        temperature=rng.uniform(0.1, 2, B).astype(np.float32),
+        top_k=rng.integers(0, 50, B).astype(np.int32), top_p=rng.uniform(0.1, 1, B).astype(np.float32),
+        seeds=rng.integers(2**31, 2**32, B, dtype=np.uint64).astype(np.uint32),
+        sample_pos=rng.integers(1, 9, B).astype(np.int32))
+    buf, layout = pack_inputs(x)
+    assert buf.dtype == np.int32 and buf.ndim == 1
+    back = jax.jit(unpack_inputs, static_argnums=1)(jax.device_put(buf), layout)
+    for name, a, b in zip(StepInputs._fields, x, back):
+        assert b.dtype == a.dtype and b.shape == a.shape, name
+        np.testing.assert_array_equal(np.asarray(b), a, err_msg=name)
+
+
+def test_xla_compiler_options(tiny):
+    from optgqa_jax.engine.runner import default_compiler_options
+
+    assert default_compiler_options("cuda") == {"xla_gpu_enable_command_buffer": ""}
+    assert default_compiler_options("cpu") == {} == default_compiler_options("rocm")
+    with pytest.raises(ValueError, match="xla_compiler_options must be None or a mapping"):
+        og.EngineConfig(xla_compiler_options=["xla_gpu_enable_command_buffer"])
+    eng = _engine(tiny, xla_compiler_options={"xla_cpu_enable_fast_math": False})
+    assert eng.runner.compiler_options == {"xla_cpu_enable_fast_math": False}
+    assert [o.token_ids for o in eng.generate(tiny[2][:3], GREEDY)] == tiny[3][:3]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -69,6 +69,10 @@ class EngineConfig:
         step. Unfused params are copied into the fused layout (the caller's stay
         untouched); params already fused (``init_params(..., fused=True)``) are
         used as they are, whatever this flag says.
+      xla_compiler_options: XLA options for compiling the step programs (passed
+        to ``jax.jit(..., compiler_options=...)``); None: the engine's defaults
+        for the backend (``optgqa_jax.engine.runner.default_compiler_options``),
+        {} for XLA's own defaults.
       seed: seeds the per-request seeds of requests that give none.
       seq_buckets: sequence counts that decode steps are padded to (ascending);
         None: powers of two up to max_num_seqs.
@@ -87,6 +91,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_impl: str = "auto"
     fuse_projections: bool = False
+    xla_compiler_options: Optional[Mapping[str, Any]] = None
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None
@@ -115,6 +120,12 @@ class EngineConfig:
             if not v or list(v) != sorted(set(v)) or v[0] < 1 or v[-1] < top:
                 raise ValueError(f"{name} must be ascending positive sizes ending at >= {top}, "
                                  f"got {v}")
+        if self.xla_compiler_options is not None:
+            if not isinstance(self.xla_compiler_options, Mapping) or not all(
+                    isinstance(k, str) for k in self.xla_compiler_options):
+                raise ValueError("xla_compiler_options must be None or a mapping from XLA option "
+                                 f"names to values, got {self.xla_compiler_options!r}")
+            object.__setattr__(self, "xla_compiler_options", dict(self.xla_compiler_options))
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'pallas' or 'reference', got "
                              f"{self.attention_impl!r}")

@@ -129,7 +129,8 @@ class Engine:
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, impl=config.attention_impl,
                                   seq_buckets=config.seq_buckets,
-                                  token_buckets=config.token_buckets)
+                                  token_buckets=config.token_buckets,
+                                  compiler_options=config.xla_compiler_options)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._steps = 0
