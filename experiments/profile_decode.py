@@ -119,6 +119,35 @@ def hlo_summary(hlo: str) -> dict:
                 command_buffer_computations=len(re.findall(r"\n%?command_buffer\S*\s", hlo)))
 
 
+def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
+    """Median milliseconds of the phases of one engine step run alone (not pipelined).
+
+    pack: the host inputs into one buffer; put: its host-to-device copy call;
+    dispatch: the jitted call until it returns (launches are asynchronous);
+    wait: until the sampled tokens are on the host; total: all of them.
+    """
+    from optgqa_jax.engine.runner import pack_inputs
+
+    phases = collections.defaultdict(list)
+    np.asarray(runner.dispatch(inputs, True, B))
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        buf, layout = pack_inputs(inputs)
+        t1 = time.perf_counter()
+        dev = jax.device_put(buf)
+        t2 = time.perf_counter()
+        tokens, runner.pool = runner.step_fn(runner.cfg, runner.params, runner.pool, dev,
+                                             layout=layout, impl=runner.impl, max_q_len=1,
+                                             decode_only=True)
+        t3 = time.perf_counter()
+        np.asarray(tokens)
+        t4 = time.perf_counter()
+        for name, dt in (("pack", t1 - t0), ("put", t2 - t1), ("dispatch", t3 - t2),
+                         ("wait", t4 - t3), ("total", t4 - t0)):
+            phases[name].append(dt * 1e3)
+    return {f"{k}_ms": float(np.median(v)) for k, v in phases.items()}
+
+
 def override_decode_config(spec: str) -> None:
     """Make ``PagedAttentionConfig.for_backend`` return the defaults with ``spec``'s fields
     changed (an experiment-only patch: the model asks for_backend for its decode config)."""
@@ -261,6 +290,13 @@ def main():
                                                 mbu=(param_bytes + kv) / t / ceiling)
             print(f"{label} [{impl}]: {t * 1e3:.2f} ms", flush=True)
             if impl == "pallas" and label == "step":
+                # one step at a time, as the engine runs them: where does the host's time go?
+                sync = synchronous_step(runner, inputs, B)
+                results["step, synchronous [pallas]"] = dict(
+                    ms=sync["total_ms"], bytes=param_bytes + kv,
+                    mbu=(param_bytes + kv) / (sync["total_ms"] / 1e3) / ceiling)
+                meta["synchronous_step_ms"] = sync
+                print("synchronous step", sync, flush=True)
                 trace_dir = tempfile.mkdtemp()
                 with jax.profiler.trace(trace_dir):
                     for _ in range(5):
