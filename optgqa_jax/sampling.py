@@ -11,6 +11,9 @@ Axis legend: B batch rows, V vocabulary.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -29,9 +32,9 @@ def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
         seeds.astype(jnp.uint32), positions.astype(jnp.uint32))
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("stochastic",))
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
+           top_p: jax.Array, *, stochastic: Optional[bool] = None) -> jax.Array:
     """Sample one token per row.
 
     Args:
@@ -41,6 +44,10 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
       top_k: int [B]; keep the k most likely tokens, 0 keeps all.
       top_p: float [B] in (0, 1]; keep the smallest set of most likely tokens
         whose probability reaches top_p (the most likely token always stays).
+      stochastic: whether any row has temperature > 0, if the caller knows it
+        (static). None decides on the device with ``lax.cond``, which on GPUs
+        makes the host wait for the predicate in the middle of the program; the
+        engine knows it on the host and passes it, so its steps never sync.
 
     Returns:
       int32 [B] token ids.
@@ -59,9 +66,11 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
         choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
         return order[choice].astype(jnp.int32)
 
-    def stochastic(_):
+    def sample_rows(_):
         sampled = jax.vmap(one)(logits, keys, temperature, top_k, top_p)
         return jnp.where(temperature > 0, sampled, greedy)
 
     # The sort over the vocabulary is the costly part: skip it when every row is greedy.
-    return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)
+    if stochastic is None:
+        return jax.lax.cond(jnp.any(temperature > 0), sample_rows, lambda _: greedy, None)
+    return sample_rows(None) if stochastic else greedy

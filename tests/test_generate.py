@@ -109,6 +109,25 @@ def test_sample_rules(rng):
     assert seen <= top3 and len(seen) > 1
 
 
+def test_sample_static_branch_matches_device_branch(rng):
+    # the engine passes stochastic= from the host; it must pick what lax.cond would
+    V, B = 40, 32
+    logits = jnp.asarray(rng.standard_normal((B, V)), jnp.float32)
+    keys = og.row_keys(jnp.asarray(rng.integers(0, 2**31, B)), jnp.arange(B))
+    temps = jnp.asarray(np.where(np.arange(B) < 4, 0.0, rng.uniform(0.8, 2.0, B)), jnp.float32)
+    top_k = jnp.asarray(rng.choice([0, 5, 10], B))
+    top_p = jnp.asarray(rng.uniform(0.7, 1.0, B), jnp.float32)
+    on_device = og.sample(logits, keys, temps, top_k, top_p)
+    np.testing.assert_array_equal(og.sample(logits, keys, temps, top_k, top_p, stochastic=True),
+                                  on_device)
+    argmax = np.asarray(jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(np.asarray(on_device)[:4], argmax[:4])  # greedy rows
+    assert (np.asarray(on_device)[4:] != argmax[4:]).sum() >= 3  # the others really sampled
+    zeros = jnp.zeros(B)
+    np.testing.assert_array_equal(og.sample(logits, keys, zeros, top_k, top_p, stochastic=False),
+                                  jnp.argmax(logits, -1))
+
+
 def test_top_p_keeps_smallest_nucleus():
     # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.75 keeps the first two only
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))

@@ -105,13 +105,13 @@ def default_compiler_options(backend: str) -> dict:
 
 
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, *, layout: tuple,
-                 impl: str, max_q_len: int, decode_only: bool):
+                 impl: str, max_q_len: int, decode_only: bool, stochastic: bool):
     return _step(cfg, params, pool, unpack_inputs(buf, layout), impl=impl, max_q_len=max_q_len,
-                 decode_only=decode_only)
+                 decode_only=decode_only, stochastic=stochastic)
 
 
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
-          decode_only: bool):
+          decode_only: bool, stochastic: bool):
     """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool)."""
     batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
                        inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only)
@@ -120,7 +120,8 @@ def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: s
         {"params": params}, inputs.tokens[None], inputs.positions[None], layers,
         select=inputs.select[None])  # [1, B, V]
     keys = row_keys(inputs.seeds, inputs.sample_pos)
-    next_tokens = sample(logits[0], keys, inputs.temperature, inputs.top_k, inputs.top_p)
+    next_tokens = sample(logits[0], keys, inputs.temperature, inputs.top_k, inputs.top_p,
+                         stochastic=stochastic)
     new_pool = KVPool(tuple(l.k_pages for l in layers), tuple(l.v_pages for l in layers))
     return next_tokens, new_pool
 
@@ -139,7 +140,8 @@ class ModelRunner:
         self.compiler_options = dict(compiler_options)
         # the jitted step: one compiled program per (decode_only, bucket size); the pool is donated
         self.step_fn = jax.jit(_packed_step, donate_argnames=("pool",),
-                               static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only"),
+                               static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
+                                                "stochastic"),
                                compiler_options=self.compiler_options or None)
         self.num_pages, self.page_size = num_pages, page_size
         self.max_num_seqs = max_num_seqs
@@ -154,7 +156,7 @@ class ModelRunner:
 
     @property
     def compiles(self) -> int:
-        """Distinct step programs compiled so far (shape buckets seen)."""
+        """Distinct step programs compiled so far ((bucket, greedy or sampling) pairs seen)."""
         return len(self.signatures)
 
     def buckets(self) -> list[tuple[bool, int]]:
@@ -208,15 +210,21 @@ class ModelRunner:
         x.cu_q_lens[len(scheduled) + 1:] = t
         return x, decode_only, size
 
+    @staticmethod
+    def _stochastic(inputs: StepInputs) -> bool:
+        """Whether any row samples (temperature > 0): decided on the host, so a greedy step
+        is a program without the vocabulary sort and without a device-side branch."""
+        return bool(np.any(inputs.temperature > 0))
+
     def _args(self, inputs: StepInputs, decode_only: bool, size: int):
         buf, layout = pack_inputs(inputs)
         return ((self.cfg, self.params, self.pool, jax.device_put(buf)),
                 dict(layout=layout, impl=self.impl, max_q_len=1 if decode_only else size,
-                     decode_only=decode_only))
+                     decode_only=decode_only, stochastic=self._stochastic(inputs)))
 
     def dispatch(self, inputs: StepInputs, decode_only: bool, size: int) -> jax.Array:
         """Launch one step (asynchronously); returns the sampled tokens [B] on the device."""
-        self.signatures.add((decode_only, size))
+        self.signatures.add((decode_only, size, self._stochastic(inputs)))
         args, kwargs = self._args(inputs, decode_only, size)
         tokens, self.pool = self.step_fn(*args, **kwargs)
         return tokens
@@ -231,6 +239,10 @@ class ModelRunner:
         return self.step_fn.lower(*args, **kwargs)
 
     def warmup(self) -> None:
-        """Compile every bucket with all-padding steps (they write nothing)."""
+        """Compile every bucket, greedy and sampling, with all-padding steps (they write
+        nothing): ``2 * len(buckets())`` programs."""
         for decode_only, size in self.buckets():
-            self.run(self._empty(decode_only, size), decode_only, size)
+            for temperature in (0.0, 1.0):
+                x = self._empty(decode_only, size)
+                x.temperature[:] = temperature
+                self.run(x, decode_only, size)
