@@ -127,7 +127,11 @@ def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: s
 
 
 class ModelRunner:
-    """Builds padded step inputs and runs the jitted step; counts compiled shape buckets."""
+    """Builds padded step inputs and runs the jitted step; counts compiled shape buckets.
+
+    ``compiler_options`` go to ``jax.jit(..., compiler_options=...)`` for every step
+    program; None uses :func:`default_compiler_options` for the backend.
+    """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
