@@ -137,7 +137,7 @@ def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
         dev = jax.device_put(buf)
         t2 = time.perf_counter()
         tokens, runner.pool = runner.step_fn(runner.cfg, runner.params, runner.pool, dev,
-                                             layout=layout, impl=runner.impl, max_q_len=1,
+                                             runner._no_prev, layout=layout, impl=runner.impl, max_q_len=1,
                                              decode_only=True, stochastic=False)
         t3 = time.perf_counter()
         np.asarray(tokens)

@@ -49,6 +49,7 @@ class BenchConfig:
     attention_impl: str = "auto"
     seed: int = 0
     hf_batch_size: int = 64
+    async_scheduling: bool = False
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = False  # serve from fused q/k/v and gate/up weights
 
@@ -166,7 +167,7 @@ def run_engine(bc: BenchConfig) -> dict:
         max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
         attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
         token_buckets=bc.token_buckets, enable_prefix_caching=False,
-        fuse_projections=bc.fuse_projections))
+        fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling))
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
@@ -368,7 +369,8 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        f"page_size={bc.page_size}, attention={bc.attention_impl}"
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
                           if bc.kv_memory_bytes else "")
-                       + (", fused q/k/v and gate/up" if bc.fuse_projections else ""),
+                       + (", fused q/k/v and gate/up" if bc.fuse_projections else "")
+                       + (", asynchronous scheduling" if bc.async_scheduling else ""),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with open(os.path.join(out_dir, "bench_engine.json"), "w") as f:
         json.dump(dict(meta=meta, config=dataclasses.asdict(bc), runs=runs), f, indent=1)
@@ -401,6 +403,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "pallas", "reference"])
     parser.add_argument("--fuse-projections", action="store_true",
                         help="serve from fused q/k/v and gate/up weights (EngineConfig option)")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="launch each decode step before the previous one's tokens are read "
+                             "(EngineConfig option)")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -422,6 +427,7 @@ def config_from_args(args) -> BenchConfig:
         page_size=args.page_size, attention_impl=args.attention_impl,
         kv_memory_bytes=int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else None,
         fuse_projections=args.fuse_projections, hf_batch_size=args.hf_batch_size,
+        async_scheduling=args.async_scheduling,
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,))
 

@@ -198,7 +198,8 @@ def test_step_inputs_pack_into_one_buffer_and_back():
         temperature=rng.uniform(0.1, 2, B).astype(np.float32),
         top_k=rng.integers(0, 50, B).astype(np.int32), top_p=rng.uniform(0.1, 1, B).astype(np.float32),
         seeds=rng.integers(2**31, 2**32, B, dtype=np.uint64).astype(np.uint32),
-        sample_pos=rng.integers(1, 9, B).astype(np.int32))
+        sample_pos=rng.integers(1, 9, B).astype(np.int32),
+        token_src=rng.integers(-1, B, T).astype(np.int32))
     buf, layout = pack_inputs(x)
     assert buf.dtype == np.int32 and buf.ndim == 1
     back = jax.jit(unpack_inputs, static_argnums=1)(jax.device_put(buf), layout)
@@ -217,3 +218,44 @@ def test_xla_compiler_options(tiny):
     eng = _engine(tiny, xla_compiler_options={"xla_cpu_enable_fast_math": False})
     assert eng.runner.compiler_options == {"xla_cpu_enable_fast_math": False}
     assert [o.token_ids for o in eng.generate(tiny[2][:3], GREEDY)] == tiny[3][:3]
+
+
+@pytest.mark.parametrize("regime", [
+    dict(),  # roomy pool
+    dict(num_pages=12),  # preemption
+    dict(max_num_batched_tokens=16),  # chunked prefill
+    dict(max_num_seqs=3),  # requests wait for seats
+])
+def test_async_scheduling_gives_the_same_tokens(tiny, regime):
+    eng = _engine(tiny, async_scheduling=True, **regime)
+    outs = eng.generate(tiny[2], GREEDY)
+    assert [o.token_ids for o in outs] == tiny[3]
+    assert eng.stats.speculative_steps > 0  # the overlap really happened
+    assert eng.stats.pages_used == 0 and not eng.has_unfinished()
+    if "num_pages" in regime:
+        assert eng.stats.preemptions > 0
+
+
+def test_async_scheduling_with_stop_tokens_and_sampling(tiny):
+    cfg, params, prompts, ref = tiny
+    # every request stops at a token it would generate at step 2-6, mid-way through the batch
+    params_for = [og.SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, seed=i,
+                                    stop_token_ids=(r[2 + i % 5],)) for i, r in enumerate(ref)]
+    sync = _engine(tiny).generate(prompts, params_for)
+    eng = _engine(tiny, async_scheduling=True)
+    outs = eng.generate(prompts, params_for)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in sync]
+    assert [o.finish_reason for o in outs] == [o.finish_reason for o in sync]
+    assert any(o.finish_reason == "stop" for o in outs)
+    assert eng.stats.speculative_steps > 0 and eng.stats.pages_used == 0
+
+
+def test_async_step_interface(tiny):
+    eng = _engine(tiny, async_scheduling=True)
+    ids = [eng.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(tiny[2][:5])]
+    done = {}
+    while eng.has_unfinished():
+        for c in eng.step():
+            done[c.request_id] = c.token_ids
+    assert [done[i] for i in ids] == tiny[3][:5]
+    assert eng.stats.speculative_steps > 0

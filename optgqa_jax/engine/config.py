@@ -73,6 +73,12 @@ class EngineConfig:
         to ``jax.jit(..., compiler_options=...)``); None: the engine's defaults
         for the backend (``optgqa_jax.engine.runner.default_compiler_options``),
         {} for XLA's own defaults.
+      async_scheduling: launch the next decode step before reading the current
+        one's tokens (they stay on the device and feed it), so the device does
+        not wait for the host's bookkeeping between steps. Outputs are the same;
+        a request that ends with a stop token or EOS costs one wasted row, and
+        a waiting request may be admitted one step later than without it.
+        Speculation only happens in steady decoding (see ``Engine._speculate``).
       seed: seeds the per-request seeds of requests that give none.
       seq_buckets: sequence counts that decode steps are padded to (ascending);
         None: powers of two up to max_num_seqs.
@@ -92,6 +98,7 @@ class EngineConfig:
     attention_impl: str = "auto"
     fuse_projections: bool = False
     xla_compiler_options: Optional[Mapping[str, Any]] = None
+    async_scheduling: bool = False
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None
@@ -126,6 +133,8 @@ class EngineConfig:
                 raise ValueError("xla_compiler_options must be None or a mapping from XLA option "
                                  f"names to values, got {self.xla_compiler_options!r}")
             object.__setattr__(self, "xla_compiler_options", dict(self.xla_compiler_options))
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'pallas' or 'reference', got "
                              f"{self.attention_impl!r}")

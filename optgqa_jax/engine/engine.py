@@ -29,7 +29,7 @@ from optgqa_jax.config import ModelConfig
 from optgqa_jax.engine.block_manager import KVCacheManager
 from optgqa_jax.engine.config import EngineConfig, SamplingParams
 from optgqa_jax.engine.runner import ModelRunner, page_bytes
-from optgqa_jax.engine.scheduler import Request, Scheduler
+from optgqa_jax.engine.scheduler import Request, Scheduled, Scheduler, Status
 from optgqa_jax.fused import fuse_projections, is_fused
 from optgqa_jax.model import check_params_match
 from optgqa_jax.validation import check_prompt_ids
@@ -87,10 +87,22 @@ class EngineStats:
     preemptions: int
     steps: int
     compiles: int
+    speculative_steps: int = 0  # steps launched before the previous one's tokens were read
 
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step whose tokens the host has not read yet."""
+
+    scheduled: list  # [Scheduled]
+    tokens: jax.Array  # int32 [max_rows] on the device
+    decode_only: bool
+    context_tokens: int
+    launched: float  # host clock at dispatch
 
 
 def _device_free_bytes() -> Optional[int]:
@@ -138,6 +150,9 @@ class Engine:
         self.peak_pages_used = 0
         self.record_steps = False  # set True to log every step in self.step_log
         self.step_log: list[StepRecord] = []
+        self._inflight: Optional[_InFlight] = None  # a launched step not yet read (async)
+        self._speculative_steps = 0
+        self._last_done = 0.0
 
     def _size_pool(self, config: EngineConfig) -> int:
         per_page = page_bytes(self.cfg, config.page_size)
@@ -199,27 +214,95 @@ class Engine:
         return self._enqueue(ids, params, request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def step(self) -> list[Completion]:
-        """Run one scheduling step on the device; returns the requests that finished in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("no request could be scheduled; the pool is too small for "
-                                   "the waiting requests")
-            return []
+        """Run one scheduling step on the device; returns the requests that finished.
+
+        With ``EngineConfig.async_scheduling``, the next decode step is launched
+        before this one's tokens are read (see :meth:`_speculate`), so a step
+        returns the requests that finished in the step launched by the previous
+        call, and the device never waits for the host's bookkeeping.
+        """
+        current, self._inflight = self._inflight, None
+        if current is None:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("no request could be scheduled; the pool is too small for "
+                                       "the waiting requests")
+                return []
+            current = self._launch(scheduled)
+        if self.config.async_scheduling:
+            following = self._speculate(current)
+            if following is not None:
+                self._inflight = self._launch(following, after=current)
+                self._speculative_steps += 1
+        return self._complete(current)
+
+    def _launch(self, scheduled: list, after: Optional[_InFlight] = None) -> _InFlight:
+        """Build and dispatch a step (asynchronously). With `after`, requests that `after`
+        samples for take their next token from its device output."""
         self.peak_pages_used = max(self.peak_pages_used, self.kv.pool.num_used)
-        inputs, decode_only, size = self.runner.build(scheduled, self.kv.tables)
+        from_prev = None
+        if after is not None:
+            from_prev = {s.request.request_id: row for row, s in enumerate(after.scheduled)}
+        inputs, decode_only, size = self.runner.build(scheduled, self.kv.tables, from_prev)
         t0 = time.perf_counter()
-        sampled = self.runner.run(inputs, decode_only, size)  # blocks until the tokens are back
-        if self.record_steps:
+        tokens = self.runner.dispatch(inputs, decode_only, size,
+                                      after.tokens if after is not None else None)
+        return _InFlight(scheduled, tokens, decode_only, int(inputs.context_lens.sum()), t0)
+
+    def _complete(self, step: _InFlight) -> list[Completion]:
+        """Wait for a launched step's tokens and apply them."""
+        sampled = np.asarray(step.tokens)  # blocks until the step is done
+        done = time.perf_counter()
+        if self.record_steps:  # device time: from launch, or from the previous step's end
             self.step_log.append(StepRecord(
-                decode_only, len(scheduled), sum(s.num_new for s in scheduled),
-                int(inputs.context_lens.sum()), time.perf_counter() - t0))
+                step.decode_only, len(step.scheduled), sum(s.num_new for s in step.scheduled),
+                step.context_tokens, done - max(step.launched, self._last_done)))
+        self._last_done = done
         self._steps += 1
-        finished = self.scheduler.update(scheduled, sampled[:len(scheduled)].tolist())
+        finished = self.scheduler.update(step.scheduled, sampled[:len(step.scheduled)].tolist())
         return [self._completion(r) for r in finished]
+
+    def _speculate(self, current: _InFlight) -> Optional[list]:
+        """The decode step that follows `current`, if it can be chosen before its tokens are read.
+
+        That is when every request of `current` samples a token (no prompt chunk
+        is left), they are all the running requests, and waiting requests could
+        not be admitted anyway (none wait, or every seat stays taken). Requests
+        that `current` ends by length are left out; one that it ends with a stop
+        token or EOS runs one wasted step, whose token is dropped. Returns None,
+        and the engine falls back to a synchronous step, if any of this fails or
+        a request would need a page the pool does not have (speculation never
+        preempts).
+        """
+        sched = self.scheduler
+        if len(current.scheduled) != len(sched.running):
+            return None
+        following = []
+        for s in current.scheduled:
+            req = s.request
+            if req.status is not Status.RUNNING or s.start + s.num_new != req.num_tokens:
+                return None  # a prompt chunk (its sample is unused), or not running
+            ends_by_length = (len(req.output_ids) + 1 >= req.params.max_tokens
+                              or req.num_tokens + 1 >= self.max_model_len)
+            if not ends_by_length:
+                following.append(req)
+        if sched.waiting and len(following) < sched.max_num_seqs:
+            return None  # a seat frees up: the synchronous schedule would admit someone
+        if not following:
+            return None
+        for req in following:  # the token `current` samples sits at position req.num_tokens
+            if not self.kv.grow(req.request_id, req.num_tokens + 1):
+                return None
+        return [Scheduled(req, req.num_tokens, 1) for req in following]
+
+    def drain(self) -> list[Completion]:
+        """Finish the step still in flight, if any (asynchronous scheduling)."""
+        current, self._inflight = self._inflight, None
+        return self._complete(current) if current is not None else []
 
     def _completion(self, req: Request) -> Completion:
         del self._requests[req.request_id]
@@ -253,6 +336,7 @@ class Engine:
                 for c in self.step():
                     results[c.request_id] = c
                     bar.update(1)
+        self.drain()  # a speculative step may still run for requests that already ended
         return [results[i] for i in ids]
 
     def warmup(self) -> None:
@@ -266,4 +350,5 @@ class Engine:
                            pages_free=pool.num_free, page_size=self.config.page_size,
                            prefix_queries=self.kv.prefix_queries, prefix_hits=self.kv.prefix_hits,
                            evictions=pool.evictions, preemptions=self.scheduler.num_preemptions,
-                           steps=self._steps, compiles=self.runner.compiles)
+                           steps=self._steps, compiles=self.runner.compiles,
+                           speculative_steps=self._speculative_steps)

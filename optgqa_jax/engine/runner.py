@@ -18,7 +18,7 @@ K KV heads, P pool pages, Z page size, H head dim, V vocabulary.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,8 @@ class StepInputs(NamedTuple):
     top_p: np.ndarray         # float32 [B]
     seeds: np.ndarray         # uint32 [B]
     sample_pos: np.ndarray    # int32 [B] position of the token being sampled
+    token_src: np.ndarray     # int32 [T] -1: the id is in `tokens`; i >= 0: it is row i of the
+    #                           previous step's sampled tokens, still on the device
 
 
 def pack_inputs(inputs: StepInputs) -> tuple[np.ndarray, tuple]:
@@ -104,10 +106,18 @@ def default_compiler_options(backend: str) -> dict:
     return {"xla_gpu_enable_command_buffer": ""} if backend == "cuda" else {}
 
 
-def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, *, layout: tuple,
-                 impl: str, max_q_len: int, decode_only: bool, stochastic: bool):
-    return _step(cfg, params, pool, unpack_inputs(buf, layout), impl=impl, max_q_len=max_q_len,
-                 decode_only=decode_only, stochastic=stochastic)
+def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
+                 *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
+                 stochastic: bool):
+    """The jitted step: unpack the inputs, take ids still on the device from `prev_tokens`
+    (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R]."""
+    inputs = unpack_inputs(buf, layout)
+    src = inputs.token_src
+    tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], inputs.tokens)
+    next_tokens, pool = _step(cfg, params, pool, inputs._replace(tokens=tokens), impl=impl,
+                              max_q_len=max_q_len, decode_only=decode_only, stochastic=stochastic)
+    padded = jnp.zeros(prev_tokens.shape, jnp.int32).at[:next_tokens.shape[0]].set(next_tokens)
+    return padded, pool
 
 
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
@@ -157,6 +167,8 @@ class ModelRunner:
             {_pow2(n) for n in range(1, max_num_seqs + 1)}))
         self.token_buckets = tuple(token_buckets) if token_buckets else tuple(sorted(
             {_pow2(n, 16) for n in range(1, max_num_batched_tokens + 1)}))
+        self.max_rows = max(self.max_num_seqs, self.seq_buckets[-1])  # rows of any step
+        self._no_prev = jnp.zeros((self.max_rows,), jnp.int32)
 
     @property
     def compiles(self) -> int:
@@ -182,10 +194,18 @@ class ModelRunner:
             context_lens=np.zeros(B, np.int32), cu_q_lens=np.zeros(B + 1, np.int32),
             select=np.zeros(B, np.int32), temperature=np.zeros(B, np.float32),
             top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
-            seeds=np.zeros(B, np.uint32), sample_pos=np.zeros(B, np.int32))
+            seeds=np.zeros(B, np.uint32), sample_pos=np.zeros(B, np.int32),
+            token_src=np.full(T, -1, np.int32))
 
-    def build(self, scheduled: Sequence[Scheduled], tables: dict) -> tuple[StepInputs, bool, int]:
-        """Pack the scheduled tokens into bucket-shaped numpy arrays."""
+    def build(self, scheduled: Sequence[Scheduled], tables: dict,
+              from_prev: Optional[dict] = None) -> tuple[StepInputs, bool, int]:
+        """Pack the scheduled tokens into bucket-shaped numpy arrays.
+
+        ``from_prev`` maps request ids to their row in the previous step's output:
+        those requests decode the token that step sampled, which the host has not
+        read yet (asynchronous scheduling); it stays on the device.
+        """
+        from_prev = from_prev or {}
         decode_only = all(s.num_new == 1 for s in scheduled)
         total = sum(s.num_new for s in scheduled)
         size = (self._fit(len(scheduled), self.seq_buckets) if decode_only
@@ -195,10 +215,12 @@ class ModelRunner:
         t = 0
         for b, s in enumerate(scheduled):
             req = s.request
-            ids = req.all_ids[s.start:s.start + s.num_new]
             pos = np.arange(s.start, s.start + s.num_new, dtype=np.int32)
             table = np.asarray(tables[req.request_id], np.int32)
-            x.tokens[t:t + s.num_new] = ids
+            if req.request_id in from_prev:
+                x.token_src[t] = from_prev[req.request_id]  # one token, sampled last step
+            else:
+                x.tokens[t:t + s.num_new] = req.all_ids[s.start:s.start + s.num_new]
             x.positions[t:t + s.num_new] = pos
             x.slot_mapping[t:t + s.num_new] = table[pos // Z] * Z + pos % Z
             x.token_seq[t:t + s.num_new] = b
@@ -220,16 +242,20 @@ class ModelRunner:
         is a program without the vocabulary sort and without a device-side branch."""
         return bool(np.any(inputs.temperature > 0))
 
-    def _args(self, inputs: StepInputs, decode_only: bool, size: int):
+    def _args(self, inputs: StepInputs, decode_only: bool, size: int, prev_tokens=None):
         buf, layout = pack_inputs(inputs)
-        return ((self.cfg, self.params, self.pool, jax.device_put(buf)),
+        prev = self._no_prev if prev_tokens is None else prev_tokens
+        return ((self.cfg, self.params, self.pool, jax.device_put(buf), prev),
                 dict(layout=layout, impl=self.impl, max_q_len=1 if decode_only else size,
                      decode_only=decode_only, stochastic=self._stochastic(inputs)))
 
-    def dispatch(self, inputs: StepInputs, decode_only: bool, size: int) -> jax.Array:
-        """Launch one step (asynchronously); returns the sampled tokens [B] on the device."""
+    def dispatch(self, inputs: StepInputs, decode_only: bool, size: int,
+                 prev_tokens: Optional[jax.Array] = None) -> jax.Array:
+        """Launch one step (asynchronously); returns its sampled tokens on the device, one per
+        row, padded to [max_rows]. ``prev_tokens`` is the previous step's such array (the
+        source of ``inputs.token_src``)."""
         self.signatures.add((decode_only, size, self._stochastic(inputs)))
-        args, kwargs = self._args(inputs, decode_only, size)
+        args, kwargs = self._args(inputs, decode_only, size, prev_tokens)
         tokens, self.pool = self.step_fn(*args, **kwargs)
         return tokens
 

@@ -143,6 +143,8 @@ class Scheduler:
         finished = []
         for item, token in zip(scheduled, sampled):
             req = item.request
+            if req.status is not Status.RUNNING:
+                continue  # ended (stop token) while this step ran speculatively: drop its token
             req.num_computed = item.start + item.num_new
             self.kv.register_full_blocks(req.request_id, req.all_ids, req.num_computed)
             if req.num_computed < req.num_tokens:
