@@ -336,7 +336,8 @@ class Engine:
                 for c in self.step():
                     results[c.request_id] = c
                     bar.update(1)
-        self.drain()  # a speculative step may still run for requests that already ended
+        if not self.scheduler.has_unfinished():
+            self.drain()  # a speculative step of requests that all ended: nothing comes of it
         return [results[i] for i in ids]
 
     def warmup(self) -> None:
