@@ -259,3 +259,24 @@ def test_async_step_interface(tiny):
             done[c.request_id] = c.token_ids
     assert [done[i] for i in ids] == tiny[3][:5]
     assert eng.stats.speculative_steps > 0
+
+
+def test_async_scheduling_matches_sync_on_random_workloads(tiny, rng):
+    """Random pools, seat counts, token budgets, lengths, stops and sampling: same outputs."""
+    cfg, params, _, _ = tiny
+    for _ in range(3):
+        n = int(rng.integers(3, 10))
+        prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, size=int(m))]
+                   for m in rng.integers(1, 30, size=n)]
+        sps = [og.SamplingParams(temperature=float(rng.choice([0.0, 0.8])), seed=int(rng.integers(99)),
+                                 max_tokens=int(rng.integers(1, 12)),
+                                 stop_token_ids=tuple(int(t) for t in rng.integers(0, cfg.vocab_size, 20)))
+               for _ in range(n)]
+        regime = dict(num_pages=int(rng.integers(8, 64)), max_num_seqs=int(rng.integers(1, 6)),
+                      max_num_batched_tokens=int(rng.choice([16, 32, 64])))
+        sync = _engine(tiny, **regime).generate(prompts, sps)
+        eng = _engine(tiny, async_scheduling=True, **regime)
+        outs = eng.generate(prompts, sps)
+        assert [(o.token_ids, o.finish_reason) for o in outs] == \
+            [(o.token_ids, o.finish_reason) for o in sync], regime
+        assert eng.stats.pages_used == 0
