@@ -280,3 +280,29 @@ def test_async_scheduling_matches_sync_on_random_workloads(tiny, rng):
         assert [(o.token_ids, o.finish_reason) for o in outs] == \
             [(o.token_ids, o.finish_reason) for o in sync], regime
         assert eng.stats.pages_used == 0
+
+
+def test_vectorised_decode_inputs_equal_the_general_builder(tiny, rng):
+    from optgqa_jax.engine.runner import StepInputs
+    from optgqa_jax.engine.scheduler import Request, Scheduled
+
+    eng = _engine(tiny)
+    runner = eng.runner
+    n = int(rng.integers(1, 8))
+    scheduled, tables, from_prev = [], {}, {}
+    for i in range(n):
+        req = Request(f"q{i}", [int(t) for t in rng.integers(0, 200, int(rng.integers(1, 30)))],
+                      og.SamplingParams(temperature=float(rng.uniform(0, 2)), top_k=int(rng.integers(0, 9)),
+                                        top_p=float(rng.uniform(0.1, 1))), int(rng.integers(2**32)), None)
+        req.output_ids = [int(t) for t in rng.integers(0, 200, int(rng.integers(0, 9)))]
+        start = req.num_tokens - 1 if rng.random() < 0.5 else req.num_tokens  # last id, or in flight
+        if start == req.num_tokens:
+            from_prev[req.request_id] = int(rng.integers(0, 8))
+        tables[req.request_id] = [int(b) for b in rng.permutation(256)[:start // 8 + 1]]
+        scheduled.append(Scheduled(req, start, 1))
+    x, decode_only, size = runner.build(scheduled, tables, from_prev)
+    assert decode_only
+    y = runner._empty(True, size)
+    runner._fill_packed(y, scheduled, tables, from_prev)
+    for name, a, b in zip(StepInputs._fields, x, y):
+        np.testing.assert_array_equal(a, b, err_msg=name)

@@ -18,6 +18,7 @@ K KV heads, P pool pages, Z page size, H head dim, V vocabulary.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -211,6 +212,13 @@ class ModelRunner:
         size = (self._fit(len(scheduled), self.seq_buckets) if decode_only
                 else self._fit(total, self.token_buckets))
         x = self._empty(decode_only, size)
+        fill = self._fill_decode if decode_only else self._fill_packed
+        fill(x, scheduled, tables, from_prev)
+        return x, decode_only, size
+
+    def _fill_packed(self, x: StepInputs, scheduled: Sequence[Scheduled], tables: dict,
+                     from_prev: dict) -> None:
+        """:meth:`build` for any step: each sequence's new tokens, one sequence at a time."""
         Z = self.page_size
         t = 0
         for b, s in enumerate(scheduled):
@@ -234,7 +242,35 @@ class ModelRunner:
             x.sample_pos[b] = s.start + s.num_new
             t += s.num_new
         x.cu_q_lens[len(scheduled) + 1:] = t
-        return x, decode_only, size
+
+    def _fill_decode(self, x: StepInputs, scheduled: Sequence[Scheduled], tables: dict,
+                     from_prev: dict) -> None:
+        """:meth:`build` for a decode-only step (one token per sequence), with array operations
+        instead of a Python loop per sequence: the host's cost of a step of 256 sequences."""
+        n, Z = len(scheduled), self.page_size
+        reqs = [s.request for s in scheduled]
+        pos = np.fromiter((s.start for s in scheduled), np.int32, n)
+        rows = [tables[r.request_id] for r in reqs]
+        lens = np.fromiter(map(len, rows), np.int32, n)
+        filled = np.arange(x.block_tables.shape[1])[None, :] < lens[:, None]  # [n, M]
+        x.block_tables[:n][filled] = np.fromiter(itertools.chain.from_iterable(rows), np.int32,
+                                                 int(lens.sum()))
+        rowid = np.arange(n, dtype=np.int32)
+        x.slot_mapping[:n] = x.block_tables[rowid, pos // Z] * Z + pos % Z
+        x.tokens[:n] = [0 if r.request_id in from_prev else r.token_at(p)
+                        for r, p in zip(reqs, pos.tolist())]
+        x.token_src[:n] = [from_prev.get(r.request_id, -1) for r in reqs]
+        x.positions[:n] = pos
+        x.token_seq[:n] = rowid
+        x.context_lens[:n] = pos + 1
+        x.cu_q_lens[1:n + 1] = rowid + 1
+        x.cu_q_lens[n + 1:] = n
+        x.select[:n] = rowid
+        x.temperature[:n] = [r.params.temperature for r in reqs]
+        x.top_k[:n] = [r.params.top_k for r in reqs]
+        x.top_p[:n] = [r.params.top_p for r in reqs]
+        x.seeds[:n] = [r.seed for r in reqs]
+        x.sample_pos[:n] = pos + 1
 
     @staticmethod
     def _stochastic(inputs: StepInputs) -> bool:
