@@ -164,6 +164,12 @@ class KVCacheManager:
         table.extend(self.pool.allocate() for _ in range(max(0, extra)))
         return True
 
+    def has_unregistered_full_blocks(self, seq_id: str, num_computed: int) -> bool:
+        """Whether :meth:`register_full_blocks` would register anything (a cheap check, so
+        callers build the token list only when a block has filled)."""
+        return (self.pool.enable_prefix_caching
+                and num_computed // self.block_size > self.num_registered[seq_id])
+
     def register_full_blocks(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Enter the blocks completely filled by computed tokens into the prefix cache."""
         if not self.pool.enable_prefix_caching:

@@ -151,7 +151,8 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue  # ended (stop token) while this step ran speculatively: drop its token
             req.num_computed = item.start + item.num_new
-            self.kv.register_full_blocks(req.request_id, req.all_ids, req.num_computed)
+            if self.kv.has_unregistered_full_blocks(req.request_id, req.num_computed):
+                self.kv.register_full_blocks(req.request_id, req.all_ids, req.num_computed)
             if req.num_computed < req.num_tokens:
                 continue  # a prefill chunk: more prompt to go, the sample is not used
             req.output_ids.append(int(token))
