@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
-from optgqa_jax.engine.runner import ModelRunner  # noqa: E402
+from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
 
 
@@ -275,8 +275,7 @@ def main():
         runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=Z, max_num_seqs=B,
                              max_num_batched_tokens=B, max_model_len=cfg.max_seq_len, impl=impl,
                              seq_buckets=(B,), token_buckets=(B,), compiler_options=(
-                                 dict(o.split("=", 1) for o in args.xla_option)
-                                 if args.xla_option else None))
+                                 parse_xla_options(args.xla_option) if args.xla_option else None))
         meta["compiler_options"] = runner.compiler_options
         for label, lens in (("step", lengths), ("step, contexts of 1", np.ones(B, np.int32))):
             inputs = decode_inputs(runner, lens)

@@ -50,6 +50,7 @@ class BenchConfig:
     seed: int = 0
     hf_batch_size: int = 64
     async_scheduling: bool = False
+    xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = False  # serve from fused q/k/v and gate/up weights
 
@@ -167,7 +168,8 @@ def run_engine(bc: BenchConfig) -> dict:
         max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
         attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
         token_buckets=bc.token_buckets, enable_prefix_caching=False,
-        fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling))
+        fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
+        xla_compiler_options=bc.xla_compiler_options))
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
@@ -370,7 +372,9 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
                           if bc.kv_memory_bytes else "")
                        + (", fused q/k/v and gate/up" if bc.fuse_projections else "")
-                       + (", asynchronous scheduling" if bc.async_scheduling else ""),
+                       + (", asynchronous scheduling" if bc.async_scheduling else "")
+                       + (f", XLA options {bc.xla_compiler_options}"
+                          if bc.xla_compiler_options is not None else ""),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with open(os.path.join(out_dir, "bench_engine.json"), "w") as f:
         json.dump(dict(meta=meta, config=dataclasses.asdict(bc), runs=runs), f, indent=1)
@@ -406,6 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--async-scheduling", action="store_true",
                         help="launch each decode step before the previous one's tokens are read "
                              "(EngineConfig option)")
+    parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="repeatable: an XLA compiler option for the engine's steps, replacing "
+                             "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -413,6 +420,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size,
                         help="prompts per Hugging Face generate call")
     parser.add_argument("--out", default=os.path.join("experiments", "results"))
+
+
+def _xla_options(items: list[str]) -> Optional[dict]:
+    """``--xla-option NAME=VALUE`` strings as compiler options (None when none are given)."""
+    from optgqa_jax.engine.runner import parse_xla_options
+
+    try:
+        return parse_xla_options(items) or None
+    except ValueError as e:
+        raise SystemExit(f"--xla-option: {e}") from None
 
 
 def config_from_args(args) -> BenchConfig:
@@ -428,6 +445,7 @@ def config_from_args(args) -> BenchConfig:
         kv_memory_bytes=int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else None,
         fuse_projections=args.fuse_projections, hf_batch_size=args.hf_batch_size,
         async_scheduling=args.async_scheduling,
+        xla_compiler_options=_xla_options(args.xla_option),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,))
 

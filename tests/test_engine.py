@@ -209,7 +209,12 @@ def test_step_inputs_pack_into_one_buffer_and_back():
 
 
 def test_xla_compiler_options(tiny):
-    from optgqa_jax.engine.runner import default_compiler_options
+    from optgqa_jax.engine.runner import default_compiler_options, parse_xla_options
+
+    assert parse_xla_options(["a=true", "b=False", "c=3", "d=FUSION,CUBLAS", "e="]) == dict(
+        a=True, b=False, c=3, d="FUSION,CUBLAS", e="")
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_xla_options(["xla_gpu_enable_command_buffer"])
 
     assert default_compiler_options("cuda") == {"xla_gpu_enable_command_buffer": ""}
     assert default_compiler_options("cpu") == {} == default_compiler_options("rocm")

@@ -107,6 +107,24 @@ def default_compiler_options(backend: str) -> dict:
     return {"xla_gpu_enable_command_buffer": ""} if backend == "cuda" else {}
 
 
+def parse_xla_options(items: Sequence[str]) -> dict:
+    """``NAME=VALUE`` strings (command-line flags) as compiler options: "true"/"false" become
+    bools and integers ints, as XLA's option setter wants; anything else stays a string."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"an XLA option must be written NAME=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            out[name] = value.lower() == "true"
+        else:
+            try:
+                out[name] = int(value)
+            except ValueError:
+                out[name] = value
+    return out
+
+
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
                  stochastic: bool):
