@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Rerun the GPU measurements behind experiments/results/<device>/ on one NVIDIA GPU.
+#
+#   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
+#
+# STEP is any of: tests kernels profile engine engine-async engine-graphs (default: all, in that
+# order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
+# experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
+# the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
+set -u
+out=${1:-experiments/results/latest}
+shift || true
+steps=${*:-tests kernels profile engine engine-async engine-graphs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+engine_args=(--model llama3-8b --max-num-seqs 256 --kv-memory-gib 48 --fuse-projections)
+
+run() {  # run NAME SECONDS CMD...: one step, its output in OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "   exit $?; log: $out/$name.log"
+}
+
+for step in $steps; do
+  case $step in
+    tests)  # every kernel test, compiled for the GPU
+      JAX_DEFAULT_MATMUL_PRECISION=highest run gpu_kernel_tests 600 python -m pytest -q \
+        -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
+        tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py ;;
+    kernels)  # the kernel table: all shapes, peers, ALiBi on and off
+      run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
+    profile)  # one decode step, pipelined and synchronous
+      run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
+        --out "$out" ;;
+    engine)  # the workload: GQA, its MHA twin and Hugging Face generate in one run
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine 900 python experiments/bench_engine.py \
+        "${engine_args[@]}" --compare-mha --hf-requests 1000 --hf-batch-size 256 \
+        --out "$out/engine" ;;
+    engine-async)  # the same with asynchronous scheduling
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_async 600 python \
+        experiments/bench_engine.py "${engine_args[@]}" --async-scheduling --compare-mha \
+        --out "$out/engine_async" ;;
+    engine-graphs)  # asynchronous scheduling with XLA command buffers (CUDA graphs) on
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_graphs 600 python \
+        experiments/bench_engine.py "${engine_args[@]}" --async-scheduling \
+        --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
+        --out "$out/engine_graphs" ;;
+    *) echo "unknown step $step (tests kernels profile engine engine-async engine-graphs)"; exit 2 ;;
+  esac
+done
