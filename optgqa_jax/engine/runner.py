@@ -8,9 +8,14 @@ A step packs the scheduled tokens of all sequences along one axis. To keep
 the number of compiled programs small and fixed, shapes are padded to
 buckets: decode-only steps to a power-of-two number of sequences; mixed
 (prefill) steps to a power-of-two token count, with the sequence axis always
-``max_num_seqs`` wide; block tables always span ``max_model_len``. So at most
-``log2(max_num_seqs) + log2(max_num_batched_tokens) + 2`` programs exist, and
-:meth:`ModelRunner.warmup` can compile all of them up front.
+``max_num_seqs`` wide; block tables always span ``max_model_len``. Each bucket
+has a greedy and a sampling program (the host knows which a step needs). So
+at most ``2 * (log2(max_num_seqs) + log2(max_num_batched_tokens) + 2)``
+programs exist, and :meth:`ModelRunner.warmup` compiles all of them up front.
+
+A step's inputs travel as one packed int32 buffer (:func:`pack_inputs`). Its
+sampled tokens stay on the device until read, padded to ``max_rows``, so the
+next step can take its input ids from them (asynchronous scheduling).
 
 Axis legend: T packed tokens, B sequences, M pages per sequence, L layers,
 K KV heads, P pool pages, Z page size, H head dim, V vocabulary.
@@ -171,7 +176,8 @@ class ModelRunner:
 
             compiler_options = default_compiler_options(backend())
         self.compiler_options = dict(compiler_options)
-        # the jitted step: one compiled program per (decode_only, bucket size); the pool is donated
+        # the jitted step: one program per (decode_only, bucket size, greedy or sampling); the
+        # pool is donated
         self.step_fn = jax.jit(_packed_step, donate_argnames=("pool",),
                                static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
                                                 "stochastic"),
