@@ -311,3 +311,18 @@ def test_vectorised_decode_inputs_equal_the_general_builder(tiny, rng):
     runner._fill_packed(y, scheduled, tables, from_prev)
     for name, a, b in zip(StepInputs._fields, x, y):
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_generate_keeps_completions_of_requests_queued_by_add_request(tiny, async_scheduling):
+    """A request added with add_request that ends during generate() comes back from step()."""
+    cfg, params, prompts, ref = tiny
+    eng = _engine(tiny, async_scheduling=async_scheduling)
+    rid = eng.add_request(prompts[0], og.SamplingParams(temperature=0.0, max_tokens=2))
+    outs = eng.generate(prompts[1:3], GREEDY)  # runs longer than the queued request
+    assert [o.token_ids for o in outs] == ref[1:3]
+    assert eng.has_unfinished()
+    rest = []
+    while eng.has_unfinished():
+        rest += eng.step()
+    assert [(c.request_id, c.token_ids) for c in rest] == [(rid, ref[0][:2])]

@@ -152,6 +152,7 @@ class Engine:
         self.step_log: list[StepRecord] = []
         self._inflight: Optional[_InFlight] = None  # a launched step not yet read (async)
         self._speculative_steps = 0
+        self._unclaimed: list[Completion] = []  # see generate()
         self._last_done = 0.0
 
     def _size_pool(self, config: EngineConfig) -> int:
@@ -214,7 +215,9 @@ class Engine:
         return self._enqueue(ids, params, request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        """Whether any request is waiting, running or finished but not yet returned by step()."""
+        return (self.scheduler.has_unfinished() or self._inflight is not None
+                or bool(self._unclaimed))
 
     def step(self) -> list[Completion]:
         """Run one scheduling step on the device; returns the requests that finished.
@@ -224,6 +227,7 @@ class Engine:
         returns the requests that finished in the step launched by the previous
         call, and the device never waits for the host's bookkeeping.
         """
+        unclaimed, self._unclaimed = self._unclaimed, []  # finished during a generate() call
         current, self._inflight = self._inflight, None
         if current is None:
             scheduled = self.scheduler.schedule()
@@ -231,14 +235,14 @@ class Engine:
                 if self.scheduler.has_unfinished():
                     raise RuntimeError("no request could be scheduled; the pool is too small for "
                                        "the waiting requests")
-                return []
+                return unclaimed
             current = self._launch(scheduled)
         if self.config.async_scheduling:
             following = self._speculate(current)
             if following is not None:
                 self._inflight = self._launch(following, after=current)
                 self._speculative_steps += 1
-        return self._complete(current)
+        return unclaimed + self._complete(current)
 
     def _launch(self, scheduled: list, after: Optional[_InFlight] = None) -> _InFlight:
         """Build and dispatch a step (asynchronously). With `after`, requests that `after`
@@ -330,12 +334,16 @@ class Engine:
                     for i, (p, sp) in enumerate(zip(prompts, params))]
         ids = [self._enqueue(i, sp, None) for i, sp in prepared]
         results: dict[str, Completion] = {}
+        wanted = set(ids)
         show = progress if progress is not None else len(prompts) > 8
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
             while len(results) < len(ids):
                 for c in self.step():
-                    results[c.request_id] = c
-                    bar.update(1)
+                    if c.request_id in wanted:
+                        results[c.request_id] = c
+                        bar.update(1)
+                    else:  # a request queued with add_request: the next step() returns it
+                        self._unclaimed.append(c)
         if not self.scheduler.has_unfinished():
             self.drain()  # a speculative step of requests that all ended: nothing comes of it
         return [results[i] for i in ids]
