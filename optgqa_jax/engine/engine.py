@@ -220,7 +220,8 @@ class Engine:
                 or bool(self._unclaimed))
 
     def step(self) -> list[Completion]:
-        """Run one scheduling step on the device; returns the requests that finished.
+        """Run one scheduling step on the device; returns the requests that finished (and
+        those queued with :meth:`add_request` that finished during a :meth:`generate` call).
 
         With ``EngineConfig.async_scheduling``, the next decode step is launched
         before this one's tokens are read (see :meth:`_speculate`), so a step
