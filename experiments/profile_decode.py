@@ -19,8 +19,14 @@ Usage::
         --context 257 512 --out experiments/results
 
     # does XLA's command-buffer (CUDA graph) setting change the step and its idle time?
+    # (the engine sets that option itself, and its compiler options take precedence
+    # over XLA_FLAGS, so compare it with --xla-option)
+    python experiments/profile_decode.py --quick \\
+        --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL
+
+    # any other XLA flag: one process per XLA_FLAGS string
     python experiments/profile_decode.py --xla-flags-variant=default \\
-        --xla-flags-variant='--xla_gpu_enable_command_buffer='
+        --xla-flags-variant='--xla_gpu_enable_triton_gemm=false'
 
 Writes ``profile_decode.json`` and ``profile_decode.md``.
 """
@@ -222,7 +228,8 @@ def main():
                     dest="xla_flags_variants",
                     help="repeatable, written --xla-flags-variant='--xla_...': rerun (--quick) "
                          "once per XLA_FLAGS string, each in its own process, and compare step "
-                         "time and GPU idle time; 'default' leaves XLA_FLAGS unset")
+                         "time and GPU idle time; 'default' leaves XLA_FLAGS unset (options the "
+                         "engine sets itself, such as command buffers, need --xla-option)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if args.xla_flags_variants:
