@@ -6,8 +6,10 @@ Measured in one run:
 (b) paged decode — ours vs JAX's Pallas ``paged_attention`` (float16: its
     bfloat16 path fails in jax 0.11) and an XLA gather + einsum reference — as
     GB/s of K/V read and % of the copy bandwidth;
-(c) dense causal prefill — our ``flash_attention`` vs ``jax.nn.dot_product_attention``
-    (cuDNN and XLA) and JAX's Pallas ``mha`` (K/V repeated to MHA for it) in TFLOP/s;
+(c) dense causal prefill — our ``flash_attention`` (jitted with XLA's default
+    options, and with ``pallas_kernels.compiler_options()``) vs
+    ``jax.nn.dot_product_attention`` (cuDNN and XLA) and JAX's Pallas ``mha``
+    (K/V repeated to MHA for it) in TFLOP/s;
 
 each with and without ALiBi where the peer supports it (ALiBi is passed to
 cuDNN/XLA as a materialised bias). Every kernel output is checked against the
@@ -39,7 +41,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402  (the ceiling: best method, best of 5)
 from pallas_kernels import (FlashAttentionConfig, PagedAttentionConfig, alibi_slopes,  # noqa: E402
-                            flash_attention, paged_attention, paged_attention_reference)
+                            compiler_options, flash_attention, paged_attention,
+                            paged_attention_reference)
 
 
 def commit() -> str:
@@ -236,7 +239,12 @@ def bench_flash(B, T, N, K, D, sweep: bool):
             q, k, v, bias=b, is_causal=True, implementation="xla"))
         ref = xla(q, k, v)
         ours = jax.jit(lambda q, k, v, sl=sl: flash_attention(q, k, v, causal=True, alibi_slopes=sl))
-        record("optgqa", alibi, ours, (q, k, v), ref)
+        record("optgqa", alibi, ours, (q, k, v), ref, note="XLA's default options")
+        ours_ftz = jax.jit(lambda q, k, v, sl=sl: flash_attention(q, k, v, causal=True,
+                                                                  alibi_slopes=sl),
+                           compiler_options=compiler_options("cuda"))
+        record("optgqa", alibi, ours_ftz, (q, k, v), ref,
+               note="jit with pallas_kernels.compiler_options() (float32 denormals flushed)")
         if sweep and not alibi:
             for cfg in FLASH_SWEEP:
                 fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))

@@ -49,10 +49,10 @@ class BenchConfig:
     attention_impl: str = "auto"
     seed: int = 0
     hf_batch_size: int = 64
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
-    fuse_projections: bool = False  # serve from fused q/k/v and gate/up weights
+    fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
 
 
 def model_config(bc: BenchConfig, max_seq_len: Optional[int] = None):
@@ -371,8 +371,10 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        f"page_size={bc.page_size}, attention={bc.attention_impl}"
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
                           if bc.kv_memory_bytes else "")
-                       + (", fused q/k/v and gate/up" if bc.fuse_projections else "")
-                       + (", asynchronous scheduling" if bc.async_scheduling else "")
+                       + (", fused q/k/v and gate/up" if bc.fuse_projections
+                          else ", separate q/k/v and gate/up")
+                       + (", asynchronous scheduling" if bc.async_scheduling
+                          else ", synchronous scheduling")
                        + (f", XLA options {bc.xla_compiler_options}"
                           if bc.xla_compiler_options is not None else ""),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -405,11 +407,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "needs more batches fewer sequences (what a fixed GPU allows)")
     parser.add_argument("--attention-impl", default=d.attention_impl,
                         choices=["auto", "pallas", "reference"])
-    parser.add_argument("--fuse-projections", action="store_true",
-                        help="serve from fused q/k/v and gate/up weights (EngineConfig option)")
-    parser.add_argument("--async-scheduling", action="store_true",
+    parser.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction,
+                        default=d.fuse_projections,
+                        help="serve from fused q/k/v and gate/up weights (EngineConfig option; "
+                             "default: on)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=d.async_scheduling,
                         help="launch each decode step before the previous one's tokens are read "
-                             "(EngineConfig option)")
+                             "(EngineConfig option; default: on)")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")

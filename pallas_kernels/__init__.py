@@ -10,7 +10,11 @@ backends alike; on CPU pass ``interpret=True``.
 * :func:`flash_attention` — dense causal prefill / training forward (GQA, ALiBi).
 * :func:`paged_prefill_attention` — ragged packed prefill over a paged cache.
 * :func:`alibi_slopes` — per-head ALiBi slopes.
+* :func:`compiler_options` — XLA options for the ``jax.jit`` that calls the kernels
+  (on CUDA: flush float32 denormals, a few percent faster).
 """
+
+from pallas_kernels._common import compiler_options
 
 from pallas_kernels.alibi import alibi_slopes, alibi_slopes_np
 from pallas_kernels.flash_attention import (FlashAttentionConfig, flash_attention,
@@ -21,7 +25,7 @@ from pallas_kernels.paged_prefill_attention import (PagedPrefillConfig, paged_pr
                                                     paged_prefill_attention_reference)
 
 __all__ = [
-    "alibi_slopes", "alibi_slopes_np",
+    "alibi_slopes", "alibi_slopes_np", "compiler_options",
     "FlashAttentionConfig", "flash_attention", "flash_attention_reference",
     "PagedAttentionConfig", "paged_attention", "paged_attention_reference",
     "PagedPrefillConfig", "paged_prefill_attention", "paged_prefill_attention_reference",

@@ -61,7 +61,10 @@ class FlashAttentionConfig:
             return cls(block_q=64, block_k=64, num_warps=4, num_stages=1)
         if head_dim <= 64:
             return cls(block_q=128, block_k=64, num_warps=4, num_stages=3)
-        return cls()
+        # H100, B=4 T=4096 GQA 32/8 causal, compiled with compiler_options():
+        # 445-451 TFLOP/s against 435-437 for the 128/128 tiles (without the
+        # options the two tie within 3%).
+        return cls(block_q=256, block_k=64, num_warps=8, num_stages=3, heavy_first=True)
 
     def validate(self) -> None:
         C.validate_tuning(self, ("block_q", "block_k"))

@@ -216,7 +216,8 @@ def test_xla_compiler_options(tiny):
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_xla_options(["xla_gpu_enable_command_buffer"])
 
-    assert default_compiler_options("cuda") == {"xla_gpu_enable_command_buffer": ""}
+    assert default_compiler_options("cuda") == {"xla_gpu_enable_command_buffer": "",
+                                                 "xla_gpu_ftz": True}
     assert default_compiler_options("cpu") == {} == default_compiler_options("rocm")
     with pytest.raises(ValueError, match="xla_compiler_options must be None or a mapping"):
         og.EngineConfig(xla_compiler_options=["xla_gpu_enable_command_buffer"])
@@ -231,14 +232,21 @@ def test_xla_compiler_options(tiny):
     dict(max_num_batched_tokens=16),  # chunked prefill
     dict(max_num_seqs=3),  # requests wait for seats
 ])
-def test_async_scheduling_gives_the_same_tokens(tiny, regime):
-    eng = _engine(tiny, async_scheduling=True, **regime)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_both_scheduling_modes_give_the_same_tokens(tiny, regime, async_scheduling):
+    """Asynchronous scheduling (the default) and synchronous steps, in every regime."""
+    eng = _engine(tiny, async_scheduling=async_scheduling, **regime)
     outs = eng.generate(tiny[2], GREEDY)
     assert [o.token_ids for o in outs] == tiny[3]
-    assert eng.stats.speculative_steps > 0  # the overlap really happened
+    # the overlap really happened, and only when asked for
+    assert (eng.stats.speculative_steps > 0) == async_scheduling
     assert eng.stats.pages_used == 0 and not eng.has_unfinished()
     if "num_pages" in regime:
         assert eng.stats.preemptions > 0
+
+
+def test_asynchronous_scheduling_is_the_default():
+    assert og.EngineConfig().async_scheduling is True
 
 
 def test_async_scheduling_with_stop_tokens_and_sampling(tiny):
@@ -246,7 +254,7 @@ def test_async_scheduling_with_stop_tokens_and_sampling(tiny):
     # every request stops at a token it would generate at step 2-6, mid-way through the batch
     params_for = [og.SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, seed=i,
                                     stop_token_ids=(r[2 + i % 5],)) for i, r in enumerate(ref)]
-    sync = _engine(tiny).generate(prompts, params_for)
+    sync = _engine(tiny, async_scheduling=False).generate(prompts, params_for)
     eng = _engine(tiny, async_scheduling=True)
     outs = eng.generate(prompts, params_for)
     assert [o.token_ids for o in outs] == [o.token_ids for o in sync]
@@ -279,7 +287,7 @@ def test_async_scheduling_matches_sync_on_random_workloads(tiny, rng):
                for _ in range(n)]
         regime = dict(num_pages=int(rng.integers(8, 64)), max_num_seqs=int(rng.integers(1, 6)),
                       max_num_batched_tokens=int(rng.choice([16, 32, 64])))
-        sync = _engine(tiny, **regime).generate(prompts, sps)
+        sync = _engine(tiny, async_scheduling=False, **regime).generate(prompts, sps)
         eng = _engine(tiny, async_scheduling=True, **regime)
         outs = eng.generate(prompts, sps)
         assert [(o.token_ids, o.finish_reason) for o in outs] == \

@@ -1,12 +1,15 @@
 """flash_attention (dense prefill) against a float64 numpy reference; interpret mode on CPU."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from checks import assert_close_to_scale
 from kernel_cases import INTERPRET, TOLERANCE, attention_np, contiguous_map, rand
-from pallas_kernels import alibi_slopes
+from pallas_kernels import alibi_slopes, compiler_options
 from pallas_kernels.flash_attention import (FlashAttentionConfig, flash_attention,
                                             flash_attention_reference)
 
@@ -23,14 +26,17 @@ CASES = [
 ]
 
 
-def _check(rng, dtype, B, T, S, N, K, D, causal, alibi, config=SMALL):
+def _check(rng, dtype, B, T, S, N, K, D, causal, alibi, config=SMALL, jit_options=None):
+    """jit_options: compile the call in a jax.jit with these compiler options."""
     q, q64 = rand(rng, (B, T, N, D), dtype)
     k, k64 = rand(rng, (B, S, K, D), dtype)
     v, v64 = rand(rng, (B, S, K, D), dtype)
     slopes = np.asarray(alibi_slopes(N), np.float64) if alibi else None
-    out = flash_attention(q, k, v, causal=causal,
-                          alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32),
-                          interpret=INTERPRET, config=config)
+    call = functools.partial(flash_attention, causal=causal, interpret=INTERPRET, config=config)
+    if jit_options is not None:
+        call = jax.jit(call, compiler_options=jit_options)
+    out = call(q, k, v,
+               alibi_slopes=None if slopes is None else jnp.asarray(slopes, jnp.float32))
     assert out.shape == q.shape and out.dtype == dtype
     out = np.asarray(out.astype(jnp.float32), np.float64)
     for b in range(B):
@@ -50,6 +56,23 @@ def test_random_shapes(rng):
         T = int(rng.integers(1, 40))
         _check(rng, jnp.float32, 1, T, T + int(rng.integers(0, 20)), K * int(rng.integers(1, 5)),
                K, int(rng.choice([64, 128])), bool(rng.integers(2)), bool(rng.integers(2)))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "rocm"])
+def test_backend_tiles_under_the_recommended_compiler_options(rng, backend):
+    """Each backend's default tiles (CUDA: 256-query tiles, heavy blocks first), jitted with
+    pallas_kernels.compiler_options() (float32 denormals flushed on CUDA), on a length that
+    fills no tile."""
+    config = FlashAttentionConfig.for_backend(backend, 128)
+    _check(rng, jnp.bfloat16, 1, 300, 311, 6, 2, 128, True, True, config=config,
+           jit_options=compiler_options())
+
+
+def test_compiler_options_per_backend():
+    assert compiler_options("cuda") == {"xla_gpu_ftz": True}
+    assert compiler_options("rocm") == {} == compiler_options("cpu")
+    with pytest.raises(ValueError, match="backend_name must be"):
+        compiler_options("tpu")
 
 
 def test_default_config_and_jnp_reference(rng):

@@ -79,6 +79,10 @@ class EngineConfig:
         a request that ends with a stop token or EOS costs one wasted row, and
         a waiting request may be admitted one step later than without it.
         Speculation only happens in steady decoding (see ``Engine._speculate``).
+        On by default: on an H100 it raised the Llama-3-8B benchmark from 60% to
+        72% decode MBU (``experiments/results/h100/``). False runs every step
+        synchronously (:meth:`Engine.step` then returns the finished requests of
+        the step it ran).
       seed: seeds the per-request seeds of requests that give none.
       seq_buckets: sequence counts that decode steps are padded to (ascending);
         None: powers of two up to max_num_seqs.
@@ -98,7 +102,7 @@ class EngineConfig:
     attention_impl: str = "auto"
     fuse_projections: bool = False
     xla_compiler_options: Optional[Mapping[str, Any]] = None
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None

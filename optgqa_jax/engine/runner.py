@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.engine.scheduler import Scheduled
 from optgqa_jax.kv_layers import PagedBatch, PagedLayerKV
@@ -107,9 +108,13 @@ def default_compiler_options(backend: str) -> dict:
     On CUDA, command buffers (CUDA graphs) are turned off: on an H100 the
     Llama-3-8B decode step of 256 sequences ran 0.2-0.8 ms faster without them
     in every one of four measured configurations
-    (``experiments/profile_decode.py --xla-flags-variant``).
+    (``experiments/profile_decode.py --xla-flags-variant``). The kernels'
+    own options are added (:func:`pallas_kernels.compiler_options`: float32
+    denormals flushed to zero, so their exponentials are one instruction).
     """
-    return {"xla_gpu_enable_command_buffer": ""} if backend == "cuda" else {}
+    if backend != "cuda":
+        return {}
+    return {"xla_gpu_enable_command_buffer": "", **pallas_kernels.compiler_options("cuda")}
 
 
 def parse_xla_options(items: Sequence[str]) -> dict:
