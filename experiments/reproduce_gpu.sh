@@ -3,14 +3,14 @@
 #
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
-# STEP is any of: tests kernels profile engine engine-async engine-graphs (default: all, in that
+# STEP is any of: tests kernels profile engine engine-sync engine-graphs (default: all, in that
 # order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-async engine-graphs}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -36,18 +36,18 @@ for step in $steps; do
       run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
         --out "$out" ;;
     engine)  # the workload: GQA, its MHA twin and Hugging Face generate in one run
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine 900 python experiments/bench_engine.py \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine 600 python experiments/bench_engine.py \
         "${engine_args[@]}" --compare-mha --hf-requests 1000 --hf-batch-size 256 \
         --out "$out/engine" ;;
-    engine-async)  # the same with asynchronous scheduling
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_async 600 python \
-        experiments/bench_engine.py "${engine_args[@]}" --async-scheduling --compare-mha \
-        --out "$out/engine_async" ;;
-    engine-graphs)  # asynchronous scheduling with XLA command buffers (CUDA graphs) on
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_graphs 600 python \
-        experiments/bench_engine.py "${engine_args[@]}" --async-scheduling \
+    engine-sync)  # GQA with synchronous steps (the host waits for each step's tokens)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_sync 300 python \
+        experiments/bench_engine.py "${engine_args[@]}" --no-async-scheduling \
+        --out "$out/engine_sync" ;;
+    engine-graphs)  # GQA with XLA command buffers (CUDA graphs) on
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_graphs 300 python \
+        experiments/bench_engine.py "${engine_args[@]}" \
         --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
-        --out "$out/engine_graphs" ;;
-    *) echo "unknown step $step (tests kernels profile engine engine-async engine-graphs)"; exit 2 ;;
+        --xla-option xla_gpu_ftz=true --out "$out/engine_graphs" ;;
+    *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs)"; exit 2 ;;
   esac
 done
