@@ -68,6 +68,15 @@ def timeit(fn, *args, iters=20, trials=5):
     return float(np.median(times))
 
 
+def _log(row, t0) -> None:
+    """Record the wall time a row took (compile, check and timing) and print the row, so a
+    run cut by a time limit shows where the time went."""
+    row["wall_s"] = time.perf_counter() - t0
+    result = f"{row['ms']:.3f} ms" if "ms" in row else row.get("error", "")[:80]
+    print(f"  {row['kernel']} {row['shape']} {row['impl']} alibi={row['alibi']} {row['note'][:30]}: "
+          f"{result} ({row['wall_s']:.1f} s)", flush=True)
+
+
 def rel_err(a, b) -> float:
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
@@ -149,6 +158,7 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
         row = dict(kernel="paged_decode", shape=s.name, impl=impl, dtype=jnp.dtype(dtype).name,
                    alibi=alibi, batch=s.batch, context=s.context, q_heads=s.q_heads,
                    kv_heads=s.kv_heads, head_dim=s.head_dim, page=s.page, note=note)
+        t0 = time.perf_counter()
         try:
             out = fn(*args)
             if ref is not None:
@@ -157,6 +167,7 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
             row.update(ms=t * 1e3, gbps=kv_bytes / t / 1e9, pct_ceiling=100 * kv_bytes / t / ceiling)
         except Exception as e:  # a failing peer is a result too
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        _log(row, t0)
         rows.append(row)
         return row
 
@@ -221,6 +232,7 @@ def bench_flash(B, T, N, K, D, sweep: bool):
     def record(impl, alibi, fn, args, ref=None, note=""):
         row = dict(kernel="flash_attention", shape=name, impl=impl, alibi=alibi, batch=B,
                    seq=T, q_heads=N, kv_heads=K, head_dim=D, dtype="bfloat16", note=note)
+        t0 = time.perf_counter()
         try:
             out = fn(*args)
             if ref is not None:
@@ -229,6 +241,7 @@ def bench_flash(B, T, N, K, D, sweep: bool):
             row.update(ms=t * 1e3, tflops=flops / t / 1e12)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        _log(row, t0)
         rows.append(row)
         return row
 
