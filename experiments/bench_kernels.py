@@ -105,14 +105,16 @@ DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages
     for pf in ("none", "tiles") for t in (1024, 2048)] + [
     PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
 
-FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-               for bq, bk, w, st in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4),
-                                     (128, 128, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
-                                     (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4),
-                                     (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 3),
-                                     (256, 128, 8, 2), (256, 32, 8, 4), (256, 64, 8, 2),
-                                     (256, 64, 16, 3), (256, 128, 16, 2), (128, 128, 16, 3),
-                                     (128, 64, 8, 2))]
+FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st,
+                                    heavy_first=heavy)
+               for bq, bk, w, st, heavy in (
+                   (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
+                   (128, 128, 8, 4, False), (128, 128, 4, 3, False), (128, 64, 4, 3, False),
+                   (128, 64, 4, 4, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False),
+                   (128, 32, 4, 4, False), (64, 64, 4, 3, False), (64, 128, 4, 3, False),
+                   (256, 64, 8, 3, False), (256, 64, 8, 3, True), (256, 128, 8, 2, False),
+                   (256, 32, 8, 4, False), (256, 64, 8, 2, False), (256, 64, 16, 3, False),
+                   (256, 128, 16, 2, False), (128, 128, 16, 3, False), (128, 64, 8, 2, False))]
 
 
 def decode_inputs(s: DecodeShape, dtype, key):
@@ -259,11 +261,14 @@ def bench_flash(B, T, N, K, D, sweep: bool):
         record("optgqa", alibi, ours_ftz, (q, k, v), ref,
                note="jit with pallas_kernels.compiler_options() (float32 denormals flushed)")
         if sweep and not alibi:
-            for cfg in FLASH_SWEEP:
-                fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg))
-                record("optgqa-sweep", alibi, fn, (q, k, v), ref,
-                       note=f"bq={cfg.block_q} bk={cfg.block_k} w={cfg.num_warps} "
-                            f"st={cfg.num_stages}")
+            for cfg in FLASH_SWEEP:  # each config jitted with XLA's defaults and with ours
+                for options, label in (({}, ""), (compiler_options("cuda"), " +options")):
+                    fn = jax.jit(lambda q, k, v, cfg=cfg: flash_attention(q, k, v, config=cfg),
+                                 compiler_options=options)
+                    record("optgqa-sweep", alibi, fn, (q, k, v), ref,
+                           note=f"bq={cfg.block_q} bk={cfg.block_k} w={cfg.num_warps} "
+                                f"st={cfg.num_stages}{' heavy' if cfg.heavy_first else ''}"
+                                f"{label}")
         record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
             q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
         record("xla", alibi, xla, (q, k, v))
@@ -330,7 +335,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--quick", action="store_true", help="only the headline shapes")
-    parser.add_argument("--sweep", action="store_true", help="also sweep our tuning knobs")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep our tuning knobs (flash configs each jitted with XLA's "
+                             "default options and with pallas_kernels.compiler_options())")
     parser.add_argument("--sweep-alibi", action="store_true",
                         help="sweep a few decode configs with and without ALiBi (headline shape)")
     parser.add_argument("--sweep-engine", action="store_true",
