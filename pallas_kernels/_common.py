@@ -29,8 +29,8 @@ def compiler_options(backend_name: str | None = None) -> dict:
     in the jitted program. The kernels' base-2 exponentials then compile to a
     single ``ex2.approx.ftz`` instead of the denormal-safe sequence (Triton's
     own compiler always builds its kernels this way). It changes no result
-    above 1.2e-38. On an H100 it made ``flash_attention`` 3-8% faster
-    (``experiments/results/h100/``). Other backends: ``{}``.
+    above 1.2e-38. On an H100 it made ``flash_attention`` 2-7% faster (the
+    flash rows of ``experiments/results/h100/bench_kernels.md``). Other backends: ``{}``.
 
     The options apply to the outermost ``jax.jit`` only, so pass them where the
     kernels are called from, e.g.

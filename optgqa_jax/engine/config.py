@@ -80,7 +80,7 @@ class EngineConfig:
         a waiting request may be admitted one step later than without it.
         Speculation only happens in steady decoding (see ``Engine._speculate``).
         On by default: on an H100 it raised the Llama-3-8B benchmark from 60% to
-        72% decode MBU (``experiments/results/h100/``). False runs every step
+        73% decode MBU (``experiments/results/h100/``). False runs every step
         synchronously (:meth:`Engine.step` then returns the finished requests of
         the step it ran).
       seed: seeds the per-request seeds of requests that give none.
