@@ -218,6 +218,10 @@ def alibi_bias(slopes, T, S):
     return (slopes[:, None, None] * rel[None]).astype(jnp.bfloat16)[None]  # [1, N, T, S]
 
 
+def flash_name(B, T, N, K, D) -> str:
+    return f"B={B} T={T} N={N} K={K} D={D}"
+
+
 def bench_flash(B, T, N, K, D, sweep: bool):
     rows = []
     key = jax.random.PRNGKey(1)
@@ -229,7 +233,7 @@ def bench_flash(B, T, N, K, D, sweep: bool):
     slopes = alibi_slopes(N)
     G = N // K
     kr, vr = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
-    name = f"B={B} T={T} N={N} K={K} D={D}"
+    name = flash_name(B, T, N, K, D)
 
     def record(impl, alibi, fn, args, ref=None, note=""):
         row = dict(kernel="flash_attention", shape=name, impl=impl, alibi=alibi, batch=B,
@@ -343,6 +347,9 @@ def main():
     parser.add_argument("--sweep-engine", action="store_true",
                         help="sweep decode configs on the engine's shape (B=256, contexts 257-512)")
     parser.add_argument("--only", choices=("decode", "flash"), help="run one kernel family only")
+    parser.add_argument("--shape", default="", metavar="TEXT",
+                        help="run only the shapes whose name contains TEXT (e.g. 'K=1 ' for the "
+                             "MQA flash shape, 'MQA' for the MQA decode shape)")
     args = parser.parse_args()
     dev = jax.devices()[0]
     if dev.platform != "gpu":
@@ -373,6 +380,7 @@ def main():
         with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
             f.write(markdown(meta, rows))
 
+    shapes = [s for s in shapes if args.shape in s.name]
     for s in shapes if args.only != "flash" else []:
         try:
             if s is engine_shape:
@@ -388,6 +396,7 @@ def main():
     flash_shapes = [(4, 4096, 32, 8, 128)]
     if not args.quick:
         flash_shapes += [(4, 4096, 32, 32, 128), (4, 4096, 32, 1, 128)]
+    flash_shapes = [fs for fs in flash_shapes if args.shape in flash_name(*fs)]
     for i, fs in enumerate(flash_shapes if args.only != "decode" else []):
         try:
             rows += bench_flash(*fs, sweep=args.sweep and i == 0)
