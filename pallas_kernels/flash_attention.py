@@ -68,8 +68,10 @@ class FlashAttentionConfig:
             # 256x64 tiles are not timed on MQA yet: two benchmark runs ran out
             # of time in that shape (cause unknown; see experiments/README.md).
             return cls()
-        # H100, B=4 T=4096 causal, jitted with compiler_options(): 444 TFLOP/s
-        # for GQA 32/8 (128x128 tiles: 435-437) and 434 for MHA (128x128: 333).
+        # H100, B=4 T=4096 causal GQA 32/8, float32 denormals flushed: 445-451
+        # TFLOP/s against 435-437 for 128x128 tiles (flash_tiles_probe_f826250.json).
+        # MHA 32/32: 434 with compiler_options() (bench_kernels.md, 1aa4106);
+        # the 128x128 tiles gave 333 with XLA's defaults (bench_kernels_440140f.md).
         return cls(block_q=256, block_k=64, num_warps=8, num_stages=3, heavy_first=True)
 
     def validate(self) -> None:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels._common import backend as kernel_backend
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.engine.scheduler import Scheduled
 from optgqa_jax.kv_layers import PagedBatch, PagedLayerKV
@@ -177,9 +178,7 @@ class ModelRunner:
                  seq_buckets=None, token_buckets=None, compiler_options=None):
         self.cfg, self.params, self.impl = cfg, params, impl
         if compiler_options is None:
-            from pallas_kernels._common import backend
-
-            compiler_options = default_compiler_options(backend())
+            compiler_options = default_compiler_options(kernel_backend())
         self.compiler_options = dict(compiler_options)
         # the jitted step: one program per (decode_only, bucket size, greedy or sampling); the
         # pool is donated
