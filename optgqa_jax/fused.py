@@ -11,7 +11,8 @@ our parameter tree:
 * ``layer_i/mlp/{gate,up}_proj/kernel`` ([D, F] each) become
   ``layer_i/mlp/gate_up_proj/kernel`` [D, 2F].
 
-The model accepts either layout and computes the same function
+Quantized kernels (``optgqa_jax.quant.QuantizedLinear``) are fused too, when the
+parts share one ``g_idx``. The model accepts either layout and computes the same function
 (``init_params(cfg, key, fused=True)`` and ``abstract_params(cfg, fused=True)``
 give the fused layout directly). Loaders and checkpoints use the unfused
 layout, the one that maps onto Hugging Face names.
@@ -24,6 +25,17 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.quant.linear import concat_outputs, is_quantized
+
+
+def _concat(kernels):
+    """Concatenate kernels along D_out; quantized kernels stay quantized (same g_idx needed)."""
+    n_quantized = sum(is_quantized(k) for k in kernels)
+    if n_quantized == 0:
+        return jnp.concatenate(kernels, axis=1)
+    if n_quantized != len(kernels):
+        raise ValueError("cannot fuse a mix of quantized and float projections")
+    return concat_outputs(kernels)
 
 
 def fuse_layers(cfg: ModelConfig, params: dict) -> dict:
@@ -32,10 +44,10 @@ def fuse_layers(cfg: ModelConfig, params: dict) -> dict:
     for i in range(cfg.n_layers):
         layer = dict(params[f"layer_{i}"])
         attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-        attn["qkv_proj"] = {"kernel": jnp.concatenate(
-            [attn.pop(f"{n}_proj")["kernel"] for n in ("q", "k", "v")], axis=1)}
-        mlp["gate_up_proj"] = {"kernel": jnp.concatenate(
-            [mlp.pop(f"{n}_proj")["kernel"] for n in ("gate", "up")], axis=1)}
+        attn["qkv_proj"] = {"kernel": _concat([attn.pop(f"{n}_proj")["kernel"]
+                                               for n in ("q", "k", "v")])}
+        mlp["gate_up_proj"] = {"kernel": _concat([mlp.pop(f"{n}_proj")["kernel"]
+                                                  for n in ("gate", "up")])}
         layer["attn"], layer["mlp"] = attn, mlp
         out[f"layer_{i}"] = layer
     return out

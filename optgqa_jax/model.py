@@ -30,6 +30,8 @@ from optgqa_jax.attention import attention, check_attention_impl
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
+from optgqa_jax.quant.linear import dequantize, is_quantized
+from optgqa_jax.quant.linear import matmul as quant_matmul
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
 
@@ -71,9 +73,35 @@ class RMSNorm(nn.Module):
         return scale * normed.astype(self.dtype)
 
 
-def _dense(features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=_INIT,
-                    name=name)
+class Linear(nn.Module):
+    """``x @ kernel`` without bias; the kernel may be a float array or a ``QuantizedLinear``.
+
+    A quantized kernel is dequantized on the fly (``optgqa_jax.quant.matmul``). Two
+    optional collections serve calibration (both are no-ops in an ordinary ``apply``):
+    ``linear_inputs`` (sown inputs, when made mutable) and ``perturbations`` (a zero
+    added to the output, whose gradient is the gradient with respect to the output).
+    """
+
+    features: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        if self.has_variable("params", "kernel"):  # skips flax's shape check: may be quantized
+            kernel = self.get_variable("params", "kernel")
+        else:
+            kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.dtype)
+        x = x.astype(self.dtype)
+        self.sow("linear_inputs", "x", x)
+        if is_quantized(kernel):
+            y = quant_matmul(x, kernel)
+        else:
+            y = jnp.dot(x, kernel.astype(self.dtype))
+        return self.perturb("out", y)
+
+
+def _dense(features: int, name: str, dtype) -> Linear:
+    return Linear(features, dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -178,7 +206,12 @@ class Transformer(nn.Module):
             logits = jnp.einsum("BTD,VD->BTV", x, embed.embedding,
                                 preferred_element_type=jnp.float32)
         else:
-            w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
+            if self.has_variable("params", "lm_head"):  # may be quantized
+                w = self.get_variable("params", "lm_head")
+            else:
+                w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
+            if is_quantized(w):
+                w = dequantize(w)
             logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)
 
@@ -235,7 +268,8 @@ def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> 
         return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
     flat_exp = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    flat_got = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_got = {name(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]}
     problems = []
     for key in sorted(set(flat_exp) | set(flat_got)):
         if key not in flat_got:
@@ -244,14 +278,19 @@ def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> 
             problems.append(f"{key}: not part of this config")
         else:
             e, g = flat_exp[key], flat_got[key]
-            if tuple(e.shape) != tuple(np.shape(g)):
-                problems.append(f"{key}: shape {tuple(np.shape(g))}, config expects {tuple(e.shape)}")
+            if tuple(e.shape) != _shape(g):
+                problems.append(f"{key}: shape {_shape(g)}, config expects {tuple(e.shape)}")
             elif jnp.dtype(e.dtype) != jnp.dtype(g.dtype):
                 problems.append(f"{key}: dtype {g.dtype}, config expects {e.dtype}")
     if problems:
         shown = "\n  ".join(problems[:12])
         more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
         raise ValueError(f"{what} do not match the config:\n  {shown}{more}")
+
+
+def _shape(x) -> tuple:
+    """Shape of a parameter leaf: an array, or a QuantizedLinear (its logical [D_in, D_out])."""
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
 @functools.lru_cache(maxsize=64)
@@ -263,8 +302,8 @@ def _expected_leaves(cfg: ModelConfig, fused: bool):
 def _check_params_fast(cfg: ModelConfig, params) -> None:
     """Cheap structural check on every call; the detailed report only on mismatch."""
     treedef, expected = _expected_leaves(cfg, is_fused(params))
-    leaves, got_def = jax.tree_util.tree_flatten(params)
-    if got_def != treedef or tuple((tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in leaves) != expected:
+    leaves, got_def = jax.tree_util.tree_flatten(params, is_leaf=is_quantized)
+    if got_def != treedef or tuple((_shape(x), jnp.dtype(x.dtype)) for x in leaves) != expected:
         check_params_match(cfg, params)
         raise ValueError("params do not match the config (tree structure differs)")
 

@@ -1,0 +1,18 @@
+"""Weight quantization: the grid, GPTQ, jax.grad-based calibration and checkpoint formats."""
+
+from optgqa_jax.quant.config import QuantConfig
+from optgqa_jax.quant.grid import rtn
+from optgqa_jax.quant.gptq import HessianAccumulator, gptq, hessian
+from optgqa_jax.quant.linear import (QuantizedLinear, concat_outputs, dequantize, from_codes,
+                                     is_quantized, matmul, split_outputs)
+from optgqa_jax.quant.packing import pack, unpack
+
+__all__ = ["QuantConfig", "rtn", "HessianAccumulator", "gptq", "hessian", "QuantizedLinear",
+           "concat_outputs", "dequantize", "from_codes", "is_quantized", "matmul",
+           "split_outputs", "pack", "unpack"]
+
+from optgqa_jax.quant.calibration import learn_scales, token_gradient_weights  # noqa: E402
+from optgqa_jax.quant.pipeline import QuantReport, check_calibration, quantize  # noqa: E402
+
+__all__ += ["learn_scales", "token_gradient_weights", "QuantReport", "check_calibration",
+            "quantize"]

@@ -1,0 +1,124 @@
+"""QuantizedLinear: a quantized weight matrix as a jit-friendly pytree.
+
+A ``QuantizedLinear`` stands wherever the model has a float kernel ``[D_in, D_out]``
+(``params[...]["kernel"]``); the model multiplies by its dequantized weight.
+
+Storage (G groups, b bits; the layout of GPTQ checkpoints' ``qweight``/``scales``/``g_idx``):
+
+* ``qweight`` int32 [D_in * b / 32, D_out]: codes packed along the input dimension
+  (``optgqa_jax.quant.packing``);
+* ``scales`` [G, D_out] in ``QuantConfig.scale_dtype`` (float16 by default);
+* ``zeros`` uint8 [G, D_out]: the integer zero points themselves (not packed, not minus one;
+  the Hugging Face export packs them and applies the format's offset);
+* ``g_idx`` int32 [D_in]: the group of each input row (not monotone after act-order).
+
+Dequantization: ``w_hat[i, o] = scales[g, o] * (q[i, o] - zeros[g, o])`` with ``g = g_idx[i]``.
+``bits``, ``group_size``, ``sym`` and the model ``dtype`` are static metadata (part of
+the tree structure, so a jitted function recompiles only when they change).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.quant.config import QuantConfig
+from optgqa_jax.quant.packing import pack, unpack
+
+
+@flax.struct.dataclass
+class QuantizedLinear:
+    """Packed integer weights of one linear layer (see the module docstring for the layout)."""
+
+    qweight: jax.Array  # int32 [D_in * bits / 32, D_out]
+    scales: jax.Array   # [G, D_out]
+    zeros: jax.Array    # uint8 [G, D_out]
+    g_idx: jax.Array    # int32 [D_in]
+    bits: int = flax.struct.field(pytree_node=False, default=4)
+    group_size: int = flax.struct.field(pytree_node=False, default=128)
+    sym: bool = flax.struct.field(pytree_node=False, default=True)
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical weight shape (D_in, D_out), as the float kernel it replaces."""
+        return (self.g_idx.shape[0], self.qweight.shape[1])
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (packed codes, scales, zeros, g_idx)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.qweight, self.scales, self.zeros, self.g_idx))
+
+    def codes(self) -> jax.Array:
+        """Unpacked integer codes, int32 [D_in, D_out]."""
+        return unpack(self.qweight, self.bits, self.shape[0])
+
+
+def from_codes(codes, scales, zeros, g_idx, qc: QuantConfig, dtype) -> QuantizedLinear:
+    """Build a :class:`QuantizedLinear` from unpacked codes [D_in, D_out] and grids [G, D_out]."""
+    codes = jnp.asarray(codes)
+    return QuantizedLinear(
+        qweight=pack(codes.astype(jnp.int32), qc.bits),
+        scales=jnp.asarray(scales).astype(qc.scale_dtype),
+        zeros=jnp.asarray(zeros).astype(jnp.uint8),
+        g_idx=jnp.asarray(g_idx, jnp.int32),
+        bits=qc.bits, group_size=qc.group_size, sym=qc.sym, dtype=jnp.dtype(dtype).name)
+
+
+def dequantize(ql: QuantizedLinear, dtype=None) -> jax.Array:
+    """The float weight [D_in, D_out] of `ql` (in `dtype`, default the model dtype it replaces)."""
+    q = ql.codes().astype(jnp.float32)                      # [D_in, D_out]
+    s = ql.scales.astype(jnp.float32)[ql.g_idx]             # [D_in, D_out]
+    z = ql.zeros.astype(jnp.float32)[ql.g_idx]
+    return (s * (q - z)).astype(dtype or ql.dtype)
+
+
+def matmul(x: jax.Array, ql: QuantizedLinear) -> jax.Array:
+    """``x @ dequantize(ql)`` for x [..., D_in], computed in x's dtype (dequantizing on the fly)."""
+    return jnp.dot(x, dequantize(ql, x.dtype))
+
+
+def concat_outputs(parts: Sequence[QuantizedLinear]) -> QuantizedLinear:
+    """Concatenate layers that read the same input along D_out (fused q/k/v, gate/up).
+
+    Raises:
+      ValueError: the parts differ in bits, group size, symmetry, dtype or ``g_idx``
+        (act-order layers quantized with different Hessians cannot share one ``g_idx``).
+    """
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.sym, p.dtype) != (first.bits, first.group_size, first.sym,
+                                                      first.dtype):
+            raise ValueError("cannot fuse quantized layers with different bits/group_size/sym/"
+                             f"dtype: {(p.bits, p.group_size, p.sym, p.dtype)} vs "
+                             f"{(first.bits, first.group_size, first.sym, first.dtype)}")
+        if not isinstance(p.g_idx, jax.core.Tracer) and not np.array_equal(
+                np.asarray(p.g_idx), np.asarray(first.g_idx)):
+            raise ValueError("cannot fuse quantized layers whose g_idx differ (act-order "
+                             "layers quantized with different Hessians); serve them unfused")
+    cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts], axis=1)
+    return first.replace(qweight=cat("qweight"), scales=cat("scales"), zeros=cat("zeros"))
+
+
+def split_outputs(ql: QuantizedLinear, sizes: Sequence[int]) -> list[QuantizedLinear]:
+    """Inverse of :func:`concat_outputs`: split D_out into parts of the given sizes."""
+    if sum(sizes) != ql.shape[1]:
+        raise ValueError(f"sizes {list(sizes)} do not add up to D_out={ql.shape[1]}")
+    cuts = np.cumsum(sizes)[:-1].tolist()
+    sp = lambda a: jnp.split(a, cuts, axis=1)
+    return [ql.replace(qweight=q, scales=s, zeros=z)
+            for q, s, z in zip(sp(ql.qweight), sp(ql.scales), sp(ql.zeros))]
+
+
+def is_quantized(x) -> bool:
+    """Whether `x` is a :class:`QuantizedLinear` (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, QuantizedLinear)

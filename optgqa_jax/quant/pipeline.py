@@ -1,0 +1,270 @@
+"""Whole-model quantization: block by block, true-sequential, with a progress bar.
+
+:func:`quantize` walks the decoder blocks in order. Every block sees the calibration
+activations produced by the blocks already quantized before it, and inside a block the
+linear layers are quantized in true-sequential order (GPTQ's ``--true-sequential``):
+
+    [q, k, v] (or the fused qkv)  ->  [o]  ->  [gate, up] (or the fused gate_up)  ->  [down]
+
+each stage calibrated on inputs produced by the stages already quantized. Memory holds
+one block's calibration activations (``[n, T, D]`` plus one batch of its sub-layer
+inputs) and one Hessian per layer of the current stage. Embeddings stay float; the LM
+head too unless ``QuantConfig.quantize_lm_head``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from optgqa_jax.config import ModelConfig
+from optgqa_jax.quant.calibration import learn_scales, token_gradient_weights
+from optgqa_jax.quant.config import QuantConfig
+from optgqa_jax.quant.gptq import HessianAccumulator, gptq
+from optgqa_jax.quant.grid import rtn
+from optgqa_jax.quant.linear import dequantize, is_quantized
+
+METHODS = ("gptq", "rtn")
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _stages(fused: bool) -> list[list[str]]:
+    if fused:
+        return [["attn/qkv_proj"], ["attn/o_proj"], ["mlp/gate_up_proj"], ["mlp/down_proj"]]
+    return [["attn/q_proj", "attn/k_proj", "attn/v_proj"], ["attn/o_proj"],
+            ["mlp/gate_proj", "mlp/up_proj"], ["mlp/down_proj"]]
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """What :func:`quantize` did, layer by layer.
+
+    Attributes:
+      qc: the settings.
+      method: ``"gptq"`` or ``"rtn"``.
+      layers: one dict per quantized layer: ``name``, ``shape``, ``error`` (relative
+        layer-output error ``tr(D^T H D) / tr(W^T H W)`` on the calibration inputs, with
+        the plain Hessian), ``damp``, ``tries``, ``seconds`` and, with learned scales,
+        ``error_before_learn``.
+      seconds: total wall time.
+      calibration_shape: (windows, tokens per window).
+    """
+
+    qc: QuantConfig
+    method: str
+    layers: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    calibration_shape: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {"qc": self.qc.to_dict(), "method": self.method, "layers": self.layers,
+                "seconds": self.seconds, "calibration_shape": list(self.calibration_shape)}
+
+    def mean_error(self) -> float:
+        return float(np.mean([l["error"] for l in self.layers])) if self.layers else float("nan")
+
+
+def _get(tree: dict, name: str):
+    for part in name.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def _set(tree: dict, name: str, value) -> dict:
+    """Copy of `tree` with the leaf at `name` replaced (inner dicts copied, leaves shared)."""
+    head, *rest = name.split("/")
+    out = dict(tree)
+    out[head] = _set(tree[head], "/".join(rest), value) if rest else value
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _block_apply(cfg: ModelConfig, layer: int, block_params, x, impl: str):
+    """One block on x [B, T, D]: (output [B, T, D], {linear name: its input [B, T, D_in]})."""
+    from optgqa_jax.model import Block
+
+    B, T, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    (out, _), state = Block(cfg, layer, impl).apply({"params": block_params}, x, positions,
+                                                   mutable=["linear_inputs"])
+    inputs = {}
+    for group, mods in state["linear_inputs"].items():
+        for mod, value in mods.items():
+            inputs[f"{group}/{mod}"] = value["x"][0]
+    return out, inputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(cfg: ModelConfig, embedding, tokens):
+    return embedding[tokens].astype(cfg.jnp_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _final_norm(cfg: ModelConfig, scale, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return scale * normed.astype(cfg.jnp_dtype)
+
+
+@jax.jit
+def _rel_error(w_hat, w, H):
+    w, w_hat = w.astype(jnp.float32), w_hat.astype(jnp.float32)
+    D = w_hat - w
+    num = jnp.sum(D * jnp.dot(H, D, precision=_HI))
+    return num / jnp.maximum(jnp.sum(w * jnp.dot(H, w, precision=_HI)), 1e-30)
+
+
+def _canonical_layer(cfg: ModelConfig, layer: int) -> int:
+    """First layer with the same KV-head map: blocks that compute alike share one compile."""
+    target = cfg.layer_kv_head_map(layer)
+    return next(j for j in range(cfg.n_layers) if cfg.layer_kv_head_map(j) == target)
+
+
+def check_calibration(cfg: ModelConfig, calibration, nsamples: Optional[int] = None,
+                      seqlen: Optional[int] = None) -> np.ndarray:
+    """Validate calibration windows; returns int32 [n, T]. Raises ValueError naming the problem."""
+    windows = np.asarray(calibration)
+    if windows.ndim != 2:
+        raise ValueError(f"calibration must be token windows [n, T], got shape {windows.shape}")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"calibration must hold at least one window of >= 2 tokens, got shape "
+                         f"{windows.shape}")
+    if not np.issubdtype(windows.dtype, np.integer):
+        raise ValueError(f"calibration must hold integer token ids, got dtype {windows.dtype}")
+    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+        raise ValueError(f"calibration holds token ids outside [0, vocab_size={cfg.vocab_size})")
+    if windows.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"calibration windows of {windows.shape[1]} tokens exceed "
+                         f"max_seq_len={cfg.max_seq_len}")
+    if nsamples is not None and windows.shape[0] < nsamples:
+        raise ValueError(f"calibration has {windows.shape[0]} windows, {nsamples} were asked for")
+    if seqlen is not None and windows.shape[1] < seqlen:
+        raise ValueError(f"calibration windows have {windows.shape[1]} tokens, {seqlen} were asked for")
+    return windows.astype(np.int32)
+
+
+def _check_model(cfg: ModelConfig, params: dict, qc: QuantConfig) -> list[str]:
+    from optgqa_jax.fused import is_fused
+    from optgqa_jax.model import check_params_match
+
+    check_params_match(cfg, params)
+    names = []
+    for i in range(cfg.n_layers):
+        for stage in _stages(is_fused(params)):
+            for name in stage:
+                full = f"layer_{i}/{name}"
+                kernel = _get(params, full + "/kernel")
+                if is_quantized(kernel):
+                    raise ValueError(f"{full} is already quantized")
+                qc.check_layer(kernel.shape[0], full)
+                names.append(full)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not bool(jnp.isfinite(leaf).all()):
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} contains NaN or inf")
+    if qc.quantize_lm_head:
+        if cfg.tie_embeddings:
+            raise ValueError("quantize_lm_head needs an untied LM head; this model ties it to "
+                             "the embeddings, which stay float")
+        qc.check_layer(cfg.d_model, "lm_head")
+    return names
+
+
+def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
+             method: str = "gptq", batch_size: int = 8, attention_impl: str = "reference",
+             progress: bool = True) -> tuple[ModelConfig, dict, QuantReport]:
+    """Quantize every linear layer of a model (see the module docstring).
+
+    Args:
+      cfg: the model's configuration.
+      params: float parameters, unfused or fused (``optgqa_jax.fused``) layout.
+      calibration: int [n, T] token windows (``optgqa_jax.data``).
+      qc: the quantization settings (GPTQ options and the calibration parts).
+      method: ``"gptq"`` or ``"rtn"`` (round-to-nearest: no calibration needed, but the
+        same report of layer-output errors on the calibration data).
+      batch_size: windows per forward pass of a block.
+      attention_impl: attention used on the calibration windows.
+      progress: show a tqdm bar over blocks.
+
+    Returns:
+      (cfg, quantized params — each linear ``kernel`` replaced by a ``QuantizedLinear`` —, report).
+
+    Raises:
+      ValueError: before any work, for empty or malformed calibration data, params that do
+        not match `cfg` or contain NaN/inf, layers whose input dimension the group size
+        does not divide; during the work, naming the layer, for a Hessian that stays not
+        positive definite.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {METHODS}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    windows = check_calibration(cfg, calibration)
+    _check_model(cfg, params, qc)
+    t0 = time.perf_counter()
+    from optgqa_jax.fused import is_fused  # the model imports this package
+
+    report = QuantReport(qc, method, calibration_shape=tuple(windows.shape))
+    fused = is_fused(params)
+    token_w = None
+    if qc.grad_hessian and method == "gptq":
+        token_w = token_gradient_weights(cfg, params, windows, batch_size=batch_size,
+                                         attention_impl=attention_impl)
+    batches = [slice(b, b + batch_size) for b in range(0, windows.shape[0], batch_size)]
+    x = [_embed(cfg, params["embed"]["embedding"], jnp.asarray(windows[b])) for b in batches]
+    qparams = dict(params)
+    bar = tqdm(range(cfg.n_layers), desc=f"{method} {qc.tag}", disable=not progress,
+               unit="block")
+    for i in bar:
+        layer = _canonical_layer(cfg, i)
+        bp = params[f"layer_{i}"]
+        for stage in _stages(fused):
+            # the layers of a stage read the same input: one plain Hessian per stage
+            acc = HessianAccumulator(_get(bp, stage[0])["kernel"].shape[0])
+            weighted = {name: HessianAccumulator(acc.d_in) for name in stage} \
+                if token_w is not None else {}
+            for b, xb in zip(batches, x):
+                inp = _block_apply(cfg, layer, bp, xb, attention_impl)[1][stage[0]]
+                acc.add(inp)
+                for name in weighted:
+                    weighted[name].add(inp, token_w[f"layer_{i}/{name}"][b])
+            for name in stage:
+                full = f"layer_{i}/{name}"
+                w = _get(bp, name)["kernel"]
+                H = acc.H
+                Hq = weighted[name].H if weighted else H
+                entry = {"name": full, "shape": list(w.shape)}
+                t1 = time.perf_counter()
+                if method == "rtn":
+                    ql = rtn(w, qc)
+                else:
+                    ql, info = gptq(w, Hq, qc, name=full, return_info=True)
+                    entry.update(damp=info["damp"], tries=info["tries"])
+                    if qc.learn_scales:
+                        ql, entry["learn"] = learn_scales(ql, w, Hq, qc)
+                entry["error"] = float(_rel_error(dequantize(ql, jnp.float32), w, H))
+                entry["seconds"] = time.perf_counter() - t1
+                report.layers.append(entry)
+                bp = _set(bp, name + "/kernel", ql)
+        x = [_block_apply(cfg, layer, bp, xb, attention_impl)[0] for xb in x]
+        qparams[f"layer_{i}"] = bp
+        bar.set_postfix(err=f"{np.mean([l['error'] for l in report.layers[-7:]]):.2e}")
+    if qc.quantize_lm_head:
+        acc = HessianAccumulator(cfg.d_model)
+        for xb in x:
+            acc.add(_final_norm(cfg, params["final_norm"]["scale"], xb))
+        w = params["lm_head"]
+        t1 = time.perf_counter()
+        ql = rtn(w, qc) if method == "rtn" else gptq(w, acc.H, qc, name="lm_head")
+        report.layers.append({"name": "lm_head", "shape": list(w.shape),
+                              "error": float(_rel_error(dequantize(ql, jnp.float32), w, acc.H)),
+                              "seconds": time.perf_counter() - t1})
+        qparams["lm_head"] = ql
+    report.seconds = time.perf_counter() - t0
+    return cfg, qparams, report
