@@ -12,6 +12,7 @@ Typical use::
 
 from pallas_kernels.alibi import alibi_slopes
 
+from optgqa_jax import quant
 from optgqa_jax.attention import attention, attention_reference
 from optgqa_jax.checkpoint import load_checkpoint, save_checkpoint
 from optgqa_jax.config import PRESETS, ModelConfig
@@ -21,6 +22,7 @@ from optgqa_jax.fused import fuse_projections
 from optgqa_jax.generate import generate_simple
 from optgqa_jax.gguf_loader import load_gguf, load_pretrained
 from optgqa_jax.hf_loader import load_hf_llama
+from optgqa_jax.quant import QuantConfig, QuantizedLinear, quantize
 from optgqa_jax.model import (KVCache, Transformer, abstract_params, forward, forward_with_cache,
                               init_params)
 from optgqa_jax.registry import LoadedModel, load_model
@@ -35,5 +37,6 @@ __all__ = [
     "load_pretrained", "load_hf_llama", "KVCache", "Transformer", "abstract_params", "forward",
     "forward_with_cache", "init_params", "LoadedModel", "load_model", "row_keys", "sample",
     "BPETokenizer", "ByteTokenizer", "Tokenizer", "Completion", "Engine", "EngineConfig",
-    "EngineStats", "SamplingParams", "fuse_projections",
+    "EngineStats", "SamplingParams", "fuse_projections", "quant", "QuantConfig",
+    "QuantizedLinear", "quantize",
 ]
