@@ -22,7 +22,9 @@ Details that follow the reference implementation:
   outer ``W`` — which hold the lazy updates of earlier blocks but not the updates made
   inside the current block (the reference does exactly this; with the default
   ``block_size = group_size = 128`` the two coincide);
-* ``static_groups`` finds every grid up front on the unquantized weights.
+* ``static_groups`` finds every grid up front on the unquantized weights;
+* the per-channel grid (``group_size = -1``) is found before dead inputs are zeroed;
+* the zero point is computed from the unrounded scale.
 
 One deliberate difference: the scale is rounded to ``QuantConfig.scale_dtype`` (float16,
 the stored format) as soon as it is found, so the codes are chosen with the scale that is
@@ -127,6 +129,9 @@ def _prepare(w, H, qc: QuantConfig):
     W = w.T.astype(jnp.float32)  # [R, C]
     H = H.astype(jnp.float32)
     C = H.shape[0]
+    # the per-channel grid (group_size -1) is found before dead inputs are zeroed, as in the
+    # reference (its find_params(W) runs first)
+    channel_scale, channel_zero = find_params(W, qc)  # [R] each
     dead = jnp.diag(H) == 0
     H = H + jnp.diag(dead.astype(jnp.float32))
     W = jnp.where(dead[None, :], 0.0, W)
@@ -141,7 +146,7 @@ def _prepare(w, H, qc: QuantConfig):
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = jnp.arange(C)
-    return W, H, perm, static_scale, static_zero
+    return W, H, perm, (static_scale, static_zero), (channel_scale, channel_zero)
 
 
 @jax.jit
@@ -156,10 +161,11 @@ def _inverse_factor(H, damp):
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def _gptq_loop(W, U, perm, static_scale, static_zero, qc: QuantConfig):
+def _gptq_loop(W, U, perm, static_grid, channel_grid, qc: QuantConfig):
     """Algorithm 1 with lazy batch updates. Returns (codes [R, C] in permuted order,
     scales [G, R], zeros [G, R], loss)."""
     R, C = W.shape
+    static_scale, static_zero = static_grid
     B = min(qc.block_size, C)
     gs = C if qc.group_size == -1 else qc.group_size
     grouped = qc.group_size != -1
@@ -174,8 +180,8 @@ def _gptq_loop(W, U, perm, static_scale, static_zero, qc: QuantConfig):
         scales0 = jnp.ones((G, R), jnp.float32)
         zeros0 = jnp.zeros((G, R), jnp.float32)
         cur0 = (scales0[0], zeros0[0])
-    else:  # one grid per output row, from the whole (dead-zeroed) W
-        s, z = find_params(W[:, :C], qc)
+    else:  # one grid per output row
+        s, z = channel_grid
         scales0, zeros0, cur0 = s[None], z[None], (s, z)
 
     def column(i, carry):
@@ -256,7 +262,7 @@ def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = Fals
         raise ValueError(f"{name}: the weights contain NaN or inf")
     if not bool(jnp.isfinite(H).all()):
         raise ValueError(f"{name}: the Hessian contains NaN or inf")
-    W, Hp, perm, static_scale, static_zero = _prepare(w, H, qc)
+    W, Hp, perm, static_grid, channel_grid = _prepare(w, H, qc)
     mean_diag = float(jnp.mean(jnp.diag(Hp)))
     base = qc.damp if qc.damp > 0 else 1e-4
     for tries in range(1, qc.max_damp_tries + 1):
@@ -268,7 +274,7 @@ def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = Fals
         raise ValueError(f"{name}: the Hessian is not positive definite even with dampening "
                          f"{rel:g} * mean(diag H) after {qc.max_damp_tries} tries; check the "
                          "calibration data (too few tokens?) or raise QuantConfig.damp")
-    Q, scales, zeros, loss = _gptq_loop(W, U, perm, static_scale, static_zero, qc)
+    Q, scales, zeros, loss = _gptq_loop(W, U, perm, static_grid, channel_grid, qc)
     codes = jnp.zeros_like(Q).at[:, perm].set(Q).T  # [D_in, D_out], original row order
     if qc.act_order and not qc.static_groups:
         gs = d_in if qc.group_size == -1 else qc.group_size

@@ -40,12 +40,12 @@ def find_params(x: jax.Array, qc: QuantConfig) -> tuple[jax.Array, jax.Array]:
     empty = (xmin == 0) & (xmax == 0)
     xmin = jnp.where(empty, -1.0, xmin)
     xmax = jnp.where(empty, 1.0, xmax)
-    scale = round_scale((xmax - xmin) / qc.maxq, qc)
+    scale = (xmax - xmin) / qc.maxq
     if qc.sym:
         zero = jnp.full_like(scale, (qc.maxq + 1) // 2)
-    else:
+    else:  # from the unrounded scale, as the reference computes it before storing float16
         zero = jnp.round(-xmin / scale)
-    return scale, zero
+    return round_scale(scale, qc), zero
 
 
 def round_scale(scale: jax.Array, qc: QuantConfig) -> jax.Array:
