@@ -14,7 +14,7 @@ from pallas_kernels.alibi import alibi_slopes
 
 from optgqa_jax import quant
 from optgqa_jax.attention import attention, attention_reference
-from optgqa_jax.checkpoint import load_checkpoint, save_checkpoint
+from optgqa_jax.checkpoint import load_checkpoint, load_quant_config, save_checkpoint
 from optgqa_jax.config import PRESETS, ModelConfig
 from optgqa_jax.engine import Completion, Engine, EngineConfig, EngineStats, SamplingParams
 from optgqa_jax.evaluate import perplexity, token_nll
@@ -32,7 +32,8 @@ from optgqa_jax.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "alibi_slopes", "attention", "attention_reference", "load_checkpoint", "save_checkpoint",
+    "alibi_slopes", "attention", "attention_reference", "load_checkpoint", "load_quant_config",
+    "save_checkpoint",
     "PRESETS", "ModelConfig", "perplexity", "token_nll", "generate_simple", "load_gguf",
     "load_pretrained", "load_hf_llama", "KVCache", "Transformer", "abstract_params", "forward",
     "forward_with_cache", "init_params", "LoadedModel", "load_model", "row_keys", "sample",

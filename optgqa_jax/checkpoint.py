@@ -1,10 +1,25 @@
-"""Save and restore (config, params) with orbax-checkpoint.
+"""Save and restore (config, params) with orbax-checkpoint, float or quantized.
 
 Layout of a checkpoint directory::
 
     path/
       optgqa_config.json   # ModelConfig.to_json()
       params/              # orbax StandardCheckpointer tree
+      quantization.json    # only when some kernel is quantized or a QuantConfig was given
+
+A ``QuantizedLinear`` leaf is stored in orbax as the plain dict ``{qweight, scales,
+zeros, g_idx}`` of its arrays; its static fields go to ``quantization.json``::
+
+    {"format_version": 1,
+     "quant_config": {...} or null,            # QuantConfig.to_dict()
+     "layers": {"layer_0/attn/q_proj/kernel":  # "/"-joined path of the leaf
+                {"bits": 4, "group_size": 128, "sym": true, "dtype": "bfloat16",
+                 "scale_dtype": "float16"}, ...}}
+
+On load the abstract target (shapes and dtypes of every array) is built from that
+metadata and the config's logical shapes, so the arrays are restored bit-exactly and a
+checkpoint that does not fit its config fails with a ValueError. Either layout (unfused
+or ``optgqa_jax.fused``) is saved as given and restored the same way.
 """
 
 from __future__ import annotations
@@ -13,42 +28,188 @@ import json
 import os
 from typing import Optional
 
+import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.fused import is_fused
 from optgqa_jax.model import abstract_params, check_params_match
+from optgqa_jax.quant.config import QuantConfig
+from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
+from optgqa_jax.quant.packing import packed_rows
 
 CONFIG_FILE = "optgqa_config.json"
 PARAMS_DIR = "params"
+QUANT_FILE = "quantization.json"
+QUANT_FORMAT_VERSION = 1
+_ARRAYS = ("qweight", "scales", "zeros", "g_idx")
+_STATIC = ("bits", "group_size", "sym", "dtype", "scale_dtype")
 
 
-def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: bool = False) -> str:
+# ----------------------------------------------------------------------------- quantized leaves
+def _layer_metadata(ql: QuantizedLinear) -> dict:
+    return {"bits": ql.bits, "group_size": ql.group_size, "sym": ql.sym, "dtype": ql.dtype,
+            "scale_dtype": jnp.dtype(ql.scales.dtype).name}
+
+
+def _stored_shapes(meta: dict, shape: tuple[int, int], name: str) -> dict:
+    """ShapeDtypeStructs of the arrays of a quantized kernel of logical `shape` [D_in, D_out]."""
+    d_in, d_out = shape
+    try:
+        qc = QuantConfig(bits=meta["bits"], group_size=meta["group_size"],
+                         scale_dtype=meta["scale_dtype"])
+        qc.check_layer(d_in, name)
+        rows = packed_rows(d_in, qc.bits)
+    except ValueError as e:
+        raise ValueError(f"{QUANT_FILE}: {name}: {e}") from e
+    G = qc.groups(d_in)
+    return {"qweight": jax.ShapeDtypeStruct((rows, d_out), jnp.int32),
+            "scales": jax.ShapeDtypeStruct((G, d_out), jnp.dtype(qc.scale_dtype)),
+            "zeros": jax.ShapeDtypeStruct((G, d_out), jnp.uint8),
+            "g_idx": jax.ShapeDtypeStruct((d_in,), jnp.int32)}
+
+
+def _check_stored(name: str, ql: QuantizedLinear) -> None:
+    """Raise ValueError when the arrays of `ql` are not what its static fields promise."""
+    expected = _stored_shapes(_layer_metadata(ql), ql.shape, name)
+    for key, want in expected.items():
+        got = getattr(ql, key)
+        if tuple(got.shape) != want.shape or jnp.dtype(got.dtype) != want.dtype:
+            raise ValueError(f"{name}.{key}: {got.dtype}{list(got.shape)}, its bits/group_size "
+                             f"imply {want.dtype}{list(want.shape)}")
+
+
+def _check_quant_config(layers: dict, qc: Optional[QuantConfig]) -> None:
+    """Raise ValueError when `qc` contradicts the metadata of a quantized layer."""
+    if qc is None:
+        return
+    for name, meta in layers.items():
+        diffs = [f"{k}={meta[k]!r} (QuantConfig has {getattr(qc, k)!r})"
+                 for k in ("bits", "group_size", "sym", "scale_dtype")
+                 if meta[k] != getattr(qc, k)]
+        if diffs:
+            raise ValueError(f"{name} contradicts the QuantConfig: " + ", ".join(diffs))
+    if layers and ("lm_head" in layers) != qc.quantize_lm_head:
+        raise ValueError(f"the LM head is {'' if 'lm_head' in layers else 'not '}quantized "
+                         f"but the QuantConfig has quantize_lm_head={qc.quantize_lm_head}")
+
+
+def _read_quant_file(path: str) -> Optional[dict]:
+    """The parsed ``quantization.json`` of checkpoint `path` (None when absent), validated."""
+    file = os.path.join(path, QUANT_FILE)
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+        if raw.get("format_version") != QUANT_FORMAT_VERSION:
+            raise ValueError(f"format_version {raw.get('format_version')!r}, this reader "
+                             f"knows {QUANT_FORMAT_VERSION}")
+        qc = None if raw.get("quant_config") is None else QuantConfig.from_dict(raw["quant_config"])
+        layers = raw["layers"]
+        for name, meta in layers.items():
+            missing = [k for k in _STATIC if k not in meta]
+            if missing:
+                raise ValueError(f"layer {name!r} lacks {missing}")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{file!r} could not be read: {e}") from e
+    _check_quant_config(layers, qc)
+    return {"quant_config": qc, "layers": layers}
+
+
+# ----------------------------------------------------------------------------- public API
+def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: bool = False,
+                    quant_config: Optional[QuantConfig] = None) -> str:
     """Write `cfg` and `params` to the directory `path` (created; must not exist unless `overwrite`).
+
+    Args:
+      path: checkpoint directory.
+      cfg: the model configuration.
+      params: float or quantized params (any mix of float and ``QuantizedLinear``
+        kernels, LM head included), unfused or fused layout.
+      overwrite: replace an existing checkpoint.
+      quant_config: the settings the params were quantized with, stored for
+        :func:`load_quant_config`; must agree with every quantized layer.
 
     Returns:
       The absolute checkpoint path.
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is false.
-      ValueError: `params` do not match `cfg`.
+      ValueError: `params` do not match `cfg`, a quantized layer's arrays do not fit its
+        bits/group size, or `quant_config` contradicts a quantized layer.
     """
     path = os.path.abspath(path)
     check_params_match(cfg, params, what="params")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    layers = {}
+    for name, leaf in list(flat.items()):
+        if is_quantized(leaf):
+            _check_stored(name, leaf)
+            layers[name] = _layer_metadata(leaf)
+            del flat[name]
+            flat.update({f"{name}/{key}": getattr(leaf, key) for key in _ARRAYS})
+    _check_quant_config(layers, quant_config)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint path {path!r} already exists; pass overwrite=True")
     os.makedirs(path, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, PARAMS_DIR), params, force=overwrite)
+    checkpointer.save(os.path.join(path, PARAMS_DIR),
+                      flax.traverse_util.unflatten_dict(flat, sep="/"), force=overwrite)
     checkpointer.wait_until_finished()
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         f.write(cfg.to_json())
+    quant_file = os.path.join(path, QUANT_FILE)
+    if layers or quant_config is not None:
+        record = {"format_version": QUANT_FORMAT_VERSION,
+                  "quant_config": None if quant_config is None else quant_config.to_dict(),
+                  "layers": layers}
+        with open(quant_file, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+    elif os.path.exists(quant_file):  # overwriting a quantized checkpoint with float params
+        os.remove(quant_file)
     return path
 
 
 def is_checkpoint(path: str) -> bool:
     """Whether `path` is a directory written by :func:`save_checkpoint`."""
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def load_quant_config(path: str) -> Optional[QuantConfig]:
+    """The QuantConfig saved with checkpoint `path`, or None (float checkpoint, or none given).
+
+    Raises:
+      ValueError: an unreadable ``quantization.json``, or one whose QuantConfig
+        contradicts a layer's metadata.
+    """
+    record = _read_quant_file(os.path.abspath(path))
+    return None if record is None else record["quant_config"]
+
+
+def _stored_arrays(params_path: str) -> dict:
+    """{"/"-joined path: orbax ArrayMetadata (shape, dtype)} of the stored params tree."""
+    meta = ocp.StandardCheckpointer().metadata(params_path)
+    tree = getattr(meta, "item_metadata", meta)  # a StepMetadata in orbax >= 0.11
+    return flax.traverse_util.flatten_dict(dict(getattr(tree, "tree", tree)), sep="/")
+
+
+def _check_stored_arrays(stored: dict, target: dict, params_path: str) -> None:
+    """Compare shapes and dtypes before restoring: orbax would cast a dtype silently."""
+    problems = [f"{k}: missing" for k in sorted(set(target) - set(stored))]
+    problems += [f"{k}: stored but not expected" for k in sorted(set(stored) - set(target))]
+    for k in sorted(set(stored) & set(target)):
+        got, want = stored[k], target[k]
+        if tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype):
+            problems.append(f"{k}: stored {jnp.dtype(got.dtype)}{list(got.shape)}, expected "
+                            f"{jnp.dtype(want.dtype)}{list(want.shape)}")
+    if problems:
+        shown = "\n  ".join(problems[:12])
+        more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise ValueError(f"checkpoint arrays in {params_path!r} do not fit its config and "
+                         f"{QUANT_FILE}:\n  {shown}{more}")
 
 
 def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict]:
@@ -60,12 +221,12 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
         a mismatch raises ValueError listing the differing fields.
 
     Returns:
-      (config, params).
+      (config, params), quantized kernels as ``QuantizedLinear`` leaves, in the layout saved.
 
     Raises:
       FileNotFoundError: `path` or its config/params are missing.
-      ValueError: unreadable config, config mismatch, or stored arrays that do
-        not fit the config.
+      ValueError: unreadable config or ``quantization.json``, config mismatch, quantization
+        metadata that contradicts itself or the config, or stored arrays that do not fit.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -86,12 +247,34 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
     params_path = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_path):
         raise FileNotFoundError(f"checkpoint {path!r} has no {PARAMS_DIR}/ directory")
-    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                    abstract_params(saved))
+    record = _read_quant_file(path)
+    layers = {} if record is None else record["layers"]
+    stored = _stored_arrays(params_path)
+    fused = is_fused(flax.traverse_util.unflatten_dict(stored, sep="/"))
+    flat = {name: jax.ShapeDtypeStruct(s.shape, s.dtype) for name, s in
+            flax.traverse_util.flatten_dict(abstract_params(saved, fused), sep="/").items()}
+    for name, meta in layers.items():
+        if name not in flat or len(flat[name].shape) != 2:
+            raise ValueError(f"{QUANT_FILE} names {name!r}, which is not a linear kernel of "
+                             f"this config ({'fused' if fused else 'unfused'} layout)")
+        if jnp.dtype(meta["dtype"]) != jnp.dtype(flat[name].dtype):
+            raise ValueError(f"{QUANT_FILE}: {name} has dtype {meta['dtype']!r}, the config "
+                             f"{saved.dtype!r}")
+        shapes = _stored_shapes(meta, tuple(flat.pop(name).shape), name)
+        flat.update({f"{name}/{key}": s for key, s in shapes.items()})
+    _check_stored_arrays(stored, flat, params_path)
+    target = flax.traverse_util.unflatten_dict(flat, sep="/")
     checkpointer = ocp.StandardCheckpointer()
     try:
-        params = checkpointer.restore(params_path, target)
+        restored = checkpointer.restore(params_path, target)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint arrays in {params_path!r} do not fit its config: {e}") from e
+        raise ValueError(f"checkpoint arrays in {params_path!r} do not fit its config and "
+                         f"{QUANT_FILE}: {e}") from e
+    flat = flax.traverse_util.flatten_dict(restored, sep="/")
+    for name, meta in layers.items():
+        arrays = {key: flat.pop(f"{name}/{key}") for key in _ARRAYS}
+        flat[name] = QuantizedLinear(**arrays, bits=meta["bits"], group_size=meta["group_size"],
+                                     sym=meta["sym"], dtype=meta["dtype"])
+    params = flax.traverse_util.unflatten_dict(flat, sep="/")
     check_params_match(saved, params, what="checkpoint tensors")
     return saved, params

@@ -1,4 +1,8 @@
-"""Load Hugging Face Llama-family checkpoints (config.json + safetensors shards)."""
+"""Load Hugging Face Llama-family checkpoints (config.json + safetensors shards).
+
+Float checkpoints and GPTQ-quantized ones (``quantization_config`` with ``quant_method``
+``"gptq"``, formats ``gptq``/``gptq_v2``; see ``optgqa_jax.quant.hf_gptq``) are read.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Optional
 from safetensors import safe_open
 
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.quant.hf_gptq import quant_config_from_hf
 from optgqa_jax.weights import params_from_hf_tensors
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -74,15 +79,23 @@ def load_hf_llama(path: str, *, dtype: Optional[str] = None) -> tuple[ModelConfi
       dtype: parameter dtype; default: the checkpoint's ``torch_dtype``.
 
     Returns:
-      (config, params).
+      (config, params). The linear layers of a GPTQ checkpoint are ``QuantizedLinear``
+      leaves (bits, group size and symmetry from its ``quantization_config``; the
+      packed codes kept as stored, the zero points unpacked once).
 
     Raises:
       FileNotFoundError: the directory, config.json or weights are missing.
-      ValueError: unsupported architecture, or tensors that do not fit the config.
+      ValueError: unsupported architecture or quantization (a method other than GPTQ,
+        bits outside {2, 3, 4, 8}, an unknown checkpoint format), or tensors that do not
+        fit the config.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    cfg = config_from_hf(_read_json(os.path.join(path, "config.json"), "config file"), dtype=dtype)
+    hf = _read_json(os.path.join(path, "config.json"), "config file")
+    cfg = config_from_hf(hf, dtype=dtype)
+    gptq = None
+    if hf.get("quantization_config") is not None:
+        gptq = quant_config_from_hf(hf["quantization_config"])
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_path):
         weight_map = _read_json(index_path, "safetensors index")["weight_map"]
@@ -104,5 +117,5 @@ def load_hf_llama(path: str, *, dtype: Optional[str] = None) -> tuple[ModelConfi
         for key in handles[name].keys():
             where[key] = name
     params = params_from_hf_tensors(cfg, lambda k: handles[where[k]].get_tensor(k),
-                                    lambda k: k in where)
+                                    lambda k: k in where, gptq=gptq)
     return cfg, params

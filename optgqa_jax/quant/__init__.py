@@ -16,3 +16,6 @@ from optgqa_jax.quant.pipeline import QuantReport, check_calibration, quantize  
 
 __all__ += ["learn_scales", "token_gradient_weights", "QuantReport", "check_calibration",
             "quantize"]
+from optgqa_jax.quant.hf_gptq import export_hf_gptq  # noqa: E402
+
+__all__ += ["export_hf_gptq"]
