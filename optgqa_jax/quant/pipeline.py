@@ -150,6 +150,12 @@ def check_calibration(cfg: ModelConfig, calibration, nsamples: Optional[int] = N
     return windows.astype(np.int32)
 
 
+def _fitting_group_sizes(cfg: ModelConfig, qc: QuantConfig) -> list[int]:
+    """Powers of two >= 32 that divide every linear layer's input dimension."""
+    dims = (cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim)
+    return [g for g in (32, 64, 128, 256, 512) if all(d % g == 0 for d in dims)]
+
+
 def _check_model(cfg: ModelConfig, params: dict, qc: QuantConfig) -> list[str]:
     from optgqa_jax.fused import is_fused
     from optgqa_jax.model import check_params_match
@@ -163,7 +169,11 @@ def _check_model(cfg: ModelConfig, params: dict, qc: QuantConfig) -> list[str]:
                 kernel = _get(params, full + "/kernel")
                 if is_quantized(kernel):
                     raise ValueError(f"{full} is already quantized")
-                qc.check_layer(kernel.shape[0], full)
+                try:
+                    qc.check_layer(kernel.shape[0], full)
+                except ValueError as e:
+                    raise ValueError(f"{e}; group sizes that fit every layer of this model: "
+                                     f"{_fitting_group_sizes(cfg, qc)} or -1") from None
                 names.append(full)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not bool(jnp.isfinite(leaf).all()):
