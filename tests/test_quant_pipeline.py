@@ -155,6 +155,10 @@ def test_bad_input_raises_before_work(tiny):
     bad["layer_1"]["mlp"]["up_proj"]["kernel"] = bad["layer_1"]["mlp"]["up_proj"]["kernel"].at[0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match="layer_1.*up_proj.*NaN"):
         og.quantize(cfg, bad, windows, qc, progress=False)
+    huge = jax.tree_util.tree_map(lambda x: x, params)  # finite weights, activations overflow
+    huge["layer_0"]["attn_norm"]["scale"] = huge["layer_0"]["attn_norm"]["scale"] * 1e38
+    with pytest.raises(ValueError, match="layer_0/attn/q_proj.*NaN or inf"):
+        og.quantize(cfg, huge, windows, qc, progress=False)
     with pytest.raises(ValueError, match="method="):
         og.quantize(cfg, params, windows, qc, method="awq", progress=False)
     _, qp, _ = og.quantize(cfg, params, windows, qc, method="rtn", progress=False)

@@ -102,23 +102,24 @@ class HessianAccumulator:
         H = acc.H                    # float32 [D_in, D_in]
     """
 
-    def __init__(self, d_in: int):
-        self.d_in = d_in
+    def __init__(self, d_in: int, name: str = "x"):
+        self.d_in, self.name = d_in, name
         self._sum = jnp.zeros((d_in, d_in), jnp.float32)
         self.n = 0
 
     def add(self, x, weights=None) -> None:
         """Add the rows of `x` [..., D_in] (optionally weighted, see :func:`hessian`)."""
-        x, weights = _check_inputs(x, weights, "x")
+        x, weights = _check_inputs(x, weights, self.name)
         if x.shape[1] != self.d_in:
-            raise ValueError(f"x has D_in={x.shape[1]}, the accumulator expects {self.d_in}")
+            raise ValueError(f"{self.name} has D_in={x.shape[1]}, the accumulator expects "
+                             f"{self.d_in}")
         self._sum = self._sum + _xtx(x, weights)
         self.n += x.shape[0]
 
     @property
     def H(self) -> jax.Array:
         if self.n == 0:
-            raise ValueError("no rows were added to the Hessian accumulator")
+            raise ValueError(f"no rows of {self.name} were added to the Hessian accumulator")
         return self._sum * (2.0 / self.n)
 
 

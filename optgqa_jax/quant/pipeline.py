@@ -236,8 +236,9 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
         bp = params[f"layer_{i}"]
         for stage in _stages(fused):
             # the layers of a stage read the same input: one plain Hessian per stage
-            acc = HessianAccumulator(_get(bp, stage[0])["kernel"].shape[0])
-            weighted = {name: HessianAccumulator(acc.d_in) for name in stage} \
+            acc = HessianAccumulator(_get(bp, stage[0])["kernel"].shape[0],
+                                     name=f"the inputs of layer_{i}/{stage[0]}")
+            weighted = {name: HessianAccumulator(acc.d_in, name=acc.name) for name in stage} \
                 if token_w is not None else {}
             for b, xb in zip(batches, x):
                 inp = _block_apply(cfg, layer, bp, xb, attention_impl)[1][stage[0]]
@@ -264,9 +265,10 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
                 bp = _set(bp, name + "/kernel", ql)
         x = [_block_apply(cfg, layer, bp, xb, attention_impl)[0] for xb in x]
         qparams[f"layer_{i}"] = bp
-        bar.set_postfix(err=f"{np.mean([l['error'] for l in report.layers[-7:]]):.2e}")
+        per_block = sum(len(stage) for stage in _stages(fused))
+        bar.set_postfix(err=f"{np.mean([l['error'] for l in report.layers[-per_block:]]):.2e}")
     if qc.quantize_lm_head:
-        acc = HessianAccumulator(cfg.d_model)
+        acc = HessianAccumulator(cfg.d_model, name="the inputs of lm_head")
         for xb in x:
             acc.add(_final_norm(cfg, params["final_norm"]["scale"], xb))
         w = params["lm_head"]
