@@ -36,6 +36,29 @@ def perplexity(cfg: ModelConfig, params: dict, token_ids: Sequence[int]) -> floa
     return float(np.exp(token_nll(cfg, params, token_ids).mean()))
 
 
+def check_windows(cfg: ModelConfig, windows, name: str = "windows") -> np.ndarray:
+    """Validate token windows for `cfg`; returns them as int32 [n, T].
+
+    Raises:
+      ValueError (naming `name`): not a non-empty integer [n, T] array with T >= 2, ids outside
+        the vocabulary, or T > max_seq_len.
+    """
+    windows = np.asarray(windows)
+    if windows.ndim != 2:
+        raise ValueError(f"{name} must be token windows [n, T], got shape {windows.shape}")
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"{name} must hold at least one window of >= 2 tokens, got shape "
+                         f"{windows.shape}")
+    if not np.issubdtype(windows.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {windows.dtype}")
+    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+        raise ValueError(f"{name} hold token ids outside [0, vocab_size={cfg.vocab_size})")
+    if windows.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"{name} of {windows.shape[1]} tokens exceed "
+                         f"max_seq_len={cfg.max_seq_len}")
+    return windows.astype(np.int32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _window_nll(cfg: ModelConfig, params: dict, tokens, attention_impl: str) -> jax.Array:
     """Next-token NLL (nats) of int32 tokens [B, T]: float32 [B, T-1], reduced on the device so
@@ -71,19 +94,7 @@ def windows_perplexity(cfg: ModelConfig, params: dict, windows, *, batch_size: i
       ValueError: windows that are not a non-empty integer [n, T] array with T >= 2, ids outside
         the vocabulary, T > max_seq_len, batch_size < 1.
     """
-    windows = np.asarray(windows)
-    if windows.ndim != 2:
-        raise ValueError(f"windows must be token windows [n, T], got shape {windows.shape}")
-    if windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"windows must hold at least one window of >= 2 tokens, got shape "
-                         f"{windows.shape}")
-    if not np.issubdtype(windows.dtype, np.integer):
-        raise ValueError(f"windows must hold integer token ids, got dtype {windows.dtype}")
-    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
-        raise ValueError(f"windows hold token ids outside [0, vocab_size={cfg.vocab_size})")
-    if windows.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"windows of {windows.shape[1]} tokens exceed "
-                         f"max_seq_len={cfg.max_seq_len}")
+    windows = check_windows(cfg, windows)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     n = windows.shape[0]

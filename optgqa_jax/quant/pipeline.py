@@ -130,19 +130,9 @@ def _canonical_layer(cfg: ModelConfig, layer: int) -> int:
 def check_calibration(cfg: ModelConfig, calibration, nsamples: Optional[int] = None,
                       seqlen: Optional[int] = None) -> np.ndarray:
     """Validate calibration windows; returns int32 [n, T]. Raises ValueError naming the problem."""
-    windows = np.asarray(calibration)
-    if windows.ndim != 2:
-        raise ValueError(f"calibration must be token windows [n, T], got shape {windows.shape}")
-    if windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"calibration must hold at least one window of >= 2 tokens, got shape "
-                         f"{windows.shape}")
-    if not np.issubdtype(windows.dtype, np.integer):
-        raise ValueError(f"calibration must hold integer token ids, got dtype {windows.dtype}")
-    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
-        raise ValueError(f"calibration holds token ids outside [0, vocab_size={cfg.vocab_size})")
-    if windows.shape[1] > cfg.max_seq_len:
-        raise ValueError(f"calibration windows of {windows.shape[1]} tokens exceed "
-                         f"max_seq_len={cfg.max_seq_len}")
+    from optgqa_jax.evaluate import check_windows  # evaluate imports the model, which imports us
+
+    windows = check_windows(cfg, calibration, "calibration")
     if nsamples is not None and windows.shape[0] < nsamples:
         raise ValueError(f"calibration has {windows.shape[0]} windows, {nsamples} were asked for")
     if seqlen is not None and windows.shape[1] < seqlen:
