@@ -93,6 +93,13 @@ class QuantConfig:
         """Number of groups of a layer with `d_in` inputs."""
         return 1 if self.group_size == -1 else d_in // self.group_size
 
+    def grid_only(self) -> "QuantConfig":
+        """This config with every field that does not shape the quantization grid or GPTQ's
+        loop reset to its default: the key under which jitted kernels are compiled, so that
+        runs differing only in damping or in the calibration parts share one compile."""
+        keep = ("bits", "group_size", "sym", "static_groups", "block_size", "scale_dtype")
+        return QuantConfig(**{name: getattr(self, name) for name in keep})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

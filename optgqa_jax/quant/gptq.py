@@ -35,6 +35,7 @@ Everything runs jitted: the loops over blocks and columns are ``lax.fori_loop``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -263,7 +264,8 @@ def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = Fals
         raise ValueError(f"{name}: the weights contain NaN or inf")
     if not bool(jnp.isfinite(H).all()):
         raise ValueError(f"{name}: the Hessian contains NaN or inf")
-    W, Hp, perm, static_grid, channel_grid = _prepare(w, H, qc)
+    W, Hp, perm, static_grid, channel_grid = _prepare(
+        w, H, dataclasses.replace(qc.grid_only(), act_order=qc.act_order))
     mean_diag = float(jnp.mean(jnp.diag(Hp)))
     base = qc.damp if qc.damp > 0 else 1e-4
     for tries in range(1, qc.max_damp_tries + 1):
@@ -275,7 +277,7 @@ def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = Fals
         raise ValueError(f"{name}: the Hessian is not positive definite even with dampening "
                          f"{rel:g} * mean(diag H) after {qc.max_damp_tries} tries; check the "
                          "calibration data (too few tokens?) or raise QuantConfig.damp")
-    Q, scales, zeros, loss = _gptq_loop(W, U, perm, static_grid, channel_grid, qc)
+    Q, scales, zeros, loss = _gptq_loop(W, U, perm, static_grid, channel_grid, qc.grid_only())
     codes = jnp.zeros_like(Q).at[:, perm].set(Q).T  # [D_in, D_out], original row order
     if qc.act_order and not qc.static_groups:
         gs = d_in if qc.group_size == -1 else qc.group_size

@@ -85,6 +85,9 @@ def rtn_codes(w: jax.Array, qc: QuantConfig) -> tuple[jax.Array, jax.Array, jax.
     return codes.reshape(d_in, d_out), scale, zero
 
 
+_rtn_codes_jit = jax.jit(rtn_codes, static_argnums=1)
+
+
 def rtn(w: jax.Array, qc: QuantConfig):
     """Round-to-nearest baseline: quantize `w` [D_in, D_out] group by group, no error feedback.
 
@@ -101,5 +104,5 @@ def rtn(w: jax.Array, qc: QuantConfig):
     qc.check_layer(w.shape[0], "w")
     if not bool(jnp.isfinite(w).all()):
         raise ValueError("w contains NaN or inf")
-    codes, scale, zero = jax.jit(rtn_codes, static_argnums=1)(w, qc)
+    codes, scale, zero = _rtn_codes_jit(w, qc.grid_only())
     return from_codes(codes, scale, zero, group_index(w.shape[0], qc), qc, w.dtype)
