@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 
@@ -35,18 +33,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
+from optgqa_jax.benchmark import source_commit as commit  # noqa: E402
 
 SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (4096, 1024),
           "gate_proj/up_proj": (4096, 14336), "down_proj": (14336, 4096)}
-
-
-def commit() -> str:
-    if os.environ.get("OPTGQA_COMMIT"):
-        return os.environ["OPTGQA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def torch_gptq(W, H, bits: int, group_size: int, block_size: int = 128, damp: float = 0.01):

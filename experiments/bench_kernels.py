@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -39,19 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402  (the ceiling: best method, best of 5)
+from optgqa_jax.benchmark import copy_bandwidths, source_commit as commit  # noqa: E402  (the ceiling: best method, best of 5)
 from pallas_kernels import (FlashAttentionConfig, PagedAttentionConfig, alibi_slopes,  # noqa: E402
                             compiler_options, flash_attention, paged_attention,
                             paged_attention_reference)
-
-
-def commit() -> str:
-    if os.environ.get("OPTGQA_COMMIT"):
-        return os.environ["OPTGQA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def timeit(fn, *args, iters=20, trials=5):

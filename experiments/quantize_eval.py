@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -42,6 +41,7 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import data  # noqa: E402
+from optgqa_jax.benchmark import source_commit as commit  # noqa: E402
 from optgqa_jax.evaluate import windows_perplexity  # noqa: E402
 from optgqa_jax.quant import QuantConfig, quantize  # noqa: E402
 from optgqa_jax.registry import load_model  # noqa: E402
@@ -81,15 +81,6 @@ class Study:
     def settings(self) -> dict:
         picked = ("bits", "group_sizes", "methods")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in picked}
-
-
-def commit() -> str:
-    if os.environ.get("OPTGQA_COMMIT"):  # set where the checkout's .git is absent or stale
-        return os.environ["OPTGQA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def gguf_types(spec: str) -> Optional[dict]:

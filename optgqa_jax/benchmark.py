@@ -78,6 +78,19 @@ def workload(bc: BenchConfig, vocab_size: int):
     return prompts, [int(o) for o in outs]
 
 
+
+def source_commit() -> str:
+    """Short commit of the code being measured: ``$OPTGQA_COMMIT`` when set (for checkouts
+    whose .git is absent or stale, as on a device machine), else ``git rev-parse``, else
+    ``"unknown"``."""
+    if os.environ.get("OPTGQA_COMMIT"):
+        return os.environ["OPTGQA_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
 def copy_bandwidths(nbytes: int = 2 << 30) -> dict:
     """Device-to-device copy bandwidth in bytes/s by several methods (read + written bytes).
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Optional, Sequence
@@ -86,10 +85,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from optgqa_jax import benchmark
 
     bc = benchmark.config_from_args(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     runs = benchmark.run_suite(bc, compare_mha=args.compare_mha, hf_requests=args.hf_requests,
-                               out_dir=args.out, commit=os.environ.get("OPTGQA_COMMIT", commit))
+                               out_dir=args.out, commit=benchmark.source_commit())
     return 0 if all("error" not in r for r in runs) else 1
 
 

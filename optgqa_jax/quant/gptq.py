@@ -39,15 +39,13 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from optgqa_jax.quant.config import QuantConfig
 from optgqa_jax.quant.grid import dequantize_codes, find_params, quantize_codes
-from optgqa_jax.quant.linear import QuantizedLinear, from_codes
+from optgqa_jax.quant.linear import from_codes
 
 _HI = jax.lax.Precision.HIGHEST
 
