@@ -20,6 +20,8 @@ from optgqa_jax.engine import Completion, Engine, EngineConfig, EngineStats, Sam
 from optgqa_jax.evaluate import perplexity, token_nll
 from optgqa_jax.fused import fuse_projections
 from optgqa_jax.generate import generate_simple
+from optgqa_jax.grouping import GroupingReport, convert_to_gqa, expand_to_mha
+from optgqa_jax.grouping.uptrain import uptrain
 from optgqa_jax.gguf_loader import load_gguf, load_pretrained
 from optgqa_jax.hf_loader import load_hf_llama
 from optgqa_jax.quant import QuantConfig, QuantizedLinear, quantize
@@ -27,6 +29,7 @@ from optgqa_jax.model import (KVCache, Transformer, abstract_params, forward, fo
                               init_params)
 from optgqa_jax.registry import LoadedModel, load_model
 from optgqa_jax.sampling import row_keys, sample
+from optgqa_jax.train import TrainConfig, TrainResult, train
 from optgqa_jax.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
 
 __version__ = "0.1.0"
@@ -39,5 +42,6 @@ __all__ = [
     "forward_with_cache", "init_params", "LoadedModel", "load_model", "row_keys", "sample",
     "BPETokenizer", "ByteTokenizer", "Tokenizer", "Completion", "Engine", "EngineConfig",
     "EngineStats", "SamplingParams", "fuse_projections", "quant", "QuantConfig",
-    "QuantizedLinear", "quantize",
+    "QuantizedLinear", "quantize", "GroupingReport", "convert_to_gqa", "expand_to_mha",
+    "uptrain", "TrainConfig", "TrainResult", "train",
 ]

@@ -11,9 +11,17 @@ The model calls two functions, and nothing else, for attention:
 
 ``impl`` chooses the implementation: ``"reference"`` (pure jnp, below),
 ``"pallas"`` (the ``pallas_kernels`` Triton kernels; in interpret mode on a
-CPU, which is slow but exact) or ``"auto"`` (Pallas on GPUs, reference on
-CPUs, and the reference wherever the kernels do not apply: head dims they do
-not support, groupings of unequal size).
+CPU, which is slow but exact), ``"auto"`` (Pallas on GPUs, reference on
+CPUs, and the reference wherever the kernels do not apply or lose: head dims
+they do not support, and float32 full passes, where the reference's XLA
+matmuls ran 10x faster than the flash kernel on an H200 — 0.054 s against
+0.54 s for SmolLM2-135M on 32 windows of 512 tokens) or ``"xla"`` (``jax.nn.dot_product_attention``:
+cuDNN flash attention on NVIDIA GPUs where it applies, XLA's own einsum-softmax-
+einsum elsewhere). The Pallas kernels have no backward pass; ``"xla"`` and
+``"reference"`` are differentiable, and ``"xla"`` is the one meant for
+training. ``"xla"`` only changes :func:`attention` (the full pass): the cached
+and paged entry points treat it as ``"reference"``, and the serving engine
+refuses it.
 
 Semantics. Query ``t`` of row ``b`` sits at absolute position
 ``q_positions[b, t]``; key slot ``s`` holds the key of position ``s``. The
@@ -26,6 +34,7 @@ G query heads per KV head (N = K * G), H head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -37,55 +46,56 @@ import pallas_kernels as pk
 from pallas_kernels import _common as kernel_common
 
 _MASKED = -1e30  # finite rather than -inf, so softmax can never produce NaN
-IMPLS = ("auto", "pallas", "reference")
+IMPLS = ("auto", "pallas", "reference", "xla")
 
 
 def check_attention_impl(impl: str) -> None:
+    """Raise ValueError unless `impl` is one of :data:`IMPLS`."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _group_permutation(kv_head_map: Optional[Sequence[int]], N: int, K: int):
-    """How to run a grouping on the kernels, which need contiguous equal groups.
+def _group_layout(kv_head_map: Optional[Sequence[int]], N: int, K: int):
+    """How to run a grouping on the kernels, which read contiguous groups of one size G.
 
-    Returns None for the default contiguous map, a permutation of the query
-    heads that makes the groups contiguous when all groups have the same size,
-    and raises ValueError for groups of unequal size.
+    Returns None for the default contiguous map. Otherwise ``(slots, where)``: ``slots``
+    int [K*G] names the query head that fills each kernel head (groups made contiguous, G the
+    largest group), ``where`` int [N] the kernel head that holds each query head. Equal groups
+    give a permutation. A smaller group is padded with copies of its first query head; the
+    copies' outputs are dropped, so unequal groups cost the compute of K groups of G heads but
+    read each K/V head once, as equal groups do.
     """
     if kv_head_map is None or tuple(kv_head_map) == tuple(h // (N // K) for h in range(N)):
         return None
-    counts = np.bincount(np.asarray(kv_head_map), minlength=K)
-    if len(set(counts.tolist())) != 1:
-        raise ValueError(f"the Pallas kernels need groups of equal size; kv_head_map "
-                         f"{tuple(kv_head_map)} has group sizes {counts.tolist()}")
-    return np.argsort(np.asarray(kv_head_map), kind="stable")  # query heads sorted by KV head
+    kv_map = np.asarray(kv_head_map)
+    G = int(np.bincount(kv_map, minlength=K).max())
+    slots, where = [], np.empty(N, np.int64)
+    for g in range(K):
+        heads = np.flatnonzero(kv_map == g)
+        where[heads] = g * G + np.arange(len(heads))
+        slots.extend(heads.tolist() + [int(heads[0])] * (G - len(heads)))
+    return np.asarray(slots), where
 
 
-def _use_pallas(impl: str, head_dim: int, kv_head_map, N: int, K: int) -> bool:
-    if impl == "reference":
+def _use_pallas(impl: str, head_dim: int) -> bool:
+    if impl in ("reference", "xla"):  # "xla" reaches here only from the cached/paged paths
         return False
     if impl == "pallas":
         kernel_common.check_head_dim(head_dim)
-        _group_permutation(kv_head_map, N, K)  # raises for unequal groups
         return True
-    if kernel_common.backend() == "cpu" or head_dim not in kernel_common.SUPPORTED_HEAD_DIMS:
-        return False
-    try:
-        _group_permutation(kv_head_map, N, K)
-    except ValueError:
-        return False
-    return True
+    return kernel_common.backend() != "cpu" and head_dim in kernel_common.SUPPORTED_HEAD_DIMS
 
 
 def _run_grouped(fn, q, kv_head_map, alibi_slopes, num_kv_heads: int, head_axis: int = 2):
-    """Call ``fn(q, slopes)`` with query heads permuted into contiguous groups, and undo it."""
-    perm = _group_permutation(kv_head_map, q.shape[head_axis], num_kv_heads)
-    if perm is None:
+    """Call ``fn(q, slopes)`` with the query heads laid out in contiguous equal groups
+    (:func:`_group_layout`), and map its output back to the model's head order."""
+    layout = _group_layout(kv_head_map, q.shape[head_axis], num_kv_heads)
+    if layout is None:
         return fn(q, alibi_slopes)
-    inv = np.argsort(perm)
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)[perm]
-    out = fn(jnp.take(q, perm, axis=head_axis), slopes)
-    return jnp.take(out, inv, axis=head_axis)
+    slots, where = layout
+    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)[slots]
+    out = fn(jnp.take(q, slots, axis=head_axis), slopes)
+    return jnp.take(out, where, axis=head_axis)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *,
@@ -104,14 +114,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
         ``kv_head_map[h]``. None means contiguous groups ``h // (N // K)``.
       alibi_slopes: optional float [N] per-query-head ALiBi slopes.
       sm_scale: score scale, default ``1 / sqrt(H)``.
-      impl: ``"auto"``, ``"pallas"`` or ``"reference"`` (module docstring).
+      impl: ``"auto"``, ``"pallas"``, ``"reference"`` or ``"xla"`` (module
+        docstring; for ``"xla"`` see :func:`attention_xla`).
 
     Returns:
       [B, T, N, H] in q's dtype. Softmax and accumulation are float32.
     """
     check_attention_impl(impl)
-    N, H, K = q.shape[2], q.shape[3], k.shape[2]
-    if _use_pallas(impl, H, kv_head_map, N, K):
+    H, K = q.shape[3], k.shape[2]
+    if impl == "xla":
+        return attention_xla(q, k, v, q_positions, kv_head_map=kv_head_map,
+                             alibi_slopes=alibi_slopes, sm_scale=sm_scale)
+    float32_auto = impl == "auto" and jnp.dtype(q.dtype) == jnp.float32  # see module docstring
+    if _use_pallas(impl, H) and not float32_auto:
         interpret = kernel_common.backend() == "cpu"
         return _run_grouped(
             lambda qq, sl: pk.flash_attention(qq, k, v, causal=True, alibi_slopes=sl,
@@ -119,6 +134,103 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
             q, kv_head_map, alibi_slopes, K)
     return attention_reference(q, k, v, q_positions, kv_head_map=kv_head_map,
                                alibi_slopes=alibi_slopes, sm_scale=sm_scale)
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *,
+                  kv_head_map: Optional[Sequence[int]] = None,
+                  alibi_slopes: Optional[jax.Array] = None,
+                  sm_scale: Optional[float] = None) -> jax.Array:
+    """:func:`attention` through ``jax.nn.dot_product_attention``, differentiable (for training).
+
+    On an NVIDIA GPU with bfloat16/float16 inputs and a head dim cuDNN supports,
+    cuDNN's flash attention runs (forward and backward, O(T) memory); otherwise,
+    and wherever cuDNN refuses the shapes, XLA's own implementation does, which
+    materializes the [B, N, T, S] scores. ``dot_product_attention`` left to
+    itself always picks XLA, so the cuDNN choice is made here.
+
+    A full pass (T == S: the queries are the keys' own tokens) is causal through
+    ``is_causal`` and its ALiBi bias is built from ``0..T-1``, so cuDNN skips the
+    masked tiles and needs no per-row bias: ``q_positions`` must then be
+    ``0..T-1`` in every row, as :func:`optgqa_jax.model.forward` passes them
+    (checked when it is concrete). With T != S the mask and bias come from
+    ``q_positions`` itself, exactly the reference's semantics for any positions.
+
+    Arguments and result as in :func:`attention`.
+
+    Raises:
+      ValueError: T == S and concrete ``q_positions`` other than ``0..T-1``.
+    """
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    if T == S:
+        positions = _concrete_value(q_positions)
+        if positions is not None and not np.array_equal(
+                positions, np.broadcast_to(np.arange(T), positions.shape)):
+            raise ValueError("attention_xla: a full pass (T == S) needs q_positions 0..T-1 in "
+                             "every row; use impl='reference' for other positions")
+    run = functools.partial(_dot_product_attention, k=k, v=v, q_positions=q_positions,
+                            sm_scale=sm_scale)
+    if kv_head_map is None or tuple(kv_head_map) == tuple(h // (N // K) for h in range(N)):
+        return run(q, slopes=alibi_slopes)
+    counts = np.bincount(np.asarray(kv_head_map), minlength=K)
+    if len(set(counts.tolist())) == 1:
+        # Equal groups: permute the query heads into contiguous groups and keep K/V at K heads
+        # (dot_product_attention's native GQA, and cuDNN's). Gathering K/V instead would make
+        # them N/K times larger, and their gradients a scatter-add.
+        return _run_grouped(lambda qq, sl: run(qq, slopes=sl), q, kv_head_map, alibi_slopes, K)
+    # Unequal groups have no such permutation (dot_product_attention needs N = K * G):
+    # give every query head its own copy of its KV head.
+    index = jnp.asarray(kv_head_map, dtype=jnp.int32)
+    run = functools.partial(run, k=jnp.take(k, index, axis=2), v=jnp.take(v, index, axis=2))
+    return run(q, slopes=alibi_slopes)  # K/V [B, S, N, H]
+
+
+def _concrete_value(x) -> Optional[np.ndarray]:
+    """`x` as a numpy array, or None inside a trace."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def _cudnn_may_apply(dtype, head_dim: int, T: int, S: int, has_bias: bool) -> bool:
+    """Whether to try cuDNN flash attention (``dot_product_attention`` rechecks and may refuse)."""
+    if kernel_common.backend() != "cuda":
+        return False
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False  # cuDNN's flash attention has no float32 kernels
+    if head_dim % 8 or head_dim > 256:
+        return False
+    # Its backward pass with a bias needs even lengths; refused at trace time otherwise,
+    # possibly only once the gradient is traced, where the fallback below cannot catch it.
+    return not (has_bias and (T % 2 or S % 2))
+
+
+def _dot_product_attention(q, *, k, v, q_positions, slopes, sm_scale):
+    """q [B, T, N, H], k/v [B, S, K, H] with K dividing N -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    key_pos = jnp.arange(S, dtype=jnp.int32)
+    if T == S:  # full pass: query t sits at position t
+        rel = (key_pos[None, :] - key_pos[:, None])[None, None]  # [1, 1, T, S]: s - t
+        mask, is_causal = None, True
+    else:
+        rel = (key_pos[None, None, :] - q_positions[:, :, None])[:, None]  # [B, 1, T, S]
+        mask, is_causal = rel <= 0, False
+    use_cudnn = _cudnn_may_apply(q.dtype, H, T, S, slopes is not None)
+    bias = None
+    if slopes is not None:
+        # float32 for XLA, whose scores are float32; cuDNN takes the bias in q's dtype.
+        bias = jnp.asarray(slopes, jnp.float32).reshape(1, N, 1, 1) * rel.astype(jnp.float32)
+    call = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=mask, scale=sm_scale,
+                             is_causal=is_causal)
+    if use_cudnn:
+        try:
+            return call(bias=None if bias is None else bias.astype(q.dtype),
+                        implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # shapes, GPU or cuDNN version it does not support: XLA's own below
+    return call(bias=bias, implementation=None)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
@@ -135,12 +247,13 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       page_size: page size used to view the cache as a paged pool (must divide S;
         the reference is used otherwise).
 
-    Other arguments as in :func:`attention`. Returns [B, T, N, H].
+    Other arguments as in :func:`attention`; ``impl="xla"`` runs the reference here
+    (the cuDNN/XLA path is for full passes only). Returns [B, T, N, H].
     """
     check_attention_impl(impl)
     K, B, S, H = k_cache.shape
     T, N = q.shape[1], q.shape[2]
-    use_pallas = _use_pallas(impl, H, kv_head_map, N, K) and S % page_size == 0
+    use_pallas = _use_pallas(impl, H) and S % page_size == 0
     if impl == "pallas" and S % page_size:
         raise ValueError(f"cache length {S} must be a multiple of page_size={page_size} for the "
                          "Pallas path")
@@ -164,10 +277,10 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         cu = jnp.arange(B + 1, dtype=jnp.int32) * T
 
         def run(qq, sl):
-            out = pk.paged_prefill_attention(qq.reshape(B * T, N, H), k_pages, v_pages, tables,
+            out = pk.paged_prefill_attention(qq.reshape(B * T, -1, H), k_pages, v_pages, tables,
                                              cu, lengths, max_q_len=T, alibi_slopes=sl,
                                              sm_scale=sm_scale, interpret=interpret)
-            return out.reshape(B, T, N, H)
+            return out.reshape(B, T, -1, H)  # the kernel's (maybe padded) head count
     return _run_grouped(run, q, kv_head_map, alibi_slopes, K)
 
 
@@ -220,6 +333,7 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
         and sits at position ``q_positions[t]``.
       k_pages, v_pages: [K, P, Z, H] the pool, this step's K/V already written.
       batch: a :class:`optgqa_jax.kv_layers.PagedBatch`.
+      impl: as in :func:`attention`; ``"xla"`` runs the reference here.
 
     Returns:
       [T, N, H]. Rows of padding tokens hold unspecified values.
@@ -227,7 +341,7 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
     check_attention_impl(impl)
     T, N, H = q.shape
     K = k_pages.shape[0]
-    if not _use_pallas(impl, H, kv_head_map, N, K):
+    if not _use_pallas(impl, H):
         return paged_batch_attention_reference(q, k_pages, v_pages, batch.block_tables,
                                                batch.token_seq, q_positions,
                                                kv_head_map=kv_head_map,

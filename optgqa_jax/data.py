@@ -426,6 +426,22 @@ def _windows(ids: np.ndarray, seqlen: int, n: Optional[int], seed: int, stride: 
     return np.ascontiguousarray(ids[starts[:, None] + np.arange(seqlen)], dtype=np.int32)
 
 
+def ids_windows(ids, seqlen: int, n: Optional[int] = None, *, seed: int = 0,
+                stride: Optional[int] = None) -> np.ndarray:
+    """Windows of already tokenised text (1-D int ids), cut as :func:`token_windows` cuts them.
+
+    For token ids prepared once and reused where the tokenizer is not at hand (a machine
+    without the model files): ``np.save("test.npy", encode_split(tok, "shakespeare", "test"))``,
+    then ``ids_windows(np.load("test.npy"), 512)``.
+    """
+    _check_window_args(seqlen, n, stride)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} and dtype "
+                         f"{ids.dtype}")
+    return _windows(ids, seqlen, n, seed, stride, "ids")
+
+
 def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= 2**31)):

@@ -16,6 +16,8 @@ MODELS = {
     "mqa": ("tiny", dict(n_kv_heads=1)),
     "permuted-equal-groups": ("tiny", dict(n_heads=6, n_kv_heads=3,
                                             kv_head_map=[[2, 0, 1, 0, 2, 1], [0, 1, 2, 0, 1, 2]])),
+    "unequal-groups": ("tiny", dict(n_heads=6, n_kv_heads=3,
+                                    kv_head_map=[[2, 0, 2, 1, 0, 2], [0, 0, 0, 0, 1, 2]])),
 }
 
 
@@ -55,15 +57,31 @@ def test_cached_logits_pallas_matches_reference(model, rng):
     assert_close_to_scale(outs["pallas"], outs["reference"], 1e-4)
 
 
-def test_unequal_groups_need_the_reference():
-    cfg = og.ModelConfig.preset("tiny", kv_head_map=[[0, 0, 0, 1], [0, 1, 1, 1]])
-    params = og.init_params(cfg, jax.random.PRNGKey(0))
-    tokens = np.arange(8)[None]
-    with pytest.raises(ValueError, match=r"groups of equal size.*group sizes \[3, 1\]"):
-        og.forward(cfg, params, tokens, attention_impl="pallas")
-    # "auto" falls back to the reference for such groupings
-    assert_close_to_scale(og.forward(cfg, params, tokens, attention_impl="auto"),
-                          og.forward(cfg, params, tokens, attention_impl="reference"), 1e-6)
+def test_unequal_groups_run_on_the_kernels_padded(rng):
+    """Groups of sizes 3, 1 (layer 0) and 1, 3 (layer 1): the kernels see two groups of 3,
+    the short one padded with copies whose outputs are dropped; ALiBi slopes follow."""
+    for preset, kv_map in (("tiny", [[0, 0, 0, 1], [0, 1, 1, 1]]),
+                           ("tiny-alibi", [[1, 0, 0, 0, 1, 0], [0, 1, 1, 0, 1, 1]])):
+        cfg = og.ModelConfig.preset(preset, kv_head_map=kv_map)
+        params = og.init_params(cfg, jax.random.PRNGKey(0))
+        tokens = rng.integers(0, cfg.vocab_size, size=(2, 9))
+        ref = og.forward(cfg, params, tokens, attention_impl="reference")
+        assert_close_to_scale(og.forward(cfg, params, tokens, attention_impl="pallas"), ref, 1e-4)
+        prompts = [list(rng.integers(0, cfg.vocab_size, size=n)) for n in (2, 11)]
+        assert (og.generate_simple(cfg, params, prompts, 4, attention_impl="pallas")
+                == og.generate_simple(cfg, params, prompts, 4, attention_impl="reference"))
+
+
+def test_group_layout():
+    from optgqa_jax.attention import _group_layout
+
+    assert _group_layout(None, 4, 2) is None
+    assert _group_layout((0, 0, 1, 1), 4, 2) is None
+    slots, where = _group_layout((1, 0, 1, 1, 0), 5, 2)  # sizes 2, 3 -> G = 3
+    assert slots.tolist() == [1, 4, 1, 0, 2, 3]
+    assert where.tolist() == [3, 0, 4, 5, 1]
+    slots, where = _group_layout((1, 0, 0, 1), 4, 2)  # equal: a permutation
+    assert slots.tolist() == [1, 2, 0, 3] and where.tolist() == [2, 0, 1, 3]
 
 
 def test_unknown_impl():

@@ -202,6 +202,19 @@ def test_random_windows_are_seeded_crops_of_the_text(rng):
     assert not np.array_equal(windows, data.token_windows(tok, text, 32, 8, seed=2))
 
 
+def test_ids_windows_cut_as_token_windows(rng):
+    tok = ByteTokenizer()
+    text = random_text(rng, 60)
+    ids = np.array(tok.encode(text), np.int64)
+    np.testing.assert_array_equal(data.ids_windows(ids, 16), data.token_windows(tok, text, 16))
+    np.testing.assert_array_equal(data.ids_windows(ids, 16, 5, seed=3),
+                                  data.token_windows(tok, text, 16, 5, seed=3))
+    with pytest.raises(ValueError, match="ids must be a 1-D integer array"):
+        data.ids_windows(ids[:20].reshape(2, 10), 4)
+    with pytest.raises(ValueError, match="seqlen"):
+        data.ids_windows(ids, 1)
+
+
 def test_window_errors():
     tok = ByteTokenizer()
     with pytest.raises(ValueError, match="text is empty"):

@@ -76,6 +76,20 @@ def test_pallas_path_matches(tiny):
     assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
 
 
+def test_unequal_groups_on_the_pallas_path(rng):
+    """Groups of sizes 1, 3 and 2, 2 (a converted model's kind): the paged kernels run them
+    padded to equal groups and the engine gives generate_simple's tokens."""
+    cfg = og.ModelConfig.preset("tiny", kv_head_map=[[1, 0, 1, 1], [0, 1, 1, 0]])
+    params = og.init_params(cfg, jax.random.PRNGKey(8))
+    prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, size=n)] for n in (1, 5, 19)]
+    ref = [og.generate_simple(cfg, params, p, 4) for p in prompts]
+    eng = og.Engine(cfg, params, og.EngineConfig(page_size=8, num_pages=64, max_num_seqs=4,
+                                                 max_num_batched_tokens=32,
+                                                 attention_impl="pallas"))
+    outs = eng.generate(prompts, og.SamplingParams(temperature=0.0, max_tokens=4))
+    assert [o.token_ids for o in outs] == ref
+
+
 def test_no_recompilation_after_warmup(tiny):
     cfg, params, _, _ = tiny
     eng = _engine(tiny, max_num_seqs=4, max_num_batched_tokens=32)

@@ -63,7 +63,8 @@ class EngineConfig:
         prompt longer than this is prefilled in chunks.
       max_model_len: longest prompt + generation; None: the model's max_seq_len.
       enable_prefix_caching: reuse cached full blocks across requests.
-      attention_impl: "auto", "pallas" or "reference".
+      attention_impl: "auto", "pallas" or "reference" (not "xla", the full-pass
+        training path of ``optgqa_jax.attention``, which paged steps do not have).
       fuse_projections: serve from a copy of the weights with q/k/v and gate/up
         concatenated (``optgqa_jax.fused``): fewer, wider matrix products per
         step. Unfused params are copied into the fused layout (the caller's stay
@@ -139,6 +140,11 @@ class EngineConfig:
             object.__setattr__(self, "xla_compiler_options", dict(self.xla_compiler_options))
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if self.attention_impl == "xla":
+            # The engine only runs paged steps, where "xla" would silently be the reference.
+            raise ValueError("attention_impl must be 'auto', 'pallas' or 'reference' for the "
+                             "engine, got 'xla': that is the differentiable full-pass attention "
+                             "for training; the engine's paged steps have no XLA/cuDNN path")
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'pallas' or 'reference', got "
                              f"{self.attention_impl!r}")
