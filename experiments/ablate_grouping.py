@@ -68,6 +68,7 @@ VARIANTS = {
     "key_norm (unequal)": ("key_norm", False),
 }
 CONTROL = "none (uptrained MHA/GQA)"
+PALLAS_CHECK_K = 2  # every variant runs at this budget, unequal groups included
 # With one KV head every strategy groups all heads together; only these differ in the merge.
 K1_VARIANTS = ("mean_pool", "aligned", "learned_weights")
 
@@ -157,16 +158,19 @@ def run_case(ab: Ablation, name: str, cfg, params, kv_list, windows, steps: int,
              res: dict, save, check_pallas: bool = False) -> None:
     """Every variant × KV budget of one case, appended to res["runs"] one by one."""
     calib, train_w, test = windows
-    tc = TrainConfig(steps=steps, batch_size=batch, peak_lr=ab.uptrain_lr,
-                     warmup_steps=max(1, steps // 10), seed=ab.seed, log_every=max(1, steps // 4))
+    tc = None if steps == 0 else TrainConfig(
+        steps=steps, batch_size=batch, peak_lr=ab.uptrain_lr, warmup_steps=max(1, steps // 10),
+        seed=ab.seed, log_every=max(1, steps // 4))
     done = {(r["case"], r["variant"], r["n_kv_heads"]) for r in res["runs"]}
     base = dict(case=name, n_heads=cfg.n_heads, source_kv_heads=cfg.n_kv_heads)
     if (name, CONTROL, cfg.n_kv_heads) not in done:
         t0 = time.perf_counter()
         ppl0 = perplexity(cfg, params, test)
-        _, up, _ = uptrain(cfg, params, train_w, tc=tc, progress=False)
+        up = None if tc is None else uptrain(cfg, params, train_w, tc=tc, progress=False)[1]
         res["runs"].append(dict(base, variant=CONTROL, strategy=None, n_kv_heads=cfg.n_kv_heads,
-                                perplexity=ppl0, perplexity_uptrained=perplexity(cfg, up, test),
+                                perplexity=ppl0,
+                                perplexity_uptrained=None if up is None else perplexity(cfg, up,
+                                                                                        test),
                                 kv_bytes_per_token=cfg.kv_bytes_per_token,
                                 uptrain_seconds=time.perf_counter() - t0))
         save()
@@ -188,21 +192,27 @@ def run_case(ab: Ablation, name: str, cfg, params, kv_list, windows, steps: int,
             errors = layer_errors(*mha_ref, *to_mha(cfg2, params2), calib, batch_size=8)
             ppl = perplexity(cfg2, params2, test)
             t0 = time.perf_counter()
-            _, up, result = uptrain(cfg2, params2, train_w, tc=tc, report=report,
-                                     source_params=params, progress=False)
+            if tc is None:  # no uptraining in this case
+                up, result = None, None
+            else:
+                _, up, result = uptrain(cfg2, params2, train_w, tc=tc, report=report,
+                                        source_params=params, progress=False)
             up_s = time.perf_counter() - t0
             run = dict(base, variant=variant, strategy=strategy, n_kv_heads=K,
                        equal_groups=equal, groups=[list(g) for g in report.groups],
                        objective_name=report.objective_name, objective=report.objective,
                        layer_error=errors, mean_layer_error=float(np.mean(errors)),
-                       perplexity=ppl, perplexity_uptrained=perplexity(cfg2, up, test),
+                       perplexity=ppl,
+                       perplexity_uptrained=None if up is None else perplexity(cfg2, up, test),
                        kv_bytes_per_token=cfg2.kv_bytes_per_token, convert_seconds=convert_s,
-                       uptrain_seconds=up_s, uptrain_tokens_per_s=result.tokens_per_s)
-            if check_pallas:
-                run["pallas_rel_error"] = pallas_check(cfg2, up, test[:2, :128])
+                       uptrain_seconds=up_s,
+                       uptrain_tokens_per_s=None if result is None else result.tokens_per_s)
+            if check_pallas and K == PALLAS_CHECK_K:
+                run["pallas_rel_error"] = pallas_check(cfg2, params2 if up is None else up,
+                                                       test[:2, :128])
             res["runs"].append(run)
             save()
-            print(f"{name} {variant} K={K}: ppl {ppl:.2f} -> {run['perplexity_uptrained']:.2f} "
+            print(f"{name} {variant} K={K}: ppl {ppl:.2f} -> {run['perplexity_uptrained']} "
                   f"(layer error {run['mean_layer_error']:.4f})", flush=True)
 
 
@@ -226,12 +236,15 @@ def markdown(res: dict) -> str:
         lines += [f"## {case}", ""]
         if control:
             c = control[0]
+            after = ("" if c["perplexity_uptrained"] is None else
+                     f", {c['perplexity_uptrained']:.2f} after the same uptraining")
             lines += [f"Unconverted ({c['n_kv_heads']} KV heads): perplexity "
-                      f"{c['perplexity']:.2f}, {c['perplexity_uptrained']:.2f} after the same "
-                      "uptraining.", ""]
+                      f"{c['perplexity']:.2f}{after}.", ""]
         lines += ["| variant | " + " | ".join(f"K={k}" for k in ks) + " |",
                   "| --- |" + " ---: |" * len(ks)]
-        best = {k: min((r["perplexity_uptrained"] for r in runs
+        final = lambda r: (r["perplexity"] if r["perplexity_uptrained"] is None
+                           else r["perplexity_uptrained"])
+        best = {k: min((final(r) for r in runs
                         if r["n_kv_heads"] == k and r["variant"] != CONTROL), default=None)
                 for k in ks}
         for variant in dict.fromkeys(r["variant"] for r in runs if r["variant"] != CONTROL):
@@ -242,10 +255,14 @@ def markdown(res: dict) -> str:
                 if r is None:
                     cells.append("")
                     continue
-                after = f"{r['perplexity_uptrained']:.2f}"
-                if r["perplexity_uptrained"] == best[k]:
-                    after = f"**{after}**"
-                cells.append(f"{r['perplexity']:.2f} → {after} ({r['mean_layer_error']:.3f})")
+                def num(x):
+                    text = f"{x:.2f}"
+                    return f"**{text}**" if x == final(r) and final(r) == best[k] else text
+                if r["perplexity_uptrained"] is None:  # not uptrained
+                    cells.append(f"{num(r['perplexity'])} ({r['mean_layer_error']:.3f})")
+                else:
+                    cells.append(f"{r['perplexity']:.2f} → {num(r['perplexity_uptrained'])} "
+                                 f"({r['mean_layer_error']:.3f})")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     checked = [r["pallas_rel_error"] for r in res["runs"] if "pallas_rel_error" in r]
@@ -280,8 +297,11 @@ def plot(res: dict, out_dir: str) -> None:
                         key=lambda r: r["n_kv_heads"])
             ks = [r["n_kv_heads"] for r in rs]
             line, = ax.plot(ks, [r["perplexity"] for r in rs], "o--", alpha=0.5)
-            ax.plot(ks, [r["perplexity_uptrained"] for r in rs], "o-", color=line.get_color(),
-                    label=variant)
+            if all(r["perplexity_uptrained"] is not None for r in rs):
+                ax.plot(ks, [r["perplexity_uptrained"] for r in rs], "o-",
+                        color=line.get_color(), label=variant)
+            else:
+                line.set_label(variant)
         ax.set(title=case, xlabel="KV heads", ylabel="perplexity (dashed: before uptraining)",
                yscale="log")
         ax.set_xticks(sorted({r["n_kv_heads"] for r in runs if r["case"] == case}))
