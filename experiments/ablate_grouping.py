@@ -90,8 +90,9 @@ class Ablation:
     uptrain_lr: float = 3e-4
     smollm2_uptrain_steps: int = 40
     smollm2_uptrain_batch: int = 16
-    decode_requests: int = 64
-    decode_tokens: int = 128
+    decode_requests: int = 128
+    decode_prompt: int = 1024
+    decode_tokens: int = 64
     seed: int = 0
 
 
@@ -119,17 +120,24 @@ def bf16(cfg, params):
         lambda x: jnp.asarray(x, jnp.bfloat16), params)
 
 
+def bf16_kv_bytes(cfg) -> int:
+    """KV-cache bytes per token of `cfg` served in bfloat16 (how every model here is scored)."""
+    return cfg.replace(dtype="bfloat16").kv_bytes_per_token
+
+
 def perplexity(cfg, params, windows) -> float:
     """Held-out perplexity of a (grouped) model in bfloat16, through its MHA form."""
     return windows_perplexity(*bf16(*to_mha(cfg, params)), windows, batch_size=32)
 
 
 def decode_throughput(cfg, params, ab: Ablation) -> dict:
-    """Engine decode tokens/s of a grouped model: ab.decode_requests prompts of 32 random
-    tokens, ab.decode_tokens greedy tokens each, bfloat16; timed on a second identical run."""
+    """Engine decode tokens/s of a grouped model, bfloat16: ab.decode_requests prompts of
+    ab.decode_prompt random tokens (long enough that reading the KV cache is a sizeable part
+    of a decode step), ab.decode_tokens greedy tokens each; timed on a second identical run.
+    The time includes the prompts' prefill, which grouping does not shorten."""
     bcfg, bparams = bf16(cfg, params)
     rng = np.random.default_rng(ab.seed)
-    prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, 32)]
+    prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, ab.decode_prompt)]
                for _ in range(ab.decode_requests)]
     sp = og.SamplingParams(temperature=0.0, max_tokens=ab.decode_tokens, ignore_eos=True)
     engine = og.Engine(bcfg, bparams, og.EngineConfig(max_num_seqs=ab.decode_requests,
@@ -140,7 +148,7 @@ def decode_throughput(cfg, params, ab: Ablation) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     return dict(tokens_per_s=tokens / seconds, seconds=seconds, tokens=tokens,
-                kv_bytes_per_token=cfg.kv_bytes_per_token)
+                kv_bytes_per_token=bcfg.kv_bytes_per_token)
 
 
 def pallas_check(cfg, params, tokens) -> float:
@@ -159,7 +167,7 @@ def run_case(ab: Ablation, name: str, cfg, params, kv_list, windows, steps: int,
     """Every variant × KV budget of one case, appended to res["runs"] one by one."""
     calib, train_w, test = windows
     tc = None if steps == 0 else TrainConfig(
-        steps=steps, batch_size=batch, peak_lr=ab.uptrain_lr, warmup_steps=max(1, steps // 10),
+        steps=steps, batch_size=batch, peak_lr=ab.uptrain_lr, warmup_steps=steps // 10,
         seed=ab.seed, log_every=max(1, steps // 4))
     done = {(r["case"], r["variant"], r["n_kv_heads"]) for r in res["runs"]}
     base = dict(case=name, n_heads=cfg.n_heads, source_kv_heads=cfg.n_kv_heads)
@@ -171,7 +179,7 @@ def run_case(ab: Ablation, name: str, cfg, params, kv_list, windows, steps: int,
                                 perplexity=ppl0,
                                 perplexity_uptrained=None if up is None else perplexity(cfg, up,
                                                                                         test),
-                                kv_bytes_per_token=cfg.kv_bytes_per_token,
+                                kv_bytes_per_token=bf16_kv_bytes(cfg),
                                 uptrain_seconds=time.perf_counter() - t0))
         save()
     mha_ref = to_mha(cfg, params)  # one compiled layer-error program for the whole case
@@ -204,7 +212,7 @@ def run_case(ab: Ablation, name: str, cfg, params, kv_list, windows, steps: int,
                        layer_error=errors, mean_layer_error=float(np.mean(errors)),
                        perplexity=ppl,
                        perplexity_uptrained=None if up is None else perplexity(cfg2, up, test),
-                       kv_bytes_per_token=cfg2.kv_bytes_per_token, convert_seconds=convert_s,
+                       kv_bytes_per_token=bf16_kv_bytes(cfg2), convert_seconds=convert_s,
                        uptrain_seconds=up_s,
                        uptrain_tokens_per_s=None if result is None else result.tokens_per_s)
             if check_pallas and K == PALLAS_CHECK_K:
@@ -272,12 +280,22 @@ def markdown(res: dict) -> str:
                   f"largest relative logit difference from the jnp reference {max(checked):.2e} "
                   "(bfloat16).", ""]
     if res.get("decode"):
+        base = res["decode"][0]["tokens_per_s"]
         lines += ["## Decode throughput (reference model, engine, bfloat16)", "",
-                  "| KV heads | groups | KV bytes/token | tokens/s |", "| ---: | --- | ---: | ---: |"]
+                  f"{ab['decode_requests']} requests of {ab.get('decode_prompt', 32)} random "
+                  f"prompt tokens, {ab['decode_tokens']} greedy tokens each (prefill included); "
+                  "tokens/s counts generated tokens.", "",
+                  "| KV heads | groups | KV bytes/token | tokens/s | vs MHA |",
+                  "| ---: | --- | ---: | ---: | ---: |"]
         for d in res["decode"]:
             lines.append(f"| {d['n_kv_heads']} | {d['groups']} | {d['kv_bytes_per_token']:,} | "
-                         f"{d['tokens_per_s']:,.0f} |")
+                         f"{d['tokens_per_s']:,.0f} | {d['tokens_per_s'] / base:.2f}× |")
         lines.append("")
+    secs = m.get("case_seconds") or {}
+    if secs:
+        lines += ["Wall time of the study: " + ", ".join(f"{k} {v:.0f} s" for k, v in
+                                                       secs.items())
+                  + f"; {sum(secs.values()):.0f} s in all (compilation included).", ""]
     return "\n".join(lines)
 
 
@@ -337,13 +355,16 @@ def main(argv=None) -> None:
                    default=d.reference_kv_heads)
     for name in ("uptrain_steps", "uptrain_batch", "smollm2_uptrain_steps",
                  "smollm2_uptrain_batch", "eval_windows", "calibration_windows", "seqlen",
-                 "decode_requests", "decode_tokens", "seed"):
+                 "decode_requests", "decode_prompt", "decode_tokens", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--tokens", default=None, help="token ids written by train_reference.py "
                    "--save-tokens (then SmolLM2's files are needed only for the SmolLM2 cases)")
     p.add_argument("--pallas-check", action="store_true",
                    help="also run each converted model's forward on the Pallas kernels (GPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs of an existing --out/ablate_grouping.json made with the "
+                        "same settings and run only the missing ones")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "grouping"))
     a = p.parse_args(argv)
     for v in a.variants:
@@ -354,7 +375,8 @@ def main(argv=None) -> None:
                              **{n: getattr(a, n) for n in (
                                  "uptrain_steps", "uptrain_batch", "smollm2_uptrain_steps",
                                  "smollm2_uptrain_batch", "eval_windows", "calibration_windows",
-                                 "seqlen", "decode_requests", "decode_tokens", "seed")})
+                                 "seqlen", "decode_requests", "decode_prompt", "decode_tokens",
+                                 "seed")})
     os.makedirs(a.out, exist_ok=True)
     smol = og.load_model("smollm2-135m") if ab.smollm2 or not a.tokens else None
     if a.tokens:  # ids tokenised by SmolLM2's tokenizer (train_reference.py --save-tokens)
@@ -368,8 +390,29 @@ def main(argv=None) -> None:
     test = data.ids_windows(ids["test"], ab.seqlen)[:ab.eval_windows]
     res = {"meta": dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                         commit=source_commit(), eval_windows=int(test.shape[0]),
-                        ablation=dataclasses.asdict(ab)), "runs": [], "decode": []}
+                        ablation=dataclasses.asdict(ab), case_seconds={}),
+           "runs": [], "decode": []}
     path = os.path.join(a.out, "ablate_grouping.json")
+    if a.resume and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        mine = json.loads(json.dumps(res["meta"]["ablation"]))
+        if old["meta"]["ablation"] != mine:
+            diff = sorted(k for k in mine if old["meta"]["ablation"].get(k) != mine[k])
+            raise ValueError(f"--resume: {path} was made with other settings ({diff}); use "
+                             "another --out or the same settings")
+        res["runs"], res["decode"] = old["runs"], old["decode"]
+        res["meta"]["case_seconds"] = old["meta"].get("case_seconds", {})
+        res["meta"]["commits"] = sorted({old["meta"]["commit"], res["meta"]["commit"]}
+                                        | set(old["meta"].get("commits", [])))
+        if "smollm2_permutation" in old["meta"]:
+            res["meta"]["smollm2_permutation"] = old["meta"]["smollm2_permutation"]
+
+    def timed(case, fn, *args, **kw):  # wall seconds of one case, summed over resumed runs
+        t0 = time.perf_counter()
+        fn(*args, **kw)
+        secs = res["meta"]["case_seconds"]
+        secs[case] = secs.get(case, 0.0) + time.perf_counter() - t0
 
     def save():
         with open(path, "w") as f:
@@ -381,9 +424,11 @@ def main(argv=None) -> None:
     windows = (calib, train_w, test)
     if ab.reference:
         ref = og.load_model(ab.reference)
-        run_case(ab, "reference", ref.cfg, ref.params, ab.reference_kv_heads, windows,
-                 ab.uptrain_steps, ab.uptrain_batch, res, save, check_pallas=a.pallas_check)
-        if not a.skip_decode:
+        timed("reference", run_case, ab, "reference", ref.cfg, ref.params, ab.reference_kv_heads,
+              windows, ab.uptrain_steps, ab.uptrain_batch, res, save,
+              check_pallas=a.pallas_check)
+        if not a.skip_decode and not res["decode"]:
+            t0 = time.perf_counter()
             variants = [("mean_pool", True), ("activation", False)]
             for K in (ref.cfg.n_kv_heads,) + tuple(ab.reference_kv_heads):
                 for strategy, equal in variants if K not in (1, ref.cfg.n_kv_heads) else variants[:1]:
@@ -399,14 +444,15 @@ def main(argv=None) -> None:
                     res["decode"].append(dict(n_kv_heads=K, strategy=strategy, groups=groups,
                                               **decode_throughput(cfg2, params2, ab)))
                     save()
+            res["meta"]["case_seconds"]["decode"] = time.perf_counter() - t0
     if ab.smollm2:
         cfg, params = smol.cfg, smol.params
-        run_case(ab, "smollm2 9/3→9/1", cfg, params, (1,), windows, ab.smollm2_uptrain_steps,
-                 ab.smollm2_uptrain_batch, res, save)
+        timed("smollm2 9/3→9/1", run_case, ab, "smollm2 9/3→9/1", cfg, params, (1,), windows,
+              ab.smollm2_uptrain_steps, ab.smollm2_uptrain_batch, res, save)
         pcfg, pparams, perm = permuted_mha(cfg, params, ab.seed)
         res["meta"]["smollm2_permutation"] = perm.tolist()
-        run_case(ab, "smollm2 9/9π→9/3", pcfg, pparams, (3,), windows,
-                 ab.smollm2_uptrain_steps, ab.smollm2_uptrain_batch, res, save)
+        timed("smollm2 9/9π→9/3", run_case, ab, "smollm2 9/9π→9/3", pcfg, pparams, (3,),
+              windows, ab.smollm2_uptrain_steps, ab.smollm2_uptrain_batch, res, save)
     save()
     print(markdown(res))
 

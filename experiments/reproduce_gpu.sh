@@ -3,17 +3,19 @@
 #
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
-# STEP is any of: tests kernels profile engine engine-sync engine-graphs (default: all, in that
-# order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
+# STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
+# (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# Token ids from `train_reference.py --save-tokens DIR`, for machines without SmolLM2's files.
+tokens=(${OPTGQA_TOKENS:+--tokens "$OPTGQA_TOKENS"})
 engine_args=(--model llama3-8b --max-num-seqs 256 --kv-memory-gib 48 --fuse-projections)
 
 run() {  # run NAME SECONDS CMD...: one step, its output in OUT/NAME.log
@@ -48,6 +50,20 @@ for step in $steps; do
         experiments/bench_engine.py "${engine_args[@]}" \
         --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
         --xla-option xla_gpu_ftz=true --out "$out/engine_graphs" ;;
-    *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs)"; exit 2 ;;
+    reference)  # the reference MHA models (RoPE and ALiBi), checkpoints under checkpoints/
+      run train_reference 600 python experiments/train_reference.py "${tokens[@]}" \
+        --out "$out/reference" ;;
+    grouping)  # the grouping ablation on the RoPE reference model and SmolLM2 (needs reference)
+      run ablate_grouping 600 python experiments/ablate_grouping.py --pallas-check "${tokens[@]}" \
+        --reference checkpoints/reference/rope --out "$out/grouping" ;;
+    mfu)  # training MFU of larger models of the reference's shape family (60 steps each)
+      for dims in "768 12 12 2048" "1024 8 16 2816" "1536 8 24 4096"; do
+        set -- $dims
+        run "mfu_d$1" 300 python experiments/train_reference.py --positions rope --steps 60 "${tokens[@]}" \
+          --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
+          --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
+      done ;;
+    *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
+            "reference grouping mfu)"; exit 2 ;;
   esac
 done

@@ -23,7 +23,7 @@ known), held-out perplexity on the validation and test splits, and the loss curv
 
 Usage::
 
-    python experiments/train_reference.py [--positions rope,alibi] [--steps 600]
+    python experiments/train_reference.py [--positions rope,alibi] [--steps 300]
         [--out experiments/results/reference] [--checkpoints checkpoints/reference]
 
 Writes ``train_reference.{json,md}`` and each model's ``train_log.json``/``loss.png`` under
@@ -70,7 +70,7 @@ class Reference:
     head_dim: int = 64
     ffn_dim: int = 1536
     seqlen: int = 512
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 64
     grad_accum: int = 1
     peak_lr: float = 1e-3
