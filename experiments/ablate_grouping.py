@@ -91,7 +91,7 @@ class Ablation:
     smollm2_uptrain_steps: int = 40
     smollm2_uptrain_batch: int = 16
     decode_requests: int = 128
-    decode_prompt: int = 1024
+    decode_prompt: int = 448  # + decode_tokens = the reference model's 512 positions
     decode_tokens: int = 64
     seed: int = 0
 
@@ -291,6 +291,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {d['n_kv_heads']} | {d['groups']} | {d['kv_bytes_per_token']:,} | "
                          f"{d['tokens_per_s']:,.0f} | {d['tokens_per_s'] / base:.2f}× |")
         lines.append("")
+    if m.get("note"):
+        lines += [m["note"], ""]
     secs = m.get("case_seconds") or {}
     if secs:
         lines += ["Wall time of the study: " + ", ".join(f"{k} {v:.0f} s" for k, v in
@@ -308,22 +310,30 @@ def plot(res: dict, out_dir: str) -> None:
     cases = list(dict.fromkeys(r["case"] for r in runs))
     if not cases:
         return
+    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(VARIANTS)}
     fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4.2), squeeze=False)
     for ax, case in zip(axes[0], cases):
         for variant in dict.fromkeys(r["variant"] for r in runs if r["case"] == case):
             rs = sorted((r for r in runs if r["case"] == case and r["variant"] == variant),
                         key=lambda r: r["n_kv_heads"])
             ks = [r["n_kv_heads"] for r in rs]
-            line, = ax.plot(ks, [r["perplexity"] for r in rs], "o--", alpha=0.5)
+            color = colors.get(variant)
+            ax.plot(ks, [r["perplexity"] for r in rs], "o--", alpha=0.45, color=color,
+                    label=None if all(r["perplexity_uptrained"] is not None for r in rs)
+                    else variant)
             if all(r["perplexity_uptrained"] is not None for r in rs):
-                ax.plot(ks, [r["perplexity_uptrained"] for r in rs], "o-",
-                        color=line.get_color(), label=variant)
-            else:
-                line.set_label(variant)
-        ax.set(title=case, xlabel="KV heads", ylabel="perplexity (dashed: before uptraining)",
-               yscale="log")
+                ax.plot(ks, [r["perplexity_uptrained"] for r in rs], "o-", color=color,
+                        label=variant)
+        for c in (r for r in res["runs"] if r["case"] == case and r["variant"] == CONTROL):
+            ax.axhline(c["perplexity"], color="k", ls="--", lw=0.8,
+                       label=f"unconverted ({c['n_kv_heads']} KV heads)")
+            if c["perplexity_uptrained"] is not None:
+                ax.axhline(c["perplexity_uptrained"], color="k", lw=0.8,
+                           label="unconverted, uptrained")
+        ax.set(title=case, xlabel="KV heads",
+               ylabel="test perplexity (dashed: before uptraining)", yscale="log")
         ax.set_xticks(sorted({r["n_kv_heads"] for r in runs if r["case"] == case}))
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "perplexity.png"), dpi=120)
     plt.close(fig)
@@ -340,7 +350,8 @@ def plot(res: dict, out_dir: str) -> None:
             ax.title.set_fontsize(7)
         fig.suptitle(f"{case}: KV head of each query head, K={ks[0]}")
         fig.tight_layout()
-        slug = "".join(c if c.isalnum() else "_" for c in case)
+        slug = "".join(c if c.isascii() and c.isalnum() else "_"
+                       for c in case.replace("π", "pi").replace("→", "_to_"))
         fig.savefig(os.path.join(out_dir, f"groups_{slug}.png"), dpi=110)
         plt.close(fig)
 

@@ -165,8 +165,11 @@ def markdown(res: dict) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     by_key = {key(r): r for r in runs}
     cell = lambda r: "" if r is None else f"{r['perplexity']:.2f} ({r['quant_seconds']:.0f} s)"
+    commits = list(dict.fromkeys(r.get("commit", meta["commit"]) for r in res["runs"]))
+    stamp = (f"commit {commits[0]}" if len(commits) == 1 else
+             f"commits {', '.join(commits)} (each run's commit is in the JSON)")
     lines = [f"# Quantized perplexity: {s['model']} on {s['corpus']} (test split)", "",
-             f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}. Calibration: "
+             f"Device {meta['device']}, jax {meta['jax']}, {stamp}. Calibration: "
              f"{s['nsamples']} random windows of {s['seqlen']} tokens of the calibration split "
              f"(seed {s['seed']}), damp {s['damp']}, {'symmetric' if s['sym'] else 'asymmetric'}"
              f" grids, learn_steps {s['learn_steps']}. Evaluation: {meta['eval_windows']} "
