@@ -64,7 +64,8 @@ def generate_simple(cfg: ModelConfig, params: dict,
         on the rest of the batch.
       eos_id: stop a row after it emits this id (the id is included in its output).
       progress: show a tqdm progress bar over decode steps.
-      attention_impl: ``"auto"``, ``"pallas"`` or ``"reference"`` (see ``optgqa_jax.forward``).
+      attention_impl: ``"auto"``, ``"pallas"``, ``"reference"`` or ``"xla"`` (see
+        ``optgqa_jax.forward``).
 
     Returns:
       The generated ids (without the prompt): a list for one prompt, a list of

@@ -341,8 +341,10 @@ def forward(cfg: ModelConfig, params: dict, tokens, *, attention_impl: str = "au
       cfg: the model's configuration.
       params: parameters as returned by :func:`init_params` or a loader.
       tokens: int [B, T] token ids, ``1 <= T <= cfg.max_seq_len``.
-      attention_impl: ``"auto"`` (Pallas kernels on GPU, jnp reference on CPU),
-        ``"pallas"`` or ``"reference"``.
+      attention_impl: ``"auto"`` (Pallas kernels on GPU for bfloat16/float16, jnp
+        reference on CPU and for float32 full passes), ``"pallas"``, ``"reference"`` or
+        ``"xla"`` (``jax.nn.dot_product_attention``: cuDNN where it applies, differentiable;
+        what training uses).
 
     Returns:
       float32 logits [B, T, vocab_size].
@@ -387,7 +389,8 @@ def forward_with_cache(cfg: ModelConfig, params: dict, tokens, cache: KVCache, s
       tokens: int [B, T] token ids.
       cache: :class:`KVCache` with S slots per row.
       start: int [B] position of each row's first token in this call.
-      attention_impl: ``"auto"``, ``"pallas"`` or ``"reference"`` (see :func:`forward`).
+      attention_impl: ``"auto"``, ``"pallas"``, ``"reference"`` or ``"xla"`` (see
+        :func:`forward`).
 
     Returns:
       (float32 logits [B, T, V], updated cache).
