@@ -76,7 +76,8 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """``x @ kernel`` without bias; the kernel may be a float array or a ``QuantizedLinear``.
 
-    A quantized kernel is dequantized on the fly (``optgqa_jax.quant.matmul``). Two
+    A quantized kernel runs through ``optgqa_jax.quant.matmul``: the dequantizing Pallas
+    kernel on GPUs (``impl`` "auto" or "pallas"), a dequantize-then-multiply elsewhere. Two
     optional collections serve calibration (both are no-ops in an ordinary ``apply``):
     ``linear_inputs`` (sown inputs, when made mutable) and ``perturbations`` (a zero
     added to the output, whose gradient is the gradient with respect to the output).
@@ -84,6 +85,7 @@ class Linear(nn.Module):
 
     features: int
     dtype: jnp.dtype
+    impl: str = "auto"  # the model's attention impl; see _QUANT_IMPL
 
     @nn.compact
     def __call__(self, x):
@@ -94,14 +96,19 @@ class Linear(nn.Module):
         x = x.astype(self.dtype)
         self.sow("linear_inputs", "x", x)
         if is_quantized(kernel):
-            y = quant_matmul(x, kernel)
+            y = quant_matmul(x, kernel, _QUANT_IMPL[self.impl])
         else:
             y = jnp.dot(x, kernel.astype(self.dtype))
         return self.perturb("out", y)
 
 
-def _dense(features: int, name: str, dtype) -> Linear:
-    return Linear(features, dtype, name=name)
+# The model's ``attention_impl`` also picks the quantized matmul: kernels under "pallas",
+# kernels on GPUs under "auto", the dequantizing jnp path under "reference" and "xla".
+_QUANT_IMPL = {"auto": "auto", "pallas": "pallas", "reference": "dequantize", "xla": "dequantize"}
+
+
+def _dense(features: int, name: str, dtype, impl: str = "auto") -> Linear:
+    return Linear(features, dtype, impl, name=name)
 
 
 class Attention(nn.Module):
@@ -117,12 +124,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if self.has_variable("params", "qkv_proj"):  # fused layout (optgqa_jax.fused)
-            qkv = _dense((N + 2 * K) * H, "qkv_proj", dt)(x)
+            qkv = _dense((N + 2 * K) * H, "qkv_proj", dt, self.impl)(x)
             q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
         else:
-            q = _dense(N * H, "q_proj", dt)(x)
-            k = _dense(K * H, "k_proj", dt)(x)
-            v = _dense(K * H, "v_proj", dt)(x)
+            q = _dense(N * H, "q_proj", dt, self.impl)(x)
+            k = _dense(K * H, "k_proj", dt, self.impl)(x)
+            v = _dense(K * H, "v_proj", dt, self.impl)(x)
         q = q.reshape(B, T, N, H)  # [B, T, N, H]
         k = k.reshape(B, T, K, H)  # [B, T, K, H]
         v = v.reshape(B, T, K, H)  # [B, T, K, H]
@@ -139,7 +146,7 @@ class Attention(nn.Module):
         else:  # store this call's k, v and attend to everything stored so far
             out, layer_kv = layer_kv.attend(q, k, v, positions, kv_head_map=kv_map,
                                             alibi_slopes=slopes, impl=self.impl)
-        out = _dense(cfg.d_model, "o_proj", dt)(out.reshape(B, T, N * H))
+        out = _dense(cfg.d_model, "o_proj", dt, self.impl)(out.reshape(B, T, N * H))
         return out, layer_kv
 
 
@@ -147,16 +154,17 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     cfg: ModelConfig
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         dt, F = self.cfg.jnp_dtype, self.cfg.ffn_dim
         if self.has_variable("params", "gate_up_proj"):  # fused layout (optgqa_jax.fused)
-            gate, up = jnp.split(_dense(2 * F, "gate_up_proj", dt)(x), 2, axis=-1)
+            gate, up = jnp.split(_dense(2 * F, "gate_up_proj", dt, self.impl)(x), 2, axis=-1)
         else:
-            gate = _dense(F, "gate_proj", dt)(x)  # [B, T, F]
-            up = _dense(F, "up_proj", dt)(x)
-        return _dense(self.cfg.d_model, "down_proj", dt)(nn.silu(gate) * up)
+            gate = _dense(F, "gate_proj", dt, self.impl)(x)  # [B, T, F]
+            up = _dense(F, "up_proj", dt, self.impl)(x)
+        return _dense(self.cfg.d_model, "down_proj", dt, self.impl)(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -170,7 +178,8 @@ class Block(nn.Module):
         h, layer_kv = Attention(cfg, self.layer, self.impl, name="attn")(
             RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, layer_kv)
         x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
+        x = x + MLP(cfg, self.impl, name="mlp")(
+            RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
         return x, layer_kv
 
 

@@ -62,3 +62,27 @@ def test_kernel_lowers_through_triton(name, alibi, platform):
         cfg = config_cls.for_backend(platform)
     module = export_for(platform, make(slopes, cfg), *args)
     assert module.count(TRITON_CALL) == 1
+
+
+# quant_matmul: x [M, K], qweight int32 [K * bits / 32, N], scales/zeros [G, N], g_idx [K].
+def _quant_args(M, K, N, bits, group_size, dtype=jnp.bfloat16):
+    G = 1 if group_size == -1 else K // group_size
+    return (S((M, K), dtype), S((K * bits // 32, N), jnp.int32), S((G, N), jnp.float16),
+            S((G, N), jnp.uint8), S((K,), jnp.int32))
+
+
+@pytest.mark.parametrize("M", [1, 64, 300])
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 128, False), (4, -1, False),
+                                                       (8, 128, True), (2, 64, False)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, platform):
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    K, N = 512, 384
+    cfg = QuantMatmulConfig.for_shape(platform, M, K, N)
+
+    def f(x, q, s, z, g):
+        return quant_matmul(x, q, s, z, bits=bits, group_size=group_size,
+                            g_idx=g if act_order else None, config=cfg)
+
+    module = export_for(platform, f, *_quant_args(M, K, N, bits, group_size))
+    assert module.count(TRITON_CALL) == 1

@@ -82,9 +82,37 @@ def dequantize(ql: QuantizedLinear, dtype=None) -> jax.Array:
     return (s * (q - z)).astype(dtype or ql.dtype)
 
 
-def matmul(x: jax.Array, ql: QuantizedLinear) -> jax.Array:
-    """``x @ dequantize(ql)`` for x [..., D_in], computed in x's dtype (dequantizing on the fly)."""
-    return jnp.dot(x, dequantize(ql, x.dtype))
+MATMUL_IMPLS = ("auto", "pallas", "dequantize")
+
+
+def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
+    """``x @ dequantize(ql)`` for x [..., D_in], in x's dtype.
+
+    ``impl``: ``"pallas"`` runs the dequantizing Pallas kernel
+    (``pallas_kernels.quant_matmul``: codes read packed, dequantized in registers; in interpret
+    mode on a CPU); ``"dequantize"`` builds the float weight and multiplies (XLA); ``"auto"``
+    (default) takes the kernel on GPUs for bfloat16/float16 activations and 2-, 4- or 8-bit
+    codes, and dequantizes everywhere else (CPUs, float32, 3 bits).
+
+    Raises:
+      ValueError: an unknown ``impl``; ``"pallas"`` with 3-bit codes.
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
+    from pallas_kernels import _common as kc
+    from pallas_kernels.quant_matmul import KERNEL_BITS, quant_matmul
+    if impl == "auto":
+        use_kernel = (kc.backend() != "cpu" and ql.bits in KERNEL_BITS
+                      and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+    else:
+        use_kernel = impl == "pallas"
+    if not use_kernel:
+        return jnp.dot(x, dequantize(ql, x.dtype))
+    lead, (d_in, d_out) = x.shape[:-1], ql.shape
+    y = quant_matmul(x.reshape(-1, d_in), ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
+                     group_size=ql.group_size, g_idx=ql.g_idx,
+                     interpret=kc.backend() == "cpu")
+    return y.reshape(*lead, d_out)
 
 
 def concat_outputs(parts: Sequence[QuantizedLinear]) -> QuantizedLinear:

@@ -1,0 +1,189 @@
+"""The dequantizing matmul kernel (interpret mode on the CPU) against a float64 numpy reference.
+
+The reference dequantizes the raw integer codes in float64 (``w = s[g] * (q - z[g])``) and
+multiplies in float64; it shares nothing with the kernel but the packing of the codes, which
+``test_quant_formats.py`` checks by hand. Tolerance: relative max error 1e-2 of the output's
+scale for bfloat16 and float16 activations (the dequantized weight is rounded to the
+activation dtype before the product, as in the kernel), 1e-5 for float32.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from optgqa_jax.quant.packing import pack
+from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul, quant_matmul_reference,
+                                         unpack_codes)
+
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
+SMALL = QuantMatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+SPLIT = QuantMatmulConfig(block_m=16, block_n=32, block_k=32, split_k=3, num_warps=4,
+                          num_stages=1)
+
+
+def make_case(seed, M, K, N, bits, group_size, sym=True, act_order=False, dtype=jnp.bfloat16):
+    """Random codes, scales, zeros (and g_idx), packed; plus the float64 reference output."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2 ** bits, (K, N))
+    gs = K if group_size == -1 else group_size
+    G = max(1, K // gs) if K else 0
+    scales = rng.uniform(0.005, 0.05, (G, N)).astype(np.float16)
+    zeros = (np.full((G, N), 2 ** (bits - 1)) if sym
+             else rng.integers(0, 2 ** bits, (G, N))).astype(np.uint8)
+    g = np.arange(K) // gs
+    if act_order:
+        g = rng.permutation(g)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))   # the values the kernel sees
+    w = (codes - zeros.astype(np.float64)[g]) * scales.astype(np.float64)[g]
+    want = x.astype(np.float64) @ w
+    args = (jnp.asarray(x, dtype), pack(jnp.asarray(codes, jnp.int32), bits),
+            jnp.asarray(scales), jnp.asarray(zeros))
+    return args, (jnp.asarray(g, jnp.int32) if act_order else None), want
+
+
+def check(out, want, dtype, what):
+    out = np.asarray(jnp.asarray(out).astype(jnp.float32), np.float64)
+    assert out.shape == want.shape, what
+    assert np.isfinite(out).all(), f"{what}: non-finite output"
+    scale = max(np.abs(want).max(), 1e-6)
+    err = np.abs(out - want).max() / scale
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act_order,M,K,N,dtype,config", [
+    (4, 32, True, False, 1, 96, 40, jnp.bfloat16, SMALL),      # decode row, K not a block multiple of 64
+    (4, 128, False, False, 3, 256, 33, jnp.float16, None),     # asym, odd N, default tiles
+    (4, 64, True, True, 17, 128, 24, jnp.bfloat16, SMALL),     # act-order g_idx
+    (4, -1, False, False, 5, 64, 70, jnp.bfloat16, SPLIT),     # per channel, split K
+    (8, 32, False, False, 2, 64, 48, jnp.bfloat16, SMALL),
+    (8, -1, True, False, 33, 96, 17, jnp.float16, SPLIT),
+    (8, 64, False, True, 1, 128, 16, jnp.bfloat16, None),
+    (2, 64, False, False, 9, 128, 40, jnp.bfloat16, SMALL),
+    (2, 32, True, True, 1, 64, 24, jnp.float16, SPLIT),
+    (4, 32, False, False, 4, 64, 24, jnp.float32, SMALL),      # float32 activations
+])
+def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
+    seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
+    args, g_idx, want = make_case(seed, M, K, N, bits, group_size, sym, act_order, dtype)
+    out = quant_matmul(*args, bits=bits, group_size=group_size, g_idx=g_idx, interpret=True,
+                       config=config)
+    assert out.dtype == jnp.dtype(dtype)
+    check(out, want, dtype, f"w{bits} g{group_size} M={M} K={K} N={N}")
+    ref = quant_matmul_reference(*args, bits=bits, group_size=group_size, g_idx=g_idx)
+    check(ref, want, dtype, "jnp reference")
+
+
+def test_kernel_inside_jit_with_outlier_rows():
+    """Large activations in one row and a zero row: no overflow, the zero row stays zero."""
+    args, _, want = make_case(7, 6, 128, 32, 4, 32, sym=False)
+    x = np.array(args[0].astype(jnp.float32))
+    x[2] *= 300.0
+    x[4] = 0.0
+    x = jnp.asarray(x, jnp.bfloat16)
+    codes = np.asarray(unpack_codes(args[1], 4, 128), np.float64)
+    s, z = np.asarray(args[2], np.float64), np.asarray(args[3], np.float64)
+    g = np.arange(128) // 32
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ ((codes - z[g]) * s[g])
+    f = jax.jit(lambda x, q, s, z: quant_matmul(x, q, s, z, bits=4, group_size=32,
+                                                interpret=True, config=SMALL))
+    out = f(x, *args[1:])
+    check(out, want, jnp.bfloat16, "outliers")
+    assert np.all(np.asarray(out[4].astype(jnp.float32)) == 0.0)
+
+
+@pytest.mark.parametrize("M,K,N", [(0, 64, 16), (3, 64, 0), (2, 0, 8)])
+def test_empty_dimensions(M, K, N):
+    rng = np.random.default_rng(M + K + N)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    qweight = jnp.zeros((K * 4 // 32, N), jnp.int32)
+    G = K // 32
+    out = quant_matmul(x, qweight, jnp.ones((G, N), jnp.float16), jnp.zeros((G, N), jnp.uint8),
+                       bits=4, group_size=32, interpret=True)
+    assert out.shape == (M, N) and out.dtype == jnp.bfloat16
+    assert not np.asarray(out.astype(jnp.float32)).any()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_codes_inverts_pack(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2 ** bits, (96, 5))
+    packed = pack(jnp.asarray(codes, jnp.int32), bits)
+    assert np.array_equal(np.asarray(unpack_codes(packed, bits, 96)), codes)
+
+
+def test_three_bit_reference_only():
+    args, _, want = make_case(3, 4, 96, 8, 3, 32)
+    check(quant_matmul_reference(*args, bits=3, group_size=32), want, jnp.bfloat16, "w3 ref")
+    with pytest.raises(ValueError, match="bits=3"):
+        quant_matmul(*args, bits=3, group_size=32, interpret=True)
+
+
+def _good():
+    args, _, _ = make_case(0, 2, 64, 16, 4, 32)
+    return list(args)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a, kw: kw.update(bits=5), "bits=5"),
+    (lambda a, kw: a.__setitem__(0, a[0][:, :32]), "qweight has 8 rows"),
+    (lambda a, kw: a.__setitem__(0, a[0].astype(jnp.int32)), "x must be float"),
+    (lambda a, kw: a.__setitem__(1, a[1].astype(jnp.float32)), "qweight must be int32"),
+    (lambda a, kw: a.__setitem__(2, a[2][:1]), r"scales must have shape \[G, N\]=\(2, 16\)"),
+    (lambda a, kw: a.__setitem__(3, a[3].astype(jnp.int32)), "zeros must be uint8"),
+    (lambda a, kw: a.__setitem__(3, a[3][:, :8]), "zeros shape"),
+    (lambda a, kw: kw.update(group_size=48), "group_size=48 does not divide K=64"),
+    (lambda a, kw: kw.update(group_size=0), "group_size=0"),
+    (lambda a, kw: kw.update(g_idx=jnp.zeros((63,), jnp.int32)), r"g_idx must have shape \[K\]"),
+    (lambda a, kw: kw.update(g_idx=jnp.full((64,), 2, jnp.int32)), r"g_idx values must lie in"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(block_k=24)), "block_k=24"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(split_k=0)), "split_k=0"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(num_warps=32)), "num_warps=32"),
+])
+def test_bad_input_names_the_argument(change, match):
+    args, kw = _good(), dict(bits=4, group_size=32, interpret=True)
+    change(args, kw)
+    with pytest.raises(ValueError, match=match):
+        quant_matmul(*args, **kw)
+
+
+def test_config_defaults_are_valid_on_every_backend():
+    for backend in ("cuda", "rocm", "cpu"):
+        for M in (1, 16, 64, 256, 2048):
+            for K, N in ((4096, 6144), (14336, 4096), (576, 192)):
+                cfg = QuantMatmulConfig.for_shape(backend, M, K, N)
+                cfg.validate()
+                if backend == "rocm":
+                    assert cfg.num_warps <= 16 and cfg.num_stages == 1
+
+
+@pytest.mark.parametrize("bits,act_order,fused", [(4, True, False), (8, False, True)])
+def test_model_on_the_kernel_matches_dequantized_params(bits, act_order, fused):
+    """The tiny model quantized by the project: forward through the kernels (``"pallas"``:
+    quantized matmuls and attention in interpret mode) against the same model with every
+    quantized kernel replaced by its dequantized float weight (jnp reference); same logits
+    within bfloat16 rounding and the same greedy tokens."""
+    import optgqa_jax as og
+    from optgqa_jax import quant
+
+    cfg = og.ModelConfig.preset("tiny").replace(dtype="bfloat16")
+    params = og.init_params(cfg, jax.random.PRNGKey(bits))
+    rng = np.random.default_rng(bits)
+    windows = rng.integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    qc = quant.QuantConfig(bits=bits, group_size=32, act_order=act_order)
+    if fused:
+        params = og.fuse_projections(cfg, params)
+    _, qp, _ = og.quantize(cfg, params, windows, qc, progress=False)
+    floats = jax.tree_util.tree_map(
+        lambda leaf: quant.dequantize(leaf, jnp.bfloat16) if quant.is_quantized(leaf) else leaf,
+        qp, is_leaf=quant.is_quantized)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    got = np.asarray(og.forward(cfg, qp, tokens, attention_impl="pallas"), np.float64)
+    want = np.asarray(og.forward(cfg, floats, tokens, attention_impl="reference"), np.float64)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-2
+    prompt = [int(t) for t in tokens[0, :5]]
+    assert (og.generate_simple(cfg, qp, prompt, 5, attention_impl="pallas")
+            == og.generate_simple(cfg, floats, prompt, 5, attention_impl="reference"))
