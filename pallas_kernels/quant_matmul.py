@@ -18,8 +18,11 @@ permute the activations instead (then ``g_idx`` is not needed).
 Kernel design: grid ``(ceil(M / block_m), ceil(N / block_n), split_k)``; each program streams
 its share of K in ``block_k`` steps: it loads an x tile [block_m, block_k], the words holding
 the codes of a [block_k, block_n] weight tile (each word once per code it holds, which the
-caches serve), shifts and masks the codes out, dequantizes in float32, casts to x's dtype and
-accumulates ``x_tile @ w_tile`` in float32. With ``split_k > 1`` each split writes a float32
+caches serve) and shifts and masks the codes out. When the tile lies in one group (contiguous
+groups, ``block_k`` dividing the group size) it multiplies x by the integers ``q - z`` (exact
+in bfloat16/float16) and scales the [block_m, block_n] partial product by the group's scales;
+otherwise each row's scale and zero are gathered and the weight is dequantized in float32 and
+cast to x's dtype. Accumulation is float32. With ``split_k > 1`` each split writes a float32
 partial [M, N] and the wrapper adds them (more programs for small M and N). Every load and
 store is masked, so M, N and K need not be multiples of the blocks and the weights are never
 padded or copied. 2, 4 and 8 bits (whole codes per word); 3-bit codes straddle words and are
@@ -65,12 +68,14 @@ class QuantMatmulConfig:
     num_stages: int = 3
 
     @classmethod
-    def for_shape(cls, backend: str, M: int, K: int, N: int) -> "QuantMatmulConfig":
-        """Default tiles for a backend ("cuda", "rocm", "cpu") and problem shape.
+    def for_shape(cls, backend: str, M: int, K: int, N: int,
+                  group_size: int = -1) -> "QuantMatmulConfig":
+        """Default tiles for a backend ("cuda", "rocm", "cpu"), problem shape and group size.
 
         Small M (decode) takes thin M tiles and splits K until the grid has a few hundred
-        programs; large M (prefill) takes square-ish tiles. These are starting points; the
-        measured tuning lives in ``experiments/bench_quant.py``.
+        programs; large M (prefill) takes square-ish tiles; K tiles stay within one group
+        (the kernel's cheaper path). These are starting points; the measured tuning lives in
+        ``experiments/bench_quant.py``.
         """
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
         if block_m >= 128:
@@ -83,6 +88,9 @@ class QuantMatmulConfig:
         split = 1
         while programs * split < 256 and C.cdiv(K, cfg.block_k) >= 4 * split * 2:
             split *= 2
+        if group_size != -1 and group_size >= 16:
+            cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k,
+                                                       1 << (int(group_size).bit_length() - 1)))
         cfg = dataclasses.replace(cfg, split_k=split)
         if backend == "rocm":  # 64 KB of LDS: one stage, at most 64-wide K tiles
             cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, 64), num_stages=1)
@@ -99,6 +107,12 @@ def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_sp
     P = 32 // bits
     code_mask = (1 << bits) - 1
     gs = K if group_size == -1 else group_size
+    # One group per K tile (contiguous groups that the tiles do not straddle): the tile's
+    # (q - z) are small integers, exact in bfloat16/float16, so the product takes them as they
+    # are and the per-column scale multiplies the [block_m, block_n] partial product instead of
+    # every weight. Otherwise every row gathers its own scale and zero.
+    per_tile = not use_gidx and (group_size == -1 or (gs % block_k == 0
+                                                      and k_per_split % gs == 0))
 
     def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, o_ref):
         pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -121,6 +135,14 @@ def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_sp
             words = plgpu.load(qw_ref.at[jnp.broadcast_to((ks // P)[:, None], (block_k, block_n)),
                                          cols2], mask=wm, other=0)
             codes = (words >> ((ks % P) * bits)[:, None]) & code_mask   # [bk, bn] int32
+            if per_tile:
+                group = 0 if group_size == -1 else (k_begin + i * block_k) // gs
+                g1 = jnp.full((1, block_n), group)
+                s = plgpu.load(s_ref.at[g1, cols[None, :]], mask=n_ok[None, :],
+                               other=0).astype(jnp.float32)                # [1, bn]
+                z = plgpu.load(z_ref.at[g1, cols[None, :]], mask=n_ok[None, :], other=0)
+                w = (codes - z.astype(jnp.int32)).astype(x.dtype)          # exact integers
+                return acc + C.dot(x, w) * s
             if use_gidx:
                 g = plgpu.load(gidx_ref.at[ks], mask=k_ok, other=0)
             else:
@@ -257,7 +279,7 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
         return jnp.zeros((M, N), x.dtype)
     if K == 0:
         return jnp.zeros((M, N), x.dtype)
-    config = config or QuantMatmulConfig.for_shape(C.backend(), M, K, N)
+    config = config or QuantMatmulConfig.for_shape(C.backend(), M, K, N, group_size)
     config.validate()
     use_gidx = g_idx is not None
     gidx = g_idx if use_gidx else jnp.zeros((1,), jnp.int32)

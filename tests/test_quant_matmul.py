@@ -19,6 +19,7 @@ from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul, quant_
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
 SMALL = QuantMatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+WIDE_K = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1)
 SPLIT = QuantMatmulConfig(block_m=16, block_n=32, block_k=32, split_k=3, num_warps=4,
                           num_stages=1)
 
@@ -64,6 +65,7 @@ def check(out, want, dtype, what):
     (2, 64, False, False, 9, 128, 40, jnp.bfloat16, SMALL),
     (2, 32, True, True, 1, 64, 24, jnp.float16, SPLIT),
     (4, 32, False, False, 4, 64, 24, jnp.float32, SMALL),      # float32 activations
+    (4, 32, False, False, 5, 128, 40, jnp.bfloat16, WIDE_K),   # K tiles straddle groups
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
