@@ -55,6 +55,7 @@ class BenchConfig:
     xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
+    quantize: Optional[str] = None  # e.g. "w4g128": random GPTQ-format weights (quant.synthetic)
 
 
 def model_config(bc: BenchConfig, max_seq_len: Optional[int] = None):
@@ -157,6 +158,17 @@ def _percentiles(xs) -> dict:
                 p99=float(np.percentile(xs, 99)))
 
 
+def params_nbytes(params) -> int:
+    """Bytes of a params tree as stored (packed codes, scales, zeros and g_idx of quantized
+    kernels; every float array)."""
+    import jax
+
+    from optgqa_jax.quant import is_quantized
+
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
+    return int(sum(l.nbytes if is_quantized(l) else l.size * l.dtype.itemsize for l in leaves))
+
+
 def run_engine(bc: BenchConfig) -> dict:
     """Our engine on a preset with random weights (in this process)."""
     import jax
@@ -169,6 +181,9 @@ def run_engine(bc: BenchConfig) -> dict:
     cfg = model_config(bc, max_seq_len=longest_request + 16)
     t0 = time.perf_counter()
     params = og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=bc.fuse_projections)
+    if bc.quantize:
+        from optgqa_jax import quant
+        params = quant.random_quantize(params, quant.parse_spec(bc.quantize), seed=bc.seed)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth()
@@ -196,7 +211,7 @@ def run_engine(bc: BenchConfig) -> dict:
     elapsed = time.perf_counter() - t0
     n_in = sum(len(p) for p in prompts)
     n_out = sum(len(o.token_ids) for o in outs)
-    param_bytes = cfg.num_params * cfg.jnp_dtype.itemsize
+    param_bytes = params_nbytes(params)
     decode = [s for s in engine.step_log if s.decode_only]
     step_bytes = [param_bytes + s.context_tokens * cfg.kv_bytes_per_token for s in decode]
     mbu = [b / s.seconds / ceiling for b, s in zip(step_bytes, decode)]
@@ -205,7 +220,8 @@ def run_engine(bc: BenchConfig) -> dict:
     mem = jax.devices()[0].memory_stats() or {}
     tpot = [(o.latency - o.ttft) / (len(o.token_ids) - 1) for o in outs if len(o.token_ids) > 1]
     return dict(
-        impl="optgqa-engine", model=bc.model + (" MHA twin" if bc.mha_twin else ""),
+        impl="optgqa-engine", model=bc.model + (" MHA twin" if bc.mha_twin else "")
+        + (f" {bc.quantize}" if bc.quantize else ""), quantize=bc.quantize,
         device=jax.devices()[0].device_kind,
         jax=jax.__version__, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
         num_requests=len(outs), input_tokens=n_in, output_tokens=n_out, elapsed_s=elapsed,
@@ -435,6 +451,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
+    parser.add_argument("--quantize", default=None, metavar="SPEC",
+                        help="serve random GPTQ-format weights, e.g. w4g128 (4 bits, groups of "
+                             "128) or w8 (8 bits, per channel): the speed and memory of a "
+                             "quantized model of the preset")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -454,6 +474,19 @@ def _xla_options(items: list[str]) -> Optional[dict]:
         raise SystemExit(f"--xla-option: {e}") from None
 
 
+def _quant_spec(spec: Optional[str]) -> Optional[str]:
+    """``--quantize`` checked before any work starts."""
+    if spec is None:
+        return None
+    from optgqa_jax.quant import parse_spec
+
+    try:
+        parse_spec(spec)
+    except ValueError as e:
+        raise SystemExit(f"--quantize: {e}") from None
+    return spec
+
+
 def config_from_args(args) -> BenchConfig:
     token_buckets = tuple(b for b in BenchConfig.token_buckets if b < args.max_num_batched_tokens)
     seq_buckets = tuple(b for b in BenchConfig.seq_buckets if b < args.max_num_seqs)
@@ -466,7 +499,7 @@ def config_from_args(args) -> BenchConfig:
         page_size=args.page_size, attention_impl=args.attention_impl,
         kv_memory_bytes=int(args.kv_memory_gib * 2**30) if args.kv_memory_gib else None,
         fuse_projections=args.fuse_projections, hf_batch_size=args.hf_batch_size,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, quantize=_quant_spec(args.quantize),
         xla_compiler_options=_xla_options(args.xla_option),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,))

@@ -19,3 +19,6 @@ __all__ += ["learn_scales", "token_gradient_weights", "QuantReport", "check_cali
 from optgqa_jax.quant.hf_gptq import export_hf_gptq  # noqa: E402
 
 __all__ += ["export_hf_gptq"]
+from optgqa_jax.quant.synthetic import parse_spec, random_quantize  # noqa: E402
+
+__all__ += ["parse_spec", "random_quantize"]

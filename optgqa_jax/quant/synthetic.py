@@ -1,0 +1,104 @@
+"""Random quantized weights of any architecture, for speed and memory benchmarks.
+
+Benchmarks of quantized serving need a quantized Llama-3-8B, and no such checkpoint exists
+here; GPTQ of random weights would only spend time producing other random weights. So
+:func:`random_quantize` replaces every linear kernel of a params tree by a
+:class:`QuantizedLinear` of the same shape with random codes, grids scaled like the float
+initialisation (dequantized weights of standard deviation about ``std``), and contiguous groups.
+The model's outputs are meaningless, but every byte and every kernel launch is that of a real
+GPTQ model of the same configuration. Quantization specs read like ``"w4g128"`` (4 bits,
+groups of 128) or ``"w8"`` (8 bits, one group per output channel).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.quant.config import QuantConfig
+from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
+from optgqa_jax.quant.packing import packed_rows
+
+# Leaves that stay float: embeddings, norms and the LM head (as in GPTQ practice).
+_LINEAR_PARENTS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj",
+                   "down_proj", "gate_up_proj")
+
+
+def parse_spec(spec: str) -> QuantConfig:
+    """``"w4g128"`` -> QuantConfig(bits=4, group_size=128); ``"w8"`` -> per channel.
+
+    Raises:
+      ValueError: a spec not of the form ``w<bits>[g<group size>]``, or bits/group size that
+        QuantConfig rejects.
+    """
+    m = re.fullmatch(r"w(\d+)(?:g(-1|\d+))?", spec or "")
+    if m is None:
+        raise ValueError(f"quantization spec {spec!r} must look like 'w4g128' (bits, group size) "
+                         "or 'w8' (one group per output channel)")
+    return QuantConfig(bits=int(m.group(1)), group_size=int(m.group(2) or -1))
+
+
+def random_quantized_linear(key: jax.Array, d_in: int, d_out: int, qc: QuantConfig,
+                            dtype: str, std: float = 0.02, name: str = "the layer"
+                            ) -> QuantizedLinear:
+    """A QuantizedLinear [d_in, d_out] with uniform random codes and contiguous groups."""
+    qc.check_layer(d_in, name)
+    rows = packed_rows(d_in, qc.bits)
+    G = 1 if qc.group_size == -1 else d_in // qc.group_size
+    levels = 2 ** qc.bits
+    k1, k2 = jax.random.split(key)
+    # Uniform codes over `levels` values, centred by the zero point: w ~ U(-L/2, L/2) * s,
+    # whose std is s * L / sqrt(12); pick s so that it is `std`.
+    scale = std * np.sqrt(12.0) / levels
+    qweight = jax.random.randint(k1, (rows, d_out), jnp.iinfo(jnp.int32).min,
+                                 jnp.iinfo(jnp.int32).max, dtype=jnp.int32)
+    scales = (scale * jax.random.uniform(k2, (G, d_out), minval=0.8, maxval=1.2)
+              ).astype(qc.scale_dtype)
+    zeros = jnp.full((G, d_out), levels // 2, jnp.uint8)
+    g_idx = jnp.arange(d_in, dtype=jnp.int32) // (d_in if qc.group_size == -1 else qc.group_size)
+    return QuantizedLinear(qweight=qweight, scales=scales, zeros=zeros, g_idx=g_idx,
+                           bits=qc.bits, group_size=qc.group_size, sym=qc.sym,
+                           dtype=jnp.dtype(dtype).name)
+
+
+def random_quantize(params: dict, qc: QuantConfig, seed: int = 0, dtype=None) -> dict:
+    """`params` with every linear kernel replaced by a random :class:`QuantizedLinear`.
+
+    Args:
+      params: float params of any layout (unfused or fused); embeddings, norms and the LM
+        head are kept.
+      qc: bits and group size (``parse_spec`` builds one from ``"w4g128"``).
+      seed: the codes' and scales' seed.
+      dtype: the model dtype the quantized kernels replace (default: each kernel's dtype).
+
+    Returns:
+      A new params tree (the float kernels are dropped from it).
+
+    Raises:
+      ValueError: a group size that does not divide a layer's input dimension, or params
+        without linear kernels.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    if any(is_quantized(leaf) for _, leaf in flat):
+        raise ValueError("params are already quantized; random_quantize takes float params")
+    out = {}
+    count = 0
+    for i, (path, leaf) in enumerate(flat):
+        names = [getattr(p, "key", str(p)) for p in path]
+        target = out
+        for n in names[:-1]:
+            target = target.setdefault(n, {})
+        if len(names) >= 2 and names[-1] == "kernel" and names[-2] in _LINEAR_PARENTS:
+            d_in, d_out = leaf.shape
+            target[names[-1]] = random_quantized_linear(
+                jax.random.fold_in(jax.random.PRNGKey(seed), i), d_in, d_out, qc,
+                dtype or leaf.dtype, name="/".join(names[:-1]))
+            count += 1
+        else:
+            target[names[-1]] = leaf
+    if not count:
+        raise ValueError("params hold no linear kernels (…/q_proj/kernel etc.) to quantize")
+    return out
