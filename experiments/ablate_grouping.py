@@ -442,7 +442,8 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             variants = [("mean_pool", True), ("activation", False)]
             for K in (ref.cfg.n_kv_heads,) + tuple(ab.reference_kv_heads):
-                for strategy, equal in variants if K not in (1, ref.cfg.n_kv_heads) else variants[:1]:
+                plain = K in (1, ref.cfg.n_kv_heads)  # one grouping only: no unequal row
+                for strategy, equal in variants[:1] if plain else variants:
                     if K == ref.cfg.n_kv_heads:
                         cfg2, params2 = ref.cfg, ref.params
                     else:

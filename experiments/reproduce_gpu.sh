@@ -4,13 +4,14 @@
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
+# quant-kernels quant-engine
 # (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-kernels quant-engine}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -31,7 +32,8 @@ for step in $steps; do
     tests)  # every kernel test, compiled for the GPU
       JAX_DEFAULT_MATMUL_PRECISION=highest run gpu_kernel_tests 600 python -m pytest -q \
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
-        tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py ;;
+        tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
+        tests/test_quant_matmul.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     profile)  # one decode step, pipelined and synchronous
@@ -63,7 +65,13 @@ for step in $steps; do
           --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
           --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
       done ;;
+    quant-kernels)  # quantized matmul against bfloat16 and XLA, with a tile sweep
+      run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels --sweep \
+        --out "$out/quant" ;;
+    quant-engine)  # the engine on the Llama-3-8B shape: bfloat16, W4 g128, W8
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine 600 python \
+        experiments/bench_quant.py --only engine --out "$out/quant_engine" ;;
     *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
-            "reference grouping mfu)"; exit 2 ;;
+            "reference grouping mfu quant-kernels quant-engine)"; exit 2 ;;
   esac
 done

@@ -37,7 +37,7 @@ from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import is_fused
 from optgqa_jax.model import abstract_params, check_params_match
 from optgqa_jax.quant.config import QuantConfig
-from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
+from optgqa_jax.quant.linear import QuantizedLinear, contiguous_groups, is_quantized
 from optgqa_jax.quant.packing import packed_rows
 
 CONFIG_FILE = "optgqa_config.json"
@@ -51,7 +51,8 @@ _STATIC = ("bits", "group_size", "sym", "dtype", "scale_dtype")
 # ----------------------------------------------------------------------------- quantized leaves
 def _layer_metadata(ql: QuantizedLinear) -> dict:
     return {"bits": ql.bits, "group_size": ql.group_size, "sym": ql.sym, "dtype": ql.dtype,
-            "scale_dtype": jnp.dtype(ql.scales.dtype).name}
+            "scale_dtype": jnp.dtype(ql.scales.dtype).name,
+            "groups_contiguous": ql.groups_contiguous}
 
 
 def _stored_shapes(meta: dict, shape: tuple[int, int], name: str) -> dict:
@@ -273,8 +274,12 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
     flat = flax.traverse_util.flatten_dict(restored, sep="/")
     for name, meta in layers.items():
         arrays = {key: flat.pop(f"{name}/{key}") for key in _ARRAYS}
+        contiguous = meta.get("groups_contiguous")  # absent in older checkpoints
+        if contiguous is None:
+            contiguous = contiguous_groups(arrays["g_idx"], meta["group_size"])
         flat[name] = QuantizedLinear(**arrays, bits=meta["bits"], group_size=meta["group_size"],
-                                     sym=meta["sym"], dtype=meta["dtype"])
+                                     sym=meta["sym"], dtype=meta["dtype"],
+                                     groups_contiguous=bool(contiguous))
     params = flax.traverse_util.unflatten_dict(flat, sep="/")
     check_params_match(saved, params, what="checkpoint tensors")
     return saved, params

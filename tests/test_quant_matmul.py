@@ -1,4 +1,4 @@
-"""The dequantizing matmul kernel (interpret mode on the CPU) against a float64 numpy reference.
+"""The dequantizing matmul kernel (compiled on a GPU, interpret mode on the CPU) against float64.
 
 The reference dequantizes the raw integer codes in float64 (``w = s[g] * (q - z[g])``) and
 multiplies in float64; it shares nothing with the kernel but the packing of the codes, which
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from optgqa_jax.quant.packing import pack
 from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul, quant_matmul_reference,
                                          unpack_codes)
+from kernel_cases import INTERPRET  # compiled on a GPU, interpret mode on the CPU
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
 SMALL = QuantMatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
@@ -55,7 +56,7 @@ def check(out, want, dtype, what):
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,M,K,N,dtype,config", [
-    (4, 32, True, False, 1, 96, 40, jnp.bfloat16, SMALL),      # decode row, K not a block multiple of 64
+    (4, 32, True, False, 1, 96, 40, jnp.bfloat16, SMALL),      # one row; K = 96 is 3 K tiles
     (4, 128, False, False, 3, 256, 33, jnp.float16, None),     # asym, odd N, default tiles
     (4, 64, True, True, 17, 128, 24, jnp.bfloat16, SMALL),     # act-order g_idx
     (4, -1, False, False, 5, 64, 70, jnp.bfloat16, SPLIT),     # per channel, split K
@@ -70,7 +71,7 @@ def check(out, want, dtype, what):
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
     args, g_idx, want = make_case(seed, M, K, N, bits, group_size, sym, act_order, dtype)
-    out = quant_matmul(*args, bits=bits, group_size=group_size, g_idx=g_idx, interpret=True,
+    out = quant_matmul(*args, bits=bits, group_size=group_size, g_idx=g_idx, interpret=INTERPRET,
                        config=config)
     assert out.dtype == jnp.dtype(dtype)
     check(out, want, dtype, f"w{bits} g{group_size} M={M} K={K} N={N}")
@@ -90,7 +91,7 @@ def test_kernel_inside_jit_with_outlier_rows():
     g = np.arange(128) // 32
     want = np.asarray(x.astype(jnp.float32), np.float64) @ ((codes - z[g]) * s[g])
     f = jax.jit(lambda x, q, s, z: quant_matmul(x, q, s, z, bits=4, group_size=32,
-                                                interpret=True, config=SMALL))
+                                                interpret=INTERPRET, config=SMALL))
     out = f(x, *args[1:])
     check(out, want, jnp.bfloat16, "outliers")
     assert np.all(np.asarray(out[4].astype(jnp.float32)) == 0.0)
@@ -103,7 +104,7 @@ def test_empty_dimensions(M, K, N):
     qweight = jnp.zeros((K * 4 // 32, N), jnp.int32)
     G = K // 32
     out = quant_matmul(x, qweight, jnp.ones((G, N), jnp.float16), jnp.zeros((G, N), jnp.uint8),
-                       bits=4, group_size=32, interpret=True)
+                       bits=4, group_size=32, interpret=INTERPRET)
     assert out.shape == (M, N) and out.dtype == jnp.bfloat16
     assert not np.asarray(out.astype(jnp.float32)).any()
 
@@ -120,7 +121,7 @@ def test_three_bit_reference_only():
     args, _, want = make_case(3, 4, 96, 8, 3, 32)
     check(quant_matmul_reference(*args, bits=3, group_size=32), want, jnp.bfloat16, "w3 ref")
     with pytest.raises(ValueError, match="bits=3"):
-        quant_matmul(*args, bits=3, group_size=32, interpret=True)
+        quant_matmul(*args, bits=3, group_size=32, interpret=INTERPRET)
 
 
 def _good():
@@ -145,7 +146,7 @@ def _good():
     (lambda a, kw: kw.update(config=QuantMatmulConfig(num_warps=32)), "num_warps=32"),
 ])
 def test_bad_input_names_the_argument(change, match):
-    args, kw = _good(), dict(bits=4, group_size=32, interpret=True)
+    args, kw = _good(), dict(bits=4, group_size=32, interpret=INTERPRET)
     change(args, kw)
     with pytest.raises(ValueError, match=match):
         quant_matmul(*args, **kw)

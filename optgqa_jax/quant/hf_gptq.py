@@ -72,7 +72,8 @@ from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import is_fused
 from optgqa_jax.model import check_params_match
 from optgqa_jax.quant.config import SUPPORTED_BITS, QuantConfig
-from optgqa_jax.quant.linear import QuantizedLinear, is_quantized, split_outputs
+from optgqa_jax.quant.linear import (QuantizedLinear, contiguous_groups, is_quantized,
+                                     split_outputs)
 from optgqa_jax.quant.packing import pack, packed_rows, unpack
 from optgqa_jax.weights import hf_linear_names, hf_norm_names
 
@@ -183,7 +184,8 @@ def quantized_from_hf(tensors: dict, qc: QuantConfig, checkpoint_format: str,
     return QuantizedLinear(qweight=jnp.asarray(qweight), scales=scales,
                            zeros=jnp.asarray(zeros.astype(np.uint8)),
                            g_idx=jnp.asarray(g_idx, jnp.int32), bits=bits,
-                           group_size=qc.group_size, sym=qc.sym, dtype=jnp.dtype(dtype).name)
+                           group_size=qc.group_size, sym=qc.sym, dtype=jnp.dtype(dtype).name,
+                           groups_contiguous=bool(contiguous_groups(g_idx, qc.group_size)))
 
 
 # ----------------------------------------------------------------------------- configs

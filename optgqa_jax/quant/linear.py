@@ -19,7 +19,7 @@ the tree structure, so a jitted function recompiles only when they change).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
@@ -42,6 +42,9 @@ class QuantizedLinear:
     group_size: int = flax.struct.field(pytree_node=False, default=128)
     sym: bool = flax.struct.field(pytree_node=False, default=True)
     dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    # Whether g_idx[i] == i // group_size (or group_size == -1): the kernel then computes each
+    # row's group instead of reading g_idx. False is always safe (g_idx is read).
+    groups_contiguous: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,15 +66,30 @@ class QuantizedLinear:
         return unpack(self.qweight, self.bits, self.shape[0])
 
 
+def contiguous_groups(g_idx, group_size: int) -> Optional[bool]:
+    """Whether a concrete `g_idx` is ``i // group_size`` (any g_idx of one group is); None
+    when `g_idx` is traced."""
+    if isinstance(g_idx, jax.core.Tracer):
+        return None
+    g = np.asarray(g_idx)
+    if group_size == -1:
+        return bool((g == 0).all())
+    return bool(np.array_equal(g, np.arange(g.shape[0]) // group_size))
+
+
 def from_codes(codes, scales, zeros, g_idx, qc: QuantConfig, dtype) -> QuantizedLinear:
     """Build a :class:`QuantizedLinear` from unpacked codes [D_in, D_out] and grids [G, D_out]."""
     codes = jnp.asarray(codes)
+    # Decided from the config, so a traced and a concrete build agree: without act-order (or
+    # with one group per channel) the groups are contiguous by construction.
+    contiguous = not qc.act_order or qc.group_size == -1
     return QuantizedLinear(
         qweight=pack(codes.astype(jnp.int32), qc.bits),
         scales=jnp.asarray(scales).astype(qc.scale_dtype),
         zeros=jnp.asarray(zeros).astype(jnp.uint8),
         g_idx=jnp.asarray(g_idx, jnp.int32),
-        bits=qc.bits, group_size=qc.group_size, sym=qc.sym, dtype=jnp.dtype(dtype).name)
+        bits=qc.bits, group_size=qc.group_size, sym=qc.sym, dtype=jnp.dtype(dtype).name,
+        groups_contiguous=contiguous)
 
 
 def dequantize(ql: QuantizedLinear, dtype=None) -> jax.Array:
@@ -110,7 +128,8 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
         return jnp.dot(x, dequantize(ql, x.dtype))
     lead, (d_in, d_out) = x.shape[:-1], ql.shape
     y = quant_matmul(x.reshape(-1, d_in), ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
-                     group_size=ql.group_size, g_idx=ql.g_idx,
+                     group_size=ql.group_size,
+                     g_idx=None if ql.groups_contiguous else ql.g_idx,
                      interpret=kc.backend() == "cpu")
     return y.reshape(*lead, d_out)
 

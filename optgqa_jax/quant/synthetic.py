@@ -61,7 +61,7 @@ def random_quantized_linear(key: jax.Array, d_in: int, d_out: int, qc: QuantConf
     g_idx = jnp.arange(d_in, dtype=jnp.int32) // (d_in if qc.group_size == -1 else qc.group_size)
     return QuantizedLinear(qweight=qweight, scales=scales, zeros=zeros, g_idx=g_idx,
                            bits=qc.bits, group_size=qc.group_size, sym=qc.sym,
-                           dtype=jnp.dtype(dtype).name)
+                           dtype=jnp.dtype(dtype).name, groups_contiguous=True)
 
 
 def random_quantize(params: dict, qc: QuantConfig, seed: int = 0, dtype=None) -> dict:

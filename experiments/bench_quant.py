@@ -1,0 +1,276 @@
+"""Quantized matmul kernels and quantized serving on one NVIDIA GPU.
+
+Part ``kernels``, in one process: the copy-bandwidth ceiling (best of several copy methods);
+then for the Llama-3-8B linear shapes (fused q/k/v 4096×6144, o 4096×4096, fused gate/up
+4096×28672, down 14336×4096) at M = 1, 16, 64, 256 and 2048 rows:
+
+* ``bf16``: the plain bfloat16 product (XLA, cuBLAS);
+* ``xla-dequant``: XLA's own path for packed weights, ``x @ dequantize(ql)`` in one jit
+  (unpack, scale and multiply fused or not as XLA decides);
+* ``dequant-once``: the float weight dequantized once (as an engine could per prefill step)
+  plus the bfloat16 product: the two timed separately and added;
+* ``ours``: ``pallas_kernels.quant_matmul`` at 4 and 8 bits, groups of 128 and per channel.
+
+Each row: µs (median of 5 batches of 20 calls), GB/s of the bytes it must read (packed codes,
+scales, zeros, x) and write (y), % of the copy ceiling, speed-up over ``bf16``, and the
+relative error against ``x @ dequantize(ql)`` in float32. ``--sweep`` also times a grid of
+kernel tiles at M = 1, 16 and 64 and reports the best.
+
+Part ``engine`` (one subprocess per run, as ``optgqa bench``): the Llama-3-8B shape with random
+weights in bfloat16, W4 g128 and W8 (per channel): batch-1 decode (one request, 256 prompt +
+256 generated tokens; tokens/s = 1 / mean time per output token) and the 1000-request 256/256
+throughput with the settings of ``bench_engine.py`` (256 sequences, KV pool capped at 48 GiB,
+fused projections); peak memory and parameter bytes of each.
+
+Usage::
+
+    python experiments/bench_quant.py [--only kernels|engine] [--quick] [--sweep]
+        [--out experiments/results/quant]
+
+Writes ``bench_quant.{json,md}`` and ``bench_quant.png`` (kernel speed-up over bfloat16 against
+M) under ``--out``; the JSON is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from optgqa_jax import benchmark as B  # noqa: E402
+from optgqa_jax import quant  # noqa: E402
+from pallas_kernels import compiler_options  # noqa: E402
+from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
+
+SHAPES = {"qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096),
+          "gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096)}
+ROWS = (1, 16, 64, 256, 2048)
+FORMATS = ("w4g128", "w4", "w8g128", "w8")
+
+
+def timeit(fn, *args, iters: int = 20, trials: int = 5) -> float:
+    """Median seconds per call over `trials` batches of `iters` calls (after a warm-up call)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def io_bytes(M: int, K: int, N: int, ql=None) -> int:
+    """Bytes a product must move: x [M, K] and y [M, N] in bfloat16, plus the weight (packed
+    codes, scales, zeros; g_idx is not read by the contiguous-group kernel)."""
+    w = 2 * K * N if ql is None else ql.nbytes - ql.g_idx.size * 4
+    return 2 * M * K + 2 * M * N + w
+
+
+def kernel_rows(ceiling: float, rows, sweep: bool, out: list, save) -> None:
+    opts = compiler_options()
+    for (name, (K, N)), M in itertools.product(SHAPES.items(), rows):
+        key = jax.random.PRNGKey(M * 7 + K)
+        x = (jax.random.normal(key, (M, K), jnp.float32)).astype(jnp.bfloat16)
+        w = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (K, N))).astype(jnp.bfloat16)
+        bf16 = jax.jit(lambda x, w: x @ w, compiler_options=opts)
+        t_bf16 = timeit(bf16, x, w)
+        base = dict(shape=name, M=M, K=K, N=N)
+
+        def add(impl, fmt, t, nbytes, err=None, **extra):
+            row = dict(base, impl=impl, format=fmt, us=t * 1e6, gb_per_s=nbytes / t / 1e9,
+                       pct_ceiling=100 * nbytes / t / ceiling, speedup_vs_bf16=t_bf16 / t,
+                       rel_error=err, **extra)
+            out.append(row)
+            print(f"{name} M={M} {impl} {fmt}: {row['us']:.1f} us, {row['gb_per_s']:.0f} GB/s "
+                  f"({row['pct_ceiling']:.0f}%), {row['speedup_vs_bf16']:.2f}x bf16"
+                  + ("" if err is None else f", rel err {err:.1e}"), flush=True)
+
+        add("bf16", "bf16", t_bf16, io_bytes(M, K, N))
+        del w
+        for fmt in FORMATS:
+            ql = quant.synthetic.random_quantized_linear(
+                jax.random.fold_in(key, 2), K, N, quant.parse_spec(fmt), "bfloat16")
+            want = jax.jit(lambda x, ql: jnp.dot(x.astype(jnp.float32),
+                                                 quant.dequantize(ql, jnp.float32)))(x, ql)
+            scale = float(jnp.abs(want).max())
+
+            def err(y):
+                y = np.asarray(y, np.float32)
+                if not np.isfinite(y).all():
+                    return float("inf")
+                return float(np.abs(y - np.asarray(want)).max() / scale)
+
+            nbytes = io_bytes(M, K, N, ql)
+            xla = jax.jit(lambda x, ql: quant.matmul(x, ql, "dequantize"), compiler_options=opts)
+            add("xla-dequant", fmt, timeit(xla, x, ql), nbytes, err(xla(x, ql)))
+            if M >= 256:
+                deq = jax.jit(lambda ql: quant.dequantize(ql, jnp.bfloat16),
+                              compiler_options=opts)
+                t_deq = timeit(deq, ql)
+                add("dequant-once", fmt, t_deq + t_bf16, nbytes, None,
+                    dequantize_us=t_deq * 1e6)
+            ours = jax.jit(lambda x, ql: quant.matmul(x, ql, "pallas"), compiler_options=opts)
+            try:
+                add("ours", fmt, timeit(ours, x, ql), nbytes, err(ours(x, ql)),
+                    config=dataclasses.asdict(QuantMatmulConfig.for_shape(
+                        "cuda", M, K, N, ql.group_size)))
+            except Exception as e:  # a failing config is a result, not the end of the run
+                out.append(dict(base, impl="ours", format=fmt, error=repr(e)[-400:]))
+                print(f"{name} M={M} ours {fmt}: FAILED {e!r}"[:300], flush=True)
+            if sweep and M <= 64 and fmt in ("w4g128", "w8"):
+                sweep_row(x, ql, nbytes, ceiling, t_bf16, base, fmt, out, opts)
+            save()
+
+
+def sweep_row(x, ql, nbytes, ceiling, t_bf16, base, fmt, out, opts) -> None:
+    """Time a grid of tiles for one shape; record the best (and how many failed)."""
+    best, failed = None, 0
+    M = x.shape[0]
+    for bn, bk, split, warps, stages in itertools.product(
+            (32, 64, 128), (64, 128), (1, 2, 4, 8), (2, 4), (2, 3)):
+        cfg = QuantMatmulConfig(block_m=max(16, 1 << (M - 1).bit_length()), block_n=bn,
+                                block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+        f = jax.jit(lambda x, q, s, z, cfg=cfg: quant_matmul(
+            x, q, s, z, bits=ql.bits, group_size=ql.group_size, config=cfg),
+            compiler_options=opts)
+        try:
+            t = timeit(f, x, ql.qweight, ql.scales, ql.zeros, iters=10, trials=3)
+        except Exception:
+            failed += 1
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    if best is not None:
+        t, cfg = best
+        out.append(dict(base, impl="ours (best tiles)", format=fmt, us=t * 1e6,
+                        gb_per_s=nbytes / t / 1e9, pct_ceiling=100 * nbytes / t / ceiling,
+                        speedup_vs_bf16=t_bf16 / t, config=dataclasses.asdict(cfg),
+                        sweep_failed=failed))
+        print(f"  best tiles {cfg}: {t * 1e6:.1f} us ({failed} configs failed)", flush=True)
+
+
+def engine_runs(out: list, save, requests: int) -> None:
+    common = dict(model="llama3-8b", max_num_seqs=256, kv_memory_bytes=48 * 2 ** 30,
+                  fuse_projections=True)
+    for spec in (None, "w4g128", "w8"):
+        for kind, extra in (("batch-1 decode", dict(num_requests=1, max_num_seqs=1,
+                                                   seq_buckets=(1,))),
+                            (f"{requests} x 256/256", dict(num_requests=requests))):
+            bc = B.BenchConfig(**{**common, **extra}, quantize=spec)
+            print(f"engine {spec or 'bf16'} {kind} ...", flush=True)
+            r = B.run_in_subprocess("engine", bc)
+            r.update(workload=kind, format=spec or "bf16")
+            if "tpot_s" in r and r["tpot_s"]:
+                r["decode_tokens_per_s_per_sequence"] = 1.0 / r["tpot_s"]["mean"]
+            out.append(r)
+            save()
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = ["# Quantized matmul and serving", "",
+             f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. Copy ceiling "
+             f"{m['ceiling'] / 1e9:,.0f} GB/s (best of {', '.join(m['ceilings'])}).", ""]
+    rows = [r for r in res["kernels"] if "us" in r]
+    if rows:
+        lines += ["## Kernels (µs; GB/s of bytes moved, % of the copy ceiling; × bfloat16)", "",
+                  "| shape | M | impl | format | µs | GB/s | % ceiling | × bf16 | rel err |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            err = "" if r.get("rel_error") is None else f"{r['rel_error']:.1e}"
+            lines.append(f"| {r['shape']} | {r['M']} | {r['impl']} | {r['format']} | "
+                         f"{r['us']:.1f} | {r['gb_per_s']:,.0f} | {r['pct_ceiling']:.0f}% | "
+                         f"{r['speedup_vs_bf16']:.2f} | {err} |")
+        failed = [r for r in res["kernels"] if "error" in r]
+        if failed:
+            lines += ["", f"{len(failed)} kernel rows failed: "
+                      + "; ".join(f"{r['shape']} M={r['M']} {r['format']}: {r['error'][:120]}"
+                                  for r in failed)]
+        lines.append("")
+    if res["engine"]:
+        lines += ["## Engine, Llama-3-8B shape (random weights)", "",
+                  "| format | workload | output tok/s | tok/s per sequence (1 / TPOT) | "
+                  "param GiB | peak GiB |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in res["engine"]:
+            if "error" in r:
+                lines.append(f"| {r['format']} | {r['workload']} | fails: "
+                             f"{r['error'][-120:]!r} | | | |")
+                continue
+            per_seq = r.get("decode_tokens_per_s_per_sequence")
+            lines.append(f"| {r['format']} | {r['workload']} | {r['output_tokens_per_s']:,.0f} | "
+                         f"{'' if per_seq is None else f'{per_seq:,.1f}'} | "
+                         f"{r['param_bytes'] / 2 ** 30:.2f} | "
+                         f"{r['peak_memory_bytes'] / 2 ** 30:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["kernels"] if "us" in r and r["impl"] in ("ours", "xla-dequant")]
+    if not rows:
+        return
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.8), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for impl, fmt in dict.fromkeys((r["impl"], r["format"]) for r in rows
+                                       if r["shape"] == shape):
+            rs = sorted((r for r in rows if r["shape"] == shape and r["impl"] == impl
+                         and r["format"] == fmt), key=lambda r: r["M"])
+            ax.plot([r["M"] for r in rs], [r["speedup_vs_bf16"] for r in rs],
+                    "o-" if impl == "ours" else "x--", label=f"{impl} {fmt}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", title=shape, xlabel="M (rows)", ylabel="speed-up over bfloat16")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=("kernels", "engine"), default=None)
+    p.add_argument("--quick", action="store_true", help="M = 1, 16 and 2048 only")
+    p.add_argument("--sweep", action="store_true", help="also sweep kernel tiles at M <= 64")
+    p.add_argument("--engine-requests", type=int, default=1000)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    ceilings = B.copy_bandwidths()
+    res = {"meta": dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                        commit=B.source_commit(), ceiling=max(ceilings.values()),
+                        ceilings=sorted(ceilings), ceiling_methods=ceilings),
+           "kernels": [], "engine": []}
+
+    def save():
+        with open(os.path.join(a.out, "bench_quant.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(a.out, "bench_quant.md"), "w") as f:
+            f.write(markdown(res))
+        plot(res, os.path.join(a.out, "bench_quant.png"))
+
+    if a.only in (None, "kernels"):
+        kernel_rows(res["meta"]["ceiling"], (1, 16, 2048) if a.quick else ROWS, a.sweep,
+                    res["kernels"], save)
+    if a.only in (None, "engine"):
+        engine_runs(res["engine"], save, a.engine_requests)
+    save()
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
