@@ -37,7 +37,8 @@ from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import is_fused
 from optgqa_jax.model import abstract_params, check_params_match
 from optgqa_jax.quant.config import QuantConfig
-from optgqa_jax.quant.linear import QuantizedLinear, contiguous_groups, is_quantized
+from optgqa_jax.quant.linear import (QuantizedLinear, contiguous_groups, is_quantized,
+                                     unsort_groups)
 from optgqa_jax.quant.packing import packed_rows
 
 CONFIG_FILE = "optgqa_config.json"
@@ -148,6 +149,7 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
     layers = {}
     for name, leaf in list(flat.items()):
         if is_quantized(leaf):
+            leaf = unsort_groups(leaf)  # files hold rows in logical order
             _check_stored(name, leaf)
             layers[name] = _layer_metadata(leaf)
             del flat[name]

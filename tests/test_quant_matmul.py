@@ -190,3 +190,51 @@ def test_model_on_the_kernel_matches_dequantized_params(bits, act_order, fused):
     prompt = [int(t) for t in tokens[0, :5]]
     assert (og.generate_simple(cfg, qp, prompt, 5, attention_impl="pallas")
             == og.generate_simple(cfg, floats, prompt, 5, attention_impl="reference"))
+
+
+def test_sorted_act_order_layer_is_the_same_product():
+    """sort_groups (load-time row sort of act-order layers): same dequantized weight, same
+    product through the kernel (activations permuted, no g_idx read), and checkpoints and the
+    HF export still see the logical rows (unsort_groups round trip is exact)."""
+    from optgqa_jax import quant
+    import optgqa_jax as og
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    w = (rng.standard_normal((128, 40)) * 0.05).astype(np.float32)
+    h = quant.hessian(x * rng.uniform(0.1, 3.0, 128))      # uneven diag: a real permutation
+    ql = quant.gptq(w, h, og.QuantConfig(bits=4, group_size=32, act_order=True))
+    assert not ql.groups_contiguous and ql.perm is None
+    sq = quant.sort_groups(ql)
+    assert sq.groups_contiguous and sq.perm is not None
+    assert not np.array_equal(np.asarray(sq.perm), np.arange(128))
+    assert np.array_equal(np.asarray(quant.dequantize(sq)), np.asarray(quant.dequantize(ql)))
+    xb = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    a = np.asarray(quant.matmul(xb, sq, "pallas").astype(jnp.float32))
+    b = np.asarray(quant.matmul(xb, ql, "dequantize").astype(jnp.float32))
+    assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()
+    back = quant.unsort_groups(sq)
+    for name in ("qweight", "scales", "zeros", "g_idx"):
+        assert np.array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(ql, name)))
+    assert back.perm is None and not back.groups_contiguous
+    contiguous = quant.gptq(w, h, og.QuantConfig(bits=4, group_size=32))
+    assert quant.sort_groups(contiguous) is contiguous
+
+
+def test_sorted_layers_survive_checkpoints(tmp_path):
+    import optgqa_jax as og
+    from optgqa_jax import quant
+
+    cfg = og.ModelConfig.preset("tiny")
+    params = og.init_params(cfg, jax.random.PRNGKey(3))
+    windows = np.random.default_rng(3).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    qc = quant.QuantConfig(bits=4, group_size=32, act_order=True)
+    _, qp, _ = og.quantize(cfg, params, windows, qc, progress=False)
+    sp = quant.prepare_for_kernels(qp)
+    og.save_checkpoint(str(tmp_path / "ck"), cfg, sp, quant_config=qc)
+    _, loaded = og.load_checkpoint(str(tmp_path / "ck"))
+    tokens = windows[:1, :16]
+    np.testing.assert_array_equal(np.asarray(og.forward(cfg, loaded, tokens)),
+                                  np.asarray(og.forward(cfg, qp, tokens)))
+    np.testing.assert_allclose(np.asarray(og.forward(cfg, sp, tokens)),
+                               np.asarray(og.forward(cfg, qp, tokens)), rtol=0, atol=1e-5)

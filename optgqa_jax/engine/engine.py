@@ -32,7 +32,9 @@ from optgqa_jax.engine.runner import ModelRunner, page_bytes
 from optgqa_jax.engine.scheduler import Request, Scheduled, Scheduler, Status
 from optgqa_jax.fused import fuse_projections, is_fused
 from optgqa_jax.model import check_params_match
+from optgqa_jax.quant.linear import prepare_for_kernels
 from optgqa_jax.validation import check_prompt_ids
+from pallas_kernels._common import backend
 
 Prompt = Union[str, Sequence[int]]
 
@@ -126,6 +128,8 @@ class Engine:
         check_params_match(cfg, params)
         if config.fuse_projections and not is_fused(params):
             params = fuse_projections(cfg, params)
+        if backend() != "cpu":  # act-order rows sorted once, for the quantized matmul kernel
+            params = prepare_for_kernels(params)
         self.cfg, self.params, self.config, self.tokenizer = cfg, params, config, tokenizer
         self.max_model_len = config.max_model_len or cfg.max_seq_len
         if self.max_model_len > cfg.max_seq_len:

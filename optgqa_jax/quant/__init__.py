@@ -4,12 +4,14 @@ from optgqa_jax.quant.config import QuantConfig
 from optgqa_jax.quant.grid import rtn
 from optgqa_jax.quant.gptq import HessianAccumulator, gptq, hessian
 from optgqa_jax.quant.linear import (QuantizedLinear, concat_outputs, dequantize, from_codes,
-                                     is_quantized, matmul, split_outputs)
+                                     is_quantized, matmul, prepare_for_kernels, sort_groups,
+                                     split_outputs, unsort_groups)
 from optgqa_jax.quant.packing import pack, unpack
 
 __all__ = ["QuantConfig", "rtn", "HessianAccumulator", "gptq", "hessian", "QuantizedLinear",
            "concat_outputs", "dequantize", "from_codes", "is_quantized", "matmul",
-           "split_outputs", "pack", "unpack"]
+           "prepare_for_kernels", "sort_groups", "split_outputs", "unsort_groups", "pack",
+           "unpack"]
 
 from optgqa_jax.quant.calibration import learn_scales, token_gradient_weights  # noqa: E402
 from optgqa_jax.quant.pipeline import QuantReport, check_calibration, quantize  # noqa: E402

@@ -73,7 +73,7 @@ from optgqa_jax.fused import is_fused
 from optgqa_jax.model import check_params_match
 from optgqa_jax.quant.config import SUPPORTED_BITS, QuantConfig
 from optgqa_jax.quant.linear import (QuantizedLinear, contiguous_groups, is_quantized,
-                                     split_outputs)
+                                     split_outputs, unsort_groups)
 from optgqa_jax.quant.packing import pack, packed_rows, unpack
 from optgqa_jax.weights import hf_linear_names, hf_norm_names
 
@@ -109,6 +109,7 @@ def true_zeros(fields, bits: int, checkpoint_format: str) -> np.ndarray:
 
 def quantized_to_hf(ql: QuantizedLinear, checkpoint_format: str = "gptq") -> dict[str, np.ndarray]:
     """The checkpoint tensors ``{"qweight", "qzeros", "scales", "g_idx"}`` of one layer."""
+    ql = unsort_groups(ql)  # files hold rows in logical order
     z = stored_zeros(np.asarray(ql.zeros), ql.bits, checkpoint_format)   # [G, D_out]
     qzeros = np.asarray(_pack(jnp.asarray(z.T), ql.bits)).T                # [G, D_out*b/32]
     return {"qweight": np.asarray(ql.qweight, np.int32),

@@ -45,6 +45,10 @@ class QuantizedLinear:
     # Whether g_idx[i] == i // group_size (or group_size == -1): the kernel then computes each
     # row's group instead of reading g_idx. False is always safe (g_idx is read).
     groups_contiguous: bool = flax.struct.field(pytree_node=False, default=False)
+    # None, or int32 [D_in] after sort_groups: stored row i is logical input row perm[i]
+    # (act-order rows sorted by group, so the groups are contiguous in storage); the product
+    # then reads x[..., perm]. g_idx stays in logical row order.
+    perm: Optional[jax.Array] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,8 +66,9 @@ class QuantizedLinear:
                    for a in (self.qweight, self.scales, self.zeros, self.g_idx))
 
     def codes(self) -> jax.Array:
-        """Unpacked integer codes, int32 [D_in, D_out]."""
-        return unpack(self.qweight, self.bits, self.shape[0])
+        """Unpacked integer codes, int32 [D_in, D_out], in logical row order."""
+        c = unpack(self.qweight, self.bits, self.shape[0])
+        return c if self.perm is None else c[jnp.argsort(self.perm)]
 
 
 def contiguous_groups(g_idx, group_size: int) -> Optional[bool]:
@@ -127,11 +132,56 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
     if not use_kernel:
         return jnp.dot(x, dequantize(ql, x.dtype))
     lead, (d_in, d_out) = x.shape[:-1], ql.shape
+    if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
+        x = jnp.take(x, ql.perm, axis=-1)
     y = quant_matmul(x.reshape(-1, d_in), ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
                      group_size=ql.group_size,
                      g_idx=None if ql.groups_contiguous else ql.g_idx,
                      interpret=kc.backend() == "cpu")
     return y.reshape(*lead, d_out)
+
+
+def sort_groups(ql: QuantizedLinear) -> QuantizedLinear:
+    """The same layer with its rows stored sorted by group (act-order checkpoints).
+
+    GPTQ with act-order forms groups in the order of decreasing Hessian diagonal, so a group's
+    rows are scattered over the input and ``g_idx`` is not monotone. Like the fast CUDA GPTQ
+    kernels, this sorts the rows once (at load time) so that every group is contiguous in
+    storage, records the permutation in ``perm`` and lets the product permute the activations
+    (``x[..., perm]``, cheap for decode) instead of gathering a scale and zero per row.
+    Layers whose groups are already contiguous, or whose sorted groups would not all hold
+    ``group_size`` rows, are returned unchanged (the kernel then reads ``g_idx``).
+    ``dequantize``, ``codes``, checkpoints and the Hugging Face export see the logical rows.
+
+    Raises:
+      ValueError: a traced ``g_idx`` (call it on concrete params, outside ``jit``).
+    """
+    if ql.groups_contiguous or ql.perm is not None:
+        return ql
+    if isinstance(ql.g_idx, jax.core.Tracer):
+        raise ValueError("sort_groups needs concrete params (call it outside jax.jit)")
+    g = np.asarray(ql.g_idx)
+    perm = np.argsort(g, kind="stable")
+    if ql.group_size == -1 or not np.array_equal(g[perm], np.arange(g.shape[0]) // ql.group_size):
+        return ql
+    codes = unpack(ql.qweight, ql.bits, ql.shape[0])[jnp.asarray(perm)]
+    return ql.replace(qweight=pack(codes, ql.bits), groups_contiguous=True,
+                      perm=jnp.asarray(perm, jnp.int32))
+
+
+def unsort_groups(ql: QuantizedLinear) -> QuantizedLinear:
+    """Inverse of :func:`sort_groups`: rows back in logical order (what files store)."""
+    if ql.perm is None:
+        return ql
+    return ql.replace(qweight=pack(ql.codes(), ql.bits), perm=None,
+                      groups_contiguous=bool(contiguous_groups(ql.g_idx, ql.group_size)))
+
+
+def prepare_for_kernels(params):
+    """`params` with every quantized kernel passed through :func:`sort_groups` (the Engine
+    does this when it serves on a GPU)."""
+    return jax.tree_util.tree_map(lambda l: sort_groups(l) if is_quantized(l) else l, params,
+                                  is_leaf=is_quantized)
 
 
 def concat_outputs(parts: Sequence[QuantizedLinear]) -> QuantizedLinear:
