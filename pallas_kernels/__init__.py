@@ -1,4 +1,4 @@
-"""Pallas (Triton-lowering) attention kernels for optgqa-jax.
+"""Pallas (Triton-lowering) kernels for optgqa-jax: attention and quantized matmul.
 
 Every kernel module holds the kernel, a jitted wrapper that validates its
 inputs, a frozen tuning-config dataclass with per-backend defaults, and a
@@ -9,6 +9,7 @@ backends alike; on CPU pass ``interpret=True``.
 * :func:`paged_attention` — decode over a paged KV cache (GQA sharing, split-K, ALiBi).
 * :func:`flash_attention` — dense causal prefill / training forward (GQA, ALiBi).
 * :func:`paged_prefill_attention` — ragged packed prefill over a paged cache.
+* :func:`quant_matmul` — ``x @ dequant(W)`` for 2/4/8-bit GPTQ-packed weights.
 * :func:`alibi_slopes` — per-head ALiBi slopes.
 * :func:`compiler_options` — XLA options for the ``jax.jit`` that calls the kernels
   (on CUDA: flush float32 denormals, a few percent faster).
@@ -23,10 +24,12 @@ from pallas_kernels.paged_attention import (PagedAttentionConfig, paged_attentio
                                             paged_attention_reference)
 from pallas_kernels.paged_prefill_attention import (PagedPrefillConfig, paged_prefill_attention,
                                                     paged_prefill_attention_reference)
+from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul, quant_matmul_reference
 
 __all__ = [
     "alibi_slopes", "alibi_slopes_np", "compiler_options",
     "FlashAttentionConfig", "flash_attention", "flash_attention_reference",
     "PagedAttentionConfig", "paged_attention", "paged_attention_reference",
     "PagedPrefillConfig", "paged_prefill_attention", "paged_prefill_attention_reference",
+    "QuantMatmulConfig", "quant_matmul", "quant_matmul_reference",
 ]
