@@ -348,3 +348,37 @@ def test_generate_keeps_completions_of_requests_queued_by_add_request(tiny, asyn
     while eng.has_unfinished():
         rest += eng.step()
     assert [(c.request_id, c.token_ids) for c in rest] == [(rid, ref[0][:2])]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_prefix_sharing_within_one_batch(tiny, async_scheduling):
+    """Prompts submitted together share prefixes computed in the same step: whole blocks of a
+    shared prefix hit (partial blocks cannot), counted in prefix_hits, outputs unchanged."""
+    cfg, params, _, _ = tiny
+    rng = np.random.default_rng(9)
+    ids = lambda n: [int(t) for t in rng.integers(0, cfg.vocab_size, size=n)]
+    long_prefix, short_prefix = ids(21), ids(11)          # page_size 8: 2 and 1 whole blocks
+    prompts = ([long_prefix + ids(n) for n in (3, 5, 12)]
+               + [short_prefix + ids(n) for n in (2, 9)] + [ids(7)])
+    ref = [og.generate_simple(cfg, params, p, 10) for p in prompts]
+    eng = _engine(tiny, async_scheduling=async_scheduling, max_num_batched_tokens=256)
+    outs = eng.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    assert [o.num_cached_tokens for o in outs] == [0, 16, 16, 0, 8, 0]
+    assert eng.stats.prefix_hits == 16 + 16 + 8
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_prefix_sharing_within_one_batch_under_preemption(tiny, async_scheduling):
+    cfg, params, _, _ = tiny
+    rng = np.random.default_rng(10)
+    ids = lambda n: [int(t) for t in rng.integers(0, cfg.vocab_size, size=n)]
+    prefix = ids(24)
+    prompts = [prefix + ids(n) for n in (1, 4, 6, 9, 2, 7)]
+    ref = [og.generate_simple(cfg, params, p, 10) for p in prompts]
+    eng = _engine(tiny, async_scheduling=async_scheduling, num_pages=12,
+                  max_num_batched_tokens=128)
+    outs = eng.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    assert eng.stats.preemptions > 0 and eng.stats.prefix_hits >= 5 * 16
+    assert eng.stats.pages_used == 0

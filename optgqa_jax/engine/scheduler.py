@@ -7,6 +7,13 @@ computed, under ``max_num_seqs`` and ``max_num_batched_tokens``:
    request, the next chunk for a request whose prompt is still being prefilled;
 2. then waiting requests, oldest first, each reusing its longest cached prefix.
 
+A block enters the prefix cache as soon as the step that fills it is scheduled (its tokens
+are all known then: prompt tokens, or generated ones the host already has), not when the step
+has run. So requests admitted in the same step share a prefix that an earlier one in the step
+computes: within each layer the step writes every token's K/V to the pool before any attention
+reads it. Blocks filled by decode tokens not yet read back (asynchronous scheduling) are
+registered when their tokens arrive.
+
 When the pool cannot hold a running request's next tokens, the most recently
 admitted request is preempted: its blocks are freed and it goes back to the
 front of the queue to be recomputed later (prompt plus the tokens it already
@@ -121,6 +128,7 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 break
             out.append(Scheduled(req, req.num_computed, num_new))
+            self._register_scheduled(req, req.num_computed + num_new)
             budget -= num_new
             idx += 1
         while (not preempted and self.waiting and budget > 0
@@ -139,8 +147,15 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(Scheduled(req, got, num_new))
+            self._register_scheduled(req, got + num_new)
             budget -= num_new
         return out
+
+    def _register_scheduled(self, req: Request, computed_after: int) -> None:
+        """Enter into the prefix cache the blocks this step fills with known tokens."""
+        known = min(computed_after, req.num_tokens)
+        if self.kv.has_unregistered_full_blocks(req.request_id, known):
+            self.kv.register_full_blocks(req.request_id, req.all_ids, known)
 
     def update(self, scheduled: list[Scheduled], sampled: list[int]) -> list[Request]:
         """Apply a step's results; returns the requests that finished."""
