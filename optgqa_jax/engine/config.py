@@ -21,6 +21,10 @@ class SamplingParams:
         position), never on what else is in the batch. None draws one.
       stop_token_ids: finish when one of these is generated (it is kept in the output).
       ignore_eos: do not stop at the tokenizer's EOS.
+      n: samples per prompt. They run as n sequences that share the prompt's full KV blocks
+        through the prefix cache (admitted together, the first computes them; the last,
+        partial block is recomputed by each sample); sample i draws from its own seed,
+        derived from (seed, i). Greedy decoding gives n identical samples.
     """
 
     temperature: float = 1.0
@@ -30,6 +34,7 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
 
     def __post_init__(self):
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
@@ -45,6 +50,8 @@ class SamplingParams:
         if self.seed is not None and not (isinstance(self.seed, (int, np.integer))
                                           and 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be None or an integer in [0, 2**32), got {self.seed!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1 (samples per prompt), got {self.n!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -48,11 +48,15 @@ class Completion:
       prompt_token_ids: the prompt.
       token_ids: generated ids (a stop/EOS token that ended it is included).
       text: ``token_ids`` decoded (None without a tokenizer).
-      finish_reason: "stop" (stop token or EOS) or "length" (max_tokens or max_model_len).
-      ttft: seconds from arrival to the first generated token.
-      latency: seconds from arrival to the last token.
+      finish_reason: "stop" (stop token or EOS), "length" (max_tokens or max_model_len) or
+        "abort" (:meth:`Engine.abort`).
+      ttft: seconds from arrival to the first generated token (None: aborted before one).
+      latency: seconds from arrival to the last token (to the abort for aborted requests).
       num_cached_tokens: prompt tokens served from the prefix cache.
       num_preemptions: times the request was preempted and recomputed.
+      index: the sample's index (0 .. n-1) for ``SamplingParams(n=...)``.
+      samples: with n > 1, the n sample completions in index order (the fields above are
+        sample 0's, except ttft, the earliest, and latency, the latest); None for n == 1.
     """
 
     request_id: str
@@ -64,6 +68,30 @@ class Completion:
     latency: float
     num_cached_tokens: int
     num_preemptions: int
+    index: int = 0
+    samples: Optional[list["Completion"]] = None
+
+
+@dataclasses.dataclass
+class StreamOutput:
+    """New tokens of one sample of a streamed request (:meth:`Engine.stream`).
+
+    Attributes:
+      request_id: the request (one per prompt).
+      prompt_index: the prompt's position in the call.
+      index: the sample (0 .. n-1).
+      token_ids: tokens generated since the previous output of this sample (may be empty
+        only when ``finished``).
+      finished: this sample is done (its tokens so far are all it has).
+      completion: on the last output of the request (all samples done), its Completion.
+    """
+
+    request_id: str
+    prompt_index: int
+    index: int
+    token_ids: list[int]
+    finished: bool
+    completion: Optional[Completion] = None
 
 
 @dataclasses.dataclass
@@ -157,6 +185,8 @@ class Engine:
         self._inflight: Optional[_InFlight] = None  # a launched step not yet read (async)
         self._speculative_steps = 0
         self._unclaimed: list[Completion] = []  # see generate()
+        self._groups: dict[str, dict] = {}  # n > 1 requests: their samples, finished ones
+        self._aborted: dict[str, Completion] = {}  # aborted requests, until stream() ends
         self._last_done = 0.0
 
     def _size_pool(self, config: EngineConfig) -> int:
@@ -202,13 +232,56 @@ class Engine:
 
     def _enqueue(self, ids: list[int], params: SamplingParams, request_id: Optional[str]) -> str:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
+        if request_id in self._requests or request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**32))
-        req = Request(request_id, ids, params, seed, getattr(self.tokenizer, "eos_id", None))
-        self._requests[request_id] = req
-        self.scheduler.add(req)
+        eos = getattr(self.tokenizer, "eos_id", None)
+        if params.n == 1:
+            req = Request(request_id, ids, params, seed, eos)
+            self._requests[request_id] = req
+            self.scheduler.add(req)
+            return request_id
+        # n samples: n sequences, admitted together so that they share the prompt's blocks
+        children = []
+        for i in range(params.n):
+            child_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+            req = Request(f"{request_id}#{i}", ids, params, child_seed, eos)
+            req.parent, req.index = request_id, i
+            self._requests[req.request_id] = req
+            self.scheduler.add(req)
+            children.append(req)
+        self._groups[request_id] = {"children": children, "done": {}}
         return request_id
+
+    def abort(self, request_id: str) -> Optional[Completion]:
+        """Stop a request now: it leaves the queue or the running batch and its KV pages are
+        freed (a step already in flight finishes, and its token for the request is dropped).
+        With n > 1 every sample stops. Returns the request's Completion so far (finish_reason
+        "abort"), or None for an unknown or already finished request. For loops that drive
+        :meth:`step` or :meth:`stream`; :meth:`generate` returns only when its requests end."""
+        request_id = str(request_id)
+        group = self._groups.pop(request_id, None)
+        reqs = group["children"] if group else [self._requests.get(request_id)]
+        reqs = [r for r in reqs if r is not None and r.request_id in self._requests]
+        if not reqs:
+            return None
+        now = time.perf_counter()
+        for req in reqs:
+            if req.status is Status.WAITING:
+                self.scheduler.waiting.remove(req)
+            elif req.status is Status.RUNNING:
+                self.scheduler.running.remove(req)
+                self.kv.free(req.request_id)
+            req.finish_reason, req.finish_time, req.status = "abort", now, Status.FINISHED
+        done = [self._completion(r, grouped=False) for r in reqs]
+        if group is None:
+            result = done[0]
+        else:
+            for c in done:
+                group["done"][c.index] = c
+            result = self._group_completion(request_id, group)
+        self._aborted[request_id] = result  # for stream(); dropped when it ends
+        return result
 
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
@@ -273,7 +346,7 @@ class Engine:
         self._last_done = done
         self._steps += 1
         finished = self.scheduler.update(step.scheduled, sampled[:len(step.scheduled)].tolist())
-        return [self._completion(r) for r in finished]
+        return [c for c in (self._completion(r) for r in finished) if c is not None]
 
     def _speculate(self, current: _InFlight) -> Optional[list]:
         """The decode step that follows `current`, if it can be chosen before its tokens are read.
@@ -313,13 +386,35 @@ class Engine:
         current, self._inflight = self._inflight, None
         return self._complete(current) if current is not None else []
 
-    def _completion(self, req: Request) -> Completion:
+    def _completion(self, req: Request, grouped: bool = True) -> Optional[Completion]:
+        """The Completion of a finished request; for a sample of an n > 1 request, None until
+        the last sample ends, then the request's Completion (with every sample)."""
         del self._requests[req.request_id]
         text = self.tokenizer.decode(req.output_ids) if self.tokenizer is not None else None
-        return Completion(req.request_id, req.prompt_ids, list(req.output_ids), text,
-                          req.finish_reason, req.first_token_time - req.arrival_time,
-                          req.finish_time - req.arrival_time, req.num_cached_tokens or 0,
-                          req.num_preemptions)
+        parent = getattr(req, "parent", None)
+        ttft = (None if req.first_token_time is None
+                else req.first_token_time - req.arrival_time)
+        c = Completion(parent or req.request_id, req.prompt_ids, list(req.output_ids), text,
+                       req.finish_reason, ttft, req.finish_time - req.arrival_time,
+                       req.num_cached_tokens or 0, req.num_preemptions,
+                       index=getattr(req, "index", 0))
+        if parent is None or not grouped:
+            return c
+        group = self._groups[parent]
+        group["done"][c.index] = c
+        if len(group["done"]) < len(group["children"]):
+            return None
+        del self._groups[parent]
+        return self._group_completion(parent, group)
+
+    @staticmethod
+    def _group_completion(request_id: str, group: dict) -> Completion:
+        samples = [group["done"][i] for i in sorted(group["done"])]
+        first = samples[0]
+        ttfts = [c.ttft for c in samples if c.ttft is not None]
+        return dataclasses.replace(first, request_id=request_id, samples=samples,
+                                   ttft=min(ttfts) if ttfts else None,
+                                   latency=max(c.latency for c in samples))
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -352,6 +447,70 @@ class Engine:
         if not self.scheduler.has_unfinished():
             self.drain()  # a speculative step of requests that all ended: nothing comes of it
         return [results[i] for i in ids]
+
+    def stream(self, prompts: Union[Prompt, Sequence[Prompt]],
+               params: Union[SamplingParams, Sequence[SamplingParams], None] = None
+               ) -> Iterator[StreamOutput]:
+        """Like :meth:`generate`, but yield each sample's new tokens as steps produce them.
+
+        Every prompt is validated before any is queued. Each :class:`StreamOutput` carries the
+        tokens a sample gained since its previous output; a sample's outputs concatenate to
+        its final ``token_ids`` (tokens are never taken back: preemption recomputes, it does
+        not resample). The last output of a request carries its Completion. With
+        asynchronous scheduling, tokens arrive one step after they are sampled. Calling
+        :meth:`abort` on a streamed request ends its samples (``finished``, reason "abort").
+        """
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        prepared = [self._prepare(p, sp, f"prompts[{i}]")
+                    for i, (p, sp) in enumerate(zip(prompts, params))]
+        ids = [self._enqueue(i, sp, None) for i, sp in prepared]
+        samples = []  # (request id, prompt index, Request) of every sample
+        for k, rid in enumerate(ids):
+            reqs = self._groups[rid]["children"] if rid in self._groups else [self._requests[rid]]
+            samples += [(rid, k, r) for r in reqs]
+        reported = {id(r): 0 for _, _, r in samples}
+        ended: set[int] = set()
+        pending = {rid: k for k, rid in enumerate(ids)}
+        completions: dict[str, Completion] = {}
+
+        def deltas():
+            for rid, k, r in samples:
+                if id(r) in ended:
+                    continue
+                new = r.output_ids[reported[id(r)]:]
+                finished = r.status is Status.FINISHED
+                if not new and not finished:
+                    continue
+                reported[id(r)] += len(new)
+                if finished:
+                    ended.add(id(r))
+                last = finished and all(id(x) in ended for q, _, x in samples if q == rid)
+                done = completions.get(rid) or self._aborted.get(rid)
+                yield StreamOutput(rid, k, getattr(r, "index", 0), list(new), finished,
+                                   done if last else None)
+
+        while pending:
+            for c in self.step():
+                if c.request_id in pending:
+                    completions[c.request_id] = c
+                else:
+                    self._unclaimed.append(c)
+            for out in deltas():
+                if out.finished and all(id(x) in ended for q, _, x in samples
+                                        if q == out.request_id):
+                    pending.pop(out.request_id, None)
+                yield out
+            if not self.has_unfinished():
+                break
+        for rid in ids:
+            self._aborted.pop(rid, None)
+        if not self.scheduler.has_unfinished():
+            self.drain()
 
     def warmup(self) -> None:
         """Compile every step shape bucket now, so serving never compiles later."""

@@ -57,6 +57,8 @@ class Request:
     finish_reason: Optional[str] = None
     num_cached_tokens: Optional[int] = None  # prefix-cache hit at first admission
     num_preemptions: int = 0
+    parent: Optional[str] = None  # the request id of an n > 1 request this sample belongs to
+    index: int = 0  # the sample's index
 
     @property
     def all_ids(self) -> list[int]:
