@@ -142,7 +142,7 @@ def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
         t1 = time.perf_counter()
         dev = jax.device_put(buf)
         t2 = time.perf_counter()
-        tokens, runner.pool = runner.step_fn(runner.cfg, runner.params, runner.pool, dev,
+        tokens, runner.pool, _ = runner.step_fn(runner.cfg, runner.params, runner.pool, dev,
                                              runner._no_prev, layout=layout, impl=runner.impl, max_q_len=1,
                                              decode_only=True, stochastic=False)
         t3 = time.perf_counter()

@@ -139,3 +139,62 @@ def test_bad_n_is_refused():
     for n in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="n must be"):
             og.SamplingParams(n=n)
+
+
+def _check_logprobs(cfg, params, prompt, out, k, pk):
+    full = np.asarray([prompt + out.token_ids], np.int32)
+    lp = np.asarray(jax.nn.log_softmax(og.forward(cfg, params, full)[0].astype(np.float32)))
+    P = len(prompt)
+    assert len(out.logprobs) == len(out.token_ids)
+    for j, (tok, d) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = lp[P + j - 1]
+        top = set(np.argsort(-row)[:k].tolist()) | {tok}
+        assert set(d) == top
+        for t, v in d.items():
+            assert abs(v - row[t]) < 1e-4, (j, t, v, row[t])
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == P
+    for p in range(1, P):
+        d, row = out.prompt_logprobs[p], lp[p - 1]
+        assert set(d) == set(np.argsort(-row)[:pk].tolist()) | {prompt[p]}
+        for t, v in d.items():
+            assert abs(v - row[t]) < 1e-4, (p, t, v, row[t])
+
+
+@pytest.mark.parametrize("async_scheduling", MODES)
+@pytest.mark.parametrize("pool", ["roomy", "chunked+preempting"])
+def test_logprobs_match_log_softmax_of_forward(tiny, async_scheduling, pool):
+    cfg, params, prompts = tiny
+    kw = dict(max_num_batched_tokens=16, num_pages=10) if pool != "roomy" else {}
+    eng = _engine(tiny, async_scheduling=async_scheduling, **kw)
+    sps = [og.SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, prompt_logprobs=2,
+                             ignore_eos=True),
+           og.SamplingParams(temperature=0.9, seed=5, max_tokens=6, logprobs=0,
+                             prompt_logprobs=0, ignore_eos=True)]
+    outs = eng.generate(prompts[:4], [sps[i % 2] for i in range(4)])
+    for i, (p, o) in enumerate(zip(prompts[:4], outs)):
+        sp = sps[i % 2]
+        _check_logprobs(cfg, params, p, o, sp.logprobs, sp.prompt_logprobs)
+    if pool != "roomy":
+        assert eng.stats.preemptions > 0
+    plain = eng.generate(prompts[0], og.SamplingParams(temperature=0.0, max_tokens=3))[0]
+    assert plain.logprobs is None and plain.prompt_logprobs is None
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache(tiny):
+    cfg, params, prompts = tiny
+    eng = _engine(tiny)
+    eng.generate(prompts[3], og.SamplingParams(temperature=0.0, max_tokens=2))   # caches it
+    out = eng.generate(prompts[3], og.SamplingParams(temperature=0.0, max_tokens=2,
+                                                     prompt_logprobs=1))[0]
+    assert out.num_cached_tokens == 0
+    assert all(d is not None for d in out.prompt_logprobs[1:])
+
+
+def test_bad_logprob_requests_are_refused(tiny):
+    eng = _engine(tiny, max_logprobs=4)
+    with pytest.raises(ValueError, match="logprobs=5 exceeds EngineConfig.max_logprobs=4"):
+        eng.generate([[1, 2, 3]], og.SamplingParams(logprobs=5))
+    with pytest.raises(ValueError, match="prompt_logprobs must be None or an integer >= 0"):
+        og.SamplingParams(prompt_logprobs=-1)
+    with pytest.raises(ValueError, match="max_logprobs"):
+        og.EngineConfig(max_logprobs=-2)

@@ -132,15 +132,17 @@ class KVCacheManager:
             blocks.append(block)
         return blocks
 
-    def admit(self, seq_id: str, token_ids: Sequence[int], num_tokens: int) -> Optional[int]:
-        """Give `seq_id` blocks for its first `num_tokens` tokens, reusing cached ones.
+    def admit(self, seq_id: str, token_ids: Sequence[int], num_tokens: int,
+              use_cache: bool = True) -> Optional[int]:
+        """Give `seq_id` blocks for its first `num_tokens` tokens, reusing cached ones (unless
+        `use_cache` is False: then every token is computed; its blocks still enter the cache).
 
         Returns the number of tokens found in the prefix cache (already computed),
         or None if the pool lacks free blocks (nothing is changed then).
         """
         if seq_id in self.tables:
             raise RuntimeError(f"sequence {seq_id!r} already holds blocks")
-        hits = self.cached_prefix(token_ids)
+        hits = self.cached_prefix(token_ids) if use_cache else []
         num_cached = len(hits) * self.block_size
         fresh = self.blocks_needed(max(num_tokens, num_cached)) - len(hits)
         # cached blocks that sit idle in the free queue cannot also be counted as free

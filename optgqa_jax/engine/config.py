@@ -25,6 +25,15 @@ class SamplingParams:
         through the prefix cache (admitted together, the first computes them; the last,
         partial block is recomputed by each sample); sample i draws from its own seed,
         derived from (seed, i). Greedy decoding gives n identical samples.
+      logprobs: None, or k >= 0: return, for every generated token, its log-probability and
+        those of the k most likely tokens at that position (``Completion.logprobs``).
+      prompt_logprobs: None, or k >= 0: the same for every prompt token after the first
+        (``Completion.prompt_logprobs``). Such a request does not use the prefix cache (cached
+        tokens are not recomputed, so their log-probabilities would be missing), as in vLLM.
+
+    Log-probabilities are those of the model's own distribution, ``log_softmax(logits)`` in
+    float32, whatever temperature, top_k and top_p do to the sampling (vLLM's default); the
+    sampled token's entry is always present, even when it is not among the top k.
     """
 
     temperature: float = 1.0
@@ -35,6 +44,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     n: int = 1
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if not (np.isfinite(self.temperature) and self.temperature >= 0):
@@ -52,6 +63,12 @@ class SamplingParams:
             raise ValueError(f"seed must be None or an integer in [0, 2**32), got {self.seed!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1 (samples per prompt), got {self.n!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                                  or v < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0 (top alternatives per "
+                                 f"token), got {v!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
@@ -94,6 +111,9 @@ class EngineConfig:
       seed: seeds the per-request seeds of requests that give none.
       seq_buckets: sequence counts that decode steps are padded to (ascending);
         None: powers of two up to max_num_seqs.
+      max_logprobs: the largest ``logprobs`` / ``prompt_logprobs`` a request may ask for
+        (the static width of the top-k the step computes when any request asks; such steps
+        are separate programs, compiled on first use).
       token_buckets: token counts that mixed (prefill) steps are padded to;
         None: powers of two from 16 up to max_num_batched_tokens. Fewer buckets
         mean fewer compiled programs and more padding.
@@ -114,6 +134,7 @@ class EngineConfig:
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None
+    max_logprobs: int = 20
 
     def __post_init__(self):
         p = self.page_size
@@ -125,6 +146,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or a positive integer, got {v!r}")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs,
+                                                                 (int, np.integer)) \
+                or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:

@@ -55,6 +55,11 @@ class Completion:
       num_cached_tokens: prompt tokens served from the prefix cache.
       num_preemptions: times the request was preempted and recomputed.
       index: the sample's index (0 .. n-1) for ``SamplingParams(n=...)``.
+      logprobs: with ``SamplingParams(logprobs=k)``, per generated token a dict
+        ``{token id: log-probability}`` holding the sampled token and the k most likely ones.
+      prompt_logprobs: with ``SamplingParams(prompt_logprobs=k)``, per prompt token such a
+        dict for the token itself and the k most likely at its position (None for the first
+        token, which nothing predicts).
       samples: with n > 1, the n sample completions in index order (the fields above are
         sample 0's, except ttft, the earliest, and latency, the latest); None for n == 1.
     """
@@ -70,6 +75,8 @@ class Completion:
     num_preemptions: int
     index: int = 0
     samples: Optional[list["Completion"]] = None
+    logprobs: Optional[list[dict[int, float]]] = None
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
 
 
 @dataclasses.dataclass
@@ -133,6 +140,8 @@ class _InFlight:
     decode_only: bool
     context_tokens: int
     launched: float  # host clock at dispatch
+    extras: Optional[dict] = None  # log-probability outputs of the step (runner._step)
+    token_pos: Optional[np.ndarray] = None  # positions of the packed tokens (prompt logprobs)
 
 
 def _device_free_bytes() -> Optional[int]:
@@ -174,7 +183,8 @@ class Engine:
                                   max_model_len=self.max_model_len, impl=config.attention_impl,
                                   seq_buckets=config.seq_buckets,
                                   token_buckets=config.token_buckets,
-                                  compiler_options=config.xla_compiler_options)
+                                  compiler_options=config.xla_compiler_options,
+                                  max_logprobs=config.max_logprobs)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._steps = 0
@@ -220,6 +230,11 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        for field in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, field)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name}: SamplingParams.{field}={k} exceeds "
+                                 f"EngineConfig.max_logprobs={self.config.max_logprobs}")
         ids = self._to_ids(prompt, name)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"{name} of {len(ids)} tokens leaves no room to generate within "
@@ -330,10 +345,15 @@ class Engine:
         if after is not None:
             from_prev = {s.request.request_id: row for row, s in enumerate(after.scheduled)}
         inputs, decode_only, size = self.runner.build(scheduled, self.kv.tables, from_prev)
+        logprobs = any(s.request.params.logprobs is not None for s in scheduled)
+        prompt_lp = any(s.request.params.prompt_logprobs is not None
+                        and s.start < len(s.request.prompt_ids) for s in scheduled)
         t0 = time.perf_counter()
-        tokens = self.runner.dispatch(inputs, decode_only, size,
-                                      after.tokens if after is not None else None)
-        return _InFlight(scheduled, tokens, decode_only, int(inputs.context_lens.sum()), t0)
+        tokens, extras = self.runner.dispatch(inputs, decode_only, size,
+                                              after.tokens if after is not None else None,
+                                              logprobs=logprobs, prompt_logprobs=prompt_lp)
+        return _InFlight(scheduled, tokens, decode_only, int(inputs.context_lens.sum()), t0,
+                         extras, inputs.positions if prompt_lp else None)
 
     def _complete(self, step: _InFlight) -> list[Completion]:
         """Wait for a launched step's tokens and apply them."""
@@ -345,8 +365,42 @@ class Engine:
                 step.context_tokens, done - max(step.launched, self._last_done)))
         self._last_done = done
         self._steps += 1
+        if step.extras is not None:
+            self._record_logprobs(step, sampled)
         finished = self.scheduler.update(step.scheduled, sampled[:len(step.scheduled)].tolist())
         return [c for c in (self._completion(r) for r in finished) if c is not None]
+
+    def _record_logprobs(self, step: _InFlight, sampled: np.ndarray) -> None:
+        """Attach a step's log-probabilities to its requests (before ``Scheduler.update``
+        appends the sampled tokens, with the same rule for which rows produce a token)."""
+        def entry(token, lp, ids, lps, k):
+            d = {int(i): float(v) for i, v in zip(ids[:k], lps[:k])}
+            d[int(token)] = float(lp)
+            return d
+
+        lp, ids, lps = (np.asarray(a) for a in step.extras["sample"])
+        for row, item in enumerate(step.scheduled):
+            req = item.request
+            k = req.params.logprobs
+            if (k is not None and req.status is Status.RUNNING
+                    and item.start + item.num_new >= req.num_tokens):
+                req.logprobs.append(entry(sampled[row], lp[row], ids[row], lps[row], k))
+        if "prompt" not in step.extras:
+            return
+        plp, pids, plps = (np.asarray(a) for a in step.extras["prompt"])
+        t = 0
+        for item in step.scheduled:
+            req, k = item.request, item.request.params.prompt_logprobs
+            if k is not None and req.status is Status.RUNNING:
+                n_prompt = len(req.prompt_ids)
+                if req.prompt_logprobs is None:
+                    req.prompt_logprobs = [None] * n_prompt
+                for i in range(t, t + item.num_new):
+                    nxt = int(step.token_pos[i]) + 1
+                    if nxt < n_prompt:  # this token's logits predict prompt token `nxt`
+                        req.prompt_logprobs[nxt] = entry(req.prompt_ids[nxt], plp[i], pids[i],
+                                                         plps[i], k)
+            t += item.num_new
 
     def _speculate(self, current: _InFlight) -> Optional[list]:
         """The decode step that follows `current`, if it can be chosen before its tokens are read.
@@ -397,7 +451,10 @@ class Engine:
         c = Completion(parent or req.request_id, req.prompt_ids, list(req.output_ids), text,
                        req.finish_reason, ttft, req.finish_time - req.arrival_time,
                        req.num_cached_tokens or 0, req.num_preemptions,
-                       index=getattr(req, "index", 0))
+                       index=getattr(req, "index", 0),
+                       logprobs=(None if req.params.logprobs is None
+                                 else list(req.logprobs[:len(req.output_ids)])),
+                       prompt_logprobs=req.prompt_logprobs)
         if parent is None or not grouped:
             return c
         group = self._groups[parent]

@@ -78,6 +78,8 @@ class StepInputs(NamedTuple):
     sample_pos: np.ndarray    # int32 [B] position of the token being sampled
     token_src: np.ndarray     # int32 [T] -1: the id is in `tokens`; i >= 0: it is row i of the
     #                           previous step's sampled tokens, still on the device
+    next_ids: np.ndarray      # int32 [T] the prompt id after each token (-1: none or not asked);
+    #                           read only by steps that return prompt log-probabilities
 
 
 def pack_inputs(inputs: StepInputs) -> tuple[np.ndarray, tuple]:
@@ -138,32 +140,59 @@ def parse_xla_options(items: Sequence[str]) -> dict:
 
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
-                 stochastic: bool):
+                 stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False):
     """The jitted step: unpack the inputs, take ids still on the device from `prev_tokens`
-    (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R]."""
+    (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R],
+    with the log-probability outputs (or None) of :func:`_step`."""
     inputs = unpack_inputs(buf, layout)
     src = inputs.token_src
     tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], inputs.tokens)
-    next_tokens, pool = _step(cfg, params, pool, inputs._replace(tokens=tokens), impl=impl,
-                              max_q_len=max_q_len, decode_only=decode_only, stochastic=stochastic)
+    next_tokens, pool, extras = _step(cfg, params, pool, inputs._replace(tokens=tokens),
+                                      impl=impl, max_q_len=max_q_len, decode_only=decode_only,
+                                      stochastic=stochastic, logprobs_k=logprobs_k,
+                                      prompt_logprobs=prompt_logprobs)
     padded = jnp.zeros(prev_tokens.shape, jnp.int32).at[:next_tokens.shape[0]].set(next_tokens)
-    return padded, pool
+    return padded, pool, extras
+
+
+def _top(logp: jax.Array, ids: jax.Array, k: int):
+    """(log-probability of `ids` [R], top-k ids [R, k], their log-probabilities [R, k])."""
+    chosen = jnp.take_along_axis(logp, jnp.maximum(ids, 0)[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return chosen, top_ids.astype(jnp.int32), top_lp
 
 
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
-          decode_only: bool, stochastic: bool):
-    """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool)."""
+          decode_only: bool, stochastic: bool, logprobs_k: int = -1,
+          prompt_logprobs: bool = False):
+    """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool,
+    extras). ``logprobs_k >= 1`` adds the sampled tokens' log-probabilities and top-k
+    (``extras["sample"]``: [B], [B, k], [B, k]); ``prompt_logprobs`` computes the logits of
+    every packed token and adds, per token, the log-probability of ``next_ids`` and the top-k
+    (``extras["prompt"]``: [T], [T, k], [T, k]). Log-probabilities are
+    ``log_softmax(logits)`` in float32, before temperature or truncation."""
     batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
                        inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only)
     layers = [PagedLayerKV(pool.k[i], pool.v[i], batch) for i in range(cfg.n_layers)]
+    select = None if prompt_logprobs else inputs.select[None]
     logits, layers = Transformer(cfg, impl).apply(
         {"params": params}, inputs.tokens[None], inputs.positions[None], layers,
-        select=inputs.select[None])  # [1, B, V]
+        select=select)  # [1, B, V], or [1, T, V] for prompt log-probabilities
+    all_logits = logits[0]
+    if prompt_logprobs:
+        logits = all_logits[inputs.select][None]                          # [1, B, V]
     keys = row_keys(inputs.seeds, inputs.sample_pos)
     next_tokens = sample(logits[0], keys, inputs.temperature, inputs.top_k, inputs.top_p,
                          stochastic=stochastic)
     new_pool = KVPool(tuple(l.k_pages for l in layers), tuple(l.v_pages for l in layers))
-    return next_tokens, new_pool
+    extras = None
+    if logprobs_k >= 1:
+        extras = {"sample": _top(jax.nn.log_softmax(logits[0].astype(jnp.float32)),
+                                 next_tokens, logprobs_k)}
+        if prompt_logprobs:
+            extras["prompt"] = _top(jax.nn.log_softmax(all_logits.astype(jnp.float32)),
+                                    inputs.next_ids, logprobs_k)
+    return next_tokens, new_pool, extras
 
 
 class ModelRunner:
@@ -175,8 +204,10 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
-                 seq_buckets=None, token_buckets=None, compiler_options=None):
+                 seq_buckets=None, token_buckets=None, compiler_options=None,
+                 max_logprobs: int = 20):
         self.cfg, self.params, self.impl = cfg, params, impl
+        self.logprobs_k = max(1, min(max_logprobs, cfg.vocab_size))  # static top-k width
         if compiler_options is None:
             compiler_options = default_compiler_options(kernel_backend())
         self.compiler_options = dict(compiler_options)
@@ -184,7 +215,7 @@ class ModelRunner:
         # pool is donated
         self.step_fn = jax.jit(_packed_step, donate_argnames=("pool",),
                                static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
-                                                "stochastic"),
+                                                "stochastic", "logprobs_k", "prompt_logprobs"),
                                compiler_options=self.compiler_options or None)
         self.num_pages, self.page_size = num_pages, page_size
         self.max_num_seqs = max_num_seqs
@@ -224,7 +255,7 @@ class ModelRunner:
             select=np.zeros(B, np.int32), temperature=np.zeros(B, np.float32),
             top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
             seeds=np.zeros(B, np.uint32), sample_pos=np.zeros(B, np.int32),
-            token_src=np.full(T, -1, np.int32))
+            token_src=np.full(T, -1, np.int32), next_ids=np.full(T, -1, np.int32))
 
     def build(self, scheduled: Sequence[Scheduled], tables: dict,
               from_prev: Optional[dict] = None) -> tuple[StepInputs, bool, int]:
@@ -258,6 +289,12 @@ class ModelRunner:
             else:
                 x.tokens[t:t + s.num_new] = req.all_ids[s.start:s.start + s.num_new]
             x.positions[t:t + s.num_new] = pos
+            if req.params.prompt_logprobs is not None:  # the prompt id each token predicts
+                n_prompt = len(req.prompt_ids)
+                nxt = pos + 1
+                inside = nxt < n_prompt
+                x.next_ids[t:t + s.num_new][inside] = np.asarray(req.prompt_ids,
+                                                                 np.int32)[nxt[inside]]
             x.slot_mapping[t:t + s.num_new] = table[pos // Z] * Z + pos % Z
             x.token_seq[t:t + s.num_new] = b
             x.block_tables[b, :len(table)] = table
@@ -306,26 +343,33 @@ class ModelRunner:
         is a program without the vocabulary sort and without a device-side branch."""
         return bool(np.any(inputs.temperature > 0))
 
-    def _args(self, inputs: StepInputs, decode_only: bool, size: int, prev_tokens=None):
+    def _args(self, inputs: StepInputs, decode_only: bool, size: int, prev_tokens=None,
+              logprobs: bool = False, prompt_logprobs: bool = False):
         buf, layout = pack_inputs(inputs)
         prev = self._no_prev if prev_tokens is None else prev_tokens
         return ((self.cfg, self.params, self.pool, jax.device_put(buf), prev),
                 dict(layout=layout, impl=self.impl, max_q_len=1 if decode_only else size,
-                     decode_only=decode_only, stochastic=self._stochastic(inputs)))
+                     decode_only=decode_only, stochastic=self._stochastic(inputs),
+                     logprobs_k=self.logprobs_k if logprobs or prompt_logprobs else -1,
+                     prompt_logprobs=prompt_logprobs))
 
     def dispatch(self, inputs: StepInputs, decode_only: bool, size: int,
-                 prev_tokens: Optional[jax.Array] = None) -> jax.Array:
+                 prev_tokens: Optional[jax.Array] = None, *, logprobs: bool = False,
+                 prompt_logprobs: bool = False) -> tuple[jax.Array, Optional[dict]]:
         """Launch one step (asynchronously); returns its sampled tokens on the device, one per
-        row, padded to [max_rows]. ``prev_tokens`` is the previous step's such array (the
-        source of ``inputs.token_src``)."""
-        self.signatures.add((decode_only, size, self._stochastic(inputs)))
-        args, kwargs = self._args(inputs, decode_only, size, prev_tokens)
-        tokens, self.pool = self.step_fn(*args, **kwargs)
-        return tokens
+        row, padded to [max_rows], and its log-probability outputs (None unless `logprobs` or
+        `prompt_logprobs`; see :func:`_step`). ``prev_tokens`` is the previous step's token
+        array (the source of ``inputs.token_src``)."""
+        self.signatures.add((decode_only, size, self._stochastic(inputs), logprobs,
+                             prompt_logprobs))
+        args, kwargs = self._args(inputs, decode_only, size, prev_tokens, logprobs,
+                                  prompt_logprobs)
+        tokens, self.pool, extras = self.step_fn(*args, **kwargs)
+        return tokens, extras
 
     def run(self, inputs: StepInputs, decode_only: bool, size: int) -> np.ndarray:
         """Run one step and wait for its sampled tokens (host int32 [B])."""
-        return np.asarray(self.dispatch(inputs, decode_only, size))
+        return np.asarray(self.dispatch(inputs, decode_only, size)[0])
 
     def lower(self, inputs: StepInputs, decode_only: bool, size: int):
         """The step's ``jax.stages.Lowered`` for these inputs (to read its HLO)."""

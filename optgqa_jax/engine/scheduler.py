@@ -59,6 +59,8 @@ class Request:
     num_preemptions: int = 0
     parent: Optional[str] = None  # the request id of an n > 1 request this sample belongs to
     index: int = 0  # the sample's index
+    logprobs: list = dataclasses.field(default_factory=list)  # per generated token (if asked)
+    prompt_logprobs: Optional[list] = None  # per prompt token (if asked)
 
     @property
     def all_ids(self) -> list[int]:
@@ -137,9 +139,11 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0]
             ids = req.all_ids
-            cached = len(self.kv.cached_prefix(ids)) * self.kv.block_size
+            # prompt log-probabilities need every prompt token computed: no prefix cache
+            use_cache = req.params.prompt_logprobs is None
+            cached = len(self.kv.cached_prefix(ids)) * self.kv.block_size if use_cache else 0
             num_new = min(len(ids) - cached, budget)
-            got = self.kv.admit(req.request_id, ids, cached + num_new)
+            got = self.kv.admit(req.request_id, ids, cached + num_new, use_cache=use_cache)
             if got is None:
                 break  # not enough free blocks: wait for running requests to finish
             self.waiting.popleft()
