@@ -23,9 +23,10 @@ groups, ``block_k`` dividing the group size) it multiplies x by the integers ``q
 in bfloat16/float16) and scales the [block_m, block_n] partial product by the group's scales;
 otherwise each row's scale and zero are gathered and the weight is dequantized in float32 and
 cast to x's dtype. Accumulation is float32. With ``split_k > 1`` each split writes a float32
-partial [M, N] and the wrapper adds them (more programs for small M and N). Every load and
-store is masked, so M, N and K need not be multiples of the blocks and the weights are never
-padded or copied. 2, 4 and 8 bits (whole codes per word); 3-bit codes straddle words and are
+partial [M, N] and the wrapper adds them (more programs for small M and N). Every load is
+masked (with clamped addresses), so M, N and K need not be multiples of the blocks and the
+weights are never padded or copied; the output is allocated in whole tiles and sliced when M
+or N is ragged. 2, 4 and 8 bits (whole codes per word); 3-bit codes straddle words and are
 refused with an error (use ``optgqa_jax.quant.matmul``, which dequantizes).
 
 Axis legend: M rows of x (tokens), K input features (D_in), N output features (D_out),
@@ -116,16 +117,20 @@ def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_sp
 
     def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, o_ref):
         pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        rows_m = pid_m * block_m + jnp.arange(block_m)           # [bm] rows of x
-        cols = pid_n * block_n + jnp.arange(block_n)             # [bn] output columns
-        m_ok, n_ok = rows_m < M, cols < N
+        rows_out = pid_m * block_m + jnp.arange(block_m)         # [bm] rows of x and y
+        cols_out = pid_n * block_n + jnp.arange(block_n)         # [bn] output columns
+        m_ok, n_ok = rows_out < M, cols_out < N
+        # Loads index with clamped rows/columns: the masked lanes never use what they read,
+        # and every address stays inside its array (interpret mode reads unchecked).
+        rows_m, cols = jnp.minimum(rows_out, M - 1), jnp.minimum(cols_out, N - 1)
         k_begin = pid_s * k_per_split
         k_end = jnp.minimum(k_begin + k_per_split, K)
         steps = C.cdiv(k_end - k_begin, block_k)
 
         def body(i, acc):
-            ks = k_begin + i * block_k + jnp.arange(block_k)     # [bk] input rows
-            k_ok = ks < k_end
+            ks_all = k_begin + i * block_k + jnp.arange(block_k)  # [bk] input rows
+            k_ok = ks_all < k_end
+            ks = jnp.minimum(ks_all, K - 1)
             xm = m_ok[:, None] & k_ok[None, :]
             x = plgpu.load(x_ref.at[jnp.broadcast_to(rows_m[:, None], (block_m, block_k)),
                                     jnp.broadcast_to(ks[None, :], (block_m, block_k))],
@@ -154,13 +159,13 @@ def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_sp
             return acc + C.dot(x, w)
 
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
-        om = m_ok[:, None] & n_ok[None, :]
-        r2 = jnp.broadcast_to(rows_m[:, None], (block_m, block_n))
-        c2 = jnp.broadcast_to(cols[None, :], (block_m, block_n))
+        # The output is padded to whole tiles: every store is in bounds and unmasked.
+        r2 = jnp.broadcast_to(rows_out[:, None], (block_m, block_n))
+        c2 = jnp.broadcast_to(cols_out[None, :], (block_m, block_n))
         if split:
-            plgpu.store(o_ref.at[jnp.full((block_m, block_n), pid_s), r2, c2], acc, mask=om)
+            plgpu.store(o_ref.at[jnp.full((block_m, block_n), pid_s), r2, c2], acc)
         else:
-            plgpu.store(o_ref.at[r2, c2], acc.astype(o_ref.dtype), mask=om)
+            plgpu.store(o_ref.at[r2, c2], acc.astype(o_ref.dtype))
 
     return kernel
 
@@ -182,8 +187,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
                           block_k=block_k, use_gidx=use_gidx, split=split)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
-    out_shape = (jax.ShapeDtypeStruct((split_k, M, N), jnp.float32) if split
-                 else jax.ShapeDtypeStruct((M, N), x.dtype))
+    Mp, Np = C.cdiv(M, block_m) * block_m, C.cdiv(N, block_n) * block_n   # whole tiles
+    out_shape = (jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32) if split
+                 else jax.ShapeDtypeStruct((Mp, Np), x.dtype))
     out = pl.pallas_call(
         kernel,
         grid=(C.cdiv(M, block_m), C.cdiv(N, block_n), split_k),
@@ -195,7 +201,8 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                                              num_stages=config.num_stages),
         name=f"optgqa_quant_matmul_w{bits}",
     )(x, qweight, scales, zeros, g_idx)
-    return out.sum(axis=0).astype(x.dtype) if split else out
+    out = out.sum(axis=0).astype(x.dtype) if split else out
+    return out if (Mp, Np) == (M, N) else out[:M, :N]
 
 
 def check_quant_inputs(x, qweight, scales, zeros, g_idx, bits: int, group_size: int,

@@ -198,3 +198,27 @@ def test_bad_logprob_requests_are_refused(tiny):
         og.SamplingParams(prompt_logprobs=-1)
     with pytest.raises(ValueError, match="max_logprobs"):
         og.EngineConfig(max_logprobs=-2)
+
+
+@pytest.mark.parametrize("async_scheduling", MODES)
+def test_samples_and_abort_under_preemption(tiny, async_scheduling):
+    """n > 1 with a pool small enough to preempt: every sample equals its single run, and an
+    abort in the middle leaves the others' outputs unchanged."""
+    cfg, params, prompts = tiny
+    greedy = og.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, n=2)
+    want = [og.generate_simple(cfg, params, p, 8) for p in prompts[:4]]
+    eng = _engine(tiny, async_scheduling=async_scheduling, num_pages=11)
+    rids = [eng.add_request(p, greedy) for p in prompts[:4]]
+    for _ in range(4):
+        eng.step()
+    a = eng.abort(rids[1])
+    assert a is not None and a.finish_reason == "abort" and len(a.samples) == 2
+    done = {}
+    while eng.has_unfinished():
+        for c in eng.step():
+            done[c.request_id] = c
+    eng.drain()
+    assert eng.stats.preemptions > 0 and eng.stats.pages_used == 0
+    assert set(done) == {rids[0], rids[2], rids[3]}
+    for k in (0, 2, 3):
+        assert [s.token_ids for s in done[rids[k]].samples] == [want[k], want[k]]
