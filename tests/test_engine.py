@@ -213,6 +213,7 @@ def test_step_inputs_pack_into_one_buffer_and_back():
         top_k=rng.integers(0, 50, B).astype(np.int32), top_p=rng.uniform(0.1, 1, B).astype(np.float32),
         seeds=rng.integers(2**31, 2**32, B, dtype=np.uint64).astype(np.uint32),
         sample_pos=rng.integers(1, 9, B).astype(np.int32),
+        next_ids=rng.integers(-1, 9, T).astype(np.int32),
         token_src=rng.integers(-1, B, T).astype(np.int32))
     buf, layout = pack_inputs(x)
     assert buf.dtype == np.int32 and buf.ndim == 1

@@ -205,11 +205,11 @@ def test_samples_and_abort_under_preemption(tiny, async_scheduling):
     """n > 1 with a pool small enough to preempt: every sample equals its single run, and an
     abort in the middle leaves the others' outputs unchanged."""
     cfg, params, prompts = tiny
-    greedy = og.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, n=2)
-    want = [og.generate_simple(cfg, params, p, 8) for p in prompts[:4]]
-    eng = _engine(tiny, async_scheduling=async_scheduling, num_pages=11)
+    greedy = og.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, n=2)
+    want = [og.generate_simple(cfg, params, p, 16) for p in prompts[:4]]
+    eng = _engine(tiny, async_scheduling=async_scheduling, num_pages=9, max_num_seqs=8)
     rids = [eng.add_request(p, greedy) for p in prompts[:4]]
-    for _ in range(4):
+    for _ in range(3):
         eng.step()
     a = eng.abort(rids[1])
     assert a is not None and a.finish_reason == "abort" and len(a.samples) == 2
