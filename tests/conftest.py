@@ -8,6 +8,25 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module.
+
+    Every XLA CPU executable keeps a few memory mappings; the whole suite compiles thousands
+    of programs (interpret-mode kernels above all), and without this the process crossed
+    Linux's limit of 65,530 mappings (vm.max_map_count) and crashed with a segmentation fault
+    inside XLA after ~500 tests. Module-scoped fixtures that hold arrays keep working: only
+    compiled programs and tracing caches are dropped.
+    """
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def rng(request):
     """A numpy Generator seeded from the test's name (fresh per test, reproducible on rerun)."""
