@@ -38,24 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from optgqa_jax.benchmark import copy_bandwidths, source_commit as commit  # noqa: E402  (the ceiling: best method, best of 5)
+from optgqa_jax.benchmark import copy_bandwidths, source_commit as commit, timeit  # noqa: E402  (the ceiling: best method, best of 5)
 from pallas_kernels import (FlashAttentionConfig, PagedAttentionConfig, alibi_slopes,  # noqa: E402
                             compiler_options, flash_attention, paged_attention,
                             paged_attention_reference)
-
-
-def timeit(fn, *args, iters=20, trials=5):
-    """Median seconds per call over `trials` batches of `iters` calls (after warm-up)."""
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return float(np.median(times))
 
 
 def _log(row, t0) -> None:

@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
+from optgqa_jax.benchmark import timeit  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
@@ -55,19 +55,6 @@ SHAPES = {"qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096),
           "gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096)}
 ROWS = (1, 16, 64, 256, 2048)
 FORMATS = ("w4g128", "w4", "w8g128", "w8")
-
-
-def timeit(fn, *args, iters: int = 20, trials: int = 5) -> float:
-    """Median seconds per call over `trials` batches of `iters` calls (after a warm-up call)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return float(np.median(times))
 
 
 def io_bytes(M: int, K: int, N: int, ql=None) -> int:

@@ -147,6 +147,22 @@ def copy_bandwidths(nbytes: int = 2 << 30) -> dict:
     return out
 
 
+def timeit(fn, *args, iters: int = 20, trials: int = 5) -> float:
+    """Median seconds per call of ``fn(*args)`` over `trials` batches of `iters` calls, after
+    a warm-up call (compilation); waits for the device at the end of each batch."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """The memory ceiling in bytes/s: the best of :func:`copy_bandwidths`."""
     return max(copy_bandwidths(nbytes).values())

@@ -473,14 +473,8 @@ class Engine:
                                    ttft=min(ttfts) if ttfts else None,
                                    latency=max(c.latency for c in samples))
 
-    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
-                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 progress: Optional[bool] = None) -> list[Completion]:
-        """Generate for a batch of prompts (strings with a tokenizer, or token-id lists).
-
-        All prompts are validated before any is queued. Returns completions in
-        prompt order. `progress` shows a tqdm bar (default: for more than 8 prompts).
-        """
+    def _submit(self, prompts, params) -> list[str]:
+        """Validate every prompt (and its params), then queue them all; returns their ids."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
@@ -489,10 +483,20 @@ class Engine:
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         prepared = [self._prepare(p, sp, f"prompts[{i}]")
                     for i, (p, sp) in enumerate(zip(prompts, params))]
-        ids = [self._enqueue(i, sp, None) for i, sp in prepared]
+        return [self._enqueue(i, sp, None) for i, sp in prepared]
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 progress: Optional[bool] = None) -> list[Completion]:
+        """Generate for a batch of prompts (strings with a tokenizer, or token-id lists).
+
+        All prompts are validated before any is queued. Returns completions in
+        prompt order. `progress` shows a tqdm bar (default: for more than 8 prompts).
+        """
+        ids = self._submit(prompts, params)
         results: dict[str, Completion] = {}
         wanted = set(ids)
-        show = progress if progress is not None else len(prompts) > 8
+        show = progress if progress is not None else len(ids) > 8
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not show) as bar:
             while len(results) < len(ids):
                 for c in self.step():
@@ -517,15 +521,7 @@ class Engine:
         asynchronous scheduling, tokens arrive one step after they are sampled. Calling
         :meth:`abort` on a streamed request ends its samples (``finished``, reason "abort").
         """
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
-            prompts = [prompts]
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        prepared = [self._prepare(p, sp, f"prompts[{i}]")
-                    for i, (p, sp) in enumerate(zip(prompts, params))]
-        ids = [self._enqueue(i, sp, None) for i, sp in prepared]
+        ids = self._submit(prompts, params)
         samples = []  # (request id, prompt index, Request) of every sample
         for k, rid in enumerate(ids):
             reqs = self._groups[rid]["children"] if rid in self._groups else [self._requests[rid]]
