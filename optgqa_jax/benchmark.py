@@ -9,7 +9,10 @@ and peak use, and the decode steps' model-bandwidth utilisation (MBU: weight
 bytes plus K/V bytes read per step, divided by the step time and by the
 device-to-device copy bandwidth measured in the same process). The table gives
 the mean over decode steps; the JSON also has ``decode_mbu_total``, all decode
-steps' bytes over their summed time.
+steps' bytes over their summed time. Both count the whole parameter set, embedding table
+included; ``decode_mbu_gathered`` and ``decode_mbu_total_gathered`` count only the embedding
+rows a decode step looks up (one per sequence) when the embeddings are untied (tied, the LM
+head reads the whole table anyway).
 
 Each run (our engine on a model, or Hugging Face transformers ``generate`` as
 the baseline) happens in its own subprocess, so peak memory is per run. Used
@@ -233,6 +236,15 @@ def run_engine(bc: BenchConfig) -> dict:
     mbu = [b / s.seconds / ceiling for b, s in zip(step_bytes, decode)]
     # all decode steps together: robust to jitter in where one step's time ends and the next begins
     mbu_total = sum(step_bytes) / sum(s.seconds for s in decode) / ceiling if decode else None
+    # the same with only the looked-up embedding rows (untied: the table is read by no matmul)
+    table = params["embed"]["embedding"]                    # [V, D]
+    skipped = 0 if cfg.tie_embeddings else table.size * table.dtype.itemsize
+    row = table.shape[1] * table.dtype.itemsize
+    gathered = [b - skipped + (s.num_seqs * row if skipped else 0)
+                for b, s in zip(step_bytes, decode)]
+    mbu_gathered = [b / s.seconds / ceiling for b, s in zip(gathered, decode)]
+    mbu_total_gathered = (sum(gathered) / sum(s.seconds for s in decode) / ceiling
+                          if decode else None)
     mem = jax.devices()[0].memory_stats() or {}
     tpot = [(o.latency - o.ttft) / (len(o.token_ids) - 1) for o in outs if len(o.token_ids) > 1]
     return dict(
@@ -251,6 +263,8 @@ def run_engine(bc: BenchConfig) -> dict:
         kv_peak_bytes_used=engine.peak_pages_used * page_bytes(cfg, bc.page_size),
         copy_bandwidth_bytes_per_s=ceiling, decode_steps=len(decode),
         decode_mbu=_percentiles(mbu) if mbu else None, decode_mbu_total=mbu_total,
+        decode_mbu_gathered=_percentiles(mbu_gathered) if mbu_gathered else None,
+        decode_mbu_total_gathered=mbu_total_gathered,
         decode_step_ms=_percentiles([s.seconds * 1e3 for s in decode]) if decode else None,
         steps=engine.stats.steps, preemptions=engine.stats.preemptions,
         compiles_warmup=compiles_before, compiles_during_run=engine.stats.compiles - compiles_before,
@@ -324,14 +338,17 @@ def markdown(meta: dict, runs: list[dict]) -> str:
     lines = ["# Engine benchmark", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += ["| run | heads (q/kv) | req/s | total tok/s | output tok/s | mean latency s | "
               "p99 latency s | mean TTFT s | mean TPOT ms | peak mem GiB | KV pool GiB | "
-              "decode MBU | compiles in run |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "decode MBU | decode MBU (gathered rows) | compiles in run |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "| --- |"]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['impl']} {r['model']} | fails: {r['error'][-150:]!r} |" + " |" * 11)
+            lines.append(f"| {r['impl']} {r['model']} | fails: {r['error'][-150:]!r} |" + " |" * 12)
             continue
         mbu = r.get("decode_mbu")
         mbu_text = f"{100 * mbu['mean']:.0f}%" if mbu else "—"
+        mbu_g = r.get("decode_mbu_gathered")
+        mbu_g_text = f"{100 * mbu_g['mean']:.0f}%" if mbu_g else "—"
         lines.append(
             f"| {r['impl']} {r['model']} ({r['num_requests']} req) | {r['n_heads']}/{r['n_kv_heads']} | "
             f"{r['requests_per_s']:.2f} | {r['total_tokens_per_s']:,.0f} | "
@@ -341,7 +358,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"{_fmt(r.get('tpot_s', {}).get('mean'), 1e3, 1)} | "
             f"{r['peak_memory_bytes'] / 2**30:.1f} | "
             f"{_fmt(r.get('kv_pool_bytes'), 2**-30, 1)} | "
-            f"{mbu_text} | "
+            f"{mbu_text} | {mbu_g_text} | "
             f"{r.get('compiles_during_run', '—')} |")
     gqa = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r
                 and r["n_kv_heads"] < r["n_heads"]), None)
