@@ -11,10 +11,13 @@ then for the Llama-3-8B linear shapes (fused q/k/v 4096×6144, o 4096×4096, fus
   plus the bfloat16 product: the two timed separately and added;
 * ``ours``: ``pallas_kernels.quant_matmul`` at 4 and 8 bits, groups of 128 and per channel.
 
-Each row: µs (median of 5 batches of 20 calls), GB/s of the bytes it must read (packed codes,
-scales, zeros, x) and write (y), % of the copy ceiling, speed-up over ``bf16``, and the
-relative error against ``x @ dequantize(ql)`` in float32. ``--sweep`` also times a grid of
-kernel tiles at M = 1, 16 and 64 and reports the best.
+Each row: µs per product, GB/s of the bytes it must read (packed codes, scales, zeros, x) and
+write (y), % of the copy ceiling, speed-up over ``bf16``, and the relative error against
+``x @ dequantize(ql)`` in float32. Timing: one jitted program calls the product on several
+independent (x, weight) pairs whose weights add up to 256 MiB (``timeit_rotating``: no L2 reuse
+between calls, as between a model's layers; Python's dispatch amortised), median of 5 batches.
+The tiles are those of ``QuantMatmulConfig.for_shape``; ``tune_quant.py`` is the search behind
+them.
 
 Part ``engine`` (one subprocess per run, as ``optgqa bench``): the Llama-3-8B shape with random
 weights in bfloat16, W4 g128 and W8 (per channel): batch-1 decode (one request, 256 prompt +
@@ -24,7 +27,7 @@ fused projections); peak memory and parameter bytes of each.
 
 Usage::
 
-    python experiments/bench_quant.py [--only kernels|engine] [--quick] [--sweep]
+    python experiments/bench_quant.py [--only kernels|engine] [--quick]
         [--out experiments/results/quant]
 
 Writes ``bench_quant.{json,md}`` and ``bench_quant.png`` (kernel speed-up over bfloat16 against
@@ -46,7 +49,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
-from optgqa_jax.benchmark import timeit  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
@@ -64,15 +66,32 @@ def io_bytes(M: int, K: int, N: int, ql=None) -> int:
     return 2 * M * K + 2 * M * N + w
 
 
-def kernel_rows(ceiling: float, rows, sweep: bool, out: list, save) -> None:
+L2_ROTATION_BYTES = 256 << 20   # rotate over weight copies adding up to >= 4x the L2 cache
+
+
+def arg_sets(key, M, K, N, make_weight):
+    """Independent (x, weight) pairs whose weights add up to L2_ROTATION_BYTES (at least 2)."""
+    x0, w0 = jax.random.normal(key, (M, K)).astype(jnp.bfloat16), make_weight(key)
+    nbytes = sum(l.nbytes for l in jax.tree_util.tree_leaves(w0))
+    sets = [(x0, w0)]
+    for i in range(1, max(2, -(-L2_ROTATION_BYTES // nbytes))):
+        k = jax.random.fold_in(key, i)
+        sets.append((jax.random.normal(k, (M, K)).astype(jnp.bfloat16), make_weight(k)))
+    return sets
+
+
+def kernel_rows(ceiling: float, rows, out: list, save) -> None:
     opts = compiler_options()
+    T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     for (name, (K, N)), M in itertools.product(SHAPES.items(), rows):
         key = jax.random.PRNGKey(M * 7 + K)
-        x = (jax.random.normal(key, (M, K), jnp.float32)).astype(jnp.bfloat16)
-        w = (0.02 * jax.random.normal(jax.random.fold_in(key, 1), (K, N))).astype(jnp.bfloat16)
-        bf16 = jax.jit(lambda x, w: x @ w, compiler_options=opts)
-        t_bf16 = timeit(bf16, x, w)
-        base = dict(shape=name, M=M, K=K, N=N)
+        bf_sets = arg_sets(key, M, K, N, lambda k: (0.02 * jax.random.normal(
+            jax.random.fold_in(k, 1), (K, N))).astype(jnp.bfloat16))
+        bf16 = lambda x, w: x @ w
+        t_bf16 = T(bf16, bf_sets)
+        x = bf_sets[0][0]
+        base = dict(shape=name, M=M, K=K, N=N, copies_bf16=len(bf_sets))
+        del bf_sets
 
         def add(impl, fmt, t, nbytes, err=None, **extra):
             row = dict(base, impl=impl, format=fmt, us=t * 1e6, gb_per_s=nbytes / t / 1e9,
@@ -84,10 +103,11 @@ def kernel_rows(ceiling: float, rows, sweep: bool, out: list, save) -> None:
                   + ("" if err is None else f", rel err {err:.1e}"), flush=True)
 
         add("bf16", "bf16", t_bf16, io_bytes(M, K, N))
-        del w
         for fmt in FORMATS:
-            ql = quant.synthetic.random_quantized_linear(
-                jax.random.fold_in(key, 2), K, N, quant.parse_spec(fmt), "bfloat16")
+            qc = quant.parse_spec(fmt)
+            sets = arg_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
+                jax.random.fold_in(k, 2), K, N, qc, "bfloat16"))
+            x, ql = sets[0]
             want = jax.jit(lambda x, ql: jnp.dot(x.astype(jnp.float32),
                                                  quant.dequantize(ql, jnp.float32)))(x, ql)
             scale = float(jnp.abs(want).max())
@@ -99,52 +119,23 @@ def kernel_rows(ceiling: float, rows, sweep: bool, out: list, save) -> None:
                 return float(np.abs(y - np.asarray(want)).max() / scale)
 
             nbytes = io_bytes(M, K, N, ql)
-            xla = jax.jit(lambda x, ql: quant.matmul(x, ql, "dequantize"), compiler_options=opts)
-            add("xla-dequant", fmt, timeit(xla, x, ql), nbytes, err(xla(x, ql)))
+            xla = lambda x, ql: quant.matmul(x, ql, "dequantize")
+            add("xla-dequant", fmt, T(xla, sets), nbytes, err(jax.jit(xla)(x, ql)),
+                copies=len(sets))
             if M >= 256:
-                deq = jax.jit(lambda ql: quant.dequantize(ql, jnp.bfloat16),
-                              compiler_options=opts)
-                t_deq = timeit(deq, ql)
+                t_deq = T(lambda x, ql: quant.dequantize(ql, jnp.bfloat16), sets)
                 add("dequant-once", fmt, t_deq + t_bf16, nbytes, None,
-                    dequantize_us=t_deq * 1e6)
-            ours = jax.jit(lambda x, ql: quant.matmul(x, ql, "pallas"), compiler_options=opts)
+                    dequantize_us=t_deq * 1e6, copies=len(sets))
+            ours = lambda x, ql: quant.matmul(x, ql, "pallas")
             try:
-                add("ours", fmt, timeit(ours, x, ql), nbytes, err(ours(x, ql)),
-                    config=dataclasses.asdict(QuantMatmulConfig.for_shape(
+                add("ours", fmt, T(ours, sets), nbytes, err(jax.jit(ours)(x, ql)),
+                    copies=len(sets), config=dataclasses.asdict(QuantMatmulConfig.for_shape(
                         "cuda", M, K, N, ql.group_size)))
             except Exception as e:  # a failing config is a result, not the end of the run
                 out.append(dict(base, impl="ours", format=fmt, error=repr(e)[-400:]))
                 print(f"{name} M={M} ours {fmt}: FAILED {e!r}"[:300], flush=True)
-            if sweep and M <= 64 and fmt in ("w4g128", "w8"):
-                sweep_row(x, ql, nbytes, ceiling, t_bf16, base, fmt, out, opts)
+            del sets
             save()
-
-
-def sweep_row(x, ql, nbytes, ceiling, t_bf16, base, fmt, out, opts) -> None:
-    """Time a grid of tiles for one shape; record the best (and how many failed)."""
-    best, failed = None, 0
-    M = x.shape[0]
-    for bn, bk, split, warps, stages in itertools.product(
-            (32, 64, 128), (64, 128), (1, 2, 4, 8), (2, 4), (2, 3)):
-        cfg = QuantMatmulConfig(block_m=max(16, 1 << (M - 1).bit_length()), block_n=bn,
-                                block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
-        f = jax.jit(lambda x, q, s, z, cfg=cfg: quant_matmul(
-            x, q, s, z, bits=ql.bits, group_size=ql.group_size, config=cfg),
-            compiler_options=opts)
-        try:
-            t = timeit(f, x, ql.qweight, ql.scales, ql.zeros, iters=10, trials=3)
-        except Exception:
-            failed += 1
-            continue
-        if best is None or t < best[0]:
-            best = (t, cfg)
-    if best is not None:
-        t, cfg = best
-        out.append(dict(base, impl="ours (best tiles)", format=fmt, us=t * 1e6,
-                        gb_per_s=nbytes / t / 1e9, pct_ceiling=100 * nbytes / t / ceiling,
-                        speedup_vs_bf16=t_bf16 / t, config=dataclasses.asdict(cfg),
-                        sweep_failed=failed))
-        print(f"  best tiles {cfg}: {t * 1e6:.1f} us ({failed} configs failed)", flush=True)
 
 
 def engine_runs(out: list, save, requests: int) -> None:
@@ -232,7 +223,6 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=("kernels", "engine"), default=None)
     p.add_argument("--quick", action="store_true", help="M = 1, 16 and 2048 only")
-    p.add_argument("--sweep", action="store_true", help="also sweep kernel tiles at M <= 64")
     p.add_argument("--engine-requests", type=int, default=1000)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
@@ -251,7 +241,7 @@ def main(argv=None) -> None:
         plot(res, os.path.join(a.out, "bench_quant.png"))
 
     if a.only in (None, "kernels"):
-        kernel_rows(res["meta"]["ceiling"], (1, 16, 2048) if a.quick else ROWS, a.sweep,
+        kernel_rows(res["meta"]["ceiling"], (1, 16, 2048) if a.quick else ROWS,
                     res["kernels"], save)
     if a.only in (None, "engine"):
         engine_runs(res["engine"], save, a.engine_requests)

@@ -4,14 +4,14 @@
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
-# quant-kernels quant-engine
+# quant-tune quant-kernels quant-engine
 # (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-kernels quant-engine}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-kernels quant-engine}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -65,13 +65,15 @@ for step in $steps; do
           --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
           --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
       done ;;
-    quant-kernels)  # quantized matmul against bfloat16 and XLA, with a tile sweep
-      run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels --sweep \
+    quant-tune)  # the tile search behind QuantMatmulConfig.for_shape
+      run tune_quant 600 python experiments/tune_quant.py --out "$out/quant" ;;
+    quant-kernels)  # quantized matmul against bfloat16 and XLA
+      run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels \
         --out "$out/quant" ;;
     quant-engine)  # the engine on the Llama-3-8B shape: bfloat16, W4 g128, W8
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine 600 python \
         experiments/bench_quant.py --only engine --out "$out/quant_engine" ;;
     *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
-            "reference grouping mfu quant-kernels quant-engine)"; exit 2 ;;
+            "reference grouping mfu quant-tune quant-kernels quant-engine)"; exit 2 ;;
   esac
 done

@@ -166,6 +166,21 @@ def timeit(fn, *args, iters: int = 20, trials: int = 5) -> float:
     return float(np.median(times))
 
 
+def timeit_rotating(fn, arg_sets, iters: int = 5, trials: int = 5,
+                    compiler_options=None) -> float:
+    """Median seconds per call of ``fn`` over several independent argument sets, all called in
+    one jitted program (``len(arg_sets)`` calls per launch).
+
+    For kernels of a few microseconds: one launch amortises Python's dispatch over many calls,
+    and rotating over arguments whose bytes add up to several times the L2 cache makes every
+    call read its weights from memory, as consecutive layers of a model do.
+    """
+    import jax
+
+    many = jax.jit(lambda sets: [fn(*args) for args in sets], compiler_options=compiler_options)
+    return timeit(many, list(arg_sets), iters=iters, trials=trials) / len(arg_sets)
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """The memory ceiling in bytes/s: the best of :func:`copy_bandwidths`."""
     return max(copy_bandwidths(nbytes).values())

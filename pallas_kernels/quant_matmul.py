@@ -59,6 +59,11 @@ class QuantMatmulConfig:
       block_m, block_n, block_k: tile sizes along M, N and K.
       split_k: number of K splits (grid axis 2); partial sums are added outside the kernel.
       num_warps, num_stages: Triton launch parameters.
+      unpack: how a K tile's codes are unpacked. "split" loads each int32 word once and adds
+        P = 32 / bits products, one per shift, of the codes at that shift with x's matching
+        strided columns (needs ``block_k / P >= 16``; smaller tiles fall back to "gather");
+        "gather" reads row k's word for every row (each word P times, from the caches) and
+        makes one [block_k, block_n] tile in row order.
     """
 
     block_m: int = 16
@@ -67,6 +72,7 @@ class QuantMatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    unpack: str = "split"
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -101,11 +107,16 @@ class QuantMatmulConfig:
         C.validate_tuning(self, ("block_m", "block_n", "block_k"))
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
+        if self.unpack not in ("split", "gather"):
+            raise ValueError(f"unpack={self.unpack!r} must be 'split' or 'gather'")
 
 
 def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_split: int,
-                 block_m: int, block_n: int, block_k: int, use_gidx: bool, split: bool):
+                 block_m: int, block_n: int, block_k: int, use_gidx: bool, split: bool,
+                 unpack: str):
     P = 32 // bits
+    # "split" needs products at least 16 deep: block_k / P >= 16; smaller tiles gather.
+    split_words = unpack == "split" and block_k // P >= 16
     code_mask = (1 << bits) - 1
     gs = K if group_size == -1 else group_size
     # One group per K tile (contiguous groups that the tiles do not straddle): the tile's
@@ -127,37 +138,71 @@ def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_sp
         k_end = jnp.minimum(k_begin + k_per_split, K)
         steps = C.cdiv(k_end - k_begin, block_k)
 
-        def body(i, acc):
+        def load_x(ks_all):                                      # [bm, len(ks)] x columns
+            ks = jnp.minimum(ks_all, K - 1)
+            shape = (block_m, ks.shape[0])
+            return plgpu.load(x_ref.at[jnp.broadcast_to(rows_m[:, None], shape),
+                                       jnp.broadcast_to(ks[None, :], shape)],
+                              mask=m_ok[:, None] & (ks_all < k_end)[None, :], other=0)
+
+        def load_group(ref, g, ok):                              # [len(g), bn] scales/zeros
+            shape = (g.shape[0], block_n)
+            return plgpu.load(ref.at[jnp.broadcast_to(g[:, None], shape),
+                                     jnp.broadcast_to(cols[None, :], shape)],
+                              mask=ok[:, None] & n_ok[None, :], other=0)
+
+        def tile_group(i):       # the one group of K tile i (per_tile): [1, bn] scale, zero
+            group = jnp.zeros((1,), jnp.int32) + (
+                0 if group_size == -1 else (k_begin + i * block_k) // gs)
+            ok = jnp.ones((1,), jnp.bool_)
+            return (load_group(s_ref, group, ok).astype(jnp.float32),
+                    load_group(z_ref, group, ok).astype(jnp.int32))
+
+        def body_gather(i, acc):
+            # Row k's code is read from word k // P: each word is loaded once per code it
+            # holds (the caches serve the repeats), giving a [bk, bn] tile in row order.
             ks_all = k_begin + i * block_k + jnp.arange(block_k)  # [bk] input rows
             k_ok = ks_all < k_end
             ks = jnp.minimum(ks_all, K - 1)
-            xm = m_ok[:, None] & k_ok[None, :]
-            x = plgpu.load(x_ref.at[jnp.broadcast_to(rows_m[:, None], (block_m, block_k)),
-                                    jnp.broadcast_to(ks[None, :], (block_m, block_k))],
-                           mask=xm, other=0)
-            wm = k_ok[:, None] & n_ok[None, :]
-            cols2 = jnp.broadcast_to(cols[None, :], (block_k, block_n))
-            words = plgpu.load(qw_ref.at[jnp.broadcast_to((ks // P)[:, None], (block_k, block_n)),
-                                         cols2], mask=wm, other=0)
+            x = load_x(ks_all)
+            words = load_group(qw_ref, ks // P, k_ok)             # [bk, bn] int32
             codes = (words >> ((ks % P) * bits)[:, None]) & code_mask   # [bk, bn] int32
             if per_tile:
-                group = 0 if group_size == -1 else (k_begin + i * block_k) // gs
-                g1 = jnp.full((1, block_n), group)
-                s = plgpu.load(s_ref.at[g1, cols[None, :]], mask=n_ok[None, :],
-                               other=0).astype(jnp.float32)                # [1, bn]
-                z = plgpu.load(z_ref.at[g1, cols[None, :]], mask=n_ok[None, :], other=0)
-                w = (codes - z.astype(jnp.int32)).astype(x.dtype)          # exact integers
+                s, z = tile_group(i)
+                w = (codes - z).astype(x.dtype)                   # exact small integers
                 return acc + C.dot(x, w) * s
-            if use_gidx:
-                g = plgpu.load(gidx_ref.at[ks], mask=k_ok, other=0)
-            else:
-                g = ks // gs
-            g2 = jnp.broadcast_to(g[:, None], (block_k, block_n))
-            s = plgpu.load(s_ref.at[g2, cols2], mask=wm, other=0).astype(jnp.float32)
-            z = plgpu.load(z_ref.at[g2, cols2], mask=wm, other=0).astype(jnp.float32)
+            g = plgpu.load(gidx_ref.at[ks], mask=k_ok, other=0) if use_gidx else ks // gs
+            s = load_group(s_ref, g, k_ok).astype(jnp.float32)
+            z = load_group(z_ref, g, k_ok).astype(jnp.float32)
             w = ((codes.astype(jnp.float32) - z) * s).astype(x.dtype)   # [bk, bn]
             return acc + C.dot(x, w)
 
+        def body_split(i, acc):
+            # Each word of the tile is loaded once ([bk / P, bn]); shift p of every word holds
+            # the input rows k = P * word + p, so P products of x's matching strided columns
+            # [bm, bk / P] with the codes at shift p add up to the tile's product.
+            words_all = (k_begin + i * block_k) // P + jnp.arange(block_k // P)   # [bk/P]
+            w_ok = words_all * P < k_end          # K, splits and tiles are whole words
+            words = load_group(qw_ref, jnp.minimum(words_all, K // P - 1), w_ok)  # [bk/P, bn]
+            if per_tile:
+                s, z = tile_group(i)
+            part = jnp.zeros((block_m, block_n), jnp.float32)
+            for p in range(P):                                     # static unroll
+                ks_all = words_all * P + p                         # [bk/P] input rows
+                x = load_x(ks_all)                                 # [bm, bk/P]
+                codes = (words >> (p * bits)) & code_mask          # [bk/P, bn]
+                if per_tile:
+                    part += C.dot(x, (codes - z).astype(x.dtype))
+                    continue
+                ks = jnp.minimum(ks_all, K - 1)
+                g = (plgpu.load(gidx_ref.at[ks], mask=w_ok, other=0) if use_gidx
+                     else ks // gs)
+                sg = load_group(s_ref, g, w_ok).astype(jnp.float32)
+                zg = load_group(z_ref, g, w_ok).astype(jnp.float32)
+                part += C.dot(x, ((codes.astype(jnp.float32) - zg) * sg).astype(x.dtype))
+            return acc + (part * s if per_tile else part)
+
+        body = body_split if split_words else body_gather
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
         # The output is padded to whole tiles: every store is in bounds and unmasked.
         r2 = jnp.broadcast_to(rows_out[:, None], (block_m, block_n))
@@ -185,7 +230,8 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     split = split_k > 1
     kernel = _make_kernel(M=M, K=K, N=N, bits=bits, group_size=group_size,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
-                          block_k=block_k, use_gidx=use_gidx, split=split)
+                          block_k=block_k, use_gidx=use_gidx, split=split,
+                          unpack=config.unpack)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     Mp, Np = C.cdiv(M, block_m) * block_m, C.cdiv(N, block_n) * block_n   # whole tiles
     out_shape = (jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32) if split

@@ -1,0 +1,158 @@
+"""Tile search for ``pallas_kernels.quant_matmul`` on one GPU (the data behind
+``QuantMatmulConfig.for_shape``).
+
+For each case (a Llama-3-8B linear shape, a row count M and a weight format), in two stages:
+first the unpacking scheme, tile sizes and warps with split-K from a rule, then split-K and the
+pipeline depth around the best. Every candidate is timed with
+``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies to overflow the
+L2 cache; the default config of ``for_shape`` is timed too, so the table shows what tuning
+would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
+
+Usage::
+
+    python experiments/tune_quant.py [--budget-s 400] [--out experiments/results/quant]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from optgqa_jax import benchmark as B  # noqa: E402
+from optgqa_jax import quant  # noqa: E402
+from pallas_kernels import compiler_options  # noqa: E402
+from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
+          "down": (14336, 4096)}
+L2_BYTES = 4 * 64 << 20          # rotate over >= 4x a 64 MiB L2
+
+
+def cases():
+    """(shape, M, format) in priority order (qkv last: it resembles o)."""
+    for M, fmt in ((1, "w4g128"), (16, "w4g128"), (64, "w4g128"), (2048, "w4g128"),
+                   (1, "w8"), (256, "w4g128"), (16, "w8"), (1, "w4"), (16, "w8g128")):
+        for shape in ("gate_up", "o", "down"):
+            yield shape, M, fmt
+    for M, fmt in ((1, "w4g128"), (16, "w4g128"), (2048, "w4g128")):
+        yield "qkv", M, fmt
+
+
+def candidates(M, K, bits, group_size):
+    P = 32 // bits
+    if M <= 64:
+        bm = max(16, 1 << (M - 1).bit_length())
+        tiles = [("split", 16 * P), ("gather", 64), ("gather", 128)]
+        if group_size == -1 or 32 * P <= group_size:
+            tiles.append(("split", 32 * P))
+        for (unpack, bk), bn, warps in itertools.product(tiles, (32, 64, 128, 256), (4, 8)):
+            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=3, unpack=unpack)
+    else:
+        for bm, bn, (unpack, bk), warps in itertools.product(
+                (64, 128), (64, 128, 256), (("split", 16 * P), ("gather", 64), ("gather", 128)),
+                (4, 8)):
+            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=3, unpack=unpack)
+
+
+def with_split(cfg, M, K, N, sms=132):
+    """split_k so that the grid has about two programs per SM."""
+    programs = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    split = 1
+    while programs * split < 2 * sms and K // cfg.block_k >= 2 * split * 2:
+        split *= 2
+    return dataclasses.replace(cfg, split_k=split)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget-s", type=float, default=420)
+    p.add_argument("--case-budget-s", type=float, default=30)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    opts = compiler_options()
+    ceiling = B.copy_bandwidth()
+    res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+               commit=B.source_commit(), ceiling=ceiling, cases=[])
+    t_start = time.perf_counter()
+    for shape, M, fmt in cases():
+        if time.perf_counter() - t_start > a.budget_s:
+            break
+        K, N = SHAPES[shape]
+        qc = quant.parse_spec(fmt)
+        key = jax.random.PRNGKey(M + K + N)
+        one = quant.synthetic.random_quantized_linear(key, K, N, qc, "bfloat16")
+        copies = max(2, min(64, -(-L2_BYTES // one.nbytes)))
+        sets = []
+        for i in range(copies):
+            ql = quant.synthetic.random_quantized_linear(jax.random.fold_in(key, i), K, N, qc,
+                                                         "bfloat16")
+            x = jax.random.normal(jax.random.fold_in(key, 1000 + i), (M, K)).astype(jnp.bfloat16)
+            sets.append((x, ql.qweight, ql.scales, ql.zeros))
+        nbytes = 2 * M * K + 2 * M * N + one.nbytes - one.g_idx.size * 4
+        wbf = [(s[0], jnp.zeros((K, N), jnp.bfloat16) + i) for i, s in
+               enumerate(sets[:max(2, -(-L2_BYTES // (2 * K * N)))])]
+        t_bf16 = B.timeit_rotating(lambda x, w: x @ w, wbf, compiler_options=opts)
+        del wbf
+        case = dict(shape=shape, M=M, K=K, N=N, format=fmt, copies=copies, bytes=nbytes,
+                    bf16_us=t_bf16 * 1e6, tried=[])
+
+        def time_cfg(cfg):
+            f = lambda x, q, s, z: quant_matmul(x, q, s, z, bits=qc.bits,
+                                                group_size=qc.group_size, config=cfg)
+            try:
+                t = B.timeit_rotating(f, sets, iters=3, trials=3, compiler_options=opts)
+            except Exception as e:  # noqa: BLE001 - a failing config is a result
+                case["tried"].append(dict(config=dataclasses.asdict(cfg), error=repr(e)[-200:]))
+                return None
+            case["tried"].append(dict(config=dataclasses.asdict(cfg), us=t * 1e6))
+            return t
+
+        t_case = time.perf_counter()
+        default = QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size)
+        t_def = time_cfg(default)
+        case["default"] = dict(config=dataclasses.asdict(default),
+                               us=None if t_def is None else t_def * 1e6)
+        best = (t_def, default) if t_def else (float("inf"), default)
+        for cfg in candidates(M, K, qc.bits, qc.group_size):
+            if time.perf_counter() - t_case > a.case_budget_s * 0.7:
+                break
+            cfg = with_split(cfg, M, K, N)
+            t = time_cfg(cfg)
+            if t is not None and t < best[0]:
+                best = (t, cfg)
+        b = best[1]
+        ks = {max(1, b.split_k // 2), b.split_k * 2, b.split_k * 4}
+        for cfg in ([dataclasses.replace(b, split_k=s) for s in sorted(ks - {b.split_k})]
+                    + [dataclasses.replace(b, num_stages=s) for s in (2, 4)]):
+            if time.perf_counter() - t_case > a.case_budget_s:
+                break
+            t = time_cfg(cfg)
+            if t is not None and t < best[0]:
+                best = (t, cfg)
+        t, b = best
+        case["best"] = dict(config=dataclasses.asdict(b), us=t * 1e6,
+                            pct_ceiling=100 * nbytes / t / ceiling, speedup_vs_bf16=t_bf16 / t)
+        case["seconds"] = time.perf_counter() - t_case
+        res["cases"].append(case)
+        print(f"{shape} M={M} {fmt}: bf16 {t_bf16 * 1e6:.1f} us; default "
+              f"{case['default']['us'] or float('nan'):.1f} us; best {t * 1e6:.1f} us "
+              f"({case['best']['pct_ceiling']:.0f}% of copy, {t_bf16 / t:.2f}x bf16) "
+              f"{b} [{len(case['tried'])} tried, {case['seconds']:.0f} s]", flush=True)
+        with open(os.path.join(a.out, "tune_quant.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
