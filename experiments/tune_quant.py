@@ -49,20 +49,16 @@ def cases():
 
 def candidates(M, K, bits, group_size):
     P = 32 // bits
+    deep = [16 * P] + ([32 * P] if group_size == -1 or 32 * P <= group_size else [])
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
-        tiles = [("split", 16 * P), ("gather", 64), ("gather", 128)]
-        if group_size == -1 or 32 * P <= group_size:
-            tiles.append(("split", 32 * P))
-        for (unpack, bk), bn, warps in itertools.product(tiles, (32, 64, 128, 256), (4, 8)):
+        for bk, bn, warps in itertools.product(deep, (32, 64, 128, 256), (4, 8)):
             yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                    num_stages=3, unpack=unpack)
+                                    num_stages=3)
     else:
-        for bm, bn, (unpack, bk), warps in itertools.product(
-                (64, 128), (64, 128, 256), (("split", 16 * P), ("gather", 64), ("gather", 128)),
-                (4, 8)):
+        for bm, bn, bk, warps in itertools.product((64, 128), (64, 128, 256), deep, (4, 8)):
             yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                    num_stages=3, unpack=unpack)
+                                    num_stages=3)
 
 
 def with_split(cfg, M, K, N, sms=132):

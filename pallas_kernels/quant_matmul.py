@@ -59,11 +59,6 @@ class QuantMatmulConfig:
       block_m, block_n, block_k: tile sizes along M, N and K.
       split_k: number of K splits (grid axis 2); partial sums are added outside the kernel.
       num_warps, num_stages: Triton launch parameters.
-      unpack: how a K tile's codes are unpacked. "split" loads each int32 word once and adds
-        P = 32 / bits products, one per shift, of the codes at that shift with x's matching
-        strided columns (needs ``block_k / P >= 16``; smaller tiles fall back to "gather");
-        "gather" reads row k's word for every row (each word P times, from the caches) and
-        makes one [block_k, block_n] tile in row order.
     """
 
     block_m: int = 16
@@ -72,7 +67,6 @@ class QuantMatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    unpack: str = "split"
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -107,112 +101,88 @@ class QuantMatmulConfig:
         C.validate_tuning(self, ("block_m", "block_n", "block_k"))
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
-        if self.unpack not in ("split", "gather"):
-            raise ValueError(f"unpack={self.unpack!r} must be 'split' or 'gather'")
 
 
-def _make_kernel(*, M: int, K: int, N: int, bits: int, group_size: int, k_per_split: int,
-                 block_m: int, block_n: int, block_k: int, use_gidx: bool, split: bool,
-                 unpack: str):
+
+def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
+                 block_m: int, block_n: int, block_k: int, use_gidx: bool):
     P = 32 // bits
-    # "split" needs products at least 16 deep: block_k / P >= 16; smaller tiles gather.
-    split_words = unpack == "split" and block_k // P >= 16
+    Pk = block_k // P                       # words per K tile = rows per shift
     code_mask = (1 << bits) - 1
     gs = K if group_size == -1 else group_size
     # One group per K tile (contiguous groups that the tiles do not straddle): the tile's
-    # (q - z) are small integers, exact in bfloat16/float16, so the product takes them as they
-    # are and the per-column scale multiplies the [block_m, block_n] partial product instead of
-    # every weight. Otherwise every row gathers its own scale and zero.
-    per_tile = not use_gidx and (group_size == -1 or (gs % block_k == 0
-                                                      and k_per_split % gs == 0))
+    # (q - z) are small integers, exact in bfloat16/float16, so the products take them as
+    # they are and the group's per-column scale multiplies the [bm, bn] partial sum instead of
+    # every weight. Otherwise each row's scale and zero are gathered.
+    per_tile = not use_gidx and (group_size == -1 or gs % block_k == 0)
+    word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
+    mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
     def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, o_ref):
-        pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        rows_out = pid_m * block_m + jnp.arange(block_m)         # [bm] rows of x and y
-        cols_out = pid_n * block_n + jnp.arange(block_n)         # [bn] output columns
-        m_ok, n_ok = rows_out < M, cols_out < N
-        # Loads index with clamped rows/columns: the masked lanes never use what they read,
-        # and every address stays inside its array (interpret mode reads unchecked).
-        rows_m, cols = jnp.minimum(rows_out, M - 1), jnp.minimum(cols_out, N - 1)
+        pid_n, pid_s = pl.program_id(1), pl.program_id(2)
+        n0 = pid_n * block_n
+        cols = n0 + jnp.arange(block_n)                          # [bn] output columns
+        n_ok = cols < N
         k_begin = pid_s * k_per_split
-        k_end = jnp.minimum(k_begin + k_per_split, K)
-        steps = C.cdiv(k_end - k_begin, block_k)
+        steps = jnp.minimum(k_per_split, Kp - k_begin) // block_k   # whole tiles
 
-        def load_x(ks_all):                                      # [bm, len(ks)] x columns
-            ks = jnp.minimum(ks_all, K - 1)
-            shape = (block_m, ks.shape[0])
-            return plgpu.load(x_ref.at[jnp.broadcast_to(rows_m[:, None], shape),
-                                       jnp.broadcast_to(ks[None, :], shape)],
-                              mask=m_ok[:, None] & (ks_all < k_end)[None, :], other=0)
-
-        def load_group(ref, g, ok):                              # [len(g), bn] scales/zeros
-            shape = (g.shape[0], block_n)
-            return plgpu.load(ref.at[jnp.broadcast_to(g[:, None], shape),
+        def load_rows(ref, rows, ok):                             # [len(rows), bn] gather
+            shape = (rows.shape[0], block_n)
+            return plgpu.load(ref.at[jnp.broadcast_to(rows[:, None], shape),
                                      jnp.broadcast_to(cols[None, :], shape)],
                               mask=ok[:, None] & n_ok[None, :], other=0)
 
-        def tile_group(i):       # the one group of K tile i (per_tile): [1, bn] scale, zero
-            group = jnp.zeros((1,), jnp.int32) + (
-                0 if group_size == -1 else (k_begin + i * block_k) // gs)
-            ok = jnp.ones((1,), jnp.bool_)
-            return (load_group(s_ref, group, ok).astype(jnp.float32),
-                    load_group(z_ref, group, ok).astype(jnp.int32))
-
-        def body_gather(i, acc):
-            # Row k's code is read from word k // P: each word is loaded once per code it
-            # holds (the caches serve the repeats), giving a [bk, bn] tile in row order.
-            ks_all = k_begin + i * block_k + jnp.arange(block_k)  # [bk] input rows
-            k_ok = ks_all < k_end
-            ks = jnp.minimum(ks_all, K - 1)
-            x = load_x(ks_all)
-            words = load_group(qw_ref, ks // P, k_ok)             # [bk, bn] int32
-            codes = (words >> ((ks % P) * bits)[:, None]) & code_mask   # [bk, bn] int32
+        def body(i, acc):
+            k0 = k_begin + i * block_k
+            wrows = k0 // P + jnp.arange(Pk)                      # [Pk] word rows of the tile
+            w_ok = wrows < K // P
+            mask = None
+            if mask_n or mask_k:
+                mask = (w_ok[:, None] if mask_k else True) & (n_ok[None, :] if mask_n else True)
+            words = plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, block_n)], mask=mask,
+                               other=0 if mask is not None else None)   # [Pk, bn] int32
             if per_tile:
-                s, z = tile_group(i)
-                w = (codes - z).astype(x.dtype)                   # exact small integers
-                return acc + C.dot(x, w) * s
-            g = plgpu.load(gidx_ref.at[ks], mask=k_ok, other=0) if use_gidx else ks // gs
-            s = load_group(s_ref, g, k_ok).astype(jnp.float32)
-            z = load_group(z_ref, g, k_ok).astype(jnp.float32)
-            w = ((codes.astype(jnp.float32) - z) * s).astype(x.dtype)   # [bk, bn]
-            return acc + C.dot(x, w)
-
-        def body_split(i, acc):
-            # Each word of the tile is loaded once ([bk / P, bn]); shift p of every word holds
-            # the input rows k = P * word + p, so P products of x's matching strided columns
-            # [bm, bk / P] with the codes at shift p add up to the tile's product.
-            words_all = (k_begin + i * block_k) // P + jnp.arange(block_k // P)   # [bk/P]
-            w_ok = words_all * P < k_end          # K, splits and tiles are whole words
-            words = load_group(qw_ref, jnp.minimum(words_all, K // P - 1), w_ok)  # [bk/P, bn]
-            if per_tile:
-                s, z = tile_group(i)
+                g = jnp.zeros((1,), jnp.int32) + (0 if group_size == -1 else k0 // gs)
+                one = jnp.ones((1,), jnp.bool_)
+                s = load_rows(s_ref, g, one).astype(jnp.float32)         # [1, bn]
+                z = load_rows(z_ref, g, one).astype(jnp.int32)
+            elif word_groups:
+                g = jnp.minimum(wrows * P, K - 1) // gs                   # [Pk]
+                s = load_rows(s_ref, g, w_ok).astype(jnp.float32)        # [Pk, bn]
+                z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
             part = jnp.zeros((block_m, block_n), jnp.float32)
-            for p in range(P):                                     # static unroll
-                ks_all = words_all * P + p                         # [bk/P] input rows
-                x = load_x(ks_all)                                 # [bm, bk/P]
-                codes = (words >> (p * bits)) & code_mask          # [bk/P, bn]
+            for p in range(P):        # shift p of word w holds input row k0 + P * w + p
+                x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                      # [bm, Pk]
+                codes = (words >> (p * bits)) & code_mask                 # [Pk, bn]
                 if per_tile:
                     part += C.dot(x, (codes - z).astype(x.dtype))
                     continue
-                ks = jnp.minimum(ks_all, K - 1)
-                g = (plgpu.load(gidx_ref.at[ks], mask=w_ok, other=0) if use_gidx
-                     else ks // gs)
-                sg = load_group(s_ref, g, w_ok).astype(jnp.float32)
-                zg = load_group(z_ref, g, w_ok).astype(jnp.float32)
-                part += C.dot(x, ((codes.astype(jnp.float32) - zg) * sg).astype(x.dtype))
+                if not word_groups:
+                    if use_gidx:      # g_idx arrives in x's shift-major column order
+                        g = gidx_ref[pl.ds(k0 + p * Pk, Pk)]
+                    else:
+                        g = jnp.minimum(wrows * P + p, K - 1) // gs
+                    s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
+                    z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
+                part += C.dot(x, ((codes.astype(jnp.float32) - z) * s).astype(x.dtype))
             return acc + (part * s if per_tile else part)
 
-        body = body_split if split_words else body_gather
         acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
-        # The output is padded to whole tiles: every store is in bounds and unmasked.
-        r2 = jnp.broadcast_to(rows_out[:, None], (block_m, block_n))
-        c2 = jnp.broadcast_to(cols_out[None, :], (block_m, block_n))
-        if split:
-            plgpu.store(o_ref.at[jnp.full((block_m, block_n), pid_s), r2, c2], acc)
-        else:
-            plgpu.store(o_ref.at[r2, c2], acc.astype(o_ref.dtype))
+        o_ref[...] = acc.astype(o_ref.dtype)
 
     return kernel
+
+
+def shift_major(a, block_k: int, bits: int, axis: int = -1):
+    """Reorder `a`'s K axis (a multiple of block_k) tile by tile so that the rows held by shift
+    p of the tile's words come together: tile column ``p * (block_k / P) + w`` holds input row
+    ``P * w + p`` (P = 32 / bits codes per word), the order in which the kernel unpacks."""
+    P = 32 // bits
+    a = jnp.moveaxis(a, axis, -1)
+    lead, K = a.shape[:-1], a.shape[-1]
+    a = a.reshape(*lead, K // block_k, block_k // P, P)
+    a = jnp.swapaxes(a, -1, -2).reshape(*lead, K)
+    return jnp.moveaxis(a, -1, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "use_gidx", "interpret",
@@ -221,32 +191,44 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                   config):
     M, K = x.shape
     N = qweight.shape[1]
+    P = 32 // bits
     block_m = int(min(config.block_m, max(16, C.next_power_of_two(M))))
     block_n = int(min(config.block_n, max(16, C.next_power_of_two(N))))
-    block_k = int(min(config.block_k, max(16, C.next_power_of_two(K))))
-    split_k = int(max(1, min(config.split_k, C.cdiv(K, block_k))))
-    k_per_split = C.cdiv(C.cdiv(K, split_k), block_k) * block_k   # splits start on block edges
-    split_k = C.cdiv(K, k_per_split)
+    # At least 16 rows per shift (the products' minimum depth), at most K rounded up.
+    block_k = int(max(16 * P, min(config.block_k, C.next_power_of_two(K))))
+    Kp = C.cdiv(K, block_k) * block_k
+    split_k = int(max(1, min(config.split_k, Kp // block_k)))
+    k_per_split = C.cdiv(Kp // block_k, split_k) * block_k      # splits start on tile edges
+    split_k = C.cdiv(Kp, k_per_split)
     split = split_k > 1
-    kernel = _make_kernel(M=M, K=K, N=N, bits=bits, group_size=group_size,
-                          k_per_split=k_per_split, block_m=block_m, block_n=block_n,
-                          block_k=block_k, use_gidx=use_gidx, split=split,
-                          unpack=config.unpack)
-    full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     Mp, Np = C.cdiv(M, block_m) * block_m, C.cdiv(N, block_n) * block_n   # whole tiles
-    out_shape = (jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32) if split
-                 else jax.ShapeDtypeStruct((Mp, Np), x.dtype))
+    # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
+    # shift-major K order once per call; the weight is read in place.
+    xp = shift_major(jnp.pad(x, ((0, Mp - M), (0, Kp - K))), block_k, bits)
+    gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), block_k, bits) if use_gidx
+            else jnp.zeros((1,), jnp.int32))
+    kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
+                          k_per_split=k_per_split, block_m=block_m, block_n=block_n,
+                          block_k=block_k, use_gidx=use_gidx)
+    full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
+    if split:
+        out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)
+        out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((Mp, Np), x.dtype)
+        out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
     out = pl.pallas_call(
         kernel,
-        grid=(C.cdiv(M, block_m), C.cdiv(N, block_n), split_k),
-        in_specs=[full(x), full(qweight), full(scales), full(zeros), full(g_idx)],
-        out_specs=pl.BlockSpec(out_shape.shape, lambda i, j, s: (0,) * len(out_shape.shape)),
+        grid=(Mp // block_m, Np // block_n, split_k),
+        in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j, s: (i, 0)), full(qweight),
+                  full(scales), full(zeros), full(gidx)],
+        out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name=f"optgqa_quant_matmul_w{bits}",
-    )(x, qweight, scales, zeros, g_idx)
+    )(xp, qweight, scales, zeros, gidx)
     out = out.sum(axis=0).astype(x.dtype) if split else out
     return out if (Mp, Np) == (M, N) else out[:M, :N]
 

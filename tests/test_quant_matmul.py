@@ -23,15 +23,13 @@ SMALL = QuantMatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_s
 WIDE_K = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1)
 SPLIT = QuantMatmulConfig(block_m=16, block_n=32, block_k=32, split_k=3, num_warps=4,
                           num_stages=1)
-# Tiles deep enough for unpack="split" (block_k / (32 / bits) >= 16), and the same in "gather".
+# Explicit K tiles (the kernel raises block_k to at least 16 codes per shift: 16 * 32 / bits).
 WORDS64 = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1)
 WORDS128 = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1)
 WORDS128_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, split_k=2, num_warps=4,
                                     num_stages=1)
 WORDS256_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, split_k=2, num_warps=4,
                                     num_stages=1)
-GATHER128 = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1,
-                              unpack="gather")
 
 
 def make_case(seed, M, K, N, bits, group_size, sym=True, act_order=False, dtype=jnp.bfloat16):
@@ -76,7 +74,7 @@ def check(out, want, dtype, what):
     (2, 32, True, True, 1, 64, 24, jnp.float16, SPLIT),
     (4, 32, False, False, 4, 64, 24, jnp.float32, SMALL),      # float32 activations
     (4, 32, False, False, 5, 128, 40, jnp.bfloat16, WIDE_K),   # K tiles straddle groups
-    # unpack="split": one tile per group, tiles straddling groups, act-order, ragged K splits
+    # one tile per group, tiles straddling groups, act-order, ragged K splits, 2 bits
     (4, 128, False, False, 3, 384, 40, jnp.bfloat16, WORDS128),
     (4, 32, False, False, 2, 256, 24, jnp.bfloat16, WORDS128),
     (4, 64, True, True, 5, 256, 16, jnp.float16, WORDS128),
@@ -85,7 +83,6 @@ def check(out, want, dtype, what):
     (8, 32, True, True, 18, 128, 20, jnp.bfloat16, WORDS64),
     (2, -1, False, False, 3, 512, 24, jnp.bfloat16, WORDS256_SPLITK),
     (4, 128, False, False, 4, 256, 24, jnp.float32, WORDS128),
-    (4, 128, False, False, 3, 384, 40, jnp.bfloat16, GATHER128),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
