@@ -39,8 +39,8 @@ L2_BYTES = 4 * 64 << 20          # rotate over >= 4x a 64 MiB L2
 
 def cases():
     """(shape, M, format) in priority order (qkv last: it resembles o)."""
-    for M, fmt in ((1, "w4g128"), (16, "w4g128"), (64, "w4g128"), (2048, "w4g128"),
-                   (1, "w8"), (256, "w4g128"), (16, "w8"), (1, "w4"), (16, "w8g128")):
+    for M, fmt in ((1, "w4g128"), (16, "w4g128"), (1, "w8"), (16, "w8"), (64, "w4g128"),
+                   (2048, "w4g128"), (256, "w4g128"), (1, "w4"), (16, "w8g128")):
         for shape in ("gate_up", "o", "down"):
             yield shape, M, fmt
     for M, fmt in ((1, "w4g128"), (16, "w4g128"), (2048, "w4g128")):
@@ -48,8 +48,14 @@ def cases():
 
 
 def candidates(M, K, bits, group_size):
+    """Register multiply-add tiles first for decode-sized M, then tensor-core tiles."""
     P = 32 // bits
     deep = [16 * P] + ([32 * P] if group_size == -1 or 32 * P <= group_size else [])
+    if M <= 16:
+        bm = 1 << (M - 1).bit_length()
+        for bk, bn, warps in itertools.product((16 * P, 32 * P, 64 * P), (64, 128, 256), (4, 8)):
+            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=3, fma=True)
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         for bk, bn, warps in itertools.product(deep, (32, 64, 128, 256), (4, 8)):

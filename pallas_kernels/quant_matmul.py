@@ -59,6 +59,8 @@ class QuantMatmulConfig:
       block_m, block_n, block_k: tile sizes along M, N and K.
       split_k: number of K splits (grid axis 2); partial sums are added outside the kernel.
       num_warps, num_stages: Triton launch parameters.
+      fma: multiply-add in registers (one broadcast product and K reduction per row of x)
+        instead of tensor-core products; for decode-sized M (block_m may then be 1 to 16).
     """
 
     block_m: int = 16
@@ -67,6 +69,7 @@ class QuantMatmulConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    fma: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -98,14 +101,17 @@ class QuantMatmulConfig:
         return cfg
 
     def validate(self) -> None:
-        C.validate_tuning(self, ("block_m", "block_n", "block_k"))
+        C.validate_tuning(self, ("block_n", "block_k"))
+        C.validate_tuning(self, ("block_m",), minimum_block=1 if self.fma else 16)
+        if self.fma and self.block_m > 16:
+            raise ValueError(f"block_m={self.block_m}: the fma path takes at most 16 rows")
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
 
 
 
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
-                 block_m: int, block_n: int, block_k: int, use_gidx: bool):
+                 block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool):
     P = 32 // bits
     Pk = block_k // P                       # words per K tile = rows per shift
     code_mask = (1 << bits) - 1
@@ -150,25 +156,40 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 g = jnp.minimum(wrows * P, K - 1) // gs                   # [Pk]
                 s = load_rows(s_ref, g, w_ok).astype(jnp.float32)        # [Pk, bn]
                 z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
-            part = jnp.zeros((block_m, block_n), jnp.float32)
+            # parts: one [bm, bn] partial product, or (fma) one [1, bn] per row of x
+            parts = [jnp.zeros((1 if fma else block_m, block_n), jnp.float32)
+                     for _ in range(block_m if fma else 1)]
             for p in range(P):        # shift p of word w holds input row k0 + P * w + p
-                x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                      # [bm, Pk]
                 codes = (words >> (p * bits)) & code_mask                 # [Pk, bn]
-                if per_tile:
-                    part += C.dot(x, (codes - z).astype(x.dtype))
-                    continue
-                if not word_groups:
+                if not (per_tile or word_groups):
                     if use_gidx:      # g_idx arrives in x's shift-major column order
                         g = gidx_ref[pl.ds(k0 + p * Pk, Pk)]
                     else:
                         g = jnp.minimum(wrows * P + p, K - 1) // gs
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
-                part += C.dot(x, ((codes.astype(jnp.float32) - z) * s).astype(x.dtype))
-            return acc + (part * s if per_tile else part)
+                if per_tile:
+                    w = codes - z                                         # exact integers
+                else:
+                    w = (codes.astype(jnp.float32) - z) * s
+                if fma:
+                    w = w.astype(jnp.float32)
+                    for m in range(block_m):
+                        xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
+                        parts[m] += jnp.sum(xm[:, None] * w, axis=0, keepdims=True)
+                else:
+                    x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
+                    parts[0] += C.dot(x, w.astype(x.dtype))
+            return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
-        o_ref[...] = acc.astype(o_ref.dtype)
+        init = tuple(jnp.zeros((1 if fma else block_m, block_n), jnp.float32)
+                     for _ in range(block_m if fma else 1))
+        acc = jax.lax.fori_loop(0, steps, body, init)
+        if fma:
+            for m in range(block_m):
+                o_ref[pl.ds(m, 1), :] = acc[m].astype(o_ref.dtype)
+        else:
+            o_ref[...] = acc[0].astype(o_ref.dtype)
 
     return kernel
 
@@ -192,7 +213,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     M, K = x.shape
     N = qweight.shape[1]
     P = 32 // bits
-    block_m = int(min(config.block_m, max(16, C.next_power_of_two(M))))
+    block_m = int(min(config.block_m, max(1 if config.fma else 16, C.next_power_of_two(M))))
     block_n = int(min(config.block_n, max(16, C.next_power_of_two(N))))
     # At least 16 rows per shift (the products' minimum depth), at most K rounded up.
     block_k = int(max(16 * P, min(config.block_k, C.next_power_of_two(K))))
@@ -209,7 +230,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
             else jnp.zeros((1,), jnp.int32))
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
-                          block_k=block_k, use_gidx=use_gidx)
+                          block_k=block_k, use_gidx=use_gidx, fma=config.fma)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)

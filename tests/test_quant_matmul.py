@@ -28,6 +28,9 @@ WORDS64 = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num
 WORDS128 = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1)
 WORDS128_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, split_k=2, num_warps=4,
                                     num_stages=1)
+FMA1 = QuantMatmulConfig(block_m=1, block_n=32, block_k=128, num_warps=4, num_stages=1, fma=True)
+FMA4_SPLITK = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, split_k=2, num_warps=4,
+                                num_stages=1, fma=True)
 WORDS256_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, split_k=2, num_warps=4,
                                     num_stages=1)
 
@@ -83,6 +86,11 @@ def check(out, want, dtype, what):
     (8, 32, True, True, 18, 128, 20, jnp.bfloat16, WORDS64),
     (2, -1, False, False, 3, 512, 24, jnp.bfloat16, WORDS256_SPLITK),
     (4, 128, False, False, 4, 256, 24, jnp.float32, WORDS128),
+    # register multiply-add (decode rows): one row, ragged rows, act-order, straddled groups
+    (4, 128, False, False, 1, 384, 40, jnp.bfloat16, FMA1),
+    (4, 64, True, False, 6, 512, 24, jnp.float16, FMA4_SPLITK),
+    (4, 32, False, True, 3, 256, 16, jnp.bfloat16, FMA4_SPLITK),
+    (8, -1, False, False, 2, 192, 33, jnp.bfloat16, FMA1),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
