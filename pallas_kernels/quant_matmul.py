@@ -48,6 +48,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _common as C
 
 KERNEL_BITS = (2, 4, 8)
+_TWO23 = float(2 ** 23)
+_TWO23_BITS = 0x4B000000          # the float32 bit pattern of 2^23
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -151,7 +153,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 g = jnp.zeros((1,), jnp.int32) + (0 if group_size == -1 else k0 // gs)
                 one = jnp.ones((1,), jnp.bool_)
                 s = load_rows(s_ref, g, one).astype(jnp.float32)         # [1, bn]
-                z = load_rows(z_ref, g, one).astype(jnp.int32)
+                z = load_rows(z_ref, g, one).astype(jnp.float32)
             elif word_groups:
                 g = jnp.minimum(wrows * P, K - 1) // gs                   # [Pk]
                 s = load_rows(s_ref, g, w_ok).astype(jnp.float32)        # [Pk, bn]
@@ -168,12 +170,14 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                         g = jnp.minimum(wrows * P + p, K - 1) // gs
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
+                # codes -> float32 without an int-to-float conversion (a slow instruction):
+                # 2^23 + code has the code as its mantissa, so subtracting 2^23 leaves it.
+                f = jax.lax.bitcast_convert_type(codes | _TWO23_BITS, jnp.float32)
                 if per_tile:
-                    w = codes - z                                         # exact integers
+                    w = f - (_TWO23 + z.astype(jnp.float32))              # exact integers
                 else:
-                    w = (codes.astype(jnp.float32) - z) * s
+                    w = (f - (_TWO23 + z)) * s
                 if fma:
-                    w = w.astype(jnp.float32)
                     for m in range(block_m):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
                         parts[m] += jnp.sum(xm[:, None] * w, axis=0, keepdims=True)
