@@ -76,6 +76,28 @@ def with_split(cfg, M, K, N, sms=132):
     return dataclasses.replace(cfg, split_k=split)
 
 
+def markdown(res: dict) -> str:
+    """The best tiles of every case against bfloat16 and the default config."""
+    lines = [f"# Quantized matmul tile search", "",
+             f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
+             f"{res['ceiling'] / 1e9:,.0f} GB/s. µs per product over weight copies that "
+             "overflow the L2 cache (`timeit_rotating`); % = bytes moved / time / ceiling.", "",
+             "| shape | M | format | bf16 µs | default µs | best µs | best % ceiling | "
+             "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma) | tried |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for c in res["cases"]:
+        b, d = c["best"], c["default"]
+        t = b["config"]
+        tiles = (f"{t['block_m']}, {t['block_n']}, {t['block_k']}, {t['split_k']}, "
+                 f"{t['num_warps']}, {t['num_stages']}, {'yes' if t.get('fma') else 'no'}")
+        lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "
+                     f"{c['bf16_us']:.1f} | "
+                     f"{'fails' if d['us'] is None else format(d['us'], '.1f')} | "
+                     f"{b['us']:.1f} | {b['pct_ceiling']:.0f}% | {b['speedup_vs_bf16']:.2f} | "
+                     f"{tiles} | {len(c['tried'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget-s", type=float, default=420)
@@ -154,6 +176,8 @@ def main(argv=None):
               f"{b} [{len(case['tried'])} tried, {case['seconds']:.0f} s]", flush=True)
         with open(os.path.join(a.out, "tune_quant.json"), "w") as f:
             json.dump(res, f, indent=1)
+        with open(os.path.join(a.out, "tune_quant.md"), "w") as f:
+            f.write(markdown(res))
 
 
 if __name__ == "__main__":

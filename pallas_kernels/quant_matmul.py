@@ -3,7 +3,11 @@
 Decode is bandwidth bound: a 4-bit layer holds a quarter of the bytes of its bfloat16 twin, so
 a kernel that reads the packed codes and dequantizes them in registers can run up to about 4x
 faster than the bfloat16 product, where XLA's own path (dequantize to bfloat16 in memory, then
-multiply) is slower than bfloat16.
+multiply) is slower than bfloat16. Measured status (H200, jax 0.11.2, commit e877c19,
+``experiments/results/h200/quant/``): 1.0-1.5x the bfloat16 product at 1 and 16 rows, at 12-24%
+of the copy bandwidth for 4-bit codes; 4- and 8-bit layers take about the same time, so the
+kernel is bound by the work per code, not by the bytes it reads. ``optgqa_jax.quant.matmul``
+uses it up to 16 rows and dequantizes for larger inputs.
 
 Weight layout (``optgqa_jax.quant.QuantizedLinear``, the GPTQ checkpoint layout): ``qweight``
 int32 [K * b / 32, N] holds the b-bit codes packed along the input dimension, P = 32 / b codes
@@ -16,18 +20,23 @@ faster route, as in the fast CUDA kernels, is to sort the rows by group once at 
 permute the activations instead (then ``g_idx`` is not needed).
 
 Kernel design: grid ``(ceil(M / block_m), ceil(N / block_n), split_k)``; each program streams
-its share of K in ``block_k`` steps: it loads an x tile [block_m, block_k], the words holding
-the codes of a [block_k, block_n] weight tile (each word once per code it holds, which the
-caches serve) and shifts and masks the codes out. When the tile lies in one group (contiguous
-groups, ``block_k`` dividing the group size) it multiplies x by the integers ``q - z`` (exact
-in bfloat16/float16) and scales the [block_m, block_n] partial product by the group's scales;
-otherwise each row's scale and zero are gathered and the weight is dequantized in float32 and
-cast to x's dtype. Accumulation is float32. With ``split_k > 1`` each split writes a float32
-partial [M, N] and the wrapper adds them (more programs for small M and N). Every load is
-masked (with clamped addresses), so M, N and K need not be multiples of the blocks and the
-weights are never padded or copied; the output is allocated in whole tiles and sliced when M
-or N is ragged. 2, 4 and 8 bits (whole codes per word); 3-bit codes straddle words and are
-refused with an error (use ``optgqa_jax.quant.matmul``, which dequantizes).
+its share of K in tiles of ``block_k`` rows (at least 16 codes per shift: 128 rows at 4 bits,
+64 at 8, 256 at 2). It loads the tile's int32 words once, as one contiguous block
+[block_k / P, block_n]; shift p of word w holds input row ``P * w + p``, so the tile's product
+is the sum of P products of x's columns {P * w + p} with the codes at shift p. The wrapper puts
+x's columns in that shift-major order once per call (``shift_major``; x is small next to the
+weight) and pads x with zero rows and columns to whole tiles, so x is read in contiguous slices
+and the weight in place (its ragged column and row edges masked). Codes become float32 through
+their mantissa (``bitcast(code | bits(2^23)) - 2^23``), not an int-to-float conversion. When a
+tile lies in one group (contiguous groups, ``block_k`` dividing the group size, or one group
+per column) the products take the integers ``q - z`` (exact in bfloat16/float16) and the
+group's per-column scale multiplies the [block_m, block_n] partial sum; otherwise each word
+row's (or with ``g_idx`` each row's) scale and zero are gathered and the weight dequantized in
+float32. The products run on the tensor cores (``jnp.dot``, float32 accumulation) or, with
+``fma=True`` for decode-sized M, as broadcast multiply-adds in registers. With ``split_k > 1``
+each split writes a float32 partial [M, N] and the wrapper adds them. 2, 4 and 8 bits (whole
+codes per word); 3-bit codes straddle words and are refused with an error (use
+``optgqa_jax.quant.matmul``, which dequantizes).
 
 Axis legend: M rows of x (tokens), K input features (D_in), N output features (D_out),
 G groups, P codes per int32 word.
@@ -78,28 +87,27 @@ class QuantMatmulConfig:
                   group_size: int = -1) -> "QuantMatmulConfig":
         """Default tiles for a backend ("cuda", "rocm", "cpu"), problem shape and group size.
 
-        Small M (decode) takes thin M tiles and splits K until the grid has a few hundred
-        programs; large M (prefill) takes square-ish tiles; K tiles stay within one group
-        (the kernel's cheaper path). These are starting points; the measured tuning lives in
-        ``experiments/bench_quant.py``.
+        Decode-sized M (<= 64 rows) takes 16- or 64-row tiles 64 columns wide and splits K until
+        the grid has about a thousand programs; larger M takes 128 x 128 tiles. K tiles are 128
+        rows, one group of 128 (the kernel's cheaper one-group-per-tile path); the kernel
+        raises them to 16 codes per shift (256 rows at 2 bits). From the tile search of
+        ``experiments/tune_quant.py`` on an H200 (``experiments/results/h200/quant/``).
         """
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
         if block_m >= 128:
-            cfg = cls(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+            cfg = cls(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
         elif block_m >= 64:
-            cfg = cls(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+            cfg = cls(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
         else:
             cfg = cls(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3)
         programs = C.cdiv(M, cfg.block_m) * C.cdiv(N, cfg.block_n)
         split = 1
-        while programs * split < 256 and C.cdiv(K, cfg.block_k) >= 4 * split * 2:
+        target = 1024 if block_m <= 64 else 256
+        while programs * split < target and C.cdiv(K, cfg.block_k) >= 4 * split * 2:
             split *= 2
-        if group_size != -1 and group_size >= 16:
-            cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k,
-                                                       1 << (int(group_size).bit_length() - 1)))
         cfg = dataclasses.replace(cfg, split_k=split)
-        if backend == "rocm":  # 64 KB of LDS: one stage, at most 64-wide K tiles
-            cfg = dataclasses.replace(cfg, block_k=min(cfg.block_k, 64), num_stages=1)
+        if backend == "rocm":  # 64 KB of LDS: one stage
+            cfg = dataclasses.replace(cfg, num_stages=1)
         return cfg
 
     def validate(self) -> None:

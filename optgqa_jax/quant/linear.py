@@ -108,14 +108,21 @@ def dequantize(ql: QuantizedLinear, dtype=None) -> jax.Array:
 MATMUL_IMPLS = ("auto", "pallas", "dequantize")
 
 
+# impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit e877c19)
+# the 4-bit kernel was 1.0-1.5x the bfloat16 product at 1 and 16 rows and 0.54x at 64 rows.
+KERNEL_MAX_ROWS = 16
+
+
 def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
     """``x @ dequantize(ql)`` for x [..., D_in], in x's dtype.
 
     ``impl``: ``"pallas"`` runs the dequantizing Pallas kernel
     (``pallas_kernels.quant_matmul``: codes read packed, dequantized in registers; in interpret
     mode on a CPU); ``"dequantize"`` builds the float weight and multiplies (XLA); ``"auto"``
-    (default) takes the kernel on GPUs for bfloat16/float16 activations and 2-, 4- or 8-bit
-    codes, and dequantizes everywhere else (CPUs, float32, 3 bits).
+    (default) takes the kernel on GPUs for bfloat16/float16 activations, 2-, 4- or 8-bit codes
+    and at most ``KERNEL_MAX_ROWS`` rows of x (decode), and dequantizes everywhere else (CPUs,
+    float32, 3 bits, prefill-sized inputs, where the kernel measured slower than the bfloat16
+    product: ``experiments/results/h200/quant/tune_quant.md``).
 
     Raises:
       ValueError: an unknown ``impl``; ``"pallas"`` with 3-bit codes.
@@ -125,7 +132,9 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
     from pallas_kernels import _common as kc
     from pallas_kernels.quant_matmul import KERNEL_BITS, quant_matmul
     if impl == "auto":
+        rows = int(np.prod(x.shape[:-1]))
         use_kernel = (kc.backend() != "cpu" and ql.bits in KERNEL_BITS
+                      and rows <= KERNEL_MAX_ROWS
                       and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
     else:
         use_kernel = impl == "pallas"
