@@ -48,10 +48,10 @@ def cases():
 
 
 def candidates(M, K, bits, group_size):
-    """Register multiply-add tiles first for decode-sized M, then tensor-core tiles."""
+    """Register multiply-add tiles first for M <= 4, then tensor-core tiles."""
     P = 32 // bits
     deep = [16 * P] + ([32 * P] if group_size == -1 or 32 * P <= group_size else [])
-    if M <= 16:
+    if M <= 4:   # one [block_k / P, block_n] accumulator per row: few rows only
         bm = 1 << (M - 1).bit_length()
         for bk, bn, warps in itertools.product((16 * P, 32 * P, 64 * P), (64, 128, 256), (4, 8)):
             yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,

@@ -70,8 +70,9 @@ class QuantMatmulConfig:
       block_m, block_n, block_k: tile sizes along M, N and K.
       split_k: number of K splits (grid axis 2); partial sums are added outside the kernel.
       num_warps, num_stages: Triton launch parameters.
-      fma: multiply-add in registers (one broadcast product and K reduction per row of x)
-        instead of tensor-core products; for decode-sized M (block_m may then be 1 to 16).
+      fma: multiply-adds in registers instead of tensor-core products: per row of x a
+        [block_k / P, block_n] float32 accumulator, summed over K once at the end; for
+        decode-sized M (block_m may then be 1 to 16; registers favour 1 to 4).
     """
 
     block_m: int = 16
@@ -166,8 +167,9 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 g = jnp.minimum(wrows * P, K - 1) // gs                   # [Pk]
                 s = load_rows(s_ref, g, w_ok).astype(jnp.float32)        # [Pk, bn]
                 z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
-            # parts: one [bm, bn] partial product, or (fma) one [1, bn] per row of x
-            parts = [jnp.zeros((1 if fma else block_m, block_n), jnp.float32)
+            # parts: one [bm, bn] partial product, or (fma) per row of x one [Pk, bn] array of
+            # products not yet summed over K (the sum over Pk waits until after the K loop)
+            parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
             for p in range(P):        # shift p of word w holds input row k0 + P * w + p
                 codes = (words >> (p * bits)) & code_mask                 # [Pk, bn]
@@ -188,18 +190,18 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 if fma:
                     for m in range(block_m):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
-                        parts[m] += jnp.sum(xm[:, None] * w, axis=0, keepdims=True)
+                        parts[m] += xm[:, None] * w
                 else:
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
                     parts[0] += C.dot(x, w.astype(x.dtype))
             return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
-        init = tuple(jnp.zeros((1 if fma else block_m, block_n), jnp.float32)
+        init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
         acc = jax.lax.fori_loop(0, steps, body, init)
         if fma:
             for m in range(block_m):
-                o_ref[pl.ds(m, 1), :] = acc[m].astype(o_ref.dtype)
+                o_ref[pl.ds(m, 1), :] = jnp.sum(acc[m], axis=0, keepdims=True).astype(o_ref.dtype)
         else:
             o_ref[...] = acc[0].astype(o_ref.dtype)
 
