@@ -1,0 +1,205 @@
+"""Device meshes and partition rules for the parameter tree (``jax.sharding``).
+
+Everything here builds on JAX's own distribution: a :class:`jax.sharding.Mesh` with named axes
+``data`` and ``model``, one :class:`jax.sharding.PartitionSpec` per parameter leaf, and
+``jax.device_put`` with :class:`jax.sharding.NamedSharding`; a jitted function on sharded
+params then runs on every device of the mesh, XLA inserting the collectives.
+
+Tensor-parallel rules (Megatron style, axis ``model`` of degree ``tp``):
+
+* ``q_proj`` [D, N·H]: output columns split by query heads (N / tp heads per device);
+* ``k_proj``, ``v_proj`` [D, K·H]: split by KV heads when tp divides K; when K < tp (and K
+  divides tp) every device needs whole KV heads, so they are replicated, as vLLM does;
+* ``o_proj`` [N·H, D], ``down_proj`` [F, D]: input rows split (one all-reduce after each);
+* ``gate_proj``, ``up_proj`` [D, F]: output columns split;
+* fused ``qkv_proj`` / ``gate_up_proj``: their column blocks are not head-aligned, so they are
+  split by columns only where tp divides the width (XLA keeps the product exact with extra
+  collectives); serve the unfused layout for the head-aligned plan;
+* ``embed`` [V, D] and ``lm_head`` [D, V]: split by vocabulary when tp divides V, else
+  replicated; norms replicated;
+* quantized layers (``QuantizedLinear``): column splits split ``qweight``, ``scales`` and
+  ``zeros`` by columns; row splits split ``qweight`` by packed rows and the group grids by
+  groups, when whole groups and whole words fall on each device (else the layer is
+  replicated); ``g_idx`` and ``perm`` are replicated.
+
+An unequal grouping (``ModelConfig.kv_head_map``) is supported by the same rules: query heads
+are split in contiguous blocks of N / tp and the KV heads follow the K-divisibility rule above;
+a device's query heads may use any KV head, so with a custom map K / V are replicated unless
+every block of query heads uses only its own block of KV heads.
+
+Fully sharded data parallel (``fsdp=True``): every leaf additionally splits its largest axis
+that is still whole over the ``data`` axis when the data degree divides it (parameters and,
+through the same specs, optimizer state are then spread over all devices; XLA gathers them
+for each use).
+
+Axis legend: D model width, N query heads, K KV heads, H head width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from optgqa_jax.config import ModelConfig
+from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
+
+DATA, MODEL = "data", "model"
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A ``(data, model)`` mesh over the first ``data * model`` devices (default: all local
+    devices in ``jax.devices()`` order).
+
+    Raises:
+      ValueError: a degree below 1, or more devices asked than present.
+    """
+    for name, v in (("data", data), ("model", model)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    devices = list(jax.devices() if devices is None else devices)
+    if data * model > len(devices):
+        raise ValueError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
+                         f"{len(devices)} present ({jax.default_backend()})")
+    grid = np.asarray(devices[:data * model], dtype=object).reshape(data, model)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Raise ValueError unless `cfg` can be split over `tp` devices by the rules above."""
+    if isinstance(tp, bool) or not isinstance(tp, (int, np.integer)) or tp < 1:
+        raise ValueError(f"tensor-parallel degree {tp!r} must be a positive integer")
+    N, K = cfg.n_heads, cfg.n_kv_heads
+    if N % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must divide the query heads "
+                         f"(n_heads={N})")
+    if K % tp and tp % K:
+        raise ValueError(f"tensor-parallel degree {tp} divides neither the KV heads "
+                         f"(n_kv_heads={K}) nor is a multiple of them (KV heads are split "
+                         "when tp divides them and replicated when they divide tp)")
+    if cfg.ffn_dim % tp:
+        raise ValueError(f"tensor-parallel degree {tp} must divide ffn_dim={cfg.ffn_dim}")
+
+
+def kv_heads_split(cfg: ModelConfig, tp: int, layer: int) -> bool:
+    """Whether layer `layer`'s K / V projections are split over `tp` devices (else replicated):
+    tp divides the KV heads and each device's block of query heads only uses its own block of
+    KV heads."""
+    K, N = cfg.n_kv_heads, cfg.n_heads
+    if tp == 1 or K % tp:
+        return False
+    kv_map = cfg.layer_kv_head_map(layer)
+    if kv_map is None:
+        return True
+    q_block, kv_block = N // tp, K // tp
+    return all(int(kv_map[h]) // kv_block == h // q_block for h in range(N))
+
+
+def _axis_if(n: int, degree: int, axis: str):
+    return axis if degree > 1 and n % degree == 0 else None
+
+
+def _float_spec(name: str, shape, cfg: ModelConfig, tp: int, layer: Optional[int]):
+    """PartitionSpec of a float leaf by its name (see the module docstring)."""
+    if len(shape) == 1:
+        return P(None)
+    rows, cols = shape
+    col = lambda n: P(None, _axis_if(n, tp, MODEL))
+    if name == "embedding":
+        return P(_axis_if(rows, tp, MODEL), None)
+    if name == "lm_head":
+        return col(cols)
+    if name in ("q_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj"):
+        return col(cols)
+    if name in ("k_proj", "v_proj"):
+        return col(cols) if kv_heads_split(cfg, tp, layer) else P(None, None)
+    if name in ("o_proj", "down_proj"):
+        return P(_axis_if(rows, tp, MODEL), None)
+    return P(*([None] * len(shape)))
+
+
+def _layer_and_name(path) -> tuple[Optional[int], str]:
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    layer = next((int(k[6:]) for k in keys if k.startswith("layer_")), None)
+    named = [k for k in keys if k not in ("kernel", "scale")]
+    name = keys[-1] if keys[-1] in ("embedding", "lm_head") else (named[-1] if named else "")
+    if keys[-1] == "scale":
+        name = "norm"
+    return layer, name
+
+
+def _with_fsdp(spec: P, shape, dp: int) -> P:
+    """Split the largest still-whole axis of `spec` over ``data`` when dp divides it."""
+    parts = list(spec) + [None] * (len(shape) - len(spec))
+    if dp > 1:
+        for ax in sorted(range(len(shape)), key=lambda a: -shape[a]):
+            if parts[ax] is None and shape[ax] % dp == 0:
+                parts[ax] = DATA
+                break
+    return P(*parts)
+
+
+def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
+    """One PartitionSpec per leaf of `params` (float or quantized, fused or not).
+
+    Quantized layers map to a ``QuantizedLinear`` whose array fields are PartitionSpecs.
+
+    Raises:
+      ValueError: the mesh lacks the ``data``/``model`` axes, or `cfg` cannot be split over
+        the model axis (:func:`check_tensor_parallel`).
+    """
+    if tuple(mesh.axis_names) != (DATA, MODEL):
+        raise ValueError(f"mesh axes must be ({DATA!r}, {MODEL!r}) (make_mesh builds one), got "
+                         f"{tuple(mesh.axis_names)}")
+    tp, dp = mesh.shape[MODEL], mesh.shape[DATA]
+    check_tensor_parallel(cfg, tp)
+    fs = (lambda s, shape: _with_fsdp(s, shape, dp)) if fsdp else (lambda s, shape: s)
+
+    def leaf_spec(path, leaf):
+        layer, name = _layer_and_name(path)
+        if is_quantized(leaf):
+            return _quantized_specs(leaf, name, cfg, tp, layer, fs)
+        return fs(_float_spec(name, leaf.shape, cfg, tp, layer), leaf.shape)
+
+    return jax.tree_util.tree_map_with_path(leaf_spec, params, is_leaf=is_quantized)
+
+
+def _quantized_specs(ql: QuantizedLinear, name, cfg, tp, layer, fs) -> QuantizedLinear:
+    d_in, d_out = ql.shape
+    logical = _float_spec(name, (d_in, d_out), cfg, tp, layer)
+    rep = lambda a: P(*([None] * a.ndim))
+    qw, grid = rep(ql.qweight), rep(ql.scales)
+    if logical[1] == MODEL:                      # column split
+        qw, grid = P(None, MODEL), P(None, MODEL)
+    elif logical[0] == MODEL:                    # row split: whole words and groups per device
+        rows, G = ql.qweight.shape[0], ql.scales.shape[0]
+        if ql.groups_contiguous and ql.perm is None and rows % tp == 0:
+            if ql.group_size == -1:              # one group: the grids stay whole
+                qw = P(MODEL, None)
+            elif G % tp == 0 and (d_in // tp) % ql.group_size == 0:
+                qw, grid = P(MODEL, None), P(MODEL, None)
+    return ql.replace(qweight=fs(qw, ql.qweight.shape), scales=fs(grid, ql.scales.shape),
+                      zeros=fs(grid, ql.zeros.shape), g_idx=rep(ql.g_idx),
+                      perm=None if ql.perm is None else rep(ql.perm))
+
+
+def shardings(specs, mesh: Mesh):
+    """NamedShardings for a tree of PartitionSpecs (quantized layers included)."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
+    """`params` placed on `mesh` by :func:`partition_specs` (all checks run before any copy)."""
+    specs = partition_specs(cfg, params, mesh, fsdp)
+    return jax.device_put(params, shardings(specs, mesh))
+
+
+def shard_batch(tokens, mesh: Mesh):
+    """A [B, ...] batch split over the ``data`` axis (B must be a multiple of its degree)."""
+    dp = mesh.shape[DATA]
+    if tokens.shape[0] % dp:
+        raise ValueError(f"batch of {tokens.shape[0]} rows does not split over data={dp}")
+    return jax.device_put(tokens, NamedSharding(mesh, P(DATA, *([None] * (tokens.ndim - 1)))))

@@ -1,0 +1,131 @@
+"""Sharded params on several devices against one device (run by ``test_sharding.py`` in a
+subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``; skipped with fewer
+devices, so a plain ``pytest tests`` never runs it in the single-device process).
+
+References: the same function on the unsharded params on one device (float32). Tolerance:
+relative max error 1e-5 of the output's scale (collectives reorder float32 sums).
+"""
+
+import numpy as np
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import optgqa_jax as og
+from optgqa_jax import quant, sharding
+from optgqa_jax.train import next_token_loss
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices")
+
+
+def model(kind: str, seed: int):
+    if kind == "mha":
+        cfg = og.ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4,
+                             head_dim=12, ffn_dim=64)
+    elif kind == "gqa-kv2":            # KV heads fewer than a TP degree of 4: replicated
+        cfg = og.ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                             head_dim=12, ffn_dim=64, position="alibi")
+    else:                              # unequal groups in layer 0, contiguous in layer 1
+        cfg = og.ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                             head_dim=12, ffn_dim=64,
+                             kv_head_map=((0, 1, 1, 1), (0, 0, 1, 1)))
+    return cfg, og.init_params(cfg, jax.random.PRNGKey(seed))
+
+
+def close(a, b, what, tol=1e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), f"{what}: non-finite"
+    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol}"
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa-kv2", "unequal"])
+@pytest.mark.parametrize("data,model_deg,fsdp", [(1, 2, False), (1, 4, False), (2, 2, True)])
+def test_sharded_forward_matches_one_device(kind, data, model_deg, fsdp):
+    cfg, params = model(kind, seed=data * 10 + model_deg)
+    tokens = jax.random.randint(jax.random.PRNGKey(model_deg), (4, 9), 0, cfg.vocab_size)
+    want = og.forward(cfg, params, tokens, attention_impl="reference")
+    mesh = sharding.make_mesh(data, model_deg)
+    sp = sharding.shard_params(cfg, params, mesh, fsdp=fsdp)
+    q = sp["layer_0"]["attn"]["q_proj"]["kernel"]
+    assert len(q.sharding.device_set) == data * model_deg
+    got = og.forward(cfg, sp, sharding.shard_batch(tokens, mesh), attention_impl="reference")
+    close(got, want, f"{kind} data={data} model={model_deg}")
+
+
+def test_rules_split_heads_and_replicate_small_kv():
+    cfg, params = model("gqa-kv2", 0)
+    specs = sharding.partition_specs(cfg, params, sharding.make_mesh(1, 4))
+    attn, mlp = specs["layer_0"]["attn"], specs["layer_0"]["mlp"]
+    P = jax.sharding.PartitionSpec
+    assert attn["q_proj"]["kernel"] == P(None, "model")
+    assert attn["k_proj"]["kernel"] == P(None, None)          # K=2 < tp=4: replicated
+    assert attn["o_proj"]["kernel"] == P("model", None)
+    assert mlp["down_proj"]["kernel"] == P("model", None)
+    assert specs["embed"]["embedding"] == P("model", None)
+    specs2 = sharding.partition_specs(cfg, params, sharding.make_mesh(1, 2))
+    assert specs2["layer_1"]["attn"]["k_proj"]["kernel"] == P(None, "model")
+    cfg_u, params_u = model("unequal", 0)
+    s_u = sharding.partition_specs(cfg_u, params_u, sharding.make_mesh(1, 2))
+    # layer 0 maps query head 1 (device 0) to KV head 1 (device 1): replicated
+    assert s_u["layer_0"]["attn"]["k_proj"]["kernel"] == P(None, None)
+    assert s_u["layer_1"]["attn"]["k_proj"]["kernel"] == P(None, "model")
+
+
+@pytest.mark.parametrize("spec,o_rows_split", [("w4g8", True), ("w8", True),
+                                                ("w4g16", False)])   # 3 groups of o: whole
+def test_sharded_quantized_forward(spec, o_rows_split):
+    cfg, params = model("mha", 3)
+    qp = quant.random_quantize(params, quant.parse_spec(spec), seed=1)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 7), 0, cfg.vocab_size)
+    want = og.forward(cfg, qp, tokens, attention_impl="reference")
+    mesh = sharding.make_mesh(1, 2)
+    sp = sharding.shard_params(cfg, qp, mesh)
+    o = sp["layer_0"]["attn"]["o_proj"]["kernel"]
+    want_spec = ("model", None) if o_rows_split else (None, None)
+    assert tuple(o.qweight.sharding.spec) == want_spec
+    close(og.forward(cfg, sp, tokens, attention_impl="reference"), want, spec)
+
+
+@pytest.mark.parametrize("data,model_deg,fsdp", [(4, 1, False), (4, 1, True), (2, 2, True)])
+def test_sharded_training_step_matches_one_device(data, model_deg, fsdp):
+    cfg, params = model("gqa-kv2", 7)
+    tokens = jax.random.randint(jax.random.PRNGKey(11), (8, 10), 0, cfg.vocab_size)
+    opt = optax.sgd(0.5, momentum=0.9)   # linear in the gradients: differences stay small
+
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(lambda p: next_token_loss(cfg, p, tokens))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    step = jax.jit(step)
+    p1, _, loss1, g1 = step(params, opt.init(params), tokens)
+    mesh = sharding.make_mesh(data, model_deg)
+    sp = sharding.shard_params(cfg, params, mesh, fsdp=fsdp)
+    p2, _, loss2, g2 = step(sp, opt.init(sp), sharding.shard_batch(tokens, mesh))
+    close(loss2, loss1, "loss")
+    for what, t2, t1 in (("gradients", g2, g1), ("updated params", p2, p1)):
+        for a, b in zip(jax.tree_util.tree_leaves(t2), jax.tree_util.tree_leaves(t1)):
+            close(a, b, what, tol=1e-5)
+    if fsdp:
+        emb = sp["embed"]["embedding"]
+        assert "data" in tuple(emb.sharding.spec)
+
+
+def test_bad_meshes_raise_before_moving_weights():
+    cfg, params = model("mha", 0)
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        sharding.make_mesh(4, 2)
+    cfg3 = og.ModelConfig(vocab_size=32, d_model=24, n_layers=1, n_heads=12, n_kv_heads=4,
+                          head_dim=4, ffn_dim=36)
+    with pytest.raises(ValueError, match="divides neither the KV heads"):
+        sharding.check_tensor_parallel(cfg3, 6)   # 6 divides 12 query heads, not 4 KV heads
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        sharding.partition_specs(cfg, params, sharding.make_mesh(1, 3))
+    other = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("x", "y"))
+    with pytest.raises(ValueError, match="mesh axes"):
+        sharding.partition_specs(cfg, params, other)
+    with pytest.raises(ValueError, match="does not split"):
+        sharding.shard_batch(jnp.zeros((3, 4), jnp.int32), sharding.make_mesh(2, 1))
