@@ -49,6 +49,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -279,6 +280,18 @@ def _train_step(state: TrainState, micro_batches: jax.Array, aux, *, cfg: ModelC
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
+def _place(cfg: ModelConfig, master, mesh, fsdp: bool, sharded: bool):
+    """Master weights on `mesh`: by the partition rules, or replicated (trainable trees that
+    are not model params)."""
+    from optgqa_jax import sharding
+    if sharded:
+        return sharding.shard_params(cfg, master, mesh, fsdp)
+    if fsdp:
+        raise ValueError("fsdp=True needs the trainable params to be model params "
+                         "(to_model_params=None)")
+    return jax.device_put(master, NamedSharding(mesh, PartitionSpec()))
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -324,7 +337,7 @@ def _evaluate(cfg, tc, trainable, aux, to_model_params, windows) -> dict:
 def train(cfg: ModelConfig, params: Any, train_windows, tc: TrainConfig, *,
           eval_windows=None, out_dir: Optional[str] = None, resume: bool = True,
           progress: bool = True, to_model_params: Optional[Callable[..., dict]] = None,
-          aux: Any = None) -> TrainResult:
+          aux: Any = None, mesh=None, fsdp: bool = False) -> TrainResult:
     """Train `params` on next-token prediction over `train_windows`.
 
     Args:
@@ -351,6 +364,12 @@ def train(cfg: ModelConfig, params: Any, train_windows, tc: TrainConfig, *,
       aux: optional pytree of arrays that `to_model_params` reads but that is not trained:
         frozen weights, index arrays such as a grouping (nor checkpointed: pass the same one
         to resume).
+      mesh: optional ``(data, model)`` mesh (``optgqa_jax.sharding.make_mesh``): each batch is
+        split over ``data`` (data parallel); model params are placed by
+        ``optgqa_jax.sharding.partition_specs`` (tensor parallel over ``model``), other
+        trainable trees are replicated. The optimizer state follows the params' placement.
+      fsdp: with `mesh`, also split every parameter (and so its optimizer state) over
+        ``data`` (fully sharded data parallel), for models that do not fit one device.
 
     Returns:
       A :class:`TrainResult`.
@@ -386,7 +405,23 @@ def train(cfg: ModelConfig, params: Any, train_windows, tc: TrainConfig, *,
         lambda p, f: _cast_floats(_model_params(to_model, p, f), cfg.jnp_dtype), master, aux),
                        what="params" if to_model_params is None else "to_model_params(params)")
 
-    state = TrainState(jnp.int32(0), master, make_optimizer(tc).init(master))
+    if mesh is not None:
+        master = _place(cfg, master, mesh, fsdp, sharded=to_model_params is None)
+        if tc.micro_batch_size % mesh.shape["data"]:
+            raise ValueError(f"micro-batches of {tc.micro_batch_size} windows do not split over "
+                             f"the mesh's data axis of {mesh.shape['data']} devices")
+    elif fsdp:
+        raise ValueError("fsdp=True needs a mesh")
+    step0 = jnp.int32(0) if mesh is None else jax.device_put(
+        jnp.int32(0), NamedSharding(mesh, PartitionSpec()))
+    opt_state = jax.jit(make_optimizer(tc).init)(master)
+    if mesh is not None:  # scalars (step counts) the init left on one device: replicate them
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_state = jax.tree_util.tree_map(
+            lambda a: a if len(a.sharding.device_set) == mesh.size
+            else jax.device_put(a, replicated), opt_state)
+    state = TrainState(step0, master, opt_state)
+    template = state
     history = {"train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")},
                "eval": {k: [] for k in ("step", "nll", "perplexity")}}
     record = {"train_config": tc.to_dict(), "model_config": cfg.to_dict(),
@@ -399,6 +434,9 @@ def train(cfg: ModelConfig, params: Any, train_windows, tc: TrainConfig, *,
             may_differ=tuple(f"train_config.{f}" for f in _BOOKKEEPING))
         for part, columns in history.items():
             columns.update({k: earlier.get(part, {}).get(k, []) for k in columns})
+        if mesh is not None:  # a restored state comes back unsharded: place it as the new one
+            state = jax.tree_util.tree_map(lambda a, t: jax.device_put(a, t.sharding), state,
+                                           template)
 
     start = int(state.step)
     A, M = tc.grad_accum, tc.micro_batch_size
@@ -424,7 +462,9 @@ def train(cfg: ModelConfig, params: Any, train_windows, tc: TrainConfig, *,
 
     for step in range(start, tc.steps):
         tokens = windows[batch_indices(n, tc.batch_size, tc.seed, step)].reshape(A, M, T)
-        state, metrics = step_fn(state, jnp.asarray(tokens))
+        tokens = (jnp.asarray(tokens) if mesh is None else jax.device_put(
+            tokens, NamedSharding(mesh, PartitionSpec(None, "data", None))))
+        state, metrics = step_fn(state, tokens)
         done = step + 1
         bar.update(1)
         log_now = done % tc.log_every == 0 or done == tc.steps
