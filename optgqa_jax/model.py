@@ -328,7 +328,11 @@ def check_tokens(cfg: ModelConfig, tokens, name: str = "tokens") -> None:
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"{name} must be an integer array, got dtype {tokens.dtype}")
     if _is_concrete(tokens) and tokens.size:
-        host = np.asarray(tokens)
+        # A batch spread over several processes: each checks the rows it holds.
+        shards = (tokens.addressable_shards if not getattr(tokens, "is_fully_addressable", True)
+                  else None)
+        host = (np.concatenate([np.asarray(s.data).ravel() for s in shards]) if shards
+                else np.asarray(tokens))
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi

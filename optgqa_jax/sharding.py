@@ -47,6 +47,46 @@ from optgqa_jax.config import ModelConfig
 from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
 
 DATA, MODEL = "data", "model"
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    "OPTGQA_COORDINATOR", "OPTGQA_NUM_PROCESSES", "OPTGQA_PROCESS_ID")
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """Join a multi-process (multi-host) run: ``jax.distributed.initialize`` with the given
+    coordinator ``host:port``, process count and this process's id, each read from
+    ``OPTGQA_COORDINATOR`` / ``OPTGQA_NUM_PROCESSES`` / ``OPTGQA_PROCESS_ID`` when not given.
+    Call it first, before anything touches a device; afterwards ``jax.devices()`` lists every
+    process's devices and :func:`make_mesh` spans them all. On CPUs the collectives between
+    processes go through gloo.
+
+    Raises:
+      ValueError: a missing or malformed setting (naming it and its environment variable).
+    """
+    import os
+
+    def setting(value, env, name, kind):
+        value = os.environ.get(env) if value is None else value
+        if value is None or value == "":
+            raise ValueError(f"{name} is not given and {env} is not set")
+        if kind is int:
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={value!r} ({env}) must be an integer") from None
+        return value
+
+    address = setting(coordinator_address, ENV_COORDINATOR, "coordinator_address", str)
+    if ":" not in address:
+        raise ValueError(f"coordinator_address={address!r} must be host:port")
+    n = setting(num_processes, ENV_NUM_PROCESSES, "num_processes", int)
+    pid = setting(process_id, ENV_PROCESS_ID, "process_id", int)
+    if n < 1 or not 0 <= pid < n:
+        raise ValueError(f"process_id={pid} must lie in [0, num_processes={n})")
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
 
 
 def make_mesh(data: int = 1, model: int = 1, devices: Optional[Sequence] = None) -> Mesh:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import jax
@@ -46,3 +47,58 @@ def test_make_mesh_rejects_bad_degrees(data, model):
 def test_make_mesh_rejects_more_devices_than_present():
     with pytest.raises(ValueError, match="devices; 1 present"):
         sharding.make_mesh(1, 2)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_jax_distributed_run():
+    """Two processes on this machine join through sharding.initialize_distributed (gloo CPU
+    collectives) and run a sharded forward and a sharded (FSDP) training run across both."""
+    import json
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", OPTGQA_COORDINATOR=f"127.0.0.1:{port}",
+                   OPTGQA_NUM_PROCESSES="2", OPTGQA_PROCESS_ID=str(pid))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "distributed_worker.py")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, out[-3000:]
+            outs.append(json.loads([l for l in out.splitlines() if l.startswith("{")][-1]))
+    finally:
+        for p in procs:
+            p.kill()
+    assert sorted(o["process"] for o in outs) == [0, 1]
+    for o in outs:
+        assert o["devices"] == 2
+        assert o["logits_err"] <= 1e-5
+        want, got = np.asarray(o["want_loss"]), np.asarray(o["loss"])
+        assert np.isfinite(got).all() and got.shape == want.shape == (2,)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kwargs,env,match", [
+    (dict(), {}, "coordinator_address is not given and OPTGQA_COORDINATOR is not set"),
+    (dict(coordinator_address="localhost"), {}, "must be host:port"),
+    (dict(coordinator_address="h:1", num_processes="two", process_id=0), {}, "must be an integer"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2), {}, r"must lie in \[0, "),
+    (dict(coordinator_address="h:1"), {"OPTGQA_NUM_PROCESSES": "2"},
+     "process_id is not given and OPTGQA_PROCESS_ID is not set"),
+])
+def test_initialize_distributed_rejects_bad_settings(kwargs, env, match, monkeypatch):
+    for var in (sharding.ENV_COORDINATOR, sharding.ENV_NUM_PROCESSES, sharding.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        sharding.initialize_distributed(**kwargs)
