@@ -158,3 +158,29 @@ def test_train_loop_on_a_mesh_follows_one_device(data, model_deg, fsdp, tmp_path
     close(again.history["train"]["loss"], one.history["train"]["loss"], "resumed losses")
     close(again.params["embed"]["embedding"], one.params["embed"]["embedding"], "final params",
           tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa-kv2", "unequal"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_engine_same_greedy_tokens(kind, tp):
+    """EngineConfig(tensor_parallel_size=tp) against tp=1: same greedy tokens with a roomy
+    pool and with a pool small enough to preempt, prefix hits included (shared prompts)."""
+    cfg, params = model(kind, seed=tp)
+    rng = np.random.default_rng(tp)
+    shared = list(rng.integers(0, cfg.vocab_size, 20))
+    prompts = [shared + list(rng.integers(0, cfg.vocab_size, n)) for n in (1, 5, 9, 3)]
+    prompts += [list(rng.integers(0, cfg.vocab_size, n)) for n in (1, 12)]
+    sp = og.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    seen = {"preempted": 0, "cached": 0}
+    for pages in (None, 10):
+        ec = dict(page_size=8, num_pages=pages or 64, max_num_seqs=4, max_num_batched_tokens=64,
+                  attention_impl="reference")
+        one = og.Engine(cfg, params, og.EngineConfig(**ec)).generate(prompts, sp)
+        eng = og.Engine(cfg, params, og.EngineConfig(**ec, tensor_parallel_size=tp))
+        many = eng.generate(prompts, sp)
+        assert [o.token_ids for o in many] == [o.token_ids for o in one], (kind, tp, pages)
+        leaf = eng.runner.params["layer_0"]["mlp"]["down_proj"]["kernel"]
+        assert len(leaf.sharding.device_set) == tp
+        seen["preempted"] += sum(o.num_preemptions for o in many)
+        seen["cached"] += sum(o.num_cached_tokens for o in many)
+    assert seen["preempted"] > 0 and seen["cached"] > 0, seen   # both paths were exercised

@@ -102,3 +102,15 @@ def test_initialize_distributed_rejects_bad_settings(kwargs, env, match, monkeyp
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=match):
         sharding.initialize_distributed(**kwargs)
+
+
+def test_tensor_parallel_engine_bad_degrees_raise_before_weights_move():
+    cfg = og.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                         head_dim=8, ffn_dim=48)
+    params = og.init_params(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        og.Engine(cfg, params, og.EngineConfig(num_pages=8, tensor_parallel_size=3))
+    with pytest.raises(ValueError, match="needs 2 devices; 1 present"):
+        og.Engine(cfg, params, og.EngineConfig(num_pages=8, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        og.EngineConfig(tensor_parallel_size=0)

@@ -117,6 +117,10 @@ class EngineConfig:
       token_buckets: token counts that mixed (prefill) steps are padded to;
         None: powers of two from 16 up to max_num_batched_tokens. Fewer buckets
         mean fewer compiled programs and more padding.
+      tensor_parallel_size: devices the model is split over (the first ones of
+        ``jax.devices()``): weights by ``optgqa_jax.sharding``'s rules and the KV pool by KV
+        heads where those are split; the step is one jitted program that XLA partitions
+        (GSPMD). Scheduling stays on the host, unchanged.
     """
 
     page_size: int = 16
@@ -135,6 +139,7 @@ class EngineConfig:
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None
     max_logprobs: int = 20
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         p = self.page_size
@@ -150,7 +155,7 @@ class EngineConfig:
                                                                  (int, np.integer)) \
                 or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")

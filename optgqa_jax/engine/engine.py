@@ -163,6 +163,11 @@ class Engine:
         if not isinstance(cfg, ModelConfig):
             raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
         check_params_match(cfg, params)
+        mesh = None
+        if config.tensor_parallel_size > 1:  # checked before any weight moves
+            from optgqa_jax import sharding
+            sharding.check_tensor_parallel(cfg, config.tensor_parallel_size)
+            mesh = sharding.make_mesh(1, config.tensor_parallel_size)
         if config.fuse_projections and not is_fused(params):
             params = fuse_projections(cfg, params)
         if backend() != "cpu":  # act-order rows sorted once, for the quantized matmul kernel
@@ -184,7 +189,7 @@ class Engine:
                                   seq_buckets=config.seq_buckets,
                                   token_buckets=config.token_buckets,
                                   compiler_options=config.xla_compiler_options,
-                                  max_logprobs=config.max_logprobs)
+                                  max_logprobs=config.max_logprobs, mesh=mesh)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._steps = 0

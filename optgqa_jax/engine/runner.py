@@ -205,7 +205,11 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
-                 max_logprobs: int = 20):
+                 max_logprobs: int = 20, mesh=None):
+        self.mesh = mesh
+        if mesh is not None:  # tensor parallel: weights by the partition rules
+            from optgqa_jax import sharding
+            params = sharding.shard_params(cfg, params, mesh)
         self.cfg, self.params, self.impl = cfg, params, impl
         self.logprobs_k = max(1, min(max_logprobs, cfg.vocab_size))  # static top-k width
         if compiler_options is None:
@@ -222,6 +226,14 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.pool = KVPool.create(cfg, num_pages, page_size)
+        if mesh is not None:  # pages split by KV heads where the K/V projections are
+            from jax.sharding import NamedSharding, PartitionSpec
+            from optgqa_jax import sharding
+            tp = mesh.shape[sharding.MODEL]
+            place = lambda layer, a: jax.device_put(a, NamedSharding(mesh, PartitionSpec(  # noqa
+                sharding.MODEL if sharding.kv_heads_split(cfg, tp, layer) else None)))
+            self.pool = KVPool(tuple(place(i, a) for i, a in enumerate(self.pool.k)),
+                               tuple(place(i, a) for i, a in enumerate(self.pool.v)))
         self.signatures: set = set()
         self.seq_buckets = tuple(seq_buckets) if seq_buckets else tuple(sorted(
             {_pow2(n) for n in range(1, max_num_seqs + 1)}))
@@ -229,6 +241,9 @@ class ModelRunner:
             {_pow2(n, 16) for n in range(1, max_num_batched_tokens + 1)}))
         self.max_rows = max(self.max_num_seqs, self.seq_buckets[-1])  # rows of any step
         self._no_prev = jnp.zeros((self.max_rows,), jnp.int32)
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+            self._no_prev = jax.device_put(self._no_prev, NamedSharding(mesh, PartitionSpec()))
 
     @property
     def compiles(self) -> int:
