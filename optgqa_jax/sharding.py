@@ -225,6 +225,18 @@ def _quantized_specs(ql: QuantizedLinear, name, cfg, tp, layer, fs) -> Quantized
                       perm=None if ql.perm is None else rep(ql.perm))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device of `mesh`."""
+    return NamedSharding(mesh, P())
+
+
+def kv_pages_sharding(cfg: ModelConfig, mesh: Mesh, layer: int) -> NamedSharding:
+    """Placement of one layer's paged K or V pool [K, pages, page, H]: split by KV heads over
+    ``model`` where the layer's K/V projections are (:func:`kv_heads_split`), else whole."""
+    split = kv_heads_split(cfg, mesh.shape[MODEL], layer)
+    return NamedSharding(mesh, P(MODEL if split else None))
+
+
 def shardings(specs, mesh: Mesh):
     """NamedShardings for a tree of PartitionSpecs (quantized layers included)."""
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from optgqa_jax import train_log
+from optgqa_jax import sharding, train_log
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.evaluate import check_windows, windows_perplexity
 from optgqa_jax.model import check_params_match, forward
@@ -283,13 +283,12 @@ def _train_step(state: TrainState, micro_batches: jax.Array, aux, *, cfg: ModelC
 def _place(cfg: ModelConfig, master, mesh, fsdp: bool, sharded: bool):
     """Master weights on `mesh`: by the partition rules, or replicated (trainable trees that
     are not model params)."""
-    from optgqa_jax import sharding
     if sharded:
         return sharding.shard_params(cfg, master, mesh, fsdp)
     if fsdp:
         raise ValueError("fsdp=True needs the trainable params to be model params "
                          "(to_model_params=None)")
-    return jax.device_put(master, NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(master, sharding.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=4)
@@ -412,14 +411,13 @@ def train(cfg: ModelConfig, params: Any, train_windows, tc: TrainConfig, *,
                              f"the mesh's data axis of {mesh.shape['data']} devices")
     elif fsdp:
         raise ValueError("fsdp=True needs a mesh")
-    step0 = jnp.int32(0) if mesh is None else jax.device_put(
-        jnp.int32(0), NamedSharding(mesh, PartitionSpec()))
+    step0 = jnp.int32(0) if mesh is None else jax.device_put(jnp.int32(0),
+                                                             sharding.replicated(mesh))
     opt_state = jax.jit(make_optimizer(tc).init)(master)
     if mesh is not None:  # scalars (step counts) the init left on one device: replicate them
-        replicated = NamedSharding(mesh, PartitionSpec())
         opt_state = jax.tree_util.tree_map(
             lambda a: a if len(a.sharding.device_set) == mesh.size
-            else jax.device_put(a, replicated), opt_state)
+            else jax.device_put(a, sharding.replicated(mesh)), opt_state)
     state = TrainState(step0, master, opt_state)
     template = state
     history = {"train": {k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")},

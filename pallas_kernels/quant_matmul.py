@@ -4,8 +4,8 @@ Decode is bandwidth bound: a 4-bit layer holds a quarter of the bytes of its bfl
 a kernel that reads the packed codes and dequantizes them in registers can run up to about 4x
 faster than the bfloat16 product, where XLA's own path (dequantize to bfloat16 in memory, then
 multiply) is slower than bfloat16. Measured status (H200, jax 0.11.2, commit e877c19,
-``experiments/results/h200/quant/``): 1.0-1.5x the bfloat16 product at 1 and 16 rows, at 12-24%
-of the copy bandwidth for 4-bit codes; 4- and 8-bit layers take about the same time, so the
+``experiments/results/h200/quant/``), 4 bits in groups of 128: 1.0-1.5x the bfloat16 product at
+1 and 16 rows, at 11-24% of the copy bandwidth; 4- and 8-bit layers take about the same time, so the
 kernel is bound by the work per code, not by the bytes it reads. ``optgqa_jax.quant.matmul``
 uses it up to 16 rows and dequantizes for larger inputs.
 

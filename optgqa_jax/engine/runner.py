@@ -32,6 +32,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels._common import backend as kernel_backend
+from optgqa_jax import sharding
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.engine.scheduler import Scheduled
 from optgqa_jax.kv_layers import PagedBatch, PagedLayerKV
@@ -208,7 +209,6 @@ class ModelRunner:
                  max_logprobs: int = 20, mesh=None):
         self.mesh = mesh
         if mesh is not None:  # tensor parallel: weights by the partition rules
-            from optgqa_jax import sharding
             params = sharding.shard_params(cfg, params, mesh)
         self.cfg, self.params, self.impl = cfg, params, impl
         self.logprobs_k = max(1, min(max_logprobs, cfg.vocab_size))  # static top-k width
@@ -227,11 +227,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.pool = KVPool.create(cfg, num_pages, page_size)
         if mesh is not None:  # pages split by KV heads where the K/V projections are
-            from jax.sharding import NamedSharding, PartitionSpec
-            from optgqa_jax import sharding
-            tp = mesh.shape[sharding.MODEL]
-            place = lambda layer, a: jax.device_put(a, NamedSharding(mesh, PartitionSpec(  # noqa
-                sharding.MODEL if sharding.kv_heads_split(cfg, tp, layer) else None)))
+            place = lambda i, a: jax.device_put(a, sharding.kv_pages_sharding(cfg, mesh, i))  # noqa: E731
             self.pool = KVPool(tuple(place(i, a) for i, a in enumerate(self.pool.k)),
                                tuple(place(i, a) for i, a in enumerate(self.pool.v)))
         self.signatures: set = set()
@@ -242,8 +238,7 @@ class ModelRunner:
         self.max_rows = max(self.max_num_seqs, self.seq_buckets[-1])  # rows of any step
         self._no_prev = jnp.zeros((self.max_rows,), jnp.int32)
         if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec
-            self._no_prev = jax.device_put(self._no_prev, NamedSharding(mesh, PartitionSpec()))
+            self._no_prev = jax.device_put(self._no_prev, sharding.replicated(mesh))
 
     @property
     def compiles(self) -> int:
