@@ -31,10 +31,10 @@ from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
+from bench_quant import arg_sets, io_bytes  # noqa: E402  (the same rotation and byte count)
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
-L2_BYTES = 4 * 64 << 20          # rotate over >= 4x a 64 MiB L2
 
 
 def cases():
@@ -116,17 +116,14 @@ def main(argv=None):
         K, N = SHAPES[shape]
         qc = quant.parse_spec(fmt)
         key = jax.random.PRNGKey(M + K + N)
-        one = quant.synthetic.random_quantized_linear(key, K, N, qc, "bfloat16")
-        copies = max(2, min(64, -(-L2_BYTES // one.nbytes)))
-        sets = []
-        for i in range(copies):
-            ql = quant.synthetic.random_quantized_linear(jax.random.fold_in(key, i), K, N, qc,
-                                                         "bfloat16")
-            x = jax.random.normal(jax.random.fold_in(key, 1000 + i), (M, K)).astype(jnp.bfloat16)
-            sets.append((x, ql.qweight, ql.scales, ql.zeros))
-        nbytes = 2 * M * K + 2 * M * N + one.nbytes - one.g_idx.size * 4
-        wbf = [(s[0], jnp.zeros((K, N), jnp.bfloat16) + i) for i, s in
-               enumerate(sets[:max(2, -(-L2_BYTES // (2 * K * N)))])]
+        qsets = arg_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
+            k, K, N, qc, "bfloat16"))
+        copies, one = len(qsets), qsets[0][1]
+        sets = [(x, ql.qweight, ql.scales, ql.zeros) for x, ql in qsets]
+        del qsets
+        nbytes = io_bytes(M, K, N, one)
+        wbf = arg_sets(key, M, K, N, lambda k: jnp.zeros((K, N), jnp.bfloat16)
+                       + jax.random.uniform(k, (), jnp.bfloat16))
         t_bf16 = B.timeit_rotating(lambda x, w: x @ w, wbf, compiler_options=opts)
         del wbf
         case = dict(shape=shape, M=M, K=K, N=N, format=fmt, copies=copies, bytes=nbytes,
