@@ -10,7 +10,8 @@ would gain. Cases run in priority order under a time budget; the JSON is rewritt
 
 Usage::
 
-    python experiments/tune_quant.py [--budget-s 400] [--out experiments/results/quant]
+    python experiments/tune_quant.py [--budget-s 400] [--rows 1,16] [--formats w4g128,w8]
+                                     [--out experiments/results/quant]
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget-s", type=float, default=420)
     p.add_argument("--case-budget-s", type=float, default=30)
+    p.add_argument("--rows", default=None,
+                   help="comma-separated row counts M to search (default: every case)")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated weight formats, e.g. w4g128,w8 (default: every case)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -110,7 +115,11 @@ def main(argv=None):
     res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                commit=B.source_commit(), ceiling=ceiling, cases=[])
     t_start = time.perf_counter()
+    rows = None if a.rows is None else {int(r) for r in a.rows.split(",")}
+    formats = None if a.formats is None else set(a.formats.split(","))
     for shape, M, fmt in cases():
+        if (rows and M not in rows) or (formats and fmt not in formats):
+            continue
         if time.perf_counter() - t_start > a.budget_s:
             break
         K, N = SHAPES[shape]

@@ -26,8 +26,10 @@ its share of K in tiles of ``block_k`` rows (at least 16 codes per shift: 128 ro
 is the sum of P products of x's columns {P * w + p} with the codes at shift p. The wrapper puts
 x's columns in that shift-major order once per call (``shift_major``; x is small next to the
 weight) and pads x with zero rows and columns to whole tiles, so x is read in contiguous slices
-and the weight in place (its ragged column and row edges masked). Codes become float32 through
-their mantissa (``bitcast(code | bits(2^23)) - 2^23``), not an int-to-float conversion. When a
+and the weight in place (its ragged column and row edges masked). Each code is masked where
+it lies in its word (the upper half shifted down once per word) and placed under the exponent
+of 2^23 with the same and-or, so ``bitcast(...) - 2^23 = code * 2^s``: no per-code shift and no
+int-to-float conversion; x's columns of that shift carry the exact factor ``2^-s``. When a
 tile lies in one group (contiguous groups, ``block_k`` dividing the group size, or one group
 per column) the products take the integers ``q - z`` (exact in bfloat16/float16) and the
 group's per-column scale multiplies the [block_m, block_n] partial sum; otherwise each word
@@ -121,16 +123,47 @@ class QuantMatmulConfig:
 
 
 
+def shift_offsets(bits: int) -> list[tuple[bool, int]]:
+    """Where shift p's codes are read in place: (from the word's high half, bit offset s).
+
+    A code at bits ``[b p, b p + b)`` of a word is masked where it lies (in the low half, or in
+    the high half after one shift by 16 shared by the word's upper codes), so it arrives
+    multiplied by ``2^s`` with ``s = b p mod 16``; x's columns of that shift carry the
+    factor ``2^-s`` (:func:`shift_scales`, exact: a power of two).
+    """
+    return [(bits * p >= 16, bits * p % 16) for p in range(32 // bits)]
+
+
+def shift_scales(bits: int, block_k: int, Kp: int) -> np.ndarray:
+    """float32 [Kp]: the factor ``2^-s`` of every column of x in shift-major tile order."""
+    P = 32 // bits
+    per_shift = np.array([2.0 ** -s for _, s in shift_offsets(bits)], np.float32)
+    return np.tile(np.repeat(per_shift, block_k // P), Kp // block_k)
+
+
+def code_floats(words, words_hi, bits: int, p: int):
+    """float32 ``2^23 + code * 2^s`` of shift p of int32 ``words`` (``words_hi = words >> 16``).
+
+    The masked code, placed under the exponent of 2^23, is that float's mantissa: one and-or
+    per code (a single three-input logic instruction), no shift and no int-to-float conversion.
+    """
+    hi, s = shift_offsets(bits)[p]
+    src = words_hi if hi else words
+    return jax.lax.bitcast_convert_type((src & (((1 << bits) - 1) << s)) | _TWO23_BITS,
+                                        jnp.float32)
+
+
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
-                 block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool):
+                 block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
+                 scale_parts: bool):
     P = 32 // bits
     Pk = block_k // P                       # words per K tile = rows per shift
-    code_mask = (1 << bits) - 1
     gs = K if group_size == -1 else group_size
+    offsets = [s for _, s in shift_offsets(bits)]
     # One group per K tile (contiguous groups that the tiles do not straddle): the tile's
-    # (q - z) are small integers, exact in bfloat16/float16, so the products take them as
-    # they are and the group's per-column scale multiplies the [bm, bn] partial sum instead of
-    # every weight. Otherwise each row's scale and zero are gathered.
+    # (q - z) 2^s are small integers times powers of two, exact in bfloat16/float16, so the
+    # products take them as they are and the group's per-column scale multiplies the [bm, bn]
+    # partial sum instead of every weight. Otherwise each row's scale and zero are gathered.
     per_tile = not use_gidx and (group_size == -1 or gs % block_k == 0)
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
@@ -158,6 +191,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 mask = (w_ok[:, None] if mask_k else True) & (n_ok[None, :] if mask_n else True)
             words = plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, block_n)], mask=mask,
                                other=0 if mask is not None else None)   # [Pk, bn] int32
+            words_hi = words >> 16                # the upper codes, shifted once per word
             if per_tile:
                 g = jnp.zeros((1,), jnp.int32) + (0 if group_size == -1 else k0 // gs)
                 one = jnp.ones((1,), jnp.bool_)
@@ -172,7 +206,6 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
             for p in range(P):        # shift p of word w holds input row k0 + P * w + p
-                codes = (words >> (p * bits)) & code_mask                 # [Pk, bn]
                 if not (per_tile or word_groups):
                     if use_gidx:      # g_idx arrives in x's shift-major column order
                         g = gidx_ref[pl.ds(k0 + p * Pk, Pk)]
@@ -180,20 +213,18 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                         g = jnp.minimum(wrows * P + p, K - 1) // gs
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
-                # codes -> float32 without an int-to-float conversion (a slow instruction):
-                # 2^23 + code has the code as its mantissa, so subtracting 2^23 leaves it.
-                f = jax.lax.bitcast_convert_type(codes | _TWO23_BITS, jnp.float32)
-                if per_tile:
-                    w = f - (_TWO23 + z.astype(jnp.float32))              # exact integers
-                else:
-                    w = (f - (_TWO23 + z)) * s
+                f = code_floats(words, words_hi, bits, p)       # 2^23 + code 2^s_p
+                w = f - (_TWO23 + z * float(2 ** offsets[p]))   # (code - z) 2^s_p, exact
+                if not per_tile:
+                    w = w * s
                 if fma:
                     for m in range(block_m):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
                         parts[m] += xm[:, None] * w
                 else:
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
-                    parts[0] += C.dot(x, w.astype(x.dtype))
+                    part = C.dot(x, w.astype(x.dtype))
+                    parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
             return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
@@ -240,11 +271,19 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
     # shift-major K order once per call; the weight is read in place.
     xp = shift_major(jnp.pad(x, ((0, Mp - M), (0, Kp - K))), block_k, bits)
+    # Codes arrive times 2^s (code_floats); x's columns carry 2^-s, exact as a power of two.
+    # The register path multiplies in float32; float16 x in the tensor-core path would
+    # underflow, so there the partial products are scaled instead.
+    scale_parts = not config.fma and x.dtype == jnp.float16
+    if not scale_parts:
+        xp = xp.astype(jnp.float32 if config.fma else x.dtype)
+        xp = xp * jnp.asarray(shift_scales(bits, block_k, Kp), xp.dtype)
     gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), block_k, bits) if use_gidx
             else jnp.zeros((1,), jnp.int32))
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
-                          block_k=block_k, use_gidx=use_gidx, fma=config.fma)
+                          block_k=block_k, use_gidx=use_gidx, fma=config.fma,
+                          scale_parts=scale_parts)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)
