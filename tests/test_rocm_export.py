@@ -86,3 +86,22 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
 
     module = export_for(platform, f, *_quant_args(M, K, N, bits, group_size))
     assert module.count(TRITON_CALL) == 1
+
+
+# bsr_quant_matmul: x [M, K], codes int32 [nnz, gs * bits / 32], scales/zeros/col_idx/row_ids [nnz].
+@pytest.mark.parametrize("M,bits,gs", [(1, 4, 128), (16, 4, 64), (5, 8, 128), (3, 2, 64)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, platform):
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul
+    K, N, nnz = 512, 384, 1000
+    cfg = BSRMatmulConfig.for_shape(platform, M, nnz)
+
+    def f(x, c, s, z, col, rows):
+        return bsr_quant_matmul(x, c, s, z, col, rows, out_features=N, bits=bits,
+                                group_size=gs, config=cfg)
+
+    args = (S((M, K), jnp.bfloat16), S((nnz, gs * bits // 32), jnp.int32),
+            S((nnz,), jnp.float16), S((nnz,), jnp.uint8), S((nnz,), jnp.int32),
+            S((nnz,), jnp.int32))
+    module = export_for(platform, f, *args)
+    assert module.count(TRITON_CALL) == 1

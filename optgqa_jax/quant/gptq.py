@@ -161,9 +161,13 @@ def _inverse_factor(H, damp):
 
 
 @functools.partial(jax.jit, static_argnums=5)
-def _gptq_loop(W, U, perm, static_grid, channel_grid, qc: QuantConfig):
+def _gptq_loop(W, U, perm, static_grid, channel_grid, qc: QuantConfig, keep):
     """Algorithm 1 with lazy batch updates. Returns (codes [R, C] in permuted order,
-    scales [G, R], zeros [G, R], loss)."""
+    scales [G, R], zeros [G, R], loss).
+
+    ``keep`` float [R, C] (1 kept, 0 pruned; permuted like W): a pruned weight's quantized
+    value is 0, so its whole value is error that the later columns compensate (as in
+    SparseGPT's fixed-mask update), and its code is the zero point."""
     R, C = W.shape
     static_scale, static_zero = static_grid
     B = min(qc.block_size, C)
@@ -175,6 +179,7 @@ def _gptq_loop(W, U, perm, static_grid, channel_grid, qc: QuantConfig):
         W = jnp.pad(W, ((0, 0), (0, Cp - C)))
         U = jax.scipy.linalg.block_diag(U, jnp.eye(Cp - C, dtype=U.dtype))
         perm = jnp.concatenate([perm, jnp.arange(C, Cp)])
+        keep = jnp.pad(keep, ((0, 0), (0, Cp - C)), constant_values=1.0)
     G = Cp // gs
     if grouped:
         scales0 = jnp.ones((G, R), jnp.float32)
@@ -202,8 +207,9 @@ def _gptq_loop(W, U, perm, static_grid, channel_grid, qc: QuantConfig):
             cur = (static_scale[g], static_zero[g])
         w = W1[:, i]
         d = U1[i, i]
-        q = quantize_codes(w, cur[0], cur[1], qc.maxq)
-        err = (w - dequantize_codes(q, cur[0], cur[1])) / d
+        kept = jax.lax.dynamic_index_in_dim(keep, col, 1, keepdims=False) > 0   # [R]
+        q = jnp.where(kept, quantize_codes(w, cur[0], cur[1], qc.maxq), cur[1])
+        err = (w - jnp.where(kept, dequantize_codes(q, cur[0], cur[1]), 0.0)) / d
         loss = loss + jnp.sum(err * err) / 2
         W1 = W1 - err[:, None] * U1[i][None, :]  # U1 is upper triangular: only columns >= i move
         Q1 = Q1.at[:, i].set(q)
@@ -230,13 +236,18 @@ def _gptq_loop(W, U, perm, static_grid, channel_grid, qc: QuantConfig):
     return Q[:, :C], scales[: C // gs], zeros[: C // gs], loss
 
 
-def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = False):
+def gptq(w, H, qc: QuantConfig, *, keep=None, name: str = "layer", return_info: bool = False):
     """Quantize one linear layer with GPTQ.
 
     Args:
       w: float [D_in, D_out], the model's kernel layout (``x @ w``).
       H: float [D_in, D_in], the layer-input Hessian (:func:`hessian`).
       qc: the quantization settings.
+      keep: optional bool [D_in, D_out] pruning mask (True = kept). Pruned weights are
+        quantized to exactly 0 (code = zero point) and their error is compensated by the
+        not yet quantized weights, like any rounding error; the mask stays fixed
+        (``optgqa_jax.sparse`` prunes whole quantization groups with it). Needs contiguous
+        groups (no act-order), so that pruned and quantization groups coincide.
       name: the layer's name, used in error messages.
       return_info: also return a dict with ``loss`` (the reference's summed
         ``(w - q)^2 / d^2 / 2``), ``damp`` (relative dampening used), ``damp_abs``,
@@ -258,6 +269,14 @@ def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = Fals
         raise ValueError(f"{name}: H has shape {tuple(H.shape)}, expected [D_in, D_in] = "
                          f"{(d_in, d_in)}")
     qc.check_layer(d_in, name)
+    if keep is not None:
+        keep = jnp.asarray(keep)
+        if keep.shape != w.shape or keep.dtype != jnp.bool_:
+            raise ValueError(f"{name}: keep must be bool with w's shape {tuple(w.shape)}, got "
+                             f"{keep.dtype} {tuple(keep.shape)}")
+        if qc.act_order:
+            raise ValueError(f"{name}: a pruning mask needs act_order=False (act-order forms "
+                             "quantization groups in Hessian order, not the pruned groups)")
     if not bool(jnp.isfinite(w).all()):
         raise ValueError(f"{name}: the weights contain NaN or inf")
     if not bool(jnp.isfinite(H).all()):
@@ -275,7 +294,10 @@ def gptq(w, H, qc: QuantConfig, *, name: str = "layer", return_info: bool = Fals
         raise ValueError(f"{name}: the Hessian is not positive definite even with dampening "
                          f"{rel:g} * mean(diag H) after {qc.max_damp_tries} tries; check the "
                          "calibration data (too few tokens?) or raise QuantConfig.damp")
-    Q, scales, zeros, loss = _gptq_loop(W, U, perm, static_grid, channel_grid, qc.grid_only())
+    keep_t = (jnp.ones(W.shape, jnp.float32) if keep is None
+              else keep.T[:, perm].astype(jnp.float32))                 # [R, C] permuted
+    Q, scales, zeros, loss = _gptq_loop(W, U, perm, static_grid, channel_grid, qc.grid_only(),
+                                        keep_t)
     codes = jnp.zeros_like(Q).at[:, perm].set(Q).T  # [D_in, D_out], original row order
     if qc.act_order and not qc.static_groups:
         gs = d_in if qc.group_size == -1 else qc.group_size

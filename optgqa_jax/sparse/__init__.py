@@ -1,0 +1,21 @@
+"""GQSA group sparsity: prune whole quantization groups, quantize the rest, store them as BSR.
+
+* :class:`SparsityConfig` — fraction, score and scope of the pruning;
+* :mod:`~optgqa_jax.sparse.prune` — group scores (magnitude, Hessian), masks, GPTQ on the
+  pruned layer;
+* :mod:`~optgqa_jax.sparse.bsr` — the Block Sparse Row format, conversions, the product and
+  orbax save/load.
+"""
+
+from optgqa_jax.sparse.config import SparsityConfig
+from optgqa_jax.sparse.prune import (canonical_pruned, expand_mask, group_mask, group_scores,
+                                     gptq_pruned, layer_output_error, prune_float,
+                                     prune_quantized)
+from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, bsr_matmul, check_bsr, dequantize_bsr,
+                                   from_arrays, is_bsr, kept_mask, load_bsr, save_bsr, to_bsr,
+                                   to_dense)
+
+__all__ = ["SparsityConfig", "canonical_pruned", "expand_mask", "group_mask", "group_scores",
+           "gptq_pruned", "layer_output_error", "prune_float", "prune_quantized",
+           "BSRQuantizedLinear", "bsr_matmul", "check_bsr", "dequantize_bsr", "from_arrays",
+           "is_bsr", "kept_mask", "load_bsr", "save_bsr", "to_bsr", "to_dense"]

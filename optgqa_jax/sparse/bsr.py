@@ -1,0 +1,314 @@
+"""BSRQuantizedLinear: group-sparse 4-bit weights in Block Sparse Row form (GQSA's format).
+
+A pruned layer keeps, per output feature ``n`` (a *row* of the paper's ``W`` [D_out, D_in]),
+some of its ``G = K / gs`` quantization groups. Only the kept groups are stored, row by row,
+with their columns ascending (CSR over blocks of ``1 x gs`` weights):
+
+* ``row_ptr`` int32 [N + 1]: row ``n``'s blocks are ``row_ptr[n] : row_ptr[n + 1]``;
+* ``col_idx`` int32 [nnz]: the group (block column) ``g`` of each block, ascending in a row;
+* ``codes`` int32 [nnz, gs * b / 32]: the block's ``gs`` codes packed as in ``qweight``
+  (input ``g gs + k`` at bits ``b (k mod P)`` of word ``k / P``, P = 32 / b codes per word);
+* ``scales`` [nnz] (float16 by default) and ``zeros`` uint8 [nnz]: the block's grid;
+* ``row_ids`` int32 [nnz]: the row of each block (from ``row_ptr``; kept for the kernel).
+
+``W[g gs + k, n] = scales[t] (code[t, k] - zeros[t])`` for the block ``t`` of row ``n`` with
+``col_idx[t] = g``; absent blocks are zeros. :func:`to_bsr` converts a dense
+``QuantizedLinear`` (pruned groups dropped), :func:`to_dense` converts back (absent groups
+written as codes 0, zero 0, scale 0), :func:`bsr_matmul` multiplies (the Pallas kernel
+``pallas_kernels.bsr_quant_matmul`` on GPUs), :func:`save_bsr`/:func:`load_bsr` use orbax.
+Conversions are host-side bookkeeping on concrete arrays (numpy), not traced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.quant.linear import QuantizedLinear, contiguous_groups
+
+BSR_BITS = (2, 4, 8)
+
+
+@flax.struct.dataclass
+class BSRQuantizedLinear:
+    """Kept quantization groups of one linear layer in Block Sparse Row form (module docstring)."""
+
+    codes: jax.Array     # int32 [nnz, group_size * bits / 32]
+    scales: jax.Array    # [nnz]
+    zeros: jax.Array     # uint8 [nnz]
+    col_idx: jax.Array   # int32 [nnz]
+    row_ptr: jax.Array   # int32 [N + 1]
+    row_ids: jax.Array   # int32 [nnz]
+    in_features: int = flax.struct.field(pytree_node=False, default=0)
+    bits: int = flax.struct.field(pytree_node=False, default=4)
+    group_size: int = flax.struct.field(pytree_node=False, default=128)
+    sym: bool = flax.struct.field(pytree_node=False, default=True)
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical weight shape (D_in, D_out)."""
+        return (self.in_features, self.row_ptr.shape[0] - 1)
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (kept) groups."""
+        return self.codes.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of groups kept."""
+        K, N = self.shape
+        return self.nnz / max(1, self.num_groups * N)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (codes, scales, zeros, column indices, row pointers; not row_ids,
+        which the kernel could recompute)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.codes, self.scales, self.zeros, self.col_idx, self.row_ptr))
+
+
+def is_bsr(x) -> bool:
+    """Whether `x` is a :class:`BSRQuantizedLinear` (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, BSRQuantizedLinear)
+
+
+def check_bsr(b: BSRQuantizedLinear, name: str = "bsr") -> None:
+    """Raise ValueError (naming the field) unless `b` is a well-formed BSR layer: shapes and
+    dtypes agree, ``row_ptr`` starts at 0, never decreases and ends at nnz, ``col_idx`` lies in
+    ``[0, G)`` and strictly ascends within each row, ``row_ids`` matches ``row_ptr``. Index
+    checks need concrete arrays (they are skipped for traced ones)."""
+    if b.bits not in BSR_BITS:
+        raise ValueError(f"{name}.bits={b.bits!r} must be one of {BSR_BITS}")
+    gs, K = b.group_size, b.in_features
+    if not isinstance(gs, (int, np.integer)) or gs < 1 or (gs * b.bits) % 32:
+        raise ValueError(f"{name}.group_size={gs!r} must be positive with group_size * bits a "
+                         "multiple of 32 (whole int32 words per group)")
+    if K < 0 or K % gs:
+        raise ValueError(f"{name}.in_features={K} must be a multiple of group_size={gs}")
+    nnz, words = b.codes.shape[0], gs * b.bits // 32
+    if b.codes.ndim != 2 or b.codes.shape[1] != words or b.codes.dtype != jnp.int32:
+        raise ValueError(f"{name}.codes must be int32 [nnz, {words}], got {b.codes.dtype} "
+                         f"{tuple(b.codes.shape)}")
+    for field, arr, dt in (("scales", b.scales, None), ("zeros", b.zeros, jnp.uint8),
+                           ("col_idx", b.col_idx, jnp.int32), ("row_ids", b.row_ids, jnp.int32)):
+        if arr.shape != (nnz,) or (dt is not None and arr.dtype != dt):
+            raise ValueError(f"{name}.{field} must have shape [nnz]=({nnz},)"
+                             f"{'' if dt is None else ' and dtype ' + jnp.dtype(dt).name}, got "
+                             f"{arr.dtype} {tuple(arr.shape)}")
+    if not jnp.issubdtype(b.scales.dtype, jnp.floating):
+        raise ValueError(f"{name}.scales must be floating point, got {b.scales.dtype}")
+    if b.row_ptr.ndim != 1 or b.row_ptr.shape[0] < 1 or b.row_ptr.dtype != jnp.int32:
+        raise ValueError(f"{name}.row_ptr must be int32 [N + 1], got {b.row_ptr.dtype} "
+                         f"{tuple(b.row_ptr.shape)}")
+    if any(isinstance(a, jax.core.Tracer) for a in (b.row_ptr, b.col_idx, b.row_ids)):
+        return
+    ptr, col, rid = (np.asarray(a) for a in (b.row_ptr, b.col_idx, b.row_ids))
+    if ptr[0] != 0 or ptr[-1] != nnz or (np.diff(ptr) < 0).any():
+        raise ValueError(f"{name}.row_ptr must start at 0, never decrease and end at nnz={nnz}; "
+                         f"got first {ptr[0]}, last {ptr[-1]}")
+    G = K // gs
+    if nnz and (col.min() < 0 or col.max() >= G):
+        raise ValueError(f"{name}.col_idx values must lie in [0, G={G}), got "
+                         f"[{col.min()}, {col.max()}]")
+    rows = np.repeat(np.arange(ptr.shape[0] - 1, dtype=np.int32), np.diff(ptr))
+    same_row = rows[1:] == rows[:-1]
+    if (same_row & (np.diff(col) <= 0)).any():
+        t = int(np.nonzero(same_row & (np.diff(col) <= 0))[0][0])
+        raise ValueError(f"{name}.col_idx must strictly ascend within a row: row {rows[t]} has "
+                         f"group {col[t]} before {col[t + 1]} (unsorted or repeated)")
+    if not np.array_equal(rid, rows):
+        raise ValueError(f"{name}.row_ids does not match row_ptr")
+
+
+def from_arrays(codes, scales, zeros, col_idx, row_ptr, *, in_features: int, bits: int = 4,
+                group_size: int = 128, sym: bool = True, dtype="float32",
+                name: str = "bsr") -> BSRQuantizedLinear:
+    """Build and check a :class:`BSRQuantizedLinear` from its stored arrays (``row_ids``
+    derived from ``row_ptr``)."""
+    row_ptr = np.asarray(row_ptr)
+    if row_ptr.ndim != 1 or row_ptr.shape[0] < 1 or (np.diff(row_ptr) < 0).any():
+        raise ValueError(f"{name}.row_ptr must be a non-decreasing [N + 1] vector")
+    rows = np.repeat(np.arange(row_ptr.shape[0] - 1, dtype=np.int32), np.diff(row_ptr))
+    b = BSRQuantizedLinear(codes=jnp.asarray(codes), scales=jnp.asarray(scales),
+                           zeros=jnp.asarray(zeros), col_idx=jnp.asarray(col_idx),
+                           row_ptr=jnp.asarray(row_ptr, jnp.int32), row_ids=jnp.asarray(rows),
+                           in_features=int(in_features), bits=int(bits),
+                           group_size=int(group_size), sym=bool(sym),
+                           dtype=jnp.dtype(dtype).name)
+    check_bsr(b, name)
+    return b
+
+
+def _group_words(ql: QuantizedLinear) -> np.ndarray:
+    """int32 [N, G, gs * b / 32]: each group's packed words (the qweight rows of the group)."""
+    K, N = ql.shape
+    G, W = K // ql.group_size, ql.group_size * ql.bits // 32
+    return np.asarray(ql.qweight).reshape(G, W, N).transpose(2, 0, 1)
+
+
+def to_bsr(ql: QuantizedLinear, keep=None, name: str = "layer") -> BSRQuantizedLinear:
+    """Store the kept groups of a dense ``QuantizedLinear`` in BSR form.
+
+    Args:
+      ql: contiguous groups (no act-order permutation), 2, 4 or 8 bits, a group size whose
+        codes fill whole int32 words.
+      keep: optional bool [G, N] mask of the groups to store; by default every group whose
+        dequantized weights are not all zero.
+
+    Raises:
+      ValueError: per-channel grids, act-order layers, 3-bit codes, a bad mask.
+    """
+    K, N = ql.shape
+    gs = ql.group_size
+    if ql.bits not in BSR_BITS:
+        raise ValueError(f"{name}: bits={ql.bits} cannot be stored as BSR (codes must fill "
+                         f"int32 words: {BSR_BITS})")
+    if gs == -1 or gs < 1 or K % gs or (gs * ql.bits) % 32:
+        raise ValueError(f"{name}: group_size={gs} must divide D_in={K} with group_size * bits "
+                         "a multiple of 32 (per-channel grids have no groups to drop)")
+    if ql.perm is not None or not bool(contiguous_groups(ql.g_idx, gs)):
+        raise ValueError(f"{name}: BSR needs contiguous groups (g_idx = i // group_size, no "
+                         "act-order)")
+    G = K // gs
+    scales, zeros = np.asarray(ql.scales), np.asarray(ql.zeros)               # [G, N]
+    if keep is None:
+        from optgqa_jax.quant.linear import dequantize
+        w = np.asarray(dequantize(ql, jnp.float32)).reshape(G, gs, N)
+        keep = (w != 0).any(axis=1)
+    keep = np.asarray(keep)
+    if keep.dtype != np.bool_ or keep.shape != (G, N):
+        raise ValueError(f"{name}: keep must be bool [G, N] = [{G}, {N}], got {keep.dtype} "
+                         f"{keep.shape}")
+    kt = keep.T                                                              # [N, G]
+    n_idx, g_idx = np.nonzero(kt)                                            # row-major order
+    words = _group_words(ql)[n_idx, g_idx]                                   # [nnz, W]
+    row_ptr = np.concatenate([[0], np.cumsum(kt.sum(axis=1))]).astype(np.int32)
+    return from_arrays(words.astype(np.int32), scales.T[n_idx, g_idx], zeros.T[n_idx, g_idx],
+                       g_idx.astype(np.int32), row_ptr, in_features=K, bits=ql.bits,
+                       group_size=gs, sym=ql.sym, dtype=ql.dtype, name=name)
+
+
+def kept_mask(b: BSRQuantizedLinear) -> np.ndarray:
+    """bool [G, N]: which groups `b` stores."""
+    K, N = b.shape
+    keep = np.zeros((N, K // b.group_size), bool)
+    keep[np.asarray(b.row_ids), np.asarray(b.col_idx)] = True
+    return keep.T
+
+
+def to_dense(b: BSRQuantizedLinear) -> QuantizedLinear:
+    """The dense ``QuantizedLinear`` of `b`; absent groups are codes 0, zero 0, scale 0."""
+    check_bsr(b)
+    K, N = b.shape
+    G, W = K // b.group_size, b.group_size * b.bits // 32
+    rows, cols = np.asarray(b.row_ids), np.asarray(b.col_idx)
+    words = np.zeros((N, G, W), np.int32)
+    words[rows, cols] = np.asarray(b.codes)
+    scales = np.zeros((N, G), np.dtype(b.scales.dtype))
+    scales[rows, cols] = np.asarray(b.scales)
+    zeros = np.zeros((N, G), np.uint8)
+    zeros[rows, cols] = np.asarray(b.zeros)
+    return QuantizedLinear(
+        qweight=jnp.asarray(words.transpose(1, 2, 0).reshape(G * W, N)),
+        scales=jnp.asarray(scales.T), zeros=jnp.asarray(zeros.T),
+        g_idx=jnp.asarray(np.arange(K) // b.group_size, jnp.int32), bits=b.bits,
+        group_size=b.group_size, sym=b.sym, dtype=b.dtype, groups_contiguous=True)
+
+
+def dequantize_bsr(b: BSRQuantizedLinear, dtype=None) -> jax.Array:
+    """The float weight [K, N] of `b` (jnp; traceable): scatter of the kept groups."""
+    from pallas_kernels.bsr_quant_matmul import dequantize_blocks
+    K, N = b.shape
+    G, gs = K // b.group_size, b.group_size
+    blocks = dequantize_blocks(b.codes, b.scales, b.zeros, b.bits, gs)      # [nnz, gs] f32
+    dense = jnp.zeros((N, G, gs), jnp.float32).at[b.row_ids, b.col_idx].set(blocks)
+    return dense.reshape(N, K).T.astype(dtype or b.dtype)
+
+
+MATMUL_IMPLS = ("auto", "pallas", "dequantize")
+KERNEL_MAX_ROWS = 16
+
+
+def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.Array:
+    """``x @ dequantize_bsr(b)`` for x [..., K], in x's dtype.
+
+    ``impl``: ``"pallas"`` runs ``pallas_kernels.bsr_quant_matmul`` (reads only the kept
+    groups; interpret mode on a CPU); ``"dequantize"`` scatters the float weight and multiplies
+    (XLA); ``"auto"`` takes the kernel on GPUs for bfloat16/float16 x with at most
+    ``KERNEL_MAX_ROWS`` rows (decode), and dequantizes elsewhere (prefill, CPUs).
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
+    from pallas_kernels import _common as kc
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul
+    K, N = b.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} input features, the BSR layer {K}")
+    rows = int(np.prod(x.shape[:-1]))
+    if impl == "auto":
+        use_kernel = (kc.backend() != "cpu" and rows <= KERNEL_MAX_ROWS
+                      and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+    else:
+        use_kernel = impl == "pallas"
+    if not use_kernel:
+        return jnp.dot(x, dequantize_bsr(b, x.dtype))
+    lead = x.shape[:-1]
+    y = bsr_quant_matmul(x.reshape(-1, K), b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
+                         out_features=N, bits=b.bits, group_size=b.group_size,
+                         interpret=kc.backend() == "cpu")
+    return y.reshape(*lead, N)
+
+
+_ARRAYS = ("codes", "scales", "zeros", "col_idx", "row_ptr")
+_META_FILE = "bsr.json"
+
+
+def save_bsr(path: str, b: BSRQuantizedLinear, *, overwrite: bool = False) -> str:
+    """Write `b` to the directory `path` with orbax (arrays) and ``bsr.json`` (static fields,
+    shapes). Returns the absolute path. Raises FileExistsError unless `overwrite`."""
+    import orbax.checkpoint as ocp
+    check_bsr(b)
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} already exists; pass overwrite=True")
+    os.makedirs(path, exist_ok=True)
+    arrays = {k: getattr(b, k) for k in _ARRAYS}
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(path, "arrays"), arrays, force=overwrite)
+    ckpt.wait_until_finished()
+    meta = dict(format="optgqa-bsr", version=1, in_features=b.in_features, bits=b.bits,
+                group_size=b.group_size, sym=b.sym, dtype=b.dtype,
+                shapes={k: [list(a.shape), jnp.dtype(a.dtype).name] for k, a in arrays.items()})
+    with open(os.path.join(path, _META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return path
+
+
+def load_bsr(path: str) -> BSRQuantizedLinear:
+    """Read a layer written by :func:`save_bsr` (bit-exact; checked with :func:`check_bsr`)."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    meta_path = os.path.join(path, _META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path!r} holds no {_META_FILE}: not a saved BSR layer")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != "optgqa-bsr":
+        raise ValueError(f"{meta_path}: not an optgqa BSR layer")
+    target = {k: jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)) for k, (s, d) in
+              meta["shapes"].items()}
+    arrays = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
+    return from_arrays(**arrays, in_features=meta["in_features"], bits=meta["bits"],
+                       group_size=meta["group_size"], sym=meta["sym"], dtype=meta["dtype"],
+                       name=path)

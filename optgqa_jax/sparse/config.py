@@ -1,0 +1,52 @@
+"""SparsityConfig: how GQSA prunes whole quantization groups."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SCORES = ("hessian", "magnitude")
+SCOPES = ("row", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """Settings of group pruning (``optgqa_jax.sparse.prune``).
+
+    A *group* is ``group_size`` consecutive input weights of one output feature: exactly a
+    quantization group of ``QuantConfig(group_size=...)``, so a pruned group is a group whose
+    codes and scale need not be stored (GQSA's "group sparsity").
+
+    Attributes:
+      sparsity: fraction of groups removed, in [0, 1). With ``scope="row"`` every output
+        feature keeps ``G - round(sparsity * G)`` of its G groups; with ``"layer"`` the layer
+        keeps ``G N - round(sparsity * G N)`` groups, spread over the features by score.
+      score: ``"hessian"`` (the optimal-brain-surgeon cost of removing the group,
+        ``w_g^T [(H^-1)_gg]^-1 w_g``, with the calibration Hessian) or ``"magnitude"``
+        (``||w_g||^2``).
+      scope: ``"row"`` (the same count per output feature: balanced rows) or ``"layer"``.
+      damp: relative dampening of H before inversion, ``damp * mean(diag H)`` (as GPTQ).
+    """
+
+    sparsity: float = 0.5
+    score: str = "hessian"
+    scope: str = "row"
+    damp: float = 0.01
+
+    def __post_init__(self):
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity={s!r} must be a fraction in [0, 1) (1 would remove every "
+                             "group)")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r} must be one of {SCORES}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} must be one of {SCOPES}")
+        if not self.damp >= 0:
+            raise ValueError(f"damp={self.damp!r} must be >= 0")
+
+    def pruned_count(self, groups: int) -> int:
+        """How many of `groups` groups are removed: ``round(sparsity * groups)``."""
+        return int(round(self.sparsity * groups))
+
+    def tag(self) -> str:
+        return f"s{round(100 * self.sparsity)}"

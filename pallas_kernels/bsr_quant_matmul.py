@@ -1,0 +1,254 @@
+"""Group-sparse quantized matmul ``y = x @ W`` for BSR-stored weights (Pallas, Triton lowering).
+
+The weight is GQSA's format (``optgqa_jax.sparse.BSRQuantizedLinear``): of every output
+feature's ``G = K / gs`` quantization groups only the kept ones are stored, as ``nnz`` blocks
+of ``gs`` b-bit codes (``codes`` int32 [nnz, gs b / 32]) with a scale and a zero point each,
+in row-major order (``row_ids`` ascending, ``col_idx`` the group of each block). Decode reads
+only the kept blocks: at 50% group sparsity about half the bytes of the dense layer.
+
+**Task-centric scheduling.** Rows keep different numbers of groups (``scope="layer"``
+pruning, empty and fully dense rows), so a program per row would leave programs idle while
+the densest rows finish. Here the unit of work is the block: program ``j`` takes the ``T``
+consecutive blocks ``[j T, (j + 1) T)`` of the row-major block list, whatever rows they belong
+to, so every program reads the same number of bytes. For each block ``t`` it computes the
+partial dot product ``p[m, t] = s_t (sum_k x[m, g_t gs + k] q_tk - z_t sum_k x[m, g_t gs + k])``
+for every row ``m`` of x; the wrapper then adds the partials of each output feature
+(``segment_sum`` over the sorted ``row_ids``: a deterministic reduction of ``nnz`` values,
+small next to the ``nnz gs b / 8`` bytes of codes).
+
+Per block the codes are unpacked as in ``pallas_kernels.quant_matmul``: masked in place in
+their word (the upper half shifted once per word), placed under the exponent of 2^23, so
+``bitcast(...) - 2^23 = q 2^s``; x arrives per group in shift-major order with the exact
+factor ``2^-s`` (``x_sm``), and the zero point is applied once per block through the group
+sums of x (``x_sum``). Multiply-adds run in float32 registers, ``[T, gs / P]`` per row of x.
+
+Axis legend: M rows of x, K input features, N output features, G = K / gs groups, nnz stored
+blocks, T blocks per program, P = 32 / b codes per word, Wg = gs / P words per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common as C
+from pallas_kernels.quant_matmul import code_floats, shift_offsets, unpack_codes
+
+KERNEL_BITS = (2, 4, 8)
+_TWO23 = float(2 ** 23)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class BSRMatmulConfig:
+    """Tuning knobs of :func:`bsr_quant_matmul` (powers of two).
+
+    Attributes:
+      block_t: blocks (kept groups) per program.
+      block_m: rows of x per program (1 to 16; each row keeps a [block_t, gs / P] float32
+        accumulator in registers).
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_t: int = 64
+    block_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def for_shape(cls, backend: str, M: int, nnz: int) -> "BSRMatmulConfig":
+        """Default: all rows of x (up to 16) in one program, 64 blocks per program."""
+        cfg = cls(block_m=int(min(16, C.next_power_of_two(max(M, 1)))))
+        if backend == "rocm":
+            cfg = dataclasses.replace(cfg, num_stages=1)
+        return cfg
+
+    def validate(self) -> None:
+        C.validate_tuning(self, ("block_t",))
+        C.validate_tuning(self, ("block_m",), minimum_block=1)
+        if self.block_m > 16:
+            raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
+
+
+def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int):
+    P = 32 // bits
+    Wg = group_size // P
+
+    def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, o_ref):
+        i, j = pl.program_id(0), pl.program_id(1)
+        t0 = j * block_t
+        ok = t0 + jnp.arange(block_t) < nnz                               # [T]
+        words = plgpu.load(c_ref.at[pl.ds(t0, block_t), pl.ds(0, Wg)], mask=ok[:, None],
+                           other=0)                                         # [T, Wg] int32
+        g = plgpu.load(g_ref.at[pl.ds(t0, block_t)], mask=ok, other=0)     # [T] groups
+        sc = plgpu.load(s_ref.at[pl.ds(t0, block_t)], mask=ok, other=0).astype(jnp.float32)
+        zp = plgpu.load(z_ref.at[pl.ds(t0, block_t)], mask=ok, other=0).astype(jnp.float32)
+        words_hi = words >> 16
+        vals = [code_floats(words, words_hi, bits, p) - _TWO23 for p in range(P)]  # q 2^s_p
+        base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [T, Wg]
+        for m in range(block_m):
+            row = i * block_m + m
+            acc = jnp.zeros((block_t, Wg), jnp.float32)
+            for p in range(P):
+                cols = base + p * Wg
+                xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
+                acc += xv * vals[p]
+            dot = jnp.sum(acc, axis=1)                                      # [T]
+            xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])  # [T]
+            o_ref[pl.ds(m, 1), :] = (sc * (dot - zp * xs))[None, :]
+
+    return kernel
+
+
+def prepare_x(x, bits: int, group_size: int, rows: int):
+    """(x_sm float32 [rows, K], x_sum float32 [rows, G]): x padded to `rows` rows, each
+    group's columns in shift-major order times ``2^-s`` (as the kernel unpacks), and each
+    group's sum."""
+    M, K = x.shape
+    P, G = 32 // bits, K // group_size
+    xf = jnp.pad(x.astype(jnp.float32), ((0, rows - M), (0, 0)))
+    x_sum = xf.reshape(rows, G, group_size).sum(axis=-1)
+    scale = jnp.asarray([2.0 ** -s for _, s in shift_offsets(bits)], jnp.float32)  # [P]
+    x_sm = xf.reshape(rows, G, group_size // P, P) * scale
+    x_sm = jnp.swapaxes(x_sm, -1, -2).reshape(rows, K)
+    return x_sm, x_sum
+
+
+@functools.partial(jax.jit, static_argnames=("out_features", "bits", "group_size",
+                                             "interpret", "config"))
+def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features, bits,
+                      group_size, interpret, config):
+    M, K = x.shape
+    nnz = codes.shape[0]
+    block_m = int(min(config.block_m, C.next_power_of_two(M)))
+    block_t = int(min(config.block_t, max(16, C.next_power_of_two(nnz))))
+    Mp, nnz_p = C.cdiv(M, block_m) * block_m, C.cdiv(nnz, block_t) * block_t
+    x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
+    kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
+                          block_m=block_m)
+    full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
+    partial = pl.pallas_call(
+        kernel,
+        grid=(Mp // block_m, nnz_p // block_t),
+        in_specs=[full(x_sm), full(x_sum), full(codes), full(scales), full(zeros),
+                  full(col_idx)],
+        out_specs=pl.BlockSpec((block_m, block_t), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((Mp, nnz_p), jnp.float32),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        name=f"optgqa_bsr_quant_matmul_w{bits}",
+    )(x_sm, x_sum, codes, scales, zeros, col_idx)
+    y = jax.ops.segment_sum(partial[:M, :nnz].T, row_ids, num_segments=out_features,
+                            indices_are_sorted=True)                       # [N, M]
+    return y.T.astype(x.dtype)
+
+
+def check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features: int, bits: int,
+                     group_size: int) -> None:
+    """Raise ValueError (naming the argument) unless the arguments form a valid product;
+    index checks (ranges, order) run when the indices are concrete."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits={bits!r} must be one of {KERNEL_BITS}")
+    if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+            or group_size < 1 or not C.is_power_of_two(group_size)
+            or group_size * bits < 32):
+        raise ValueError(f"group_size={group_size!r} must be a power of two holding whole "
+                         f"int32 words ({32 // bits} codes or more at {bits} bits)")
+    C.check_rank("x", x, 2, "[M, K]")
+    C.check_float("x", x)
+    M, K = x.shape
+    if K % group_size:
+        raise ValueError(f"x has K={K} input features, not a multiple of group_size="
+                         f"{group_size}")
+    G, words = K // group_size, group_size * bits // 32
+    C.check_rank("codes", codes, 2, "[nnz, group_size * bits / 32]")
+    C.check_int32("codes", codes)
+    nnz = codes.shape[0]
+    if codes.shape[1] != words:
+        raise ValueError(f"codes has {codes.shape[1]} words per block; group_size={group_size} "
+                         f"at {bits} bits needs {words}")
+    if isinstance(out_features, bool) or not isinstance(out_features, (int, np.integer)) or \
+            out_features < 0:
+        raise ValueError(f"out_features={out_features!r} must be a non-negative int")
+    for name, a in (("scales", scales), ("zeros", zeros), ("col_idx", col_idx),
+                    ("row_ids", row_ids)):
+        if a.shape != (nnz,):
+            raise ValueError(f"{name} must have shape [nnz]=({nnz},), got {tuple(a.shape)}")
+    C.check_float("scales", scales)
+    if jnp.dtype(zeros.dtype) != jnp.dtype(jnp.uint8):
+        raise ValueError(f"zeros must be uint8, got {zeros.dtype}")
+    C.check_int32("col_idx", col_idx)
+    C.check_int32("row_ids", row_ids)
+    if nnz and C.is_concrete(col_idx):
+        c = np.asarray(col_idx)
+        if c.min() < 0 or c.max() >= G:
+            raise ValueError(f"col_idx values must lie in [0, G={G}), got [{c.min()}, {c.max()}]")
+    if nnz and C.is_concrete(row_ids):
+        r = np.asarray(row_ids)
+        if r.min() < 0 or r.max() >= out_features:
+            raise ValueError(f"row_ids values must lie in [0, out_features={out_features}), got "
+                             f"[{r.min()}, {r.max()}]")
+        if (np.diff(r) < 0).any():
+            raise ValueError("row_ids must be sorted (blocks stored row by row)")
+
+
+def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: jax.Array,
+                     col_idx: jax.Array, row_ids: jax.Array, *, out_features: int, bits: int,
+                     group_size: int, interpret: bool = False,
+                     config: Optional[BSRMatmulConfig] = None) -> jax.Array:
+    """``x @ W`` for a BSR-stored quantized W (see the module docstring).
+
+    Args:
+      x: [M, K] activations (bfloat16, float16 or float32).
+      codes: int32 [nnz, group_size * bits / 32] packed codes of the stored blocks.
+      scales: float [nnz]; zeros: uint8 [nnz].
+      col_idx: int32 [nnz] group of each block; row_ids: int32 [nnz] output feature of each
+        block, ascending.
+      out_features: N.
+      bits: 2, 4 or 8; group_size: a power of two.
+      interpret: Pallas interpret mode (CPU testing).
+      config: tuning knobs; default :meth:`BSRMatmulConfig.for_shape`.
+
+    Returns:
+      [M, N] in x's dtype (float32 accumulation); features without blocks are 0.
+
+    Raises:
+      ValueError: bad shapes or dtypes, indices out of range or unsorted — before any launch.
+    """
+    check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features, bits, group_size)
+    M, K = x.shape
+    nnz = codes.shape[0]
+    if M == 0 or out_features == 0 or nnz == 0:
+        return jnp.zeros((M, out_features), x.dtype)
+    config = config or BSRMatmulConfig.for_shape(C.backend(), M, nnz)
+    config.validate()
+    return _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids,
+                             out_features=int(out_features), bits=bits,
+                             group_size=int(group_size), interpret=interpret, config=config)
+
+
+def dequantize_blocks(codes, scales, zeros, bits: int, group_size: int) -> jax.Array:
+    """float32 [nnz, group_size]: each stored block's weights ``s (q - z)``."""
+    q = unpack_codes(jnp.asarray(codes).T, bits, group_size).T.astype(jnp.float32)
+    return (q - jnp.asarray(zeros).astype(jnp.float32)[:, None]) * \
+        jnp.asarray(scales).astype(jnp.float32)[:, None]
+
+
+def bsr_quant_matmul_reference(x, codes, scales, zeros, col_idx, row_ids, *, out_features: int,
+                               bits: int, group_size: int) -> jax.Array:
+    """Pure-jnp reference: scatter the dequantized blocks into a dense float32 W, multiply."""
+    check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features, bits, group_size)
+    M, K = x.shape
+    G = K // group_size
+    blocks = dequantize_blocks(codes, scales, zeros, bits, group_size)
+    w = jnp.zeros((out_features, G, group_size), jnp.float32).at[row_ids, col_idx].set(blocks)
+    w = w.reshape(out_features, K).T
+    return jnp.dot(x.astype(jnp.float32), w, precision=_HIGHEST).astype(x.dtype)

@@ -1,0 +1,117 @@
+"""The group-sparse (BSR) quantized matmul kernel (compiled on a GPU, interpret mode on the CPU)
+against float64.
+
+The reference builds the dense weight in float64 straight from the raw integer codes of the
+kept blocks (``w[g gs + k, n] = s_t (q_tk - z_t)``) and multiplies in float64; it shares
+nothing with the kernel but the packing of the codes (checked by ``test_quant_formats.py``).
+Row patterns mix empty rows, fully dense rows and random counts. Tolerance: relative max error
+1e-2 of the output's scale for bfloat16/float16 x (the output is rounded to x's dtype), 1e-5
+for float32.
+"""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from optgqa_jax.quant.packing import pack
+from pallas_kernels.bsr_quant_matmul import (BSRMatmulConfig, bsr_quant_matmul,
+                                             bsr_quant_matmul_reference)
+from checks import assert_close_to_scale
+from kernel_cases import INTERPRET
+
+TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
+T16 = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1)
+T16_M4 = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1)
+T32_M2 = BSRMatmulConfig(block_t=32, block_m=2, num_warps=4, num_stages=1)
+
+
+def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
+    """Random kept groups (empty, full and random rows), codes, grids, x; float64 output."""
+    rng = np.random.default_rng(seed)
+    K = G * gs
+    if pattern == "mixed":
+        counts = rng.integers(0, G + 1, N)
+        counts[rng.permutation(N)[: max(1, N // 5)]] = 0          # empty rows
+        counts[rng.permutation(N)[: max(1, N // 5)]] = G          # fully dense rows
+    elif pattern == "empty":
+        counts = np.zeros(N, int)
+    else:
+        counts = np.full(N, int(pattern))
+    cols = [np.sort(rng.permutation(G)[:c]) for c in counts]
+    col_idx = np.concatenate([c for c in cols] + [np.zeros(0, int)]).astype(np.int32)
+    row_ids = np.repeat(np.arange(N), counts).astype(np.int32)
+    nnz = col_idx.shape[0]
+    q = rng.integers(0, 2 ** bits, (nnz, gs))
+    z = rng.integers(0, 2 ** bits, nnz).astype(np.uint8)
+    s = (rng.uniform(0.5, 1.5, nnz) * 0.05).astype(np.float16)
+    codes = np.asarray(pack(jnp.asarray(q.T, jnp.int32), bits)).T.copy()   # [nnz, gs b / 32]
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    w = np.zeros((N, G, gs))
+    w[row_ids, col_idx] = s.astype(np.float64)[:, None] * (q - z.astype(np.float64)[:, None])
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ w.reshape(N, K).T
+    args = (x, jnp.asarray(codes, jnp.int32), jnp.asarray(s), jnp.asarray(z),
+            jnp.asarray(col_idx), jnp.asarray(row_ids))
+    return args, ref, K
+
+
+@pytest.mark.parametrize("bits,gs,G,N,M,dtype,config", [
+    (4, 32, 5, 24, 1, jnp.bfloat16, T16),
+    (4, 64, 4, 37, 3, jnp.float16, T16_M4),
+    (4, 32, 3, 19, 17, jnp.float32, T32_M2),
+    (8, 32, 4, 21, 2, jnp.bfloat16, T16),
+    (2, 64, 3, 18, 5, jnp.bfloat16, T16_M4),
+    (4, 128, 2, 13, 1, jnp.bfloat16, None),
+])
+def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
+    args, ref, K = make_case(bits * 100 + gs + M, M, G, N, bits, gs, dtype)
+    y = bsr_quant_matmul(*args, out_features=N, bits=bits, group_size=gs, interpret=INTERPRET,
+                         config=config)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close_to_scale(y, ref, TOL[dtype], "bsr kernel")
+    counts = np.bincount(np.asarray(args[5]), minlength=N)
+    assert (np.asarray(y, np.float64)[:, counts == 0] == 0).all()      # empty rows give 0
+    r = bsr_quant_matmul_reference(*args, out_features=N, bits=bits, group_size=gs)
+    assert_close_to_scale(r, ref, TOL[dtype], "bsr reference")
+
+
+@pytest.mark.parametrize("pattern", ["0", "full"])
+def test_uniform_patterns(pattern):
+    """Every row equally dense (row-scope pruning) and fully dense layers."""
+    G = 4
+    args, ref, K = make_case(7, 2, G, 20, 4, 32, jnp.bfloat16,
+                             pattern=str(G) if pattern == "full" else "2")
+    y = bsr_quant_matmul(*args, out_features=20, bits=4, group_size=32, interpret=INTERPRET,
+                         config=T16)
+    assert_close_to_scale(y, ref, 1e-2, pattern)
+
+
+def test_empty_and_zero_sized():
+    args, ref, K = make_case(3, 2, 3, 9, 4, 32, pattern="empty")
+    y = bsr_quant_matmul(*args, out_features=9, bits=4, group_size=32, interpret=INTERPRET)
+    assert y.shape == (2, 9) and not np.asarray(y, np.float64).any()
+    args, ref, K = make_case(4, 0, 3, 9, 4, 32)
+    assert bsr_quant_matmul(*args, out_features=9, bits=4, group_size=32,
+                            interpret=INTERPRET).shape == (0, 9)
+
+
+def test_bad_inputs_raise_before_work():
+    args, ref, K = make_case(5, 2, 4, 10, 4, 32, pattern="2")
+    x, codes, s, z, col, rows = args
+    kw = dict(out_features=10, bits=4, group_size=32, interpret=True)
+    with pytest.raises(ValueError, match="col_idx values must lie"):
+        bsr_quant_matmul(x, codes, s, z, col.at[0].set(4), rows, **kw)
+    with pytest.raises(ValueError, match="row_ids must be sorted"):
+        bsr_quant_matmul(x, codes, s, z, col, rows[::-1], **kw)
+    with pytest.raises(ValueError, match="row_ids values must lie"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, **dict(kw, out_features=3))
+    with pytest.raises(ValueError, match="words per block"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, **dict(kw, group_size=64))
+    with pytest.raises(ValueError, match="group_size=48"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, **dict(kw, group_size=48))
+    with pytest.raises(ValueError, match="bits=3"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, **dict(kw, bits=3))
+    with pytest.raises(ValueError, match="zeros must be uint8"):
+        bsr_quant_matmul(x, codes, s, z.astype(jnp.int32), col, rows, **kw)
+    with pytest.raises(ValueError, match="block_m"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, config=BSRMatmulConfig(block_m=32), **kw)

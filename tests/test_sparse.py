@@ -1,0 +1,159 @@
+"""GQSA group pruning, GPTQ on the pruned layer and the BSR format.
+
+References: the Hessian score against a float64 numpy computation of
+``w_g^T [(H^-1)_gg]^-1 w_g``; mask counts against the requested fraction; GPTQ on the pruned
+layer against pruning an already GPTQ-quantized layer (layer-output error on the calibration
+inputs); BSR conversions against the dense arrays, exactly.
+"""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+from optgqa_jax import quant, sparse
+from optgqa_jax.quant import QuantConfig
+from optgqa_jax.sparse import SparsityConfig
+
+
+def layer(seed, K, N, n=384, dead=0):
+    """Correlated inputs with planted outlier features (and optionally dead inputs)."""
+    rng = np.random.default_rng(seed)
+    mix = np.eye(K) + 0.4 * rng.standard_normal((K, K)) / np.sqrt(K)
+    X = rng.standard_normal((n, K)) @ mix
+    X[:, rng.permutation(K)[:3]] *= 8.0
+    if dead:
+        X[:, rng.permutation(K)[:dead]] = 0.0
+    w = rng.standard_normal((K, N)) * rng.uniform(0.2, 2.0, (1, N))
+    return w.astype(np.float32), X.astype(np.float32)
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.7])
+def test_masks_keep_exactly_the_asked_fraction(scope, sparsity):
+    rng = np.random.default_rng(int(sparsity * 100) + len(scope))
+    G, N = 8, 13
+    keep = np.asarray(sparse.group_mask(rng.standard_normal((G, N)) ** 2,
+                                        SparsityConfig(sparsity, scope=scope)))
+    if scope == "row":
+        assert (keep.sum(axis=0) == G - round(sparsity * G)).all()
+    else:
+        assert keep.sum() == G * N - round(sparsity * G * N)
+
+
+def test_mask_removes_the_lowest_scores():
+    scores = np.array([[3.0, 0.1], [1.0, 5.0], [2.0, 0.2], [0.5, 4.0]])
+    keep = np.asarray(sparse.group_mask(scores, SparsityConfig(0.5)))
+    np.testing.assert_array_equal(keep, [[True, False], [False, True], [True, False],
+                                         [False, True]])
+
+
+def test_hessian_score_matches_float64():
+    K, N, gs = 64, 7, 16
+    w, X = layer(1, K, N, dead=2)
+    H = np.asarray(quant.hessian(X), np.float64)
+    got = np.asarray(sparse.group_scores(w, H, group_size=gs, score="hessian", damp=0.01))
+    Hd = H.copy()
+    Hd[np.diag(Hd) == 0, np.diag(Hd) == 0] = 1.0
+    Hd += 0.01 * np.mean(np.diag(Hd)) * np.eye(K)
+    Hinv = np.linalg.inv(Hd)
+    want = np.zeros((K // gs, N))
+    for g in range(K // gs):
+        sl = slice(g * gs, (g + 1) * gs)
+        B = np.linalg.inv(Hinv[sl, sl])
+        for n in range(N):
+            want[g, n] = w[sl, n].astype(np.float64) @ B @ w[sl, n].astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    mag = np.asarray(sparse.group_scores(w, group_size=gs, score="magnitude"))
+    np.testing.assert_allclose(mag, (w.astype(np.float64) ** 2).reshape(K // gs, gs, N).sum(1),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed,bits,gs,score,scope,sparsity", [
+    (0, 4, 32, "hessian", "row", 0.5), (1, 4, 16, "magnitude", "row", 0.3),
+    (2, 3, 32, "hessian", "layer", 0.5), (3, 2, 32, "hessian", "row", 0.25),
+    (4, 8, 16, "hessian", "layer", 0.6)])
+def test_gptq_on_the_pruned_layer_beats_pruning_after_quantization(seed, bits, gs, score, scope,
+                                                                   sparsity):
+    K, N = 128, 40
+    w, X = layer(seed, K, N, dead=seed % 2)
+    H = quant.hessian(X)
+    qc, sc = QuantConfig(bits=bits, group_size=gs), SparsityConfig(sparsity, score, scope)
+    ql, keep, info = sparse.gptq_pruned(w, H, qc, sc, return_info=True)
+    cells = (K // gs) * (1 if scope == "row" else N)
+    assert abs(info["sparsity"] - round(sparsity * cells) / cells) < 1e-12
+    w_hat = np.asarray(quant.dequantize(ql, jnp.float32))
+    pruned = ~np.repeat(np.asarray(keep), gs, axis=0)
+    assert (w_hat[pruned] == 0).all() and np.isfinite(w_hat).all()
+    after = sparse.prune_quantized(quant.gptq(w, H, qc), keep)
+    e_joint = sparse.layer_output_error(w_hat, w, H)
+    e_after = sparse.layer_output_error(quant.dequantize(after, jnp.float32), w, H)
+    assert e_joint <= e_after * (1 + 1e-6), (e_joint, e_after)
+
+
+def test_bsr_round_trip_is_exact(tmp_path):
+    K, N, gs = 128, 24, 32
+    w, X = layer(5, K, N)
+    H = quant.hessian(X)
+    ql, keep = sparse.gptq_pruned(w, H, QuantConfig(bits=4, group_size=gs),
+                                  SparsityConfig(0.5, scope="layer"))
+    b = sparse.to_bsr(ql)
+    assert b.nnz == int(np.asarray(keep).sum()) and b.shape == (K, N)
+    np.testing.assert_array_equal(sparse.kept_mask(b), np.asarray(keep))
+    back = sparse.to_dense(b)
+    for f in ("qweight", "scales", "zeros", "g_idx"):
+        np.testing.assert_array_equal(np.asarray(getattr(back, f)), np.asarray(getattr(ql, f)))
+    np.testing.assert_array_equal(np.asarray(sparse.dequantize_bsr(b, jnp.float32)),
+                                  np.asarray(quant.dequantize(ql, jnp.float32)))
+    loaded = sparse.load_bsr(sparse.save_bsr(str(tmp_path / "layer"), b))
+    for f in ("codes", "scales", "zeros", "col_idx", "row_ptr", "row_ids"):
+        a, c = np.asarray(getattr(b, f)), np.asarray(getattr(loaded, f))
+        assert a.dtype == c.dtype
+        np.testing.assert_array_equal(a, c)
+    assert (loaded.bits, loaded.group_size, loaded.in_features) == (4, gs, K)
+    x = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
+    ref = x.astype(np.float64) @ np.asarray(quant.dequantize(ql, jnp.float32), np.float64)
+    for impl in ("dequantize", "pallas"):
+        y = np.asarray(sparse.bsr_matmul(jnp.asarray(x), b, impl=impl), np.float64)
+        np.testing.assert_allclose(y, ref, atol=1e-4 * np.abs(ref).max())
+    assert b.nbytes < ql.nbytes
+
+
+def test_bad_input_raises_clear_errors():
+    for s in (1.0, -0.1, 1.5, True):
+        with pytest.raises(ValueError, match="sparsity"):
+            SparsityConfig(s)
+    with pytest.raises(ValueError, match="score"):
+        SparsityConfig(0.5, score="random")
+    w, X = layer(6, 64, 8)
+    H = quant.hessian(X)
+    with pytest.raises(ValueError, match="positive group size"):
+        sparse.gptq_pruned(w, H, QuantConfig(bits=4, group_size=-1), SparsityConfig(0.5))
+    with pytest.raises(ValueError, match="does not divide"):
+        sparse.group_scores(w, H, group_size=24)
+    with pytest.raises(ValueError, match="act_order=False"):
+        sparse.gptq_pruned(w, H, QuantConfig(bits=4, group_size=16, act_order=True),
+                           SparsityConfig(0.5))
+    with pytest.raises(ValueError, match="keep must be bool"):
+        sparse.gptq_pruned(w, H, QuantConfig(bits=4, group_size=16), SparsityConfig(0.5),
+                           keep=np.ones((3, 8), bool))
+    with pytest.raises(ValueError, match="needs the layer-input Hessian"):
+        sparse.group_scores(w, None, group_size=16)
+    bad = w.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sparse.group_scores(bad, H, group_size=16)
+    ql, keep = sparse.gptq_pruned(w, H, QuantConfig(bits=4, group_size=16), SparsityConfig(0.5))
+    b = sparse.to_bsr(ql)
+    arrays = dict(codes=b.codes, scales=b.scales, zeros=b.zeros, row_ptr=b.row_ptr)
+    kw = dict(in_features=64, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="col_idx values must lie"):
+        sparse.from_arrays(col_idx=b.col_idx.at[0].set(4), **arrays, **kw)
+    with pytest.raises(ValueError, match="strictly ascend"):
+        sparse.from_arrays(col_idx=b.col_idx.at[0].set(b.col_idx[1]), **arrays, **kw)
+    with pytest.raises(ValueError, match="row_ptr"):
+        sparse.from_arrays(col_idx=b.col_idx, **dict(arrays, row_ptr=b.row_ptr[::-1]), **kw)
+    with pytest.raises(ValueError, match="keep must be bool"):
+        sparse.to_bsr(ql, keep=np.ones((4, 9), bool))
+    with pytest.raises(ValueError, match="contiguous groups"):
+        sparse.to_bsr(quant.gptq(w, H, QuantConfig(bits=4, group_size=16, act_order=True)))
