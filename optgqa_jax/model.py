@@ -30,10 +30,19 @@ from optgqa_jax.attention import attention, check_attention_impl
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
-from optgqa_jax.quant.linear import dequantize, is_quantized
+from optgqa_jax.quant.linear import dequantize
+from optgqa_jax.quant.linear import is_quantized as _is_dense_quantized
 from optgqa_jax.quant.linear import matmul as quant_matmul
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
+from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
+
+
+def is_quantized(x) -> bool:
+    """Whether a kernel leaf is quantized: a dense ``QuantizedLinear`` or a group-sparse
+    ``optgqa_jax.sparse.BSRQuantizedLinear`` (used as ``is_leaf`` in tree maps)."""
+    return _is_dense_quantized(x) or is_bsr(x)
+
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -95,7 +104,9 @@ class Linear(nn.Module):
             kernel = self.param("kernel", _INIT, (x.shape[-1], self.features), self.dtype)
         x = x.astype(self.dtype)
         self.sow("linear_inputs", "x", x)
-        if is_quantized(kernel):
+        if is_bsr(kernel):
+            y = bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
+        elif is_quantized(kernel):
             y = quant_matmul(x, kernel, _QUANT_IMPL[self.impl])
         else:
             y = jnp.dot(x, kernel.astype(self.dtype))
@@ -219,7 +230,9 @@ class Transformer(nn.Module):
                 w = self.get_variable("params", "lm_head")
             else:
                 w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
-            if is_quantized(w):
+            if is_bsr(w):
+                w = dequantize_bsr(w)
+            elif is_quantized(w):
                 w = dequantize(w)
             logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)

@@ -157,3 +157,44 @@ def test_bad_input_raises_clear_errors():
         sparse.to_bsr(ql, keep=np.ones((4, 9), bool))
     with pytest.raises(ValueError, match="contiguous groups"):
         sparse.to_bsr(quant.gptq(w, H, QuantConfig(bits=4, group_size=16, act_order=True)))
+
+
+def test_pruned_model_as_bsr_runs_everywhere():
+    """Whole-model GQSA (GPTQ on pruned layers), BSR params: the same logits as the dense
+    pruned params, through forward (jnp products, and the BSR Pallas kernel in interpret mode
+    for one token), generate_simple and the engine."""
+    import jax
+    import optgqa_jax as og
+    cfg = og.ModelConfig.preset("tiny")
+    params = og.init_params(cfg, jax.random.PRNGKey(3))
+    windows = np.random.default_rng(3).integers(0, cfg.vocab_size, (8, 48)).astype(np.int32)
+    qc, sc = QuantConfig(bits=4, group_size=32), SparsityConfig(0.5, scope="layer")
+    _, dense, rep = og.quantize(cfg, params, windows, qc, sparsity=sc, progress=False)
+    assert all(abs(l["sparsity"] - 0.5) < 1e-9 for l in rep.layers)
+    _, rtn, rtn_rep = og.quantize(cfg, params, windows, qc, method="rtn", sparsity=sc,
+                                  progress=False)
+    assert np.mean([l["error"] for l in rep.layers]) < np.mean([l["error"]
+                                                                for l in rtn_rep.layers])
+    bsr = sparse.to_bsr_params(dense)
+    k = bsr["layer_0"]["mlp"]["gate_proj"]["kernel"]
+    assert sparse.is_bsr(k) and 0 < k.density < 1
+    assert sum(l.nnz for l in jax.tree_util.tree_leaves(bsr, is_leaf=sparse.is_bsr)
+               if sparse.is_bsr(l)) * 2 == sum(
+        l.num_groups * l.shape[1] for l in jax.tree_util.tree_leaves(bsr, is_leaf=sparse.is_bsr)
+        if sparse.is_bsr(l))                                   # half of all groups kept
+    a = og.forward(cfg, dense, windows[:2])
+    b = og.forward(cfg, bsr, windows[:2])
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+    one = windows[:1, :1]
+    np.testing.assert_allclose(np.asarray(og.forward(cfg, bsr, one, attention_impl="pallas")),
+                               np.asarray(og.forward(cfg, dense, one)), rtol=1e-4, atol=1e-4)
+    prompt = [int(t) for t in windows[3, :5]]
+    expected = og.generate_simple(cfg, dense, prompt, 5)
+    assert og.generate_simple(cfg, bsr, prompt, 5) == expected
+    engine = og.Engine(cfg, bsr, og.EngineConfig(max_model_len=64, max_num_seqs=2))
+    got = engine.generate([prompt], og.SamplingParams(max_tokens=5, temperature=0.0,
+                                                      ignore_eos=True))
+    assert got[0].token_ids == expected
+    with pytest.raises(ValueError, match="learn_scales"):
+        og.quantize(cfg, params, windows, QuantConfig(bits=4, group_size=32, learn_scales=True),
+                    sparsity=sc, progress=False)

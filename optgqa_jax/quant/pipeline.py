@@ -178,7 +178,7 @@ def _check_model(cfg: ModelConfig, params: dict, qc: QuantConfig) -> list[str]:
 
 def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
              method: str = "gptq", batch_size: int = 8, attention_impl: str = "reference",
-             progress: bool = True) -> tuple[ModelConfig, dict, QuantReport]:
+             progress: bool = True, sparsity=None) -> tuple[ModelConfig, dict, QuantReport]:
     """Quantize every linear layer of a model (see the module docstring).
 
     Args:
@@ -191,6 +191,10 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
       batch_size: windows per forward pass of a block.
       attention_impl: attention used on the calibration windows.
       progress: show a tqdm bar over blocks.
+      sparsity: optional ``optgqa_jax.sparse.SparsityConfig``: prune whole quantization
+        groups of every layer (GQSA) before quantizing it; GPTQ then runs on the pruned
+        layer (``optgqa_jax.sparse.gptq_pruned``), RTN prunes its rounded layer. Pruned
+        groups are stored as exact zeros (``optgqa_jax.sparse.to_bsr_params`` drops them).
 
     Returns:
       (cfg, quantized params — each linear ``kernel`` replaced by a ``QuantizedLinear`` —, report).
@@ -207,6 +211,17 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     windows = check_calibration(cfg, calibration)
     _check_model(cfg, params, qc)
+    if sparsity is not None:
+        from optgqa_jax.sparse.config import SparsityConfig
+        if not isinstance(sparsity, SparsityConfig):
+            raise ValueError(f"sparsity must be an optgqa_jax.sparse.SparsityConfig, got "
+                             f"{type(sparsity).__name__}")
+        if qc.group_size == -1 or qc.act_order:
+            raise ValueError("sparsity prunes whole quantization groups: it needs a group size "
+                             "(not -1) and act_order=False")
+        if qc.learn_scales:
+            raise ValueError("learn_scales does not apply to pruned layers; use the GQSA "
+                             "calibration stages (optgqa_jax.sparse.calibrate) instead")
     t0 = time.perf_counter()
     from optgqa_jax.fused import is_fused  # the model imports this package
 
@@ -242,7 +257,19 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
                 Hq = weighted[name].H if weighted else H
                 entry = {"name": full, "shape": list(w.shape)}
                 t1 = time.perf_counter()
-                if method == "rtn":
+                if sparsity is not None:
+                    from optgqa_jax import sparse
+                    if method == "rtn":
+                        keep = sparse.group_mask(sparse.group_scores(
+                            w, H, group_size=qc.group_size, score=sparsity.score,
+                            damp=sparsity.damp), sparsity)
+                        ql = sparse.canonical_pruned(rtn(w, qc), keep)
+                    else:
+                        ql, keep, info = sparse.gptq_pruned(w, Hq, qc, sparsity, name=full,
+                                                            return_info=True)
+                        entry.update(damp=info["damp"], tries=info["tries"])
+                    entry["sparsity"] = 1.0 - float(np.asarray(keep).mean())
+                elif method == "rtn":
                     ql = rtn(w, qc)
                 else:
                     ql, info = gptq(w, Hq, qc, name=full, return_info=True)

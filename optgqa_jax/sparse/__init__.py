@@ -13,9 +13,9 @@ from optgqa_jax.sparse.prune import (canonical_pruned, expand_mask, group_mask, 
                                      prune_quantized)
 from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, bsr_matmul, check_bsr, dequantize_bsr,
                                    from_arrays, is_bsr, kept_mask, load_bsr, save_bsr, to_bsr,
-                                   to_dense)
+                                   to_bsr_params, to_dense)
 
 __all__ = ["SparsityConfig", "canonical_pruned", "expand_mask", "group_mask", "group_scores",
            "gptq_pruned", "layer_output_error", "prune_float", "prune_quantized",
            "BSRQuantizedLinear", "bsr_matmul", "check_bsr", "dequantize_bsr", "from_arrays",
-           "is_bsr", "kept_mask", "load_bsr", "save_bsr", "to_bsr", "to_dense"]
+           "is_bsr", "kept_mask", "load_bsr", "save_bsr", "to_bsr", "to_bsr_params", "to_dense"]

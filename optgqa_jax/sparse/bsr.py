@@ -237,7 +237,10 @@ def dequantize_bsr(b: BSRQuantizedLinear, dtype=None) -> jax.Array:
 
 
 MATMUL_IMPLS = ("auto", "pallas", "dequantize")
-KERNEL_MAX_ROWS = 16
+# impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit 91177cd,
+# experiments/results/h200/gqsa/) the kernel took 0.81-1.02x dense W4's time at one row but
+# 4.6-15x at 16 rows (every row of x gathers its own group slices), so only one row for now.
+KERNEL_MAX_ROWS = 1
 
 
 def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.Array:
@@ -268,6 +271,18 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
                          out_features=N, bits=b.bits, group_size=b.group_size,
                          interpret=kc.backend() == "cpu")
     return y.reshape(*lead, N)
+
+
+def to_bsr_params(params):
+    """`params` with every ``QuantizedLinear`` kernel stored as BSR (its all-zero groups, the
+    pruned ones, dropped; :func:`to_bsr`). The model multiplies BSR kernels with
+    :func:`bsr_matmul`. Call on concrete params (host-side conversion)."""
+    from optgqa_jax.quant.linear import is_quantized
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+    converted = {name(p): to_bsr(l, name=name(p)) for p, l in flat if is_quantized(l)}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, l: converted.get(name(p), l), params, is_leaf=is_quantized)
 
 
 _ARRAYS = ("codes", "scales", "zeros", "col_idx", "row_ptr")
