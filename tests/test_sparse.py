@@ -198,3 +198,66 @@ def test_pruned_model_as_bsr_runs_everywhere():
     with pytest.raises(ValueError, match="learn_scales"):
         og.quantize(cfg, params, windows, QuantConfig(bits=4, group_size=32, learn_scales=True),
                     sparsity=sc, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pruned_tiny():
+    import jax
+    import optgqa_jax as og
+    cfg = og.ModelConfig.preset("tiny")
+    params = og.init_params(cfg, jax.random.PRNGKey(11))
+    windows = np.random.default_rng(11).integers(0, cfg.vocab_size, (8, 40)).astype(np.int32)
+    _, q, _ = og.quantize(cfg, params, windows, QuantConfig(bits=4, group_size=32),
+                          sparsity=SparsityConfig(0.5), progress=False)
+    return cfg, params, windows, q
+
+
+def test_calibration_stages_lower_their_objectives_and_keep_the_mask(pruned_tiny):
+    from optgqa_jax.sparse.calibrate import CalibrationConfig, calibrate
+    cfg, params, windows, q = pruned_tiny
+    out, rep = calibrate(cfg, params, q, windows, CalibrationConfig(bqpo_steps=30, e2e_steps=30),
+                         progress=False)
+    assert [b["block"] for b in rep["bqpo"]] == list(range(cfg.n_layers))
+    for b in rep["bqpo"]:
+        assert b["kept"] and b["loss_after"] < b["loss_before"] and np.isfinite(b["loss_after"])
+    assert rep["e2e"]["kept"] and rep["e2e"]["loss_after"] < rep["e2e"]["loss_before"]
+    for before, after in zip(
+            [l for l in sparse_leaves(q)], [l for l in sparse_leaves(out)]):
+        np.testing.assert_array_equal(sparse.kept_mask(sparse.to_bsr(after)),
+                                      sparse.kept_mask(sparse.to_bsr(before)))
+        codes = np.asarray(quant.unpack(after.qweight, 4, after.shape[0]))
+        assert codes.min() >= 0 and codes.max() <= 15
+        assert np.isfinite(np.asarray(after.scales, np.float32)).all()
+    _, only_e2e = calibrate(cfg, params, q, windows, CalibrationConfig(bqpo=False, e2e_steps=5),
+                            progress=False)
+    assert "bqpo" not in only_e2e and "e2e" in only_e2e
+    _, only_bqpo = calibrate(cfg, params, q, windows, CalibrationConfig(e2e=False, bqpo_steps=5),
+                             progress=False)
+    assert "e2e" not in only_bqpo and len(only_bqpo["bqpo"]) == cfg.n_layers
+
+
+def sparse_leaves(params):
+    import jax
+    return [l for l in jax.tree_util.tree_leaves(params, is_leaf=quant.linear.is_quantized)
+            if quant.linear.is_quantized(l)]
+
+
+def test_bqpo_starts_exactly_at_the_gptq_solution(pruned_tiny):
+    from optgqa_jax.sparse.calibrate import _layer_state, _to_quantized
+    for ql in sparse_leaves(pruned_tiny[3])[:3]:
+        st = _layer_state(ql)
+        same = _to_quantized(ql, jnp.zeros(ql.shape), jnp.zeros(ql.scales.shape), st)
+        for f in ("qweight", "scales", "zeros", "g_idx"):
+            np.testing.assert_array_equal(np.asarray(getattr(same, f)), np.asarray(getattr(ql, f)))
+
+
+def test_calibration_bad_input(pruned_tiny):
+    from optgqa_jax.sparse.calibrate import CalibrationConfig, calibrate
+    cfg, params, windows, q = pruned_tiny
+    for bad in (dict(bqpo_steps=-1), dict(batch_size=0), dict(e2e_lr=0.0)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            CalibrationConfig(**bad)
+    with pytest.raises(ValueError, match="no QuantizedLinear"):
+        calibrate(cfg, params, params, windows, progress=False)
+    with pytest.raises(ValueError):
+        calibrate(cfg, params, q, windows[:, :0], progress=False)

@@ -4,7 +4,8 @@
 * :mod:`~optgqa_jax.sparse.prune` — group scores (magnitude, Hessian), masks, GPTQ on the
   pruned layer;
 * :mod:`~optgqa_jax.sparse.bsr` — the Block Sparse Row format, conversions, the product and
-  orbax save/load.
+  orbax save/load;
+* :mod:`~optgqa_jax.sparse.calibrate` — the two calibration stages, BQPO and E2E-OQP.
 """
 
 from optgqa_jax.sparse.config import SparsityConfig
@@ -19,3 +20,6 @@ __all__ = ["SparsityConfig", "canonical_pruned", "expand_mask", "group_mask", "g
            "gptq_pruned", "layer_output_error", "prune_float", "prune_quantized",
            "BSRQuantizedLinear", "bsr_matmul", "check_bsr", "dequantize_bsr", "from_arrays",
            "is_bsr", "kept_mask", "load_bsr", "save_bsr", "to_bsr", "to_bsr_params", "to_dense"]
+from optgqa_jax.sparse.calibrate import CalibrationConfig, bqpo, calibrate, e2e_oqp  # noqa: E402
+
+__all__ += ["CalibrationConfig", "bqpo", "calibrate", "e2e_oqp"]
