@@ -15,11 +15,23 @@ speed-up over bf16 and time relative to dense W4 (the issue's target: W4S50 at m
 and the relative error against the float32 product with the dequantized weight. Timing as in
 ``bench_quant.py`` (``timeit_rotating``: weights rotated past the L2 cache).
 
+Part ``accuracy``: held-out perplexity of a model (default SmolLM2-135M; or the project's
+trained reference checkpoint) compressed each way, with and without GQSA's calibration stages
+(``optgqa_jax.sparse.calibrate``): ``float``; ``2:4`` (magnitude 2:4 pruning of the float
+weights); ``w4`` (GPTQ, groups of ``--group-size``); ``w4+2:4`` (GPTQ with the 2:4 mask);
+``w4s30``/``w4s50`` (GQSA: 30%/50% of each row's groups pruned by Hessian score, GPTQ on the
+pruned layer); ``w2g64``/``w2g128`` (GPTQ). A suffix picks the calibration: ``+bqpo``,
+``+e2e`` or ``+both``. The calibration windows come from the corpus's calibration split, the
+perplexity from its test split (never overlapping).
+
 Usage::
 
     python experiments/gqsa_eval.py --part speed [--rows 1,16] [--out DIR]
+    python experiments/gqsa_eval.py --part accuracy [--model smollm2-135m] [--group-size 64]
+        [--runs w4,w4s50,w4s50+both,...] [--nsamples 128] [--resume] [--out DIR]
 
-Writes ``gqsa_speed.{json,md}`` under ``--out`` (rewritten after every row).
+Writes ``gqsa_speed.{json,md}`` or ``gqsa_accuracy.{json,md,png}`` under ``--out`` (rewritten
+after every row).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -156,13 +169,166 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- accuracy
+RUNS = ("float", "2:4", "w4", "w4+bqpo", "w4+e2e", "w4+both", "w4+2:4", "w4+2:4+both",
+        "w4s30", "w4s30+both", "w4s50", "w4s50+bqpo", "w4s50+e2e", "w4s50+both",
+        "w2g64", "w2g64+both", "w2g128", "w2g128+both")
+CALIBRATION = {"": (False, False), "+bqpo": (True, False), "+e2e": (False, True),
+               "+both": (True, True)}
+
+
+def parse_run(run: str, group_size: int):
+    """(base, calibration suffix, QuantConfig or None, sparsity or None) of a run name."""
+    from optgqa_jax.quant import QuantConfig
+    for suffix in ("+bqpo", "+e2e", "+both"):
+        if run.endswith(suffix):
+            base = run[: -len(suffix)]
+            break
+    else:
+        base, suffix = run, ""
+    nm = sparse.NMSparsity(2, 4)
+    table = {"float": (None, None), "2:4": (None, nm),
+             "w4": (QuantConfig(bits=4, group_size=group_size), None),
+             "w4+2:4": (QuantConfig(bits=4, group_size=group_size), nm),
+             "w4s30": (QuantConfig(bits=4, group_size=group_size), sparse.SparsityConfig(0.3)),
+             "w4s50": (QuantConfig(bits=4, group_size=group_size), sparse.SparsityConfig(0.5)),
+             "w2g64": (QuantConfig(bits=2, group_size=64), None),
+             "w2g128": (QuantConfig(bits=2, group_size=128), None)}
+    if base not in table or (suffix and table[base][0] is None):
+        raise ValueError(f"unknown run {run!r}; runs are {', '.join(RUNS)}")
+    return base, suffix, *table[base]
+
+
+def accuracy(a) -> None:
+    from optgqa_jax import data
+    from optgqa_jax.evaluate import windows_perplexity
+    from optgqa_jax.quant import quantize
+    from optgqa_jax.registry import load_model
+    from optgqa_jax.sparse.calibrate import CalibrationConfig, calibrate
+    runs = a.runs.split(",") if a.runs else list(RUNS)
+    for r in runs:
+        parse_run(r, a.group_size)                     # unknown names fail before any work
+    settings = dict(model=a.model, corpus=a.corpus, group_size=a.group_size,
+                    nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
+                    bqpo_steps=a.bqpo_steps, e2e_steps=a.e2e_steps,
+                    max_eval_windows=a.max_eval_windows)
+    path = os.path.join(a.out, "gqsa_accuracy.json")
+    res = dict(settings=settings, runs=[])
+    if a.resume and os.path.isfile(path):
+        with open(path) as f:
+            res = json.load(f)
+        if res["settings"] != settings:
+            raise ValueError(f"--resume: {path} was run with other settings {res['settings']}")
+    model = load_model(a.model)
+    cfg, params, tok = model.cfg, model.params, model.tokenizer
+    calib = data.corpus_windows(tok, a.corpus, "calibration", a.seqlen, n=a.nsamples, seed=0)
+    test = data.corpus_windows(tok, a.corpus, "test", a.seqlen)[:a.max_eval_windows]
+    res["meta"] = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                       commit=B.source_commit(), eval_windows=int(test.shape[0]),
+                       eval_tokens=int(test.shape[0] * (test.shape[1] - 1)))
+    done = {r["run"] for r in res["runs"]}
+    compressed = {}                                   # base run -> params before calibration
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(a.out, "gqsa_accuracy.md"), "w") as f:
+            f.write(accuracy_markdown(res))
+        accuracy_plot(res, os.path.join(a.out, "gqsa_accuracy.png"))
+
+    for run in runs:
+        if run in done:
+            continue
+        base, suffix, qc, sp = parse_run(run, a.group_size)
+        t0 = time.perf_counter()
+        record = dict(run=run, base=base, calibration=suffix.lstrip("+") or "none")
+        try:
+            if base not in compressed:
+                if qc is None:
+                    compressed[base] = (params if sp is None
+                                        else sparse.prune_nm_params(params, sp), None)
+                else:
+                    _, qp, rep = quantize(cfg, params, calib, qc, sparsity=sp,
+                                          batch_size=a.batch_size, progress=True)
+                    compressed[base] = (qp, rep.seconds)
+            p, quant_s = compressed[base]
+            record["quant_seconds"] = quant_s
+            if suffix:
+                bq, e2 = CALIBRATION[suffix]
+                cc = CalibrationConfig(bqpo=bq, e2e=e2, bqpo_steps=a.bqpo_steps,
+                                       e2e_steps=a.e2e_steps, batch_size=a.batch_size)
+                p, crep = calibrate(cfg, params, p, calib, cc, progress=True)
+                record["calibration_report"] = crep
+            record["perplexity"] = windows_perplexity(cfg, p, test, batch_size=a.batch_size,
+                                                      progress=True)
+        except ValueError as e:          # e.g. a group size that does not divide a layer
+            record["error"] = str(e)[:300]
+        record["seconds"] = time.perf_counter() - t0
+        record.update(device=res["meta"]["device"], commit=res["meta"]["commit"])
+        res["runs"].append(record)
+        save()
+        print(f"{run}: " + (f"perplexity {record['perplexity']:.3f}" if "perplexity" in record
+                            else f"error {record['error']}") + f" ({record['seconds']:.0f} s)",
+              flush=True)
+
+
+def accuracy_markdown(res: dict) -> str:
+    s, m = res["settings"], res.get("meta", {})
+    lines = [f"# GQSA accuracy: {s['model']} on {s['corpus']} (test split)", "",
+             f"Device {m.get('device')}, jax {m.get('jax')}, commits "
+             f"{', '.join(sorted({r['commit'] for r in res['runs']}))}. Calibration: "
+             f"{s['nsamples']} windows of {s['seqlen']} tokens; BQPO {s['bqpo_steps']} steps per "
+             f"block, E2E-OQP {s['e2e_steps']} steps; evaluation: {m.get('eval_windows')} windows "
+             f"({m.get('eval_tokens')} predicted tokens). w4 groups of {s['group_size']}; sNN = "
+             "NN% of each row's groups pruned (GQSA).", "",
+             "| run | calibration | perplexity | seconds |", "| --- | --- | ---: | ---: |"]
+    for r in res["runs"]:
+        val = f"{r['perplexity']:.2f}" if "perplexity" in r else f"fails: {r['error'][:80]}"
+        lines.append(f"| {r['base']} | {r['calibration']} | {val} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in res["runs"] if "perplexity" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 3.8))
+    ax.bar(range(len(rows)), [r["perplexity"] for r in rows],
+           color=["C0" if r["calibration"] == "none" else "C1" for r in rows])
+    ax.set_xticks(range(len(rows)), [r["run"] for r in rows], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set(yscale="log", ylabel="held-out perplexity", title=res["settings"]["model"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("speed",), default="speed")
-    p.add_argument("--rows", default="1,16", help="comma-separated row counts M")
+    p.add_argument("--part", choices=("speed", "accuracy"), default="speed")
+    p.add_argument("--rows", default="1,16", help="speed: comma-separated row counts M")
+    p.add_argument("--model", default="smollm2-135m", help="accuracy: model name or checkpoint")
+    p.add_argument("--corpus", default="shakespeare")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="accuracy: w4 group size (SmolLM2's 576-wide layers need 64)")
+    p.add_argument("--runs", default=None, help=f"accuracy: subset of {','.join(RUNS)}")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bqpo-steps", type=int, default=100)
+    p.add_argument("--e2e-steps", type=int, default=100)
+    p.add_argument("--max-eval-windows", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="accuracy: skip runs in the JSON")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gqsa"))
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    if a.part == "accuracy":
+        accuracy(a)
+        print(f"wrote {a.out}/gqsa_accuracy.{{json,md,png}}")
+        return
     res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                          commit=B.source_commit(), ceiling=B.copy_bandwidth()), speed=[])
 

@@ -261,3 +261,25 @@ def test_calibration_bad_input(pruned_tiny):
         calibrate(cfg, params, params, windows, progress=False)
     with pytest.raises(ValueError):
         calibrate(cfg, params, q, windows[:, :0], progress=False)
+
+
+def test_two_four_masks_and_gptq_with_them():
+    w, X = layer(8, 64, 12)
+    nm = sparse.NMSparsity(2, 4)
+    keep = np.asarray(sparse.nm_mask(w, nm))
+    assert (keep.reshape(16, 4, 12).sum(axis=1) == 2).all()
+    a = np.abs(w).reshape(16, 4, 12)
+    kept_min = np.where(keep.reshape(16, 4, 12), a, np.inf).min(axis=1)
+    dropped_max = np.where(keep.reshape(16, 4, 12), -np.inf, a).max(axis=1)
+    assert (kept_min >= dropped_max).all()                      # the largest two are kept
+    H = quant.hessian(X)
+    ql = quant.gptq(w, H, QuantConfig(bits=4, group_size=16), keep=jnp.asarray(keep))
+    w_hat = np.asarray(quant.dequantize(ql, jnp.float32))
+    assert (w_hat[~keep] == 0).all() and (w_hat[keep] != 0).mean() > 0.9
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        sparse.nm_mask(w[:62], nm)
+    with pytest.raises(ValueError, match="smaller than m"):
+        sparse.NMSparsity(4, 4)
+    pruned = sparse.prune_nm_params({"a": {"kernel": jnp.asarray(w)}, "n": {"scale": jnp.ones(3)}},
+                                    nm)
+    np.testing.assert_array_equal(np.asarray(pruned["a"]["kernel"]) != 0, keep & (w != 0))

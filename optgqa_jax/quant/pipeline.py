@@ -195,6 +195,8 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
         groups of every layer (GQSA) before quantizing it; GPTQ then runs on the pruned
         layer (``optgqa_jax.sparse.gptq_pruned``), RTN prunes its rounded layer. Pruned
         groups are stored as exact zeros (``optgqa_jax.sparse.to_bsr_params`` drops them).
+        Or ``optgqa_jax.sparse.NMSparsity`` (2:4 by magnitude of the float weights): GPTQ
+        with that fixed mask, pruned weights stored as their zero point (exact zeros).
 
     Returns:
       (cfg, quantized params — each linear ``kernel`` replaced by a ``QuantizedLinear`` —, report).
@@ -212,11 +214,14 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
     windows = check_calibration(cfg, calibration)
     _check_model(cfg, params, qc)
     if sparsity is not None:
-        from optgqa_jax.sparse.config import SparsityConfig
-        if not isinstance(sparsity, SparsityConfig):
-            raise ValueError(f"sparsity must be an optgqa_jax.sparse.SparsityConfig, got "
-                             f"{type(sparsity).__name__}")
-        if qc.group_size == -1 or qc.act_order:
+        from optgqa_jax.sparse.config import NMSparsity, SparsityConfig
+        if not isinstance(sparsity, (SparsityConfig, NMSparsity)):
+            raise ValueError(f"sparsity must be an optgqa_jax.sparse.SparsityConfig or "
+                             f"NMSparsity, got {type(sparsity).__name__}")
+        if isinstance(sparsity, NMSparsity):
+            if qc.act_order:
+                raise ValueError("N:M sparsity with GPTQ needs act_order=False")
+        elif qc.group_size == -1 or qc.act_order:
             raise ValueError("sparsity prunes whole quantization groups: it needs a group size "
                              "(not -1) and act_order=False")
         if qc.learn_scales:
@@ -257,7 +262,16 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
                 Hq = weighted[name].H if weighted else H
                 entry = {"name": full, "shape": list(w.shape)}
                 t1 = time.perf_counter()
-                if sparsity is not None:
+                if sparsity is not None and not hasattr(sparsity, "sparsity"):   # N:M
+                    from optgqa_jax import sparse
+                    keep = sparse.nm_mask(w, sparsity)
+                    if method == "rtn":
+                        ql = rtn(jnp.where(keep, w, 0), qc)   # a zero rounds to its zero point
+                    else:
+                        ql, info = gptq(w, Hq, qc, keep=keep, name=full, return_info=True)
+                        entry.update(damp=info["damp"], tries=info["tries"])
+                    entry["sparsity"] = 1.0 - float(np.asarray(keep).mean())
+                elif sparsity is not None:
                     from optgqa_jax import sparse
                     if method == "rtn":
                         keep = sparse.group_mask(sparse.group_scores(

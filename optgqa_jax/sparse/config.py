@@ -50,3 +50,27 @@ class SparsityConfig:
 
     def tag(self) -> str:
         return f"s{round(100 * self.sparsity)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class NMSparsity:
+    """Semi-structured N:M sparsity (the 2:4 pattern of sparse tensor cores): of every M
+    consecutive input weights of an output feature, the N of largest magnitude are kept.
+
+    The baseline GQSA is compared with; pruned weights are stored as exact zeros in dense
+    layouts (JAX has no sparse-tensor-core product).
+    """
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self):
+        for name in ("n", "m"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        if self.n >= self.m:
+            raise ValueError(f"n={self.n} must be smaller than m={self.m}")
+
+    def tag(self) -> str:
+        return f"{self.n}:{self.m}"

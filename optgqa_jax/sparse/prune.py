@@ -29,7 +29,7 @@ from optgqa_jax.quant.config import QuantConfig
 from optgqa_jax.quant.gptq import gptq
 from optgqa_jax.quant.linear import QuantizedLinear, contiguous_groups
 from optgqa_jax.quant.packing import pack, unpack
-from optgqa_jax.sparse.config import SparsityConfig
+from optgqa_jax.sparse.config import NMSparsity, SparsityConfig
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -203,6 +203,31 @@ def gptq_pruned(w, H, qc: QuantConfig, sc: SparsityConfig, *, keep=None, name: s
     return ql, keep, info
 
 
+def nm_mask(w, nm: NMSparsity) -> jax.Array:
+    """bool [K, N]: of every ``nm.m`` consecutive inputs of each output feature, the ``nm.n``
+    of largest |w| (ties keep the earlier input). Raises ValueError unless m divides K."""
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"w must be [D_in, D_out], got shape {tuple(w.shape)}")
+    K, N = w.shape
+    if K % nm.m:
+        raise ValueError(f"{nm.tag()} sparsity needs D_in={K} to be a multiple of m={nm.m}")
+    a = jnp.abs(w.astype(jnp.float32)).reshape(K // nm.m, nm.m, N)
+    rank = jnp.argsort(jnp.argsort(-a, axis=1, stable=True), axis=1, stable=True)
+    return (rank < nm.n).reshape(K, N)
+
+
+def prune_nm_params(params, nm: NMSparsity):
+    """Float `params` with every linear kernel (2-D ``kernel`` leaves and an untied LM head
+    are left alone: only ``.../kernel``) pruned to the N:M pattern by magnitude."""
+    def prune(path, leaf):
+        last = str(getattr(path[-1], "key", path[-1]))
+        if last != "kernel" or getattr(leaf, "ndim", 0) != 2:
+            return leaf
+        return jnp.where(nm_mask(leaf, nm), leaf, jnp.zeros((), leaf.dtype))
+    return jax.tree_util.tree_map_with_path(prune, params)
+
+
 def layer_output_error(w_hat, w, H) -> float:
     """``tr(D^T H D) / tr(W^T H W)`` with ``D = w_hat - w``: the relative layer-output error on
     the calibration inputs (``||X D||^2 / ||X W||^2``)."""
@@ -219,6 +244,6 @@ def keep_fraction(keep) -> float:
     return float(np.mean(np.asarray(keep)))
 
 
-__all__ = ["check_groups", "group_scores", "group_mask", "expand_mask", "prune_float",
+__all__ = ["nm_mask", "prune_nm_params", "check_groups", "group_scores", "group_mask", "expand_mask", "prune_float",
            "canonical_pruned", "prune_quantized", "gptq_pruned", "layer_output_error",
            "keep_fraction"]
