@@ -58,7 +58,9 @@ class BenchConfig:
     xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
-    quantize: Optional[str] = None  # e.g. "w4g128": random GPTQ-format weights (quant.synthetic)
+    # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
+    # weights with half of every row's groups removed (sparse.synthetic)
+    quantize: Optional[str] = None
 
 
 def model_config(bc: BenchConfig, max_seq_len: Optional[int] = None):
@@ -197,7 +199,7 @@ def params_nbytes(params) -> int:
     kernels; every float array)."""
     import jax
 
-    from optgqa_jax.quant import is_quantized
+    from optgqa_jax.model import is_quantized   # dense QuantizedLinear or BSR
 
     leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
     return int(sum(l.nbytes if is_quantized(l) else l.size * l.dtype.itemsize for l in leaves))
@@ -217,7 +219,10 @@ def run_engine(bc: BenchConfig) -> dict:
     params = og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=bc.fuse_projections)
     if bc.quantize:
         from optgqa_jax import quant
-        params = quant.random_quantize(params, quant.parse_spec(bc.quantize), seed=bc.seed)
+        from optgqa_jax.sparse.synthetic import parse_sparse_spec, random_sparsify
+        qc, sparsity = parse_sparse_spec(bc.quantize)
+        params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
+                  else random_sparsify(params, qc, sparsity, seed=bc.seed))
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth()
@@ -501,8 +506,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
     parser.add_argument("--quantize", default=None, metavar="SPEC",
                         help="serve random GPTQ-format weights, e.g. w4g128 (4 bits, groups of "
-                             "128) or w8 (8 bits, per channel): the speed and memory of a "
-                             "quantized model of the preset")
+                             "128) or w8 (8 bits, per channel), or group-sparse BSR weights, e.g. "
+                             "w4g128s50 (half of every row's groups removed): the speed and "
+                             "memory of a quantized model of the preset")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -526,10 +532,10 @@ def _quant_spec(spec: Optional[str]) -> Optional[str]:
     """``--quantize`` checked before any work starts."""
     if spec is None:
         return None
-    from optgqa_jax.quant import parse_spec
+    from optgqa_jax.sparse.synthetic import parse_sparse_spec
 
     try:
-        parse_spec(spec)
+        parse_sparse_spec(spec)
     except ValueError as e:
         raise SystemExit(f"--quantize: {e}") from None
     return spec

@@ -74,7 +74,34 @@ def test_quantized_run_serves_random_gptq_weights(fixed_ceiling):
     assert 0.01 < float(w.std()) < 0.04   # scaled like the float initialisation (std 0.02)
 
 
-@pytest.mark.parametrize("spec", ["4bit", "w4g", "w5g128", "w4g0", ""])
+def test_group_sparse_run_serves_random_bsr_weights(fixed_ceiling):
+    """``--quantize w4g32s50``: every linear kernel becomes a BSR layer keeping half of each
+    row's groups; the engine serves it and the parameter bytes shrink accordingly."""
+    import jax
+
+    import optgqa_jax as og
+    from optgqa_jax import sparse
+    from optgqa_jax.sparse.synthetic import parse_sparse_spec, random_sparsify
+
+    common = dict(model="tiny", num_requests=3, input_len=9, output_len=4, max_num_seqs=4,
+                  seq_buckets=(4,), token_buckets=(64,), max_num_batched_tokens=64)
+    r = B.run_engine(B.BenchConfig(quantize="w4g32s50", **common))
+    assert r["output_tokens"] == 12 and r["model"] == "tiny w4g32s50"
+    cfg = B.model_config(B.BenchConfig(**common))
+    params = og.init_params(cfg, jax.random.PRNGKey(0), fused=True)
+    qc, s = parse_sparse_spec("w4g32s50")
+    sp = random_sparsify(params, qc, s)
+    k = sp["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
+    assert sparse.is_bsr(k) and k.density == 0.5
+    assert r["param_bytes"] == B.params_nbytes(sp)
+    from optgqa_jax import quant
+    assert B.params_nbytes(sp) < B.params_nbytes(quant.random_quantize(params, qc))
+    for bad in ("w4s50", "w4g32s100"):
+        with pytest.raises(ValueError):
+            parse_sparse_spec(bad)
+
+
+@pytest.mark.parametrize("spec", ["4bit", "w4g", "w5g128", "w4g0", "", "w4g128s100", "w4s50"])
 def test_bad_quantize_spec_is_refused_before_work(spec):
     import argparse
 

@@ -1,0 +1,88 @@
+"""Random group-sparse (BSR) weights of any preset, for speed and memory benchmarks.
+
+``optgqa bench --quantize w4g128s50`` serves a model whose linear kernels are random 4-bit
+codes in groups of 128 with 50% of every row's groups removed (stored as BSR), the
+counterpart of ``optgqa_jax.quant.synthetic`` for dense quantized weights.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.quant.config import QuantConfig
+from optgqa_jax.quant.synthetic import _LINEAR_PARENTS
+from optgqa_jax.sparse.bsr import BSRQuantizedLinear, from_arrays, is_bsr
+
+
+def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
+    """``"w4g128s50"`` -> (QuantConfig(bits=4, group_size=128), 0.5); ``"w4g128"`` -> (…, None).
+
+    Raises:
+      ValueError: a malformed spec, a sparsity of 100% or more, or a group-sparse spec without
+        a group size.
+    """
+    m = re.fullmatch(r"(w\d+(?:g(?:-1|\d+))?)(?:s(\d+))?", spec or "")
+    if m is None:
+        raise ValueError(f"quantization spec {spec!r} must look like 'w4g128' or 'w4g128s50' "
+                         "(bits, group size, % of groups pruned)")
+    from optgqa_jax.quant.synthetic import parse_spec
+    qc = parse_spec(m.group(1))
+    if m.group(2) is None:
+        return qc, None
+    s = int(m.group(2)) / 100
+    if not 0 <= s < 1:
+        raise ValueError(f"{spec!r}: the pruned share must be below 100%")
+    if qc.group_size == -1:
+        raise ValueError(f"{spec!r}: group sparsity needs a group size (e.g. w4g128s50)")
+    return qc, s
+
+
+def random_bsr_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig, sparsity: float,
+                      dtype: str, std: float = 0.02) -> BSRQuantizedLinear:
+    """A BSR layer with uniform random codes, ``round(sparsity * G)`` groups removed from
+    every row (at random places), built on the host."""
+    rng = np.random.default_rng(seed)
+    gs = qc.group_size
+    if gs < 1 or d_in % gs:
+        raise ValueError(f"group_size={gs} must divide D_in={d_in}")
+    G, W = d_in // gs, gs * qc.bits // 32
+    kept = G - int(round(sparsity * G))
+    cols = np.sort(np.argsort(rng.random((d_out, G)), axis=1)[:, :kept], axis=1)
+    nnz = d_out * kept
+    levels = 2 ** qc.bits
+    codes = rng.integers(-2 ** 31, 2 ** 31, (nnz, W), dtype=np.int64).astype(np.int32)
+    scale = std * np.sqrt(12.0) / levels
+    scales = (scale * rng.uniform(0.8, 1.2, nnz)).astype(qc.scale_dtype)
+    return from_arrays(codes, scales, np.full(nnz, levels // 2, np.uint8),
+                       cols.reshape(-1).astype(np.int32),
+                       np.arange(d_out + 1, dtype=np.int64).astype(np.int32) * kept,
+                       in_features=d_in, bits=qc.bits, group_size=gs, sym=qc.sym,
+                       dtype=jnp.dtype(dtype).name)
+
+
+def random_sparsify(params: dict, qc: QuantConfig, sparsity: float, seed: int = 0,
+                    dtype=None) -> dict:
+    """`params` with every linear kernel replaced by a random BSR layer (embeddings, norms and
+    the LM head kept). Raises ValueError for params without linear kernels."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_bsr)[0]
+    out, count = {}, 0
+    for i, (path, leaf) in enumerate(flat):
+        names = [getattr(p, "key", str(p)) for p in path]
+        target = out
+        for n in names[:-1]:
+            target = target.setdefault(n, {})
+        if len(names) >= 2 and names[-1] == "kernel" and names[-2] in _LINEAR_PARENTS:
+            d_in, d_out = leaf.shape
+            target[names[-1]] = random_bsr_linear(seed * 100003 + i, d_in, d_out, qc, sparsity,
+                                                  dtype or leaf.dtype)
+            count += 1
+        else:
+            target[names[-1]] = leaf
+    if not count:
+        raise ValueError("params hold no linear kernels (…/q_proj/kernel etc.) to sparsify")
+    return out
