@@ -24,13 +24,20 @@ pruned layer); ``w2g64``/``w2g128`` (GPTQ). A suffix picks the calibration: ``+b
 ``+e2e`` or ``+both``. The calibration windows come from the corpus's calibration split, the
 perplexity from its test split (never overlapping).
 
+Part ``engine`` (one subprocess per run, as ``optgqa bench``): the Llama-3-8B shape with
+random weights in bfloat16, dense W4 g128, W2 g128 and BSR W4S30/W4S50 (``--quantize
+w4g128s50``), decoding 256 tokens after 256-token prompts with 1 and with 16 sequences at a
+time: output tokens/s, parameter bytes, peak memory.
+
 Usage::
 
     python experiments/gqsa_eval.py --part speed [--rows 1,16] [--out DIR]
+    python experiments/gqsa_eval.py --part engine [--out DIR]
     python experiments/gqsa_eval.py --part accuracy [--model smollm2-135m] [--group-size 64]
         [--runs w4,w4s50,w4s50+both,...] [--nsamples 128] [--resume] [--out DIR]
 
-Writes ``gqsa_speed.{json,md}`` or ``gqsa_accuracy.{json,md,png}`` under ``--out`` (rewritten
+Writes ``gqsa_speed.{json,md}``, ``gqsa_engine.{json,md}`` or ``gqsa_accuracy.{json,md,png}``
+under ``--out`` (rewritten
 after every row).
 """
 
@@ -306,9 +313,47 @@ def accuracy_plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- engine
+ENGINE_FORMATS = (None, "w4g128", "w2g128", "w4g128s30", "w4g128s50")
+
+
+def engine(a) -> None:
+    res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                         commit=B.source_commit()), runs=[])
+    for spec in ENGINE_FORMATS:
+        for seqs in (1, 16):
+            bc = B.BenchConfig(model="llama3-8b", num_requests=seqs, max_num_seqs=seqs,
+                               seq_buckets=(seqs,), quantize=spec, fuse_projections=True,
+                               kv_memory_bytes=16 * 2 ** 30)
+            print(f"engine {spec or 'bf16'} x{seqs} ...", flush=True)
+            r = B.run_in_subprocess("engine", bc)
+            r.update(format=spec or "bf16", sequences=seqs)
+            res["runs"].append(r)
+            with open(os.path.join(a.out, "gqsa_engine.json"), "w") as f:
+                json.dump(res, f, indent=1)
+            with open(os.path.join(a.out, "gqsa_engine.md"), "w") as f:
+                f.write(engine_markdown(res))
+
+
+def engine_markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = ["# GQSA engine decode, Llama-3-8B shape (random weights)", "",
+             f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. 256-token prompts, "
+             "256 generated tokens per sequence.", "",
+             "| format | sequences | output tok/s | param GiB | peak GiB |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in res["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['format']} | {r['sequences']} | fails: {r['error'][-100:]!r} | | |")
+            continue
+        lines.append(f"| {r['format']} | {r['sequences']} | {r['output_tokens_per_s']:,.0f} | "
+                     f"{r['param_bytes'] / 2 ** 30:.2f} | {r['peak_memory_bytes'] / 2 ** 30:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("speed", "accuracy"), default="speed")
+    p.add_argument("--part", choices=("speed", "engine", "accuracy"), default="speed")
     p.add_argument("--rows", default="1,16", help="speed: comma-separated row counts M")
     p.add_argument("--model", default="smollm2-135m", help="accuracy: model name or checkpoint")
     p.add_argument("--corpus", default="shakespeare")
@@ -325,6 +370,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gqsa"))
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    if a.part == "engine":
+        engine(a)
+        print(f"wrote {a.out}/gqsa_engine.{{json,md}}")
+        return
     if a.part == "accuracy":
         accuracy(a)
         print(f"wrote {a.out}/gqsa_accuracy.{{json,md,png}}")

@@ -4,14 +4,14 @@
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
-# quant-tune quant-kernels quant-engine
+# quant-tune quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy
 # (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-kernels quant-engine}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -33,7 +33,7 @@ for step in $steps; do
       JAX_DEFAULT_MATMUL_PRECISION=highest run gpu_kernel_tests 600 python -m pytest -q \
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
-        tests/test_quant_matmul.py ;;
+        tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     profile)  # one decode step, pipelined and synchronous
@@ -73,7 +73,16 @@ for step in $steps; do
     quant-engine)  # the engine on the Llama-3-8B shape: bfloat16, W4 g128, W8
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine 600 python \
         experiments/bench_quant.py --only engine --out "$out/quant_engine" ;;
+    gqsa-speed)  # BSR W4S30/S50 against dense W4/W2 and bfloat16, per layer
+      run gqsa_speed 600 python experiments/gqsa_eval.py --part speed --out "$out/gqsa" ;;
+    gqsa-engine)  # engine decode with BSR weights (1 and 16 sequences)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine 600 python experiments/gqsa_eval.py \
+        --part engine --out "$out/gqsa" ;;
+    gqsa-accuracy)  # SmolLM2 held-out perplexity: W4, W4S30/S50, W2, 2:4, with calibration
+      run gqsa_accuracy 3600 python experiments/gqsa_eval.py --part accuracy --resume \
+        --out "$out/gqsa" ;;
     *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
-            "reference grouping mfu quant-tune quant-kernels quant-engine)"; exit 2 ;;
+            "reference grouping mfu quant-tune quant-kernels quant-engine gqsa-speed" \
+            "gqsa-engine gqsa-accuracy)"; exit 2 ;;
   esac
 done
