@@ -16,6 +16,10 @@ zeros, g_idx}`` of its arrays; its static fields go to ``quantization.json``::
                 {"bits": 4, "group_size": 128, "sym": true, "dtype": "bfloat16",
                  "scale_dtype": "float16"}, ...}}
 
+A group-sparse ``optgqa_jax.sparse.BSRQuantizedLinear`` leaf is stored as
+``{codes, scales, zeros, col_idx, row_ptr}`` with ``"format": "bsr"`` and its ``nnz`` (number of
+stored groups) in the layer's metadata.
+
 On load the abstract target (shapes and dtypes of every array) is built from that
 metadata and the config's logical shapes, so the arrays are restored bit-exactly and a
 checkpoint that does not fit its config fails with a ValueError. Either layout (unfused
@@ -46,6 +50,7 @@ PARAMS_DIR = "params"
 QUANT_FILE = "quantization.json"
 QUANT_FORMAT_VERSION = 1
 _ARRAYS = ("qweight", "scales", "zeros", "g_idx")
+_BSR_ARRAYS = ("codes", "scales", "zeros", "col_idx", "row_ptr")
 _STATIC = ("bits", "group_size", "sym", "dtype", "scale_dtype")
 
 
@@ -56,9 +61,25 @@ def _layer_metadata(ql: QuantizedLinear) -> dict:
             "groups_contiguous": ql.groups_contiguous}
 
 
+def _bsr_metadata(b) -> dict:
+    return {"format": "bsr", "bits": b.bits, "group_size": b.group_size, "sym": b.sym,
+            "dtype": b.dtype, "scale_dtype": jnp.dtype(b.scales.dtype).name, "nnz": b.nnz}
+
+
 def _stored_shapes(meta: dict, shape: tuple[int, int], name: str) -> dict:
     """ShapeDtypeStructs of the arrays of a quantized kernel of logical `shape` [D_in, D_out]."""
     d_in, d_out = shape
+    if meta.get("format") == "bsr":
+        gs, bits, nnz = meta["group_size"], meta["bits"], meta.get("nnz")
+        if (not isinstance(nnz, int) or nnz < 0 or not isinstance(gs, int) or gs < 1
+                or d_in % gs or (gs * bits) % 32):
+            raise ValueError(f"{QUANT_FILE}: {name}: BSR metadata (nnz={nnz!r}, group_size="
+                             f"{gs!r}, bits={bits!r}) does not fit D_in={d_in}")
+        return {"codes": jax.ShapeDtypeStruct((nnz, gs * bits // 32), jnp.int32),
+                "scales": jax.ShapeDtypeStruct((nnz,), jnp.dtype(meta["scale_dtype"])),
+                "zeros": jax.ShapeDtypeStruct((nnz,), jnp.uint8),
+                "col_idx": jax.ShapeDtypeStruct((nnz,), jnp.int32),
+                "row_ptr": jax.ShapeDtypeStruct((d_out + 1,), jnp.int32)}
     try:
         qc = QuantConfig(bits=meta["bits"], group_size=meta["group_size"],
                          scale_dtype=meta["scale_dtype"])
@@ -147,8 +168,14 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
     check_params_match(cfg, params, what="params")
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     layers = {}
+    from optgqa_jax.sparse.bsr import check_bsr, is_bsr
     for name, leaf in list(flat.items()):
-        if is_quantized(leaf):
+        if is_bsr(leaf):
+            check_bsr(leaf, name)
+            layers[name] = _bsr_metadata(leaf)
+            del flat[name]
+            flat.update({f"{name}/{key}": getattr(leaf, key) for key in _BSR_ARRAYS})
+        elif is_quantized(leaf):
             leaf = unsort_groups(leaf)  # files hold rows in logical order
             _check_stored(name, leaf)
             layers[name] = _layer_metadata(leaf)
@@ -224,7 +251,8 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
         a mismatch raises ValueError listing the differing fields.
 
     Returns:
-      (config, params), quantized kernels as ``QuantizedLinear`` leaves, in the layout saved.
+      (config, params), quantized kernels as ``QuantizedLinear`` (or, group-sparse,
+      ``BSRQuantizedLinear``) leaves, in the layout saved.
 
     Raises:
       FileNotFoundError: `path` or its config/params are missing.
@@ -256,6 +284,7 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
     fused = is_fused(flax.traverse_util.unflatten_dict(stored, sep="/"))
     flat = {name: jax.ShapeDtypeStruct(s.shape, s.dtype) for name, s in
             flax.traverse_util.flatten_dict(abstract_params(saved, fused), sep="/").items()}
+    meta_shapes = {}
     for name, meta in layers.items():
         if name not in flat or len(flat[name].shape) != 2:
             raise ValueError(f"{QUANT_FILE} names {name!r}, which is not a linear kernel of "
@@ -263,6 +292,7 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
         if jnp.dtype(meta["dtype"]) != jnp.dtype(flat[name].dtype):
             raise ValueError(f"{QUANT_FILE}: {name} has dtype {meta['dtype']!r}, the config "
                              f"{saved.dtype!r}")
+        meta_shapes[name] = tuple(flat[name].shape)
         shapes = _stored_shapes(meta, tuple(flat.pop(name).shape), name)
         flat.update({f"{name}/{key}": s for key, s in shapes.items()})
     _check_stored_arrays(stored, flat, params_path)
@@ -275,6 +305,13 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
                          f"{QUANT_FILE}: {e}") from e
     flat = flax.traverse_util.flatten_dict(restored, sep="/")
     for name, meta in layers.items():
+        if meta.get("format") == "bsr":
+            from optgqa_jax.sparse.bsr import from_arrays
+            arrays = {key: flat.pop(f"{name}/{key}") for key in _BSR_ARRAYS}
+            flat[name] = from_arrays(**arrays, in_features=int(meta_shapes[name][0]),
+                                     bits=meta["bits"], group_size=meta["group_size"],
+                                     sym=meta["sym"], dtype=meta["dtype"], name=name)
+            continue
         arrays = {key: flat.pop(f"{name}/{key}") for key in _ARRAYS}
         contiguous = meta.get("groups_contiguous")  # absent in older checkpoints
         if contiguous is None:

@@ -283,3 +283,28 @@ def test_two_four_masks_and_gptq_with_them():
     pruned = sparse.prune_nm_params({"a": {"kernel": jnp.asarray(w)}, "n": {"scale": jnp.ones(3)}},
                                     nm)
     np.testing.assert_array_equal(np.asarray(pruned["a"]["kernel"]) != 0, keep & (w != 0))
+
+
+def test_bsr_model_checkpoint_round_trip(pruned_tiny, tmp_path):
+    import jax
+    import optgqa_jax as og
+    cfg, params, windows, q = pruned_tiny
+    bsr = sparse.to_bsr_params(q)
+    path = og.save_checkpoint(str(tmp_path / "ckpt"), cfg, bsr)
+    cfg2, back = og.load_checkpoint(path)
+    assert cfg2 == cfg
+    a = jax.tree_util.tree_leaves(bsr, is_leaf=sparse.is_bsr)
+    b = jax.tree_util.tree_leaves(back, is_leaf=sparse.is_bsr)
+    assert [type(x) for x in a] == [type(x) for x in b]
+    for x, y in zip(a, b):
+        if sparse.is_bsr(x):
+            assert (x.bits, x.group_size, x.in_features, x.dtype) == (y.bits, y.group_size,
+                                                                      y.in_features, y.dtype)
+            for f in ("codes", "scales", "zeros", "col_idx", "row_ptr", "row_ids"):
+                u, v = np.asarray(getattr(x, f)), np.asarray(getattr(y, f))
+                assert u.dtype == v.dtype
+                np.testing.assert_array_equal(u, v)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(og.forward(cfg, back, windows[:1])),
+                                  np.asarray(og.forward(cfg, bsr, windows[:1])))
