@@ -2,8 +2,8 @@
 ``QuantMatmulConfig.for_shape``).
 
 For each case (a Llama-3-8B linear shape, a row count M and a weight format), in two stages:
-first the unpacking scheme, tile sizes and warps with split-K from a rule, then split-K and the
-pipeline depth around the best. Every candidate is timed with
+first the unpacking scheme, tile sizes and warps with split-K from a rule, then the register
+prefetch of the next K tile, split-K and the pipeline depth around the best. Every candidate is timed with
 ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies to overflow the
 L2 cache; the default config of ``for_shape`` is timed too, so the table shows what tuning
 would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
@@ -84,13 +84,15 @@ def markdown(res: dict) -> str:
              f"{res['ceiling'] / 1e9:,.0f} GB/s. µs per product over weight copies that "
              "overflow the L2 cache (`timeit_rotating`); % = bytes moved / time / ceiling.", "",
              "| shape | M | format | bf16 µs | default µs | best µs | best % ceiling | "
-             "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma) | tried |",
+             "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma, prefetch) | "
+             "tried |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for c in res["cases"]:
         b, d = c["best"], c["default"]
         t = b["config"]
         tiles = (f"{t['block_m']}, {t['block_n']}, {t['block_k']}, {t['split_k']}, "
-                 f"{t['num_warps']}, {t['num_stages']}, {'yes' if t.get('fma') else 'no'}")
+                 f"{t['num_warps']}, {t['num_stages']}, {'yes' if t.get('fma') else 'no'}, "
+                 f"{'yes' if t.get('prefetch') else 'no'}")
         lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "
                      f"{c['bf16_us']:.1f} | "
                      f"{'fails' if d['us'] is None else format(d['us'], '.1f')} | "
@@ -164,7 +166,8 @@ def main(argv=None):
                 best = (t, cfg)
         b = best[1]
         ks = {max(1, b.split_k // 2), b.split_k * 2, b.split_k * 4}
-        for cfg in ([dataclasses.replace(b, split_k=s) for s in sorted(ks - {b.split_k})]
+        for cfg in ([dataclasses.replace(b, prefetch=True)]
+                    + [dataclasses.replace(b, split_k=s) for s in sorted(ks - {b.split_k})]
                     + [dataclasses.replace(b, num_stages=s) for s in (2, 4)]):
             if time.perf_counter() - t_case > a.case_budget_s:
                 break

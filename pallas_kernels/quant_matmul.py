@@ -75,6 +75,8 @@ class QuantMatmulConfig:
       fma: multiply-adds in registers instead of tensor-core products: per row of x a
         [block_k / P, block_n] float32 accumulator, summed over K once at the end; for
         decode-sized M (block_m may then be 1 to 16; registers favour 1 to 4).
+      prefetch: load each K tile's packed words one loop step ahead (carried in registers),
+        so the next tile's load overlaps this tile's unpacking; not yet measured on a GPU.
     """
 
     block_m: int = 16
@@ -84,6 +86,7 @@ class QuantMatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     fma: bool = False
+    prefetch: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -155,7 +158,7 @@ def code_floats(words, words_hi, bits: int, p: int):
 
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
                  block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
-                 scale_parts: bool):
+                 scale_parts: bool, prefetch: bool = False):
     P = 32 // bits
     Pk = block_k // P                       # words per K tile = rows per shift
     gs = K if group_size == -1 else group_size
@@ -182,15 +185,26 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                                      jnp.broadcast_to(cols[None, :], shape)],
                               mask=ok[:, None] & n_ok[None, :], other=0)
 
-        def body(i, acc):
+        def load_words(i, valid=None):                            # tile i's [Pk, bn] int32
+            k0 = k_begin + i * block_k
+            w_ok = k0 // P + jnp.arange(Pk) < K // P
+            mask = None
+            if mask_n or mask_k or valid is not None:
+                mask = ((w_ok[:, None] if mask_k else True) & (n_ok[None, :] if mask_n else True)
+                        & (True if valid is None else valid))
+                mask = jnp.broadcast_to(mask, (Pk, block_n))
+            return plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, block_n)], mask=mask,
+                              other=0 if mask is not None else None)
+
+        def body(i, carry):
+            if prefetch:      # this tile's words were loaded one step ahead; load the next
+                acc, words = carry
+                carry_next = load_words(i + 1, i + 1 < steps)
+            else:
+                acc, words = carry, load_words(i)
             k0 = k_begin + i * block_k
             wrows = k0 // P + jnp.arange(Pk)                      # [Pk] word rows of the tile
             w_ok = wrows < K // P
-            mask = None
-            if mask_n or mask_k:
-                mask = (w_ok[:, None] if mask_k else True) & (n_ok[None, :] if mask_n else True)
-            words = plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, block_n)], mask=mask,
-                               other=0 if mask is not None else None)   # [Pk, bn] int32
             words_hi = words >> 16                # the upper codes, shifted once per word
             if per_tile:
                 g = jnp.zeros((1,), jnp.int32) + (0 if group_size == -1 else k0 // gs)
@@ -225,11 +239,15 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
                     part = C.dot(x, w.astype(x.dtype))
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
-            return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
+            acc = tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
+            return (acc, carry_next) if prefetch else acc
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
-        acc = jax.lax.fori_loop(0, steps, body, init)
+        if prefetch:
+            acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_words(0, steps > 0)))
+        else:
+            acc = jax.lax.fori_loop(0, steps, body, init)
         if fma:
             for m in range(block_m):
                 o_ref[pl.ds(m, 1), :] = jnp.sum(acc[m], axis=0, keepdims=True).astype(o_ref.dtype)
@@ -283,7 +301,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
                           block_k=block_k, use_gidx=use_gidx, fma=config.fma,
-                          scale_parts=scale_parts)
+                          scale_parts=scale_parts, prefetch=config.prefetch)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)

@@ -31,6 +31,10 @@ WORDS128_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, split_k
 FMA1 = QuantMatmulConfig(block_m=1, block_n=32, block_k=128, num_warps=4, num_stages=1, fma=True)
 FMA4_SPLITK = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, split_k=2, num_warps=4,
                                 num_stages=1, fma=True)
+FMA1_PREFETCH = QuantMatmulConfig(block_m=1, block_n=32, block_k=128, split_k=2, num_warps=4,
+                                  num_stages=1, fma=True, prefetch=True)
+WORDS_PREFETCH = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, split_k=3, num_warps=4,
+                                   num_stages=1, prefetch=True)
 WORDS256_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, split_k=2, num_warps=4,
                                     num_stages=1)
 
@@ -91,6 +95,9 @@ def check(out, want, dtype, what):
     (4, 64, True, False, 6, 512, 24, jnp.float16, FMA4_SPLITK),
     (4, 32, False, True, 3, 256, 16, jnp.bfloat16, FMA4_SPLITK),
     (8, -1, False, False, 2, 192, 33, jnp.bfloat16, FMA1),
+    # the next K tile's words loaded one step ahead (ragged splits: 5 tiles over 2 and 3 splits)
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_PREFETCH),
+    (8, 32, True, True, 5, 320, 24, jnp.float16, WORDS_PREFETCH),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
