@@ -5,8 +5,8 @@ For each case (a Llama-3-8B linear shape, a row count M and a weight format), in
 first the unpacking scheme, tile sizes and warps with split-K from a rule, then the register
 prefetch of the next K tile, split-K and the pipeline depth around the best. Every candidate
 is timed with ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies
-to overflow the L2 cache; the default config of ``for_shape`` is timed too, so the table shows what tuning
-would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
+to overflow the L2 cache; the default config of ``for_shape`` is timed too, so the table shows
+what tuning would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
 
 Usage::
 

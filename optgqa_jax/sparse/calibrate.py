@@ -73,9 +73,9 @@ class CalibrationConfig:
     def __post_init__(self):
         for name in ("bqpo_steps", "e2e_steps", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_size"
-                                                                     else 0):
-                raise ValueError(f"{name}={v!r} must be a {'positive' if name == 'batch_size' else 'non-negative'} int")
+            low = 1 if name == "batch_size" else 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}={v!r} must be an int >= {low}")
         for name in ("bqpo_lr", "e2e_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")

@@ -244,6 +244,7 @@ def keep_fraction(keep) -> float:
     return float(np.mean(np.asarray(keep)))
 
 
-__all__ = ["nm_mask", "prune_nm_params", "check_groups", "group_scores", "group_mask", "expand_mask", "prune_float",
+__all__ = ["nm_mask", "prune_nm_params", "check_groups", "group_scores", "group_mask",
+           "expand_mask", "prune_float",
            "canonical_pruned", "prune_quantized", "gptq_pruned", "layer_output_error",
            "keep_fraction"]
