@@ -155,6 +155,8 @@ def test_bad_input_raises_clear_errors():
         sparse.from_arrays(col_idx=b.col_idx, **dict(arrays, row_ptr=b.row_ptr[::-1]), **kw)
     with pytest.raises(ValueError, match="keep must be bool"):
         sparse.to_bsr(ql, keep=np.ones((4, 9), bool))
+    with pytest.raises(ValueError, match=r"codes must be int32 \[nnz, 8\]"):   # groups of 64
+        sparse.from_arrays(col_idx=b.col_idx, **arrays, **dict(kw, group_size=64))
     with pytest.raises(ValueError, match="contiguous groups"):
         sparse.to_bsr(quant.gptq(w, H, QuantConfig(bits=4, group_size=16, act_order=True)))
 
