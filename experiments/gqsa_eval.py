@@ -139,7 +139,7 @@ def speed_rows(ceiling: float, rows, out: list, save) -> None:
                                     for ns in (2,)]:
                 f = lambda x, b, cfg=cfg: bsr_quant_matmul(
                     x, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids, out_features=N,
-                    bits=4, group_size=128, config=cfg)
+                    bits=4, group_size=128, row_blocks=b.row_blocks, config=cfg)
                 try:
                     t = T(f, sets)
                 except Exception as e:  # noqa: BLE001 - a failing config is a result

@@ -13,8 +13,9 @@ consecutive blocks ``[j T, (j + 1) T)`` of the row-major block list, whatever ro
 to, so every program reads the same number of bytes. For each block ``t`` it computes the
 partial dot product ``p[m, t] = s_t (sum_k x[m, g_t gs + k] q_tk - z_t sum_k x[m, g_t gs + k])``
 for every row ``m`` of x; the wrapper then adds the partials of each output feature
-(``segment_sum`` over the sorted ``row_ids``: a deterministic reduction of ``nnz`` values,
-small next to the ``nnz gs b / 8`` bytes of codes).
+(``segment_sum`` over the sorted ``row_ids``, or a reshape when every row holds the same number
+of blocks: a deterministic reduction of ``nnz`` values, small next to the ``nnz gs b / 8``
+bytes of codes).
 
 Per block the codes are unpacked as in ``pallas_kernels.quant_matmul``: masked in place in
 their word (the upper half shifted once per word), placed under the exponent of 2^23, so
@@ -122,9 +123,9 @@ def prepare_x(x, bits: int, group_size: int, rows: int):
 
 
 @functools.partial(jax.jit, static_argnames=("out_features", "bits", "group_size",
-                                             "interpret", "config"))
+                                             "row_blocks", "interpret", "config"))
 def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features, bits,
-                      group_size, interpret, config):
+                      group_size, row_blocks, interpret, config):
     M, K = x.shape
     nnz = codes.shape[0]
     block_m = int(min(config.block_m, C.next_power_of_two(M)))
@@ -146,13 +147,15 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
                                              num_stages=config.num_stages),
         name=f"optgqa_bsr_quant_matmul_w{bits}",
     )(x_sm, x_sum, codes, scales, zeros, col_idx)
+    if row_blocks > 0:          # every row holds row_blocks consecutive blocks
+        return partial[:M, :nnz].reshape(M, out_features, row_blocks).sum(-1).astype(x.dtype)
     y = jax.ops.segment_sum(partial[:M, :nnz].T, row_ids, num_segments=out_features,
                             indices_are_sorted=True)                       # [N, M]
     return y.T.astype(x.dtype)
 
 
 def check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features: int, bits: int,
-                     group_size: int) -> None:
+                     group_size: int, row_blocks: int = -1) -> None:
     """Raise ValueError (naming the argument) unless the arguments form a valid product;
     index checks (ranges, order) run when the indices are concrete."""
     if bits not in KERNEL_BITS:
@@ -198,11 +201,20 @@ def check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features: in
                              f"[{r.min()}, {r.max()}]")
         if (np.diff(r) < 0).any():
             raise ValueError("row_ids must be sorted (blocks stored row by row)")
+    if row_blocks != -1:
+        if (isinstance(row_blocks, bool) or not isinstance(row_blocks, (int, np.integer))
+                or row_blocks < 1 or nnz != out_features * row_blocks):
+            raise ValueError(f"row_blocks={row_blocks!r}: with {nnz} blocks and out_features="
+                             f"{out_features} every row would not hold the same number")
+        if C.is_concrete(row_ids) and not np.array_equal(
+                np.asarray(row_ids), np.repeat(np.arange(out_features), row_blocks)):
+            raise ValueError(f"row_blocks={row_blocks}: row_ids are not {row_blocks} blocks per "
+                             "row")
 
 
 def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: jax.Array,
                      col_idx: jax.Array, row_ids: jax.Array, *, out_features: int, bits: int,
-                     group_size: int, interpret: bool = False,
+                     group_size: int, row_blocks: int = -1, interpret: bool = False,
                      config: Optional[BSRMatmulConfig] = None) -> jax.Array:
     """``x @ W`` for a BSR-stored quantized W (see the module docstring).
 
@@ -214,6 +226,8 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
         block, ascending.
       out_features: N.
       bits: 2, 4 or 8; group_size: a power of two.
+      row_blocks: blocks per row when every row holds the same number (row-scope pruning):
+        the partial sums are then added by a reshape; -1 (default): any rows, a segment sum.
       interpret: Pallas interpret mode (CPU testing).
       config: tuning knobs; default :meth:`BSRMatmulConfig.for_shape`.
 
@@ -223,7 +237,8 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
     Raises:
       ValueError: bad shapes or dtypes, indices out of range or unsorted — before any launch.
     """
-    check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features, bits, group_size)
+    check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features, bits, group_size,
+                     row_blocks)
     M, K = x.shape
     nnz = codes.shape[0]
     if M == 0 or out_features == 0 or nnz == 0:
@@ -232,7 +247,8 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
     config.validate()
     return _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids,
                              out_features=int(out_features), bits=bits,
-                             group_size=int(group_size), interpret=interpret, config=config)
+                             group_size=int(group_size), row_blocks=int(row_blocks),
+                             interpret=interpret, config=config)
 
 
 def dequantize_blocks(codes, scales, zeros, bits: int, group_size: int) -> jax.Array:

@@ -79,11 +79,12 @@ def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
 def test_uniform_patterns(pattern):
     """Every row equally dense (row-scope pruning) and fully dense layers."""
     G = 4
-    args, ref, K = make_case(7, 2, G, 20, 4, 32, jnp.bfloat16,
-                             pattern=str(G) if pattern == "full" else "2")
-    y = bsr_quant_matmul(*args, out_features=20, bits=4, group_size=32, interpret=INTERPRET,
-                         config=T16)
-    assert_close_to_scale(y, ref, 1e-2, pattern)
+    kept = G if pattern == "full" else 2
+    args, ref, K = make_case(7, 2, G, 20, 4, 32, jnp.bfloat16, pattern=str(kept))
+    for row_blocks in (-1, kept):       # segment sum, and the per-row reshape
+        y = bsr_quant_matmul(*args, out_features=20, bits=4, group_size=32,
+                             row_blocks=row_blocks, interpret=INTERPRET, config=T16)
+        assert_close_to_scale(y, ref, 1e-2, f"{pattern} row_blocks={row_blocks}")
 
 
 def test_empty_and_zero_sized():
@@ -113,5 +114,7 @@ def test_bad_inputs_raise_before_work():
         bsr_quant_matmul(x, codes, s, z, col, rows, **dict(kw, bits=3))
     with pytest.raises(ValueError, match="zeros must be uint8"):
         bsr_quant_matmul(x, codes, s, z.astype(jnp.int32), col, rows, **kw)
+    with pytest.raises(ValueError, match="row_blocks=3"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, row_blocks=3, **kw)
     with pytest.raises(ValueError, match="block_m"):
         bsr_quant_matmul(x, codes, s, z, col, rows, config=BSRMatmulConfig(block_m=32), **kw)

@@ -49,6 +49,9 @@ class BSRQuantizedLinear:
     group_size: int = flax.struct.field(pytree_node=False, default=128)
     sym: bool = flax.struct.field(pytree_node=False, default=True)
     dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    # Blocks per row when every row keeps the same number (row-scope pruning), else -1: the
+    # product then adds each row's partial sums with a reshape instead of a segment sum.
+    row_blocks: int = flax.struct.field(pytree_node=False, default=-1)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -129,6 +132,9 @@ def check_bsr(b: BSRQuantizedLinear, name: str = "bsr") -> None:
                          f"group {col[t]} before {col[t + 1]} (unsorted or repeated)")
     if not np.array_equal(rid, rows):
         raise ValueError(f"{name}.row_ids does not match row_ptr")
+    if b.row_blocks != -1 and not (np.diff(ptr) == b.row_blocks).all():
+        raise ValueError(f"{name}.row_blocks={b.row_blocks}, but rows hold different numbers "
+                         "of blocks")
 
 
 def from_arrays(codes, scales, zeros, col_idx, row_ptr, *, in_features: int, bits: int = 4,
@@ -140,12 +146,15 @@ def from_arrays(codes, scales, zeros, col_idx, row_ptr, *, in_features: int, bit
     if row_ptr.ndim != 1 or row_ptr.shape[0] < 1 or (np.diff(row_ptr) < 0).any():
         raise ValueError(f"{name}.row_ptr must be a non-decreasing [N + 1] vector")
     rows = np.repeat(np.arange(row_ptr.shape[0] - 1, dtype=np.int32), np.diff(row_ptr))
+    counts = np.unique(np.diff(row_ptr))
+    row_blocks = int(counts[0]) if counts.size == 1 and counts[0] > 0 else -1
     b = BSRQuantizedLinear(codes=jnp.asarray(codes), scales=jnp.asarray(scales),
                            zeros=jnp.asarray(zeros), col_idx=jnp.asarray(col_idx),
                            row_ptr=jnp.asarray(row_ptr, jnp.int32), row_ids=jnp.asarray(rows),
                            in_features=int(in_features), bits=int(bits),
                            group_size=int(group_size), sym=bool(sym),
-                           dtype=jnp.dtype(dtype).name)
+                           dtype=jnp.dtype(dtype).name,
+                           row_blocks=row_blocks)
     check_bsr(b, name)
     return b
 
@@ -269,7 +278,7 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     lead = x.shape[:-1]
     y = bsr_quant_matmul(x.reshape(-1, K), b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
                          out_features=N, bits=b.bits, group_size=b.group_size,
-                         interpret=kc.backend() == "cpu")
+                         row_blocks=b.row_blocks, interpret=kc.backend() == "cpu")
     return y.reshape(*lead, N)
 
 
