@@ -59,26 +59,12 @@ from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant, sparse  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
+from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
 from bench_quant import arg_sets  # noqa: E402  (the same L2 rotation)
 
+W4G128 = quant.QuantConfig(bits=4, group_size=128)
 SHAPES = {"gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096),
           "qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096)}
-
-
-def random_bsr(key, K: int, N: int, bits: int, gs: int, sparsity: float):
-    """A random BSR layer with ``round(sparsity * G)`` groups removed from every row."""
-    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
-    G, W = K // gs, gs * bits // 32
-    kept = G - int(round(sparsity * G))
-    cols = np.sort(np.argsort(rng.random((N, G)), axis=1)[:, :kept], axis=1)   # [N, kept]
-    nnz = N * kept
-    codes = rng.integers(-2 ** 31, 2 ** 31, (nnz, W), dtype=np.int64).astype(np.int32)
-    return sparse.from_arrays(
-        codes, (rng.uniform(0.5, 1.5, nnz) * 0.01).astype(np.float16),
-        rng.integers(0, 2 ** bits, nnz).astype(np.uint8), cols.reshape(-1).astype(np.int32),
-        np.arange(N + 1, dtype=np.int32) * kept, in_features=K, bits=bits, group_size=gs,
-        dtype="bfloat16")
-
 
 
 def speed_rows(ceiling: float, rows, out: list, save) -> None:
@@ -127,7 +113,8 @@ def speed_rows(ceiling: float, rows, out: list, save) -> None:
             add(fmt, T(f, sets), ql.nbytes - ql.g_idx.size * 4, rel_err(jax.jit(f)(x, ql), want))
             del sets
         for s in (0.3, 0.5):
-            sets = arg_sets(key, M, K, N, lambda k: random_bsr(k, K, N, 4, 128, s))
+            sets = arg_sets(key, M, K, N, lambda k: random_bsr_linear(
+                int(jax.random.randint(k, (), 0, 2 ** 31 - 1)), K, N, W4G128, s, "bfloat16"))
             x, b = sets[0]
             want = np.asarray(jnp.dot(x.astype(jnp.float32), sparse.dequantize_bsr(b, jnp.float32)))
             best = None

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optgqa_jax.quant.config import QuantConfig
-from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
+from optgqa_jax.quant.linear import QuantizedLinear
 from optgqa_jax.quant.packing import packed_rows
 
 # Leaves that stay float: embeddings, norms and the LM head (as in GPTQ practice).
@@ -81,9 +81,23 @@ def random_quantize(params: dict, qc: QuantConfig, seed: int = 0, dtype=None) ->
       ValueError: a group size that does not divide a layer's input dimension, or params
         without linear kernels.
     """
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
-    if any(is_quantized(leaf) for _, leaf in flat):
-        raise ValueError("params are already quantized; random_quantize takes float params")
+    return replace_linear_kernels(
+        params, lambda i, name, leaf: random_quantized_linear(
+            jax.random.fold_in(jax.random.PRNGKey(seed), i), *leaf.shape, qc,
+            dtype or leaf.dtype, name=name), what="quantize")
+
+
+def replace_linear_kernels(params: dict, make, what: str = "replace") -> dict:
+    """`params` with every float linear kernel (``…/q_proj/kernel`` etc.; not embeddings,
+    norms or the LM head) replaced by ``make(index, name, leaf)``.
+
+    Raises:
+      ValueError: params that are already quantized, or that hold no linear kernel.
+    """
+    from optgqa_jax.model import is_quantized as any_quantized   # dense or group-sparse
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=any_quantized)[0]
+    if any(any_quantized(leaf) for _, leaf in flat):
+        raise ValueError(f"params are already quantized; {what} takes float params")
     out = {}
     count = 0
     for i, (path, leaf) in enumerate(flat):
@@ -92,13 +106,10 @@ def random_quantize(params: dict, qc: QuantConfig, seed: int = 0, dtype=None) ->
         for n in names[:-1]:
             target = target.setdefault(n, {})
         if len(names) >= 2 and names[-1] == "kernel" and names[-2] in _LINEAR_PARENTS:
-            d_in, d_out = leaf.shape
-            target[names[-1]] = random_quantized_linear(
-                jax.random.fold_in(jax.random.PRNGKey(seed), i), d_in, d_out, qc,
-                dtype or leaf.dtype, name="/".join(names[:-1]))
+            target[names[-1]] = make(i, "/".join(names[:-1]), leaf)
             count += 1
         else:
             target[names[-1]] = leaf
     if not count:
-        raise ValueError("params hold no linear kernels (…/q_proj/kernel etc.) to quantize")
+        raise ValueError(f"params hold no linear kernels (…/q_proj/kernel etc.) to {what}")
     return out

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.quant.linear import QuantizedLinear, is_quantized
+from optgqa_jax.quant.pipeline import _get, _set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,23 +105,10 @@ def _fake_quant(delta, theta, st, gs: int, maxq: int):
     return keep * s * (q - z)
 
 
-def _set(tree: dict, name: str, value) -> dict:
-    head, *rest = name.split("/")
-    out = dict(tree)
-    out[head] = _set(tree[head], "/".join(rest), value) if rest else value
-    return out
-
-
 def _quantized_names(block: dict) -> list[str]:
     flat = jax.tree_util.tree_flatten_with_path(block, is_leaf=is_quantized)[0]
     name = lambda p: "/".join(str(getattr(k, "key", k)) for k in p)
     return [name(p) for p, l in flat if is_quantized(l)]
-
-
-def _get(tree: dict, name: str):
-    for part in name.split("/"):
-        tree = tree[part]
-    return tree
 
 
 def _block_forward(cfg: ModelConfig, layer: int, block, x):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from optgqa_jax.quant.config import QuantConfig
-from optgqa_jax.quant.synthetic import _LINEAR_PARENTS
-from optgqa_jax.sparse.bsr import BSRQuantizedLinear, from_arrays, is_bsr
+from optgqa_jax.quant.synthetic import replace_linear_kernels
+from optgqa_jax.sparse.bsr import BSRQuantizedLinear, from_arrays
 
 
 def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
@@ -69,20 +68,6 @@ def random_sparsify(params: dict, qc: QuantConfig, sparsity: float, seed: int = 
                     dtype=None) -> dict:
     """`params` with every linear kernel replaced by a random BSR layer (embeddings, norms and
     the LM head kept). Raises ValueError for params without linear kernels."""
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_bsr)[0]
-    out, count = {}, 0
-    for i, (path, leaf) in enumerate(flat):
-        names = [getattr(p, "key", str(p)) for p in path]
-        target = out
-        for n in names[:-1]:
-            target = target.setdefault(n, {})
-        if len(names) >= 2 and names[-1] == "kernel" and names[-2] in _LINEAR_PARENTS:
-            d_in, d_out = leaf.shape
-            target[names[-1]] = random_bsr_linear(seed * 100003 + i, d_in, d_out, qc, sparsity,
-                                                  dtype or leaf.dtype)
-            count += 1
-        else:
-            target[names[-1]] = leaf
-    if not count:
-        raise ValueError("params hold no linear kernels (…/q_proj/kernel etc.) to sparsify")
-    return out
+    return replace_linear_kernels(
+        params, lambda i, name, leaf: random_bsr_linear(
+            seed * 100003 + i, *leaf.shape, qc, sparsity, dtype or leaf.dtype), what="sparsify")
