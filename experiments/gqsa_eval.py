@@ -204,8 +204,8 @@ def accuracy(a) -> None:
         parse_run(r, a.group_size)                     # unknown names fail before any work
     settings = dict(model=a.model, corpus=a.corpus, group_size=a.group_size,
                     nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
-                    bqpo_steps=a.bqpo_steps, e2e_steps=a.e2e_steps,
-                    max_eval_windows=a.max_eval_windows)
+                    bqpo_steps=a.bqpo_steps, e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
+                    val_fraction=a.val_fraction, max_eval_windows=a.max_eval_windows)
     path = os.path.join(a.out, "gqsa_accuracy.json")
     res = dict(settings=settings, runs=[])
     if a.resume and os.path.isfile(path):
@@ -250,7 +250,8 @@ def accuracy(a) -> None:
             if suffix:
                 bq, e2 = CALIBRATION[suffix]
                 cc = CalibrationConfig(bqpo=bq, e2e=e2, bqpo_steps=a.bqpo_steps,
-                                       e2e_steps=a.e2e_steps, batch_size=a.batch_size)
+                                       e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
+                                       val_fraction=a.val_fraction, batch_size=a.batch_size)
                 p, crep = calibrate(cfg, params, p, calib, cc, progress=True)
                 record["calibration_report"] = crep
             record["perplexity"] = windows_perplexity(cfg, p, test, batch_size=a.batch_size,
@@ -271,8 +272,9 @@ def accuracy_markdown(res: dict) -> str:
     lines = [f"# GQSA accuracy: {s['model']} on {s['corpus']} (test split)", "",
              f"Device {m.get('device')}, jax {m.get('jax')}, commits "
              f"{', '.join(sorted({r['commit'] for r in res['runs']}))}. Calibration: "
-             f"{s['nsamples']} windows of {s['seqlen']} tokens; BQPO {s['bqpo_steps']} steps per "
-             f"block, E2E-OQP {s['e2e_steps']} steps; evaluation: {m.get('eval_windows')} windows "
+             f"{s['nsamples']} windows of {s['seqlen']} tokens ({s.get('val_fraction', 0):.0%} of "
+             f"them held out to judge the calibration stages); BQPO {s['bqpo_steps']} steps per "
+             f"block, E2E-OQP {s['e2e_steps']} steps (lr {s.get('e2e_lr')}); evaluation: {m.get('eval_windows')} windows "
              f"({m.get('eval_tokens')} predicted tokens). w4 groups of {s['group_size']}; sNN = "
              "NN% of each row's groups pruned (GQSA).", "",
              "| run | calibration | perplexity | seconds |", "| --- | --- | ---: | ---: |"]
@@ -352,6 +354,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bqpo-steps", type=int, default=100)
     p.add_argument("--e2e-steps", type=int, default=100)
+    p.add_argument("--e2e-lr", type=float, default=5e-4)
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="accuracy: calibration windows held out to judge the calibration stages")
     p.add_argument("--max-eval-windows", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="accuracy: skip runs in the JSON")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gqsa"))

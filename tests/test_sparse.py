@@ -217,12 +217,24 @@ def pruned_tiny():
 def test_calibration_stages_lower_their_objectives_and_keep_the_mask(pruned_tiny):
     from optgqa_jax.sparse.calibrate import CalibrationConfig, calibrate
     cfg, params, windows, q = pruned_tiny
-    out, rep = calibrate(cfg, params, q, windows, CalibrationConfig(bqpo_steps=30, e2e_steps=30),
-                         progress=False)
+    # judged on the training windows (val_fraction=0), both stages lower their objectives
+    out, rep = calibrate(cfg, params, q, windows,
+                         CalibrationConfig(bqpo_steps=30, e2e_steps=30, e2e_lr=2e-3,
+                                           val_fraction=0.0), progress=False)
     assert [b["block"] for b in rep["bqpo"]] == list(range(cfg.n_layers))
     for b in rep["bqpo"]:
         assert b["kept"] and b["loss_after"] < b["loss_before"] and np.isfinite(b["loss_after"])
     assert rep["e2e"]["kept"] and rep["e2e"]["loss_after"] < rep["e2e"]["loss_before"]
+    assert rep["train_windows"] == 8 and rep["val_windows"] == 0
+    # judged on held-out windows: never worse there (the GPTQ result stays otherwise)
+    held, hrep = calibrate(cfg, params, q, windows,
+                           CalibrationConfig(bqpo_steps=10, e2e_steps=10, eval_every=5),
+                           progress=False)
+    assert hrep["train_windows"] == 6 and hrep["val_windows"] == 2
+    for b in hrep["bqpo"]:
+        assert b["loss_after"] < b["loss_before"] if b["kept"] else True
+    e = hrep["e2e"]
+    assert (e["loss_after"] < e["loss_before"]) == e["kept"] and e["best_step"] in (0, 5, 10)
     for before, after in zip(
             [l for l in sparse_leaves(q)], [l for l in sparse_leaves(out)]):
         np.testing.assert_array_equal(sparse.kept_mask(sparse.to_bsr(after)),
@@ -256,7 +268,8 @@ def test_bqpo_starts_exactly_at_the_gptq_solution(pruned_tiny):
 def test_calibration_bad_input(pruned_tiny):
     from optgqa_jax.sparse.calibrate import CalibrationConfig, calibrate
     cfg, params, windows, q = pruned_tiny
-    for bad in (dict(bqpo_steps=-1), dict(batch_size=0), dict(e2e_lr=0.0)):
+    for bad in (dict(bqpo_steps=-1), dict(batch_size=0), dict(e2e_lr=0.0),
+                dict(val_fraction=1.0), dict(eval_every=0)):
         with pytest.raises(ValueError, match=list(bad)[0]):
             CalibrationConfig(**bad)
     with pytest.raises(ValueError, match="no QuantizedLinear"):

@@ -19,7 +19,8 @@ over the calibration windows, where ``X_l^q`` are the inputs produced by the alr
 calibrated blocks ``< l``, ``W0 = s0 (q0 - z)`` the GPTQ solution (so ``delta = theta = 0``
 reproduces it exactly), ``delta`` [K, N] moves the kept weights in units of their grid step and
 ``theta`` [G, N] rescales each group. Adam (optax) on both, the mask fixed; the result is kept
-only if it lowers the block objective on the calibration data (else the GPTQ block stays).
+only if it lowers the block objective on calibration windows held out of the training
+(``CalibrationConfig.val_fraction``; else the GPTQ block stays).
 
 **E2E-OQP** (end-to-end optimisation of quantization parameters). Codes frozen; only the
 scales are trained, ``s = s0 exp(theta)``, on the model's next-token cross-entropy over the
@@ -27,8 +28,11 @@ calibration windows:
 
     min_theta  - 1/|T| sum_t log p(x_{t+1} | x_{<=t}; {M * s0 exp(theta) * (q - z)})
 
-with Adam; kept only if it lowers that loss. Zero points stay the stored integers (symmetric
-grids fix them at ``2^(b-1)``), and pruned groups keep scale 0.
+with Adam; the iterate with the lowest loss on the held-out calibration windows is kept (the
+GPTQ scales if none is lower). Zero points stay the stored integers (symmetric grids fix them
+at ``2^(b-1)``), and pruned groups keep scale 0. Without held-out windows a few thousand
+tokens are memorised: on SmolLM2-135M, 40 steps over 16 windows of 256 tokens took the
+calibration loss from 4.05 to 0.93 and the held-out perplexity from 49 to 123.
 
 Each stage is switched by :class:`CalibrationConfig`; :func:`calibrate` runs the enabled ones
 and reports both objectives before and after.
@@ -61,6 +65,11 @@ class CalibrationConfig:
         ``theta`` (log scale).
       e2e_steps, e2e_lr: the same for the end-to-end stage.
       batch_size: calibration windows per step.
+      val_fraction: share of the calibration windows held out of training; each stage's
+        result (each block's, for BQPO) is kept only if it lowers the objective on them, and
+        E2E-OQP keeps its best iterate on them. 0 judges on the training windows (which
+        a few thousand scale parameters can memorise).
+      eval_every: E2E-OQP steps between two evaluations on the held-out windows.
     """
 
     bqpo: bool = True
@@ -68,8 +77,10 @@ class CalibrationConfig:
     bqpo_lr: float = 5e-3
     e2e: bool = True
     e2e_steps: int = 100
-    e2e_lr: float = 2e-3
+    e2e_lr: float = 5e-4
     batch_size: int = 4
+    val_fraction: float = 0.25
+    eval_every: int = 10
 
     def __post_init__(self):
         for name in ("bqpo_steps", "e2e_steps", "batch_size"):
@@ -77,6 +88,11 @@ class CalibrationConfig:
             low = 1 if name == "batch_size" else 0
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name}={v!r} must be an int >= {low}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction!r} must lie in [0, 1)")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or \
+                self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every!r} must be an int >= 1")
         for name in ("bqpo_lr", "e2e_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
@@ -141,13 +157,6 @@ def _bqpo_step(cfg, layer, names, gs_maxq, opt, vars_, opt_state, states, block,
     return optax.apply_updates(vars_, updates), opt_state, value
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _bqpo_loss(cfg, layer, names, gs_maxq, vars_, states, block, x, y):
-    w = {n: _fake_quant(*vars_[n], states[n], *gs_maxq[n]) for n in names}
-    out = _block_forward(cfg, layer, _block_with(block, names, w, cfg.jnp_dtype), x)
-    return jnp.sum(jnp.square(out.astype(jnp.float32) - y.astype(jnp.float32))), out
-
-
 def _to_quantized(ql: QuantizedLinear, delta, theta, st) -> QuantizedLinear:
     """Hard-quantized layer of the trained (delta, theta): codes from the stored (rounded)
     scales, pruned groups canonical (codes, zero and scale 0)."""
@@ -167,15 +176,26 @@ def _to_quantized(ql: QuantizedLinear, delta, theta, st) -> QuantizedLinear:
     return from_codes(codes, s, zeros, ql.g_idx, qc, ql.dtype)
 
 
+def _split(windows, batch_size: int):
+    return [jnp.asarray(windows[b:b + batch_size]) for b in range(0, len(windows), batch_size)]
+
+
 def bqpo(cfg: ModelConfig, float_params: dict, qparams: dict, calibration,
-         cc: CalibrationConfig, *, progress: bool = True) -> tuple[dict, list[dict]]:
+         cc: CalibrationConfig, *, val_windows=None,
+         progress: bool = True) -> tuple[dict, list[dict]]:
     """Stage 1 (module docstring): every block's kept weights and scales fitted to the float
-    block's outputs. Returns (params, one report dict per block: loss before/after, kept)."""
+    block's outputs on `calibration`; a block's result is kept if it lowers the block objective
+    on `val_windows` (default: on `calibration`). Returns (params, one report dict per block:
+    ``loss_before``/``loss_after`` on the judging windows, ``kept``)."""
     from optgqa_jax.quant.pipeline import _canonical_layer, _embed
-    windows = np.asarray(calibration)
     emb = float_params["embed"]["embedding"]
-    batches = [slice(b, b + cc.batch_size) for b in range(0, windows.shape[0], cc.batch_size)]
-    xq = [_embed(cfg, emb, jnp.asarray(windows[b])) for b in batches]
+    train = [_embed(cfg, emb, t) for t in _split(np.asarray(calibration), cc.batch_size)]
+    held = (train if val_windows is None or len(val_windows) == 0 else
+            [_embed(cfg, emb, t) for t in _split(np.asarray(val_windows), cc.batch_size)])
+    n_train = len(train)
+    # one list: training batches, then (when separate) the judging batches
+    xq = train + ([] if held is train else held)
+    judge = slice(0, n_train) if held is train else slice(n_train, len(xq))
     xf = list(xq)
     out, report = dict(qparams), []
     opt = optax.adam(cc.bqpo_lr)
@@ -194,22 +214,18 @@ def bqpo(cfg: ModelConfig, float_params: dict, qparams: dict, calibration,
         gm_key = _Hashable(dict(gs_maxq))
         vars_ = {n: (jnp.zeros(qls[n].shape, jnp.float32), jnp.zeros(qls[n].scales.shape,
                                                                       jnp.float32)) for n in names}
-        target_energy = sum(float(jnp.sum(jnp.square(y.astype(jnp.float32)))) for y in yf)
-
-        def total(v):
-            return sum(float(_bqpo_loss(cfg, i, names, gm_key, v, states, qb, x, y)[0])
-                       for x, y in zip(xq, yf)) / max(target_energy, 1e-30)
-
-        before = total(vars_)
+        energy = max(sum(float(jnp.sum(jnp.square(y.astype(jnp.float32))))
+                         for y in yf[judge]), 1e-30)
+        before = _hard_loss(cfg, i, qb, xq[judge], yf[judge]) / energy
         opt_state = opt.init(vars_)
         for step in range(cc.bqpo_steps):
-            b = step % len(batches)
+            b = step % n_train
             vars_, opt_state, _ = _bqpo_step(cfg, i, names, gm_key, opt, vars_, opt_state,
                                               states, qb, xq[b], yf[b])
         new_qb = qb
         for n in names:
             new_qb = _set(new_qb, n, _to_quantized(qls[n], *vars_[n], states[n]))
-        after = _hard_loss(cfg, i, new_qb, xq, yf) / max(target_energy, 1e-30)
+        after = _hard_loss(cfg, i, new_qb, xq[judge], yf[judge]) / energy
         kept = after < before
         report.append(dict(block=li, loss_before=before, loss_after=after, kept=bool(kept)))
         if kept:
@@ -275,10 +291,12 @@ def _e2e_step(cfg, opt, thetas, opt_state, params, states, tokens):
 
 
 def e2e_oqp(cfg: ModelConfig, qparams: dict, calibration, cc: CalibrationConfig, *,
-            progress: bool = True) -> tuple[dict, dict]:
-    """Stage 2 (module docstring): scales trained end to end on next-token loss, codes frozen.
-    Returns (params, {loss_before, loss_after, kept})."""
-    windows = jnp.asarray(np.asarray(calibration))
+            val_windows=None, progress: bool = True) -> tuple[dict, dict]:
+    """Stage 2 (module docstring): scales trained end to end on next-token loss over
+    `calibration`, codes frozen; every ``cc.eval_every`` steps the mean loss on `val_windows`
+    (default: on `calibration`) is measured and the best iterate kept, the GPTQ scales
+    included. Returns (params, {loss_before, loss_after (on the judging windows), best_step,
+    kept})."""
     flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)[0]
     name = lambda p: "/".join(str(getattr(k, "key", k)) for k in p)
     layers = {name(p): l for p, l in flat if is_quantized(l)}
@@ -287,19 +305,25 @@ def e2e_oqp(cfg: ModelConfig, qparams: dict, calibration, cc: CalibrationConfig,
     states = {n: dict(s0=l.scales.astype(jnp.float32),
                       keep=(l.scales != 0).astype(jnp.float32)) for n, l in layers.items()}
     thetas = {n: jnp.zeros(l.scales.shape, jnp.float32) for n, l in layers.items()}
-    batches = [windows[b:b + cc.batch_size] for b in range(0, windows.shape[0], cc.batch_size)]
-    mean_nll = lambda p: float(np.mean([float(_nll(cfg, p, t)) for t in batches]))
+    batches = _split(np.asarray(calibration), cc.batch_size)
+    held = (batches if val_windows is None or len(val_windows) == 0
+            else _split(np.asarray(val_windows), cc.batch_size))
+    mean_nll = lambda p: float(np.mean([float(_nll(cfg, p, t)) for t in held]))
     before = mean_nll(qparams)
+    best, best_thetas, best_step = before, None, 0
     opt = optax.adam(cc.e2e_lr)
     opt_state = opt.init(thetas)
-    for step in tqdm(range(cc.e2e_steps), desc="E2E-OQP", unit="step", disable=not progress):
+    for step in tqdm(range(1, cc.e2e_steps + 1), desc="E2E-OQP", unit="step",
+                     disable=not progress):
         thetas, opt_state, _ = _e2e_step(cfg, opt, thetas, opt_state, qparams, states,
-                                         batches[step % len(batches)])
-    trained = _with_scales(qparams, thetas, states)
-    after = mean_nll(trained)
-    kept = after < before
-    return (trained if kept else qparams), dict(loss_before=before, loss_after=after,
-                                                kept=bool(kept))
+                                         batches[(step - 1) % len(batches)])
+        if step % cc.eval_every == 0 or step == cc.e2e_steps:
+            value = mean_nll(_with_scales(qparams, thetas, states))
+            if value < best:
+                best, best_thetas, best_step = value, thetas, step
+    kept = best_thetas is not None
+    out = _with_scales(qparams, best_thetas, states) if kept else qparams
+    return out, dict(loss_before=before, loss_after=best, best_step=best_step, kept=kept)
 
 
 def calibrate(cfg: ModelConfig, float_params: dict, qparams: dict, calibration,
@@ -316,8 +340,12 @@ def calibrate(cfg: ModelConfig, float_params: dict, qparams: dict, calibration,
       cc: which stages, steps and step sizes.
       progress: tqdm bars.
 
+    The last ``round(cc.val_fraction * n)`` windows are held out of the training and judge
+    each stage's result.
+
     Returns:
-      (params, report ``{"bqpo": [per block], "e2e": {...}, "seconds": ...}``).
+      (params, report ``{"train_windows", "val_windows", "bqpo": [per block], "e2e": {...},
+      "seconds"}``).
 
     Raises:
       ValueError: malformed calibration data, params that do not match `cfg`, or no
@@ -336,11 +364,16 @@ def calibrate(cfg: ModelConfig, float_params: dict, qparams: dict, calibration,
         raise ValueError("qparams hold no QuantizedLinear kernels (quantize first; convert to "
                          "BSR after calibrating)")
     t0 = time.perf_counter()
-    report: dict = {}
+    n_val = int(round(cc.val_fraction * windows.shape[0])) if windows.shape[0] > 1 else 0
+    n_val = min(n_val, windows.shape[0] - 1)
+    train, val = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val:]
+    report: dict = {"train_windows": int(train.shape[0]), "val_windows": int(val.shape[0])}
     params = qparams
     if cc.bqpo and cc.bqpo_steps:
-        params, report["bqpo"] = bqpo(cfg, float_params, params, windows, cc, progress=progress)
+        params, report["bqpo"] = bqpo(cfg, float_params, params, train, cc, val_windows=val,
+                                      progress=progress)
     if cc.e2e and cc.e2e_steps:
-        params, report["e2e"] = e2e_oqp(cfg, params, windows, cc, progress=progress)
+        params, report["e2e"] = e2e_oqp(cfg, params, train, cc, val_windows=val,
+                                        progress=progress)
     report["seconds"] = time.perf_counter() - t0
     return params, report
