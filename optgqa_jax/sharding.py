@@ -187,9 +187,16 @@ def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
     Quantized layers map to a ``QuantizedLinear`` whose array fields are PartitionSpecs.
 
     Raises:
-      ValueError: the mesh lacks the ``data``/``model`` axes, or `cfg` cannot be split over
-        the model axis (:func:`check_tensor_parallel`).
+      ValueError: the mesh lacks the ``data``/``model`` axes, `cfg` cannot be split over
+        the model axis (:func:`check_tensor_parallel`), or `params` hold group-sparse (BSR)
+        layers, which have no partition rules yet.
     """
+    from optgqa_jax.sparse.bsr import is_bsr
+    bsr = [l for l in jax.tree_util.tree_leaves(params, is_leaf=is_bsr) if is_bsr(l)]
+    if bsr:
+        raise ValueError(f"params hold {len(bsr)} group-sparse (BSR) layers, which cannot be "
+                         "sharded yet; serve them on one device, or shard the dense pruned "
+                         "params (sparse.to_dense) instead")
     if tuple(mesh.axis_names) != (DATA, MODEL):
         raise ValueError(f"mesh axes must be ({DATA!r}, {MODEL!r}) (make_mesh builds one), got "
                          f"{tuple(mesh.axis_names)}")

@@ -323,3 +323,15 @@ def test_bsr_model_checkpoint_round_trip(pruned_tiny, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     np.testing.assert_array_equal(np.asarray(og.forward(cfg, back, windows[:1])),
                                   np.asarray(og.forward(cfg, bsr, windows[:1])))
+
+
+def test_bsr_params_are_refused_by_the_partition_rules():
+    import jax
+    import optgqa_jax as og
+    from optgqa_jax import sharding
+    from optgqa_jax.sparse.synthetic import random_sparsify
+    cfg = og.ModelConfig.preset("tiny")
+    params = random_sparsify(og.init_params(cfg, jax.random.PRNGKey(0)),
+                             quant.parse_spec("w4g32"), 0.5)
+    with pytest.raises(ValueError, match="group-sparse"):
+        sharding.partition_specs(cfg, params, sharding.make_mesh(1, 1))
