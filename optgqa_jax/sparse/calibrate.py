@@ -237,7 +237,7 @@ def bqpo(cfg: ModelConfig, float_params: dict, qparams: dict, calibration,
 
 
 class _Hashable:
-    """A dict made hashable by identity of its sorted items (a static jit argument)."""
+    """A dict made hashable by the value of its sorted items (a static jit argument)."""
 
     def __init__(self, d: dict):
         self.d = d
