@@ -51,6 +51,11 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert not bc.async_scheduling and not bc.fuse_projections
 
 
+# A tiny engine run shared by the quantized and group-sparse benchmark tests.
+TINY_RUN = dict(model="tiny", num_requests=3, input_len=9, output_len=4, max_num_seqs=4,
+                seq_buckets=(4,), token_buckets=(64,), max_num_batched_tokens=64)
+
+
 def test_quantized_run_serves_random_gptq_weights(fixed_ceiling):
     """``--quantize w4g32``: every linear kernel becomes a 4-bit QuantizedLinear, the engine
     serves it, and the reported parameter bytes are the packed ones (about a quarter of the
@@ -60,8 +65,7 @@ def test_quantized_run_serves_random_gptq_weights(fixed_ceiling):
     import optgqa_jax as og
     from optgqa_jax import quant
 
-    common = dict(model="tiny", num_requests=3, input_len=9, output_len=4, max_num_seqs=4,
-                  seq_buckets=(4,), token_buckets=(64,), max_num_batched_tokens=64)
+    common = TINY_RUN
     r = B.run_engine(B.BenchConfig(quantize="w4g32", **common))
     assert r["output_tokens"] == 12 and r["model"] == "tiny w4g32"
     cfg = B.model_config(B.BenchConfig(**common))
@@ -83,8 +87,7 @@ def test_group_sparse_run_serves_random_bsr_weights(fixed_ceiling):
     from optgqa_jax import sparse
     from optgqa_jax.sparse.synthetic import parse_sparse_spec, random_sparsify
 
-    common = dict(model="tiny", num_requests=3, input_len=9, output_len=4, max_num_seqs=4,
-                  seq_buckets=(4,), token_buckets=(64,), max_num_batched_tokens=64)
+    common = TINY_RUN
     r = B.run_engine(B.BenchConfig(quantize="w4g32s50", **common))
     assert r["output_tokens"] == 12 and r["model"] == "tiny w4g32s50"
     cfg = B.model_config(B.BenchConfig(**common))
