@@ -18,6 +18,12 @@ Defaults, and why:
   64 is the largest power of two dividing every input dimension (576, 576, 1536). Pass
   ``--group-sizes 128,-1`` for models where 128 divides.
 
+``--tokens DIR`` reads token ids saved by ``experiments/train_reference.py --save-tokens DIR``
+(``<corpus>-<split>.npy`` and ``tokens.json``) instead of tokenizing: for models without a
+tokenizer of their own (the project's reference models, saved as optgqa checkpoints, use
+SmolLM2's) and machines without the tokenizer's files. The windows are cut exactly as from
+the tokenized corpus.
+
 The results JSON is rewritten after every run, so a run cut short loses nothing, and ``--resume``
 skips the runs already in it (the settings must match). It also writes a markdown table (rows:
 method, columns: bits x group size) and a PNG (perplexity against bits, log scale, one panel per
@@ -38,6 +44,7 @@ import time
 from typing import Optional
 
 import jax
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import data  # noqa: E402
@@ -217,8 +224,31 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run_study(study: Study, out_dir: str, resume: bool = False) -> dict:
-    """Run every (group size, bits, method) of `study` not yet in ``out_dir``'s JSON."""
+def saved_windows(study: Study, tokens_dir: str, vocab_size: int) -> tuple:
+    """(calibration windows, test windows, tokens.json's record) from ids saved by ``train_reference.py
+    --save-tokens``; cut as :func:`optgqa_jax.data.corpus_windows` cuts the tokenized splits."""
+    meta_path = os.path.join(tokens_dir, "tokens.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"--tokens {tokens_dir!r}: no tokens.json (write it with "
+                                "experiments/train_reference.py --save-tokens DIR)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta["corpus"] != study.corpus:
+        raise ValueError(f"--tokens {tokens_dir!r} holds corpus {meta['corpus']!r}, not "
+                         f"--corpus {study.corpus!r}")
+    if meta["vocab_size"] != vocab_size:
+        raise ValueError(f"--tokens {tokens_dir!r} was tokenized by {meta['tokenizer']!r} "
+                         f"(vocabulary {meta['vocab_size']}); the model's vocabulary is {vocab_size}")
+    ids = lambda split: np.load(os.path.join(tokens_dir, f"{study.corpus}-{split}.npy"))
+    calib = data.ids_windows(ids("calibration"), study.seqlen, n=study.nsamples, seed=study.seed)
+    test = data.ids_windows(ids("test"), study.eval_seqlen)
+    return calib, test, meta
+
+
+def run_study(study: Study, out_dir: str, resume: bool = False,
+              tokens_dir: Optional[str] = None) -> dict:
+    """Run every (group size, bits, method) of `study` not yet in ``out_dir``'s JSON;
+    `tokens_dir`: read saved token ids (:func:`saved_windows`) instead of tokenizing."""
     if not set(study.methods) <= set(METHODS):
         raise ValueError(f"methods {study.methods} must be among {list(METHODS)}")
     for b in study.bits:
@@ -233,19 +263,25 @@ def run_study(study: Study, out_dir: str, resume: bool = False) -> dict:
             raise ValueError(f"--resume: {path} was run with other settings {res['settings']}")
     model = load_model(study.model)
     cfg, params, tok = model.cfg, model.params, model.tokenizer
-    if tok is None:
-        raise ValueError(f"model {study.model!r} has no tokenizer")
+    if tok is None and tokens_dir is None:
+        raise ValueError(f"model {study.model!r} has no tokenizer; pass --tokens DIR")
     for g, b in itertools.product(study.group_sizes, study.bits):  # group and packing fit
         for d_in in (cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim):
             QuantConfig(bits=b, group_size=g).check_layer(d_in, "a linear layer")
-    calib = data.corpus_windows(tok, study.corpus, "calibration", study.seqlen, n=study.nsamples,
-                                seed=study.seed)
-    test = data.corpus_windows(tok, study.corpus, "test", study.eval_seqlen)
+    if tokens_dir is None:
+        calib = data.corpus_windows(tok, study.corpus, "calibration", study.seqlen,
+                                    n=study.nsamples, seed=study.seed)
+        test = data.corpus_windows(tok, study.corpus, "test", study.eval_seqlen)
+        source = dict(tokenizer=study.model,
+                      corpus_hash=data.open_corpus(study.corpus).content_hash)
+    else:
+        calib, test, saved = saved_windows(study, tokens_dir, cfg.vocab_size)
+        source = dict(tokenizer=saved["tokenizer"], corpus_hash=saved.get("corpus_hash"))
     test = test[:study.max_eval_windows]
     res["meta"] = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, commit=commit(),
                        eval_windows=int(test.shape[0]),
                        eval_tokens=int(test.shape[0] * (test.shape[1] - 1)),
-                       corpus_hash=data.open_corpus(study.corpus).content_hash,
+                       **source,
                        gguf=gguf_types(study.model))
     stamp = {k: res["meta"][k] for k in ("device", "commit")}
     done = {key(r) for r in res["runs"]}
@@ -282,12 +318,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None,
                    help="default experiments/results/quantize_eval/<model>-<corpus>")
     p.add_argument("--resume", action="store_true", help="skip runs already in the JSON")
+    p.add_argument("--tokens", default=None, metavar="DIR",
+                   help="token ids saved by train_reference.py --save-tokens (no tokenizer needed)")
     a = p.parse_args(argv)
     names = [f.name for f in dataclasses.fields(Study) if f.name != "sym"]
     study = Study(**{n: getattr(a, n) for n in names}, sym=not a.asym)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(a.model.rstrip('/'))}-{a.corpus}")
     out = a.out or os.path.join(os.path.dirname(__file__), "results", "quantize_eval", slug)
-    run_study(study, out, resume=a.resume)
+    run_study(study, out, resume=a.resume, tokens_dir=a.tokens)
     print(f"wrote {out}/quantize_eval.{{json,md,png}}")
 
 

@@ -113,7 +113,8 @@ def save_tokens(ref: Reference, directory: str) -> None:
                 data.encode_split(tok, ref.corpus, split))
     with open(os.path.join(directory, "tokens.json"), "w") as f:
         json.dump({"tokenizer": ref.tokenizer, "vocab_size": tok.vocab_size,
-                   "corpus": ref.corpus}, f)
+                   "corpus": ref.corpus,
+                   "corpus_hash": data.open_corpus(ref.corpus).content_hash}, f)
 
 
 def load_windows(ref: Reference, tokens_dir: Optional[str]) -> tuple[dict, int]:
