@@ -92,12 +92,12 @@ class Study:
 
 def gguf_types(spec: str) -> Optional[dict]:
     """Tensor types of the GGUF file behind `spec` ({kind: {type: count}}), None if not GGUF."""
-    import gguf
     from optgqa_jax.gguf_loader import PRETRAINED, pretrained_path
 
     path = pretrained_path(spec) if spec in PRETRAINED else spec if spec.endswith(".gguf") else None
     if path is None:
         return None
+    import gguf  # only for GGUF files: checkpoints evaluate without the package
     kinds = collections.defaultdict(collections.Counter)
     for t in gguf.GGUFReader(path).tensors:
         kind = ("norm" if "norm" in t.name else "linear") if t.name.startswith("blk.") else t.name
