@@ -4,14 +4,14 @@
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
-# quant-tune quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy
+# quant-tune quant-profile quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy
 # (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-profile quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -67,6 +67,8 @@ for step in $steps; do
       done ;;
     quant-tune)  # the tile search behind QuantMatmulConfig.for_shape
       run tune_quant 600 python experiments/tune_quant.py --out "$out/quant" ;;
+    quant-profile)  # the quantized matmul's time split by a ladder of stripped kernels
+      run profile_quant 300 python experiments/profile_quant.py --out "$out/quant" ;;
     quant-kernels)  # quantized matmul against bfloat16 and XLA
       run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels \
         --out "$out/quant" ;;
@@ -82,7 +84,7 @@ for step in $steps; do
       run gqsa_accuracy 3600 python experiments/gqsa_eval.py --part accuracy --resume \
         --out "$out/gqsa" ;;
     *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
-            "reference grouping mfu quant-tune quant-kernels quant-engine gqsa-speed" \
+            "reference grouping mfu quant-tune quant-profile quant-kernels quant-engine gqsa-speed" \
             "gqsa-engine gqsa-accuracy)"; exit 2 ;;
   esac
 done

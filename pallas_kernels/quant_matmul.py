@@ -76,7 +76,9 @@ class QuantMatmulConfig:
         [block_k / P, block_n] float32 accumulator, summed over K once at the end; for
         decode-sized M (block_m may then be 1 to 16; registers favour 1 to 4).
       prefetch: load each K tile's packed words one loop step ahead (carried in registers),
-        so the next tile's load overlaps this tile's unpacking; not yet measured on a GPU.
+        so the next tile's load overlaps this tile's unpacking. On an H200 (commit 08d70b9)
+        it was 3-36% slower than the best tiles without it on every Llama-3-8B shape at 1
+        and 16 rows, so no default uses it.
     """
 
     block_m: int = 16
@@ -93,14 +95,21 @@ class QuantMatmulConfig:
                   group_size: int = -1) -> "QuantMatmulConfig":
         """Default tiles for a backend ("cuda", "rocm", "cpu"), problem shape and group size.
 
-        Decode-sized M (<= 64 rows) takes 16- or 64-row tiles 64 columns wide and splits K until
-        the grid has about a thousand programs; larger M takes 128 x 128 tiles. K tiles are 128
-        rows, one group of 128 (the kernel's cheaper one-group-per-tile path); the kernel
-        raises them to 16 codes per shift (256 rows at 2 bits). From the tile search of
-        ``experiments/tune_quant.py`` on an H200 (``experiments/results/h200/quant/``).
+        One row (batch-1 decode) takes the register path (``fma``, ``block_m=1``) with K tiles
+        of 256 rows and 8 warps. Other decode-sized M (<= 64 rows) takes 16- or 64-row tiles
+        64 columns wide; larger M takes 128 x 128 tiles. Up to 64 rows, K is split until the
+        grid has about a thousand programs. K tiles above one row are 128 rows, one group of
+        128 (the kernel's cheaper one-group-per-tile path); the kernel raises them to 16 codes
+        per shift (256 rows at 2 bits). From the tile searches of ``experiments/tune_quant.py``
+        on an H200 (``experiments/results/h200/quant/``; at commit 08d70b9 the one-row rule
+        measured 61.5, 18.0 and 38.5 µs on the Llama-3-8B gate/up, o and down shapes, against
+        67.9, 20.7 and 52.3 µs for the 16-row tiles it replaced).
         """
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
-        if block_m >= 128:
+        if M == 1:
+            cfg = cls(block_m=1, block_n=64, block_k=256, num_warps=8, num_stages=3, fma=True)
+            block_m = 1
+        elif block_m >= 128:
             cfg = cls(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
         elif block_m >= 64:
             cfg = cls(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
