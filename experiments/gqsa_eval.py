@@ -35,6 +35,10 @@ Usage::
     python experiments/gqsa_eval.py --part engine [--out DIR]
     python experiments/gqsa_eval.py --part accuracy [--model smollm2-135m] [--group-size 64]
         [--runs w4,w4s50,w4s50+both,...] [--nsamples 128] [--resume] [--out DIR]
+    # the project's RoPE reference model (an optgqa checkpoint, no tokenizer of its own):
+    python experiments/train_reference.py --save-tokens ids/        # where SmolLM2 is installed
+    python experiments/gqsa_eval.py --part accuracy --model checkpoints/reference/rope \
+        --tokens ids/ --group-size 128
 
 Writes ``gqsa_speed.{json,md}``, ``gqsa_engine.{json,md}`` or ``gqsa_accuracy.{json,md,png}``
 under ``--out`` (rewritten
@@ -215,10 +219,20 @@ def accuracy(a) -> None:
             raise ValueError(f"--resume: {path} was run with other settings {res['settings']}")
     model = load_model(a.model)
     cfg, params, tok = model.cfg, model.params, model.tokenizer
-    calib = data.corpus_windows(tok, a.corpus, "calibration", a.seqlen, n=a.nsamples, seed=0)
-    test = data.corpus_windows(tok, a.corpus, "test", a.seqlen)[:a.max_eval_windows]
+    if a.tokens:       # ids saved by data.save_token_splits: no tokenizer needed
+        ids = {s: data.load_token_split(a.tokens, a.corpus, s, vocab_size=cfg.vocab_size)
+               for s in ("calibration", "test")}
+        calib = data.ids_windows(ids["calibration"][0], a.seqlen, n=a.nsamples, seed=0)
+        test = data.ids_windows(ids["test"][0], a.seqlen)[:a.max_eval_windows]
+        tokenizer = ids["test"][1]["tokenizer"]
+    else:
+        calib = data.corpus_windows(tok, a.corpus, "calibration", a.seqlen, n=a.nsamples,
+                                    seed=0)
+        test = data.corpus_windows(tok, a.corpus, "test", a.seqlen)[:a.max_eval_windows]
+        tokenizer = a.model
     res["meta"] = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                       commit=B.source_commit(), eval_windows=int(test.shape[0]),
+                       commit=B.source_commit(), tokenizer=tokenizer,
+                       eval_windows=int(test.shape[0]),
                        eval_tokens=int(test.shape[0] * (test.shape[1] - 1)))
     done = {r["run"] for r in res["runs"]}
     compressed = {}                                   # base run -> params before calibration
@@ -359,6 +373,9 @@ def main(argv=None) -> None:
                    help="accuracy: calibration windows held out to judge the calibration stages")
     p.add_argument("--max-eval-windows", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="accuracy: skip runs in the JSON")
+    p.add_argument("--tokens", default=None, metavar="DIR",
+                   help="accuracy: token ids saved by train_reference.py --save-tokens (for "
+                        "checkpoints without a tokenizer, such as the reference models)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gqsa"))
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)

@@ -44,7 +44,6 @@ import time
 from typing import Optional
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import data  # noqa: E402
@@ -225,24 +224,14 @@ def plot(res: dict, path: str) -> None:
 
 
 def saved_windows(study: Study, tokens_dir: str, vocab_size: int) -> tuple:
-    """(calibration windows, test windows, tokens.json's record) from ids saved by ``train_reference.py
-    --save-tokens``; cut as :func:`optgqa_jax.data.corpus_windows` cuts the tokenized splits."""
-    meta_path = os.path.join(tokens_dir, "tokens.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"--tokens {tokens_dir!r}: no tokens.json (write it with "
-                                "experiments/train_reference.py --save-tokens DIR)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta["corpus"] != study.corpus:
-        raise ValueError(f"--tokens {tokens_dir!r} holds corpus {meta['corpus']!r}, not "
-                         f"--corpus {study.corpus!r}")
-    if meta["vocab_size"] != vocab_size:
-        raise ValueError(f"--tokens {tokens_dir!r} was tokenized by {meta['tokenizer']!r} "
-                         f"(vocabulary {meta['vocab_size']}); the model's vocabulary is {vocab_size}")
-    ids = lambda split: np.load(os.path.join(tokens_dir, f"{study.corpus}-{split}.npy"))
-    calib = data.ids_windows(ids("calibration"), study.seqlen, n=study.nsamples, seed=study.seed)
-    test = data.ids_windows(ids("test"), study.eval_seqlen)
-    return calib, test, meta
+    """(calibration windows, test windows, tokens.json's record) from ids saved by
+    :func:`optgqa_jax.data.save_token_splits` (``train_reference.py --save-tokens``); cut as
+    :func:`optgqa_jax.data.corpus_windows` cuts the tokenized splits."""
+    cal, meta = data.load_token_split(tokens_dir, study.corpus, "calibration",
+                                      vocab_size=vocab_size)
+    test, _ = data.load_token_split(tokens_dir, study.corpus, "test", vocab_size=vocab_size)
+    return (data.ids_windows(cal, study.seqlen, n=study.nsamples, seed=study.seed),
+            data.ids_windows(test, study.eval_seqlen), meta)
 
 
 def run_study(study: Study, out_dir: str, resume: bool = False,

@@ -105,16 +105,9 @@ def load_tokenizer(name: str):
 
 def save_tokens(ref: Reference, directory: str) -> None:
     """Tokenise the corpus splits once into ``directory`` (for a machine without the tokenizer's
-    model files): ``<corpus>-<split>.npy`` and ``tokens.json``."""
-    tok = load_tokenizer(ref.tokenizer)
-    os.makedirs(directory, exist_ok=True)
-    for split in data.SPLITS:
-        np.save(os.path.join(directory, f"{ref.corpus}-{split}.npy"),
-                data.encode_split(tok, ref.corpus, split))
-    with open(os.path.join(directory, "tokens.json"), "w") as f:
-        json.dump({"tokenizer": ref.tokenizer, "vocab_size": tok.vocab_size,
-                   "corpus": ref.corpus,
-                   "corpus_hash": data.open_corpus(ref.corpus).content_hash}, f)
+    model files): :func:`optgqa_jax.data.save_token_splits`."""
+    data.save_token_splits(load_tokenizer(ref.tokenizer), ref.corpus, directory,
+                           tokenizer_name=ref.tokenizer)
 
 
 def load_windows(ref: Reference, tokens_dir: Optional[str]) -> tuple[dict, int]:
@@ -125,12 +118,14 @@ def load_windows(ref: Reference, tokens_dir: Optional[str]) -> tuple[dict, int]:
         tok = load_tokenizer(ref.tokenizer)
         return {k: data.corpus_windows(tok, ref.corpus, split, ref.seqlen)
                 for k, split in names.items()}, tok.vocab_size
-    with open(os.path.join(tokens_dir, "tokens.json")) as f:
-        meta = json.load(f)
-    if (meta["tokenizer"], meta["corpus"]) != (ref.tokenizer, ref.corpus):
-        raise ValueError(f"--tokens {tokens_dir} holds {meta}, not {ref.tokenizer}/{ref.corpus}")
-    return {k: data.ids_windows(np.load(os.path.join(tokens_dir, f"{ref.corpus}-{split}.npy")),
-                                ref.seqlen) for k, split in names.items()}, meta["vocab_size"]
+    windows = {}
+    for k, split in names.items():
+        ids, meta = data.load_token_split(tokens_dir, ref.corpus, split)
+        if meta["tokenizer"] != ref.tokenizer:
+            raise ValueError(f"--tokens {tokens_dir} was tokenized by {meta['tokenizer']!r}, "
+                             f"not {ref.tokenizer!r}")
+        windows[k] = data.ids_windows(ids, ref.seqlen)
+    return windows, meta["vocab_size"]
 
 
 def matmul_peak(n: int = 8192, iters: int = 20) -> float:

@@ -306,3 +306,47 @@ def test_cache_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data.cache_dir() == tmp_path / "home" / ".cache" / "optgqa_jax"
+
+
+# ----------------------------------------------------------------------------- saved token splits
+
+
+def one_file_corpus(tmp_path, rng):
+    """A corpus of one file of 200 paragraphs (split per paragraph: no split is empty)."""
+    path = tmp_path / "one.txt"
+    path.write_text("\n\n\n".join(f"paragraph {i}: " + random_text(rng, 20)
+                                   for i in range(200)) + "\n", encoding="utf-8")
+    return f"text:{path}"
+
+
+def test_saved_token_splits_round_trip_and_cut_like_the_corpus(tmp_path, rng):
+    name = one_file_corpus(tmp_path, rng)
+    tok = ByteTokenizer()
+    record = data.save_token_splits(tok, name, tmp_path / "ids", tokenizer_name="bytes")
+    assert record["vocab_size"] == tok.vocab_size and record["corpus"] == name
+    assert record["corpus_hash"] == data.open_corpus(name).content_hash
+    for split in data.SPLITS:
+        ids, meta = data.load_token_split(tmp_path / "ids", name, split,
+                                          vocab_size=tok.vocab_size)
+        np.testing.assert_array_equal(ids, data.encode_split(tok, name, split))
+        assert ids.dtype == np.int32 and meta == record
+    ids, _ = data.load_token_split(tmp_path / "ids", name, "calibration")
+    np.testing.assert_array_equal(data.ids_windows(ids, 32, n=5, seed=4),
+                                  data.corpus_windows(tok, name, "calibration", 32, n=5, seed=4))
+
+
+def test_saved_token_splits_refuse_what_does_not_match(tmp_path, rng):
+    name = one_file_corpus(tmp_path, rng)
+    data.save_token_splits(ByteTokenizer(), name, tmp_path / "ids", tokenizer_name="bytes")
+    vocab = ByteTokenizer().vocab_size
+    with pytest.raises(ValueError, match=rf"vocabulary {vocab}\); the model.s vocabulary is 300"):
+        data.load_token_split(tmp_path / "ids", name, "test", vocab_size=300)
+    with pytest.raises(ValueError, match="holds corpus"):
+        data.load_token_split(tmp_path / "ids", "shakespeare", "test")
+    with pytest.raises(ValueError, match="split"):
+        data.load_token_split(tmp_path / "ids", name, "train")
+    with pytest.raises(FileNotFoundError, match="save_token_splits"):
+        data.load_token_split(tmp_path / "nothing", name, "test")
+    np.save(data._token_split_file(tmp_path / "ids", name, "test"), np.array([1, 2, 999], np.int32))
+    with pytest.raises(ValueError, match="outside"):
+        data.load_token_split(tmp_path / "ids", name, "test")

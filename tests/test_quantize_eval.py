@@ -60,7 +60,7 @@ def test_saved_windows_refuse_another_vocabulary_or_corpus(tmp_path):
     tokens = _tokens_dir(tmp_path, 97, np.random.default_rng())
     with pytest.raises(ValueError, match="vocabulary 97"):
         qe.saved_windows(qe.Study(), tokens, 128)
-    with pytest.raises(ValueError, match="corpus 'shakespeare', not --corpus 'python-docs'"):
+    with pytest.raises(ValueError, match="holds corpus 'shakespeare', not 'python-docs'"):
         qe.saved_windows(qe.Study(corpus="python-docs"), tokens, 97)
     with pytest.raises(FileNotFoundError, match="--save-tokens"):
         qe.saved_windows(qe.Study(), str(tmp_path / "missing"), 97)
