@@ -63,6 +63,8 @@ from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant, sparse  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
+from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorConfig,  # noqa: E402
+                                                bsr_gm_quant_matmul, group_major_blocks)
 from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
 from bench_quant import arg_sets  # noqa: E402  (the same L2 rotation)
 
@@ -145,7 +147,41 @@ def speed_rows(ceiling: float, rows, out: list, save) -> None:
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
                 density=b.density)
+            group_major_row(add, T, sets, want, rel_err, N, K, s)
             del sets
+
+
+def group_major_row(add, T, sets, want, rel_err, N: int, K: int, s: float) -> None:
+    """The same BSR weights in group-major order (``pallas_kernels.bsr_gm_quant_matmul``):
+    the best of a few blocks-per-program and warp counts; the reordering is not timed (it
+    runs once per layer, on the host)."""
+    best, tried = None, []
+    for bt in (32, 64, 128):
+        gm_sets = [(x, group_major_blocks(b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
+                                          out_features=N, groups=K // 128, block_t=bt))
+                   for x, b in sets]
+        for nw in (4, 8):
+            cfg = GroupMajorConfig(block_m=GroupMajorConfig.for_shape("cuda", sets[0][0].shape[0])
+                                   .block_m, num_warps=nw, num_stages=2)
+            f = lambda x, g, cfg=cfg: bsr_gm_quant_matmul(x, g, out_features=N, bits=4,
+                                                          group_size=128, config=cfg)
+            try:
+                t = T(f, gm_sets)
+            except Exception as e:  # noqa: BLE001 - a failing config is a result
+                tried.append(dict(block_t=bt, config=dataclasses.asdict(cfg),
+                                  error=repr(e)[-200:]))
+                continue
+            tried.append(dict(block_t=bt, config=dataclasses.asdict(cfg), us=t * 1e6))
+            if best is None or t < best[0]:
+                best = (t, bt, cfg, f, gm_sets[0])
+        del gm_sets
+    if best is None:
+        print(f"group-major s{round(100 * s)}: every config failed: {tried}", flush=True)
+        return
+    t, bt, cfg, f, (x, g) = best
+    nbytes = sum(int(a.nbytes) for a in g)
+    add(f"w4g128s{round(100 * s)} group-major", t, nbytes, rel_err(jax.jit(f)(x, g), want),
+        config=dict(dataclasses.asdict(cfg), block_t=bt), tried=tried)
 
 
 def markdown(res: dict) -> str:

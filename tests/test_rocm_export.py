@@ -105,3 +105,25 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, platform):
             S((nnz,), jnp.int32))
     module = export_for(platform, f, *args)
     assert module.count(TRITON_CALL) == 1
+
+
+# bsr_gm_quant_matmul: x [M, K]; GroupMajorBlocks: codes int32 [nnz_p, gs * bits / 32],
+# scales/zeros/rows [nnz_p], program_group [nnz_p / T].
+@pytest.mark.parametrize("M,bits,gs", [(1, 4, 128), (16, 4, 64), (3, 8, 128), (2, 2, 64)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_bsr_gm_quant_matmul_lowers_through_triton(M, bits, gs, platform):
+    from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConfig,
+                                                    bsr_gm_quant_matmul)
+    K, N, T, programs = 512, 384, 64, 24
+    cfg = GroupMajorConfig.for_shape(platform, M)
+
+    def f(x, c, s, z, rows, pg):
+        return bsr_gm_quant_matmul(x, GroupMajorBlocks(c, s, z, rows, pg), out_features=N,
+                                   bits=bits, group_size=gs, config=cfg)
+
+    nnz = T * programs
+    args = (S((M, K), jnp.bfloat16), S((nnz, gs * bits // 32), jnp.int32),
+            S((nnz,), jnp.float16), S((nnz,), jnp.uint8), S((nnz,), jnp.int32),
+            S((programs,), jnp.int32))
+    module = export_for(platform, f, *args)
+    assert module.count(TRITON_CALL) == 1
