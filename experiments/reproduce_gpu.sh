@@ -33,7 +33,8 @@ for step in $steps; do
       JAX_DEFAULT_MATMUL_PRECISION=highest run gpu_kernel_tests 600 python -m pytest -q \
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
-        tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py ;;
+        tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
+        tests/test_bsr_gm_quant_matmul.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     profile)  # one decode step, pipelined and synchronous

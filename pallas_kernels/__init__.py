@@ -10,6 +10,9 @@ backends alike; on CPU pass ``interpret=True``.
 * :func:`flash_attention` — dense causal prefill / training forward (GQA, ALiBi).
 * :func:`paged_prefill_attention` — ragged packed prefill over a paged cache.
 * :func:`quant_matmul` — ``x @ dequant(W)`` for 2/4/8-bit GPTQ-packed weights.
+* :func:`bsr_quant_matmul` — the same for group-sparse (GQSA, BSR-stored) weights, blocks in
+  row-major order; :func:`bsr_gm_quant_matmul` — over blocks reordered by group
+  (:func:`group_major_blocks`), x read once per program.
 * :func:`alibi_slopes` — per-head ALiBi slopes.
 * :func:`compiler_options` — XLA options for the ``jax.jit`` that calls the kernels
   (on CUDA: flush float32 denormals, a few percent faster).
@@ -25,6 +28,10 @@ from pallas_kernels.paged_attention import (PagedAttentionConfig, paged_attentio
 from pallas_kernels.paged_prefill_attention import (PagedPrefillConfig, paged_prefill_attention,
                                                     paged_prefill_attention_reference)
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul, quant_matmul_reference
+from pallas_kernels.bsr_quant_matmul import (BSRMatmulConfig, bsr_quant_matmul,
+                                             bsr_quant_matmul_reference)
+from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConfig,
+                                                bsr_gm_quant_matmul, group_major_blocks)
 
 __all__ = [
     "alibi_slopes", "alibi_slopes_np", "compiler_options",
@@ -32,4 +39,6 @@ __all__ = [
     "PagedAttentionConfig", "paged_attention", "paged_attention_reference",
     "PagedPrefillConfig", "paged_prefill_attention", "paged_prefill_attention_reference",
     "QuantMatmulConfig", "quant_matmul", "quant_matmul_reference",
+    "BSRMatmulConfig", "bsr_quant_matmul", "bsr_quant_matmul_reference",
+    "GroupMajorBlocks", "GroupMajorConfig", "bsr_gm_quant_matmul", "group_major_blocks",
 ]
