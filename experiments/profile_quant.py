@@ -27,6 +27,10 @@ Usage::
     python experiments/profile_quant.py [--shapes gate_up,o,down,qkv] [--rows 1,16]
         [--format w4g128] [--config '{"block_k": 256, "split_k": 4}'] [--out DIR]
 
+    # and the PTX of every rung, for experiments/ptx_mix.py (instructions per loop):
+    XLA_FLAGS=--xla_dump_to=dump python experiments/profile_quant.py --shapes gate_up --rows 1
+    python experiments/ptx_mix.py dump --kernel quant
+
 Writes ``profile_quant.{json,md}``. ``--interpret --shape 256x192`` runs a small case on a CPU
 (no timings worth reading; it checks that every rung builds and runs).
 """

@@ -1,0 +1,125 @@
+"""Instruction mix of the kernels in PTX files that XLA dumped: which instructions a loop runs.
+
+For a kernel bound by instruction issue rather than by bytes (``quant_matmul`` at one row reads
+4- and 8-bit weights in the same time), the loop body's instruction count per code is the
+number to cut. Dump a run's PTX with ``XLA_FLAGS=--xla_dump_to=DIR`` (the Triton kernels of
+Pallas calls are in the module's ``.ptx`` files), then::
+
+    python experiments/ptx_mix.py DIR --kernel optgqa_quant_matmul [--top 25] [--json OUT]
+
+For every ``.entry`` whose name contains ``--kernel``: the instruction count by opcode (the
+opcode's first two dot-separated parts, e.g. ``ld.global``, ``fma.rn``), for the whole kernel
+and for each loop (a block of instructions between a label and a branch back to it; nested
+loops are reported at each level), loads and stores by state space and width, and the
+branch-back label of each loop so it can be found in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+
+ENTRY = re.compile(r"^\s*\.(?:visible\s+)?\.entry\s+([\w$]+)\s*\(")
+LABEL = re.compile(r"^\s*([\w$]+):\s*$")
+BRANCH = re.compile(r"\bbra(?:\.uni)?\s+([\w$]+)\s*;")
+
+
+def kernels(text: str) -> dict:
+    """{entry name: list of its body lines} of one PTX text."""
+    out, name, depth, body, opened = {}, None, 0, [], False
+    for line in text.splitlines():
+        m = ENTRY.match(line)
+        if m and name is None:
+            name, depth, body, opened = m.group(1), 0, [], False
+            continue
+        if name is None:
+            continue
+        if not opened:                      # parameter list and directives before the body
+            if line.strip().startswith("{"):
+                opened = True
+            else:
+                continue
+        depth += line.count("{") - line.count("}")
+        body.append(line)
+        if depth == 0:
+            out[name] = body
+            name = None
+    return out
+
+
+def opcode(line: str):
+    """The opcode of one PTX instruction line (None for labels, directives, braces)."""
+    s = line.split("//")[0].strip()
+    if not s or s.endswith(":") or s.startswith((".", "{", "}")):
+        return None
+    if s.startswith("@"):                                  # predicated: @%p1 bra ...
+        s = s.split(None, 1)[1] if " " in s else ""
+    op = s.split(None, 1)[0].rstrip(";")
+    return ".".join(op.split(".")[:2]) if op else None
+
+
+def mix(lines) -> collections.Counter:
+    return collections.Counter(op for op in map(opcode, lines) if op)
+
+
+def loops(lines) -> list[dict]:
+    """Loops: a label and a later branch back to it; their instruction mixes."""
+    labels = {}
+    found = []
+    for i, line in enumerate(lines):
+        m = LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+        b = BRANCH.search(line)
+        if b and b.group(1) in labels and labels[b.group(1)] < i:
+            body = lines[labels[b.group(1)]:i + 1]
+            found.append(dict(label=b.group(1), lines=len(body), mix=mix(body)))
+    return found
+
+
+def memory(m: collections.Counter) -> dict:
+    return {op: n for op, n in m.items() if op.startswith(("ld.", "st.", "cp.", "atom", "red."))}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("dump", help="a .ptx file or a folder searched for them")
+    p.add_argument("--kernel", default="", help="substring of the .entry names to report")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", default=None, help="write the report here too")
+    a = p.parse_args(argv)
+    files = ([a.dump] if os.path.isfile(a.dump)
+             else sorted(glob.glob(os.path.join(a.dump, "**", "*.ptx"), recursive=True)))
+    if not files:
+        raise SystemExit(f"no .ptx files under {a.dump!r} (run with XLA_FLAGS=--xla_dump_to=DIR)")
+    report = []
+    for f in files:
+        with open(f) as fh:
+            for name, body in kernels(fh.read()).items():
+                if a.kernel not in name:
+                    continue
+                whole = mix(body)
+                entry = dict(file=f, kernel=name, instructions=sum(whole.values()),
+                             mix=dict(whole.most_common(a.top)), memory=memory(whole),
+                             loops=[dict(label=l["label"], instructions=sum(l["mix"].values()),
+                                         mix=dict(l["mix"].most_common(a.top)),
+                                         memory=memory(l["mix"])) for l in loops(body)])
+                report.append(entry)
+                print(f"== {name} ({os.path.basename(f)}): {entry['instructions']} instructions")
+                print("   " + ", ".join(f"{op} {n}" for op, n in whole.most_common(a.top)))
+                for l in entry["loops"]:
+                    print(f"   loop {l['label']}: {l['instructions']} instructions: "
+                          + ", ".join(f"{op} {n}" for op, n in l["mix"].items()))
+    if not report:
+        raise SystemExit(f"no kernel named like {a.kernel!r} in {len(files)} .ptx file(s)")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
