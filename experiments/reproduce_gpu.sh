@@ -68,8 +68,14 @@ for step in $steps; do
       done ;;
     quant-tune)  # the tile search behind QuantMatmulConfig.for_shape
       run tune_quant 600 python experiments/tune_quant.py --out "$out/quant" ;;
-    quant-profile)  # the quantized matmul's time split by a ladder of stripped kernels
-      run profile_quant 300 python experiments/profile_quant.py --out "$out/quant" ;;
+    quant-profile)  # the quantized matmul's time split by a ladder of stripped kernels, and
+      # the instruction mix of each rung's loops in the PTX that XLA compiled
+      dump=$(mktemp -d)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump" run profile_quant 300 python \
+        experiments/profile_quant.py --out "$out/quant"
+      run ptx_mix 120 python experiments/ptx_mix.py "$dump" --kernel quant \
+        --json "$out/quant/ptx_mix.json"
+      rm -rf "$dump" ;;
     quant-kernels)  # quantized matmul against bfloat16 and XLA
       run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels \
         --out "$out/quant" ;;
