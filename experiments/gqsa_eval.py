@@ -353,7 +353,7 @@ def accuracy_plot(res: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- engine
-ENGINE_FORMATS = (None, "w4g128", "w2g128", "w4g128s30", "w4g128s50")
+ENGINE_FORMATS = (None, "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s50gm")
 
 
 def engine(a) -> None:

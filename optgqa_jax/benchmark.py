@@ -219,10 +219,13 @@ def run_engine(bc: BenchConfig) -> dict:
     params = og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=bc.fuse_projections)
     if bc.quantize:
         from optgqa_jax import quant
-        from optgqa_jax.sparse.synthetic import parse_sparse_spec, random_sparsify
-        qc, sparsity = parse_sparse_spec(bc.quantize)
+        from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
+        qc, sparsity, group_major = parse_serving_spec(bc.quantize)
         params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
                   else random_sparsify(params, qc, sparsity, seed=bc.seed))
+        if group_major:
+            from optgqa_jax.sparse.group_major import to_group_major_params
+            params = to_group_major_params(params)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth()
@@ -507,8 +510,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, metavar="SPEC",
                         help="serve random GPTQ-format weights, e.g. w4g128 (4 bits, groups of "
                              "128) or w8 (8 bits, per channel), or group-sparse BSR weights, e.g. "
-                             "w4g128s50 (half of every row's groups removed): the speed and "
-                             "memory of a quantized model of the preset")
+                             "w4g128s50 (half of every row's groups removed; w4g128s50gm: "
+                             "served in group-major order): the speed and memory of a "
+                             "quantized model of the preset")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -532,10 +536,10 @@ def _quant_spec(spec: Optional[str]) -> Optional[str]:
     """``--quantize`` checked before any work starts."""
     if spec is None:
         return None
-    from optgqa_jax.sparse.synthetic import parse_sparse_spec
+    from optgqa_jax.sparse.synthetic import parse_serving_spec
 
     try:
-        parse_sparse_spec(spec)
+        parse_serving_spec(spec)
     except ValueError as e:
         raise SystemExit(f"--quantize: {e}") from None
     return spec

@@ -169,7 +169,12 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     layers = {}
     from optgqa_jax.sparse.bsr import check_bsr, is_bsr
+    from optgqa_jax.sparse.group_major import is_group_major
     for name, leaf in list(flat.items()):
+        if is_group_major(leaf):
+            raise ValueError(f"{name} is a GroupMajorLinear, a runtime layout that checkpoints "
+                             "do not store: save the BSR params and convert them after loading "
+                             "(sparse.to_group_major_params)")
         if is_bsr(leaf):
             check_bsr(leaf, name)
             layers[name] = _bsr_metadata(leaf)

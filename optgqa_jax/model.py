@@ -36,12 +36,15 @@ from optgqa_jax.quant.linear import matmul as quant_matmul
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
 from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
+from optgqa_jax.sparse.group_major import (dequantize_group_major, group_major_matmul,
+                                           is_group_major)
 
 
 def is_quantized(x) -> bool:
-    """Whether a kernel leaf is quantized: a dense ``QuantizedLinear`` or a group-sparse
-    ``optgqa_jax.sparse.BSRQuantizedLinear`` (used as ``is_leaf`` in tree maps)."""
-    return _is_dense_quantized(x) or is_bsr(x)
+    """Whether a kernel leaf is quantized: a dense ``QuantizedLinear``, a group-sparse
+    ``optgqa_jax.sparse.BSRQuantizedLinear`` or its serving layout
+    ``optgqa_jax.sparse.GroupMajorLinear`` (used as ``is_leaf`` in tree maps)."""
+    return _is_dense_quantized(x) or is_bsr(x) or is_group_major(x)
 
 
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -106,6 +109,8 @@ class Linear(nn.Module):
         self.sow("linear_inputs", "x", x)
         if is_bsr(kernel):
             y = bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
+        elif is_group_major(kernel):
+            y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
             y = quant_matmul(x, kernel, _QUANT_IMPL[self.impl])
         else:
@@ -232,6 +237,8 @@ class Transformer(nn.Module):
                 w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
             if is_bsr(w):
                 w = dequantize_bsr(w)
+            elif is_group_major(w):
+                w = dequantize_group_major(w)
             elif is_quantized(w):
                 w = dequantize(w)
             logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)

@@ -192,7 +192,9 @@ def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
         layers, which have no partition rules yet.
     """
     from optgqa_jax.sparse.bsr import is_bsr
-    bsr = [l for l in jax.tree_util.tree_leaves(params, is_leaf=is_bsr) if is_bsr(l)]
+    from optgqa_jax.sparse.group_major import is_group_major
+    sparse_leaf = lambda l: is_bsr(l) or is_group_major(l)
+    bsr = [l for l in jax.tree_util.tree_leaves(params, is_leaf=sparse_leaf) if sparse_leaf(l)]
     if bsr:
         raise ValueError(f"params hold {len(bsr)} group-sparse (BSR) layers, which cannot be "
                          "sharded yet; serve them on one device, or shard the dense pruned "

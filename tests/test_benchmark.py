@@ -104,7 +104,27 @@ def test_group_sparse_run_serves_random_bsr_weights(fixed_ceiling):
             parse_sparse_spec(bad)
 
 
-@pytest.mark.parametrize("spec", ["4bit", "w4g", "w5g128", "w4g0", "", "w4g128s100", "w4s50"])
+def test_group_major_run_serves_the_reordered_bsr_weights(fixed_ceiling):
+    """``--quantize w4g32s50gm``: the same BSR weights, served in group-major order."""
+    import jax
+
+    import optgqa_jax as og
+    from optgqa_jax import sparse
+    from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
+
+    r = B.run_engine(B.BenchConfig(quantize="w4g32s50gm", **TINY_RUN))
+    assert r["output_tokens"] == 12 and r["model"] == "tiny w4g32s50gm"
+    qc, s, gm = parse_serving_spec("w4g32s50gm")
+    assert gm and s == 0.5 and parse_serving_spec("w4g32s50")[2] is False
+    params = og.init_params(B.model_config(B.BenchConfig(**TINY_RUN)), jax.random.PRNGKey(0),
+                            fused=True)
+    layout = sparse.to_group_major_params(random_sparsify(params, qc, s))
+    assert sparse.is_group_major(layout["layer_0"]["mlp"]["gate_up_proj"]["kernel"])
+    assert r["param_bytes"] == B.params_nbytes(layout)
+
+
+@pytest.mark.parametrize("spec", ["4bit", "w4g", "w5g128", "w4g0", "", "w4g128s100", "w4s50",
+                                  "w4g128gm"])
 def test_bad_quantize_spec_is_refused_before_work(spec):
     import argparse
 

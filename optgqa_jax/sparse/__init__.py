@@ -5,7 +5,9 @@
   pruned layer;
 * :mod:`~optgqa_jax.sparse.bsr` — the Block Sparse Row format, conversions, the product and
   orbax save/load;
-* :mod:`~optgqa_jax.sparse.calibrate` — the two calibration stages, BQPO and E2E-OQP.
+* :mod:`~optgqa_jax.sparse.calibrate` — the two calibration stages, BQPO and E2E-OQP;
+* :mod:`~optgqa_jax.sparse.group_major` — the BSR blocks reordered by group, the serving
+  layout of the group-major decode kernel.
 """
 
 from optgqa_jax.sparse.config import NMSparsity, SparsityConfig
@@ -22,5 +24,10 @@ __all__ = ["NMSparsity", "nm_mask", "prune_nm_params", "SparsityConfig", "canoni
            "BSRQuantizedLinear", "bsr_matmul", "check_bsr", "dequantize_bsr", "from_arrays",
            "is_bsr", "kept_mask", "load_bsr", "save_bsr", "to_bsr", "to_bsr_params", "to_dense"]
 from optgqa_jax.sparse.calibrate import CalibrationConfig, bqpo, calibrate, e2e_oqp  # noqa: E402
+from optgqa_jax.sparse.group_major import (GroupMajorLinear, dequantize_group_major,  # noqa: E402
+                                           group_major_matmul, is_group_major, to_group_major,
+                                           to_group_major_params)
 
-__all__ += ["CalibrationConfig", "bqpo", "calibrate", "e2e_oqp"]
+__all__ += ["CalibrationConfig", "bqpo", "calibrate", "e2e_oqp", "GroupMajorLinear",
+            "dequantize_group_major", "group_major_matmul", "is_group_major", "to_group_major",
+            "to_group_major_params"]

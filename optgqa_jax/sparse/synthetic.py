@@ -41,6 +41,22 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
     return qc, s
 
 
+def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], bool]:
+    """:func:`parse_sparse_spec` plus an optional ``gm`` suffix (``"w4g128s50gm"``): serve the
+    BSR layers in group-major order (``sparse.to_group_major_params``). Returns (QuantConfig,
+    sparsity or None, group-major).
+
+    Raises:
+      ValueError: as :func:`parse_sparse_spec`, or ``gm`` on a spec without group sparsity.
+    """
+    gm = isinstance(spec, str) and spec.endswith("gm")
+    qc, sparsity = parse_sparse_spec(spec[:-2] if gm else spec)
+    if gm and sparsity is None:
+        raise ValueError(f"{spec!r}: the group-major layout needs group sparsity "
+                         "(e.g. w4g128s50gm)")
+    return qc, sparsity, gm
+
+
 def random_bsr_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig, sparsity: float,
                       dtype: str, std: float = 0.02) -> BSRQuantizedLinear:
     """A BSR layer with uniform random codes, ``round(sparsity * G)`` groups removed from
