@@ -324,7 +324,8 @@ def accuracy_markdown(res: dict) -> str:
              f"{', '.join(sorted({r['commit'] for r in res['runs']}))}. Calibration: "
              f"{s['nsamples']} windows of {s['seqlen']} tokens ({s.get('val_fraction', 0):.0%} of "
              f"them held out to judge the calibration stages); BQPO {s['bqpo_steps']} steps per "
-             f"block, E2E-OQP {s['e2e_steps']} steps (lr {s.get('e2e_lr')}); evaluation: {m.get('eval_windows')} windows "
+             f"block, E2E-OQP {s['e2e_steps']} steps (lr {s.get('e2e_lr')}); evaluation: "
+             f"{m.get('eval_windows')} windows "
              f"({m.get('eval_tokens')} predicted tokens). w4 groups of {s['group_size']}; sNN = "
              "NN% of each row's groups pruned (GQSA).", "",
              "| run | calibration | perplexity | seconds |", "| --- | --- | ---: | ---: |"]

@@ -51,7 +51,8 @@ def test_saved_windows_are_cut_like_corpus_windows(tmp_path):
     cal_ids = np.load(os.path.join(tokens, "shakespeare-calibration.npy"))
     np.testing.assert_array_equal(calib, data.ids_windows(cal_ids, 16, n=5, seed=3))
     assert test.shape == (333 // 24, 24)  # every consecutive window, the short tail dropped
-    np.testing.assert_array_equal(test[1], np.load(os.path.join(tokens, "shakespeare-test.npy"))[24:48])
+    test_ids = np.load(os.path.join(tokens, "shakespeare-test.npy"))
+    np.testing.assert_array_equal(test[1], test_ids[24:48])
     assert meta["tokenizer"] == "test-ids"
 
 
