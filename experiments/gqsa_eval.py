@@ -234,7 +234,7 @@ def parse_run(run: str, group_size: int):
 
 
 def accuracy(a) -> None:
-    from optgqa_jax import data
+    from optgqa_jax import data, token_splits
     from optgqa_jax.evaluate import windows_perplexity
     from optgqa_jax.quant import quantize
     from optgqa_jax.registry import load_model
@@ -255,8 +255,8 @@ def accuracy(a) -> None:
             raise ValueError(f"--resume: {path} was run with other settings {res['settings']}")
     model = load_model(a.model)
     cfg, params, tok = model.cfg, model.params, model.tokenizer
-    if a.tokens:       # ids saved by data.save_token_splits: no tokenizer needed
-        ids = {s: data.load_token_split(a.tokens, a.corpus, s, vocab_size=cfg.vocab_size)
+    if a.tokens:       # ids saved by token_splits.save_token_splits: no tokenizer needed
+        ids = {s: token_splits.load_token_split(a.tokens, a.corpus, s, vocab_size=cfg.vocab_size)
                for s in ("calibration", "test")}
         calib = data.ids_windows(ids["calibration"][0], a.seqlen, n=a.nsamples, seed=0)
         test = data.ids_windows(ids["test"][0], a.seqlen)[:a.max_eval_windows]

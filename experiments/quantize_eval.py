@@ -46,7 +46,7 @@ from typing import Optional
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from optgqa_jax import data  # noqa: E402
+from optgqa_jax import data, token_splits  # noqa: E402
 from optgqa_jax.benchmark import source_commit as commit  # noqa: E402
 from optgqa_jax.evaluate import windows_perplexity  # noqa: E402
 from optgqa_jax.quant import QuantConfig, quantize  # noqa: E402
@@ -225,11 +225,11 @@ def plot(res: dict, path: str) -> None:
 
 def saved_windows(study: Study, tokens_dir: str, vocab_size: int) -> tuple:
     """(calibration windows, test windows, tokens.json's record) from ids saved by
-    :func:`optgqa_jax.data.save_token_splits` (``train_reference.py --save-tokens``); cut as
+    :func:`optgqa_jax.token_splits.save_token_splits` (``train_reference.py --save-tokens``); cut as
     :func:`optgqa_jax.data.corpus_windows` cuts the tokenized splits."""
-    cal, meta = data.load_token_split(tokens_dir, study.corpus, "calibration",
+    cal, meta = token_splits.load_token_split(tokens_dir, study.corpus, "calibration",
                                       vocab_size=vocab_size)
-    test, _ = data.load_token_split(tokens_dir, study.corpus, "test", vocab_size=vocab_size)
+    test, _ = token_splits.load_token_split(tokens_dir, study.corpus, "test", vocab_size=vocab_size)
     return (data.ids_windows(cal, study.seqlen, n=study.nsamples, seed=study.seed),
             data.ids_windows(test, study.eval_seqlen), meta)
 

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
-from optgqa_jax import data  # noqa: E402
+from optgqa_jax import data, token_splits  # noqa: E402
 from optgqa_jax.benchmark import source_commit  # noqa: E402
 from optgqa_jax.evaluate import windows_perplexity  # noqa: E402
 from optgqa_jax.train import TrainConfig, mfu, model_flops_per_token, train  # noqa: E402
@@ -105,8 +105,8 @@ def load_tokenizer(name: str):
 
 def save_tokens(ref: Reference, directory: str) -> None:
     """Tokenise the corpus splits once into ``directory`` (for a machine without the tokenizer's
-    model files): :func:`optgqa_jax.data.save_token_splits`."""
-    data.save_token_splits(load_tokenizer(ref.tokenizer), ref.corpus, directory,
+    model files): :func:`optgqa_jax.token_splits.save_token_splits`."""
+    token_splits.save_token_splits(load_tokenizer(ref.tokenizer), ref.corpus, directory,
                            tokenizer_name=ref.tokenizer)
 
 
@@ -120,7 +120,7 @@ def load_windows(ref: Reference, tokens_dir: Optional[str]) -> tuple[dict, int]:
                 for k, split in names.items()}, tok.vocab_size
     windows = {}
     for k, split in names.items():
-        ids, meta = data.load_token_split(tokens_dir, ref.corpus, split)
+        ids, meta = token_splits.load_token_split(tokens_dir, ref.corpus, split)
         if meta["tokenizer"] != ref.tokenizer:
             raise ValueError(f"--tokens {tokens_dir} was tokenized by {meta['tokenizer']!r}, "
                              f"not {ref.tokenizer!r}")

@@ -42,10 +42,9 @@ the corpus content hash, the split fractions and a fingerprint of the tokenizer 
 size and the encodings of fixed probe strings and of the split's first characters), so an edited
 corpus or a different tokenizer never reads a stale file.
 
-Saved token ids. :func:`save_token_splits` writes every split's ids and a ``tokens.json`` record
-to a folder; :func:`load_token_split` reads one back (checking the corpus and vocabulary) on a
-machine without the tokenizer or the corpus, and :func:`ids_windows` cuts it exactly as
-:func:`corpus_windows` cuts the tokenised split.
+Saved token ids (for machines without the tokenizer or the corpus): see
+:mod:`optgqa_jax.token_splits`; :func:`ids_windows` cuts them exactly as :func:`corpus_windows`
+cuts the tokenised split.
 
 Example::
 
@@ -78,7 +77,7 @@ from optgqa_jax.tokenizer import Tokenizer
 __all__ = [
     "SPLITS", "DEFAULT_FRACTIONS", "MIN_DOCUMENTS", "CORPORA", "Document", "Corpus", "cache_dir",
     "open_corpus", "split_documents", "load_corpus", "token_windows", "tokenizer_fingerprint",
-    "encode_split", "corpus_windows", "ids_windows", "save_token_splits", "load_token_split",
+    "encode_split", "corpus_windows", "ids_windows",
 ]
 
 SPLITS = ("calibration", "validation", "test")
@@ -594,79 +593,3 @@ def corpus_windows(tokenizer: Tokenizer, name: str, split: str, seqlen: int,
     ids = encode_split(tokenizer, name, split, path=path, fractions=fractions, use_cache=use_cache)
     return _windows(ids, seqlen, n, seed, stride, f"split={split!r} of corpus {name!r}")
 
-
-# ----------------------------------------------------------------------------- saved token splits
-TOKENS_META = "tokens.json"
-
-
-def _token_split_file(directory: Path, name: str, split: str) -> Path:
-    """``<name>-<split>.npy``, the corpus name made a plain file name (``text:`` paths)."""
-    return directory / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{split}.npy"
-
-
-def save_token_splits(tokenizer: Tokenizer, name: str, directory: Union[str, os.PathLike], *,
-                      tokenizer_name: str, path: Optional[Union[str, os.PathLike]] = None,
-                      fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict:
-    """Tokenise every split of corpus `name` once into `directory`, for a machine that has
-    neither the tokenizer's files nor the corpus: ``<name>-<split>.npy`` (int32 ids, as
-    :func:`encode_split` returns them) and ``tokens.json`` (the record returned).
-
-    Args:
-      tokenizer: anything with ``encode`` and ``vocab_size``.
-      name: the corpus, as for :func:`open_corpus`.
-      directory: created if missing; existing files of the same names are replaced.
-      tokenizer_name: what the record calls the tokenizer (e.g. ``"smollm2-135m"``).
-      path, fractions: as for :func:`encode_split`.
-
-    Returns:
-      ``{"tokenizer", "vocab_size", "corpus", "corpus_hash", "fractions"}``.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        np.save(_token_split_file(directory, name, split),
-                encode_split(tokenizer, name, split, path=path, fractions=fractions))
-    record = dict(tokenizer=tokenizer_name, vocab_size=int(tokenizer.vocab_size), corpus=name,
-                  corpus_hash=open_corpus(name, path=path).content_hash,
-                  fractions=[float(f) for f in fractions])
-    (directory / TOKENS_META).write_text(json.dumps(record, indent=1))
-    return record
-
-
-def load_token_split(directory: Union[str, os.PathLike], name: str, split: str, *,
-                     vocab_size: Optional[int] = None) -> tuple[np.ndarray, dict]:
-    """(int32 ids, the ``tokens.json`` record) of one split written by
-    :func:`save_token_splits`; cut them with :func:`ids_windows`.
-
-    Raises:
-      FileNotFoundError: no such directory, record or split (the message says how to write
-        them).
-      ValueError: the ids are of another corpus, or of a tokenizer whose vocabulary is not
-        `vocab_size` (when given), or hold ids outside it.
-    """
-    _check_split(split)
-    directory = Path(directory)
-    meta_file, ids_file = directory / TOKENS_META, _token_split_file(directory, name, split)
-
-    def need(f: Path) -> None:
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"{str(f)!r} not found: write saved token ids with "
-                "optgqa_jax.data.save_token_splits (or experiments/train_reference.py "
-                "--save-tokens DIR) on a machine that has the tokenizer and the corpus")
-
-    need(meta_file)
-    meta = json.loads(meta_file.read_text())
-    if meta.get("corpus") != name:
-        raise ValueError(f"{str(directory)!r} holds corpus {meta.get('corpus')!r}, not {name!r}")
-    if vocab_size is not None and meta.get("vocab_size") != vocab_size:
-        raise ValueError(f"{str(directory)!r} was tokenized by {meta.get('tokenizer')!r} "
-                         f"(vocabulary {meta.get('vocab_size')}); the model's vocabulary is "
-                         f"{vocab_size}")
-    need(ids_file)
-    ids = np.load(ids_file)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{str(ids_file)!r} is not a 1-D integer array")
-    if ids.size and (ids.min() < 0 or ids.max() >= meta.get("vocab_size", np.inf)):
-        raise ValueError(f"{str(ids_file)!r} holds ids outside [0, {meta.get('vocab_size')})")
-    return ids.astype(np.int32), meta

@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from optgqa_jax import data
+from optgqa_jax import data, token_splits
 from optgqa_jax.tokenizer import ByteTokenizer
 
 WORDS = ("attention grouped query paged memory kernel block cache token window split "
@@ -322,31 +322,31 @@ def one_file_corpus(tmp_path, rng):
 def test_saved_token_splits_round_trip_and_cut_like_the_corpus(tmp_path, rng):
     name = one_file_corpus(tmp_path, rng)
     tok = ByteTokenizer()
-    record = data.save_token_splits(tok, name, tmp_path / "ids", tokenizer_name="bytes")
+    record = token_splits.save_token_splits(tok, name, tmp_path / "ids", tokenizer_name="bytes")
     assert record["vocab_size"] == tok.vocab_size and record["corpus"] == name
     assert record["corpus_hash"] == data.open_corpus(name).content_hash
     for split in data.SPLITS:
-        ids, meta = data.load_token_split(tmp_path / "ids", name, split,
+        ids, meta = token_splits.load_token_split(tmp_path / "ids", name, split,
                                           vocab_size=tok.vocab_size)
         np.testing.assert_array_equal(ids, data.encode_split(tok, name, split))
         assert ids.dtype == np.int32 and meta == record
-    ids, _ = data.load_token_split(tmp_path / "ids", name, "calibration")
+    ids, _ = token_splits.load_token_split(tmp_path / "ids", name, "calibration")
     np.testing.assert_array_equal(data.ids_windows(ids, 32, n=5, seed=4),
                                   data.corpus_windows(tok, name, "calibration", 32, n=5, seed=4))
 
 
 def test_saved_token_splits_refuse_what_does_not_match(tmp_path, rng):
     name = one_file_corpus(tmp_path, rng)
-    data.save_token_splits(ByteTokenizer(), name, tmp_path / "ids", tokenizer_name="bytes")
+    token_splits.save_token_splits(ByteTokenizer(), name, tmp_path / "ids", tokenizer_name="bytes")
     vocab = ByteTokenizer().vocab_size
     with pytest.raises(ValueError, match=rf"vocabulary {vocab}\); the model.s vocabulary is 300"):
-        data.load_token_split(tmp_path / "ids", name, "test", vocab_size=300)
+        token_splits.load_token_split(tmp_path / "ids", name, "test", vocab_size=300)
     with pytest.raises(ValueError, match="holds corpus"):
-        data.load_token_split(tmp_path / "ids", "shakespeare", "test")
+        token_splits.load_token_split(tmp_path / "ids", "shakespeare", "test")
     with pytest.raises(ValueError, match="split"):
-        data.load_token_split(tmp_path / "ids", name, "train")
+        token_splits.load_token_split(tmp_path / "ids", name, "train")
     with pytest.raises(FileNotFoundError, match="save_token_splits"):
-        data.load_token_split(tmp_path / "nothing", name, "test")
-    np.save(data._token_split_file(tmp_path / "ids", name, "test"), np.array([1, 2, 999], np.int32))
+        token_splits.load_token_split(tmp_path / "nothing", name, "test")
+    np.save(token_splits._token_split_file(tmp_path / "ids", name, "test"), np.array([1, 2, 999], np.int32))
     with pytest.raises(ValueError, match="outside"):
-        data.load_token_split(tmp_path / "ids", name, "test")
+        token_splits.load_token_split(tmp_path / "ids", name, "test")
