@@ -16,7 +16,8 @@ Defaults, and why:
 * ``--group-sizes 64,-1``: the usual 128 does not divide SmolLM2's d_model = 576 = 4.5 x 128,
   and ``QuantConfig`` (like the packed GPTQ format) needs groups that tile every layer's inputs;
   64 is the largest power of two dividing every input dimension (576, 576, 1536). Pass
-  ``--group-sizes 128,-1`` for models where 128 divides.
+  ``--group-sizes 128,-1`` for models where 128 divides (a list that starts with -1 needs the
+  ``=`` form, ``--group-sizes=-1,64``, or argparse reads it as an option).
 
 ``--tokens DIR`` reads token ids saved by ``experiments/train_reference.py --save-tokens DIR``
 (``<corpus>-<split>.npy`` and ``tokens.json``) instead of tokenizing: for models without a
