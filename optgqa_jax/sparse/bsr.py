@@ -252,6 +252,26 @@ MATMUL_IMPLS = ("auto", "pallas", "dequantize")
 KERNEL_MAX_ROWS = 1
 
 
+def use_sparse_kernel(x: jax.Array, in_features: int, impl: str, max_rows: int,
+                      what: str) -> bool:
+    """Whether a group-sparse product of `x` takes its Pallas kernel: ``impl`` "pallas" always,
+    "dequantize" never, "auto" on GPUs for bfloat16/float16 x of at most `max_rows` rows.
+
+    Raises:
+      ValueError: an unknown `impl`, or x without `in_features` features (`what` names the
+        layer in the message).
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features, the {what} {in_features}")
+    if impl != "auto":
+        return impl == "pallas"
+    from pallas_kernels import _common as kc
+    return (kc.backend() != "cpu" and int(np.prod(x.shape[:-1])) <= max_rows
+            and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
 def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.Array:
     """``x @ dequantize_bsr(b)`` for x [..., K], in x's dtype.
 
@@ -260,20 +280,10 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     (XLA); ``"auto"`` takes the kernel on GPUs for bfloat16/float16 x with at most
     ``KERNEL_MAX_ROWS`` rows (decode), and dequantizes elsewhere (prefill, CPUs).
     """
-    if impl not in MATMUL_IMPLS:
-        raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
     from pallas_kernels import _common as kc
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul
     K, N = b.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} input features, the BSR layer {K}")
-    rows = int(np.prod(x.shape[:-1]))
-    if impl == "auto":
-        use_kernel = (kc.backend() != "cpu" and rows <= KERNEL_MAX_ROWS
-                      and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-    else:
-        use_kernel = impl == "pallas"
-    if not use_kernel:
+    if not use_sparse_kernel(x, K, impl, KERNEL_MAX_ROWS, "BSR layer"):
         return jnp.dot(x, dequantize_bsr(b, x.dtype))
     lead = x.shape[:-1]
     y = bsr_quant_matmul(x.reshape(-1, K), b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,

@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgqa_jax.sparse.bsr import BSRQuantizedLinear, check_bsr, is_bsr
+from optgqa_jax.sparse.bsr import BSRQuantizedLinear, check_bsr, is_bsr, use_sparse_kernel
 
-GM_MATMUL_IMPLS = ("auto", "pallas", "dequantize")
 # impl="auto" runs the kernel up to this many rows of x: its buffer holds M G N float32, an
 # eighth of the 4-bit codes' bytes per row at groups of 128 (not yet measured on a GPU).
 GM_KERNEL_MAX_ROWS = 16
@@ -126,20 +125,10 @@ def group_major_matmul(x: jax.Array, g: GroupMajorLinear, impl: str = "auto") ->
     kernel on GPUs for bfloat16/float16 x with at most ``GM_KERNEL_MAX_ROWS`` rows (decode) and
     dequantizes elsewhere.
     """
-    if impl not in GM_MATMUL_IMPLS:
-        raise ValueError(f"impl={impl!r} must be one of {GM_MATMUL_IMPLS}")
     from pallas_kernels import _common as kc
     from pallas_kernels.bsr_gm_quant_matmul import bsr_gm_quant_matmul
     K, N = g.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} input features, the group-major layer {K}")
-    rows = int(np.prod(x.shape[:-1]))
-    if impl == "auto":
-        use_kernel = (kc.backend() != "cpu" and rows <= GM_KERNEL_MAX_ROWS
-                      and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-    else:
-        use_kernel = impl == "pallas"
-    if not use_kernel:
+    if not use_sparse_kernel(x, K, impl, GM_KERNEL_MAX_ROWS, "group-major layer"):
         return jnp.dot(x, dequantize_group_major(g, x.dtype))
     lead = x.shape[:-1]
     y = bsr_gm_quant_matmul(x.reshape(-1, K), g.blocks(), out_features=N, bits=g.bits,
