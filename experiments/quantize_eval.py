@@ -185,6 +185,9 @@ def markdown(res: dict) -> str:
              "g-1 = one group per output channel.", ""]
     if base:
         lines += [f"Full precision: **{base['perplexity']:.3f}**.", ""]
+    elif meta.get("float_perplexity"):  # measured elsewhere on the same windows
+        fp = meta["float_perplexity"]
+        lines += [f"Full precision: **{fp['perplexity']:.3f}** ({fp['source']}).", ""]
     lines += ["| method | " + " | ".join(f"w{b} g{g}" for b, g in cols) + " |",
               "| --- |" + " ---: |" * len(cols)]
     lines += [f"| {m} | " + " | ".join(cell(by_key.get((m, b, g))) for b, g in cols) + " |"
@@ -201,7 +204,8 @@ def plot(res: dict, path: str) -> None:
     groups = sorted({r["group_size"] for r in runs}, key=lambda g: (g == -1, g))
     if not groups:
         return
-    base = next((r["perplexity"] for r in res["runs"] if r["method"] == FLOAT), None)
+    base = next((r["perplexity"] for r in res["runs"] if r["method"] == FLOAT),
+                res["meta"].get("float_perplexity", {}).get("perplexity"))
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False,
                              sharey=True)
     for ax, g in zip(axes[0], groups):

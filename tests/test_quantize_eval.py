@@ -79,3 +79,18 @@ def test_checkpoint_study_from_saved_tokens(tmp_path, checkpoint):
     assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in res["runs"])
     assert res["meta"]["tokenizer"] == "test-ids" and res["meta"]["eval_windows"] == 6
     assert "| gptq | " in open(os.path.join(out, "quantize_eval.md")).read()
+
+
+def test_markdown_takes_a_full_precision_measured_elsewhere():
+    qe = _module()
+    rng = np.random.default_rng()
+    ppl, fp = rng.uniform(50, 60, 2)
+    settings = {k: v for k, v in qe.Study().settings().items()}
+    meta = dict(device="cpu", jax="x", commit="abc", eval_windows=3, eval_tokens=30,
+                float_perplexity=dict(perplexity=float(fp), source="by the training run"))
+    run = dict(method="gptq", bits=4, group_size=64, perplexity=float(ppl), quant_seconds=1.0)
+    md = qe.markdown(dict(settings=settings, runs=[run], meta=meta))
+    assert f"Full precision: **{fp:.3f}** (by the training run)." in md
+    assert f"| gptq | {ppl:.2f} (1 s) |" in md
+    del meta["float_perplexity"]
+    assert "Full precision" not in qe.markdown(dict(settings=settings, runs=[run], meta=meta))
