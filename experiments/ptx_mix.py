@@ -95,7 +95,11 @@ def main(argv=None) -> None:
     files = ([a.dump] if os.path.isfile(a.dump)
              else sorted(glob.glob(os.path.join(a.dump, "**", "*.ptx"), recursive=True)))
     if not files:
-        raise SystemExit(f"no .ptx files under {a.dump!r} (run with XLA_FLAGS=--xla_dump_to=DIR)")
+        found = sorted(glob.glob(os.path.join(a.dump, "**", "*"), recursive=True))
+        kinds = collections.Counter(os.path.basename(f).split(".", 1)[-1] for f in found
+                                    if os.path.isfile(f))
+        raise SystemExit(f"no .ptx files under {a.dump!r} (run with XLA_FLAGS=--xla_dump_to=DIR); "
+                         f"it holds {len(found)} entries, by suffix: {dict(kinds.most_common(20))}")
     report = []
     for f in files:
         with open(f) as fh:

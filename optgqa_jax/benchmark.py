@@ -260,9 +260,10 @@ def run_engine(bc: BenchConfig) -> dict:
     # all decode steps together: robust to jitter in where one step's time ends and the next begins
     mbu_total = sum(step_bytes) / sum(s.seconds for s in decode) / ceiling if decode else None
     # the same with only the looked-up embedding rows (untied: the table is read by no matmul)
-    table = params["embed"]["embedding"]                    # [V, D]
-    skipped = 0 if cfg.tie_embeddings else table.size * table.dtype.itemsize
-    row = table.shape[1] * table.dtype.itemsize
+    table = params["embed"]["embedding"]       # [V, D], or quantized and stored [D, V]
+    table_bytes = params_nbytes({"t": table})
+    skipped = 0 if cfg.tie_embeddings else table_bytes
+    row = table_bytes // cfg.vocab_size
     gathered = [b - skipped + (s.num_seqs * row if skipped else 0)
                 for b, s in zip(step_bytes, decode)]
     mbu_gathered = [b / s.seconds / ceiling for b, s in zip(gathered, decode)]
@@ -511,8 +512,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve random GPTQ-format weights, e.g. w4g128 (4 bits, groups of "
                              "128) or w8 (8 bits, per channel), or group-sparse BSR weights, e.g. "
                              "w4g128s50 (half of every row's groups removed; w4g128s50gm: "
-                             "served in group-major order): the speed and memory of a "
-                             "quantized model of the preset")
+                             "served in group-major order); append +head and/or +emb to "
+                             "quantize the LM head and the token table too (w4g128+head+emb): "
+                             "the speed and memory of a quantized model of the preset")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,

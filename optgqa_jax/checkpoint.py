@@ -48,6 +48,7 @@ from optgqa_jax.quant.packing import packed_rows
 CONFIG_FILE = "optgqa_config.json"
 PARAMS_DIR = "params"
 QUANT_FILE = "quantization.json"
+EMBEDDING = "embed/embedding"  # the token table's path in the flattened params
 QUANT_FORMAT_VERSION = 1
 _ARRAYS = ("qweight", "scales", "zeros", "g_idx")
 _BSR_ARRAYS = ("codes", "scales", "zeros", "col_idx", "row_ptr")
@@ -117,6 +118,9 @@ def _check_quant_config(layers: dict, qc: Optional[QuantConfig]) -> None:
     if layers and ("lm_head" in layers) != qc.quantize_lm_head:
         raise ValueError(f"the LM head is {'' if 'lm_head' in layers else 'not '}quantized "
                          f"but the QuantConfig has quantize_lm_head={qc.quantize_lm_head}")
+    if layers and (EMBEDDING in layers) != qc.quantize_embedding:
+        raise ValueError(f"the token table is {'' if EMBEDDING in layers else 'not '}quantized "
+                         f"but the QuantConfig has quantize_embedding={qc.quantize_embedding}")
 
 
 def _read_quant_file(path: str) -> Optional[dict]:
@@ -297,8 +301,14 @@ def load_checkpoint(path: str, cfg: Optional[ModelConfig] = None) -> tuple[Model
         if jnp.dtype(meta["dtype"]) != jnp.dtype(flat[name].dtype):
             raise ValueError(f"{QUANT_FILE}: {name} has dtype {meta['dtype']!r}, the config "
                              f"{saved.dtype!r}")
-        meta_shapes[name] = tuple(flat[name].shape)
-        shapes = _stored_shapes(meta, tuple(flat.pop(name).shape), name)
+        shape = tuple(flat.pop(name).shape)
+        if name == EMBEDDING:  # a quantized table is stored as the LM head is, [D, V]
+            if meta.get("format") == "bsr":
+                raise ValueError(f"{QUANT_FILE}: {name} is stored group-sparse; a quantized "
+                                 "token table must be a dense QuantizedLinear")
+            shape = shape[::-1]
+        meta_shapes[name] = shape
+        shapes = _stored_shapes(meta, shape, name)
         flat.update({f"{name}/{key}": s for key, s in shapes.items()})
     _check_stored_arrays(stored, flat, params_path)
     target = flax.traverse_util.unflatten_dict(flat, sep="/")

@@ -134,7 +134,9 @@ def _quant_config_from_args(args: argparse.Namespace):
     return QuantConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym,
                        act_order=args.act_order, static_groups=args.static_groups,
                        damp=args.damp, grad_hessian=args.grad_hessian,
-                       learn_scales=args.learn_scales, learn_steps=args.learn_steps)
+                       learn_scales=args.learn_scales, learn_steps=args.learn_steps,
+                       quantize_lm_head=args.quantize_lm_head,
+                       quantize_embedding=args.quantize_embedding)
 
 
 def quantized_bytes(cfg, qparams) -> tuple[int, int]:
@@ -179,6 +181,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     qc = _quant_config_from_args(args)
     _check_seqlen(args.seqlen, None)
+    if args.format == "hf-gptq" and args.quantize_embedding:
+        raise ValueError("--quantize-embedding: the Hugging Face GPTQ layout stores embeddings "
+                         "in float; use --format optgqa")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out} already exists; pass --overwrite to replace it")
     _check_corpus(args.corpus)
@@ -190,16 +195,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for what, d_in in _linear_inputs(cfg).items():
         if qc.group_size != -1 and d_in % qc.group_size:
             raise ValueError(f"--group-size {qc.group_size} does not divide D_in={d_in} of {what}")
+    if args.quantize_lm_head and cfg.tie_embeddings:
+        raise ValueError(f"--quantize-lm-head: --model {args.model} ties its LM head to the "
+                         "token table; --quantize-embedding quantizes the shared table")
     windows = data.corpus_windows(model.tokenizer, args.corpus, "calibration", args.seqlen,
                                   n=args.nsamples, seed=args.seed)
     cfg, qparams, report = quantize(cfg, model.params, windows, qc, method=args.method,
                                     batch_size=args.batch_size, progress=True)
     stored, dense = quantized_bytes(cfg, qparams)
-    print(f"quantized {len(report.layers)} linear layers of {args.model} ({args.method} "
+    print(f"quantized {len(report.layers)} layers of {args.model} ({args.method} "
           f"{qc.tag}) on {windows.shape[0]}x{windows.shape[1]} calibration tokens of "
           f"{args.corpus} in {report.seconds:.1f}s")
     print(f"mean relative layer-output error: {report.mean_error():.3e}")
-    print(f"linear weights: {stored:,} bytes quantized vs {dense:,} in {cfg.dtype} "
+    print(f"weights: {stored:,} bytes quantized vs {dense:,} in {cfg.dtype} "
           f"({dense / stored:.2f}x smaller, {8 * stored * cfg.jnp_dtype.itemsize / dense:.2f} "
           "bits per weight)")
     if args.format == "optgqa":
@@ -300,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight calibration tokens by their loss-gradient norms")
     q.add_argument("--learn-scales", action="store_true", help="train the scales after GPTQ")
     q.add_argument("--learn-steps", type=int, default=200, help="steps of --learn-scales")
+    q.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize an untied LM head (default: it stays float)")
+    q.add_argument("--quantize-embedding", action="store_true",
+                   help="also quantize the token table by RTN (and with it a tied LM head; "
+                        "default: it stays float; --format optgqa only)")
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")

@@ -32,6 +32,7 @@ from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
 from optgqa_jax.quant.linear import dequantize
 from optgqa_jax.quant.linear import is_quantized as _is_dense_quantized
+from optgqa_jax.quant.linear import lookup_columns
 from optgqa_jax.quant.linear import matmul as quant_matmul
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
@@ -216,9 +217,15 @@ class Transformer(nn.Module):
         Returns (float32 logits [B, T or R, V], updated kv tuple or None).
         """
         cfg, dt = self.cfg, self.cfg.jnp_dtype
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt,
-                         embedding_init=_INIT, name="embed")
-        x = embed(tokens)  # [B, T, D]
+        table = (self.get_variable("params", "embed")["embedding"]
+                 if self.has_variable("params", "embed") else None)
+        if _is_dense_quantized(table):  # QuantConfig.quantize_embedding: stored [D, V]
+            x = lookup_columns(table, tokens, dt)  # [B, T, D]
+        else:
+            embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=dt,
+                             embedding_init=_INIT, name="embed")
+            x = embed(tokens)  # [B, T, D]
+            table = embed.embedding  # [V, D]
         new_kv = []
         for i in range(cfg.n_layers):
             x, layer_kv = Block(cfg, i, self.impl, name=f"layer_{i}")(
@@ -227,9 +234,11 @@ class Transformer(nn.Module):
         if select is not None:
             x = jnp.take_along_axis(x, select[..., None], axis=1)  # [B, R, D]
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x, embed.embedding,
+        if cfg.tie_embeddings and _is_dense_quantized(table):
+            logits = jnp.einsum("BTD,DV->BTV", x, dequantize(table),
                                 preferred_element_type=jnp.float32)
+        elif cfg.tie_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
         else:
             if self.has_variable("params", "lm_head"):  # may be quantized
                 w = self.get_variable("params", "lm_head")
@@ -293,6 +302,7 @@ def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> 
     Either layout is accepted: unfused, or fused (``optgqa_jax.fused``).
     """
     expected = abstract_params(cfg, fused=is_fused(params))
+    params = _logical_embedding(params)
     def name(path):
         return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
@@ -317,6 +327,24 @@ def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> 
         raise ValueError(f"{what} do not match the config:\n  {shown}{more}")
 
 
+def _logical_embedding(params):
+    """`params` with a quantized token table (stored ``[D, V]``, as the LM head) stood in for by
+    a ShapeDtypeStruct of the table's logical shape ``[V, D]``, for the structural checks.
+
+    Raises:
+      ValueError: a group-sparse token table (only dense ``QuantizedLinear`` tables are read).
+    """
+    table = params.get("embed", {}).get("embedding") if isinstance(params, dict) else None
+    if table is None or not is_quantized(table):
+        return params
+    if not _is_dense_quantized(table):
+        raise ValueError(f"embed/embedding is a {type(table).__name__}; a quantized token "
+                         "table must be a dense QuantizedLinear (QuantConfig.quantize_embedding)")
+    d, v = table.shape
+    return {**params, "embed": {**params["embed"],
+                                "embedding": jax.ShapeDtypeStruct((v, d), jnp.dtype(table.dtype))}}
+
+
 def _shape(x) -> tuple:
     """Shape of a parameter leaf: an array, or a QuantizedLinear (its logical [D_in, D_out])."""
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
@@ -331,7 +359,8 @@ def _expected_leaves(cfg: ModelConfig, fused: bool):
 def _check_params_fast(cfg: ModelConfig, params) -> None:
     """Cheap structural check on every call; the detailed report only on mismatch."""
     treedef, expected = _expected_leaves(cfg, is_fused(params))
-    leaves, got_def = jax.tree_util.tree_flatten(params, is_leaf=is_quantized)
+    leaves, got_def = jax.tree_util.tree_flatten(_logical_embedding(params),
+                                                 is_leaf=is_quantized)
     if got_def != treedef or tuple((_shape(x), jnp.dtype(x.dtype)) for x in leaves) != expected:
         check_params_match(cfg, params)
         raise ValueError("params do not match the config (tree structure differs)")

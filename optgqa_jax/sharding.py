@@ -217,6 +217,8 @@ def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
 
 def _quantized_specs(ql: QuantizedLinear, name, cfg, tp, layer, fs) -> QuantizedLinear:
     d_in, d_out = ql.shape
+    if name == "embedding":  # a quantized token table is stored [D, V]: split V as the head
+        name = "lm_head"
     logical = _float_spec(name, (d_in, d_out), cfg, tp, layer)
     rep = lambda a: P(*([None] * a.ndim))
     qw, grid = rep(ql.qweight), rep(ql.scales)

@@ -81,6 +81,9 @@ def test_rules_split_heads_and_replicate_small_kv():
 def test_sharded_quantized_forward(spec, o_rows_split):
     cfg, params = model("mha", 3)
     qp = quant.random_quantize(params, quant.parse_spec(spec), seed=1)
+    if spec == "w8":  # the token table too (stored [D, V]): split over V, as the LM head
+        qp["embed"] = {"embedding": quant.rtn(params["embed"]["embedding"].T,
+                                              quant.QuantConfig(bits=8, group_size=-1))}
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 7), 0, cfg.vocab_size)
     want = og.forward(cfg, qp, tokens, attention_impl="reference")
     mesh = sharding.make_mesh(1, 2)
@@ -88,6 +91,8 @@ def test_sharded_quantized_forward(spec, o_rows_split):
     o = sp["layer_0"]["attn"]["o_proj"]["kernel"]
     want_spec = ("model", None) if o_rows_split else (None, None)
     assert tuple(o.qweight.sharding.spec) == want_spec
+    if spec == "w8":
+        assert tuple(sp["embed"]["embedding"].qweight.sharding.spec) == (None, "model")
     close(og.forward(cfg, sp, tokens, attention_impl="reference"), want, spec)
 
 

@@ -123,8 +123,37 @@ def test_group_major_run_serves_the_reordered_bsr_weights(fixed_ceiling):
     assert r["param_bytes"] == B.params_nbytes(layout)
 
 
+def test_quantized_table_and_head_run(fixed_ceiling):
+    """``--quantize w4g32+head+emb``: the LM head and the token table are quantized too (the
+    table stored [D, V]); the engine serves it and the parameter bytes shrink further."""
+    import jax
+
+    import optgqa_jax as og
+    from optgqa_jax import quant
+    from optgqa_jax.sparse.synthetic import parse_serving_spec
+
+    r = B.run_engine(B.BenchConfig(quantize="w4g32+head+emb", **TINY_RUN))
+    assert r["output_tokens"] == 12
+    cfg = B.model_config(B.BenchConfig(**TINY_RUN))
+    params = og.init_params(cfg, jax.random.PRNGKey(0), fused=True)
+    qc = quant.parse_spec("w4g32+head+emb")
+    assert qc.quantize_lm_head and qc.quantize_embedding
+    qp = quant.random_quantize(params, qc)
+    table = qp["embed"]["embedding"]
+    assert quant.is_quantized(table) and table.shape == (cfg.d_model, cfg.vocab_size)
+    assert quant.is_quantized(qp["lm_head"])
+    assert r["param_bytes"] == B.params_nbytes(qp)
+    assert B.params_nbytes(qp) < B.params_nbytes(quant.random_quantize(params,
+                                                                       quant.parse_spec("w4g32")))
+    qc2, s, gm = parse_serving_spec("w4g32s50gm+emb")
+    assert gm and s == 0.5 and qc2.quantize_embedding and not qc2.quantize_lm_head
+    tied = {k: v for k, v in params.items() if k != "lm_head"}
+    with pytest.raises(ValueError, match=r"\+head: this model ties"):
+        quant.random_quantize(tied, qc)
+
+
 @pytest.mark.parametrize("spec", ["4bit", "w4g", "w5g128", "w4g0", "", "w4g128s100", "w4s50",
-                                  "w4g128gm"])
+                                  "w4g128gm", "w4g128+foo", "w4g128+emb+"])
 def test_bad_quantize_spec_is_refused_before_work(spec):
     import argparse
 

@@ -47,16 +47,20 @@ def float_ppl(corpus):
     return windows_perplexity(model.cfg, model.params, windows)
 
 
-def test_rtn_w8_checkpoint_evaluates_within_one_percent_of_float(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--quantize-embedding", "--quantize-lm-head"]])
+def test_rtn_w8_checkpoint_evaluates_within_one_percent_of_float(corpus, tmp_path, capsys,
+                                                                 extra):
     out = tmp_path / "w8"
     assert main(quantize_argv(corpus, out, "--method", "rtn", "--bits", "8",
-                              "--group-size", "32")) == 0
+                              "--group-size", "32", *extra)) == 0
     printed = capsys.readouterr().out
     assert "mean relative layer-output error" in printed and "bytes quantized" in printed
     report = json.loads((out / "quant_report.json").read_text())
     assert report["method"] == "rtn" and report["qc"]["bits"] == 8
     assert report["calibration_shape"] == [4, SEQLEN]
-    assert len(report["layers"]) == 2 * 7  # tiny: 2 blocks of q, k, v, o, gate, up, down
+    # tiny: 2 blocks of q, k, v, o, gate, up, down (and the token table, the LM head)
+    assert len(report["layers"]) == 2 * 7 + len(extra)
+    assert (report["layers"][0]["name"] == "embed/embedding") == bool(extra)
     assert report["quantized_bytes"] < report["float_bytes"] / 3  # int8 codes + g32 scales
 
     result = eval_ppl(str(out), corpus, tmp_path)
@@ -95,6 +99,7 @@ def no_model(monkeypatch):
     (["--seqlen", "1"], "--seqlen"),
     (["--group-size", "0"], "--group-size"),
     (["--corpus", "text:/no/such/corpus.txt"], "--corpus"),
+    (["--quantize-embedding", "--format", "hf-gptq"], "--quantize-embedding"),
 ])
 def test_quantize_bad_arguments_exit_2_before_loading(corpus, tmp_path, capsys, no_model,
                                                       extra, flag):

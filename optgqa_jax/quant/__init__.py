@@ -4,12 +4,12 @@ from optgqa_jax.quant.config import QuantConfig
 from optgqa_jax.quant.grid import rtn
 from optgqa_jax.quant.gptq import HessianAccumulator, gptq, hessian
 from optgqa_jax.quant.linear import (QuantizedLinear, concat_outputs, dequantize, from_codes,
-                                     is_quantized, matmul, prepare_for_kernels, sort_groups,
-                                     split_outputs, unsort_groups)
+                                     is_quantized, lookup_columns, matmul, prepare_for_kernels,
+                                     sort_groups, split_outputs, unsort_groups)
 from optgqa_jax.quant.packing import pack, unpack
 
 __all__ = ["QuantConfig", "rtn", "HessianAccumulator", "gptq", "hessian", "QuantizedLinear",
-           "concat_outputs", "dequantize", "from_codes", "is_quantized", "matmul",
+           "concat_outputs", "dequantize", "from_codes", "is_quantized", "lookup_columns", "matmul",
            "prepare_for_kernels", "sort_groups", "split_outputs", "unsort_groups", "pack",
            "unpack"]
 

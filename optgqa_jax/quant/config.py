@@ -38,7 +38,14 @@ class QuantConfig:
       learn_scales: after GPTQ, train the per-group scales with optax against the
         layer-output reconstruction error (straight-through rounding).
       learn_steps, learn_lr: optimisation steps and Adam learning rate of ``learn_scales``.
-      quantize_lm_head: also quantize the LM head (an untied one); embeddings always stay float.
+      quantize_lm_head: also quantize the LM head (an untied one, by the method asked for,
+        calibrated on the final norm's outputs).
+      quantize_embedding: also quantize the token embedding table, by round-to-nearest with
+        this grid (a lookup's error is the row's own error: GPTQ with the identity Hessian is
+        RTN). The table is stored as the LM head is, a ``[D, V]`` ``QuantizedLinear`` whose
+        groups run along the model dimension; a lookup dequantizes only the looked-up
+        columns (:func:`optgqa_jax.quant.linear.lookup_columns`). A tied LM head shares the
+        quantized table. The blocks are then calibrated on the quantized table's outputs.
     """
 
     bits: int = 4
@@ -55,6 +62,7 @@ class QuantConfig:
     learn_steps: int = 200
     learn_lr: float = 5e-3
     quantize_lm_head: bool = False
+    quantize_embedding: bool = False
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:

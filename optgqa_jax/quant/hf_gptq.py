@@ -389,6 +389,10 @@ def export_hf_gptq(path: str, cfg: ModelConfig, qparams: dict, qc: QuantConfig, 
             raise FileNotFoundError(f"no tokenizer files {TOKENIZER_FILES} in {tokenizer_dir!r}")
     if qc.quantize_lm_head and cfg.tie_embeddings:
         raise ValueError("quantize_lm_head is set but the model ties its LM head to the embeddings")
+    if qc.quantize_embedding or is_quantized(qparams["embed"]["embedding"]):
+        raise ValueError("the token table is quantized (quantize_embedding), but the Hugging "
+                         "Face GPTQ layout stores embeddings in float; quantize without "
+                         "quantize_embedding to export, or save with og.save_checkpoint")
     linears = _unfused_linears(cfg, qparams)
     tensors: dict[str, np.ndarray] = {}
     float_dtype = np.dtype(cfg.jnp_dtype)

@@ -105,6 +105,24 @@ def dequantize(ql: QuantizedLinear, dtype=None) -> jax.Array:
     return (s * (q - z)).astype(dtype or ql.dtype)
 
 
+def lookup_columns(ql: QuantizedLinear, ids: jax.Array, dtype=None) -> jax.Array:
+    """Columns ``ids`` of the dequantized weight, as rows: ``dequantize(ql).T[ids]``, float
+    [..., D_in] for int ids [...], reading only those columns' codes and grids.
+
+    This is the embedding lookup of a quantized token table, which is stored as the LM
+    head is, ``[D, V]`` (``QuantConfig.quantize_embedding``): a token's row of the table is
+    one output column, its groups run along the model dimension.
+    """
+    flat = jnp.reshape(ids, (-1,))                              # [n]
+    q = unpack(jnp.take(ql.qweight, flat, axis=1), ql.bits, ql.shape[0])  # [D_in, n]
+    if ql.perm is not None:
+        q = q[jnp.argsort(ql.perm)]
+    s = jnp.take(ql.scales, flat, axis=1).astype(jnp.float32)[ql.g_idx]   # [D_in, n]
+    z = jnp.take(ql.zeros, flat, axis=1).astype(jnp.float32)[ql.g_idx]
+    rows = (s * (q.astype(jnp.float32) - z)).T                  # [n, D_in]
+    return rows.reshape(*jnp.shape(ids), ql.shape[0]).astype(dtype or ql.dtype)
+
+
 MATMUL_IMPLS = ("auto", "pallas", "dequantize")
 
 

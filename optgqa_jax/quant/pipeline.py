@@ -8,8 +8,10 @@ linear layers are quantized in true-sequential order (GPTQ's ``--true-sequential
 
 each stage calibrated on inputs produced by the stages already quantized. Memory holds
 one block's calibration activations (``[n, T, D]`` plus one batch of its sub-layer
-inputs) and one Hessian per layer of the current stage. Embeddings stay float; the LM
-head too unless ``QuantConfig.quantize_lm_head``.
+inputs) and one Hessian per layer of the current stage. The token embedding and the LM
+head stay float unless ``QuantConfig.quantize_embedding`` (the table is rounded first, by
+RTN, so the blocks calibrate on its quantized outputs) or ``QuantConfig.quantize_lm_head``
+(quantized last, calibrated on the final norm's outputs).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from optgqa_jax.quant.calibration import learn_scales, token_gradient_weights
 from optgqa_jax.quant.config import QuantConfig
 from optgqa_jax.quant.gptq import HessianAccumulator, gptq
 from optgqa_jax.quant.grid import rtn
-from optgqa_jax.quant.linear import dequantize, is_quantized
+from optgqa_jax.quant.linear import dequantize, is_quantized, lookup_columns
 
 METHODS = ("gptq", "rtn")
 _HI = jax.lax.Precision.HIGHEST
@@ -52,7 +54,8 @@ class QuantReport:
       layers: one dict per quantized layer: ``name``, ``shape``, ``error`` (relative
         layer-output error ``tr(D^T H D) / tr(W^T H W)`` on the calibration inputs, with
         the plain Hessian), ``damp``, ``tries``, ``seconds`` and, with learned scales,
-        ``error_before_learn``.
+        ``error_before_learn``. A quantized token table (``embed/embedding``, first, with
+        ``method: "rtn"``) reports ``||D||^2 / ||W||^2``, the identity Hessian's error.
       seconds: total wall time.
       calibration_shape: (windows, tokens per window).
     """
@@ -103,7 +106,17 @@ def _block_apply(cfg: ModelConfig, layer: int, block_params, x, impl: str):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed(cfg: ModelConfig, embedding, tokens):
+    """Token rows [B, T, D] of a float table [V, D] or a quantized one (stored [D, V])."""
+    if is_quantized(embedding):
+        return lookup_columns(embedding, tokens, cfg.jnp_dtype)
     return embedding[tokens].astype(cfg.jnp_dtype)
+
+
+@jax.jit
+def _rel_error_identity(w_hat, w):
+    """``||W_hat - W||^2 / ||W||^2``: :func:`_rel_error` with the identity Hessian."""
+    w, w_hat = w.astype(jnp.float32), w_hat.astype(jnp.float32)
+    return jnp.sum((w_hat - w) ** 2) / jnp.maximum(jnp.sum(w * w), 1e-30)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -171,8 +184,12 @@ def _check_model(cfg: ModelConfig, params: dict, qc: QuantConfig) -> list[str]:
     if qc.quantize_lm_head:
         if cfg.tie_embeddings:
             raise ValueError("quantize_lm_head needs an untied LM head; this model ties it to "
-                             "the embeddings, which stay float")
+                             "the embeddings (quantize_embedding quantizes the shared table)")
         qc.check_layer(cfg.d_model, "lm_head")
+    if is_quantized(params["embed"]["embedding"]):
+        raise ValueError("embed/embedding is already quantized")
+    if qc.quantize_embedding:
+        qc.check_layer(cfg.d_model, "embed/embedding")
     return names
 
 
@@ -237,8 +254,18 @@ def quantize(cfg: ModelConfig, params: dict, calibration, qc: QuantConfig, *,
         token_w = token_gradient_weights(cfg, params, windows, batch_size=batch_size,
                                          attention_impl=attention_impl)
     batches = [slice(b, b + batch_size) for b in range(0, windows.shape[0], batch_size)]
-    x = [_embed(cfg, params["embed"]["embedding"], jnp.asarray(windows[b])) for b in batches]
     qparams = dict(params)
+    table = params["embed"]["embedding"]                          # [V, D]
+    if qc.quantize_embedding:
+        t1 = time.perf_counter()
+        w = table.T                                                # [D, V], the LM head's layout
+        table = rtn(w, dataclasses.replace(qc, act_order=False, static_groups=False))
+        report.layers.append({"name": "embed/embedding", "shape": list(w.shape), "method": "rtn",
+                              "error": float(_rel_error_identity(dequantize(table, jnp.float32),
+                                                                 w)),
+                              "seconds": time.perf_counter() - t1})
+        qparams["embed"] = {**params["embed"], "embedding": table}
+    x = [_embed(cfg, table, jnp.asarray(windows[b])) for b in batches]
     bar = tqdm(range(cfg.n_layers), desc=f"{method} {qc.tag}", disable=not progress,
                unit="block")
     for i in bar:

@@ -7,7 +7,9 @@ here; GPTQ of random weights would only spend time producing other random weight
 initialisation (dequantized weights of standard deviation about ``std``), and contiguous groups.
 The model's outputs are meaningless, but every byte and every kernel launch is that of a real
 GPTQ model of the same configuration. Quantization specs read like ``"w4g128"`` (4 bits,
-groups of 128) or ``"w8"`` (8 bits, one group per output channel).
+groups of 128) or ``"w8"`` (8 bits, one group per output channel), optionally followed by
+``+head`` (an untied LM head quantized too) and ``+emb`` (the token table too, and with it a
+tied head): ``"w4g128+head+emb"``.
 """
 
 from __future__ import annotations
@@ -27,18 +29,25 @@ _LINEAR_PARENTS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_pro
                    "down_proj", "gate_up_proj")
 
 
+EXTRAS = r"((?:\+(?:head|emb))*)"   # spec suffixes: the LM head, the token table
+
+
 def parse_spec(spec: str) -> QuantConfig:
-    """``"w4g128"`` -> QuantConfig(bits=4, group_size=128); ``"w8"`` -> per channel.
+    """``"w4g128"`` -> QuantConfig(bits=4, group_size=128); ``"w8"`` -> per channel;
+    ``"w4g128+head+emb"`` also sets ``quantize_lm_head`` and ``quantize_embedding``.
 
     Raises:
-      ValueError: a spec not of the form ``w<bits>[g<group size>]``, or bits/group size that
-        QuantConfig rejects.
+      ValueError: a spec not of the form ``w<bits>[g<group size>][+head][+emb]``, or
+        bits/group size that QuantConfig rejects.
     """
-    m = re.fullmatch(r"w(\d+)(?:g(-1|\d+))?", spec or "")
+    m = re.fullmatch(r"w(\d+)(?:g(-1|\d+))?" + EXTRAS, spec or "")
     if m is None:
         raise ValueError(f"quantization spec {spec!r} must look like 'w4g128' (bits, group size) "
-                         "or 'w8' (one group per output channel)")
-    return QuantConfig(bits=int(m.group(1)), group_size=int(m.group(2) or -1))
+                         "or 'w8' (one group per output channel), optionally with '+head' "
+                         "(the LM head) and '+emb' (the token table)")
+    extras = m.group(3).split("+")[1:]
+    return QuantConfig(bits=int(m.group(1)), group_size=int(m.group(2) or -1),
+                       quantize_lm_head="head" in extras, quantize_embedding="emb" in extras)
 
 
 def random_quantized_linear(key: jax.Array, d_in: int, d_out: int, qc: QuantConfig,
@@ -68,8 +77,9 @@ def random_quantize(params: dict, qc: QuantConfig, seed: int = 0, dtype=None) ->
     """`params` with every linear kernel replaced by a random :class:`QuantizedLinear`.
 
     Args:
-      params: float params of any layout (unfused or fused); embeddings, norms and the LM
-        head are kept.
+      params: float params of any layout (unfused or fused); norms are kept, and the
+        embeddings and the LM head unless ``qc`` asks for them
+        (:func:`random_quantize_table_and_head`).
       qc: bits and group size (``parse_spec`` builds one from ``"w4g128"``).
       seed: the codes' and scales' seed.
       dtype: the model dtype the quantized kernels replace (default: each kernel's dtype).
@@ -81,10 +91,37 @@ def random_quantize(params: dict, qc: QuantConfig, seed: int = 0, dtype=None) ->
       ValueError: a group size that does not divide a layer's input dimension, or params
         without linear kernels.
     """
-    return replace_linear_kernels(
+    out = replace_linear_kernels(
         params, lambda i, name, leaf: random_quantized_linear(
             jax.random.fold_in(jax.random.PRNGKey(seed), i), *leaf.shape, qc,
             dtype or leaf.dtype, name=name), what="quantize")
+    return random_quantize_table_and_head(out, qc, seed, dtype)
+
+
+def random_quantize_table_and_head(params: dict, qc: QuantConfig, seed: int = 0,
+                                   dtype=None) -> dict:
+    """`params` with the LM head (``qc.quantize_lm_head``) and the token table
+    (``qc.quantize_embedding``, stored ``[D, V]`` as the head) replaced by random
+    :class:`QuantizedLinear` layers; unchanged when neither is asked for.
+
+    Raises:
+      ValueError: ``quantize_lm_head`` on a model that ties its head to the table.
+    """
+    out = dict(params)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1 << 20)
+    if qc.quantize_lm_head:
+        if "lm_head" not in params:
+            raise ValueError("+head: this model ties its LM head to the token table; +emb "
+                             "quantizes the shared table")
+        w = params["lm_head"]                                   # [D, V]
+        out["lm_head"] = random_quantized_linear(jax.random.fold_in(key, 0), *w.shape, qc,
+                                                 dtype or w.dtype, name="lm_head")
+    if qc.quantize_embedding:
+        table = params["embed"]["embedding"]                    # [V, D]
+        v, d = table.shape
+        out["embed"] = {**params["embed"], "embedding": random_quantized_linear(
+            jax.random.fold_in(key, 1), d, v, qc, dtype or table.dtype, name="embed/embedding")}
+    return out
 
 
 def replace_linear_kernels(params: dict, make, what: str = "replace") -> dict:

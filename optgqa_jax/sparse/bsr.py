@@ -295,11 +295,13 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
 def to_bsr_params(params):
     """`params` with every ``QuantizedLinear`` kernel stored as BSR (its all-zero groups, the
     pruned ones, dropped; :func:`to_bsr`). The model multiplies BSR kernels with
-    :func:`bsr_matmul`. Call on concrete params (host-side conversion)."""
+    :func:`bsr_matmul`. A quantized token table (``embed/embedding``, never pruned) stays a
+    dense ``QuantizedLinear``. Call on concrete params (host-side conversion)."""
     from optgqa_jax.quant.linear import is_quantized
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
     name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
-    converted = {name(p): to_bsr(l, name=name(p)) for p, l in flat if is_quantized(l)}
+    converted = {name(p): to_bsr(l, name=name(p)) for p, l in flat
+                 if is_quantized(l) and name(p) != "embed/embedding"}
     return jax.tree_util.tree_map_with_path(
         lambda p, l: converted.get(name(p), l), params, is_leaf=is_quantized)
 

@@ -25,9 +25,10 @@ import numpy as np
 
 from optgqa_jax.sparse.bsr import BSRQuantizedLinear, check_bsr, is_bsr, use_sparse_kernel
 
-# impl="auto" runs the kernel up to this many rows of x: its buffer holds M G N float32, an
-# eighth of the 4-bit codes' bytes per row at groups of 128 (not yet measured on a GPU).
-GM_KERNEL_MAX_ROWS = 16
+# impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit aadfc42,
+# experiments/results/h200/gqsa/gqsa_speed_aadfc42.md) it took 0.54-0.88x dense W4's time at
+# one row but 3.5-4.4x at 16 rows (gate/up), so only one row for now.
+GM_KERNEL_MAX_ROWS = 1
 
 
 @flax.struct.dataclass

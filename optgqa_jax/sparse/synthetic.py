@@ -25,12 +25,13 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
       ValueError: a malformed spec, a sparsity of 100% or more, or a group-sparse spec without
         a group size.
     """
-    m = re.fullmatch(r"(w\d+(?:g(?:-1|\d+))?)(?:s(\d+))?", spec or "")
+    from optgqa_jax.quant.synthetic import EXTRAS, parse_spec
+    m = re.fullmatch(r"(w\d+(?:g(?:-1|\d+))?)(?:s(\d+))?" + EXTRAS, spec or "")
     if m is None:
         raise ValueError(f"quantization spec {spec!r} must look like 'w4g128' or 'w4g128s50' "
-                         "(bits, group size, % of groups pruned)")
-    from optgqa_jax.quant.synthetic import parse_spec
-    qc = parse_spec(m.group(1))
+                         "(bits, group size, % of groups pruned), optionally with '+head' and "
+                         "'+emb' (the LM head and the token table, dense)")
+    qc = parse_spec(m.group(1) + m.group(3))
     if m.group(2) is None:
         return qc, None
     s = int(m.group(2)) / 100
@@ -42,15 +43,18 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
 
 
 def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], bool]:
-    """:func:`parse_sparse_spec` plus an optional ``gm`` suffix (``"w4g128s50gm"``): serve the
-    BSR layers in group-major order (``sparse.to_group_major_params``). Returns (QuantConfig,
-    sparsity or None, group-major).
+    """:func:`parse_sparse_spec` plus an optional ``gm`` suffix (``"w4g128s50gm"``, before any
+    ``+head``/``+emb``): serve the BSR layers in group-major order
+    (``sparse.to_group_major_params``). Returns (QuantConfig, sparsity or None, group-major).
 
     Raises:
       ValueError: as :func:`parse_sparse_spec`, or ``gm`` on a spec without group sparsity.
     """
-    gm = isinstance(spec, str) and spec.endswith("gm")
-    qc, sparsity = parse_sparse_spec(spec[:-2] if gm else spec)
+    if not isinstance(spec, str):
+        return (*parse_sparse_spec(spec), False)     # raises: not a spec
+    base, plus, extras = spec.partition("+")
+    gm = base.endswith("gm")
+    qc, sparsity = parse_sparse_spec((base[:-2] if gm else base) + plus + extras)
     if gm and sparsity is None:
         raise ValueError(f"{spec!r}: the group-major layout needs group sparsity "
                          "(e.g. w4g128s50gm)")
@@ -82,8 +86,11 @@ def random_bsr_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig, sparsit
 
 def random_sparsify(params: dict, qc: QuantConfig, sparsity: float, seed: int = 0,
                     dtype=None) -> dict:
-    """`params` with every linear kernel replaced by a random BSR layer (embeddings, norms and
-    the LM head kept). Raises ValueError for params without linear kernels."""
-    return replace_linear_kernels(
+    """`params` with every linear kernel replaced by a random BSR layer (norms kept; the
+    embeddings and the LM head kept, or dense-quantized as ``qc`` asks). Raises ValueError
+    for params without linear kernels."""
+    from optgqa_jax.quant.synthetic import random_quantize_table_and_head
+    out = replace_linear_kernels(
         params, lambda i, name, leaf: random_bsr_linear(
             seed * 100003 + i, *leaf.shape, qc, sparsity, dtype or leaf.dtype), what="sparsify")
+    return random_quantize_table_and_head(out, qc, seed, dtype)
