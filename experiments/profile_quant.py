@@ -43,6 +43,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,21 @@ from profile_decode import op_table  # noqa: E402
 from tune_quant import SHAPES  # noqa: E402
 
 RUNGS = ("load", "unpack", "unpack+x")
+# --sweep-load: tiles whose bare load of the codes is timed, in the kernel's layout and in a
+# tile-contiguous one (every program's K tiles one after another in memory, as weights
+# repacked at load time would be).
+SWEEP_BLOCK_N = (64, 128, 256)
+SWEEP_BLOCK_K = (256, 1024)
+SWEEP_SPLIT = (1, 4)
+SWEEP_WARPS = (4, 8)
+SWEEP_STAGES = (2, 4)
+
+
+def tile_major(qweight, block_n: int):
+    """int32 [K * bits / 32, N] -> [N / block_n, K * bits / 32, block_n]: each column block's
+    words contiguous (the layout a load-time repack would give)."""
+    rows, N = qweight.shape
+    return qweight.reshape(rows, N // block_n, block_n).transpose(1, 0, 2)
 
 
 def stripped_matmul(x, qweight, *, bits: int, rung: str, config: QuantMatmulConfig,
@@ -71,7 +87,8 @@ def stripped_matmul(x, qweight, *, bits: int, rung: str, config: QuantMatmulConf
     (the rows a shift multiplies are not the code's rows), but their cost is.
     """
     M, K = x.shape
-    N = qweight.shape[1]
+    tiled = rung == "load-tiled"      # qweight given as tile_major(qweight, block_n)
+    N = qweight.shape[0] * qweight.shape[2] if tiled else qweight.shape[1]
     P = 32 // bits
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     Pk = bk // P
@@ -82,12 +99,16 @@ def stripped_matmul(x, qweight, *, bits: int, rung: str, config: QuantMatmulConf
     fma = config.fma
 
     def kernel(x_ref, qw_ref, o_ref):
-        n0, s = pl.program_id(1) * bn, pl.program_id(2)
+        j, s = pl.program_id(1), pl.program_id(2)
+        n0 = j * bn
 
         def body(i, acc):
             k0 = (s * steps + i) * bk
-            words = plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, bn)])   # [Pk, bn]
-            if rung == "load":
+            if tiled:
+                words = plgpu.load(qw_ref.at[j, pl.ds(k0 // P, Pk), :])           # [Pk, bn]
+            else:
+                words = plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, bn)])  # [Pk, bn]
+            if rung in ("load", "load-tiled"):
                 return (acc[0] + words.astype(jnp.float32),) + acc[1:]
             hi = words >> 16
             out = list(acc)
@@ -120,7 +141,7 @@ def stripped_matmul(x, qweight, *, bits: int, rung: str, config: QuantMatmulConf
         kernel,
         grid=(M // bm, N // bn, split),
         in_specs=[pl.BlockSpec((bm, K), lambda i, j, s: (i, 0)),
-                  pl.BlockSpec(qweight.shape, lambda i, j, s: (0, 0))],
+                  pl.BlockSpec(qweight.shape, lambda i, j, s: (0,) * qweight.ndim)],
         out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
         out_shape=jax.ShapeDtypeStruct((split, M, N), jnp.float32),
         interpret=interpret,
@@ -202,6 +223,63 @@ def profile_case(shape: str, K: int, N: int, M: int, fmt: str, overrides: dict, 
                 config=dataclasses.asdict(cfg), rows=rows, trace_ops=share.get("ops"))
 
 
+def sweep_load(shape: str, K: int, N: int, M: int, fmt: str, ceiling: float,
+               interpret: bool, limit: Optional[int] = None) -> list[dict]:
+    """Time the bare load of the codes (rungs ``load`` and ``load-tiled``) for every tile
+    setting of the SWEEP_* grids that fits the shape; rows sorted by time."""
+    qc = quant.parse_spec(fmt)
+    opts = {} if interpret else compiler_options()
+    key = jax.random.PRNGKey(K + N)
+    if interpret:
+        qsets = [(jnp.ones((M, K), jnp.bfloat16),
+                  quant.synthetic.random_quantized_linear(key, K, N, qc, "bfloat16"))]
+    else:
+        qsets = arg_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
+            k, K, N, qc, "bfloat16"))
+    code_bytes = qsets[0][1].qweight.size * 4
+    T = lambda fn, sets: B.timeit_rotating(fn, sets, iters=3, trials=3, compiler_options=opts)
+    grid = [(bn, bk, sp, w, st) for bn in SWEEP_BLOCK_N for bk in SWEEP_BLOCK_K
+            for sp in SWEEP_SPLIT for w in SWEEP_WARPS for st in SWEEP_STAGES
+            if N % bn == 0 and K % (bk * sp) == 0]
+    rows = []
+    for bn, bk, sp, w, st in grid[:limit]:
+        cfg = QuantMatmulConfig(block_m=1, block_n=bn, block_k=bk, split_k=sp, num_warps=w,
+                                num_stages=st, fma=True)
+        for rung in ("load", "load-tiled"):
+            sets = [(x, tile_major(ql.qweight, bn) if rung == "load-tiled" else ql.qweight)
+                    for x, ql in qsets]
+            f = lambda x, q, rung=rung, cfg=cfg: stripped_matmul(
+                x, q, bits=qc.bits, rung=rung, config=cfg, interpret=interpret)
+            try:
+                t = T(f, sets)
+            except Exception as e:  # a tile the lowering refuses (shared memory, registers)
+                rows.append(dict(shape=shape, M=M, rung=rung, block_n=bn, block_k=bk,
+                                 split_k=sp, num_warps=w, num_stages=st,
+                                 error=f"{type(e).__name__}: {str(e)[:200]}"))
+                continue
+            rows.append(dict(shape=shape, M=M, rung=rung, block_n=bn, block_k=bk, split_k=sp,
+                             num_warps=w, num_stages=st, us=t * 1e6,
+                             pct_ceiling=100 * code_bytes / t / ceiling))
+    return sorted(rows, key=lambda r: r.get("us", float("inf")))
+
+
+def sweep_markdown(res: dict) -> str:
+    lines = ["# How fast can the tiles stream the codes? (bare loads)", "",
+             f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
+             f"{res['ceiling'] / 1e9:,.0f} GB/s. `load`: the packed words read in the kernel's "
+             "layout `[K*b/32, N]`; `load-tiled`: the same words stored tile-contiguous "
+             "(`tile_major`). % of copy counts the codes' bytes.", "",
+             "| shape | M | rung | bn | bk | split | warps | stages | µs | % of copy |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in res["sweep"]:
+        t = (f"{r['us']:.1f} | {r['pct_ceiling']:.0f}%" if "us" in r
+             else f"failed: {r['error'][:60]} | ")
+        lines.append(f"| {r['shape']} | {r['M']} | {r['rung']} | {r['block_n']} | "
+                     f"{r['block_k']} | {r['split_k']} | {r['num_warps']} | {r['num_stages']} "
+                     f"| {t} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict) -> str:
     lines = ["# Where the quantized matmul's time goes", "",
              f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
@@ -230,6 +308,10 @@ def main(argv=None) -> None:
     p.add_argument("--format", default="w4g128")
     p.add_argument("--config", default="{}", help="JSON overrides of the for_shape tiles")
     p.add_argument("--interpret", action="store_true", help="CPU check: interpret mode")
+    p.add_argument("--sweep-load", action="store_true",
+                   help="instead of the ladder: time the bare load of the codes for a grid of "
+                        "tiles, in the kernel's layout and tile-contiguous (one row of x)")
+    p.add_argument("--sweep-limit", type=int, default=None, help="at most this many tiles")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
     overrides = json.loads(a.config)
@@ -248,6 +330,22 @@ def main(argv=None) -> None:
     ceiling = 1.0 if a.interpret else B.copy_bandwidth()
     res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                commit=B.source_commit(), ceiling=ceiling, cases=[])
+    if a.sweep_load:
+        res["sweep"] = []
+        for shape, (K, N) in shapes.items():
+            res["sweep"] = sorted(res["sweep"] + sweep_load(
+                shape, K, N, 1, a.format, ceiling, a.interpret, a.sweep_limit),
+                key=lambda r: (r["shape"], r.get("us", float("inf"))))
+            best = next(r for r in res["sweep"] if r["shape"] == shape)
+            print(f"{shape}: best bare load {best.get('us', float('nan')):.1f} us "
+                  f"({best.get('pct_ceiling', 0):.0f}% of copy), {best['rung']} "
+                  f"bn {best['block_n']} bk {best['block_k']} split {best['split_k']} "
+                  f"warps {best['num_warps']} stages {best['num_stages']}", flush=True)
+            with open(os.path.join(a.out, "profile_quant_sweep.json"), "w") as f:
+                json.dump(res, f, indent=1)
+            with open(os.path.join(a.out, "profile_quant_sweep.md"), "w") as f:
+                f.write(sweep_markdown(res))
+        return
     for M in (int(r) for r in a.rows.split(",")):
         for shape, (K, N) in shapes.items():
             case = profile_case(shape, K, N, M, a.format, overrides, ceiling, a.interpret)

@@ -4,14 +4,14 @@
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
-# quant-tune quant-profile quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy
-# (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
+# quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine
+# gqsa-accuracy (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-profile quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -76,6 +76,9 @@ for step in $steps; do
       run ptx_mix 120 python experiments/ptx_mix.py "$dump" --kernel quant \
         --json "$out/quant/ptx_mix.json"
       rm -rf "$dump" ;;
+    quant-sweep)  # how fast each tile setting streams the codes, kernel layout and tile-contiguous
+      run profile_quant_sweep 400 python experiments/profile_quant.py --sweep-load \
+        --shapes gate_up,o --out "$out/quant" ;;
     quant-kernels)  # quantized matmul against bfloat16 and XLA
       run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels \
         --out "$out/quant" ;;

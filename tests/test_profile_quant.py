@@ -1,0 +1,40 @@
+"""experiments/profile_quant.py's bare-load rungs (interpret mode): the tile-contiguous layout
+reads the same words as the kernel's layout, and both read every word of their split once."""
+
+import importlib.util
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pq():
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "profile_quant", os.path.join(ROOT, "experiments", "profile_quant.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("bn,bk,split", [(64, 256, 1), (128, 256, 2)])
+def test_load_rungs_read_every_word_once(pq, rng, bn, bk, split):
+    from pallas_kernels.quant_matmul import QuantMatmulConfig
+    K, N, bits = 1024, 256, 4
+    words = rng.integers(-2 ** 20, 2 ** 20, (K * bits // 32, N)).astype(np.int32)
+    cfg = QuantMatmulConfig(block_m=1, block_n=bn, block_k=bk, split_k=split, num_warps=4,
+                            num_stages=2, fma=True)
+    x = jnp.ones((1, K), jnp.bfloat16)
+    plain = pq.stripped_matmul(x, jnp.asarray(words), bits=bits, rung="load", config=cfg,
+                               interpret=True)
+    tiled = pq.stripped_matmul(x, pq.tile_major(jnp.asarray(words), bn), bits=bits,
+                               rung="load-tiled", config=cfg, interpret=True)
+    want = words.astype(np.float64).reshape(split, -1, N).sum(axis=1)        # [split, N]
+    for got in (plain, tiled):
+        assert got.shape == (split, 1, N)
+        np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-6)
