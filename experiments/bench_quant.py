@@ -20,7 +20,8 @@ The tiles are those of ``QuantMatmulConfig.for_shape``; ``tune_quant.py`` is the
 them.
 
 Part ``engine`` (one subprocess per run, as ``optgqa bench``): the Llama-3-8B shape with random
-weights in bfloat16, W4 g128 and W8 (per channel): batch-1 decode (one request, 256 prompt +
+weights in bfloat16, W4 g128 (linear layers; and with the LM head and token table too,
+``w4g128+head+emb``) and W8 (per channel): batch-1 decode (one request, 256 prompt +
 256 generated tokens; tokens/s = 1 / mean time per output token) and the 1000-request 256/256
 throughput with the settings of ``bench_engine.py`` (256 sequences, KV pool capped at 48 GiB,
 fused projections); peak memory and parameter bytes of each.
@@ -57,6 +58,8 @@ SHAPES = {"qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096),
           "gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096)}
 ROWS = (1, 16, 64, 256, 2048)
 FORMATS = ("w4g128", "w4", "w8g128", "w8")
+# Engine runs: bfloat16, then quantized linears; "+head+emb" also the LM head and token table.
+ENGINE_FORMATS = (None, "w4g128", "w4g128+head+emb", "w8")
 
 
 def io_bytes(M: int, K: int, N: int, ql=None) -> int:
@@ -141,7 +144,7 @@ def kernel_rows(ceiling: float, rows, out: list, save) -> None:
 def engine_runs(out: list, save, requests: int) -> None:
     common = dict(model="llama3-8b", max_num_seqs=256, kv_memory_bytes=48 * 2 ** 30,
                   fuse_projections=True)
-    for spec in (None, "w4g128", "w8"):
+    for spec in ENGINE_FORMATS:
         for kind, extra in (("batch-1 decode", dict(num_requests=1, max_num_seqs=1,
                                                    seq_buckets=(1,))),
                             (f"{requests} x 256/256", dict(num_requests=requests))):
@@ -179,16 +182,20 @@ def markdown(res: dict) -> str:
     if res["engine"]:
         lines += ["## Engine, Llama-3-8B shape (random weights)", "",
                   "| format | workload | output tok/s | tok/s per sequence (1 / TPOT) | "
-                  "param GiB | peak GiB |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+                  "param GiB | % of bf16 params | peak GiB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        bf16 = next((r["param_bytes"] for r in res["engine"]
+                     if r.get("format") == "bf16" and "param_bytes" in r), None)
         for r in res["engine"]:
             if "error" in r:
                 lines.append(f"| {r['format']} | {r['workload']} | fails: "
-                             f"{r['error'][-120:]!r} | | | |")
+                             f"{r['error'][-120:]!r} | | | | |")
                 continue
+            share = "" if bf16 is None else f"{100 * r['param_bytes'] / bf16:.1f}%"
             per_seq = r.get("decode_tokens_per_s_per_sequence")
             lines.append(f"| {r['format']} | {r['workload']} | {r['output_tokens_per_s']:,.0f} | "
                          f"{'' if per_seq is None else f'{per_seq:,.1f}'} | "
-                         f"{r['param_bytes'] / 2 ** 30:.2f} | "
+                         f"{r['param_bytes'] / 2 ** 30:.2f} | {share} | "
                          f"{r['peak_memory_bytes'] / 2 ** 30:.1f} |")
         lines.append("")
     return "\n".join(lines)
