@@ -49,7 +49,7 @@ def test_lookup_columns_of_rows_sorted_by_group(rng):
 def tiny():
     cfg = og.ModelConfig.preset("tiny")
     params = og.init_params(cfg, jax.random.PRNGKey(11))
-    windows = np.random.default_rng(11).integers(0, cfg.vocab_size, (4, 24)).astype(np.int32)
+    windows = np.random.default_rng(11).integers(0, cfg.vocab_size, (3, 16)).astype(np.int32)
     return cfg, params, windows
 
 
@@ -83,6 +83,8 @@ def test_quantized_table_model(tiny, tied):
     got, want = og.forward(cfg, qp, windows), og.forward(cfg, qp_ref, windows)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    if not tied:
+        return  # the decoding paths once, on the tied model (lookup and head both quantized)
     prompt = [int(t) for t in windows[2, :4]]
     expected = og.generate_simple(cfg, qp, prompt, 5)
     assert expected == og.generate_simple(cfg, qp_ref, prompt, 5)
