@@ -264,7 +264,10 @@ def init_params(cfg: ModelConfig, key: jax.Array, fused: bool = False) -> dict:
       ``layer_{i}/{attn,mlp}_norm/scale``, ``final_norm/scale`` and, unless the
       embeddings are tied, ``lm_head [D, V]``. With ``fused=True``, the serving
       layout of ``optgqa_jax.fused`` (``qkv_proj``, ``gate_up_proj``), drawn
-      directly so that no unfused copy ever exists.
+      directly so that no unfused copy ever exists. Quantized params
+      (``optgqa_jax.quant``) hold a ``QuantizedLinear`` in place of a kernel or the LM
+      head, and in place of the token table a ``QuantizedLinear`` of the transposed table,
+      ``[D, V]`` (``QuantConfig.quantize_embedding``).
     """
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")

@@ -59,8 +59,9 @@ def test_quantized_table_model(tiny, tied):
     if tied:
         cfg = cfg.replace(tie_embeddings=True)
         params = {k: v for k, v in params.items() if k != "lm_head"}
+    method = "gptq" if tied else "rtn"   # GPTQ's calibration once; the untied head by RTN
     qc = quant.QuantConfig(bits=4, group_size=32, quantize_embedding=True)
-    _, qp, rep = og.quantize(cfg, params, windows, qc, progress=False)
+    _, qp, rep = og.quantize(cfg, params, windows, qc, method=method, progress=False)
     table = qp["embed"]["embedding"]
     assert isinstance(table, quant.QuantizedLinear) and table.shape == (cfg.d_model, cfg.vocab_size)
     first = rep.layers[0]
@@ -74,7 +75,7 @@ def test_quantized_table_model(tiny, tied):
     # float table is the dequantized one gives the very same codes.
     ref = _table_as_float(params, table)
     _, qp_ref, _ = og.quantize(cfg, ref, windows, quant.QuantConfig(bits=4, group_size=32),
-                               progress=False)
+                               method=method, progress=False)
     a = qp["layer_1"]["mlp"]["down_proj"]["kernel"]
     b = qp_ref["layer_1"]["mlp"]["down_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(a.qweight), np.asarray(b.qweight))
