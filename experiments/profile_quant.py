@@ -250,16 +250,14 @@ def sweep_load(shape: str, K: int, N: int, M: int, fmt: str, ceiling: float,
                     for x, ql in qsets]
             f = lambda x, q, rung=rung, cfg=cfg: stripped_matmul(
                 x, q, bits=qc.bits, rung=rung, config=cfg, interpret=interpret)
+            row = dict(shape=shape, M=M, rung=rung, block_n=bn, block_k=bk, split_k=sp,
+                       num_warps=w, num_stages=st)
             try:
                 t = T(f, sets)
             except Exception as e:  # a tile the lowering refuses (shared memory, registers)
-                rows.append(dict(shape=shape, M=M, rung=rung, block_n=bn, block_k=bk,
-                                 split_k=sp, num_warps=w, num_stages=st,
-                                 error=f"{type(e).__name__}: {str(e)[:200]}"))
+                rows.append(dict(row, error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
-            rows.append(dict(shape=shape, M=M, rung=rung, block_n=bn, block_k=bk, split_k=sp,
-                             num_warps=w, num_stages=st, us=t * 1e6,
-                             pct_ceiling=100 * code_bytes / t / ceiling))
+            rows.append(dict(row, us=t * 1e6, pct_ceiling=100 * code_bytes / t / ceiling))
     return sorted(rows, key=lambda r: r.get("us", float("inf")))
 
 
