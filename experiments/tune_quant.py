@@ -2,7 +2,8 @@
 ``QuantMatmulConfig.for_shape``).
 
 For each case (a Llama-3-8B linear shape, a row count M and a weight format), in two stages:
-first the unpacking scheme, tile sizes and warps with split-K from a rule, then the register
+first the unpacking scheme (register multiply-adds, one product per shift, or one product per
+tile with the shifts joined), tile sizes and warps with split-K from a rule, then the register
 prefetch of the next K tile, split-K and the pipeline depth around the best. Every candidate
 is timed with ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies
 to overflow the L2 cache; the default config of ``for_shape`` is timed too, so the table shows
@@ -57,6 +58,13 @@ def candidates(M, K, bits, group_size):
         for bk, bn, warps in itertools.product((16 * P, 32 * P, 64 * P), (64, 128, 256), (4, 8)):
             yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                                     num_stages=3, fma=True)
+    # one tensor-core product per K tile (joined shifts), first so that the budget reaches them
+    joined_bk = [bk for bk in (64, 128) if group_size == -1 or group_size % bk == 0]
+    bms = (max(16, 1 << (M - 1).bit_length()),) if M <= 64 else (64, 128)
+    if M > 4:
+        for bm, bn, bk, warps in itertools.product(bms, (64, 128), joined_bk, (4, 8)):
+            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=3, joined=True)
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         for bk, bn, warps in itertools.product(deep, (32, 64, 128, 256), (4, 8)):
@@ -84,7 +92,8 @@ def markdown(res: dict) -> str:
              f"{res['ceiling'] / 1e9:,.0f} GB/s. µs per product over weight copies that "
              "overflow the L2 cache (`timeit_rotating`); % = bytes moved / time / ceiling.", "",
              "| shape | M | format | bf16 µs | default µs | best µs | best % ceiling | "
-             "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma, prefetch) | "
+             "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma, prefetch, "
+             "joined) | "
              "tried |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for c in res["cases"]:
@@ -92,7 +101,8 @@ def markdown(res: dict) -> str:
         t = b["config"]
         tiles = (f"{t['block_m']}, {t['block_n']}, {t['block_k']}, {t['split_k']}, "
                  f"{t['num_warps']}, {t['num_stages']}, {'yes' if t.get('fma') else 'no'}, "
-                 f"{'yes' if t.get('prefetch') else 'no'}")
+                 f"{'yes' if t.get('prefetch') else 'no'}, "
+                 f"{'yes' if t.get('joined') else 'no'}")
         lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "
                      f"{c['bf16_us']:.1f} | "
                      f"{'fails' if d['us'] is None else format(d['us'], '.1f')} | "

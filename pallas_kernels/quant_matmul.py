@@ -79,6 +79,13 @@ class QuantMatmulConfig:
         so the next tile's load overlaps this tile's unpacking. On an H200 (commit 08d70b9)
         it was 3-36% slower than the best tiles without it on every Llama-3-8B shape at 1
         and 16 rows, so no default uses it.
+      joined: tensor-core path (not ``fma``) with one product per K tile: the P shifts'
+        dequantized codes are joined back into the tile's natural row order (``jnp.stack``
+        pairs, a transpose and a reshape; :func:`join_shifts`) and multiplied by x's tile as
+        one ``[block_m, block_k] @ [block_k, block_n]`` dot, instead of P dots of depth
+        ``block_k / P``; x stays in natural order. Only where a tile lies in one group
+        (contiguous groups with ``block_k`` dividing the group size, or one group per
+        column); elsewhere the shift-by-shift path runs. Not yet timed on a GPU.
     """
 
     block_m: int = 16
@@ -89,6 +96,7 @@ class QuantMatmulConfig:
     num_stages: int = 3
     fma: bool = False
     prefetch: bool = False
+    joined: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -132,6 +140,8 @@ class QuantMatmulConfig:
             raise ValueError(f"block_m={self.block_m}: the fma path takes at most 16 rows")
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
+        if self.joined and self.fma:
+            raise ValueError("joined is a tensor-core path; it excludes fma")
 
 
 
@@ -165,9 +175,22 @@ def code_floats(words, words_hi, bits: int, p: int):
                                         jnp.float32)
 
 
+def join_shifts(parts):
+    """P arrays [Pk, bn] (shift p of a tile's words: input rows ``P * w + p``) -> [Pk * P, bn]
+    in natural row order, by pairwise ``jnp.stack`` on a new last axis (the only join Triton
+    lowers), then one transpose and one reshape. P is a power of two."""
+    level, depth = list(parts), 0
+    while len(level) > 1:   # stack shift 2i with 2i + 1: a new last axis, the next bit of p
+        level = [jnp.stack([level[i], level[i + 1]], axis=-1) for i in range(0, len(level), 2)]
+        depth += 1
+    t = level[0]                                   # [Pk, bn, bit 0, ..., bit depth-1 of p]
+    t = jnp.transpose(t, (0, *range(depth + 1, 1, -1), 1))      # [Pk, bit msb..lsb, bn]
+    return t.reshape(t.shape[0] * len(parts), t.shape[-1])
+
+
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
                  block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
-                 scale_parts: bool, prefetch: bool = False):
+                 scale_parts: bool, prefetch: bool = False, joined: bool = False):
     P = 32 // bits
     Pk = block_k // P                       # words per K tile = rows per shift
     gs = K if group_size == -1 else group_size
@@ -226,6 +249,14 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
             # parts: one [bm, bn] partial product, or (fma) per row of x one [Pk, bn] array of
             # products not yet summed over K (the sum over Pk waits until after the K loop)
+            if joined:        # (q - z) of every shift, rejoined in natural row order: one dot
+                mask = (1 << bits) - 1
+                shifted = [((words >> (bits * p)) & mask).astype(jnp.float32) - z
+                           for p in range(P)]                             # P x [Pk, bn]
+                x = x_ref[:, pl.ds(k0, block_k)]                          # [bm, bk] natural
+                part = C.dot(x, join_shifts(shifted).astype(x.dtype))     # [bm, bn]
+                acc = (acc[0] + part * s,)
+                return (acc, carry_next) if prefetch else acc
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
             for p in range(P):        # shift p of word w holds input row k0 + P * w + p
@@ -287,8 +318,13 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     P = 32 // bits
     block_m = int(min(config.block_m, max(1 if config.fma else 16, C.next_power_of_two(M))))
     block_n = int(min(config.block_n, max(16, C.next_power_of_two(N))))
-    # At least 16 rows per shift (the products' minimum depth), at most K rounded up.
-    block_k = int(max(16 * P, min(config.block_k, C.next_power_of_two(K))))
+    # At least 16 rows per shift (the products' minimum depth), at most K rounded up; the
+    # joined path (one product per tile, only where a tile lies in one group) needs 16 rows.
+    gs = K if group_size == -1 else group_size
+    bk_asked = min(config.block_k, C.next_power_of_two(K))
+    bk_joined = int(max(16, P, bk_asked))
+    joined = config.joined and not use_gidx and (group_size == -1 or gs % bk_joined == 0)
+    block_k = bk_joined if joined else int(max(16 * P, bk_asked))
     Kp = C.cdiv(K, block_k) * block_k
     split_k = int(max(1, min(config.split_k, Kp // block_k)))
     k_per_split = C.cdiv(Kp // block_k, split_k) * block_k      # splits start on tile edges
@@ -297,12 +333,14 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     Mp, Np = C.cdiv(M, block_m) * block_m, C.cdiv(N, block_n) * block_n   # whole tiles
     # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
     # shift-major K order once per call; the weight is read in place.
-    xp = shift_major(jnp.pad(x, ((0, Mp - M), (0, Kp - K))), block_k, bits)
+    xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
+    if not joined:   # the joined path reads x in natural order
+        xp = shift_major(xp, block_k, bits)
     # Codes arrive times 2^s (code_floats); x's columns carry 2^-s, exact as a power of two.
     # The register path multiplies in float32; float16 x in the tensor-core path would
     # underflow, so there the partial products are scaled instead.
     scale_parts = not config.fma and x.dtype == jnp.float16
-    if not scale_parts:
+    if not scale_parts and not joined:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
         xp = xp * jnp.asarray(shift_scales(bits, block_k, Kp), xp.dtype)
     gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), block_k, bits) if use_gidx
@@ -310,7 +348,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
                           block_k=block_k, use_gidx=use_gidx, fma=config.fma,
-                          scale_parts=scale_parts, prefetch=config.prefetch)
+                          scale_parts=scale_parts, prefetch=config.prefetch, joined=joined)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)

@@ -37,6 +37,11 @@ WORDS_PREFETCH = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, split_k=3
                                    num_stages=1, prefetch=True)
 WORDS256_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, split_k=2, num_warps=4,
                                     num_stages=1)
+# One tensor-core product per K tile, the shifts rejoined in natural row order.
+JOINED = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1,
+                           joined=True)
+JOINED_SPLITK = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, split_k=2, num_warps=4,
+                                  num_stages=1, joined=True)
 
 
 def make_case(seed, M, K, N, bits, group_size, sym=True, act_order=False, dtype=jnp.bfloat16):
@@ -98,6 +103,14 @@ def check(out, want, dtype, what):
     # the next K tile's words loaded one step ahead (ragged splits: 5 tiles over 2 and 3 splits)
     (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_PREFETCH),
     (8, 32, True, True, 5, 320, 24, jnp.float16, WORDS_PREFETCH),
+    # one product per K tile (joined shifts): 4/8/2 bits, per channel, ragged N and K splits;
+    # tiles straddling groups and act-order fall back to the shift-by-shift path
+    (4, 64, False, False, 3, 192, 40, jnp.bfloat16, JOINED),
+    (8, 128, True, False, 17, 384, 24, jnp.float16, JOINED_SPLITK),
+    (2, -1, False, False, 2, 256, 33, jnp.bfloat16, JOINED),
+    (4, -1, True, False, 1, 640, 24, jnp.float32, JOINED_SPLITK),
+    (4, 32, False, False, 4, 128, 16, jnp.bfloat16, JOINED),
+    (4, 64, True, True, 5, 128, 16, jnp.bfloat16, JOINED),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
@@ -269,3 +282,28 @@ def test_sorted_layers_survive_checkpoints(tmp_path):
                                   np.asarray(og.forward(cfg, qp, tokens)))
     np.testing.assert_allclose(np.asarray(og.forward(cfg, sp, tokens)),
                                np.asarray(og.forward(cfg, qp, tokens)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_join_shifts_restores_natural_row_order(rng, bits):
+    """Shift p of word w holds input row P * w + p; the joined tile lists rows 0, 1, 2, ..."""
+    from pallas_kernels.quant_matmul import join_shifts
+    P, Pk, bn = 32 // bits, 4, 8
+    codes = rng.integers(0, 2 ** bits, (Pk * P, bn))
+    words = np.asarray(pack(jnp.asarray(codes, jnp.int32), bits))          # [Pk, bn]
+    shifts = [jnp.asarray((words >> (bits * p)) & (2 ** bits - 1)) for p in range(P)]
+    np.testing.assert_array_equal(np.asarray(join_shifts(shifts)), codes)
+
+
+def test_joined_config_takes_the_joined_path(monkeypatch):
+    """JOINED on a tile inside one group really runs the one-product path (a spy on
+    join_shifts), and gives the float64 answer."""
+    import sys
+    qm = sys.modules["pallas_kernels.quant_matmul"]   # the package re-exports the function
+    calls = []
+    real = qm.join_shifts
+    monkeypatch.setattr(qm, "join_shifts", lambda parts: calls.append(len(parts)) or real(parts))
+    args, _, want = make_case(11, 7, 320, 48, 4, 64)      # a shape no other test uses
+    out = quant_matmul(*args, bits=4, group_size=64, interpret=INTERPRET, config=JOINED)
+    check(out, want, jnp.bfloat16, "joined")
+    assert calls and calls[0] == 8

@@ -88,6 +88,24 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
     assert module.count(TRITON_CALL) == 1
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1), (2, -1)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_quant_matmul_joined_lowers_through_triton(bits, group_size, platform):
+    """The one-product-per-tile path: the shifts' pairwise stacks, transpose and reshape."""
+    import dataclasses
+
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    M, K, N = 256, 512, 384
+    cfg = dataclasses.replace(QuantMatmulConfig.for_shape(platform, M, K, N, group_size),
+                              joined=True)
+
+    def f(x, q, s, z, g):
+        return quant_matmul(x, q, s, z, bits=bits, group_size=group_size, config=cfg)
+
+    module = export_for(platform, f, *_quant_args(M, K, N, bits, group_size))
+    assert module.count(TRITON_CALL) == 1
+
+
 # bsr_quant_matmul: x [M, K], codes int32 [nnz, gs * bits / 32], scales/zeros/col_idx/row_ids [nnz].
 @pytest.mark.parametrize("M,bits,gs", [(1, 4, 128), (16, 4, 64), (5, 8, 128), (3, 2, 64)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
