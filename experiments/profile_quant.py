@@ -261,12 +261,26 @@ def sweep_load(shape: str, K: int, N: int, M: int, fmt: str, ceiling: float,
     return sorted(rows, key=lambda r: r.get("us", float("inf")))
 
 
+def _header(res: dict, title: str, note: str) -> list[str]:
+    """Title and the run's stamp (device, jax, commit, copy ceiling) for either table."""
+    return [f"# {title}", "",
+            f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
+            f"{res['ceiling'] / 1e9:,.0f} GB/s. {note}", ""]
+
+
+def _save(res: dict, out: str, name: str, md) -> None:
+    """Rewrite ``<name>.json`` and ``<name>.md`` (``md(res)``) under `out`."""
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md(res))
+
+
 def sweep_markdown(res: dict) -> str:
-    lines = ["# How fast can the tiles stream the codes? (bare loads)", "",
-             f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
-             f"{res['ceiling'] / 1e9:,.0f} GB/s. `load`: the packed words read in the kernel's "
-             "layout `[K*b/32, N]`; `load-tiled`: the same words stored tile-contiguous "
-             "(`tile_major`). % of copy counts the codes' bytes.", "",
+    lines = _header(res, "How fast can the tiles stream the codes? (bare loads)",
+                    "`load`: the packed words read in the kernel's layout `[K*b/32, N]`; "
+                    "`load-tiled`: the same words stored tile-contiguous (`tile_major`). % of "
+                    "copy counts the codes' bytes.") + [
              "| shape | M | rung | bn | bk | split | warps | stages | µs | % of copy |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["sweep"]:
@@ -279,11 +293,9 @@ def sweep_markdown(res: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = ["# Where the quantized matmul's time goes", "",
-             f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
-             f"{res['ceiling'] / 1e9:,.0f} GB/s. Rungs as in `experiments/profile_quant.py`; "
-             "`load`/`unpack`/`unpack+x` count the packed codes only, `bf16`/`full` the whole "
-             "layer's bytes.", "",
+    lines = _header(res, "Where the quantized matmul's time goes",
+                    "Rungs as in `experiments/profile_quant.py`; `load`/`unpack`/`unpack+x` "
+                    "count the packed codes only, `bf16`/`full` the whole layer's bytes.") + [
              "| shape | M | format | tiles (bm, bn, bk, split, warps, stages, fma) | rung | µs | "
              "% of copy |", "| --- | ---: | --- | --- | --- | ---: | ---: |"]
     for c in res["cases"]:
@@ -339,10 +351,7 @@ def main(argv=None) -> None:
                   f"({best.get('pct_ceiling', 0):.0f}% of copy), {best['rung']} "
                   f"bn {best['block_n']} bk {best['block_k']} split {best['split_k']} "
                   f"warps {best['num_warps']} stages {best['num_stages']}", flush=True)
-            with open(os.path.join(a.out, "profile_quant_sweep.json"), "w") as f:
-                json.dump(res, f, indent=1)
-            with open(os.path.join(a.out, "profile_quant_sweep.md"), "w") as f:
-                f.write(sweep_markdown(res))
+            _save(res, a.out, "profile_quant_sweep", sweep_markdown)
         return
     for M in (int(r) for r in a.rows.split(",")):
         for shape, (K, N) in shapes.items():
@@ -351,10 +360,7 @@ def main(argv=None) -> None:
             print("\n".join(f"{shape} M={M} {r['rung']}: {r['us']:.1f} us "
                             f"({r['pct_ceiling']:.0f}% of copy)" for r in case["rows"]),
                   flush=True)
-            with open(os.path.join(a.out, "profile_quant.json"), "w") as f:
-                json.dump(res, f, indent=1)
-            with open(os.path.join(a.out, "profile_quant.md"), "w") as f:
-                f.write(markdown(res))
+            _save(res, a.out, "profile_quant", markdown)
 
 
 if __name__ == "__main__":
