@@ -70,14 +70,19 @@ def io_bytes(M: int, K: int, N: int, ql=None) -> int:
 
 
 L2_ROTATION_BYTES = 256 << 20   # rotate over weight copies adding up to >= 4x the L2 cache
+# ... and over at least this many: one program must run long enough to hide its own dispatch
+# (experiments/timing_gaps.py, H200: the bfloat16 gate/up product timed at 94 µs with 2 copies
+# and 3 programs per batch, 57.5 µs with 16 copies and 20, against 55.9 µs in a device trace)
+MIN_COPIES = 8
 
 
 def arg_sets(key, M, K, N, make_weight):
-    """Independent (x, weight) pairs whose weights add up to L2_ROTATION_BYTES (at least 2)."""
+    """Independent (x, weight) pairs whose weights add up to L2_ROTATION_BYTES (at least
+    MIN_COPIES pairs)."""
     x0, w0 = jax.random.normal(key, (M, K)).astype(jnp.bfloat16), make_weight(key)
     nbytes = sum(l.nbytes for l in jax.tree_util.tree_leaves(w0))
     sets = [(x0, w0)]
-    for i in range(1, max(2, -(-L2_ROTATION_BYTES // nbytes))):
+    for i in range(1, max(MIN_COPIES, -(-L2_ROTATION_BYTES // nbytes))):
         k = jax.random.fold_in(key, i)
         sets.append((jax.random.normal(k, (M, K)).astype(jnp.bfloat16), make_weight(k)))
     return sets

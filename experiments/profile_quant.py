@@ -17,6 +17,8 @@ picks (or ``--config``), on each Llama-3-8B linear shape:
 * ``full (kernel only)``: the Pallas kernel's own device time in a ``jax.profiler`` trace of
   ``full``, and every other op of that trace (the wrapper's share).
 
+Every rung's own kernel time in a trace is given beside its timed call (``kernel µs``).
+
 Every row is timed with ``optgqa_jax.benchmark.timeit_rotating`` over weight copies that
 overflow the L2 cache; ``%`` is the layer's bytes (codes, scales, zeros, x and y) over time,
 against the copy ceiling measured in the same run. The stripped kernels skip scales and zeros,
@@ -190,17 +192,20 @@ def profile_case(shape: str, K: int, N: int, M: int, fmt: str, overrides: dict, 
     qsets = make_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
         k, K, N, qc, "bfloat16"))
     one = qsets[0][1]
-    T = lambda fn, sets: B.timeit_rotating(fn, sets, iters=3, trials=3, compiler_options=opts)
+    T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     rows = []
 
-    def add(name, t, nbytes, **extra):
+    def add(name, t, nbytes, fn=None, sets=None, part="profile_quant_", **extra):
+        if fn is not None and not interpret:   # the kernel's own time in a device trace
+            extra["kernel_us"] = kernel_share(fn, sets, part, opts).get("kernel_us")
         rows.append(dict(rung=name, us=t * 1e6, bytes=nbytes,
                          pct_ceiling=100 * nbytes / t / ceiling, **extra))
 
     if not interpret:
         wbf = arg_sets(key, M, K, N, lambda k: jnp.zeros((K, N), jnp.bfloat16)
                        + jax.random.uniform(k, (), jnp.bfloat16))
-        add("bf16", T(lambda x, w: x @ w, wbf), io_bytes(M, K, N))
+        bf16 = lambda x, w: x @ w
+        add("bf16", T(bf16, wbf), io_bytes(M, K, N), bf16, wbf, part="")
         del wbf
     Mp = max(M, cfg.block_m)
     code_bytes = one.qweight.size * 4
@@ -208,7 +213,7 @@ def profile_case(shape: str, K: int, N: int, M: int, fmt: str, overrides: dict, 
         sets = [(jnp.pad(x, ((0, Mp - M), (0, 0))), ql.qweight) for x, ql in qsets]
         f = lambda x, q, rung=rung: stripped_matmul(x, q, bits=qc.bits, rung=rung, config=cfg,
                                                     interpret=interpret)
-        add(rung, T(f, sets), code_bytes)
+        add(rung, T(f, sets), code_bytes, f, sets)
     sets = [(x, ql.qweight, ql.scales, ql.zeros) for x, ql in qsets]
     full = lambda x, q, s, z: quant_matmul(x, q, s, z, bits=qc.bits, group_size=qc.group_size,
                                            config=cfg, interpret=interpret)
@@ -237,7 +242,7 @@ def sweep_load(shape: str, K: int, N: int, M: int, fmt: str, ceiling: float,
         qsets = arg_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
             k, K, N, qc, "bfloat16"))
     code_bytes = qsets[0][1].qweight.size * 4
-    T = lambda fn, sets: B.timeit_rotating(fn, sets, iters=3, trials=3, compiler_options=opts)
+    T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     grid = [(bn, bk, sp, w, st) for bn in SWEEP_BLOCK_N for bk in SWEEP_BLOCK_K
             for sp in SWEEP_SPLIT for w in SWEEP_WARPS for st in SWEEP_STAGES
             if N % bn == 0 and K % (bk * sp) == 0]
@@ -297,7 +302,8 @@ def markdown(res: dict) -> str:
                     "Rungs as in `experiments/profile_quant.py`; `load`/`unpack`/`unpack+x` "
                     "count the packed codes only, `bf16`/`full` the whole layer's bytes.") + [
              "| shape | M | format | tiles (bm, bn, bk, split, warps, stages, fma) | rung | µs | "
-             "% of copy |", "| --- | ---: | --- | --- | --- | ---: | ---: |"]
+             "% of copy | kernel µs (trace) |", "| --- | ---: | --- | --- | --- | ---: | ---: "
+             "| ---: |"]
     for c in res["cases"]:
         k = c["config"]
         tiles = (f"{k['block_m']}, {k['block_n']}, {k['block_k']}, {k['split_k']}, "
@@ -306,7 +312,8 @@ def markdown(res: dict) -> str:
             extra = (f" (other ops {r['wrapper_us']:.1f} µs, idle {r['idle_us']:.1f} µs)"
                      if "wrapper_us" in r else "")
             lines.append(f"| {c['shape']} | {c['M']} | {c['format']} | {tiles} | {r['rung']}"
-                         f"{extra} | {r['us']:.1f} | {r['pct_ceiling']:.0f}% |")
+                         f"{extra} | {r['us']:.1f} | {r['pct_ceiling']:.0f}% | "
+                         + (f"{r['kernel_us']:.1f} |" if r.get("kernel_us") else "|"))
     return "\n".join(lines) + "\n"
 
 

@@ -154,7 +154,7 @@ def main(argv=None):
             f = lambda x, q, s, z: quant_matmul(x, q, s, z, bits=qc.bits,
                                                 group_size=qc.group_size, config=cfg)
             try:
-                t = B.timeit_rotating(f, sets, iters=3, trials=3, compiler_options=opts)
+                t = B.timeit_rotating(f, sets, compiler_options=opts)
             except Exception as e:  # noqa: BLE001 - a failing config is a result
                 case["tried"].append(dict(config=dataclasses.asdict(cfg), error=repr(e)[-200:]))
                 return None

@@ -168,14 +168,17 @@ def timeit(fn, *args, iters: int = 20, trials: int = 5) -> float:
     return float(np.median(times))
 
 
-def timeit_rotating(fn, arg_sets, iters: int = 5, trials: int = 5,
+def timeit_rotating(fn, arg_sets, iters: int = 20, trials: int = 3,
                     compiler_options=None) -> float:
     """Median seconds per call of ``fn`` over several independent argument sets, all called in
     one jitted program (``len(arg_sets)`` calls per launch).
 
     For kernels of a few microseconds: one launch amortises Python's dispatch over many calls,
     and rotating over arguments whose bytes add up to several times the L2 cache makes every
-    call read its weights from memory, as consecutive layers of a model do.
+    call read its weights from memory, as consecutive layers of a model do. Each timed batch
+    runs `iters` programs back to back, so only the first program's dispatch and the last wait
+    are exposed; with few programs per batch or few argument sets per program those inflate
+    short kernels by tens of µs (``experiments/timing_gaps.py``): pass 8 or more sets.
     """
     import jax
 

@@ -1,0 +1,144 @@
+"""The Triton IR of the quantized matmul, and what Triton's own compiler makes of it.
+
+XLA compiles the Triton modules of Pallas calls internally and does not dump their PTX, so this
+script captures the module that Pallas lowers (``.ttir``, written on any machine: the lowering
+for CUDA runs through ``jax.export``) and, where the ``triton`` package is installed, compiles it
+with Triton for sm_90 to see the layouts Triton chooses (``.ttgir``: every
+``convert_layout`` is a round trip through shared memory with barriers) and the PTX (its
+instruction mix per loop, by ``experiments/ptx_mix.py``).
+
+Usage::
+
+    python experiments/triton_ir.py --out DIR [--shape 4096x28672] [--rows 1]
+        [--format w4g128] [--config '{"block_n": 128}'] [--rungs load,unpack,unpack+x,full]
+
+Writes ``DIR/<rung>.ttir`` and, with ``triton``, ``DIR/<rung>.{ttgir,ptx}`` and
+``DIR/triton_ir.json`` (per rung: layout conversions, shared-memory allocations, barriers and
+the instruction mix of the K loop). Triton's compiler is not XLA's, so read the result as a
+close guide, not as the exact code XLA runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from optgqa_jax import quant  # noqa: E402
+from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
+from profile_quant import RUNGS, stripped_matmul  # noqa: E402
+import ptx_mix  # noqa: E402
+
+
+def capture_ttir(fn, *args) -> list[str]:
+    """The Triton modules (generic MLIR text) of every Pallas call in ``fn(*args)``, lowered
+    for CUDA."""
+    from jax._src.pallas.triton import lowering
+
+    texts, original = [], lowering.lower_jaxpr_to_triton_module
+
+    def spy(*a, **k):
+        result = original(*a, **k)
+        texts.append(result.module.operation.get_asm(print_generic_op_form=True))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = spy
+    try:
+        jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return texts
+
+
+def compile_ttir(path: str, num_warps: int, num_stages: int) -> dict:
+    """Compile a .ttir file with the triton package for sm_90: {'ttgir': text, 'ptx': text}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    return {"ttgir": k.asm["ttgir"], "ptx": k.asm["ptx"]}
+
+
+def summarize(ttgir: str, ptx: str) -> dict:
+    """Counts that explain a Triton kernel's cost."""
+    ops = collections.Counter(re.findall(r"\b(?:ttg|triton_gpu|tt|ttng|nvgpu)\.[a-z_]+", ttgir))
+    entries = ptx_mix.kernels(ptx)
+    body = next(iter(entries.values())) if entries else []
+    loops = ptx_mix.loops(body)
+    return dict(ttgir_ops=dict(ops.most_common(25)),
+                layout_conversions=sum(v for k, v in ops.items() if k.endswith("convert_layout")),
+                ptx_total=sum(ptx_mix.mix(body).values()),
+                bar_sync=sum(1 for line in body if "bar.sync" in line or "barrier" in line),
+                global_loads={w: sum(1 for line in body if "ld.global" in line
+                                     and (w in line if w != "scalar" else ".v" not in line))
+                              for w in (".v4", ".v2", "scalar")},
+                loops=[dict(label=l.get("label"), count=sum(l["mix"].values()),
+                            top=dict(collections.Counter(l["mix"]).most_common(12)))
+                       for l in loops])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="4096x28672")
+    p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--format", default="w4g128")
+    p.add_argument("--config", default="{}")
+    p.add_argument("--rungs", default=",".join(RUNGS + ("full",)))
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    K, N = (int(v) for v in a.shape.lower().split("x"))
+    qc = quant.parse_spec(a.format)
+    cfg = dataclasses.replace(QuantMatmulConfig.for_shape("cuda", a.rows, K, N, qc.group_size),
+                              **json.loads(a.config))
+    os.makedirs(a.out, exist_ok=True)
+    ql = quant.synthetic.random_quantized_linear(jax.random.PRNGKey(0), K, N, qc, "bfloat16")
+    Mp = max(a.rows, cfg.block_m)
+    x = jnp.ones((a.rows, K), jnp.bfloat16)
+    report = dict(shape=[K, N], rows=a.rows, format=a.format, config=dataclasses.asdict(cfg),
+                  rungs={})
+    for rung in a.rungs.split(","):
+        if rung == "full":
+            texts = capture_ttir(lambda x, q, s, z: quant_matmul(
+                x, q, s, z, bits=qc.bits, group_size=qc.group_size, config=cfg),
+                x, ql.qweight, ql.scales, ql.zeros)
+        else:
+            texts = capture_ttir(lambda x, q: stripped_matmul(
+                x, q, bits=qc.bits, rung=rung, config=cfg),
+                jnp.pad(x, ((0, Mp - a.rows), (0, 0))), ql.qweight)
+        path = os.path.join(a.out, f"{rung.replace('+', '_')}.ttir")
+        with open(path, "w") as f:
+            f.write(texts[0])
+        entry = dict(ttir=path)
+        try:
+            out = compile_ttir(path, cfg.num_warps, cfg.num_stages)
+        except ImportError:
+            print(f"{rung}: wrote {path} (no triton package: not compiled)")
+            report["rungs"][rung] = entry
+            continue
+        except Exception as e:  # noqa: BLE001  (a parser of another MLIR version)
+            entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"{rung}: {entry['error']}")
+            report["rungs"][rung] = entry
+            continue
+        for ext, text in out.items():
+            with open(path[:-5] + "." + ext, "w") as f:
+                f.write(text)
+        entry.update(summarize(out["ttgir"], out["ptx"]))
+        report["rungs"][rung] = entry
+        print(rung, json.dumps({k: v for k, v in entry.items() if k != "ttgir_ops"}), flush=True)
+    with open(os.path.join(a.out, "triton_ir.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
