@@ -190,16 +190,19 @@ def join_shifts(parts):
 
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
                  block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
-                 scale_parts: bool, prefetch: bool = False, joined: bool = False):
+                 scale_parts: bool, prefetch: bool = False, joined: bool = False,
+                 tile_k: Optional[int] = None):
     P = 32 // bits
-    Pk = block_k // P                       # words per K tile = rows per shift
+    tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
+    U = block_k // tile_k                   # sub-tiles per K step, each loaded on its own
+    Pk = tile_k // P                        # words per sub-tile = rows per shift
     gs = K if group_size == -1 else group_size
     offsets = [s for _, s in shift_offsets(bits)]
-    # One group per K tile (contiguous groups that the tiles do not straddle): the tile's
+    # One group per sub-tile (contiguous groups that the sub-tiles do not straddle): the
     # (q - z) 2^s are small integers times powers of two, exact in bfloat16/float16, so the
-    # products take them as they are and the group's per-column scale multiplies the [bm, bn]
-    # partial sum instead of every weight. Otherwise each row's scale and zero are gathered.
-    per_tile = not use_gidx and (group_size == -1 or gs % block_k == 0)
+    # products take them as they are and the group's per-column scale multiplies the partial
+    # sum instead of every weight. Otherwise each row's scale and zero are gathered.
+    per_tile = not use_gidx and (group_size == -1 or gs % tile_k == 0)
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
@@ -209,7 +212,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
         cols = n0 + jnp.arange(block_n)                          # [bn] output columns
         n_ok = cols < N
         k_begin = pid_s * k_per_split
-        steps = jnp.minimum(k_per_split, Kp - k_begin) // block_k   # whole tiles
+        steps = jnp.minimum(k_per_split, Kp - k_begin) // block_k   # whole K steps
 
         def load_rows(ref, rows, ok):                             # [len(rows), bn] gather
             shape = (rows.shape[0], block_n)
@@ -217,8 +220,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                                      jnp.broadcast_to(cols[None, :], shape)],
                               mask=ok[:, None] & n_ok[None, :], other=0)
 
-        def load_words(i, valid=None):                            # tile i's [Pk, bn] int32
-            k0 = k_begin + i * block_k
+        def load_words(k0, valid=None):                           # sub-tile's [Pk, bn] int32
             w_ok = k0 // P + jnp.arange(Pk) < K // P
             mask = None
             if mask_n or mask_k or valid is not None:
@@ -228,19 +230,19 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             return plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, block_n)], mask=mask,
                               other=0 if mask is not None else None)
 
-        def body(i, carry):
-            if prefetch:      # this tile's words were loaded one step ahead; load the next
-                acc, words = carry
-                carry_next = load_words(i + 1, i + 1 < steps)
-            else:
-                acc, words = carry, load_words(i)
-            k0 = k_begin + i * block_k
+        def load_step(i, valid=None):                             # U x [Pk, bn]: step i's words
+            return tuple(load_words(k_begin + i * block_k + u * tile_k, valid)
+                         for u in range(U))
+
+        def sub_tile(k0, words, acc):      # rows [k0, k0 + tile_k): add their products to acc
             wrows = k0 // P + jnp.arange(Pk)                      # [Pk] word rows of the tile
             w_ok = wrows < K // P
             words_hi = words >> 16                # the upper codes, shifted once per word
             if per_tile:
                 g = jnp.zeros((1,), jnp.int32) + (0 if group_size == -1 else k0 // gs)
                 one = jnp.ones((1,), jnp.bool_)
+                if Kp - K >= tile_k:   # whole sub-tiles past K (block_k > group): scale 0
+                    one = one & (k0 < K)
                 s = load_rows(s_ref, g, one).astype(jnp.float32)         # [1, bn]
                 z = load_rows(z_ref, g, one).astype(jnp.float32)
             elif word_groups:
@@ -253,10 +255,9 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 mask = (1 << bits) - 1
                 shifted = [((words >> (bits * p)) & mask).astype(jnp.float32) - z
                            for p in range(P)]                             # P x [Pk, bn]
-                x = x_ref[:, pl.ds(k0, block_k)]                          # [bm, bk] natural
+                x = x_ref[:, pl.ds(k0, tile_k)]                           # [bm, tk] natural
                 part = C.dot(x, join_shifts(shifted).astype(x.dtype))     # [bm, bn]
-                acc = (acc[0] + part * s,)
-                return (acc, carry_next) if prefetch else acc
+                return (acc[0] + part * s,)
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
             for p in range(P):        # shift p of word w holds input row k0 + P * w + p
@@ -279,13 +280,22 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
                     part = C.dot(x, w.astype(x.dtype))
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
-            acc = tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
+            return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
+
+        def body(i, carry):
+            if prefetch:      # this step's words were loaded one step ahead; load the next
+                acc, words = carry
+                carry_next = load_step(i + 1, i + 1 < steps)
+            else:
+                acc, words = carry, load_step(i)
+            for u in range(U):
+                acc = sub_tile(k_begin + i * block_k + u * tile_k, words[u], acc)
             return (acc, carry_next) if prefetch else acc
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
         if prefetch:
-            acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_words(0, steps > 0)))
+            acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_step(0, steps > 0)))
         else:
             acc = jax.lax.fori_loop(0, steps, body, init)
         if fma:
@@ -309,6 +319,36 @@ def shift_major(a, block_k: int, bits: int, axis: int = -1):
     return jnp.moveaxis(a, -1, axis)
 
 
+def k_tiles(config: QuantMatmulConfig, K: int, bits: int, group_size: int,
+            use_gidx: bool) -> tuple[int, int, bool]:
+    """(block_k, tile_k, joined): the rows of one K step, of one sub-tile, and whether the
+    joined path runs.
+
+    A K step of ``block_k`` rows that spans several whole groups is split into sub-tiles of one
+    group each (``tile_k = group_size``), each loaded on its own and scaled once per column,
+    so large steps keep the cheap one-scale-per-tile path; otherwise ``tile_k = block_k``.
+    Minimum rows: 16 per shift for the shift-by-shift tensor-core products (their depth), 16
+    per sub-tile for the joined product, 4 per shift for the register path.
+    """
+    P = 32 // bits
+    gs = K if group_size == -1 else group_size
+    bk_asked = min(config.block_k, C.next_power_of_two(K))
+
+    def tile(block_k, min_tile):
+        if (not use_gidx and group_size != -1 and gs % block_k and block_k % gs == 0
+                and gs % P == 0 and gs >= min_tile):
+            return gs
+        return block_k
+
+    if config.joined and not use_gidx:
+        block_k = int(max(16, P, bk_asked))
+        tile_k = tile(block_k, max(16, P))
+        if group_size == -1 or gs % tile_k == 0:
+            return block_k, tile_k, True
+    block_k = int(max(16 * P, bk_asked))
+    return block_k, tile(block_k, (4 if config.fma else 16) * P), False
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "use_gidx", "interpret",
                                              "config"))
 def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gidx, interpret,
@@ -318,13 +358,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     P = 32 // bits
     block_m = int(min(config.block_m, max(1 if config.fma else 16, C.next_power_of_two(M))))
     block_n = int(min(config.block_n, max(16, C.next_power_of_two(N))))
-    # At least 16 rows per shift (the products' minimum depth), at most K rounded up; the
-    # joined path (one product per tile, only where a tile lies in one group) needs 16 rows.
-    gs = K if group_size == -1 else group_size
-    bk_asked = min(config.block_k, C.next_power_of_two(K))
-    bk_joined = int(max(16, P, bk_asked))
-    joined = config.joined and not use_gidx and (group_size == -1 or gs % bk_joined == 0)
-    block_k = bk_joined if joined else int(max(16 * P, bk_asked))
+    block_k, tile_k, joined = k_tiles(config, K, bits, group_size, use_gidx)
     Kp = C.cdiv(K, block_k) * block_k
     split_k = int(max(1, min(config.split_k, Kp // block_k)))
     k_per_split = C.cdiv(Kp // block_k, split_k) * block_k      # splits start on tile edges
@@ -335,20 +369,21 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # shift-major K order once per call; the weight is read in place.
     xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
     if not joined:   # the joined path reads x in natural order
-        xp = shift_major(xp, block_k, bits)
+        xp = shift_major(xp, tile_k, bits)
     # Codes arrive times 2^s (code_floats); x's columns carry 2^-s, exact as a power of two.
     # The register path multiplies in float32; float16 x in the tensor-core path would
     # underflow, so there the partial products are scaled instead.
     scale_parts = not config.fma and x.dtype == jnp.float16
     if not scale_parts and not joined:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
-        xp = xp * jnp.asarray(shift_scales(bits, block_k, Kp), xp.dtype)
-    gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), block_k, bits) if use_gidx
+        xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
+    gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), tile_k, bits) if use_gidx
             else jnp.zeros((1,), jnp.int32))
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
                           block_k=block_k, use_gidx=use_gidx, fma=config.fma,
-                          scale_parts=scale_parts, prefetch=config.prefetch, joined=joined)
+                          scale_parts=scale_parts, prefetch=config.prefetch, joined=joined,
+                          tile_k=tile_k)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)

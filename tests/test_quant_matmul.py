@@ -40,6 +40,16 @@ WORDS256_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, split_k
 # One tensor-core product per K tile, the shifts rejoined in natural row order.
 JOINED = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1,
                            joined=True)
+# K steps spanning several whole groups, split into one-group sub-tiles (k_tiles)
+FMA1_STEP512 = QuantMatmulConfig(block_m=1, block_n=32, block_k=512, num_warps=4, num_stages=1,
+                                 fma=True)
+FMA2_STEP256_SPLITK = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, split_k=2,
+                                        num_warps=4, num_stages=1, fma=True)
+FMA1_STEP256_PREFETCH = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, split_k=2,
+                                          num_warps=4, num_stages=1, fma=True, prefetch=True)
+DOT_STEP256 = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=1)
+JOINED_STEP128 = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, num_warps=4,
+                                   num_stages=1, joined=True)
 JOINED_SPLITK = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, split_k=2, num_warps=4,
                                   num_stages=1, joined=True)
 
@@ -111,6 +121,15 @@ def check(out, want, dtype, what):
     (4, -1, True, False, 1, 640, 24, jnp.float32, JOINED_SPLITK),
     (4, 32, False, False, 4, 128, 16, jnp.bfloat16, JOINED),
     (4, 64, True, True, 5, 128, 16, jnp.bfloat16, JOINED),
+    # K steps of several whole groups in one-group sub-tiles: the register path (K = 640 pads
+    # to whole steps: sub-tiles past K read no scales), split K, prefetch, 8 and 2 bits, the
+    # shift-by-shift and the joined tensor-core paths
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_STEP512),
+    (4, 32, True, False, 2, 256, 24, jnp.float16, FMA2_STEP256_SPLITK),
+    (8, 64, False, False, 1, 704, 33, jnp.bfloat16, FMA1_STEP256_PREFETCH),
+    (2, 128, False, False, 3, 384, 24, jnp.bfloat16, FMA2_STEP256_SPLITK),
+    (4, 128, True, False, 5, 384, 40, jnp.bfloat16, DOT_STEP256),
+    (4, 32, False, False, 7, 160, 24, jnp.bfloat16, JOINED_STEP128),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
@@ -307,3 +326,19 @@ def test_joined_config_takes_the_joined_path(monkeypatch):
     out = quant_matmul(*args, bits=4, group_size=64, interpret=INTERPRET, config=JOINED)
     check(out, want, jnp.bfloat16, "joined")
     assert calls and calls[0] == 8
+
+
+@pytest.mark.parametrize("config,bits,group_size,gidx,want", [
+    (FMA1_STEP512, 4, 128, False, (512, 128, False)),    # 4 one-group sub-tiles per step
+    (FMA1_STEP512, 4, 32, False, (512, 32, False)),      # 4 rows per shift: the minimum
+    (FMA1_STEP512, 4, 16, False, (512, 512, False)),     # 2 rows per shift: per-row scales
+    (FMA1_STEP512, 4, 128, True, (512, 512, False)),     # act-order: gathered scales
+    (FMA1_STEP512, 4, -1, False, (512, 512, False)),     # one group per column
+    (DOT_STEP256, 4, 128, False, (256, 128, False)),     # 16 rows per shift
+    (DOT_STEP256, 4, 64, False, (256, 256, False)),      # 8 rows per shift: too shallow
+    (JOINED_STEP128, 4, 32, False, (128, 32, True)),     # joined: 32 rows per product
+    (JOINED_STEP128, 8, 8, False, (128, 128, False)),    # 8 rows: falls back, no sub-tiles
+])
+def test_k_tiles_splits_steps_into_whole_groups(config, bits, group_size, gidx, want):
+    from pallas_kernels.quant_matmul import k_tiles
+    assert k_tiles(config, 2048, bits, group_size, gidx) == want
