@@ -24,7 +24,7 @@ import os
 import re
 
 ENTRY = re.compile(r"^\s*\.(?:visible\s+)?\.entry\s+([\w$]+)\s*\(")
-LABEL = re.compile(r"^\s*([\w$]+):\s*$")
+LABEL = re.compile(r"^\s*([\w$]+):\s*(?://.*)?$")
 BRANCH = re.compile(r"\bbra(?:\.uni)?\s+([\w$]+)\s*;")
 
 

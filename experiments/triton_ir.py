@@ -2,8 +2,9 @@
 
 XLA compiles the Triton modules of Pallas calls internally and does not dump their PTX, so this
 script captures the module that Pallas lowers (``.ttir``, written on any machine: the lowering
-for CUDA runs through ``jax.export``) and, where the ``triton`` package is installed, compiles it
-with Triton for sm_90 to see the layouts Triton chooses (``.ttgir``: every
+for CUDA runs through ``jax.export``) and, given a Python with the ``triton`` package
+(``--triton-python``; a CPU machine will do, e.g. a venv with ``pip install triton``), compiles
+it with Triton for sm_90 to see the layouts Triton chooses (``.ttgir``: every
 ``convert_layout`` is a round trip through shared memory with barriers) and the PTX (its
 instruction mix per loop, by ``experiments/ptx_mix.py``).
 
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 import sys
 
 import jax
@@ -59,14 +61,30 @@ def capture_ttir(fn, *args) -> list[str]:
     return texts
 
 
-def compile_ttir(path: str, num_warps: int, num_stages: int) -> dict:
-    """Compile a .ttir file with the triton package for sm_90: {'ttgir': text, 'ptx': text}."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=warps, num_stages=stages))
+for ext in ("ttgir", "ptx"):
+    open(path[:-5] + "." + ext, "w").write(k.asm[ext])
+"""
 
-    k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
-    return {"ttgir": k.asm["ttgir"], "ptx": k.asm["ptx"]}
+
+def compile_ttir(path: str, num_warps: int, num_stages: int, python: str) -> dict:
+    """Compile a .ttir file for sm_90 with the triton package of interpreter `python` (in its
+    own process: Triton's MLIR and jaxlib's do not share one). No GPU is needed.
+    Returns {'ttgir': text, 'ptx': text}; raises ImportError without triton."""
+    probe = subprocess.run([python, "-c", "import triton"], capture_output=True)
+    if probe.returncode:
+        raise ImportError(f"{python} has no triton package")
+    run = subprocess.run([python, "-c", _COMPILE, path, str(num_warps), str(num_stages)],
+                         capture_output=True, text=True,
+                         env=dict(os.environ, TRITON_DEFAULT_FP_FUSION="1"))
+    if run.returncode:
+        raise RuntimeError(run.stderr[-1500:])
+    return {ext: open(path[:-5] + "." + ext).read() for ext in ("ttgir", "ptx")}
 
 
 def summarize(ttgir: str, ptx: str) -> dict:
@@ -87,6 +105,12 @@ def summarize(ttgir: str, ptx: str) -> dict:
                        for l in loops])
 
 
+def k_step(cfg: QuantMatmulConfig, K: int, qc) -> int:
+    """Rows of one K step as the kernel runs it (k_tiles rounds block_k up for the path)."""
+    from pallas_kernels.quant_matmul import k_tiles
+    return k_tiles(cfg, K, qc.bits, qc.group_size, False)[0]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="4096x28672")
@@ -94,6 +118,8 @@ def main(argv=None) -> None:
     p.add_argument("--format", default="w4g128")
     p.add_argument("--config", default="{}")
     p.add_argument("--rungs", default=",".join(RUNGS + ("full",)))
+    p.add_argument("--triton-python", default=sys.executable,
+                   help="a Python interpreter with the triton package (default: this one)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     K, N = (int(v) for v in a.shape.lower().split("x"))
@@ -120,7 +146,7 @@ def main(argv=None) -> None:
             f.write(texts[0])
         entry = dict(ttir=path)
         try:
-            out = compile_ttir(path, cfg.num_warps, cfg.num_stages)
+            out = compile_ttir(path, cfg.num_warps, cfg.num_stages, a.triton_python)
         except ImportError:
             print(f"{rung}: wrote {path} (no triton package: not compiled)")
             report["rungs"][rung] = entry
@@ -134,6 +160,11 @@ def main(argv=None) -> None:
             with open(path[:-5] + "." + ext, "w") as f:
                 f.write(text)
         entry.update(summarize(out["ttgir"], out["ptx"]))
+        # codes one thread handles per K step, and the innermost loop's PTX per code
+        per_thread = k_step(cfg, K, qc) * cfg.block_n // (32 * cfg.num_warps) * cfg.block_m
+        if entry["loops"]:
+            entry["codes_per_thread_step"] = per_thread
+            entry["loop_ptx_per_code"] = entry["loops"][-1]["count"] / per_thread
         report["rungs"][rung] = entry
         print(rung, json.dumps({k: v for k, v in entry.items() if k != "ttgir_ops"}), flush=True)
     with open(os.path.join(a.out, "triton_ir.json"), "w") as f:

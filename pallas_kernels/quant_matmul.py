@@ -203,10 +203,15 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     # products take them as they are and the group's per-column scale multiplies the partial
     # sum instead of every weight. Otherwise each row's scale and zero are gathered.
     per_tile = not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    # Register path with one group per sub-tile: the zero point leaves the per-code work,
+    # sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k, with x's sums over every sub-tile
+    # given (xs_ref) and one [1, bn] correction per row of x; a code then costs one and-or, one
+    # subtraction of 2^23 and one multiply-add.
+    fold_zeros = fma and per_tile
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
-    def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, o_ref):
+    def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, xs_ref, o_ref):
         pid_n, pid_s = pl.program_id(1), pl.program_id(2)
         n0 = pid_n * block_n
         cols = n0 + jnp.arange(block_n)                          # [bn] output columns
@@ -269,7 +274,10 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
                 f = code_floats(words, words_hi, bits, p)       # 2^23 + code 2^s_p
-                w = f - (_TWO23 + z * float(2 ** offsets[p]))   # (code - z) 2^s_p, exact
+                if fold_zeros:
+                    w = f - _TWO23                              # code 2^s_p, exact
+                else:
+                    w = f - (_TWO23 + z * float(2 ** offsets[p]))   # (code - z) 2^s_p, exact
                 if not per_tile:
                     w = w * s
                 if fma:
@@ -280,6 +288,11 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
                     part = C.dot(x, w.astype(x.dtype))
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
+            if fold_zeros:    # acc: block_m [Pk, bn] sums, then block_m [1, bn] corrections
+                zs = z * s                     # x's sum over this sub-tile's rows: xs_ref
+                return (tuple(a + q * s for a, q in zip(acc[:block_m], parts))
+                        + tuple(c + zs * xs_ref[m, pl.ds(k0 // tile_k, 1)][:, None]
+                                for m, c in enumerate(acc[block_m:])))
             return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
         def body(i, carry):
@@ -294,13 +307,18 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
+        if fold_zeros:
+            init += tuple(jnp.zeros((1, block_n), jnp.float32) for _ in range(block_m))
         if prefetch:
             acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_step(0, steps > 0)))
         else:
             acc = jax.lax.fori_loop(0, steps, body, init)
         if fma:
             for m in range(block_m):
-                o_ref[pl.ds(m, 1), :] = jnp.sum(acc[m], axis=0, keepdims=True).astype(o_ref.dtype)
+                y = jnp.sum(acc[m], axis=0, keepdims=True)
+                if fold_zeros:
+                    y = y - acc[block_m + m]
+                o_ref[pl.ds(m, 1), :] = y.astype(o_ref.dtype)
         else:
             o_ref[...] = acc[0].astype(o_ref.dtype)
 
@@ -368,6 +386,12 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
     # shift-major K order once per call; the weight is read in place.
     xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
+    # the register path's zero points leave the codes (see _make_kernel): x's sub-tile sums
+    gs = K if group_size == -1 else group_size
+    fold_zeros = config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    T = Kp // tile_k                                                # sub-tiles along K
+    xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if fold_zeros
+          else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
     if not joined:   # the joined path reads x in natural order
         xp = shift_major(xp, tile_k, bits)
     # Codes arrive times 2^s (code_floats); x's columns carry 2^-s, exact as a power of two.
@@ -395,14 +419,16 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
         kernel,
         grid=(Mp // block_m, Np // block_n, split_k),
         in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j, s: (i, 0)), full(qweight),
-                  full(scales), full(zeros), full(gidx)],
+                  full(scales), full(zeros), full(gidx),
+                  pl.BlockSpec((block_m, T), lambda i, j, s: (i, 0)) if fold_zeros
+                  else full(xs)],
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name=f"optgqa_quant_matmul_w{bits}",
-    )(xp, qweight, scales, zeros, gidx)
+    )(xp, qweight, scales, zeros, gidx, xs)
     out = out.sum(axis=0).astype(x.dtype) if split else out
     return out if (Mp, Np) == (M, N) else out[:M, :N]
 

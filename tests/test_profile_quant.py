@@ -72,3 +72,30 @@ def test_triton_ir_captures_every_rung(tmp_path):
         text = (tmp_path / f"{rung}.ttir").read_text()
         assert '"tt.func"' in text and '"scf.for"' in text and '"tt.load"' in text
     assert "optgqa_quant_matmul_w4" in (tmp_path / "full.ttir").read_text()
+
+
+def test_ptx_mix_finds_loops_behind_commented_labels():
+    """experiments/ptx_mix.py: a loop whose label carries a comment (as Triton writes them) is
+    found, with its instruction mix; a forward branch is not a loop."""
+    mod = _load("ptx_mix")
+    ptx = """
+.visible .entry kern(
+    .param .u64 p0
+)
+{
+	mov.u32 	%r1, 0;
+	@%p1 bra 	$L__BB0_3;
+$L__BB0_2:                              // %.lr.ph
+	ld.global.v4.b32 	{ %r2, %r3, %r4, %r5 }, [ %rd1 + 0 ];
+	and.b32 	%r6, %r2, 15;
+	fma.rn.f32 	%f1, %f2, %f3, %f1;
+	fma.rn.f32 	%f4, %f2, %f3, %f4;
+	@%p2 bra 	$L__BB0_2;
+$L__BB0_3:                              // %._crit_edge
+	ret;
+}
+"""
+    body = mod.kernels(ptx)["kern"]
+    loops = mod.loops(body)
+    assert [l["label"] for l in loops] == ["$L__BB0_2"]
+    assert loops[0]["mix"]["fma.rn"] == 2 and loops[0]["mix"]["ld.global"] == 1
