@@ -107,7 +107,10 @@ def summarize(ttgir: str, ptx: str) -> dict:
 
 def k_step(cfg: QuantMatmulConfig, K: int, qc) -> int:
     """Rows of one K step as the kernel runs it (k_tiles rounds block_k up for the path)."""
-    from pallas_kernels.quant_matmul import k_tiles
+    try:
+        from pallas_kernels.quant_matmul import k_tiles
+    except ImportError:   # a kernel from before commit 841fc8d
+        return max(16 * 32 // qc.bits, min(cfg.block_k, K))
     return k_tiles(cfg, K, qc.bits, qc.group_size, False)[0]
 
 
@@ -161,7 +164,7 @@ def main(argv=None) -> None:
                 f.write(text)
         entry.update(summarize(out["ttgir"], out["ptx"]))
         # codes one thread handles per K step, and the innermost loop's PTX per code
-        per_thread = k_step(cfg, K, qc) * cfg.block_n // (32 * cfg.num_warps) * cfg.block_m
+        per_thread = k_step(cfg, K, qc) * cfg.block_n // (32 * cfg.num_warps)
         if entry["loops"]:
             entry["codes_per_thread_step"] = per_thread
             entry["loop_ptx_per_code"] = entry["loops"][-1]["count"] / per_thread

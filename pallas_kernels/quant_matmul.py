@@ -203,11 +203,12 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     # products take them as they are and the group's per-column scale multiplies the partial
     # sum instead of every weight. Otherwise each row's scale and zero are gathered.
     per_tile = not use_gidx and (group_size == -1 or gs % tile_k == 0)
-    # Register path with one group per sub-tile: the zero point leaves the per-code work,
-    # sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k, with x's sums over every sub-tile
-    # given (xs_ref) and one [1, bn] correction per row of x; a code then costs one and-or, one
-    # subtraction of 2^23 and one multiply-add.
-    fold_zeros = fma and per_tile
+    # One group per sub-tile (register and shift-by-shift tensor-core paths): the zero point
+    # leaves the per-code work, sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k, with x's
+    # sums over every sub-tile given (xs_ref): one [1, bn] correction per row of x (register
+    # path) or one [bm, bn] outer product per sub-tile (tensor cores). On the register path a
+    # code then costs one and-or, one subtraction of 2^23 and one multiply-add.
+    fold_zeros = per_tile and not joined
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
@@ -288,6 +289,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
                     part = C.dot(x, w.astype(x.dtype))
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
+            if fold_zeros and not fma:    # x's sums over the sub-tile's rows [bm, 1] times z s
+                return (acc[0] + parts[0] * s - xs_ref[:, pl.ds(k0 // tile_k, 1)] * (z * s),)
             if fold_zeros:    # acc: block_m [Pk, bn] sums, then block_m [1, bn] corrections
                 zs = z * s                     # x's sum over this sub-tile's rows: xs_ref
                 return (tuple(a + q * s for a, q in zip(acc[:block_m], parts))
@@ -307,7 +310,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
-        if fold_zeros:
+        if fold_zeros and fma:
             init += tuple(jnp.zeros((1, block_n), jnp.float32) for _ in range(block_m))
         if prefetch:
             acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_step(0, steps > 0)))
@@ -388,7 +391,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
     # the register path's zero points leave the codes (see _make_kernel): x's sub-tile sums
     gs = K if group_size == -1 else group_size
-    fold_zeros = config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    fold_zeros = not joined and not use_gidx and (group_size == -1 or gs % tile_k == 0)
     T = Kp // tile_k                                                # sub-tiles along K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if fold_zeros
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
