@@ -4,14 +4,14 @@
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
-# quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine
+# quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine
 # gqsa-accuracy (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
+steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -66,6 +66,13 @@ for step in $steps; do
           --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
           --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
       done ;;
+    quant-diagnose)  # timed call against device trace (timing_gaps), the ladder with each
+      # rung's kernel time, and the PTX of the loops compiled by this machine's triton package
+      run timing_gaps 240 python experiments/timing_gaps.py --out "$out/quant" --label plain
+      run profile_quant 300 python experiments/profile_quant.py --shapes gate_up,down \
+        --rows 1,16 --out "$out/quant"
+      JAX_PLATFORMS=cpu run triton_ir 120 python experiments/triton_ir.py \
+        --out "$out/quant/triton_ir" --rungs load,unpack,unpack+x,full ;;
     quant-tune)  # the tile search behind QuantMatmulConfig.for_shape
       run tune_quant 600 python experiments/tune_quant.py --out "$out/quant" ;;
     quant-profile)  # the quantized matmul's time split by a ladder of stripped kernels, and
@@ -94,7 +101,7 @@ for step in $steps; do
       run gqsa_accuracy 3600 python experiments/gqsa_eval.py --part accuracy --resume \
         --out "$out/gqsa" ;;
     *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
-            "reference grouping mfu quant-tune quant-profile quant-kernels quant-engine gqsa-speed" \
-            "gqsa-engine gqsa-accuracy)"; exit 2 ;;
+            "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
+            "quant-engine gqsa-speed gqsa-engine gqsa-accuracy)"; exit 2 ;;
   esac
 done

@@ -3,10 +3,12 @@
 Decode is bandwidth bound: a 4-bit layer holds a quarter of the bytes of its bfloat16 twin, so
 a kernel that reads the packed codes and dequantizes them in registers can run up to about 4x
 faster than the bfloat16 product, where XLA's own path (dequantize to bfloat16 in memory, then
-multiply) is slower than bfloat16. Measured status (H200, jax 0.11.2, commit e877c19,
-``experiments/results/h200/quant/``), 4 bits in groups of 128: 1.0-1.5x the bfloat16 product at
-1 and 16 rows, at 11-24% of the copy bandwidth; 4- and 8-bit layers take about the same time, so the
-kernel is bound by the work per code, not by the bytes it reads. ``optgqa_jax.quant.matmul``
+multiply) is slower than bfloat16. Measured status (H200, jax 0.11.2, commit 1bf58ad, a device
+trace, ``experiments/results/h200/quant/timing_gaps_plain.md``), 4 bits in groups of 128,
+gate/up 4096x28672 at one row: 42.6 us against the bfloat16 product's 55.9 us, where a kernel
+that only streams the same codes takes 16.3 us: the time goes into the per-code work, which
+the sub-tiles and folded zero points below cut (PTX per code,
+``experiments/results/cpu/quant/ptx_per_code.md``; not yet timed). ``optgqa_jax.quant.matmul``
 uses it up to 16 rows and dequantizes for larger inputs.
 
 Weight layout (``optgqa_jax.quant.QuantizedLinear``, the GPTQ checkpoint layout): ``qweight``
@@ -76,9 +78,10 @@ class QuantMatmulConfig:
         [block_k / P, block_n] float32 accumulator, summed over K once at the end; for
         decode-sized M (block_m may then be 1 to 16; registers favour 1 to 4).
       prefetch: load each K tile's packed words one loop step ahead (carried in registers),
-        so the next tile's load overlaps this tile's unpacking. On an H200 (commit 08d70b9)
-        it was 3-36% slower than the best tiles without it on every Llama-3-8B shape at 1
-        and 16 rows, so no default uses it.
+        so the next tile's load overlaps this tile's unpacking. On an H200 (commit 08d70b9,
+        under a timing that inflated short kernels, see ``optgqa_jax.benchmark.timeit_rotating``)
+        it was 3-36% slower than the best tiles without it at 1 and 16 rows, so no default
+        uses it; to be searched again.
       joined: tensor-core path (not ``fma``) with one product per K tile: the P shifts'
         dequantized codes are joined back into the tile's natural row order (``jnp.stack``
         pairs, a transpose and a reshape; :func:`join_shifts`) and multiplied by x's tile as
@@ -111,7 +114,8 @@ class QuantMatmulConfig:
         per shift (256 rows at 2 bits). From the tile searches of ``experiments/tune_quant.py``
         on an H200 (``experiments/results/h200/quant/``; at commit 08d70b9 the one-row rule
         measured 61.5, 18.0 and 38.5 µs on the Llama-3-8B gate/up, o and down shapes, against
-        67.9, 20.7 and 52.3 µs for the 16-row tiles it replaced).
+        67.9, 20.7 and 52.3 µs for the 16-row tiles it replaced, under a timing that inflated
+        short kernels: the order holds, the times are too high).
         """
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
         if M == 1:
