@@ -50,21 +50,24 @@ def cases():
 
 
 def candidates(M, K, bits, group_size):
-    """Register multiply-add tiles first for M <= 4, then tensor-core tiles."""
+    """Register multiply-add tiles first for M <= 4, then tensor-core tiles (joined first)."""
     P = 32 // bits
-    deep = [16 * P] + ([32 * P] if group_size == -1 or 32 * P <= group_size else [])
+    deep = [16 * P, 32 * P]       # past the group size: one-group sub-tiles (k_tiles)
     if M <= 4:   # one [block_k / P, block_n] accumulator per row: few rows only
         bm = 1 << (M - 1).bit_length()
         for bk, bn, warps in itertools.product((16 * P, 32 * P, 64 * P), (64, 128, 256), (4, 8)):
             yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                                     num_stages=3, fma=True)
-    # one tensor-core product per K tile (joined shifts), first so that the budget reaches them
-    joined_bk = [bk for bk in (64, 128) if group_size == -1 or group_size % bk == 0]
+    # one tensor-core product per K tile (joined shifts), first so that the budget reaches
+    # them; also for decode rows: in PTX its loop costs fewer instructions per code than the
+    # register path's (results/cpu/quant/ptx_per_code.md). K steps past the group size run as
+    # one-group sub-tiles.
+    joined_bk = [bk for bk in (64, 128, 256)
+                 if group_size == -1 or group_size % bk == 0 or bk % group_size == 0]
     bms = (max(16, 1 << (M - 1).bit_length()),) if M <= 64 else (64, 128)
-    if M > 4:
-        for bm, bn, bk, warps in itertools.product(bms, (64, 128), joined_bk, (4, 8)):
-            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                    num_stages=3, joined=True)
+    for bm, bn, bk, warps in itertools.product(bms, (64, 128), joined_bk, (4, 8)):
+        yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                num_stages=3, joined=True)
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         for bk, bn, warps in itertools.product(deep, (32, 64, 128, 256), (4, 8)):

@@ -31,14 +31,17 @@ weight) and pads x with zero rows and columns to whole tiles, so x is read in co
 and the weight in place (its ragged column and row edges masked). Each code is masked where
 it lies in its word (the upper half shifted down once per word) and placed under the exponent
 of 2^23 with the same and-or, so ``bitcast(...) - 2^23 = code * 2^s``: no per-code shift and no
-int-to-float conversion; x's columns of that shift carry the exact factor ``2^-s``. When a
-tile lies in one group (contiguous groups, ``block_k`` dividing the group size, or one group
-per column) the products take the integers ``q - z`` (exact in bfloat16/float16) and the
-group's per-column scale multiplies the [block_m, block_n] partial sum; otherwise each word
-row's (or with ``g_idx`` each row's) scale and zero are gathered and the weight dequantized in
-float32. The products run on the tensor cores (``jnp.dot``, float32 accumulation) or, with
-``fma=True`` for decode-sized M, as broadcast multiply-adds in registers. With ``split_k > 1``
-each split writes a float32 partial [M, N] and the wrapper adds them. 2, 4 and 8 bits (whole
+int-to-float conversion; x's columns of that shift carry the exact factor ``2^-s``. A K step
+of ``block_k`` rows that spans several whole groups runs as sub-tiles of one group each
+(:func:`k_tiles`). When a (sub-)tile lies in one group (contiguous groups, or one group per
+column) the products take the integer codes (exact in bfloat16/float16), the zero point leaves
+the per-code work (``sum x (q - z) = sum x q - z sum x``, x's sums over each sub-tile computed
+by the wrapper), and the group's per-column scale multiplies the partial sum once; otherwise
+each word row's (or with ``g_idx`` each row's) scale and zero are gathered and the weight
+dequantized in float32. The products run on the tensor cores (``jnp.dot``, float32
+accumulation) or, with ``fma=True`` for decode-sized M, as broadcast multiply-adds in
+registers. With ``split_k > 1`` each split writes a float32 partial [M, N] and the wrapper
+adds them. 2, 4 and 8 bits (whole
 codes per word); 3-bit codes straddle words and are refused with an error (use
 ``optgqa_jax.quant.matmul``, which dequantizes).
 
@@ -207,12 +210,13 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     # products take them as they are and the group's per-column scale multiplies the partial
     # sum instead of every weight. Otherwise each row's scale and zero are gathered.
     per_tile = not use_gidx and (group_size == -1 or gs % tile_k == 0)
-    # One group per sub-tile (register and shift-by-shift tensor-core paths): the zero point
-    # leaves the per-code work, sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k, with x's
-    # sums over every sub-tile given (xs_ref): one [1, bn] correction per row of x (register
-    # path) or one [bm, bn] outer product per sub-tile (tensor cores). On the register path a
-    # code then costs one and-or, one subtraction of 2^23 and one multiply-add.
-    fold_zeros = per_tile and not joined
+    # One group per sub-tile (every path): the zero point leaves the per-code work,
+    # sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k. The register path sums x over each
+    # word's P rows as it reads them (one add per row of x and shift) and corrects its [Pk, bn]
+    # accumulator once per sub-tile; the tensor-core paths take x's sums over every sub-tile
+    # from the wrapper (xs_ref) and subtract one [bm, bn] outer product per sub-tile. On the
+    # register path a code then costs one and-or, one subtraction of 2^23 and one multiply-add.
+    fold_zeros = per_tile
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
@@ -261,15 +265,19 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
             # parts: one [bm, bn] partial product, or (fma) per row of x one [Pk, bn] array of
             # products not yet summed over K (the sum over Pk waits until after the K loop)
-            if joined:        # (q - z) of every shift, rejoined in natural row order: one dot
+            if joined:        # the codes of every shift, rejoined in natural row order: one dot
                 mask = (1 << bits) - 1
-                shifted = [((words >> (bits * p)) & mask).astype(jnp.float32) - z
+                shifted = [((words >> (bits * p)) & mask).astype(jnp.float32)
                            for p in range(P)]                             # P x [Pk, bn]
                 x = x_ref[:, pl.ds(k0, tile_k)]                           # [bm, tk] natural
                 part = C.dot(x, join_shifts(shifted).astype(x.dtype))     # [bm, bn]
-                return (acc[0] + part * s,)
+                # zero points: x's sums over the sub-tile's rows [bm, 1] times z s
+                return (acc[0] + part * s - xs_ref[:, pl.ds(k0 // tile_k, 1)] * (z * s),)
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
+            # register path: zx[m] [Pk], per word row the sum of x over its P input rows (the
+            # zero points' share)
+            zx = [jnp.zeros((Pk,), jnp.float32) for _ in range(block_m if fma else 0)]
             for p in range(P):        # shift p of word w holds input row k0 + P * w + p
                 if not (per_tile or word_groups):
                     if use_gidx:      # g_idx arrives in x's shift-major column order
@@ -288,6 +296,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 if fma:
                     for m in range(block_m):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
+                        if fold_zeros:        # xm carries 2^-s_p: undo it, exactly
+                            zx[m] += xm * float(2 ** offsets[p])
                         parts[m] += xm[:, None] * w
                 else:
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
@@ -295,11 +305,10 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
             if fold_zeros and not fma:    # x's sums over the sub-tile's rows [bm, 1] times z s
                 return (acc[0] + parts[0] * s - xs_ref[:, pl.ds(k0 // tile_k, 1)] * (z * s),)
-            if fold_zeros:    # acc: block_m [Pk, bn] sums, then block_m [1, bn] corrections
-                zs = z * s                     # x's sum over this sub-tile's rows: xs_ref
-                return (tuple(a + q * s for a, q in zip(acc[:block_m], parts))
-                        + tuple(c + zs * xs_ref[m, pl.ds(k0 // tile_k, 1)][:, None]
-                                for m, c in enumerate(acc[block_m:])))
+            if fold_zeros:    # per word row: s (sum x q 2^s 2^-s) - z s (sum x)
+                zs = z * s
+                return tuple(a + q * s - zxm[:, None] * zs
+                             for a, q, zxm in zip(acc, parts, zx))
             return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
         def body(i, carry):
@@ -314,18 +323,13 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
-        if fold_zeros and fma:
-            init += tuple(jnp.zeros((1, block_n), jnp.float32) for _ in range(block_m))
         if prefetch:
             acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_step(0, steps > 0)))
         else:
             acc = jax.lax.fori_loop(0, steps, body, init)
         if fma:
             for m in range(block_m):
-                y = jnp.sum(acc[m], axis=0, keepdims=True)
-                if fold_zeros:
-                    y = y - acc[block_m + m]
-                o_ref[pl.ds(m, 1), :] = y.astype(o_ref.dtype)
+                o_ref[pl.ds(m, 1), :] = jnp.sum(acc[m], axis=0, keepdims=True).astype(o_ref.dtype)
         else:
             o_ref[...] = acc[0].astype(o_ref.dtype)
 
@@ -393,9 +397,10 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
     # shift-major K order once per call; the weight is read in place.
     xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
-    # the register path's zero points leave the codes (see _make_kernel): x's sub-tile sums
+    # zero points leave the codes (see _make_kernel): the tensor-core paths take x's sums
+    # over every sub-tile; the register path sums x itself as it reads it
     gs = K if group_size == -1 else group_size
-    fold_zeros = not joined and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    fold_zeros = not config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
     T = Kp // tile_k                                                # sub-tiles along K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if fold_zeros
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused

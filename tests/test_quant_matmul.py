@@ -342,3 +342,23 @@ def test_joined_config_takes_the_joined_path(monkeypatch):
 def test_k_tiles_splits_steps_into_whole_groups(config, bits, group_size, gidx, want):
     from pallas_kernels.quant_matmul import k_tiles
     assert k_tiles(config, 2048, bits, group_size, gidx) == want
+
+
+def test_register_path_sums_x_itself():
+    """The register path folds the zero points with sums of x it takes as it reads x: no
+    reduce in the wrapper (lowered for CUDA, the kernel one custom call); the tensor-core
+    path takes x's sub-tile sums from the wrapper (a reduce)."""
+    K, N = 512, 128
+    args, _, _ = make_case(3, 1, K, N, 4, 128)
+    fma = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, num_warps=4, num_stages=1,
+                            fma=True)
+    dot = QuantMatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=1)
+
+    def hlo(cfg):
+        f = lambda x, q, s, z: quant_matmul(x, q, s, z, bits=4, group_size=128, config=cfg)
+        return jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+                *args).mlir_module()
+
+    assert "stablehlo.reduce" not in hlo(fma)
+    assert "stablehlo.reduce" in hlo(dot)
