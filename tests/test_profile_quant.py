@@ -99,3 +99,30 @@ $L__BB0_3:                              // %._crit_edge
     loops = mod.loops(body)
     assert [l["label"] for l in loops] == ["$L__BB0_2"]
     assert loops[0]["mix"]["fma.rn"] == 2 and loops[0]["mix"]["ld.global"] == 1
+
+
+def test_bench_quant_tables_from_rows(tmp_path):
+    """experiments/bench_quant.py's markdown and plot from kernel and engine rows (a failed
+    row included), as a GPU run would produce them."""
+    mod = _load("bench_quant")
+    kern = lambda impl, fmt, M, us: dict(shape="o 4096x4096", M=M, K=4096, N=4096, impl=impl,
+                                         format=fmt, us=us, gb_per_s=1e3, pct_ceiling=25.0,
+                                         speedup_vs_bf16=20.0 / us, rel_error=1e-3)
+    eng = lambda fmt, kind, tok, pb: dict(format=fmt, workload=kind, output_tokens_per_s=tok,
+                                          decode_tokens_per_s_per_sequence=tok,
+                                          param_bytes=pb, peak_memory_bytes=3 * pb)
+    res = {"meta": dict(device="test", jax="0", commit="abc", ceiling=4e12,
+                        ceilings=["copy"]),
+           "kernels": [kern("bf16", "bf16", 1, 20.0), kern("ours", "w4g128", 1, 8.0),
+                       kern("ours", "w4g128", 16, 9.0), kern("xla-dequant", "w4g128", 1, 40.0),
+                       dict(shape="o 4096x4096", M=64, impl="ours", format="w8",
+                            error="ValueError('x')")],
+           "engine": [eng("bf16", "batch-1 decode", 100.0, 16 << 30),
+                      eng("w4g128", "batch-1 decode", 250.0, 4 << 30),
+                      dict(format="w8", workload="batch-1 decode", error="OOM")]}
+    md = mod.markdown(res)
+    assert "| o 4096x4096 | 1 | ours | w4g128 | 8.0 |" in md
+    assert "1 kernel rows failed" in md and "| w4g128 | batch-1 decode | 250 |" in md
+    assert "25.0%" in md and "fails: 'OOM'" in md
+    mod.plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
