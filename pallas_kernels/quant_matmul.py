@@ -74,7 +74,8 @@ class QuantMatmulConfig:
     """Tuning knobs of :func:`quant_matmul` (blocks are powers of two >= 16).
 
     Attributes:
-      block_m, block_n, block_k: tile sizes along M, N and K.
+      block_m, block_n, block_k: tile sizes along M, N and K (rows per K step; a step that
+        spans several whole groups runs as one-group sub-tiles, see :func:`k_tiles`).
       split_k: number of K splits (grid axis 2); partial sums are added outside the kernel.
       num_warps, num_stages: Triton launch parameters.
       fma: multiply-adds in registers instead of tensor-core products: per row of x a
