@@ -35,14 +35,14 @@ int-to-float conversion; x's columns of that shift carry the exact factor ``2^-s
 of ``block_k`` rows that spans several whole groups runs as sub-tiles of one group each
 (:func:`k_tiles`). When a (sub-)tile lies in one group (contiguous groups, or one group per
 column) the products take the integer codes (exact in bfloat16/float16), the zero point leaves
-the per-code work (``sum x (q - z) = sum x q - z sum x``, x's sums over each sub-tile computed
-by the wrapper), and the group's per-column scale multiplies the partial sum once; otherwise
-each word row's (or with ``g_idx`` each row's) scale and zero are gathered and the weight
-dequantized in float32. The products run on the tensor cores (``jnp.dot``, float32
-accumulation) or, with ``fma=True`` for decode-sized M, as broadcast multiply-adds in
-registers. With ``split_k > 1`` each split writes a float32 partial [M, N] and the wrapper
-adds them. 2, 4 and 8 bits (whole
-codes per word); 3-bit codes straddle words and are refused with an error (use
+the per-code work (``sum x (q - z) = sum x q - z sum x``; the register path sums x as it reads
+it, the tensor-core paths take x's sums over each sub-tile from the wrapper), and the group's
+per-column scale multiplies the partial sum once; otherwise each word row's (or with ``g_idx``
+each row's) scale and zero are gathered and the weight dequantized in float32. The products
+run on the tensor cores (``jnp.dot``, float32 accumulation) or, with ``fma=True`` for
+decode-sized M, as broadcast multiply-adds in registers. With ``split_k > 1`` each split
+writes a float32 partial [M, N] and the wrapper adds them. 2, 4 and 8 bits (whole codes per
+word); 3-bit codes straddle words and are refused with an error (use
 ``optgqa_jax.quant.matmul``, which dequantizes).
 
 Axis legend: M rows of x (tokens), K input features (D_in), N output features (D_out),
@@ -401,9 +401,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # zero points leave the codes (see _make_kernel): the tensor-core paths take x's sums
     # over every sub-tile; the register path sums x itself as it reads it
     gs = K if group_size == -1 else group_size
-    fold_zeros = not config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    needs_xs = not config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
     T = Kp // tile_k                                                # sub-tiles along K
-    xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if fold_zeros
+    xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if needs_xs
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
     if not joined:   # the joined path reads x in natural order
         xp = shift_major(xp, tile_k, bits)
@@ -433,7 +433,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
         grid=(Mp // block_m, Np // block_n, split_k),
         in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j, s: (i, 0)), full(qweight),
                   full(scales), full(zeros), full(gidx),
-                  pl.BlockSpec((block_m, T), lambda i, j, s: (i, 0)) if fold_zeros
+                  pl.BlockSpec((block_m, T), lambda i, j, s: (i, 0)) if needs_xs
                   else full(xs)],
         out_specs=out_spec,
         out_shape=out_shape,
