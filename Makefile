@@ -25,8 +25,11 @@ demo: $(STAMP)
 		"def fibonacci(n):" \
 		"Grouped-query attention saves memory because"
 
+# Two pytest workers, one test file each at a time (module fixtures stay in one process):
+# much of the suite is single-threaded XLA compilation, so two workers on two cores cut the
+# CI time from about 18 to 13 minutes. Token caches are written atomically (data.py).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
