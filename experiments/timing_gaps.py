@@ -35,20 +35,17 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
-from profile_decode import op_table  # noqa: E402
-from profile_quant import stripped_matmul  # noqa: E402
+from profile_quant import kernel_share, stripped_matmul  # noqa: E402
 
 LOAD_TILES = dict(block_m=1, block_n=128, block_k=1024, split_k=4, num_warps=8, num_stages=2,
                   fma=True)   # the fastest bare load of the aadfc42 sweep on gate/up
@@ -90,26 +87,6 @@ def make_ops(K: int, N: int, interpret: bool):
     ops["w4g128-wide"] = (make_w4, lambda x, q, s, z: quant_matmul(
         x, q, s, z, bits=4, group_size=128, interpret=interpret, config=wide), w4_bytes)
     return ops
-
-
-def trace_split(many, sets, name_part: str, steps: int = 3) -> dict:
-    """Per call: device µs of ops whose name holds `name_part`, of the others, and idle µs."""
-    jax.block_until_ready(many(sets))
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        for _ in range(steps):
-            out = many(sets)
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        tables, timeline = op_table(d, steps * len(sets), top=50)
-    if not tables:
-        return {}
-    key = max(tables, key=lambda k: sum(us for _, us, _ in tables[k]))
-    ops = tables[key]
-    mine = sum(us for n, us, _ in ops if name_part in n)
-    return dict(op_us=mine, other_us=sum(us for _, us, _ in ops) - mine,
-                idle_us=timeline[key]["idle_ms_per_step"] * 1e3,
-                ops=[dict(name=n[:80], us=us) for n, us, _ in ops[:6]])
 
 
 def chained(fn, sets, opts):
@@ -155,9 +132,11 @@ def main(argv=None) -> None:
             if not a.interpret and c == max(copies):
                 part = {"bf16": "", "xla-sum": "reduce", "load": "profile_quant",
                         "w4g128": "optgqa_quant_matmul", "w4g128-wide": "optgqa_quant_matmul"}[name]
-                split = trace_split(many, sets[:c], part)   # "": every op is the op
-                if split:
-                    res["rows"].append(dict(op=name, how="trace", copies=c, **split))
+                share = kernel_share(fn, sets[:c], part, opts)   # "": every op is the op
+                if share:
+                    res["rows"].append(dict(op=name, how="trace", copies=c,
+                                            op_us=share["kernel_us"], other_us=share["other_us"],
+                                            idle_us=share["idle_us"], ops=share["ops"][:6]))
         ch = chained(fn, sets, opts)
         t0 = time.perf_counter()
         t = B.timeit(ch, sets, iters=max(iters), trials=3) / len(sets)
