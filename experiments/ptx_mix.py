@@ -66,6 +66,17 @@ def mix(lines) -> collections.Counter:
     return collections.Counter(op for op in map(opcode, lines) if op)
 
 
+# int-to-float conversions (cvt to a float type from an integer one): I2F on NVIDIA GPUs,
+# which the CUDA C++ Programming Guide's throughput table puts at 16 results per clock per SM
+# on compute capability 8.x/9.0, against 64 for 32-bit integer logic and 128 for float32 FMA.
+I2F = re.compile(r"\bcvt(?:\.rn|\.rz|\.rm|\.rp)?(?:\.sat)?\.(?:f16|bf16|f32|f64)\.[us](?:8|16|32|64)\b")
+
+
+def int_to_float(lines) -> int:
+    """Number of int-to-float conversion instructions among PTX `lines`."""
+    return sum(1 for line in lines if I2F.search(line.split("//")[0]))
+
+
 def loops(lines) -> list[dict]:
     """Loops: a label and a later branch back to it; their instruction mixes."""
     labels = {}
@@ -77,7 +88,8 @@ def loops(lines) -> list[dict]:
         b = BRANCH.search(line)
         if b and b.group(1) in labels and labels[b.group(1)] < i:
             body = lines[labels[b.group(1)]:i + 1]
-            found.append(dict(label=b.group(1), lines=len(body), mix=mix(body)))
+            found.append(dict(label=b.group(1), lines=len(body), mix=mix(body),
+                              int_to_float=int_to_float(body)))
     return found
 
 

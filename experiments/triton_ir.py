@@ -61,9 +61,22 @@ def capture_ttir(fn, *args) -> list[str]:
     return texts
 
 
+# triton.compile skips the first stage's passes for an IR file (make_ttir: inlining,
+# canonicalization, the combine patterns such as dot + add into one accumulating dot, CSE,
+# loop unrolling). XLA runs that stage on the modules of Pallas calls, so run it here too,
+# ahead of make_ttgir; always compile, since Triton's cache keys on the source alone.
 _COMPILE = """
 import sys, triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+knobs.compilation.always_compile = True
+_add_stages = CUDABackend.add_stages
+def add_stages(self, stages, options, language):
+    _add_stages(self, stages, options, language)
+    ttir, ttgir = stages["ttir"], stages["ttgir"]
+    stages["ttgir"] = lambda src, metadata: ttgir(ttir(src, metadata), metadata)
+CUDABackend.add_stages = add_stages
 path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=warps, num_stages=stages))
@@ -101,6 +114,7 @@ def summarize(ttgir: str, ptx: str) -> dict:
                                      and (w in line if w != "scalar" else ".v" not in line))
                               for w in (".v4", ".v2", "scalar")},
                 loops=[dict(label=l.get("label"), count=sum(l["mix"].values()),
+                            int_to_float=l["int_to_float"],
                             top=dict(collections.Counter(l["mix"]).most_common(12)))
                        for l in loops])
 

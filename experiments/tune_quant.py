@@ -62,12 +62,16 @@ def candidates(M, K, bits, group_size):
     # them; also for decode rows: in PTX its loop costs fewer instructions per code than the
     # register path's (results/cpu/quant/ptx_per_code.md). K steps past the group size run as
     # one-group sub-tiles.
-    joined_bk = [bk for bk in (64, 128, 256)
+    # From 32 rows on, each tile dequantized before its product (dequant_tiles) is tried first:
+    # its per-output correction disappears, which costs block_m * block_n per sub-tile.
+    joined_bk = [bk for bk in (128, 256, 64)
                  if group_size == -1 or group_size % bk == 0 or bk % group_size == 0]
     bms = (max(16, 1 << (M - 1).bit_length()),) if M <= 64 else (64, 128)
+    dequant = (True, False) if M >= 32 else (False,)
     for bm, bn, bk, warps in itertools.product(bms, (64, 128), joined_bk, (4, 8)):
-        yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                num_stages=3, joined=True)
+        for dq in dequant:
+            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=3, joined=True, dequant_tiles=dq)
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         for bk, bn, warps in itertools.product(deep, (32, 64, 128, 256), (4, 8)):
@@ -96,7 +100,7 @@ def markdown(res: dict) -> str:
              "overflow the L2 cache (`timeit_rotating`); % = bytes moved / time / ceiling.", "",
              "| shape | M | format | bf16 µs | default µs | best µs | best % ceiling | "
              "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma, prefetch, "
-             "joined) | "
+             "joined, dequant_tiles) | "
              "tried |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for c in res["cases"]:
@@ -105,7 +109,8 @@ def markdown(res: dict) -> str:
         tiles = (f"{t['block_m']}, {t['block_n']}, {t['block_k']}, {t['split_k']}, "
                  f"{t['num_warps']}, {t['num_stages']}, {'yes' if t.get('fma') else 'no'}, "
                  f"{'yes' if t.get('prefetch') else 'no'}, "
-                 f"{'yes' if t.get('joined') else 'no'}")
+                 f"{'yes' if t.get('joined') else 'no'}, "
+                 f"{'yes' if t.get('dequant_tiles') else 'no'}")
         lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "
                      f"{c['bf16_us']:.1f} | "
                      f"{'fails' if d['us'] is None else format(d['us'], '.1f')} | "

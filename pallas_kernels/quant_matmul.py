@@ -38,7 +38,11 @@ column) the products take the integer codes (exact in bfloat16/float16), the zer
 the per-code work (``sum x (q - z) = sum x q - z sum x``; the register path sums x as it reads
 it, the tensor-core paths take x's sums over each sub-tile from the wrapper), and the group's
 per-column scale multiplies the partial sum once; otherwise each word row's (or with ``g_idx``
-each row's) scale and zero are gathered and the weight dequantized in float32. The products
+each row's) scale and zero are gathered and the weight dequantized in float32. On the joined
+tensor-core path (one product per tile, ``QuantMatmulConfig.joined``) 2- and 4-bit codes for
+bfloat16 x, and 2- to 8-bit codes for float16 x, become the 16-bit floats ``bias + code``
+directly as bit patterns (:func:`pattern_codes`: a shift and an and-or per two codes, no
+int-to-float conversion) and the bias joins the zero point's correction. The products
 run on the tensor cores (``jnp.dot``, float32 accumulation) or, with ``fma=True`` for
 decode-sized M, as broadcast multiply-adds in registers. With ``split_k > 1`` each split
 writes a float32 partial [M, N] and the wrapper adds them. 2, 4 and 8 bits (whole codes per
@@ -92,7 +96,15 @@ class QuantMatmulConfig:
         one ``[block_m, block_k] @ [block_k, block_n]`` dot, instead of P dots of depth
         ``block_k / P``; x stays in natural order. Only where a tile lies in one group
         (contiguous groups with ``block_k`` dividing the group size, or one group per
-        column); elsewhere the shift-by-shift path runs. Not yet timed on a GPU.
+        column); elsewhere the shift-by-shift path runs. For 2- and 4-bit codes with
+        bfloat16 x and 2-, 4- and 8-bit codes with float16 x, the codes enter the product as
+        16-bit float bit patterns ``bias + code`` (:func:`pattern_codes`: no int-to-float
+        conversion) and the bias joins the zero point's correction. Not yet timed on a GPU.
+      dequant_tiles: with ``joined``, dequantize each tile, ``(q - z) * s`` in float32 rounded
+        once to x's dtype (the weights of ``optgqa_jax.quant.dequantize``), before its product:
+        the product then accumulates inside the matrix instruction, with no per-output scale
+        and zero-point correction per sub-tile, which costs ``block_m * block_n`` per sub-tile
+        against ``tile_k * block_n`` codes; for 64 rows and more. Not yet timed on a GPU.
     """
 
     block_m: int = 16
@@ -104,6 +116,7 @@ class QuantMatmulConfig:
     fma: bool = False
     prefetch: bool = False
     joined: bool = False
+    dequant_tiles: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -150,6 +163,8 @@ class QuantMatmulConfig:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
         if self.joined and self.fma:
             raise ValueError("joined is a tensor-core path; it excludes fma")
+        if self.dequant_tiles and not self.joined:
+            raise ValueError("dequant_tiles is an option of the joined path; set joined=True")
 
 
 
@@ -183,6 +198,39 @@ def code_floats(words, words_hi, bits: int, p: int):
                                         jnp.float32)
 
 
+# Codes as 16-bit float bit patterns on the joined path: ``magic | code`` is the float
+# ``bias + code`` (the code fills the low mantissa bits below an exponent whose unit in the
+# last place is 1), exact while ``bias + 2^b - 1`` stays below ``2 bias``. bfloat16 (7 mantissa
+# bits): 128 + code for 2 and 4 bits; 8-bit codes do not fit. float16 (10 bits): 1024 + code.
+_CODE_PATTERNS = {"bfloat16": (0x4300, 128.0, (2, 4)), "float16": (0x6400, 1024.0, (2, 4, 8))}
+
+
+def code_pattern(dtype, bits: int) -> Optional[tuple[int, float]]:
+    """(magic, bias) such that the 16-bit pattern ``magic | code`` of ``dtype`` is the float
+    ``bias + code``, or None where that is not exact (then codes are converted from integers)."""
+    entry = _CODE_PATTERNS.get(jnp.dtype(dtype).name)
+    if entry is None or bits not in entry[2]:
+        return None
+    return entry[0], entry[1]
+
+
+def pattern_codes(words, bits: int, dtype):
+    """P arrays [Pk, bn] of ``dtype`` (shift p of int32 ``words`` as ``bias + code``), built two
+    codes at a time: one shift and one and-or per word give shift j in the low half and shift
+    ``j + P/2`` in the high half, each half already the 16-bit float's bit pattern, so no code
+    passes through an int-to-float conversion (a quarter-rate instruction on NVIDIA GPUs)."""
+    magic, _ = code_pattern(dtype, bits)
+    P, mask = 32 // bits, (1 << bits) - 1
+    pair_mask, pair_magic = mask | (mask << 16), magic | (magic << 16)
+    low, high = [], []
+    for j in range(P // 2):     # low half: code j; high half: code j + P/2 (bits 16 + b j)
+        t = ((words >> (bits * j)) & pair_mask) | pair_magic
+        low.append(jax.lax.bitcast_convert_type(t.astype(jnp.int16), dtype))
+        high.append(jax.lax.bitcast_convert_type(
+            jax.lax.shift_right_logical(t, 16).astype(jnp.int16), dtype))
+    return low + high
+
+
 def join_shifts(parts):
     """P arrays [Pk, bn] (shift p of a tile's words: input rows ``P * w + p``) -> [Pk * P, bn]
     in natural row order, by pairwise ``jnp.stack`` on a new last axis (the only join Triton
@@ -199,8 +247,10 @@ def join_shifts(parts):
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
                  block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
                  scale_parts: bool, prefetch: bool = False, joined: bool = False,
-                 tile_k: Optional[int] = None):
+                 tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
+                 dequant_tiles: bool = False):
     P = 32 // bits
+    bias = 0.0 if pattern is None else pattern[1]     # joined path: codes as bias + code
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
     U = block_k // tile_k                   # sub-tiles per K step, each loaded on its own
     Pk = tile_k // P                        # words per sub-tile = rows per shift
@@ -267,13 +317,24 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             # parts: one [bm, bn] partial product, or (fma) per row of x one [Pk, bn] array of
             # products not yet summed over K (the sum over Pk waits until after the K loop)
             if joined:        # the codes of every shift, rejoined in natural row order: one dot
-                mask = (1 << bits) - 1
-                shifted = [((words >> (bits * p)) & mask).astype(jnp.float32)
-                           for p in range(P)]                             # P x [Pk, bn]
                 x = x_ref[:, pl.ds(k0, tile_k)]                           # [bm, tk] natural
-                part = C.dot(x, join_shifts(shifted).astype(x.dtype))     # [bm, bn]
-                # zero points: x's sums over the sub-tile's rows [bm, 1] times z s
-                return (acc[0] + part * s - xs_ref[:, pl.ds(k0 // tile_k, 1)] * (z * s),)
+                if pattern is None:
+                    mask = (1 << bits) - 1
+                    shifted = [((words >> (bits * p)) & mask).astype(jnp.float32)
+                               for p in range(P)]                         # P x [Pk, bn]
+                    w = join_shifts(shifted)                              # [tk, bn] codes
+                    w = w if dequant_tiles else w.astype(x.dtype)
+                else:
+                    w = join_shifts(pattern_codes(words, bits, x.dtype))  # bias + codes
+                if dequant_tiles:   # the tile's weights (q - z) s, rounded once to x's dtype
+                    q = w - (z + bias).astype(w.dtype)      # exact: small integers
+                    w = (q.astype(jnp.float32) * s).astype(x.dtype)
+                    return (acc[0] + C.dot(x, w),)          # accumulates inside the product
+                part = C.dot(x, w)                                        # [bm, bn]
+                # zero points (and the patterns' bias): x's sums over the sub-tile's rows
+                # [bm, 1] times (z + bias) s
+                return (acc[0] + part * s
+                        - xs_ref[:, pl.ds(k0 // tile_k, 1)] * ((z + bias) * s),)
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
             # register path: zx[m] [Pk], per word row the sum of x over its P input rows (the
@@ -401,7 +462,8 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # zero points leave the codes (see _make_kernel): the tensor-core paths take x's sums
     # over every sub-tile; the register path sums x itself as it reads it
     gs = K if group_size == -1 else group_size
-    needs_xs = not config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    needs_xs = (not config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+                and not (joined and config.dequant_tiles))
     T = Kp // tile_k                                                # sub-tiles along K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if needs_xs
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
@@ -420,7 +482,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
                           block_k=block_k, use_gidx=use_gidx, fma=config.fma,
                           scale_parts=scale_parts, prefetch=config.prefetch, joined=joined,
-                          tile_k=tile_k)
+                          tile_k=tile_k,
+                          pattern=code_pattern(x.dtype, bits) if joined else None,
+                          dequant_tiles=joined and config.dequant_tiles)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)

@@ -99,6 +99,18 @@ $L__BB0_3:                              // %._crit_edge
     loops = mod.loops(body)
     assert [l["label"] for l in loops] == ["$L__BB0_2"]
     assert loops[0]["mix"]["fma.rn"] == 2 and loops[0]["mix"]["ld.global"] == 1
+    assert loops[0]["int_to_float"] == 0
+
+
+def test_ptx_mix_counts_int_to_float_conversions():
+    """Only conversions from an integer to a float type count (I2F), not float-to-float
+    conversions, integer narrowing or float-to-integer."""
+    mod = _load("ptx_mix")
+    lines = ["\tcvt.rn.bf16.u32 \t%rs1, %r2;", "\tcvt.rn.f32.s32 %f2, %r3;",
+             "\tcvt.rn.f16.u16 %h1, %rs4;", "\tcvt.f32.bf16 %f1, %rs1;",
+             "\tcvt.rn.bf16x2.f32 %r1, %f1, %f2;", "\tcvt.u16.u32 %rs2, %r4;",
+             "\tcvt.rzi.s32.f32 %r5, %f3;", "\t// cvt.rn.f32.u32 in a comment"]
+    assert mod.int_to_float(lines) == 3
 
 
 def test_bench_quant_tables_from_rows(tmp_path):

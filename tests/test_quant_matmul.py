@@ -52,6 +52,11 @@ JOINED_STEP128 = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, num_warp
                                    num_stages=1, joined=True)
 JOINED_SPLITK = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, split_k=2, num_warps=4,
                                   num_stages=1, joined=True)
+# The joined path with each tile dequantized before its product (dequant_tiles).
+JOINED_DQ = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1,
+                              joined=True, dequant_tiles=True)
+JOINED_DQ_SPLITK = QuantMatmulConfig(block_m=32, block_n=32, block_k=128, split_k=2,
+                                     num_warps=4, num_stages=1, joined=True, dequant_tiles=True)
 
 
 def make_case(seed, M, K, N, bits, group_size, sym=True, act_order=False, dtype=jnp.bfloat16):
@@ -130,6 +135,15 @@ def check(out, want, dtype, what):
     (2, 128, False, False, 3, 384, 24, jnp.bfloat16, FMA2_STEP256_SPLITK),
     (4, 128, True, False, 5, 384, 40, jnp.bfloat16, DOT_STEP256),
     (4, 32, False, False, 7, 160, 24, jnp.bfloat16, JOINED_STEP128),
+    # joined tiles dequantized before the product: bit patterns (bfloat16 2/4 bits, float16
+    # 8 bits), converted codes (bfloat16 8 bits, float32), per channel, ragged, split K,
+    # act-order (falls back to the shift-by-shift path)
+    (4, 64, False, False, 3, 192, 40, jnp.bfloat16, JOINED_DQ),
+    (2, -1, True, False, 1, 256, 33, jnp.bfloat16, JOINED_DQ),
+    (8, 128, False, False, 17, 384, 24, jnp.float16, JOINED_DQ_SPLITK),
+    (8, 64, False, False, 33, 320, 48, jnp.bfloat16, JOINED_DQ_SPLITK),
+    (4, 32, True, False, 2, 96, 16, jnp.float32, JOINED_DQ),
+    (4, 64, False, True, 5, 128, 16, jnp.bfloat16, JOINED_DQ),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
     seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
@@ -326,6 +340,54 @@ def test_joined_config_takes_the_joined_path(monkeypatch):
     out = quant_matmul(*args, bits=4, group_size=64, interpret=INTERPRET, config=JOINED)
     check(out, want, jnp.bfloat16, "joined")
     assert calls and calls[0] == 8
+
+
+@pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, 2), (jnp.bfloat16, 4), (jnp.float16, 2),
+                                        (jnp.float16, 4), (jnp.float16, 8)])
+def test_pattern_codes_are_bias_plus_code(rng, dtype, bits):
+    """Each 16-bit pattern is exactly bias + code, shift p of the words at list place p."""
+    from pallas_kernels.quant_matmul import code_pattern, pattern_codes
+    P, Pk, bn = 32 // bits, 3, 5
+    codes = rng.integers(0, 2 ** bits, (Pk * P, bn))
+    words = pack(jnp.asarray(codes, jnp.int32), bits)                     # [Pk, bn]
+    _, bias = code_pattern(dtype, bits)
+    parts = pattern_codes(words, bits, dtype)
+    assert len(parts) == P
+    for p, part in enumerate(parts):
+        assert part.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(part, np.float64), bias + codes[p::P])
+
+
+def test_code_pattern_only_where_exact():
+    """bfloat16 holds 128 + code exactly only up to 4 bits; float32 takes converted codes."""
+    from pallas_kernels.quant_matmul import code_pattern
+    assert code_pattern(jnp.bfloat16, 8) is None and code_pattern(jnp.float32, 4) is None
+    for dtype, bits in [(jnp.bfloat16, 4), (jnp.float16, 8)]:
+        magic, bias = code_pattern(dtype, bits)
+        top = jax.lax.bitcast_convert_type(jnp.int16(magic | (2 ** bits - 1)), dtype)
+        assert float(top) == bias + 2 ** bits - 1
+
+
+def test_dequant_tiles_rounds_weights_like_dequantize():
+    """dequant_tiles multiplies by the weights of quant.dequantize, (q - z) s in float32
+    rounded once to bfloat16: one-hot rows of x pick those weights out bit for bit."""
+    args, _, _ = make_case(5, 3, 320, 40, 4, 64, sym=False)
+    _, qweight, scales, zeros = args
+    K, picks = 320, [0, 77, 319]
+    x = jnp.zeros((len(picks), K), jnp.bfloat16).at[jnp.arange(len(picks)), picks].set(1)
+    codes = np.asarray(unpack_codes(qweight, 4, K), np.float32)
+    g = np.arange(K) // 64
+    w = (codes - np.asarray(zeros, np.float32)[g]) * np.asarray(scales, np.float32)[g]
+    want = np.asarray(jnp.asarray(w).astype(jnp.bfloat16))[picks]          # float32 -> bf16
+    for cfg in (JOINED_DQ, JOINED_DQ_SPLITK):
+        out = quant_matmul(x, qweight, scales, zeros, bits=4, group_size=64,
+                           interpret=INTERPRET, config=cfg)
+        np.testing.assert_array_equal(np.asarray(out), want)
+
+
+def test_dequant_tiles_needs_joined():
+    with pytest.raises(ValueError, match="dequant_tiles"):
+        QuantMatmulConfig(dequant_tiles=True).validate()
 
 
 @pytest.mark.parametrize("config,bits,group_size,gidx,want", [

@@ -88,21 +88,26 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
     assert module.count(TRITON_CALL) == 1
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1), (2, -1)])
+@pytest.mark.parametrize("bits,group_size,dtype", [(4, 128, jnp.bfloat16), (8, -1, jnp.bfloat16),
+                                                   (8, -1, jnp.float16), (2, -1, jnp.bfloat16)])
+@pytest.mark.parametrize("dequant_tiles", [False, True])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
-def test_quant_matmul_joined_lowers_through_triton(bits, group_size, platform):
-    """The one-product-per-tile path: the shifts' pairwise stacks, transpose and reshape."""
+def test_quant_matmul_joined_lowers_through_triton(bits, group_size, dtype, dequant_tiles,
+                                                   platform):
+    """The one-product-per-tile path: the shifts' pairwise stacks, transpose and reshape; the
+    codes as 16-bit float bit patterns (bfloat16 at 2 and 4 bits, float16 at 8) or converted
+    (bfloat16 at 8 bits); each tile dequantized before its product or corrected after it."""
     import dataclasses
 
     from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
     M, K, N = 256, 512, 384
     cfg = dataclasses.replace(QuantMatmulConfig.for_shape(platform, M, K, N, group_size),
-                              joined=True)
+                              joined=True, dequant_tiles=dequant_tiles)
 
     def f(x, q, s, z, g):
         return quant_matmul(x, q, s, z, bits=bits, group_size=group_size, config=cfg)
 
-    module = export_for(platform, f, *_quant_args(M, K, N, bits, group_size))
+    module = export_for(platform, f, *_quant_args(M, K, N, bits, group_size, dtype))
     assert module.count(TRITON_CALL) == 1
 
 
