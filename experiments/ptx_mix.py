@@ -93,6 +93,47 @@ def loops(lines) -> list[dict]:
     return found
 
 
+# SASS as `cuobjdump -sass` prints it: "/*0a70*/   @P0 BRA 0x5e0 ;"
+SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+SASS_I2F = ("I2F", "I2FP")
+
+
+def sass_instructions(text: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) of every instruction in SASS text."""
+    out = []
+    for line in text.splitlines():
+        m = SASS_LINE.match(line)
+        if not m:
+            continue
+        body = m.group(2).strip()
+        if body.startswith("@"):                                  # predicate guard
+            body = body.split(None, 1)[1] if " " in body else ""
+        op, _, rest = body.partition(" ")
+        if op:
+            out.append((int(m.group(1), 16), op, rest))
+    return out
+
+
+def sass_loops(text: str) -> list[dict]:
+    """Loops of SASS text: a branch back to a lower address; per loop the instruction count,
+    the mix by opcode (first dot-separated part, e.g. LOP3, FFMA, HMMA) and int-to-float
+    conversions (I2F, I2FP)."""
+    ins = sass_instructions(text)
+    found = []
+    for addr, op, rest in ins:
+        if op.split(".")[0] != "BRA":
+            continue
+        target = re.match(r"\s*`?\(?(?:\.L_x_\d+)?\)?\s*(0x[0-9a-f]+)", rest)
+        if not target or int(target.group(1), 16) >= addr:
+            continue
+        lo = int(target.group(1), 16)
+        body = [o for a, o, _ in ins if lo <= a <= addr]
+        mix_ = collections.Counter(o.split(".")[0] for o in body)
+        found.append(dict(start=lo, end=addr, count=len(body), mix=mix_,
+                          int_to_float=sum(mix_[k] for k in SASS_I2F)))
+    return found
+
+
 def memory(m: collections.Counter) -> dict:
     return {op: n for op, n in m.items() if op.startswith(("ld.", "st.", "cp.", "atom", "red."))}
 

@@ -3,10 +3,11 @@
 For each case (a Llama-3-8B linear shape, a row count M, a weight format and tiles) this
 captures the Triton module that Pallas lowers, compiles it for sm_90 with a Python that has
 the ``triton`` package (``experiments/triton_ir.py``; Triton's first stage included, as XLA
-runs it) and reports the innermost loop: PTX instructions per code (a code is one weight; the
-loop's instructions over the codes one thread handles per K step), int-to-float conversions
-per code (quarter-rate instructions on NVIDIA GPUs, see ``ptx_mix.I2F``), matrix instructions
-and the most frequent opcodes. It counts instructions, not time: read it as a guide to which
+runs it) and reports the innermost loop: PTX and SASS instructions per code (a code is one weight; the
+loop's instructions over the codes one thread handles per K step; SASS from the ``ptxas`` and
+``cuobjdump`` that the triton package bundles), int-to-float conversions per code
+(quarter-rate instructions on NVIDIA GPUs, see ``ptx_mix.I2F``), registers per thread and the
+most frequent opcodes. It counts instructions, not time: read it as a guide to which
 path does less work per code, to be timed on a GPU (``experiments/tune_quant.py``).
 
 Usage::
@@ -45,9 +46,12 @@ CASES = (
     ("gate_up", 1, "w4g128", {}),
     ("down", 1, "w4g128", {}),
     ("gate_up", 1, "w8", {}),
+    ("gate_up", 1, "w4g128", dict(block_n=128, block_k=512)),
     ("gate_up", 1, "w4g128", JOINED_ROW),
+    ("gate_up", 1, "w4g128", dict(JOINED_ROW, block_n=256)),
     ("gate_up", 16, "w4g128", {}),
     ("gate_up", 16, "w4g128", JOINED),
+    ("gate_up", 16, "w4g128", dict(block_n=256, **JOINED)),
     ("gate_up", 16, "w8", JOINED),
     ("gate_up", 64, "w4g128", {}),
     ("gate_up", 64, "w4g128", JOINED),
@@ -84,8 +88,9 @@ def run_case(shape: str, M: int, fmt: str, overrides: dict, python: str, workdir
     with open(path, "w") as f:
         f.write(texts[0])
     out = triton_ir.compile_ttir(path, cfg.num_warps, cfg.num_stages, python)
-    summary = triton_ir.summarize(out["ttgir"], out["ptx"])
+    summary = triton_ir.summarize(out["ttgir"], out["ptx"], out["sass"], out["res"])
     loop = summary["loops"][-1]
+    sass = summary["sass_loops"][-1] if summary["sass_loops"] else None
     per_thread = block_k * cfg.block_n // (32 * cfg.num_warps)
     top = loop["top"]
     matrix = sum(v for k, v in top.items() if k.startswith(("mma.", "wgmma.")))
@@ -94,7 +99,12 @@ def run_case(shape: str, M: int, fmt: str, overrides: dict, python: str, workdir
                 loop_ptx=loop["count"], codes_per_thread_step=per_thread,
                 ptx_per_code=loop["count"] / per_thread,
                 int_to_float_per_code=loop["int_to_float"] / per_thread,
-                matrix_instructions=matrix, top=top)
+                matrix_instructions=matrix, top=top, registers=summary["registers"],
+                stack_bytes=summary["stack_bytes"],
+                sass_loop=sass and sass["count"],
+                sass_per_code=sass and sass["count"] / per_thread,
+                sass_int_to_float_per_code=sass and sass["int_to_float"] / per_thread,
+                sass_top=sass and sass["top"])
 
 
 def markdown(res: dict) -> str:
@@ -109,17 +119,22 @@ def markdown(res: dict) -> str:
              "int-to-float conversions per code (16 results per clock per SM on compute "
              "capability 9.0, against 64 for integer logic and 128 for float32 FMA). No GPU "
              "ran these: they count instructions, not time.", "",
-             "| shape | M | format | path | tiles (bm, bn, bk, split, warps) | loop PTX | "
-             "codes / thread / step | PTX / code | I2F / code | top instructions |",
-             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| shape | M | format | path | tiles (bm, bn, bk, split, warps) | registers "
+             "(stack bytes) | "
+             "codes / thread / step | PTX / code | SASS / code | I2F / code (SASS) | "
+             "top SASS instructions |",
+             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in res["rows"]:
         c = r["config"]
         tiles = (f"{c['block_m']}, {c['block_n']}, {r['block_k']}, {c['split_k']}, "
                  f"{c['num_warps']}")
-        top = ", ".join(f"{k} {v}" for k, v in list(r["top"].items())[:6])
+        top = ", ".join(f"{k} {v}" for k, v in list((r["sass_top"] or {}).items())[:7])
+        na = lambda v: "–" if v is None else f"{v:.2f}"
         lines.append(f"| {r['shape']} | {r['M']} | {r['format']} | {r['path']} | {tiles} | "
-                     f"{r['loop_ptx']} | {r['codes_per_thread_step']} | "
-                     f"{r['ptx_per_code']:.2f} | {r['int_to_float_per_code']:.2f} | {top} |")
+                     f"{r['registers'] or '–'} ({r['stack_bytes']}) | "
+                     f"{r['codes_per_thread_step']} | "
+                     f"{r['ptx_per_code']:.2f} | {na(r['sass_per_code'])} | "
+                     f"{na(r['sass_int_to_float_per_code'])} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +155,8 @@ def main(argv=None) -> None:
             row = run_case(shape, M, fmt, overrides, a.triton_python, work)
             res["rows"].append(row)
             print(f"{shape} M={M} {fmt} {row['path']}: {row['ptx_per_code']:.2f} PTX/code, "
-                  f"{row['int_to_float_per_code']:.2f} I2F/code", flush=True)
+                  f"{row['sass_per_code']} SASS/code, {row['sass_int_to_float_per_code']} "
+                  f"I2F/code, {row['registers']} registers", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "ptx_per_code.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -82,13 +82,21 @@ k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=warps, num_stages=stages))
 for ext in ("ttgir", "ptx"):
     open(path[:-5] + "." + ext, "w").write(k.asm[ext])
+open(path[:-5] + ".cubin", "wb").write(k.asm["cubin"])
+import os, subprocess
+import triton.backends.nvidia as nv
+tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+for flag, ext in (("-sass", "sass"), ("-res-usage", "res")):
+    out = subprocess.run([tool, flag, path[:-5] + ".cubin"], capture_output=True, text=True)
+    open(path[:-5] + "." + ext, "w").write(out.stdout if out.returncode == 0 else "")
 """
 
 
 def compile_ttir(path: str, num_warps: int, num_stages: int, python: str) -> dict:
     """Compile a .ttir file for sm_90 with the triton package of interpreter `python` (in its
     own process: Triton's MLIR and jaxlib's do not share one). No GPU is needed.
-    Returns {'ttgir': text, 'ptx': text}; raises ImportError without triton."""
+    Returns {'ttgir', 'ptx', 'sass', 'res'} texts (SASS and resource usage from the
+    package's ``cuobjdump``; empty where it failed); raises ImportError without triton."""
     probe = subprocess.run([python, "-c", "import triton"], capture_output=True)
     if probe.returncode:
         raise ImportError(f"{python} has no triton package")
@@ -97,11 +105,12 @@ def compile_ttir(path: str, num_warps: int, num_stages: int, python: str) -> dic
                          env=dict(os.environ, TRITON_DEFAULT_FP_FUSION="1"))
     if run.returncode:
         raise RuntimeError(run.stderr[-1500:])
-    return {ext: open(path[:-5] + "." + ext).read() for ext in ("ttgir", "ptx")}
+    return {ext: open(path[:-5] + "." + ext).read() for ext in ("ttgir", "ptx", "sass", "res")}
 
 
-def summarize(ttgir: str, ptx: str) -> dict:
-    """Counts that explain a Triton kernel's cost."""
+def summarize(ttgir: str, ptx: str, sass: str = "", res: str = "") -> dict:
+    """Counts that explain a Triton kernel's cost: layouts and shared memory (TTGIR), the
+    PTX and (given ``cuobjdump`` output) SASS instruction mix of each loop, registers."""
     ops = collections.Counter(re.findall(r"\b(?:ttg|triton_gpu|tt|ttng|nvgpu)\.[a-z_]+", ttgir))
     entries = ptx_mix.kernels(ptx)
     body = next(iter(entries.values())) if entries else []
@@ -113,6 +122,12 @@ def summarize(ttgir: str, ptx: str) -> dict:
                 global_loads={w: sum(1 for line in body if "ld.global" in line
                                      and (w in line if w != "scalar" else ".v" not in line))
                               for w in (".v4", ".v2", "scalar")},
+                registers=(int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else None),
+                stack_bytes=(int(m.group(1)) if (m := re.search(r"STACK:(\d+)", res))
+                             else None),   # above 0: registers spilled to the stack
+                sass_loops=[dict(count=l["count"], int_to_float=l["int_to_float"],
+                                 top=dict(l["mix"].most_common(12)))
+                            for l in ptx_mix.sass_loops(sass)],
                 loops=[dict(label=l.get("label"), count=sum(l["mix"].values()),
                             int_to_float=l["int_to_float"],
                             top=dict(collections.Counter(l["mix"]).most_common(12)))
@@ -176,12 +191,14 @@ def main(argv=None) -> None:
         for ext, text in out.items():
             with open(path[:-5] + "." + ext, "w") as f:
                 f.write(text)
-        entry.update(summarize(out["ttgir"], out["ptx"]))
+        entry.update(summarize(out["ttgir"], out["ptx"], out["sass"], out["res"]))
         # codes one thread handles per K step, and the innermost loop's PTX per code
         per_thread = k_step(cfg, K, qc) * cfg.block_n // (32 * cfg.num_warps)
         if entry["loops"]:
             entry["codes_per_thread_step"] = per_thread
             entry["loop_ptx_per_code"] = entry["loops"][-1]["count"] / per_thread
+        if entry["sass_loops"]:
+            entry["loop_sass_per_code"] = entry["sass_loops"][-1]["count"] / per_thread
         report["rungs"][rung] = entry
         print(rung, json.dumps({k: v for k, v in entry.items() if k != "ttgir_ops"}), flush=True)
     with open(os.path.join(a.out, "triton_ir.json"), "w") as f:

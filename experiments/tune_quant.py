@@ -50,28 +50,18 @@ def cases():
 
 
 def candidates(M, K, bits, group_size):
-    """Register multiply-add tiles first for M <= 4, then tensor-core tiles (joined first)."""
+    """Tensor-core tiles with the shifts joined (for M <= 4 taking turns with register
+    multiply-add tiles), then the shift-by-shift tensor-core tiles.
+
+    Joined tiles come first so that the budget reaches them: in SASS their loop costs fewer
+    instructions per code than the register path's at one row (3.0-4.5 against 5.5-7.7,
+    ``results/cpu/quant/ptx_per_code.md``). K steps past the group size run as one-group
+    sub-tiles."""
     P = 32 // bits
     deep = [16 * P, 32 * P]       # past the group size: one-group sub-tiles (k_tiles)
-    if M <= 4:   # one [block_k / P, block_n] accumulator per row: few rows only
-        bm = 1 << (M - 1).bit_length()
-        for bk, bn, warps in itertools.product((16 * P, 32 * P, 64 * P), (64, 128, 256), (4, 8)):
-            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                    num_stages=3, fma=True)
-    # one tensor-core product per K tile (joined shifts), first so that the budget reaches
-    # them; also for decode rows: in PTX its loop costs fewer instructions per code than the
-    # register path's (results/cpu/quant/ptx_per_code.md). K steps past the group size run as
-    # one-group sub-tiles.
-    # From 32 rows on, each tile dequantized before its product (dequant_tiles) is tried first:
-    # its per-output correction disappears, which costs block_m * block_n per sub-tile.
-    joined_bk = [bk for bk in (128, 256, 64)
-                 if group_size == -1 or group_size % bk == 0 or bk % group_size == 0]
-    bms = (max(16, 1 << (M - 1).bit_length()),) if M <= 64 else (64, 128)
-    dequant = (True, False) if M >= 32 else (False,)
-    for bm, bn, bk, warps in itertools.product(bms, (64, 128), joined_bk, (4, 8)):
-        for dq in dequant:
-            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                    num_stages=3, joined=True, dequant_tiles=dq)
+    first = [c for pair in itertools.zip_longest(_joined(M, group_size), _register(M, P))
+             for c in pair if c is not None]
+    yield from first
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
         for bk, bn, warps in itertools.product(deep, (32, 64, 128, 256), (4, 8)):
@@ -81,6 +71,31 @@ def candidates(M, K, bits, group_size):
         for bm, bn, bk, warps in itertools.product((64, 128), (64, 128, 256), deep, (4, 8)):
             yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                                     num_stages=3)
+
+
+def _joined(M, group_size):
+    """Joined tensor-core tiles, widest columns first."""
+    # From 32 rows on, each tile dequantized before its product (dequant_tiles) is tried first:
+    # its per-output correction disappears, which costs block_m * block_n per sub-tile.
+    joined_bk = [bk for bk in (128, 256, 64)
+                 if group_size == -1 or group_size % bk == 0 or bk % group_size == 0]
+    bms = (max(16, 1 << (M - 1).bit_length()),) if M <= 64 else (64, 128)
+    dequant = (True, False) if M >= 32 else (False,)
+    for bm, bn, bk, warps in itertools.product(bms, (256, 128, 64), joined_bk, (4, 8)):
+        for dq in dequant:
+            yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=3, joined=True, dequant_tiles=dq)
+
+
+def _register(M, P):
+    """Register multiply-add tiles (M <= 4 only: one [block_k / P, block_n] accumulator per
+    row), deep K steps first (fewest instructions per code in SASS)."""
+    if M > 4:
+        return
+    bm = 1 << (M - 1).bit_length()
+    for bk, bn, warps in itertools.product((64 * P, 32 * P, 16 * P), (128, 64, 256), (8, 4)):
+        yield QuantMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                num_stages=3, fma=True)
 
 
 def with_split(cfg, M, K, N, sms=132):
