@@ -66,13 +66,11 @@ for step in $steps; do
           --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
           --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
       done ;;
-    quant-diagnose)  # timed call against device trace (timing_gaps), the ladder with each
-      # rung's kernel time, and the PTX of the loops compiled by this machine's triton package
+    quant-diagnose)  # timed call against device trace (timing_gaps), and the ladder with
+      # each rung's kernel time (instruction counts need no GPU: experiments/ptx_table.py)
       run timing_gaps 240 python experiments/timing_gaps.py --out "$out/quant" --label plain
       run profile_quant 300 python experiments/profile_quant.py --shapes gate_up,down \
-        --rows 1,16 --out "$out/quant"
-      JAX_PLATFORMS=cpu run triton_ir 120 python experiments/triton_ir.py \
-        --out "$out/quant/triton_ir" --rungs load,unpack,unpack+x,full ;;
+        --rows 1,16 --out "$out/quant" ;;
     quant-tune)  # the tile search behind QuantMatmulConfig.for_shape
       run tune_quant 600 python experiments/tune_quant.py --out "$out/quant" ;;
     quant-profile)  # the quantized matmul's time split by a ladder of stripped kernels, and
