@@ -240,6 +240,12 @@ def bench_flash(B, T, N, K, D, sweep: bool):
                            compiler_options=compiler_options("cuda"))
         record("optgqa", alibi, ours_ftz, (q, k, v), ref,
                note="jit with pallas_kernels.compiler_options() (float32 denormals flushed)")
+        lazy = dataclasses.replace(FlashAttentionConfig.for_backend("cuda", D, K),
+                                   lazy_rescale=True)
+        record("optgqa", alibi, jax.jit(lambda q, k, v, sl=sl: flash_attention(
+            q, k, v, causal=True, alibi_slopes=sl, config=lazy),
+            compiler_options=compiler_options("cuda")), (q, k, v), ref,
+            note="lazy_rescale=True, jit with pallas_kernels.compiler_options()")
         if sweep and not alibi:
             for cfg in FLASH_SWEEP:  # each config jitted with XLA's defaults and with ours
                 for options, label in (({}, ""), (compiler_options("cuda"), " +options")):

@@ -58,6 +58,47 @@ def test_random_shapes(rng):
                K, int(rng.choice([64, 128])), bool(rng.integers(2)), bool(rng.integers(2)))
 
 
+LAZY = FlashAttentionConfig(block_q=16, block_k=16, num_warps=4, num_stages=1,
+                            lazy_rescale=True)
+
+
+@pytest.mark.parametrize("dtype,causal,alibi,growth", [
+    (jnp.float32, True, False, 0.0),      # random scores: the running max rarely moves by 2^8
+    (jnp.float32, True, True, 0.0),
+    (jnp.bfloat16, True, False, 0.6),     # keys grow along the sequence: the max jumps often
+    (jnp.float32, False, True, 0.6),
+    (jnp.float16, True, True, 0.3),
+])
+def test_lazy_rescale_matches_float64(rng, dtype, causal, alibi, growth):
+    """lazy_rescale keeps the running max until a row's max grows by more than 2^8: the same
+    attention as the float64 reference, whether the max stays (random scores) or keeps
+    jumping past the threshold (keys whose norm grows along the sequence)."""
+    B, T, S, N, K, D = 1, 45, 77, 6, 2, 64
+    q, q64 = rand(rng, (B, T, N, D), dtype)
+    k64 = rng.standard_normal((B, S, K, D)) * (1 + growth * np.arange(S))[None, :, None, None]
+    k = jnp.asarray(k64, dtype)
+    k64 = np.asarray(k.astype(jnp.float32), np.float64)
+    v, v64 = rand(rng, (B, S, K, D), dtype)
+    slopes = np.asarray(alibi_slopes(N), np.float64) if alibi else None
+    out = flash_attention(q, k, v, causal=causal, interpret=INTERPRET, config=LAZY,
+                          alibi_slopes=None if slopes is None else jnp.asarray(slopes))
+    ref = attention_np(q64[0], k64[0], v64[0], S - T + np.arange(T), contiguous_map(N, K),
+                       slopes, causal=causal)
+    assert_close_to_scale(np.asarray(out.astype(jnp.float32), np.float64)[0], ref,
+                          TOLERANCE[dtype], what="lazy rescale")
+
+
+def test_lazy_rescale_branches_in_the_kernel(rng):
+    """The lazy path is a conditional inside the kernel; the eager one has none."""
+    q, _ = rand(rng, (1, 32, 2, 64), jnp.float32)
+    text = {lazy: str(jax.make_jaxpr(functools.partial(
+        flash_attention, causal=True, interpret=INTERPRET,
+        config=FlashAttentionConfig(block_q=16, block_k=16, num_warps=4, num_stages=1,
+                                    lazy_rescale=lazy)))(q, q, q))
+            for lazy in (False, True)}
+    assert "cond[" in text[True] and "cond[" not in text[False]
+
+
 @pytest.mark.parametrize("backend", ["cuda", "rocm"])
 def test_backend_tiles_under_the_recommended_compiler_options(rng, backend):
     """Each backend's default tiles (CUDA: 256-query tiles, heavy blocks first), jitted with

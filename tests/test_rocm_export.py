@@ -45,6 +45,9 @@ ENTRY_POINTS = {
         PAGED_G4, PagedAttentionConfig),
     "flash_attention": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=cfg), DENSE, FlashAttentionConfig),
+    "flash_attention_lazy_rescale": (lambda alibi, cfg: lambda *a: flash_attention(
+        *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, lazy_rescale=True)), DENSE,
+        FlashAttentionConfig),
     "paged_prefill_attention": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
         *a, max_q_len=64, alibi_slopes=alibi, config=cfg), RAGGED, PagedPrefillConfig),
 }
