@@ -325,7 +325,8 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
                           q_positions: jax.Array, *,
                           kv_head_map: Optional[Sequence[int]] = None,
                           alibi_slopes: Optional[jax.Array] = None,
-                          sm_scale: Optional[float] = None, impl: str = "reference") -> jax.Array:
+                          sm_scale: Optional[float] = None, impl: str = "reference",
+                          mesh=None) -> jax.Array:
     """Attention of a serving step's packed tokens over their sequences' pages.
 
     Args:
@@ -334,6 +335,11 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
       k_pages, v_pages: [K, P, Z, H] the pool, this step's K/V already written.
       batch: a :class:`optgqa_jax.kv_layers.PagedBatch`.
       impl: as in :func:`attention`; ``"xla"`` runs the reference here.
+      mesh: a tensor-parallel ``jax.sharding.Mesh`` (axis ``model`` of degree tp) or None.
+        With contiguous groups the Pallas kernels then run on each device's own heads under
+        ``jax.shard_map`` (:func:`kernel_shard_plan`), with no communication: the query heads
+        leave sharded for the output projection, whose row split sums over devices. Other
+        groupings, and the reference, are partitioned by XLA.
 
     Returns:
       [T, N, H]. Rows of padding tokens hold unspecified values.
@@ -347,17 +353,76 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
                                                kv_head_map=kv_head_map,
                                                alibi_slopes=alibi_slopes, sm_scale=sm_scale)
     interpret = kernel_common.backend() == "cpu"
-    if batch.decode_only:
-        def run(qq, sl):
-            return pk.paged_attention(qq, k_pages, v_pages, batch.block_tables, batch.context_lens,
-                                      alibi_slopes=sl, sm_scale=sm_scale, interpret=interpret)
-    else:
-        def run(qq, sl):
-            return pk.paged_prefill_attention(qq, k_pages, v_pages, batch.block_tables,
-                                              batch.cu_q_lens, batch.context_lens,
-                                              max_q_len=batch.max_q_len, alibi_slopes=sl,
-                                              sm_scale=sm_scale, interpret=interpret)
+
+    def kernel(qq, kp, vp, tables, context_lens, cu_q_lens, sl):
+        if batch.decode_only:
+            return pk.paged_attention(qq, kp, vp, tables, context_lens, alibi_slopes=sl,
+                                      sm_scale=sm_scale, interpret=interpret)
+        return pk.paged_prefill_attention(qq, kp, vp, tables, cu_q_lens, context_lens,
+                                          max_q_len=batch.max_q_len, alibi_slopes=sl,
+                                          sm_scale=sm_scale, interpret=interpret)
+
+    plan = kernel_shard_plan(mesh, N, K, kv_head_map)
+    if plan is not None:
+        return _per_device(kernel, plan, mesh, q, k_pages, v_pages, batch.block_tables,
+                           batch.context_lens, batch.cu_q_lens, alibi_slopes)
+
+    def run(qq, sl):
+        return kernel(qq, k_pages, v_pages, batch.block_tables, batch.context_lens,
+                      batch.cu_q_lens, sl)
     return _run_grouped(run, q, kv_head_map, alibi_slopes, K, head_axis=1)
+
+
+def kernel_shard_plan(mesh, N: int, K: int,
+                      kv_head_map: Optional[Sequence[int]] = None) -> Optional[str]:
+    """How the attention kernels run on a tensor-parallel mesh of degree tp (axis ``model``).
+
+    ``"split"``: tp divides the KV heads; each device holds K / tp KV heads of the pool and
+    their N / tp query heads, and runs the kernel on them. ``"replicated"``: the KV heads
+    divide tp, so the pool is whole on every device (``optgqa_jax.sharding`` replicates the
+    K/V projections) and each device's N / tp query heads all read one KV head, which the
+    device slices out of its copy. None: no mesh, a degree of 1, or a grouping other than
+    contiguous groups (XLA then partitions the kernel call itself, gathering its inputs).
+    """
+    from optgqa_jax.sharding import MODEL
+    if mesh is None or MODEL not in mesh.shape or mesh.shape[MODEL] == 1:
+        return None
+    if _group_layout(kv_head_map, N, K) is not None:
+        return None
+    tp = mesh.shape[MODEL]
+    if N % tp:
+        return None
+    if K % tp == 0:
+        return "split"
+    if tp % K == 0:
+        return "replicated"
+    return None
+
+
+def _per_device(kernel, plan: str, mesh, q, k_pages, v_pages, tables, context_lens, cu_q_lens,
+                slopes):
+    """``kernel`` on each device's query heads (and KV heads) under ``jax.shard_map``."""
+    from jax.sharding import PartitionSpec as P
+
+    from optgqa_jax.sharding import MODEL
+    tp, K = mesh.shape[MODEL], k_pages.shape[0]
+    heads = P(None, MODEL, None)                       # q and the output: [T, N, H]
+    pages = P(MODEL) if plan == "split" else P()       # [K, P, Z, H]
+    args = [q, k_pages, v_pages, tables, context_lens, cu_q_lens]
+    specs = [heads, pages, pages, P(), P(), P()]
+    if slopes is not None:                             # [N], split like the query heads
+        args.append(jnp.asarray(slopes, jnp.float32))
+        specs.append(P(MODEL))
+
+    def local(qq, kp, vp, tbl, ctx, cu, *sl):
+        if plan == "replicated":   # this device's heads all read KV head d // (tp / K)
+            kv = jax.lax.axis_index(MODEL) // (tp // K)
+            kp = jax.lax.dynamic_slice_in_dim(kp, kv, 1, axis=0)
+            vp = jax.lax.dynamic_slice_in_dim(vp, kv, 1, axis=0)
+        return kernel(qq, kp, vp, tbl, ctx, cu, sl[0] if sl else None)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=heads,
+                         check_vma=False)(*args)
 
 
 def paged_batch_attention_reference(q, k_pages, v_pages, block_tables, token_seq, q_positions, *,

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from optgqa_jax import sharding
 from optgqa_jax.attention import cached_attention, paged_batch_attention
 
 
@@ -58,6 +59,7 @@ class PagedBatch(NamedTuple):
       max_q_len: static bound on any sequence's tokens in this step.
       decode_only: static; every sequence has exactly one token and token i
         belongs to sequence i (the decode kernel then applies).
+
     """
 
     slot_mapping: jax.Array
@@ -88,5 +90,6 @@ class PagedLayerKV(NamedTuple):
         k_pages, v_pages = flat_k.reshape(K, P, Z, H), flat_v.reshape(K, P, Z, H)
         out = paged_batch_attention(q[0], k_pages, v_pages, self.batch, positions[0],
                                     kv_head_map=kv_head_map, alibi_slopes=alibi_slopes,
-                                    impl=impl)  # [T, N, H]
+                                    impl=impl,
+                                    mesh=sharding.current_kernel_mesh())  # [T, N, H]
         return out[None], PagedLayerKV(k_pages, v_pages, self.batch)

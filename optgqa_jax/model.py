@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optgqa_jax.attention import attention, check_attention_impl
+from optgqa_jax import sharding
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
@@ -113,7 +114,12 @@ class Linear(nn.Module):
         elif is_group_major(kernel):
             y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
-            y = quant_matmul(x, kernel, _QUANT_IMPL[self.impl])
+            impl = _QUANT_IMPL[self.impl]
+            # on a tensor-parallel kernel mesh (sharding.kernel_mesh): each device's shard
+            y = sharding.quantized_matmul_per_device(
+                x, kernel, self.path, lambda xx, qq: quant_matmul(xx, qq, impl))
+            if y is None:
+                y = quant_matmul(x, kernel, impl)
         else:
             y = jnp.dot(x, kernel.astype(self.dtype))
         return self.perturb("out", y)

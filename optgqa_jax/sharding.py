@@ -32,14 +32,25 @@ that is still whole over the ``data`` axis when the data degree divides it (para
 through the same specs, optimizer state are then spread over all devices; XLA gathers them
 for each use).
 
+Pallas kernels on a tensor-parallel mesh: XLA cannot partition a Pallas call, so a program
+that calls one on sharded inputs would gather them. Inside :func:`kernel_mesh` (the serving
+engine's step is traced in one) the model instead runs its kernels on each device's shard
+under ``jax.shard_map``: attention on the device's query and KV heads
+(``optgqa_jax.attention.paged_batch_attention``), and quantized linear layers on the
+device's columns, or on its rows followed by one ``psum``
+(:func:`quantized_matmul_per_device`).
+
 Axis legend: D model width, N query heads, K KV heads, H head width, F MLP width, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -266,3 +277,80 @@ def shard_batch(tokens, mesh: Mesh):
     if tokens.shape[0] % dp:
         raise ValueError(f"batch of {tokens.shape[0]} rows does not split over data={dp}")
     return jax.device_put(tokens, NamedSharding(mesh, P(DATA, *([None] * (tokens.ndim - 1)))))
+
+
+# --------------------------------------------------------------------------- kernels per device
+_KERNEL_MESH: contextvars.ContextVar = contextvars.ContextVar("optgqa_kernel_mesh",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: Optional[Mesh], specs=None):
+    """Run the Pallas kernels that are traced inside this context per device on `mesh`.
+
+    `specs` is :func:`partition_specs` of the params the traced program multiplies with
+    (their quantized layers then multiply per device by those specs). A jitted function that
+    enters this context while it is traced must be keyed on the mesh (the engine passes it
+    as a static argument), since jit's cache does not see the context. ``mesh=None`` or a
+    model axis of degree 1 changes nothing.
+    """
+    token = _KERNEL_MESH.set(None if mesh is None or mesh.shape[MODEL] == 1
+                             else (mesh, specs))
+    try:
+        yield
+    finally:
+        _KERNEL_MESH.reset(token)
+
+
+def current_kernel_mesh() -> Optional[Mesh]:
+    """The mesh of the innermost :func:`kernel_mesh`, or None."""
+    entry = _KERNEL_MESH.get()
+    return None if entry is None else entry[0]
+
+
+def _kernel_specs_at(path: Sequence[str]):
+    """The PartitionSpecs recorded by :func:`kernel_mesh` for the kernel at module `path`."""
+    entry = _KERNEL_MESH.get()
+    node = None if entry is None else entry[1]
+    for key in (*path, "kernel"):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def quantized_matmul_per_device(x: jax.Array, ql: QuantizedLinear, path: Sequence[str],
+                                matmul) -> Optional[jax.Array]:
+    """``matmul(x, ql)`` on each device's shard of `ql` under ``jax.shard_map``, or None when
+    no :func:`kernel_mesh` (with specs for `path`) is active.
+
+    Column splits take x whole and give the output split by columns; row splits take x
+    split by its last axis and sum the devices' partial products with one ``psum``; layers
+    the rules replicate run whole on every device.
+    """
+    entry = _KERNEL_MESH.get()
+    specs = _kernel_specs_at(path)
+    if entry is None or not isinstance(specs, QuantizedLinear):
+        return None
+    mesh = entry[0]
+    lead = [None] * (x.ndim - 1)
+    qw = tuple(specs.qweight) + (None,) * (2 - len(tuple(specs.qweight)))
+    if qw[1] == MODEL:                                   # column split
+        x_spec, out_spec, reduce = P(*lead, None), P(*lead, MODEL), False
+    elif qw[0] == MODEL:                                 # row split: partial sums
+        x_spec, out_spec, reduce = P(*lead, MODEL), P(*lead, None), True
+    else:                                                # replicated
+        x_spec, out_spec, reduce = P(*lead, None), P(*lead, None), False
+
+    d_in_local = ql.shape[0] // mesh.shape[MODEL]
+
+    def local(xx, qq):
+        if reduce:   # this device's rows: contiguous groups (the rules split no others)
+            rows = jnp.arange(d_in_local, dtype=jnp.int32)
+            qq = qq.replace(g_idx=jnp.zeros_like(rows) if qq.group_size == -1
+                            else rows // qq.group_size)
+        y = matmul(xx, qq)
+        return jax.lax.psum(y, MODEL) if reduce else y
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, specs), out_specs=out_spec,
+                         check_vma=False)(x, ql)

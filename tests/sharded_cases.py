@@ -189,3 +189,105 @@ def test_tensor_parallel_engine_same_greedy_tokens(kind, tp):
         seen["preempted"] += sum(o.num_preemptions for o in many)
         seen["cached"] += sum(o.num_cached_tokens for o in many)
     assert seen["preempted"] > 0 and seen["cached"] > 0, seen   # both paths were exercised
+
+
+# --------------------------------------------------------------------------- kernels per device
+def _paged_case(rng, N, K, decode, H=16, Z=8, pages=24):
+    """Random pool, three sequences (decode: one token each; else 3, 2 and 5 new tokens)."""
+    from optgqa_jax.kv_layers import PagedBatch
+    kp = jnp.asarray(rng.standard_normal((K, pages, Z, H)), jnp.float32)
+    vp = jnp.asarray(rng.standard_normal((K, pages, Z, H)), jnp.float32)
+    ctx = np.array([17, 5, 40])
+    qlens = [1, 1, 1] if decode else [3, 2, 5]
+    tables = jnp.asarray(rng.permutation(pages)[:24].reshape(3, 8), jnp.int32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(qlens)]), jnp.int32)
+    seq = jnp.asarray(np.repeat(np.arange(3), qlens), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(c - n, c) for c, n in zip(ctx, qlens)]),
+                      jnp.int32)
+    batch = PagedBatch(jnp.zeros(len(pos), jnp.int32), seq, tables, jnp.asarray(ctx, jnp.int32),
+                       cu, max(qlens), decode)
+    q = jnp.asarray(rng.standard_normal((len(pos), N, H)), jnp.float32)
+    return q, kp, vp, batch, pos
+
+
+@pytest.mark.parametrize("N,K,tp,plan", [(8, 4, 2, "split"), (8, 4, 4, "split"),
+                                         (8, 2, 4, "replicated"), (4, 1, 2, "replicated")])
+@pytest.mark.parametrize("decode,alibi", [(True, False), (False, True)])
+def test_attention_kernels_run_per_device(N, K, tp, plan, decode, alibi):
+    """On a tensor-parallel mesh the paged kernels run on each device's heads under shard_map
+    (KV heads split, or the whole pool with each device slicing its one KV head) and give the
+    one-device kernels' output exactly; an unequal grouping falls back to XLA's partitioning."""
+    import pallas_kernels as pk
+    from optgqa_jax.attention import kernel_shard_plan, paged_batch_attention
+    rng = np.random.default_rng(N * 10 + K + tp)
+    q, kp, vp, batch, pos = _paged_case(rng, N, K, decode)
+    slopes = pk.alibi_slopes(N) if alibi else None
+    mesh = sharding.make_mesh(1, tp)
+    assert kernel_shard_plan(mesh, N, K) == plan
+    one = paged_batch_attention(q, kp, vp, batch, pos, alibi_slopes=slopes, impl="pallas")
+    ref = paged_batch_attention(q, kp, vp, batch, pos, alibi_slopes=slopes, impl="reference")
+    fn = jax.jit(lambda q, kp, vp: paged_batch_attention(q, kp, vp, batch, pos,
+                                                         alibi_slopes=slopes, impl="pallas",
+                                                         mesh=mesh))
+    assert "shard_map" in str(jax.make_jaxpr(fn)(q, kp, vp))
+    got = fn(q, kp, vp)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(one))
+    close(got, ref, f"{plan} tp={tp}")
+    unequal = [0] + [1] * (N - 1)
+    assert kernel_shard_plan(mesh, N, 2, unequal) is None
+
+
+@pytest.mark.parametrize("name,want", [("attn/q_proj", "columns"), ("attn/o_proj", "rows"),
+                                       ("mlp/down_proj", "rows")])
+def test_quantized_layers_multiply_per_device(name, want):
+    """Inside sharding.kernel_mesh a quantized layer multiplies each device's shard under
+    shard_map (columns: output split; rows: x split and one psum) and matches the whole
+    layer's product."""
+    from optgqa_jax.quant.linear import matmul
+    cfg, params = model("mha", 7)
+    qp = quant.random_quantize(params, quant.parse_spec("w4g8"), seed=2)
+    mesh = sharding.make_mesh(1, 2)
+    specs = sharding.partition_specs(cfg, qp, mesh)
+    path = ("layer_0", *name.split("/"))
+    node_q, node_s = qp, specs
+    for key in (*path, "kernel"):
+        node_q, node_s = node_q[key], node_s[key]
+    split = tuple(node_s.qweight) + (None,) * 2
+    assert {"columns": split[1], "rows": split[0]}[want] == "model"
+    x = jax.random.normal(jax.random.PRNGKey(3), (5, node_q.shape[0]), jnp.float32)
+    want_y = matmul(x, node_q, "pallas")
+
+    def run(x, ql):
+        with sharding.kernel_mesh(mesh, specs):
+            return sharding.quantized_matmul_per_device(
+                x, ql, path, lambda xx, qq: matmul(xx, qq, "pallas"))
+
+    assert "shard_map" in str(jax.make_jaxpr(run)(x, node_q))
+    close(jax.jit(run)(x, node_q), want_y, name)
+    assert sharding.quantized_matmul_per_device(x, node_q, path, matmul) is None  # no mesh
+
+
+def test_tensor_parallel_engine_on_pallas_kernels():
+    """A TP=2 engine on the Pallas kernels (interpret mode here), quantized weights included,
+    gives the one-device engine's greedy tokens."""
+    cfg = og.ModelConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=16, ffn_dim=64, position="alibi")
+    params = og.init_params(cfg, jax.random.PRNGKey(11))
+    qp = quant.random_quantize(params, quant.parse_spec("w4g16"), seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (5, 11, 2)]
+    sp = og.SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    ec = dict(page_size=8, num_pages=32, max_num_seqs=4, max_num_batched_tokens=32,
+              attention_impl="pallas")
+    for p, per_layer in ((params, 1), (qp, 8)):
+        one = og.Engine(cfg, p, og.EngineConfig(**ec)).generate(prompts, sp)
+        eng = og.Engine(cfg, p, og.EngineConfig(**ec, tensor_parallel_size=2))
+        two = eng.generate(prompts, sp)
+        assert [o.token_ids for o in two] == [o.token_ids for o in one]
+        # per layer: attention (and each of the 7 quantized projections) per device; the
+        # quantized row splits (o, down) end in one all-reduce each
+        text = eng.runner.lower(eng.runner._empty(True, 4), True, 4).as_text()
+        manual = text.count("manual_computation") + text.count("SPMDFullToShardShape")
+        assert manual == per_layer * cfg.n_layers, manual
+        if per_layer == 8:
+            assert text.count("all_reduce") == 2 * cfg.n_layers

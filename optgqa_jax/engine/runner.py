@@ -141,7 +141,8 @@ def parse_xla_options(items: Sequence[str]) -> dict:
 
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
-                 stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False):
+                 stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False,
+                 mesh=None):
     """The jitted step: unpack the inputs, take ids still on the device from `prev_tokens`
     (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R],
     with the log-probability outputs (or None) of :func:`_step`."""
@@ -151,7 +152,7 @@ def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_to
     next_tokens, pool, extras = _step(cfg, params, pool, inputs._replace(tokens=tokens),
                                       impl=impl, max_q_len=max_q_len, decode_only=decode_only,
                                       stochastic=stochastic, logprobs_k=logprobs_k,
-                                      prompt_logprobs=prompt_logprobs)
+                                      prompt_logprobs=prompt_logprobs, mesh=mesh)
     padded = jnp.zeros(prev_tokens.shape, jnp.int32).at[:next_tokens.shape[0]].set(next_tokens)
     return padded, pool, extras
 
@@ -165,20 +166,23 @@ def _top(logp: jax.Array, ids: jax.Array, k: int):
 
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
           decode_only: bool, stochastic: bool, logprobs_k: int = -1,
-          prompt_logprobs: bool = False):
+          prompt_logprobs: bool = False, mesh=None):
     """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool,
     extras). ``logprobs_k >= 1`` adds the sampled tokens' log-probabilities and top-k
     (``extras["sample"]``: [B], [B, k], [B, k]); ``prompt_logprobs`` computes the logits of
     every packed token and adds, per token, the log-probability of ``next_ids`` and the top-k
     (``extras["prompt"]``: [T], [T, k], [T, k]). Log-probabilities are
-    ``log_softmax(logits)`` in float32, before temperature or truncation."""
+    ``log_softmax(logits)`` in float32, before temperature or truncation. ``mesh``: the
+    tensor-parallel mesh (static), on which the attention kernels run per device."""
     batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
                        inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only)
     layers = [PagedLayerKV(pool.k[i], pool.v[i], batch) for i in range(cfg.n_layers)]
     select = None if prompt_logprobs else inputs.select[None]
-    logits, layers = Transformer(cfg, impl).apply(
-        {"params": params}, inputs.tokens[None], inputs.positions[None], layers,
-        select=select)  # [1, B, V], or [1, T, V] for prompt log-probabilities
+    specs = None if mesh is None else sharding.partition_specs(cfg, params, mesh)
+    with sharding.kernel_mesh(mesh, specs):   # the Pallas kernels run per device on the mesh
+        logits, layers = Transformer(cfg, impl).apply(
+            {"params": params}, inputs.tokens[None], inputs.positions[None], layers,
+            select=select)  # [1, B, V], or [1, T, V] for prompt log-probabilities
     all_logits = logits[0]
     if prompt_logprobs:
         logits = all_logits[inputs.select][None]                          # [1, B, V]
@@ -219,7 +223,8 @@ class ModelRunner:
         # pool is donated
         self.step_fn = jax.jit(_packed_step, donate_argnames=("pool",),
                                static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
-                                                "stochastic", "logprobs_k", "prompt_logprobs"),
+                                                "stochastic", "logprobs_k", "prompt_logprobs",
+                                                "mesh"),
                                compiler_options=self.compiler_options or None)
         self.num_pages, self.page_size = num_pages, page_size
         self.max_num_seqs = max_num_seqs
@@ -361,7 +366,7 @@ class ModelRunner:
                 dict(layout=layout, impl=self.impl, max_q_len=1 if decode_only else size,
                      decode_only=decode_only, stochastic=self._stochastic(inputs),
                      logprobs_k=self.logprobs_k if logprobs or prompt_logprobs else -1,
-                     prompt_logprobs=prompt_logprobs))
+                     prompt_logprobs=prompt_logprobs, mesh=self.mesh))
 
     def dispatch(self, inputs: StepInputs, decode_only: bool, size: int,
                  prev_tokens: Optional[jax.Array] = None, *, logprobs: bool = False,
