@@ -5,7 +5,8 @@
 #
 # STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
 # quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine
-# gqsa-accuracy (default: all, in that order). Each step writes its JSON/markdown (and logs) under OUT_DIR (default
+# gqsa-accuracy (default: all, in that order); sharding-8b and sharding-70b need two GPUs
+# (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
 set -u
@@ -71,6 +72,14 @@ for step in $steps; do
       run timing_gaps 240 python experiments/timing_gaps.py --out "$out/quant" --label plain
       run profile_quant 300 python experiments/profile_quant.py --shapes gate_up,down \
         --rows 1,16 --out "$out/quant" ;;
+    sharding-8b)  # two GPUs: the 8B shape at TP 1 and 2 (batch-1 decode, 1000 x 256/256)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_sharding 600 python \
+        experiments/bench_sharding.py --out "$out/sharding" --resume \
+        --parts 8b-b1-tp1,8b-b1-tp2,8b-tp1,8b-tp2 --timeout-s 280 ;;
+    sharding-70b)  # two GPUs: the 70B shape at TP 2 (throughput with MBU, batch-1 decode)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_sharding_70b 600 python \
+        experiments/bench_sharding.py --out "$out/sharding" --resume \
+        --parts 70b-tp2,70b-b1-tp2 --timeout-s 560 ;;
     quant-tune)  # the tile search behind QuantMatmulConfig.for_shape
       run tune_quant 600 python experiments/tune_quant.py --out "$out/quant" ;;
     quant-profile)  # the quantized matmul's time split by a ladder of stripped kernels, and
@@ -100,6 +109,6 @@ for step in $steps; do
         --out "$out/gqsa" ;;
     *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
-            "quant-engine gqsa-speed gqsa-engine gqsa-accuracy)"; exit 2 ;;
+            "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done

@@ -61,6 +61,11 @@ class BenchConfig:
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
     # weights with half of every row's groups removed (sparse.synthetic)
     quantize: Optional[str] = None
+    # devices the model is split over (EngineConfig.tensor_parallel_size); the weights are
+    # drawn directly in their sharded placement, the KV budget (kv_memory_bytes) is per
+    # device, and MBU is against the devices' combined copy bandwidth (tp x one device's)
+    tensor_parallel_size: int = 1
+    copy_bytes: int = 2 << 30  # bytes copied to measure the copy-bandwidth ceiling
 
 
 def model_config(bc: BenchConfig, max_seq_len: Optional[int] = None):
@@ -208,6 +213,36 @@ def params_nbytes(params) -> int:
     return int(sum(l.nbytes if is_quantized(l) else l.size * l.dtype.itemsize for l in leaves))
 
 
+def _random_params(cfg, bc: BenchConfig):
+    """The benchmark's random weights: float (drawn in their tensor-parallel placement when
+    ``bc.tensor_parallel_size > 1``, so that no device ever holds a whole model that only
+    fits split), then quantized or sparsified as ``bc.quantize`` asks."""
+    import jax
+
+    import optgqa_jax as og
+
+    key = jax.random.PRNGKey(bc.seed)
+    init = lambda: og.init_params(cfg, key, fused=bc.fuse_projections)  # noqa: E731
+    if bc.tensor_parallel_size > 1:
+        from optgqa_jax import sharding
+        sharding.check_tensor_parallel(cfg, bc.tensor_parallel_size)
+        mesh = sharding.make_mesh(1, bc.tensor_parallel_size)
+        specs = sharding.partition_specs(cfg, jax.eval_shape(init), mesh)
+        params = jax.jit(init, out_shardings=sharding.shardings(specs, mesh))()
+    else:
+        params = init()
+    if bc.quantize:
+        from optgqa_jax import quant
+        from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
+        qc, sparsity, group_major = parse_serving_spec(bc.quantize)
+        params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
+                  else random_sparsify(params, qc, sparsity, seed=bc.seed))
+        if group_major:
+            from optgqa_jax.sparse.group_major import to_group_major_params
+            params = to_group_major_params(params)
+    return params
+
+
 def run_engine(bc: BenchConfig) -> dict:
     """Our engine on a preset with random weights (in this process)."""
     import jax
@@ -218,33 +253,28 @@ def run_engine(bc: BenchConfig) -> dict:
     longest_request = (max(bc.input_range[1] if bc.input_range else bc.input_len, 1)
                        + (bc.output_range[1] if bc.output_range else bc.output_len))
     cfg = model_config(bc, max_seq_len=longest_request + 16)
+    tp = bc.tensor_parallel_size
     t0 = time.perf_counter()
-    params = og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=bc.fuse_projections)
-    if bc.quantize:
-        from optgqa_jax import quant
-        from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
-        qc, sparsity, group_major = parse_serving_spec(bc.quantize)
-        params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
-                  else random_sparsify(params, qc, sparsity, seed=bc.seed))
-        if group_major:
-            from optgqa_jax.sparse.group_major import to_group_major_params
-            params = to_group_major_params(params)
+    params = _random_params(cfg, bc)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
-    ceiling = copy_bandwidth()
+    ceiling = copy_bandwidth(bc.copy_bytes) * tp   # tp devices' combined ceiling
     prompts, out_lens = workload(bc, cfg.vocab_size)
     longest = max(len(p) + o for p, o in zip(prompts, out_lens))
     kv_tokens = bc.kv_tokens or bc.max_num_seqs * longest
     num_pages = -(-kv_tokens // bc.page_size)
     if bc.kv_memory_bytes:  # a model whose KV needs more than the budget gets fewer pages
-        num_pages = min(num_pages, bc.kv_memory_bytes // page_bytes(cfg, bc.page_size))
+        # (the budget is per device: the pool is split by KV heads where tp divides them)
+        split = tp if cfg.n_kv_heads % tp == 0 else 1
+        num_pages = min(num_pages,
+                        split * bc.kv_memory_bytes // page_bytes(cfg, bc.page_size))
     engine = og.Engine(cfg, params, og.EngineConfig(
         page_size=bc.page_size, num_pages=num_pages, max_num_seqs=bc.max_num_seqs,
         max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
         attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
         token_buckets=bc.token_buckets, enable_prefix_caching=False,
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
-        xla_compiler_options=bc.xla_compiler_options))
+        xla_compiler_options=bc.xla_compiler_options, tensor_parallel_size=tp))
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
@@ -277,6 +307,7 @@ def run_engine(bc: BenchConfig) -> dict:
     return dict(
         impl="optgqa-engine", model=bc.model + (" MHA twin" if bc.mha_twin else "")
         + (f" {bc.quantize}" if bc.quantize else ""), quantize=bc.quantize,
+        tensor_parallel_size=tp,
         device=jax.devices()[0].device_kind,
         jax=jax.__version__, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
         num_requests=len(outs), input_tokens=n_in, output_tokens=n_out, elapsed_s=elapsed,

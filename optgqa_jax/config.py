@@ -195,7 +195,8 @@ class ModelConfig:
 
         Presets: ``"tiny"`` (float32, 2 layers, GQA 4/2, for tests),
         ``"tiny-alibi"``, ``"smollm2-135m"``, ``"llama3-8b"`` (32 query / 8 KV
-        heads) and ``"llama3-8b-mha"`` (its MHA twin, 32 / 32).
+        heads), ``"llama3-8b-mha"`` (its MHA twin, 32 / 32) and ``"llama3-70b"`` (64 query
+        / 8 KV heads, 80 layers: 70.6B parameters, for tensor-parallel serving).
         """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -217,6 +218,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                       head_dim=128, ffn_dim=14336, norm_eps=1e-5, position="rope",
                       rope_theta=500000.0, tie_embeddings=False, dtype="bfloat16",
                       max_seq_len=8192),
+    "llama3-70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                       head_dim=128, ffn_dim=28672, norm_eps=1e-5, position="rope",
+                       rope_theta=500000.0, tie_embeddings=False, dtype="bfloat16",
+                       max_seq_len=8192),
     "llama3-8b-mha": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                           n_kv_heads=32, head_dim=128, ffn_dim=14336, norm_eps=1e-5,
                           position="rope", rope_theta=500000.0, tie_embeddings=False,

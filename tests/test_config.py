@@ -24,6 +24,15 @@ def test_llama3_presets_are_gqa_and_mha_twins():
     assert mha.kv_bytes_per_token == 4 * gqa.kv_bytes_per_token
 
 
+def test_llama3_70b_preset_has_the_published_size():
+    """Llama-3-70B: 80 layers, 64 query / 8 KV heads of 128, SwiGLU 28672, untied 128256-token
+    embeddings: 70.55B parameters (shapes only, no memory)."""
+    cfg = og.ModelConfig.preset("llama3-70b")
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (80, 64, 8, 128)
+    assert 70.5e9 < cfg.num_params < 70.6e9
+    assert cfg.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2
+
+
 def test_default_kv_head_map_is_contiguous_groups():
     cfg = og.ModelConfig.preset("tiny", n_heads=6, n_kv_heads=2)
     assert cfg.layer_kv_head_map(0) == (0, 0, 0, 1, 1, 1)
