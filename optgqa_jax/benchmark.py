@@ -549,6 +549,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "served in group-major order); append +head and/or +emb to "
                              "quantize the LM head and the token table too (w4g128+head+emb): "
                              "the speed and memory of a quantized model of the preset")
+    parser.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                        metavar="N",
+                        help="split the model over the first N devices (EngineConfig option); "
+                             "--kv-memory-gib is then per device and MBU is against the N "
+                             "devices' combined copy bandwidth")
     parser.add_argument("--compare-mha", action="store_true",
                         help="also run the model's MHA twin and print the paper's comparison")
     parser.add_argument("--hf-requests", type=int, default=0,
@@ -596,7 +601,8 @@ def config_from_args(args) -> BenchConfig:
         async_scheduling=args.async_scheduling, quantize=_quant_spec(args.quantize),
         xla_compiler_options=_xla_options(args.xla_option),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
-        token_buckets=token_buckets + (args.max_num_batched_tokens,))
+        token_buckets=token_buckets + (args.max_num_batched_tokens,),
+        tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _worker_main(argv) -> None:

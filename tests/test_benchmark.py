@@ -49,6 +49,16 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert bc.async_scheduling and bc.fuse_projections
     bc = B.config_from_args(parser.parse_args(["--no-async-scheduling", "--no-fuse-projections"]))
     assert not bc.async_scheduling and not bc.fuse_projections
+    assert bc.tensor_parallel_size == 1
+    bc = B.config_from_args(parser.parse_args(["--tensor-parallel-size", "2"]))
+    assert bc.tensor_parallel_size == 2
+
+
+def test_tensor_parallel_run_needs_the_devices(fixed_ceiling):
+    """A degree above the devices present is refused before any weight is drawn (the runs on
+    two devices are tests/test_bench_sharding.py's)."""
+    with pytest.raises(ValueError, match="devices"):
+        B.run_engine(B.BenchConfig(tensor_parallel_size=2, **TINY_RUN))
 
 
 # A tiny engine run shared by the quantized and group-sparse benchmark tests.
