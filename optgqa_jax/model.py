@@ -115,9 +115,10 @@ class Linear(nn.Module):
             y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
             impl = _QUANT_IMPL[self.impl]
-            # on a tensor-parallel kernel mesh (sharding.kernel_mesh): each device's shard
-            y = sharding.quantized_matmul_per_device(
-                x, kernel, self.path, lambda xx, qq: quant_matmul(xx, qq, impl))
+            y = None
+            if sharding.current_kernel_mesh() is not None:  # each device's shard (TP)
+                y = sharding.quantized_matmul_per_device(
+                    x, kernel, self.scope.path, lambda xx, qq: quant_matmul(xx, qq, impl))
             if y is None:
                 y = quant_matmul(x, kernel, impl)
         else:
