@@ -65,9 +65,13 @@ class PagedAttentionConfig:
       replicate_queries: when the group size G is a power of two below 16, load
         the group's G query rows as they are and repeat them in registers to the
         16 rows Triton's ``dot`` needs, then write back one copy (the copies are
-        identical, so their max is exact). The default pads the queries in XLA
-        before the kernel and slices the output after it, which costs two extra
-        kernels per call.
+        identical, so their max is exact). Other group sizes (7 of 28/4, 5 of 40/8,
+        3 of 12/4) are loaded from the whole [N, D] query row of the sequence with
+        a masked load into a power-of-two tile, the rows past G zero, and stored
+        back with a masked store (with split K, partials keep the padded rows).
+        Off, the queries are padded in XLA before the kernel and the output sliced
+        after it, which costs two extra kernels per call. Masked rows are not yet
+        timed on a GPU.
     """
 
     keys_per_block: int = 64
@@ -109,12 +113,21 @@ PREFETCH_MODES = ("none", "tables", "tiles")
 def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref, *out_refs,
                          page_size: int, pages_per_block: int, pages_per_split: int,
                          num_pool_pages: int, sm_scale: float, use_alibi: bool, split: bool,
-                         prefetch: str, replicas: int):
-    # q_ref [Gp // replicas, D]; k_ref, v_ref [P, Z, D]; tables_ref [pages_per_split];
-    # length_ref [1]; slopes_ref [Gp] (already multiplied by log2 e, replicated like q).
+                         prefetch: str, replicas: int, masked_group: int = 0,
+                         tile_rows: int = 16):
+    # q_ref [Gp // replicas, D], or with masked_group = G the sequence's whole [N, D];
+    # k_ref, v_ref [P, Z, D]; tables_ref [pages_per_split]; length_ref [1]; slopes_ref [Gp]
+    # (already multiplied by log2 e, replicated or padded like q; whole [N] when masked).
     split_id = pl.program_id(2)
     length = length_ref[0]
-    q = q_ref[...]
+    if masked_group:   # this KV head's G query rows of the whole [N, D], in a [Gp, D] tile
+        row_ok = jnp.arange(tile_rows) < masked_group
+        first = pl.program_id(1) * masked_group
+        q = plgpu.load(q_ref.at[pl.ds(first, tile_rows), :],
+                       mask=jnp.broadcast_to(row_ok[:, None], (tile_rows, q_ref.shape[-1])),
+                       other=0)
+    else:
+        q = q_ref[...]
     if replicas > 1:  # row r * G + g holds query g: enough rows for the MMA, no padding in XLA
         q = jnp.broadcast_to(q[None], (replicas, *q.shape)).reshape(replicas * q.shape[0], -1)
     Gp, D = q.shape
@@ -123,7 +136,12 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref
     pages_here = jnp.clip(C.cdiv(length, page_size) - first_page, 0, pages_per_split)
     num_blocks = C.cdiv(pages_here, pages_per_block)
     last_block = jnp.maximum(num_blocks - 1, 0)
-    slopes = slopes_ref[...] if use_alibi else None
+    if not use_alibi:
+        slopes = None
+    elif masked_group:
+        slopes = plgpu.load(slopes_ref.at[pl.ds(first, tile_rows)], mask=row_ok, other=0)
+    else:
+        slopes = slopes_ref[...]
     scale = sm_scale * C.LOG2E
 
     def page_ids(i):
@@ -177,6 +195,10 @@ def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref
         o_ref[...] = out
         m_ref[...] = m
         l_ref[...] = l
+    elif masked_group:
+        (o_ref,) = out_refs
+        plgpu.store(o_ref.at[pl.ds(pl.program_id(1) * masked_group, Gp), :],
+                    out.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok[:, None], out.shape))
     else:
         (o_ref,) = out_refs
         o_ref[...] = out.astype(o_ref.dtype)
@@ -224,6 +246,8 @@ def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_s
     G = N // K
     Gp = max(16, C.next_power_of_two(G))
     replicas = Gp // G if config.replicate_queries and C.is_power_of_two(G) else 1
+    # groups that do not divide a power of two: masked rows of the whole [N, D] query row
+    masked = config.replicate_queries and not C.is_power_of_two(G)
     rows = Gp // replicas  # query rows the kernel reads and writes per program
     M = block_tables.shape[1]
     pages_per_block = max(1, config.keys_per_block // Z)
@@ -239,24 +263,30 @@ def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_s
         tables = jnp.pad(tables, ((0, 0), (0, padded_pages - M)))  # page 0: masked reads
     tables = tables.reshape(B, splits, pages_per_split)
     qg = q.reshape(B, K, G, D)
-    if rows > G:
+    if rows > G and not masked:
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - G), (0, 0)))  # [B, K, rows, D]
-    slopes = (slopes * C.LOG2E).reshape(K, G)
-    slopes = (jnp.tile(slopes, (1, replicas)) if replicas > 1
-              else jnp.pad(slopes, ((0, 0), (0, Gp - G))))  # [K, Gp]
+    if masked:   # [N]: each program loads its group's G slopes with its query rows
+        slopes = slopes * C.LOG2E
+    else:
+        slopes = (slopes * C.LOG2E).reshape(K, G)
+        slopes = (jnp.tile(slopes, (1, replicas)) if replicas > 1
+                  else jnp.pad(slopes, ((0, 0), (0, Gp - G))))  # [K, Gp]
     is_split = splits > 1
 
     kernel = functools.partial(
         _paged_decode_kernel, page_size=Z, pages_per_block=pages_per_block,
         pages_per_split=pages_per_split, num_pool_pages=P, sm_scale=sm_scale,
-        use_alibi=use_alibi, split=is_split, prefetch=config.prefetch, replicas=replicas)
+        use_alibi=use_alibi, split=is_split, prefetch=config.prefetch, replicas=replicas,
+        masked_group=G if masked else 0, tile_rows=Gp)
     in_specs = [
-        pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0)),    # q
+        pl.BlockSpec((None, N, D), lambda b, h, s: (b, 0, 0)) if masked      # q, whole row
+        else pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0)),  # q
         pl.BlockSpec((None, P, Z, D), lambda b, h, s: (h, 0, 0, 0)),          # k_pages
         pl.BlockSpec((None, P, Z, D), lambda b, h, s: (h, 0, 0, 0)),          # v_pages
         pl.BlockSpec((None, None, pages_per_split), lambda b, h, s: (b, s, 0)),  # tables
         pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),                       # lengths
-        pl.BlockSpec((None, Gp), lambda b, h, s: (h, 0)),                      # slopes
+        pl.BlockSpec((N,), lambda b, h, s: (0,)) if masked                    # slopes
+        else pl.BlockSpec((None, Gp), lambda b, h, s: (h, 0)),
     ]
     if is_split:
         out_shape = [jax.ShapeDtypeStruct((B, K, splits, rows, D), jnp.float32),
@@ -265,6 +295,9 @@ def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_s
         out_specs = [pl.BlockSpec((None, None, None, rows, D), lambda b, h, s: (b, h, s, 0, 0)),
                      pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
                      pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0))]
+    elif masked:   # each program stores its G rows of the sequence's [N, D]
+        out_shape = [jax.ShapeDtypeStruct((B, N, D), q.dtype)]
+        out_specs = [pl.BlockSpec((None, N, D), lambda b, h, s: (b, 0, 0))]
     else:
         out_shape = [jax.ShapeDtypeStruct((B, K, rows, D), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0))]
@@ -274,7 +307,7 @@ def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_s
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name="optgqa_paged_decode",
-    )(qg, k_pages, v_pages, tables, lengths.reshape(B, 1), slopes)
+    )(q if masked else qg, k_pages, v_pages, tables, lengths.reshape(B, 1), slopes)
     if is_split:
         o, m, l = outs  # [B, K, S, rows, D], [B, K, S, rows], [B, K, S, rows]
         m_max = m.max(axis=2, keepdims=True)
@@ -284,6 +317,8 @@ def _paged_attention(q, k_pages, v_pages, block_tables, lengths, slopes, *, sm_s
         out = out.astype(q.dtype)
     else:
         (out,) = outs
+        if masked:
+            return out
     return out[:, :, :G].reshape(B, N, D)
 
 

@@ -71,9 +71,15 @@ def test_prefetch_modes_ignore_table_tail(rng, prefetch):
            keys_per_block=16)
 
 
-@pytest.mark.parametrize("dtype,B,N,K,D,Z,alibi,splits", CASES)
+@pytest.mark.parametrize("dtype,B,N,K,D,Z,alibi,splits", CASES + [
+    (jnp.bfloat16, 3, 28, 4, 64, 16, False, 1),     # groups of 7 (28/4), one split
+    (jnp.float32, 2, 40, 8, 64, 8, True, 2),        # groups of 5 (40/8), ALiBi, split K
+    (jnp.float16, 3, 12, 4, 128, 16, True, 1),      # groups of 3 (12/4)
+    (jnp.float32, 2, 20, 1, 64, 16, False, 1),      # one group of 20: a 32-row tile
+])
 def test_replicated_queries_match(rng, dtype, B, N, K, D, Z, alibi, splits):
-    # groups of 1, 4 and 8 are repeated in registers; the group of 3 falls back to padding
+    # groups of 1, 4 and 8 are repeated in registers; groups of 3, 5, 7 and 20 are read as
+    # masked rows of the whole query row (the last group's tile runs past N)
     _check(rng, dtype, B, N, K, D, Z, alibi, splits, replicate_queries=True)
 
 
@@ -141,16 +147,17 @@ def test_bad_slopes_and_config(inputs):
 
 
 @pytest.mark.parametrize("replicate", [False, True])
-def test_replicated_queries_drop_the_pad_and_slice(replicate):
-    # What the knob is for: with groups of 4 the lowered program pads q and slices the output
-    # around the kernel only when queries are not replicated in registers.
+@pytest.mark.parametrize("N", [16, 28])
+def test_replicated_queries_drop_the_pad_and_slice(replicate, N):
+    # What the knob is for: with groups of 4 (repeated in registers) or 7 (masked rows) the
+    # lowered program pads q and slices the output around the kernel only when the knob is off.
     import jax
     from jax import export
 
     S = jax.ShapeDtypeStruct
-    args = (S((4, 16, 128), jnp.bfloat16), S((4, 64, 16, 128), jnp.bfloat16),
+    args = (S((4, N, 128), jnp.bfloat16), S((4, 64, 16, 128), jnp.bfloat16),
             S((4, 64, 16, 128), jnp.bfloat16), S((4, 16), jnp.int32), S((4,), jnp.int32))
-    cfg = PagedAttentionConfig(replicate_queries=replicate)
+    cfg = PagedAttentionConfig(replicate_queries=replicate, num_splits=1)
     text = export.export(
         jax.jit(lambda *a: paged_attention(*a, config=cfg)), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

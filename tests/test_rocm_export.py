@@ -43,6 +43,9 @@ ENTRY_POINTS = {
     "paged_attention_replicated_queries": (lambda alibi, cfg: lambda *a: paged_attention(
         *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, replicate_queries=True)),
         PAGED_G4, PagedAttentionConfig),
+    "paged_attention_masked_query_rows": (lambda alibi, cfg: lambda *a: paged_attention(
+        *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, replicate_queries=True)),
+        PAGED, PagedAttentionConfig),                  # groups of 3: masked rows
     "flash_attention": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=cfg), DENSE, FlashAttentionConfig),
     "flash_attention_lazy_rescale": (lambda alibi, cfg: lambda *a: flash_attention(
