@@ -3,7 +3,7 @@
 #
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
-# STEP is any of: tests kernels profile engine engine-sync engine-graphs reference grouping mfu
+# STEP is any of: tests variants kernels profile engine engine-sync engine-graphs reference grouping mfu
 # quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine
 # gqsa-accuracy (default: all, in that order); sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
@@ -12,7 +12,7 @@
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests kernels profile engine engine-sync engine-graphs reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
+steps=${*:-tests variants kernels profile engine engine-sync engine-graphs reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -67,6 +67,9 @@ for step in $steps; do
           --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
           --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
       done ;;
+    variants)  # the kernel variants built without a GPU against the defaults (quant joined
+      # tiles and dequant_tiles, flash lazy_rescale, decode masked query rows)
+      run compare_variants 600 python experiments/compare_variants.py --out "$out/variants" ;;
     quant-diagnose)  # timed call against device trace (timing_gaps), and the ladder with
       # each rung's kernel time (instruction counts need no GPU: experiments/ptx_table.py)
       run timing_gaps 240 python experiments/timing_gaps.py --out "$out/quant" --label plain
@@ -107,7 +110,7 @@ for step in $steps; do
     gqsa-accuracy)  # SmolLM2 held-out perplexity: W4, W4S30/S50, W2, 2:4, with calibration
       run gqsa_accuracy 3600 python experiments/gqsa_eval.py --part accuracy --resume \
         --out "$out/gqsa" ;;
-    *) echo "unknown step $step (tests kernels profile engine engine-sync engine-graphs" \
+    *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac

@@ -2,6 +2,7 @@
 reads the same words as the kernel's layout, and both read every word of their split once."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -138,3 +139,23 @@ def test_bench_quant_tables_from_rows(tmp_path):
     assert "25.0%" in md and "fails: 'OOM'" in md
     mod.plot(res, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_compare_variants_runs_every_part(tmp_path):
+    """experiments/compare_variants.py on tiny shapes (interpret mode): every variant of every
+    part runs, the quantized variants agree with the dequantized product, and the tables are
+    written."""
+    mod = _load("compare_variants")
+    mod.main(["--small", "--rows", "1,64", "--shapes", "gate_up", "--iters", "1",
+              "--trials", "1", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "compare_variants.json").read_text())
+    rows = res["rows"]
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    quant_rows = [r for r in rows if r["part"] == "quant" and r["variant"] != "bfloat16"]
+    assert {r["variant"] for r in quant_rows} == {"default", "joined 256", "register deep",
+                                                  "joined dequant_tiles", "dequantize (XLA)"}
+    assert all(r["rel_error"] < 1e-2 for r in quant_rows)
+    assert {(r["part"], r["variant"]) for r in rows if r["part"] != "quant"} >= {
+        ("flash", "lazy_rescale"), ("decode", "replicated / masked rows")}
+    md = (tmp_path / "compare_variants.md").read_text()
+    assert "## quant_matmul" in md and "## flash" in md and "## decode" in md

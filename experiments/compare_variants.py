@@ -1,0 +1,272 @@
+"""Time the kernel variants that were built and counted without a GPU against the defaults, in
+one short run (the first thing to run on a GPU after them).
+
+* ``quant``: ``quant_matmul`` on the Llama-3-8B linear shapes at 1, 16, 64 and 256 rows of x,
+  4 bits in groups of 128: the bfloat16 product, the ``for_shape`` default, joined tiles 256
+  columns wide (codes as bfloat16 bit patterns), the deepest register tiles (one row), joined
+  tiles with ``dequant_tiles`` and XLA's dequantize-then-multiply (64 rows and more). µs per
+  product over weight copies that overflow the L2 cache, times against bfloat16, % of the
+  copy ceiling and the relative error against the bfloat16 product of the dequantized weight.
+* ``flash``: causal flash attention, B=4 T=4096 GQA 32/8 D=128, default tiles against
+  ``lazy_rescale=True`` (and cuDNN), with and without ALiBi.
+* ``decode``: paged decode with groups of 7 (28/4) padded in XLA against masked query rows
+  (``replicate_queries=True``), at B=64 ctx 4096 and at the engine's shape (B=256, contexts
+  257-512), beside 32/8; and 28/4 at B=32 ctx 2048 with and without ALiBi.
+
+Usage::
+
+    python experiments/compare_variants.py [--parts quant,flash,decode] [--out DIR]
+        [--shapes gate_up,down,o,qkv] [--rows 1,16,64,256]
+
+Writes ``compare_variants.{json,md}`` under ``--out`` after every part. ``--small`` shrinks
+every shape (a run on a CPU in interpret mode, for the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from optgqa_jax import benchmark as B  # noqa: E402
+from optgqa_jax import quant  # noqa: E402
+from pallas_kernels import (FlashAttentionConfig, PagedAttentionConfig, alibi_slopes,  # noqa: E402
+                            compiler_options, flash_attention, paged_attention)
+from pallas_kernels import _common as C  # noqa: E402
+from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
+from bench_quant import arg_sets, io_bytes  # noqa: E402
+from tune_quant import with_split  # noqa: E402
+
+SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "o": (4096, 4096),
+          "qkv": (4096, 6144)}
+
+
+def quant_variants(M: int, K: int, N: int) -> dict:
+    """name -> QuantMatmulConfig (None: XLA's dequantize-then-multiply)."""
+    bm = max(16, C.next_power_of_two(M)) if M <= 64 else 128
+    out = {"default": QuantMatmulConfig.for_shape("cuda", M, K, N, 128)}
+    out["joined 256"] = with_split(QuantMatmulConfig(
+        block_m=min(bm, 64), block_n=256, block_k=128, num_warps=4, num_stages=3, joined=True),
+        M, K, N)
+    if M == 1:
+        out["register deep"] = with_split(QuantMatmulConfig(
+            block_m=1, block_n=128, block_k=512, num_warps=8, num_stages=3, fma=True), M, K, N)
+    if M >= 64:
+        out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
+            block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,
+            dequant_tiles=True), M, K, N)
+        out["dequantize (XLA)"] = None
+    return out
+
+
+def part_quant(a, ceiling: float, rows: list) -> None:
+    opts = compiler_options()
+    qc = quant.parse_spec("w4g128")
+    interpret = C.backend() == "cpu"
+    for name in a.shapes.split(","):
+        K, N = SHAPES[name] if not a.small else (512, 384)
+        for M in (int(m) for m in a.rows.split(",")):
+            key = jax.random.PRNGKey(M * 7 + K)
+            make_q = lambda k: quant.synthetic.random_quantized_linear(k, K, N, qc, "bfloat16")  # noqa: E731
+            sets = arg_sets(key, M, K, N, make_q) if not a.small else [
+                (jax.random.normal(key, (M, K)).astype(jnp.bfloat16), make_q(key))]
+            x0, q0 = sets[0]
+            ref = (x0.astype(jnp.float32) @ quant.dequantize(q0, jnp.bfloat16).astype(
+                jnp.float32))
+            w_sets = [(x, quant.dequantize(q, jnp.bfloat16)) for x, q in sets]
+            T = lambda fn, s: B.timeit_rotating(fn, s, compiler_options=opts,  # noqa: E731
+                                                iters=a.iters, trials=a.trials)
+            t_bf16 = T(lambda x, w: x @ w, w_sets)
+            rows.append(dict(part="quant", shape=name, K=K, N=N, M=M, variant="bfloat16",
+                             us=t_bf16 * 1e6, vs_bf16=1.0,
+                             pct_ceiling=100 * io_bytes(M, K, N) / t_bf16 / ceiling))
+            for variant, cfg in quant_variants(M, K, N).items():
+                row = dict(part="quant", shape=name, K=K, N=N, M=M, variant=variant,
+                           config=None if cfg is None else dataclasses.asdict(cfg))
+                try:
+                    if cfg is None:
+                        fn = lambda x, q: quant.matmul(x, q, "dequantize")  # noqa: E731
+                    else:
+                        fn = lambda x, q, cfg=cfg: quant_matmul(  # noqa: E731
+                            x, q.qweight, q.scales, q.zeros, bits=4, group_size=128,
+                            config=cfg, interpret=interpret)
+                    y = fn(x0, q0).astype(jnp.float32)
+                    row["rel_error"] = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
+                    t = T(fn, sets)
+                    row.update(us=t * 1e6, vs_bf16=t_bf16 / t,
+                               pct_ceiling=100 * io_bytes(M, K, N, q0) / t / ceiling)
+                except Exception as e:  # noqa: BLE001  (a variant that fails to compile)
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+
+
+def part_flash(a, ceiling: float, rows: list) -> None:
+    Bz, T, N, K, D = (4, 4096, 32, 8, 128) if not a.small else (1, 64, 4, 2, 64)
+    ks = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(ks[0], (Bz, T, N, D), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (Bz, T, K, D), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (Bz, T, K, D), jnp.bfloat16)
+    flops = 4 * Bz * N * T * T * D / 2
+    base = FlashAttentionConfig.for_backend("cuda", D, K)
+    interpret = C.backend() == "cpu"
+    for alibi in (False, True):
+        sl = alibi_slopes(N) if alibi else None
+        ref = None
+        for variant, cfg in (("default", base),
+                             ("lazy_rescale", dataclasses.replace(base, lazy_rescale=True))):
+            if interpret:
+                cfg = dataclasses.replace(cfg, block_q=16, block_k=16)
+            fn = jax.jit(lambda q, k, v, cfg=cfg, sl=sl: flash_attention(
+                q, k, v, causal=True, alibi_slopes=sl, config=cfg, interpret=interpret),
+                compiler_options=compiler_options())
+            row = dict(part="flash", shape=f"B={Bz} T={T} {N}/{K} D={D}", alibi=alibi,
+                       variant=variant)
+            try:
+                out = fn(q, k, v).astype(jnp.float32)
+                ref = out if ref is None else ref
+                row["rel_error_vs_default"] = float(jnp.abs(out - ref).max()
+                                                    / jnp.abs(ref).max())
+                t = B.timeit(fn, q, k, v, iters=a.iters, trials=a.trials)
+                row.update(ms=t * 1e3, tflops=flops / t / 1e12)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if not interpret and not alibi:
+            cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn"))
+            try:
+                t = B.timeit(cudnn, q, k, v, iters=a.iters, trials=a.trials)
+                rows.append(dict(part="flash", shape=f"B={Bz} T={T} {N}/{K} D={D}",
+                                 alibi=False, variant="cuDNN", ms=t * 1e3,
+                                 tflops=flops / t / 1e12))
+            except Exception as e:  # noqa: BLE001
+                rows.append(dict(part="flash", variant="cuDNN", alibi=False,
+                                 error=f"{type(e).__name__}: {str(e)[:200]}"))
+
+
+def _decode_inputs(key, batch, N, K, context, min_context=None, D=128, Z=16):
+    pages_per_seq = -(-context // Z)
+    num_pages = batch * pages_per_seq
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    q = jax.random.normal(k1, (batch, N, D), jnp.bfloat16)
+    kp = jax.random.normal(k2, (K, num_pages, Z, D), jnp.bfloat16)
+    vp = jax.random.normal(k3, (K, num_pages, Z, D), jnp.bfloat16)
+    tables = jax.random.permutation(k4, num_pages).reshape(batch, pages_per_seq)
+    lengths = (jax.random.randint(k5, (batch,), min_context, context + 1, jnp.int32)
+               if min_context else jnp.full((batch,), context, jnp.int32))
+    return q, kp, vp, tables.astype(jnp.int32), lengths
+
+
+def part_decode(a, ceiling: float, rows: list) -> None:
+    interpret = C.backend() == "cpu"
+    cases = [(64, 28, 4, 4096, None, False), (64, 32, 8, 4096, None, False),
+             (256, 28, 4, 512, 257, False), (256, 32, 8, 512, 257, False),
+             (32, 28, 4, 2048, None, False), (32, 28, 4, 2048, None, True)]
+    if a.small:
+        cases = [(2, 28, 4, 64, None, False), (2, 28, 4, 64, None, True)]
+    for batch, N, K, ctx, lo, alibi in cases:
+        args = _decode_inputs(jax.random.PRNGKey(batch + N), batch, N, K, ctx, lo)
+        kv_bytes = 2 * int(jnp.sum(args[4])) * K * 128 * 2
+        sl = alibi_slopes(N) if alibi else None
+        variants = {"padded in XLA": PagedAttentionConfig.for_backend("cuda", alibi=alibi)}
+        variants["padded in XLA"] = dataclasses.replace(variants["padded in XLA"],
+                                                        replicate_queries=False)
+        variants["replicated / masked rows"] = dataclasses.replace(
+            variants["padded in XLA"], replicate_queries=True)
+        for variant, cfg in variants.items():
+            fn = jax.jit(lambda q, k, v, t, l, cfg=cfg, sl=sl: paged_attention(
+                q, k, v, t, l, alibi_slopes=sl, config=cfg, interpret=interpret),
+                compiler_options=compiler_options())
+            row = dict(part="decode", shape=f"B={batch} ctx={ctx if not lo else f'{lo}-{ctx}'} "
+                       f"{N}/{K}", alibi=alibi, variant=variant)
+            try:
+                jax.block_until_ready(fn(*args))
+                t = B.timeit(fn, *args, iters=a.iters, trials=a.trials)
+                row.update(ms=t * 1e3, pct_ceiling=100 * kv_bytes / t / ceiling)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+PARTS = {"quant": part_quant, "flash": part_flash, "decode": part_decode}
+
+
+def markdown(meta: dict, rows: list) -> str:
+    lines = ["# Variants built without a GPU, against the defaults", "",
+             f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}; copy "
+             f"ceiling {meta['ceiling'] / 1e9:,.0f} GB/s.", ""]
+    fmt = lambda v, d=1: "—" if v is None else f"{v:,.{d}f}"  # noqa: E731
+    quant_rows = [r for r in rows if r["part"] == "quant"]
+    if quant_rows:
+        lines += ["## quant_matmul, w4 g128 (µs per product)", "",
+                  "| shape | M | variant | µs | × bf16 | % ceiling | rel. error |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for r in quant_rows:
+            if "error" in r:
+                lines.append(f"| {r['shape']} | {r['M']} | {r['variant']} | fails: "
+                             f"{r['error'][:80]} | | | |")
+            else:
+                lines.append(f"| {r['shape']} | {r['M']} | {r['variant']} | {fmt(r['us'])} | "
+                             f"{fmt(r['vs_bf16'], 2)} | {fmt(r['pct_ceiling'], 0)}% | "
+                             f"{fmt(r.get('rel_error'), 4) if r.get('rel_error') is not None else '—'} |")
+    for part, unit, key in (("flash", "TFLOP/s", "tflops"), ("decode", "% of copy", "pct_ceiling")):
+        prow = [r for r in rows if r["part"] == part]
+        if not prow:
+            continue
+        lines += ["", f"## {part}", "", f"| shape | ALiBi | variant | ms | {unit} |",
+                  "| --- | --- | --- | ---: | ---: |"]
+        for r in prow:
+            if "error" in r:
+                lines.append(f"| {r.get('shape', '')} | {r.get('alibi')} | {r['variant']} | "
+                             f"fails: {r['error'][:80]} | |")
+            else:
+                lines.append(f"| {r['shape']} | {r['alibi']} | {r['variant']} | "
+                             f"{fmt(r['ms'], 3)} | {fmt(r.get(key), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default="quant,flash,decode")
+    p.add_argument("--shapes", default="gate_up,down,o,qkv")
+    p.add_argument("--rows", default="1,16,64,256")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--small", action="store_true", help="tiny shapes (interpret mode on a CPU)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                 "variants"))
+    a = p.parse_args(argv)
+    unknown = [x for x in a.parts.split(",") if x not in PARTS]
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown}; choose from {sorted(PARTS)}")
+    os.makedirs(a.out, exist_ok=True)
+    ceiling = B.copy_bandwidth(8 << 20 if a.small else 2 << 30)
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                commit=B.source_commit(), ceiling=ceiling)
+    rows: list = []
+    for part in a.parts.split(","):
+        t0 = time.perf_counter()
+        try:
+            PARTS[part](a, ceiling, rows)
+        except Exception:  # noqa: BLE001  (keep the other parts)
+            rows.append(dict(part=part, variant="(part)", error=traceback.format_exc()[-400:]))
+        print(f"== {part}: {time.perf_counter() - t0:.0f} s", flush=True)
+        with open(os.path.join(a.out, "compare_variants.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        with open(os.path.join(a.out, "compare_variants.md"), "w") as f:
+            f.write(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
