@@ -99,7 +99,9 @@ class QuantMatmulConfig:
         column); elsewhere the shift-by-shift path runs. For 2- and 4-bit codes with
         bfloat16 x and 2-, 4- and 8-bit codes with float16 x, the codes enter the product as
         16-bit float bit patterns ``bias + code`` (:func:`pattern_codes`: no int-to-float
-        conversion) and the bias joins the zero point's correction. Not yet timed on a GPU.
+        conversion), the bias joins the zero point's correction, and x's columns are put in
+        :func:`pair_major` order so that each int32 of two patterns is one operand register
+        of the matrix instruction as it is. Not yet timed on a GPU.
       dequant_tiles: with ``joined``, dequantize each tile, ``(q - z) * s`` in float32 rounded
         once to x's dtype (the weights of ``optgqa_jax.quant.dequantize``), before its product:
         the product then accumulates inside the matrix instruction, with no per-output scale
@@ -231,6 +233,20 @@ def pattern_codes(words, bits: int, dtype):
     return low + high
 
 
+def pair_major(a, bits: int, axis: int = -1):
+    """Reorder `a`'s K axis (a multiple of P = 32 / bits) within every word's P rows so that
+    position ``2 j + h`` holds row ``j + h P / 2``: the two codes that one int32 of
+    :func:`pattern_codes` carries (shift j in its low half, shift ``j + P/2`` in its high half)
+    become neighbours along K, which is how a matrix instruction takes its 16-bit operand
+    pairs, so that int32 enters the product as it is (no repacking of halves)."""
+    P = 32 // bits
+    a = jnp.moveaxis(a, axis, -1)
+    lead, K = a.shape[:-1], a.shape[-1]
+    a = a.reshape(*lead, K // P, 2, P // 2)
+    a = jnp.swapaxes(a, -1, -2).reshape(*lead, K)
+    return jnp.moveaxis(a, -1, axis)
+
+
 def join_shifts(parts):
     """P arrays [Pk, bn] (shift p of a tile's words: input rows ``P * w + p``) -> [Pk * P, bn]
     in natural row order, by pairwise ``jnp.stack`` on a new last axis (the only join Triton
@@ -325,7 +341,9 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     w = join_shifts(shifted)                              # [tk, bn] codes
                     w = w if dequant_tiles else w.astype(x.dtype)
                 else:
-                    w = join_shifts(pattern_codes(words, bits, x.dtype))  # bias + codes
+                    pc = pattern_codes(words, bits, x.dtype)              # P x [Pk, bn]
+                    pc = [pc[j + h * (P // 2)] for j in range(P // 2) for h in (0, 1)]
+                    w = join_shifts(pc)   # bias + codes, rows in pair_major order (as x)
                 if dequant_tiles:   # the tile's weights (q - z) s, rounded once to x's dtype
                     q = w - (z + bias).astype(w.dtype)      # exact: small integers
                     w = (q.astype(jnp.float32) * s).astype(x.dtype)
@@ -467,8 +485,11 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     T = Kp // tile_k                                                # sub-tiles along K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if needs_xs
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
-    if not joined:   # the joined path reads x in natural order
+    pattern = code_pattern(x.dtype, bits) if joined else None
+    if not joined:   # the joined path reads x in natural order, or pair-major with patterns
         xp = shift_major(xp, tile_k, bits)
+    elif pattern is not None:
+        xp = pair_major(xp, bits)
     # Codes arrive times 2^s (code_floats); x's columns carry 2^-s, exact as a power of two.
     # The register path multiplies in float32; float16 x in the tensor-core path would
     # underflow, so there the partial products are scaled instead.
@@ -483,7 +504,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           block_k=block_k, use_gidx=use_gidx, fma=config.fma,
                           scale_parts=scale_parts, prefetch=config.prefetch, joined=joined,
                           tile_k=tile_k,
-                          pattern=code_pattern(x.dtype, bits) if joined else None,
+                          pattern=pattern,
                           dequant_tiles=joined and config.dequant_tiles)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:

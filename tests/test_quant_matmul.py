@@ -358,6 +358,22 @@ def test_pattern_codes_are_bias_plus_code(rng, dtype, bits):
         np.testing.assert_array_equal(np.asarray(part, np.float64), bias + codes[p::P])
 
 
+@pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, 2), (jnp.bfloat16, 4), (jnp.float16, 8)])
+def test_joined_patterns_follow_pair_major_rows(rng, dtype, bits):
+    """The kernel joins each int32's two codes (shift j, shift j + P/2) as K neighbours; the
+    joined tile lists the rows of pair_major order, which the wrapper gives x too."""
+    from pallas_kernels.quant_matmul import code_pattern, join_shifts, pair_major, pattern_codes
+    P, Pk, bn = 32 // bits, 4, 8
+    codes = rng.integers(0, 2 ** bits, (Pk * P, bn))
+    parts = pattern_codes(pack(jnp.asarray(codes, jnp.int32), bits), bits, dtype)
+    parts = [parts[j + h * (P // 2)] for j in range(P // 2) for h in (0, 1)]
+    _, bias = code_pattern(dtype, bits)
+    want = np.asarray(pair_major(jnp.asarray(codes), bits, axis=0), np.float64) + bias
+    np.testing.assert_array_equal(np.asarray(join_shifts(parts), np.float64), want)
+    rows = np.asarray(pair_major(jnp.arange(2 * P), bits))          # a permutation per word
+    assert sorted(rows[:P]) == list(range(P)) and rows[1] == P // 2
+
+
 def test_code_pattern_only_where_exact():
     """bfloat16 holds 128 + code exactly only up to 4 bits; float32 takes converted codes."""
     from pallas_kernels.quant_matmul import code_pattern
