@@ -54,7 +54,7 @@ def candidates(M, K, bits, group_size):
     multiply-add tiles), then the shift-by-shift tensor-core tiles.
 
     Joined tiles come first so that the budget reaches them: in SASS their loop costs fewer
-    instructions per code than the register path's at one row (3.0-4.5 against 5.5-7.7,
+    instructions per code than the register path's at one row (2.5-3.8 against 5.5-7.7,
     ``results/cpu/quant/ptx_per_code.md``). K steps past the group size run as one-group
     sub-tiles."""
     P = 32 // bits
