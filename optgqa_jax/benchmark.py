@@ -494,7 +494,11 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
                        f"page_size={bc.page_size}, attention={bc.attention_impl}"
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
+                          + (" per device" if bc.tensor_parallel_size > 1 else "")
                           if bc.kv_memory_bytes else "")
+                       + (f", tensor parallel over {bc.tensor_parallel_size} devices (MBU "
+                          "against their combined copy bandwidth)"
+                          if bc.tensor_parallel_size > 1 else "")
                        + (", fused q/k/v and gate/up" if bc.fuse_projections
                           else ", separate q/k/v and gate/up")
                        + (", asynchronous scheduling" if bc.async_scheduling
