@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -153,16 +154,16 @@ def speed_rows(ceiling: float, rows, out: list, save) -> None:
 
 def group_major_row(add, T, sets, want, rel_err, N: int, K: int, s: float) -> None:
     """The same BSR weights in group-major order (``pallas_kernels.bsr_gm_quant_matmul``):
-    the best of a few blocks-per-program and warp counts; the reordering is not timed (it
-    runs once per layer, on the host)."""
+    the best of a few blocks-per-program and warp counts, on registers and as tensor-core
+    products (``mma``); the reordering is not timed (it runs once per layer, on the host)."""
     best, tried = None, []
     for bt in (32, 64, 128):
         gm_sets = [(x, group_major_blocks(b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
                                           out_features=N, groups=K // 128, block_t=bt))
                    for x, b in sets]
-        for nw in (4, 8):
+        for nw, mma in itertools.product((4, 8), (False, True)):
             cfg = GroupMajorConfig(block_m=GroupMajorConfig.for_shape("cuda", sets[0][0].shape[0])
-                                   .block_m, num_warps=nw, num_stages=2)
+                                   .block_m, num_warps=nw, num_stages=2, mma=mma)
             f = lambda x, g, cfg=cfg: bsr_gm_quant_matmul(x, g, out_features=N, bits=4,
                                                           group_size=128, config=cfg)
             try:

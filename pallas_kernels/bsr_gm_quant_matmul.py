@@ -38,7 +38,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 from pallas_kernels.bsr_quant_matmul import KERNEL_BITS, prepare_x
-from pallas_kernels.quant_matmul import code_floats
+from pallas_kernels.quant_matmul import (code_floats, code_pattern, join_shifts, pair_major,
+                                         pattern_codes)
 
 _TWO23 = float(2 ** 23)
 
@@ -114,11 +115,18 @@ class GroupMajorConfig:
     Attributes:
       block_m: rows of x per program (1 to 16, a power of two).
       num_warps, num_stages: Triton launch parameters.
+      mma: multiply each program's T blocks as one tensor-core product
+        ``[16, gs] @ [gs, T]`` (x padded to 16 rows; up to 16 rows of x in one program),
+        with the codes as 16-bit float bit patterns as in ``quant_matmul``'s joined path
+        (:func:`~pallas_kernels.quant_matmul.pattern_codes`, x in pair-major order): for
+        bfloat16 x at 2 and 4 bits and float16 x at 2, 4 and 8 bits; other inputs take the
+        register path, as do layouts with T or gs below 16. Not yet timed on a GPU.
     """
 
     block_m: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    mma: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int) -> "GroupMajorConfig":
@@ -132,7 +140,8 @@ class GroupMajorConfig:
             raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
 
 
-def _make_kernel(*, N: int, bits: int, group_size: int, block_t: int, block_m: int):
+def _make_kernel(*, N: int, bits: int, group_size: int, block_t: int, block_m: int,
+                 pattern=None, M: int = 0):
     P = 32 // bits
     Wg = group_size // P
 
@@ -143,6 +152,20 @@ def _make_kernel(*, N: int, bits: int, group_size: int, block_t: int, block_m: i
         sc = s_ref[...].astype(jnp.float32)                 # [T]
         zp = z_ref[...].astype(jnp.float32)
         rows = r_ref[...]                                   # [T] output features
+        if pattern is not None:   # one product [16, gs] @ [gs, T]: codes as bias + code
+            parts = pattern_codes(words.T, bits, x_ref.dtype)             # P x [Wg, T]
+            parts = [parts[j + h * (P // 2)] for j in range(P // 2) for h in (0, 1)]
+            w = join_shifts(parts)                          # [gs, T], pair-major rows
+            xg = x_ref[:, pl.ds(g * group_size, group_size)]              # [16, gs]
+            dot = C.dot(xg, w)                              # [16, T] sum x (bias + q)
+            xs = xs_ref[:, pl.ds(g, 1)]                     # [16, 1] group sums
+            vals = sc[None, :] * (dot - (zp[None, :] + pattern[1]) * xs)
+            mrow = jnp.arange(block_m)[:, None]
+            shape = (block_m, block_t)
+            plgpu.store(o_ref.at[jnp.broadcast_to(mrow, shape),
+                                 jnp.broadcast_to((g * N + rows)[None, :], shape)],
+                        vals, mask=(mrow < M) & (rows < N)[None, :])
+            return
         words_hi = words >> 16
         vals = [code_floats(words, words_hi, bits, p) - _TWO23 for p in range(P)]  # q 2^s_p
         for m in range(block_m):
@@ -166,12 +189,21 @@ def _bsr_gm_quant_matmul(x, blocks: GroupMajorBlocks, *, out_features, bits, gro
     G, N = K // group_size, out_features
     n_prog = blocks.program_group.shape[0]
     block_t = blocks.codes.shape[0] // n_prog
-    block_m = int(min(config.block_m, C.next_power_of_two(M)))
-    Mp = C.cdiv(M, block_m) * block_m
-    x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
-    buf = jnp.zeros((Mp, G * N), jnp.float32)               # places of pruned blocks stay 0
+    # the tensor-core path: up to 16 rows, and blocks and programs of at least 16 (dot sizes)
+    mma = config.mma and M <= 16 and block_t >= 16 and group_size >= 16
+    pattern = code_pattern(x.dtype, bits) if mma else None
+    if pattern is not None:   # one program of 16 rows; x pair-major in its own dtype
+        block_m = Mp = 16
+        _, x_sum = prepare_x(x, bits, group_size, Mp)
+        x_sm = pair_major(jnp.pad(x, ((0, Mp - M), (0, 0))), bits)
+        buf = jnp.zeros((M, G * N), jnp.float32)            # only the real rows
+    else:
+        block_m = int(min(config.block_m, C.next_power_of_two(M)))
+        Mp = C.cdiv(M, block_m) * block_m
+        x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
+        buf = jnp.zeros((Mp, G * N), jnp.float32)           # places of pruned blocks stay 0
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, block_t=block_t,
-                          block_m=block_m)
+                          block_m=block_m, pattern=pattern, M=M)
     per_block = lambda a: pl.BlockSpec((block_t,) + a.shape[1:],
                                        lambda i, j: (j,) + (0,) * (a.ndim - 1))
     out = pl.pallas_call(

@@ -65,6 +65,38 @@ def test_kernel_matches_float64(bits, gs, G, N, M, dtype, block_t, block_m):
     assert (np.asarray(y, np.float64)[:, counts == 0] == 0).all()      # empty rows give 0
 
 
+@pytest.mark.parametrize("bits,gs,G,N,M,dtype,block_t,takes_mma", [
+    (4, 32, 5, 24, 1, jnp.bfloat16, 16, True),
+    (4, 64, 4, 37, 3, jnp.float16, 16, True),
+    (8, 32, 4, 21, 2, jnp.float16, 32, True),
+    (2, 64, 3, 18, 5, jnp.bfloat16, 16, True),
+    (4, 128, 2, 13, 16, jnp.bfloat16, 16, True),    # 16 rows: the whole tile
+    (8, 32, 3, 19, 2, jnp.bfloat16, 16, False),     # 128 + 255 is not exact in bfloat16
+    (4, 32, 3, 19, 4, jnp.float32, 16, False),
+    (4, 32, 3, 19, 17, jnp.bfloat16, 16, False),    # more than 16 rows
+    (4, 32, 3, 19, 2, jnp.bfloat16, 8, False),      # T below the product's 16
+])
+def test_mma_path_matches_float64(bits, gs, G, N, M, dtype, block_t, takes_mma, monkeypatch):
+    """GroupMajorConfig(mma=True): each program's blocks as one tensor-core product with the
+    codes as bit patterns; inputs it does not cover take the register path (a spy tells)."""
+    import sys
+    gm = sys.modules["pallas_kernels.bsr_gm_quant_matmul"]
+    calls = []
+    real = gm.pattern_codes
+    monkeypatch.setattr(gm, "pattern_codes", lambda *a: calls.append(1) or real(*a))
+    args, ref, K = make_case(int(np.random.default_rng().integers(1 << 30)), M, G, N, bits, gs,
+                             dtype)
+    blocks = reorder(args, N, K, gs, block_t)
+    y = bsr_gm_quant_matmul(args[0], blocks, out_features=N, bits=bits, group_size=gs,
+                            interpret=INTERPRET,
+                            config=GroupMajorConfig(block_m=4, num_stages=1, mma=True))
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close_to_scale(y, ref, TOL[dtype], "group-major bsr kernel, mma")
+    assert bool(calls) == takes_mma
+    counts = np.bincount(np.asarray(args[5]), minlength=N)
+    assert (np.asarray(y, np.float64)[:, counts == 0] == 0).all()
+
+
 @pytest.mark.parametrize("pattern", ["empty", "full"])
 def test_empty_and_dense_layers(pattern):
     G, N, gs = 3, 11, 32

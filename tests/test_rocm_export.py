@@ -138,13 +138,15 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, platform):
 
 # bsr_gm_quant_matmul: x [M, K]; GroupMajorBlocks: codes int32 [nnz_p, gs * bits / 32],
 # scales/zeros/rows [nnz_p], program_group [nnz_p / T].
-@pytest.mark.parametrize("M,bits,gs", [(1, 4, 128), (16, 4, 64), (3, 8, 128), (2, 2, 64)])
+@pytest.mark.parametrize("M,bits,gs,mma", [(1, 4, 128, False), (16, 4, 64, False),
+                                           (3, 8, 128, False), (2, 2, 64, False),
+                                           (1, 4, 128, True), (16, 2, 64, True)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
-def test_bsr_gm_quant_matmul_lowers_through_triton(M, bits, gs, platform):
+def test_bsr_gm_quant_matmul_lowers_through_triton(M, bits, gs, mma, platform):
     from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConfig,
                                                     bsr_gm_quant_matmul)
     K, N, T, programs = 512, 384, 64, 24
-    cfg = GroupMajorConfig.for_shape(platform, M)
+    cfg = dataclasses.replace(GroupMajorConfig.for_shape(platform, M), mma=mma)
 
     def f(x, c, s, z, rows, pg):
         return bsr_gm_quant_matmul(x, GroupMajorBlocks(c, s, z, rows, pg), out_features=N,
