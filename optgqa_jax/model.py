@@ -31,7 +31,6 @@ from optgqa_jax import sharding
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
-from optgqa_jax.quant.linear import dequantize
 from optgqa_jax.quant.linear import is_quantized as _is_dense_quantized
 from optgqa_jax.quant.linear import lookup_columns
 from optgqa_jax.quant.linear import matmul as quant_matmul
@@ -114,16 +113,20 @@ class Linear(nn.Module):
         elif is_group_major(kernel):
             y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
-            impl = _QUANT_IMPL[self.impl]
-            y = None
-            if sharding.current_kernel_mesh() is not None:  # each device's shard (TP)
-                y = sharding.quantized_matmul_per_device(
-                    x, kernel, self.scope.path, lambda xx, qq: quant_matmul(xx, qq, impl))
-            if y is None:
-                y = quant_matmul(x, kernel, impl)
+            y = _quantized_product(x, kernel, _QUANT_IMPL[self.impl], self.scope.path)
         else:
             y = jnp.dot(x, kernel.astype(self.dtype))
         return self.perturb("out", y)
+
+
+def _quantized_product(x, ql, impl: str, path, out_dtype=None):
+    """``x @ ql`` for a dense QuantizedLinear by ``quant.matmul``; on a tensor-parallel kernel
+    mesh (``sharding.kernel_mesh``) on each device's shard of the layer at params `path`."""
+    fn = lambda xx, qq: quant_matmul(xx, qq, impl, out_dtype=out_dtype)  # noqa: E731
+    y = None
+    if sharding.current_kernel_mesh() is not None:
+        y = sharding.quantized_matmul_per_device(x, ql, path, fn)
+    return fn(x, ql) if y is None else y
 
 
 # The model's ``attention_impl`` also picks the quantized matmul: kernels under "pallas",
@@ -241,9 +244,11 @@ class Transformer(nn.Module):
         if select is not None:
             x = jnp.take_along_axis(x, select[..., None], axis=1)  # [B, R, D]
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)
+        # quantized heads multiply like quantized layers (the kernel for decode rows on GPUs,
+        # never a dequantized copy of the whole [D, V] table per step), logits in float32
         if cfg.tie_embeddings and _is_dense_quantized(table):
-            logits = jnp.einsum("BTD,DV->BTV", x, dequantize(table),
-                                preferred_element_type=jnp.float32)
+            logits = _quantized_product(x, table, _QUANT_IMPL[self.impl],
+                                        ("embed", "embedding"), jnp.float32)
         elif cfg.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
         else:
@@ -251,13 +256,15 @@ class Transformer(nn.Module):
                 w = self.get_variable("params", "lm_head")
             else:
                 w = self.param("lm_head", _INIT, (cfg.d_model, cfg.vocab_size), dt)
-            if is_bsr(w):
-                w = dequantize_bsr(w)
-            elif is_group_major(w):
-                w = dequantize_group_major(w)
-            elif is_quantized(w):
-                w = dequantize(w)
-            logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+            if _is_dense_quantized(w):
+                logits = _quantized_product(x, w, _QUANT_IMPL[self.impl], ("lm_head",),
+                                            jnp.float32)
+            else:
+                if is_bsr(w):
+                    w = dequantize_bsr(w)
+                elif is_group_major(w):
+                    w = dequantize_group_major(w)
+                logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)
 
 

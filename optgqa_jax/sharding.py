@@ -309,14 +309,15 @@ def current_kernel_mesh() -> Optional[Mesh]:
 
 
 def _kernel_specs_at(path: Sequence[str]):
-    """The PartitionSpecs recorded by :func:`kernel_mesh` for the kernel at module `path`."""
+    """The PartitionSpecs recorded by :func:`kernel_mesh` for the weight at params `path`: a
+    leaf (``("lm_head",)``) or a module holding a ``kernel`` (``("layer_0", "attn", "q_proj")``)."""
     entry = _KERNEL_MESH.get()
     node = None if entry is None else entry[1]
-    for key in (*path, "kernel"):
+    for key in path:
         if not isinstance(node, dict) or key not in node:
             return None
         node = node[key]
-    return node
+    return node.get("kernel") if isinstance(node, dict) else node
 
 
 def quantized_matmul_per_device(x: jax.Array, ql: QuantizedLinear, path: Sequence[str],

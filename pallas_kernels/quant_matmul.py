@@ -459,9 +459,10 @@ def k_tiles(config: QuantMatmulConfig, K: int, bits: int, group_size: int,
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "use_gidx", "interpret",
-                                             "config"))
+                                             "config", "out_dtype"))
 def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gidx, interpret,
-                  config):
+                  config, out_dtype=None):
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     M, K = x.shape
     N = qweight.shape[1]
     P = 32 // bits
@@ -511,7 +512,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((Mp, Np), x.dtype)
+        out_shape = jax.ShapeDtypeStruct((Mp, Np), out_dtype)
         out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
     out = pl.pallas_call(
         kernel,
@@ -527,7 +528,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                                              num_stages=config.num_stages),
         name=f"optgqa_quant_matmul_w{bits}",
     )(xp, qweight, scales, zeros, gidx, xs)
-    out = out.sum(axis=0).astype(x.dtype) if split else out
+    out = out.sum(axis=0).astype(out_dtype) if split else out
     return out if (Mp, Np) == (M, N) else out[:M, :N]
 
 
@@ -583,8 +584,8 @@ def check_quant_inputs(x, qweight, scales, zeros, g_idx, bits: int, group_size: 
 
 def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                  bits: int, group_size: int, g_idx: Optional[jax.Array] = None,
-                 interpret: bool = False,
-                 config: Optional[QuantMatmulConfig] = None) -> jax.Array:
+                 interpret: bool = False, config: Optional[QuantMatmulConfig] = None,
+                 out_dtype=None) -> jax.Array:
     """``x @ dequant(W)`` with W dequantized in registers (see the module docstring).
 
     Args:
@@ -597,9 +598,10 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
         contiguous groups ``k // group_size``.
       interpret: Pallas interpret mode (CPU testing).
       config: tuning knobs; default :meth:`QuantMatmulConfig.for_shape`.
+      out_dtype: the output's dtype (default x's), e.g. float32 for logits.
 
     Returns:
-      [M, N] in x's dtype (float32 accumulation).
+      [M, N] in ``out_dtype`` (float32 accumulation).
 
     Raises:
       ValueError: unsupported bits, shapes or dtypes that disagree, a group size that does not
@@ -608,16 +610,16 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
     check_quant_inputs(x, qweight, scales, zeros, g_idx, bits, group_size)
     M, K = x.shape
     N = qweight.shape[1]
-    if M == 0 or N == 0:
-        return jnp.zeros((M, N), x.dtype)
-    if K == 0:
-        return jnp.zeros((M, N), x.dtype)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if M == 0 or N == 0 or K == 0:
+        return jnp.zeros((M, N), out_dtype)
     config = config or QuantMatmulConfig.for_shape(C.backend(), M, K, N, group_size)
     config.validate()
     use_gidx = g_idx is not None
     gidx = g_idx if use_gidx else jnp.zeros((1,), jnp.int32)
     return _quant_matmul(x, qweight, scales, zeros, gidx, bits=bits, group_size=int(group_size),
-                         use_gidx=use_gidx, interpret=interpret, config=config)
+                         use_gidx=use_gidx, interpret=interpret, config=config,
+                         out_dtype=out_dtype)
 
 
 def quant_matmul_reference(x, qweight, scales, zeros, *, bits: int, group_size: int,

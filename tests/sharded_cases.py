@@ -238,19 +238,19 @@ def test_attention_kernels_run_per_device(N, K, tp, plan, decode, alibi):
 
 
 @pytest.mark.parametrize("name,want", [("attn/q_proj", "columns"), ("attn/o_proj", "rows"),
-                                       ("mlp/down_proj", "rows")])
+                                       ("mlp/down_proj", "rows"), ("lm_head", "columns")])
 def test_quantized_layers_multiply_per_device(name, want):
     """Inside sharding.kernel_mesh a quantized layer multiplies each device's shard under
     shard_map (columns: output split; rows: x split and one psum) and matches the whole
     layer's product."""
     from optgqa_jax.quant.linear import matmul
     cfg, params = model("mha", 7)
-    qp = quant.random_quantize(params, quant.parse_spec("w4g8"), seed=2)
+    qp = quant.random_quantize(params, quant.parse_spec("w4g8+head"), seed=2)
     mesh = sharding.make_mesh(1, 2)
     specs = sharding.partition_specs(cfg, qp, mesh)
-    path = ("layer_0", *name.split("/"))
+    path = ("lm_head",) if name == "lm_head" else ("layer_0", *name.split("/"))
     node_q, node_s = qp, specs
-    for key in (*path, "kernel"):
+    for key in (path if name == "lm_head" else (*path, "kernel")):   # a leaf, or a module's
         node_q, node_s = node_q[key], node_s[key]
     split = tuple(node_s.qweight) + (None,) * 2
     assert {"columns": split[1], "rows": split[0]}[want] == "model"

@@ -131,3 +131,28 @@ def test_bad_input(tiny, tmp_path):
         g_idx=jnp.zeros((cfg.d_model // 2,), jnp.int32))}}
     with pytest.raises(ValueError, match="embed/embedding"):
         og.forward(cfg, wrong, windows)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_head_multiplies_through_quant_matmul(tied, monkeypatch):
+    """A quantized LM head (or tied table) is multiplied by quant.matmul with float32 output,
+    the kernel under "pallas" (interpret mode here), never a dequantized [D, V] copy: the
+    logits match the dequantizing "reference" path."""
+    from optgqa_jax import model as model_mod
+    from optgqa_jax import quant
+    cfg = og.ModelConfig.preset("tiny", tie_embeddings=tied)
+    params = og.init_params(cfg, jax.random.PRNGKey(3))
+    qp = quant.random_quantize(params, quant.parse_spec(
+        "w4g16+emb" if tied else "w4g16+head"), seed=4)
+    calls = []
+    real = model_mod.quant_matmul
+    monkeypatch.setattr(model_mod, "quant_matmul", lambda x, ql, impl, out_dtype=None: (
+        calls.append((ql.shape, impl, out_dtype)) or real(x, ql, impl, out_dtype=out_dtype)))
+    tokens = jnp.asarray([[1, 7, 42, 5, 9]])
+    got = og.forward(cfg, qp, tokens, attention_impl="pallas")
+    head = [c for c in calls if c[0] == (cfg.d_model, cfg.vocab_size)]
+    assert head and head[0][1] == "pallas" and head[0][2] == jnp.float32
+    assert got.dtype == jnp.float32
+    want = og.forward(cfg, qp, tokens, attention_impl="reference")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
+                               atol=1e-4 * float(np.abs(np.asarray(want)).max()))

@@ -131,8 +131,9 @@ MATMUL_IMPLS = ("auto", "pallas", "dequantize")
 KERNEL_MAX_ROWS = 16
 
 
-def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
-    """``x @ dequantize(ql)`` for x [..., D_in], in x's dtype.
+def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None) -> jax.Array:
+    """``x @ dequantize(ql)`` for x [..., D_in], in ``out_dtype`` (default x's dtype; float32
+    accumulation either way, so ``out_dtype=float32`` gives unrounded sums, e.g. logits).
 
     ``impl``: ``"pallas"`` runs the dequantizing Pallas kernel
     (``pallas_kernels.quant_matmul``: codes read packed, dequantized in registers; in interpret
@@ -157,14 +158,14 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto") -> jax.Array:
     else:
         use_kernel = impl == "pallas"
     if not use_kernel:
-        return jnp.dot(x, dequantize(ql, x.dtype))
+        return jnp.dot(x, dequantize(ql, x.dtype), preferred_element_type=out_dtype)
     lead, (d_in, d_out) = x.shape[:-1], ql.shape
     if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
         x = jnp.take(x, ql.perm, axis=-1)
     y = quant_matmul(x.reshape(-1, d_in), ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
                      group_size=ql.group_size,
                      g_idx=None if ql.groups_contiguous else ql.g_idx,
-                     interpret=kc.backend() == "cpu")
+                     interpret=kc.backend() == "cpu", out_dtype=out_dtype)
     return y.reshape(*lead, d_out)
 
 
