@@ -66,10 +66,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
+from pallas_kernels.quant_codes import (code_floats, code_pattern, join_shifts,  # noqa: F401
+                                        pair_major, pattern_codes, shift_major, shift_offsets,
+                                        shift_scales)
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
-_TWO23_BITS = 0x4B000000          # the float32 bit pattern of 2^23
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -168,96 +170,6 @@ class QuantMatmulConfig:
         if self.dequant_tiles and not self.joined:
             raise ValueError("dequant_tiles is an option of the joined path; set joined=True")
 
-
-
-def shift_offsets(bits: int) -> list[tuple[bool, int]]:
-    """Where shift p's codes are read in place: (from the word's high half, bit offset s).
-
-    A code at bits ``[b p, b p + b)`` of a word is masked where it lies (in the low half, or in
-    the high half after one shift by 16 shared by the word's upper codes), so it arrives
-    multiplied by ``2^s`` with ``s = b p mod 16``; x's columns of that shift carry the
-    factor ``2^-s`` (:func:`shift_scales`, exact: a power of two).
-    """
-    return [(bits * p >= 16, bits * p % 16) for p in range(32 // bits)]
-
-
-def shift_scales(bits: int, block_k: int, Kp: int) -> np.ndarray:
-    """float32 [Kp]: the factor ``2^-s`` of every column of x in shift-major tile order."""
-    P = 32 // bits
-    per_shift = np.array([2.0 ** -s for _, s in shift_offsets(bits)], np.float32)
-    return np.tile(np.repeat(per_shift, block_k // P), Kp // block_k)
-
-
-def code_floats(words, words_hi, bits: int, p: int):
-    """float32 ``2^23 + code * 2^s`` of shift p of int32 ``words`` (``words_hi = words >> 16``).
-
-    The masked code, placed under the exponent of 2^23, is that float's mantissa: one and-or
-    per code (a single three-input logic instruction), no shift and no int-to-float conversion.
-    """
-    hi, s = shift_offsets(bits)[p]
-    src = words_hi if hi else words
-    return jax.lax.bitcast_convert_type((src & (((1 << bits) - 1) << s)) | _TWO23_BITS,
-                                        jnp.float32)
-
-
-# Codes as 16-bit float bit patterns on the joined path: ``magic | code`` is the float
-# ``bias + code`` (the code fills the low mantissa bits below an exponent whose unit in the
-# last place is 1), exact while ``bias + 2^b - 1`` stays below ``2 bias``. bfloat16 (7 mantissa
-# bits): 128 + code for 2 and 4 bits; 8-bit codes do not fit. float16 (10 bits): 1024 + code.
-_CODE_PATTERNS = {"bfloat16": (0x4300, 128.0, (2, 4)), "float16": (0x6400, 1024.0, (2, 4, 8))}
-
-
-def code_pattern(dtype, bits: int) -> Optional[tuple[int, float]]:
-    """(magic, bias) such that the 16-bit pattern ``magic | code`` of ``dtype`` is the float
-    ``bias + code``, or None where that is not exact (then codes are converted from integers)."""
-    entry = _CODE_PATTERNS.get(jnp.dtype(dtype).name)
-    if entry is None or bits not in entry[2]:
-        return None
-    return entry[0], entry[1]
-
-
-def pattern_codes(words, bits: int, dtype):
-    """P arrays [Pk, bn] of ``dtype`` (shift p of int32 ``words`` as ``bias + code``), built two
-    codes at a time: one shift and one and-or per word give shift j in the low half and shift
-    ``j + P/2`` in the high half, each half already the 16-bit float's bit pattern, so no code
-    passes through an int-to-float conversion (a quarter-rate instruction on NVIDIA GPUs)."""
-    magic, _ = code_pattern(dtype, bits)
-    P, mask = 32 // bits, (1 << bits) - 1
-    pair_mask, pair_magic = mask | (mask << 16), magic | (magic << 16)
-    low, high = [], []
-    for j in range(P // 2):     # low half: code j; high half: code j + P/2 (bits 16 + b j)
-        t = ((words >> (bits * j)) & pair_mask) | pair_magic
-        low.append(jax.lax.bitcast_convert_type(t.astype(jnp.int16), dtype))
-        high.append(jax.lax.bitcast_convert_type(
-            jax.lax.shift_right_logical(t, 16).astype(jnp.int16), dtype))
-    return low + high
-
-
-def pair_major(a, bits: int, axis: int = -1):
-    """Reorder `a`'s K axis (a multiple of P = 32 / bits) within every word's P rows so that
-    position ``2 j + h`` holds row ``j + h P / 2``: the two codes that one int32 of
-    :func:`pattern_codes` carries (shift j in its low half, shift ``j + P/2`` in its high half)
-    become neighbours along K, which is how a matrix instruction takes its 16-bit operand
-    pairs, so that int32 enters the product as it is (no repacking of halves)."""
-    P = 32 // bits
-    a = jnp.moveaxis(a, axis, -1)
-    lead, K = a.shape[:-1], a.shape[-1]
-    a = a.reshape(*lead, K // P, 2, P // 2)
-    a = jnp.swapaxes(a, -1, -2).reshape(*lead, K)
-    return jnp.moveaxis(a, -1, axis)
-
-
-def join_shifts(parts):
-    """P arrays [Pk, bn] (shift p of a tile's words: input rows ``P * w + p``) -> [Pk * P, bn]
-    in natural row order, by pairwise ``jnp.stack`` on a new last axis (the only join Triton
-    lowers), then one transpose and one reshape. P is a power of two."""
-    level, depth = list(parts), 0
-    while len(level) > 1:   # stack shift 2i with 2i + 1: a new last axis, the next bit of p
-        level = [jnp.stack([level[i], level[i + 1]], axis=-1) for i in range(0, len(level), 2)]
-        depth += 1
-    t = level[0]                                   # [Pk, bn, bit 0, ..., bit depth-1 of p]
-    t = jnp.transpose(t, (0, *range(depth + 1, 1, -1), 1))      # [Pk, bit msb..lsb, bn]
-    return t.reshape(t.shape[0] * len(parts), t.shape[-1])
 
 
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
@@ -414,18 +326,6 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             o_ref[...] = acc[0].astype(o_ref.dtype)
 
     return kernel
-
-
-def shift_major(a, block_k: int, bits: int, axis: int = -1):
-    """Reorder `a`'s K axis (a multiple of block_k) tile by tile so that the rows held by shift
-    p of the tile's words come together: tile column ``p * (block_k / P) + w`` holds input row
-    ``P * w + p`` (P = 32 / bits codes per word), the order in which the kernel unpacks."""
-    P = 32 // bits
-    a = jnp.moveaxis(a, axis, -1)
-    lead, K = a.shape[:-1], a.shape[-1]
-    a = a.reshape(*lead, K // block_k, block_k // P, P)
-    a = jnp.swapaxes(a, -1, -2).reshape(*lead, K)
-    return jnp.moveaxis(a, -1, axis)
 
 
 def k_tiles(config: QuantMatmulConfig, K: int, bits: int, group_size: int,

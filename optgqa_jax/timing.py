@@ -1,0 +1,125 @@
+"""Measurement helpers of the benchmarks: the copy-bandwidth ceiling, wall-clock timing of
+jitted functions (also rotating over argument sets that overflow the L2 cache), percentiles, and
+the commit being measured. Used by ``optgqa_jax.benchmark`` and the scripts in
+``experiments/``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+
+
+def source_commit() -> str:
+    """Short commit of the code being measured: ``$OPTGQA_COMMIT`` when set (for checkouts
+    whose .git is absent or stale, as on a device machine), else ``git rev-parse``, else
+    ``"unknown"``."""
+    if os.environ.get("OPTGQA_COMMIT"):
+        return os.environ["OPTGQA_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip() or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+def copy_bandwidths(nbytes: int = 2 << 30) -> dict:
+    """Device-to-device copy bandwidth in bytes/s by several methods (read + written bytes).
+
+    The ceiling for memory-bound kernels is the best of these, so that a slow
+    copy method can never flatter a kernel's "% of copy":
+
+    * ``xla-scale-bf16``: an XLA elementwise kernel ``y = 2 x`` over bfloat16;
+    * ``xla-scale-f32``: the same over float32 (wider elements per thread);
+    * ``torch-copy``: ``Tensor.copy_`` (cudaMemcpy) when PyTorch with CUDA is
+      importable — a cross-check against a second runtime.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def best_of(fn, x, trials: int = 5, iters: int = 10) -> float:
+        jax.block_until_ready(fn(x))
+        best = float("inf")
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                y = fn(x)
+            jax.block_until_ready(y)
+            best = min(best, (time.perf_counter() - t0) / iters)
+        return 2 * nbytes / best
+
+    out = {}
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    out["xla-scale-bf16"] = best_of(jax.jit(lambda x: x * 2), x)
+    del x
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    out["xla-scale-f32"] = best_of(jax.jit(lambda x: x * 2), x)
+    del x
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            a = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+            b = torch.empty_like(a)
+            b.copy_(a)
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    b.copy_(a)
+                torch.cuda.synchronize()
+                best = min(best, (time.perf_counter() - t0) / 10)
+            out["torch-copy"] = 2 * nbytes / best
+            del a, b
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return out
+
+
+def timeit(fn, *args, iters: int = 20, trials: int = 5) -> float:
+    """Median seconds per call of ``fn(*args)`` over `trials` batches of `iters` calls, after
+    a warm-up call (compilation); waits for the device at the end of each batch."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def timeit_rotating(fn, arg_sets, iters: int = 20, trials: int = 3,
+                    compiler_options=None) -> float:
+    """Median seconds per call of ``fn`` over several independent argument sets, all called in
+    one jitted program (``len(arg_sets)`` calls per launch).
+
+    For kernels of a few microseconds: one launch amortises Python's dispatch over many calls,
+    and rotating over arguments whose bytes add up to several times the L2 cache makes every
+    call read its weights from memory, as consecutive layers of a model do. Each timed batch
+    runs `iters` programs back to back, so only the first program's dispatch and the last wait
+    are exposed; with few programs per batch or few argument sets per program those inflate
+    short kernels by tens of µs (``experiments/timing_gaps.py``): pass 8 or more sets.
+    """
+    import jax
+
+    many = jax.jit(lambda sets: [fn(*args) for args in sets], compiler_options=compiler_options)
+    return timeit(many, list(arg_sets), iters=iters, trials=trials) / len(arg_sets)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """The memory ceiling in bytes/s: the best of :func:`copy_bandwidths`."""
+    return max(copy_bandwidths(nbytes).values())
+
+
+def _percentiles(xs) -> dict:
+    xs = np.asarray(xs, np.float64)
+    return dict(mean=float(xs.mean()), p50=float(np.percentile(xs, 50)),
+                p99=float(np.percentile(xs, 99)))
