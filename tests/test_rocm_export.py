@@ -101,7 +101,8 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
 def test_quant_matmul_joined_lowers_through_triton(bits, group_size, dtype, dequant_tiles,
                                                    platform):
     """The one-product-per-tile path: the shifts' pairwise stacks, transpose and reshape; the
-    codes as 16-bit float bit patterns (bfloat16 at 2 and 4 bits, float16 at 8) or converted
+    codes (pallas_kernels.quant_codes) as 16-bit float bit patterns (bfloat16 at 2 and 4
+    bits, float16 at 8) or converted
     (bfloat16 at 8 bits); each tile dequantized before its product or corrected after it."""
     import dataclasses
 
