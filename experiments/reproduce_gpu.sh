@@ -8,7 +8,9 @@
 # gqsa-accuracy (default: all, in that order); sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
-# the others. The commit is read from git, or from OPTGQA_COMMIT where .git is absent.
+# the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
+# from git, or from OPTGQA_COMMIT where .git is absent. OPTGQA_TEST_WORKERS: pytest workers of
+# the tests step (default 8; pytest-xdist).
 set -u
 out=${1:-experiments/results/latest}
 shift || true
@@ -23,6 +25,11 @@ engine_args=(--model llama3-8b --max-num-seqs 256 --kv-memory-gib 48 --fuse-proj
 run() {  # run NAME SECONDS CMD...: one step, its output in OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  if [ -n "${OPTGQA_DEADLINE:-}" ]; then  # epoch seconds by which every step must have ended
+    local left=$(( OPTGQA_DEADLINE - $(date +%s) ))
+    if [ "$left" -lt 20 ]; then echo "== $name skipped: past OPTGQA_DEADLINE"; return; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "   exit $?; log: $out/$name.log"
@@ -31,7 +38,9 @@ run() {  # run NAME SECONDS CMD...: one step, its output in OUT/NAME.log
 for step in $steps; do
   case $step in
     tests)  # every kernel test, compiled for the GPU
-      JAX_DEFAULT_MATMUL_PRECISION=highest run gpu_kernel_tests 600 python -m pytest -q \
+      # several workers share the GPU (compilation is most of the time), memory taken as needed
+      XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+        run gpu_kernel_tests 600 python -m pytest -q -n "${OPTGQA_TEST_WORKERS:-8}" \
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
         tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
