@@ -127,31 +127,42 @@ class QuantMatmulConfig:
                   group_size: int = -1) -> "QuantMatmulConfig":
         """Default tiles for a backend ("cuda", "rocm", "cpu"), problem shape and group size.
 
-        One row (batch-1 decode) takes the register path (``fma``, ``block_m=1``) with K tiles
-        of 256 rows and 8 warps. Other decode-sized M (<= 64 rows) takes 16- or 64-row tiles
-        64 columns wide; larger M takes 128 x 128 tiles. Up to 64 rows, K is split until the
-        grid has about a thousand programs. K tiles above one row are 128 rows, one group of
-        128 (the kernel's cheaper one-group-per-tile path); the kernel raises them to 16 codes
-        per shift (256 rows at 2 bits). From the tile searches of ``experiments/tune_quant.py``
-        on an H200 (``experiments/results/h200/quant/``; at commit 08d70b9 the one-row rule
-        measured 61.5, 18.0 and 38.5 µs on the Llama-3-8B gate/up, o and down shapes, against
-        67.9, 20.7 and 52.3 µs for the 16-row tiles it replaced, under a timing that inflated
-        short kernels: the order holds, the times are too high).
+        * One row (batch-1 decode): the register path (``fma``, ``block_m=1``), K tiles of 256
+          rows, 8 warps.
+        * 2-16 rows with at most 8192 columns: the joined tensor-core path, 16 x 256 tiles,
+          K steps of 128, 4 warps; with more columns, 16 x 64 tiles on the shift-by-shift path.
+        * More than 16 rows: the joined path with ``dequant_tiles``, tiles of up to 128 rows by
+          128 columns, K steps of 128, 8 warps.
+
+        Split-K: the joined tiles split K until the grid has about two programs per SM (264,
+        the rule the measurements used); the others until about a thousand programs (256 above
+        64 rows). Measured against each other on an H200 (jax 0.11.2, commit 09cb617,
+        ``experiments/results/h200/quant/compare_variants_09cb617.md``): at 16 rows the joined
+        256-wide tiles took 27.2 against 33.9 µs on q/k/v 4096x6144 and 27.0 against 30.7 µs on
+        o, but 74.9 against 55.5 µs on gate/up 4096x28672; at 64 rows ``dequant_tiles`` took
+        97.8 against 124.3 µs on gate/up (51.7 against 56.2 on down), at 256 rows 274.8 against
+        398.8. At one row both joined variants were slower than the register path.
         """
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
+        joined = False
         if M == 1:
             cfg = cls(block_m=1, block_n=64, block_k=256, num_warps=8, num_stages=3, fma=True)
             block_m = 1
-        elif block_m >= 128:
-            cfg = cls(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
-        elif block_m >= 64:
-            cfg = cls(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
-        else:
+        elif M <= 16 and N <= 8192:
+            cfg = cls(block_m=16, block_n=256, block_k=128, num_warps=4, num_stages=3,
+                      joined=True)
+            joined = True
+        elif M <= 16:
             cfg = cls(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        else:
+            cfg = cls(block_m=block_m, block_n=128, block_k=128, num_warps=8, num_stages=3,
+                      joined=True, dequant_tiles=True)
+            joined = True
         programs = C.cdiv(M, cfg.block_m) * C.cdiv(N, cfg.block_n)
         split = 1
-        target = 1024 if block_m <= 64 else 256
-        while programs * split < target and C.cdiv(K, cfg.block_k) >= 4 * split * 2:
+        target = 264 if joined else (1024 if block_m <= 64 else 256)
+        steps = 4 if joined else 8    # K steps each split keeps, at least
+        while programs * split < target and C.cdiv(K, cfg.block_k) >= steps * split:
             split *= 2
         cfg = dataclasses.replace(cfg, split_k=split)
         if backend == "rocm":  # 64 KB of LDS: one stage

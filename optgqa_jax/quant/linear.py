@@ -126,9 +126,12 @@ def lookup_columns(ql: QuantizedLinear, ids: jax.Array, dtype=None) -> jax.Array
 MATMUL_IMPLS = ("auto", "pallas", "dequantize")
 
 
-# impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit e877c19)
-# the 4-bit kernel was 1.0-1.5x the bfloat16 product at 1 and 16 rows and 0.54x at 64 rows.
-KERNEL_MAX_ROWS = 16
+# impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit 09cb617,
+# experiments/results/h200/quant/compare_variants_09cb617.md) the 4-bit kernel beat XLA's
+# dequantize-then-multiply at 64 rows on all four Llama-3-8B shapes (97.8 against 233.6 µs on
+# gate/up) and at 256 rows on gate/up and down (274.8 against 295.8 µs), lost on o (54.4
+# against 45.0) and tied on q/k/v: 528.6 against 549.6 µs summed over one layer's products.
+KERNEL_MAX_ROWS = 256
 
 
 def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None) -> jax.Array:
