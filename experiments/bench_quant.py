@@ -29,6 +29,7 @@ fused projections); peak memory and parameter bytes of each.
 Usage::
 
     python experiments/bench_quant.py [--only kernels|engine] [--quick]
+        [--engine-formats bf16,w4g128,w4g128+head+emb,w8] [--engine-workloads batch1,throughput]
         [--out experiments/results/quant]
 
 Writes ``bench_quant.{json,md}`` and ``bench_quant.png`` (kernel speed-up over bfloat16 against
@@ -146,13 +147,20 @@ def kernel_rows(ceiling: float, rows, out: list, save) -> None:
             save()
 
 
-def engine_runs(out: list, save, requests: int) -> None:
+ENGINE_WORKLOADS = ("batch1", "throughput")
+
+
+def engine_runs(out: list, save, requests: int, formats=ENGINE_FORMATS,
+                workloads=ENGINE_WORKLOADS) -> None:
     common = dict(model="llama3-8b", max_num_seqs=256, kv_memory_bytes=48 * 2 ** 30,
                   fuse_projections=True)
-    for spec in ENGINE_FORMATS:
-        for kind, extra in (("batch-1 decode", dict(num_requests=1, max_num_seqs=1,
-                                                   seq_buckets=(1,))),
-                            (f"{requests} x 256/256", dict(num_requests=requests))):
+    for spec in formats:
+        for name, kind, extra in (
+                ("batch1", "batch-1 decode", dict(num_requests=1, max_num_seqs=1,
+                                                  seq_buckets=(1,))),
+                ("throughput", f"{requests} x 256/256", dict(num_requests=requests))):
+            if name not in workloads:
+                continue
             bc = B.BenchConfig(**{**common, **extra}, quantize=spec)
             print(f"engine {spec or 'bf16'} {kind} ...", flush=True)
             r = B.run_in_subprocess("engine", bc)
@@ -236,8 +244,20 @@ def main(argv=None) -> None:
     p.add_argument("--only", choices=("kernels", "engine"), default=None)
     p.add_argument("--quick", action="store_true", help="M = 1, 16 and 2048 only")
     p.add_argument("--engine-requests", type=int, default=1000)
+    p.add_argument("--engine-formats", default=",".join(f or "bf16" for f in ENGINE_FORMATS),
+                   help="engine: comma-separated formats (bf16 is the unquantized model)")
+    p.add_argument("--engine-workloads", default=",".join(ENGINE_WORKLOADS),
+                   help=f"engine: comma-separated subset of {','.join(ENGINE_WORKLOADS)}")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
+    formats = [None if f == "bf16" else f for f in a.engine_formats.split(",") if f]
+    workloads = [w for w in a.engine_workloads.split(",") if w]
+    for f in formats:
+        if f is not None:
+            quant.parse_spec(f.split("+")[0])   # a bad format fails here, before any run
+    if not set(workloads) <= set(ENGINE_WORKLOADS):
+        p.error(f"--engine-workloads {a.engine_workloads!r}: expected a subset of "
+                f"{','.join(ENGINE_WORKLOADS)}")
     os.makedirs(a.out, exist_ok=True)
     ceilings = B.copy_bandwidths()
     res = {"meta": dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -256,7 +276,7 @@ def main(argv=None) -> None:
         kernel_rows(res["meta"]["ceiling"], (1, 16, 2048) if a.quick else ROWS,
                     res["kernels"], save)
     if a.only in (None, "engine"):
-        engine_runs(res["engine"], save, a.engine_requests)
+        engine_runs(res["engine"], save, a.engine_requests, formats, workloads)
     save()
     print(markdown(res))
 
