@@ -28,7 +28,8 @@ fused projections); peak memory and parameter bytes of each.
 
 Usage::
 
-    python experiments/bench_quant.py [--only kernels|engine] [--quick]
+    python experiments/bench_quant.py [--only kernels|engine] [--quick] [--rows 1,16,64]
+        [--formats w4g128,w4,w8g128,w8]
         [--engine-formats bf16,w4g128,w4g128+head+emb,w8] [--engine-workloads batch1,throughput]
         [--out experiments/results/quant]
 
@@ -89,7 +90,7 @@ def arg_sets(key, M, K, N, make_weight):
     return sets
 
 
-def kernel_rows(ceiling: float, rows, out: list, save) -> None:
+def kernel_rows(ceiling: float, rows, out: list, save, formats=FORMATS) -> None:
     opts = compiler_options()
     T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     for (name, (K, N)), M in itertools.product(SHAPES.items(), rows):
@@ -112,7 +113,7 @@ def kernel_rows(ceiling: float, rows, out: list, save) -> None:
                   + ("" if err is None else f", rel err {err:.1e}"), flush=True)
 
         add("bf16", "bf16", t_bf16, io_bytes(M, K, N))
-        for fmt in FORMATS:
+        for fmt in formats:
             qc = quant.parse_spec(fmt)
             sets = arg_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
                 jax.random.fold_in(k, 2), K, N, qc, "bfloat16"))
@@ -243,6 +244,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=("kernels", "engine"), default=None)
     p.add_argument("--quick", action="store_true", help="M = 1, 16 and 2048 only")
+    p.add_argument("--rows", default=None, help="kernels: comma-separated row counts M "
+                   f"(default {','.join(map(str, ROWS))})")
+    p.add_argument("--formats", default=",".join(FORMATS),
+                   help="kernels: comma-separated weight formats")
     p.add_argument("--engine-requests", type=int, default=1000)
     p.add_argument("--engine-formats", default=",".join(f or "bf16" for f in ENGINE_FORMATS),
                    help="engine: comma-separated formats (bf16 is the unquantized model)")
@@ -250,6 +255,11 @@ def main(argv=None) -> None:
                    help=f"engine: comma-separated subset of {','.join(ENGINE_WORKLOADS)}")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
+    kformats = [f for f in a.formats.split(",") if f]
+    for f in kformats:
+        quant.parse_spec(f)
+    rows = ((1, 16, 2048) if a.quick else ROWS) if a.rows is None else tuple(
+        int(m) for m in a.rows.split(","))
     formats = [None if f == "bf16" else f for f in a.engine_formats.split(",") if f]
     workloads = [w for w in a.engine_workloads.split(",") if w]
     for f in formats:
@@ -273,8 +283,7 @@ def main(argv=None) -> None:
         plot(res, os.path.join(a.out, "bench_quant.png"))
 
     if a.only in (None, "kernels"):
-        kernel_rows(res["meta"]["ceiling"], (1, 16, 2048) if a.quick else ROWS,
-                    res["kernels"], save)
+        kernel_rows(res["meta"]["ceiling"], rows, res["kernels"], save, kformats)
     if a.only in (None, "engine"):
         engine_runs(res["engine"], save, a.engine_requests, formats, workloads)
     save()
