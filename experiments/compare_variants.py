@@ -12,10 +12,12 @@ one short run (the first thing to run on a GPU after them).
 * ``decode``: paged decode with groups of 7 (28/4) padded in XLA against masked query rows
   (``replicate_queries=True``), at B=64 ctx 4096 and at the engine's shape (B=256, contexts
   257-512), beside 32/8; and 28/4 at B=32 ctx 2048 with and without ALiBi.
+* ``decode_tiles`` (not in the default parts): the CUDA default decode against other grid
+  sizes, key blocks, warps and stages at B=64 ctx 4096 for 28/4, 40/8, 12/4 and 32/8.
 
 Usage::
 
-    python experiments/compare_variants.py [--parts quant,flash,decode] [--out DIR]
+    python experiments/compare_variants.py [--parts quant,flash,decode,decode_tiles] [--out DIR]
         [--shapes gate_up,down,o,qkv] [--rows 1,16,64,256]
 
 Writes ``compare_variants.{json,md}`` under ``--out`` after every part. ``--small`` shrinks
@@ -167,39 +169,63 @@ def _decode_inputs(key, batch, N, K, context, min_context=None, D=128, Z=16):
     return q, kp, vp, tables.astype(jnp.int32), lengths
 
 
-def part_decode(a, ceiling: float, rows: list) -> None:
+def _time_decode(a, ceiling, rows, part, batch, N, K, ctx, lo, alibi, variants) -> None:
+    """Time paged decode at one shape for each (name -> PagedAttentionConfig)."""
     interpret = C.backend() == "cpu"
+    args = _decode_inputs(jax.random.PRNGKey(batch + N), batch, N, K, ctx, lo)
+    kv_bytes = 2 * int(jnp.sum(args[4])) * K * 128 * 2
+    sl = alibi_slopes(N) if alibi else None
+    for variant, cfg in variants.items():
+        fn = jax.jit(lambda q, k, v, t, l, cfg=cfg, sl=sl: paged_attention(
+            q, k, v, t, l, alibi_slopes=sl, config=cfg, interpret=interpret),
+            compiler_options=compiler_options())
+        row = dict(part=part, shape=f"B={batch} ctx={ctx if not lo else f'{lo}-{ctx}'} "
+                   f"{N}/{K}", alibi=alibi, variant=variant)
+        try:
+            jax.block_until_ready(fn(*args))
+            t = B.timeit(fn, *args, iters=a.iters, trials=a.trials)
+            row.update(ms=t * 1e3, pct_ceiling=100 * kv_bytes / t / ceiling)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def part_decode(a, ceiling: float, rows: list) -> None:
     cases = [(64, 28, 4, 4096, None, False), (64, 32, 8, 4096, None, False),
              (256, 28, 4, 512, 257, False), (256, 32, 8, 512, 257, False),
              (32, 28, 4, 2048, None, False), (32, 28, 4, 2048, None, True)]
     if a.small:
         cases = [(2, 28, 4, 64, None, False), (2, 28, 4, 64, None, True)]
     for batch, N, K, ctx, lo, alibi in cases:
-        args = _decode_inputs(jax.random.PRNGKey(batch + N), batch, N, K, ctx, lo)
-        kv_bytes = 2 * int(jnp.sum(args[4])) * K * 128 * 2
-        sl = alibi_slopes(N) if alibi else None
-        variants = {"padded in XLA": PagedAttentionConfig.for_backend("cuda", alibi=alibi)}
-        variants["padded in XLA"] = dataclasses.replace(variants["padded in XLA"],
-                                                        replicate_queries=False)
-        variants["replicated / masked rows"] = dataclasses.replace(
-            variants["padded in XLA"], replicate_queries=True)
-        for variant, cfg in variants.items():
-            fn = jax.jit(lambda q, k, v, t, l, cfg=cfg, sl=sl: paged_attention(
-                q, k, v, t, l, alibi_slopes=sl, config=cfg, interpret=interpret),
-                compiler_options=compiler_options())
-            row = dict(part="decode", shape=f"B={batch} ctx={ctx if not lo else f'{lo}-{ctx}'} "
-                       f"{N}/{K}", alibi=alibi, variant=variant)
-            try:
-                jax.block_until_ready(fn(*args))
-                t = B.timeit(fn, *args, iters=a.iters, trials=a.trials)
-                row.update(ms=t * 1e3, pct_ceiling=100 * kv_bytes / t / ceiling)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        padded = dataclasses.replace(PagedAttentionConfig.for_backend("cuda", alibi=alibi),
+                                     replicate_queries=False)
+        _time_decode(a, ceiling, rows, "decode", batch, N, K, ctx, lo, alibi,
+                     {"padded in XLA": padded, "replicated / masked rows":
+                      dataclasses.replace(padded, replicate_queries=True)})
 
 
-PARTS = {"quant": part_quant, "flash": part_flash, "decode": part_decode}
+def part_decode_tiles(a, ceiling: float, rows: list) -> None:
+    """The CUDA default decode against other grid sizes, key blocks and warps, at B=64 ctx
+    4096 for groups of 7, 5, 3 and 4 (28/4, 40/8, 12/4, 32/8): where the time goes for groups
+    that are not powers of two."""
+    cases = [(64, 28, 4, 4096), (64, 40, 8, 4096), (64, 12, 4, 4096), (64, 32, 8, 4096)]
+    if a.small:
+        cases = [(2, 28, 4, 64)]
+    for batch, N, K, ctx in cases:
+        d = PagedAttentionConfig.for_backend("cuda")
+        _time_decode(a, ceiling, rows, "decode_tiles", batch, N, K, ctx, None, False, {
+            "default": d,
+            "target_programs 256": dataclasses.replace(d, target_programs=256),
+            "target_programs 1024": dataclasses.replace(d, target_programs=1024),
+            "target_programs 2048": dataclasses.replace(d, target_programs=2048),
+            "64-key blocks": dataclasses.replace(d, keys_per_block=64),
+            "8 warps": dataclasses.replace(d, num_warps=8),
+            "2 stages": dataclasses.replace(d, num_stages=2)})
+
+
+PARTS = {"quant": part_quant, "flash": part_flash, "decode": part_decode,
+         "decode_tiles": part_decode_tiles}
 
 
 def markdown(meta: dict, rows: list) -> str:
@@ -220,7 +246,8 @@ def markdown(meta: dict, rows: list) -> str:
                 lines.append(f"| {r['shape']} | {r['M']} | {r['variant']} | {fmt(r['us'])} | "
                              f"{fmt(r['vs_bf16'], 2)} | {fmt(r['pct_ceiling'], 0)}% | "
                              f"{fmt(r.get('rel_error'), 4) if r.get('rel_error') is not None else '—'} |")
-    for part, unit, key in (("flash", "TFLOP/s", "tflops"), ("decode", "% of copy", "pct_ceiling")):
+    for part, unit, key in (("flash", "TFLOP/s", "tflops"), ("decode", "% of copy", "pct_ceiling"),
+                            ("decode_tiles", "% of copy", "pct_ceiling")):
         prow = [r for r in rows if r["part"] == part]
         if not prow:
             continue

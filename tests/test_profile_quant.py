@@ -147,7 +147,8 @@ def test_compare_variants_runs_every_part(tmp_path):
     written."""
     mod = _load("compare_variants")
     mod.main(["--small", "--rows", "1,64", "--shapes", "gate_up", "--iters", "1",
-              "--trials", "1", "--out", str(tmp_path)])
+              "--trials", "1", "--parts", "quant,flash,decode,decode_tiles",
+              "--out", str(tmp_path)])
     res = json.loads((tmp_path / "compare_variants.json").read_text())
     rows = res["rows"]
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
@@ -156,6 +157,7 @@ def test_compare_variants_runs_every_part(tmp_path):
                                                   "joined dequant_tiles", "dequantize (XLA)"}
     assert all(r["rel_error"] < 1e-2 for r in quant_rows)
     assert {(r["part"], r["variant"]) for r in rows if r["part"] != "quant"} >= {
-        ("flash", "lazy_rescale"), ("decode", "replicated / masked rows")}
+        ("flash", "lazy_rescale"), ("decode", "replicated / masked rows"),
+        ("decode_tiles", "target_programs 1024"), ("decode_tiles", "64-key blocks")}
     md = (tmp_path / "compare_variants.md").read_text()
     assert "## quant_matmul" in md and "## flash" in md and "## decode" in md
