@@ -9,6 +9,9 @@ then for the Llama-3-8B linear shapes (fused q/k/v 4096×6144, o 4096×4096, fus
   (unpack, scale and multiply fused or not as XLA decides);
 * ``dequant-once``: the float weight dequantized once (as an engine could per prefill step)
   plus the bfloat16 product: the two timed separately and added;
+* ``dequant-kernel`` (64 rows and more): ``pallas_kernels.dequant`` writes the float weight
+  (each word read once), then the bfloat16 product, in one jit (``quant.matmul(...,
+  "dequantize_kernel")``, what ``quant.matmul`` runs above ``KERNEL_MAX_ROWS`` rows);
 * ``ours``: ``pallas_kernels.quant_matmul`` at 4 and 8 bits, groups of 128 and per channel.
 
 Each row: µs per product, GB/s of the bytes it must read (packed codes, scales, zeros, x) and
@@ -136,6 +139,10 @@ def kernel_rows(ceiling: float, rows, out: list, save, formats=FORMATS) -> None:
                 t_deq = T(lambda x, ql: quant.dequantize(ql, jnp.bfloat16), sets)
                 add("dequant-once", fmt, t_deq + t_bf16, nbytes, None,
                     dequantize_us=t_deq * 1e6, copies=len(sets))
+            if M >= 64:   # the streaming dequantize kernel, then the bfloat16 product
+                dqk = lambda x, ql: quant.matmul(x, ql, "dequantize_kernel")  # noqa: E731
+                add("dequant-kernel", fmt, T(dqk, sets), nbytes, err(jax.jit(dqk)(x, ql)),
+                    copies=len(sets))
             ours = lambda x, ql: quant.matmul(x, ql, "pallas")
             try:
                 add("ours", fmt, T(ours, sets), nbytes, err(jax.jit(ours)(x, ql)),

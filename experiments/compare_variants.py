@@ -4,7 +4,8 @@ one short run (the first thing to run on a GPU after them).
 * ``quant``: ``quant_matmul`` on the Llama-3-8B linear shapes at 1, 16, 64 and 256 rows of x,
   4 bits in groups of 128: the bfloat16 product, the ``for_shape`` default, joined tiles 256
   columns wide (codes as bfloat16 bit patterns), the deepest register tiles (one row), joined
-  tiles with ``dequant_tiles`` and XLA's dequantize-then-multiply (64 rows and more). µs per
+  tiles with ``dequant_tiles``, XLA's dequantize-then-multiply and the streaming Pallas
+  dequantize kernel then the bfloat16 product (64 rows and more). µs per
   product over weight copies that overflow the L2 cache, times against bfloat16, % of the
   copy ceiling and the relative error against the bfloat16 product of the dequantized weight.
 * ``flash``: causal flash attention, B=4 T=4096 GQA 32/8 D=128, default tiles against
@@ -52,7 +53,8 @@ SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "o": (4096, 4096),
 
 
 def quant_variants(M: int, K: int, N: int) -> dict:
-    """name -> QuantMatmulConfig (None: XLA's dequantize-then-multiply)."""
+    """name -> QuantMatmulConfig (None: XLA's dequantize-then-multiply; "dequantize_kernel":
+    the streaming Pallas dequantize, then the bfloat16 product)."""
     bm = max(16, C.next_power_of_two(M)) if M <= 64 else 128
     out = {"default": QuantMatmulConfig.for_shape("cuda", M, K, N, 128)}
     out["joined 256"] = with_split(QuantMatmulConfig(
@@ -66,6 +68,7 @@ def quant_variants(M: int, K: int, N: int) -> dict:
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,
             dequant_tiles=True), M, K, N)
         out["dequantize (XLA)"] = None
+        out["dequantize kernel"] = "dequantize_kernel"
     return out
 
 
@@ -92,10 +95,12 @@ def part_quant(a, ceiling: float, rows: list) -> None:
                              pct_ceiling=100 * io_bytes(M, K, N) / t_bf16 / ceiling))
             for variant, cfg in quant_variants(M, K, N).items():
                 row = dict(part="quant", shape=name, K=K, N=N, M=M, variant=variant,
-                           config=None if cfg is None else dataclasses.asdict(cfg))
+                           config=dataclasses.asdict(cfg) if isinstance(cfg, QuantMatmulConfig)
+                           else None)
                 try:
-                    if cfg is None:
-                        fn = lambda x, q: quant.matmul(x, q, "dequantize")  # noqa: E731
+                    if cfg is None or isinstance(cfg, str):   # XLA's, or the Pallas, dequantize
+                        fn = lambda x, q, impl=cfg or "dequantize": quant.matmul(  # noqa: E731
+                            x, q, impl)
                     else:
                         fn = lambda x, q, cfg=cfg: quant_matmul(  # noqa: E731
                             x, q.qweight, q.scales, q.zeros, bits=4, group_size=128,

@@ -159,3 +159,20 @@ def test_bsr_gm_quant_matmul_lowers_through_triton(M, bits, gs, mma, platform):
             S((programs,), jnp.int32))
     module = export_for(platform, f, *args)
     assert module.count(TRITON_CALL) == 1
+
+
+# dequantize_packed: codes int32 [K * bits / 32, N], scales/zeros [G, N].
+@pytest.mark.parametrize("K,N,bits,gs", [(512, 384, 4, 128), (200, 17, 4, 64), (256, 96, 8, -1),
+                                          (128, 40, 2, 32)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_dequantize_kernel_lowers_through_triton(K, N, bits, gs, platform):
+    """The streaming dequantize kernel (pallas_kernels.dequant): one Triton call, masked edge
+    tiles included."""
+    from pallas_kernels.dequant import dequantize_packed
+    G = 1 if gs == -1 else -(-K // gs)
+    args = (S((K * bits // 32, N), jnp.int32), S((G, N), jnp.float16), S((G, N), jnp.uint8))
+
+    def f(q, s, z):
+        return dequantize_packed(q, s, z, bits=bits, group_size=gs, K=K)
+
+    assert export_for(platform, f, *args).count(TRITON_CALL) == 1

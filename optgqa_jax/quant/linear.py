@@ -123,7 +123,7 @@ def lookup_columns(ql: QuantizedLinear, ids: jax.Array, dtype=None) -> jax.Array
     return rows.reshape(*jnp.shape(ids), ql.shape[0]).astype(dtype or ql.dtype)
 
 
-MATMUL_IMPLS = ("auto", "pallas", "dequantize")
+MATMUL_IMPLS = ("auto", "pallas", "dequantize", "dequantize_kernel")
 
 
 # impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit 09cb617,
@@ -138,30 +138,53 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None
     """``x @ dequantize(ql)`` for x [..., D_in], in ``out_dtype`` (default x's dtype; float32
     accumulation either way, so ``out_dtype=float32`` gives unrounded sums, e.g. logits).
 
-    ``impl``: ``"pallas"`` runs the dequantizing Pallas kernel
-    (``pallas_kernels.quant_matmul``: codes read packed, dequantized in registers; in interpret
-    mode on a CPU); ``"dequantize"`` builds the float weight and multiplies (XLA); ``"auto"``
-    (default) takes the kernel on GPUs for bfloat16/float16 activations, 2-, 4- or 8-bit codes
-    and at most ``KERNEL_MAX_ROWS`` rows of x (decode), and dequantizes everywhere else (CPUs,
-    float32, 3 bits, prefill-sized inputs, where the kernel measured slower than the bfloat16
-    product: ``experiments/results/h200/quant/tune_quant.md``).
+    ``impl``:
+
+    * ``"pallas"``: the dequantizing Pallas kernel (``pallas_kernels.quant_matmul``: codes read
+      packed, dequantized in registers; in interpret mode on a CPU);
+    * ``"dequantize"``: XLA builds the float weight and multiplies;
+    * ``"dequantize_kernel"``: the streaming Pallas kernel ``pallas_kernels.dequant`` writes
+      the float weight (each word read once, each weight written once), then the plain float
+      product (cuBLAS on NVIDIA);
+    * ``"auto"`` (default): on GPUs with bfloat16/float16 x and 2-, 4- or 8-bit codes, the
+      fused kernel up to ``KERNEL_MAX_ROWS`` rows of x (decode) and ``"dequantize_kernel"``
+      above (prefill), where the layer's format allows it; ``"dequantize"`` everywhere else
+      (CPUs, float32, 3 bits).
 
     Raises:
-      ValueError: an unknown ``impl``; ``"pallas"`` with 3-bit codes.
+      ValueError: an unknown ``impl``; ``"pallas"`` with 3-bit codes; ``"dequantize_kernel"``
+        with a format the kernel does not take.
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
     from pallas_kernels import _common as kc
+    from pallas_kernels import dequant as kdq
     from pallas_kernels.quant_matmul import KERNEL_BITS, quant_matmul
     if impl == "auto":
         rows = int(np.prod(x.shape[:-1]))
-        use_kernel = (kc.backend() != "cpu" and ql.bits in KERNEL_BITS
-                      and rows <= KERNEL_MAX_ROWS
+        gpu_format = (kc.backend() != "cpu" and ql.bits in KERNEL_BITS
                       and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-    else:
-        use_kernel = impl == "pallas"
-    if not use_kernel:
+        if gpu_format and rows <= KERNEL_MAX_ROWS:
+            impl = "pallas"
+        elif (gpu_format and ql.groups_contiguous
+              and kdq.supported(ql.bits, ql.group_size)):
+            impl = "dequantize_kernel"
+        else:
+            impl = "dequantize"
+    if impl == "dequantize":
         return jnp.dot(x, dequantize(ql, x.dtype), preferred_element_type=out_dtype)
+    if impl == "dequantize_kernel":
+        if not (ql.groups_contiguous and kdq.supported(ql.bits, ql.group_size)):
+            raise ValueError(f"impl='dequantize_kernel' takes {kdq.DEQUANT_BITS}-bit codes in "
+                             "groups of a power of two (or per channel) stored in group order; "
+                             f"got bits={ql.bits}, group_size={ql.group_size}, "
+                             f"groups_contiguous={ql.groups_contiguous}")
+        if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
+            x = jnp.take(x, ql.perm, axis=-1)
+        w = kdq.dequantize_packed(ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
+                                  group_size=ql.group_size, K=ql.shape[0], dtype=x.dtype,
+                                  interpret=kc.backend() == "cpu")
+        return jnp.dot(x, w, preferred_element_type=out_dtype)
     lead, (d_in, d_out) = x.shape[:-1], ql.shape
     if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
         x = jnp.take(x, ql.perm, axis=-1)
