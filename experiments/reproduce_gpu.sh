@@ -44,7 +44,7 @@ for step in $steps; do
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
         tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
-        tests/test_bsr_gm_quant_matmul.py ;;
+        tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     profile)  # one decode step, pipelined and synchronous
