@@ -227,7 +227,8 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["kernels"] if "us" in r and r["impl"] in ("ours", "xla-dequant")]
+    rows = [r for r in res["kernels"] if "us" in r
+            and r["impl"] in ("ours", "xla-dequant", "dequant-kernel")]
     if not rows:
         return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))

@@ -172,8 +172,8 @@ def override_decode_config(spec: str) -> None:
             changes[name.strip()] = value.strip()  # bare strings such as prefetch=tiles
     original = PagedAttentionConfig.for_backend.__func__
 
-    def patched(cls, backend, alibi=False):
-        return dataclasses.replace(original(cls, backend, alibi), **changes)
+    def patched(cls, backend, alibi=False, group_size=None):
+        return dataclasses.replace(original(cls, backend, alibi, group_size), **changes)
 
     PagedAttentionConfig.for_backend = classmethod(patched)
 

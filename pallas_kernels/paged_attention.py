@@ -85,8 +85,11 @@ class PagedAttentionConfig:
     replicate_queries: bool = False
 
     @classmethod
-    def for_backend(cls, backend: str, alibi: bool = False) -> "PagedAttentionConfig":
-        """Defaults measured on an H100 (``experiments/results/h100/bench_kernels*.md``)."""
+    def for_backend(cls, backend: str, alibi: bool = False,
+                    group_size: Optional[int] = None) -> "PagedAttentionConfig":
+        """Defaults measured on an H100 (``experiments/results/h100/bench_kernels*.md``) and an
+        H200 (``experiments/results/h200/quant/compare_variants_*.md``). ``group_size``: query
+        heads per KV head, when known (it picks the key block for masked query rows)."""
         if backend == "rocm":
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
@@ -99,6 +102,12 @@ class PagedAttentionConfig:
         # B=64 ctx=4096 (0.406 vs 0.403 ms) and beat it by 11% on the engine's decode
         # shape, B=256 with contexts 257-512 (0.174 vs 0.195 ms), where the pad and
         # slice kernels around the call weigh more.
+        if group_size is not None and not C.is_power_of_two(group_size):
+            # H200, B=64 ctx 4096 (commit bfc3e84): with masked query rows, 64-key blocks read
+            # K/V at 72% of the copy bandwidth for 28/4 (0.176 against 0.188 ms with 32-key
+            # blocks), 79% for 40/8 (0.322 against 0.354) and 73% for 12/4; for 32/8 they were
+            # slower (0.425 against 0.325 ms), so powers of two keep 32-key blocks.
+            return cls(keys_per_block=64, replicate_queries=True)
         return cls(keys_per_block=32, replicate_queries=True)
 
     def validate(self) -> None:
@@ -369,7 +378,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             raise ValueError(f"lengths up to {int(host.max())} need more pages than block_tables "
                              f"holds ({block_tables.shape[1]} pages of {Z} = {capacity} tokens)")
     slopes = C.check_slopes(alibi_slopes, q.shape[1])
-    config = config or PagedAttentionConfig.for_backend(C.backend(), alibi=slopes is not None)
+    config = config or PagedAttentionConfig.for_backend(
+        C.backend(), alibi=slopes is not None, group_size=q.shape[1] // k_pages.shape[0])
     config.validate()
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)

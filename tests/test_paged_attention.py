@@ -164,3 +164,18 @@ def test_replicated_queries_drop_the_pad_and_slice(replicate, N):
     )(*args).mlir_module()
     assert ("stablehlo.pad" in text) != replicate
     assert ("stablehlo.slice" in text) != replicate
+
+
+def test_cuda_defaults_pick_key_blocks_by_group_size():
+    """CUDA defaults without ALiBi: masked query rows with 64-key blocks for groups that are not
+    powers of two (measured faster on the H200 for 28/4, 40/8 and 12/4), 32-key blocks with
+    replicated rows for powers of two; ALiBi keeps padded queries; ROCm ignores the group."""
+    PC = PagedAttentionConfig
+    for g in (3, 5, 7, 20):
+        cfg = PC.for_backend("cuda", group_size=g)
+        assert (cfg.keys_per_block, cfg.replicate_queries) == (64, True), g
+    for g in (None, 1, 4, 8):
+        cfg = PC.for_backend("cuda", group_size=g)
+        assert (cfg.keys_per_block, cfg.replicate_queries) == (32, True), g
+    assert not PC.for_backend("cuda", alibi=True, group_size=7).replicate_queries
+    assert PC.for_backend("rocm", group_size=7) == PC.for_backend("rocm")

@@ -126,12 +126,13 @@ def lookup_columns(ql: QuantizedLinear, ids: jax.Array, dtype=None) -> jax.Array
 MATMUL_IMPLS = ("auto", "pallas", "dequantize", "dequantize_kernel")
 
 
-# impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit 09cb617,
-# experiments/results/h200/quant/compare_variants_09cb617.md) the 4-bit kernel beat XLA's
-# dequantize-then-multiply at 64 rows on all four Llama-3-8B shapes (97.8 against 233.6 µs on
-# gate/up) and at 256 rows on gate/up and down (274.8 against 295.8 µs), lost on o (54.4
-# against 45.0) and tied on q/k/v: 528.6 against 549.6 µs summed over one layer's products.
-KERNEL_MAX_ROWS = 256
+# impl="auto" runs the fused kernel up to this many rows of x and "dequantize_kernel" above. On
+# an H200 (jax 0.11.2, commit bfc3e84, experiments/results/h200/quant/bench_quant_bfc3e84.md),
+# 4 bits in groups of 128: at 64 rows the fused kernel beat the Pallas dequantize + bfloat16
+# product on all four Llama-3-8B shapes (gate/up 98.5 against 151.6 µs), at 256 rows it lost on
+# all four (gate/up 273.5 against 182.6; q/k/v 64.8 against 48.9). XLA's dequantize-then-multiply
+# was slower than both at 64 and 256 rows. 65-255 rows are not measured.
+KERNEL_MAX_ROWS = 64
 
 
 def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None) -> jax.Array:
