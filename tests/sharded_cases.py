@@ -239,10 +239,12 @@ def test_attention_kernels_run_per_device(N, K, tp, plan, decode, alibi):
 
 @pytest.mark.parametrize("name,want", [("attn/q_proj", "columns"), ("attn/o_proj", "rows"),
                                        ("mlp/down_proj", "rows"), ("lm_head", "columns")])
-def test_quantized_layers_multiply_per_device(name, want):
+@pytest.mark.parametrize("impl", ["pallas", "dequantize_kernel"])
+def test_quantized_layers_multiply_per_device(name, want, impl):
     """Inside sharding.kernel_mesh a quantized layer multiplies each device's shard under
     shard_map (columns: output split; rows: x split and one psum) and matches the whole
-    layer's product."""
+    layer's product, with the fused kernel and with the Pallas dequantize + product (the
+    route above KERNEL_MAX_ROWS rows)."""
     from optgqa_jax.quant.linear import matmul
     cfg, params = model("mha", 7)
     qp = quant.random_quantize(params, quant.parse_spec("w4g8+head"), seed=2)
@@ -260,7 +262,7 @@ def test_quantized_layers_multiply_per_device(name, want):
     def run(x, ql):
         with sharding.kernel_mesh(mesh, specs):
             return sharding.quantized_matmul_per_device(
-                x, ql, path, lambda xx, qq: matmul(xx, qq, "pallas"))
+                x, ql, path, lambda xx, qq: matmul(xx, qq, impl))
 
     assert "shard_map" in str(jax.make_jaxpr(run)(x, node_q))
     close(jax.jit(run)(x, node_q), want_y, name)
