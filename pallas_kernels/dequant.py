@@ -81,9 +81,8 @@ def _check(qweight, scales, zeros, bits, group_size, K):
     if not supported(bits, group_size):
         raise ValueError(f"group_size={group_size}: expected -1 (per channel) or a power of two "
                          f">= {32 // bits} for {bits}-bit codes")
-    if qweight.ndim != 2 or jnp.dtype(qweight.dtype) != jnp.dtype(jnp.int32):
-        raise ValueError(f"qweight must be int32 [K*bits/32, N]; got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}")
+    C.check_rank("qweight", qweight, 2, "[K * bits / 32, N]")
+    C.check_int32("qweight", qweight)
     P = 32 // bits
     if K < 0 or K % P or qweight.shape[0] != K // P:
         raise ValueError(f"K={K}: expected a multiple of {P} with qweight.shape[0] == K/{P} "

@@ -161,34 +161,33 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None
     from pallas_kernels import _common as kc
     from pallas_kernels import dequant as kdq
     from pallas_kernels.quant_matmul import KERNEL_BITS, quant_matmul
+    # the streaming dequantize kernel takes rows stored in group order, in groups it can tile
+    dequant_kernel_ok = ql.groups_contiguous and kdq.supported(ql.bits, ql.group_size)
     if impl == "auto":
         rows = int(np.prod(x.shape[:-1]))
         gpu_format = (kc.backend() != "cpu" and ql.bits in KERNEL_BITS
                       and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
         if gpu_format and rows <= KERNEL_MAX_ROWS:
             impl = "pallas"
-        elif (gpu_format and ql.groups_contiguous
-              and kdq.supported(ql.bits, ql.group_size)):
+        elif gpu_format and dequant_kernel_ok:
             impl = "dequantize_kernel"
         else:
             impl = "dequantize"
     if impl == "dequantize":
         return jnp.dot(x, dequantize(ql, x.dtype), preferred_element_type=out_dtype)
+    if impl == "dequantize_kernel" and not dequant_kernel_ok:
+        raise ValueError(f"impl='dequantize_kernel' takes {kdq.DEQUANT_BITS}-bit codes in "
+                         "groups of a power of two (or per channel) stored in group order; "
+                         f"got bits={ql.bits}, group_size={ql.group_size}, "
+                         f"groups_contiguous={ql.groups_contiguous}")
+    if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
+        x = jnp.take(x, ql.perm, axis=-1)
     if impl == "dequantize_kernel":
-        if not (ql.groups_contiguous and kdq.supported(ql.bits, ql.group_size)):
-            raise ValueError(f"impl='dequantize_kernel' takes {kdq.DEQUANT_BITS}-bit codes in "
-                             "groups of a power of two (or per channel) stored in group order; "
-                             f"got bits={ql.bits}, group_size={ql.group_size}, "
-                             f"groups_contiguous={ql.groups_contiguous}")
-        if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
-            x = jnp.take(x, ql.perm, axis=-1)
         w = kdq.dequantize_packed(ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
                                   group_size=ql.group_size, K=ql.shape[0], dtype=x.dtype,
                                   interpret=kc.backend() == "cpu")
         return jnp.dot(x, w, preferred_element_type=out_dtype)
     lead, (d_in, d_out) = x.shape[:-1], ql.shape
-    if ql.perm is not None:  # rows stored sorted by group: permute the activations instead
-        x = jnp.take(x, ql.perm, axis=-1)
     y = quant_matmul(x.reshape(-1, d_in), ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
                      group_size=ql.group_size,
                      g_idx=None if ql.groups_contiguous else ql.g_idx,
