@@ -164,8 +164,10 @@ def engine_runs(out: list, save, requests: int, formats=ENGINE_FORMATS,
                   fuse_projections=True)
     for spec in formats:
         for name, kind, extra in (
+                # one 256-token prompt: one prefill bucket of its size, one decode bucket
                 ("batch1", "batch-1 decode", dict(num_requests=1, max_num_seqs=1,
-                                                  seq_buckets=(1,))),
+                                                  seq_buckets=(1,), max_num_batched_tokens=256,
+                                                  token_buckets=(256,))),
                 ("throughput", f"{requests} x 256/256", dict(num_requests=requests))):
             if name not in workloads:
                 continue

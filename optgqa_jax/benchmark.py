@@ -115,6 +115,12 @@ def _random_params(cfg, bc: BenchConfig):
 
     key = jax.random.PRNGKey(bc.seed)
     init = lambda: og.init_params(cfg, key, fused=bc.fuse_projections)  # noqa: E731
+    if bc.quantize and bc.tensor_parallel_size == 1:
+        # The linear layers drawn quantized from the abstract tree: no float copy of them
+        # ever exists, so init is quick and the run's peak memory is the quantized model's.
+        from optgqa_jax.model import abstract_params, init_abstract_leaves
+        tree = _quantize_random(abstract_params(cfg, bc.fuse_projections), bc)
+        return init_abstract_leaves(tree, key)
     if bc.tensor_parallel_size > 1:
         from optgqa_jax import sharding
         sharding.check_tensor_parallel(cfg, bc.tensor_parallel_size)
@@ -123,15 +129,20 @@ def _random_params(cfg, bc: BenchConfig):
         params = jax.jit(init, out_shardings=sharding.shardings(specs, mesh))()
     else:
         params = init()
-    if bc.quantize:
-        from optgqa_jax import quant
-        from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
-        qc, sparsity, group_major = parse_serving_spec(bc.quantize)
-        params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
-                  else random_sparsify(params, qc, sparsity, seed=bc.seed))
-        if group_major:
-            from optgqa_jax.sparse.group_major import to_group_major_params
-            params = to_group_major_params(params)
+    return _quantize_random(params, bc) if bc.quantize else params
+
+
+def _quantize_random(params, bc: BenchConfig):
+    """`params` (float, or abstract ``jax.ShapeDtypeStruct`` leaves) with the linear layers
+    replaced by random ones in the format ``bc.quantize`` names."""
+    from optgqa_jax import quant
+    from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
+    qc, sparsity, group_major = parse_serving_spec(bc.quantize)
+    params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
+              else random_sparsify(params, qc, sparsity, seed=bc.seed))
+    if group_major:
+        from optgqa_jax.sparse.group_major import to_group_major_params
+        params = to_group_major_params(params)
     return params
 
 
@@ -168,7 +179,7 @@ def run_engine(bc: BenchConfig) -> dict:
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
         xla_compiler_options=bc.xla_compiler_options, tensor_parallel_size=tp))
     t0 = time.perf_counter()
-    engine.warmup()
+    engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
     compiles_before = engine.stats.compiles
     engine.record_steps = True

@@ -287,10 +287,24 @@ def init_params(cfg: ModelConfig, key: jax.Array, fused: bool = False) -> dict:
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     # Leaf by leaf from the abstract tree: no forward pass is traced or compiled, so an
     # 8B-parameter model initialises in seconds (flax's own init compiles the whole model).
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg, fused))
+    return init_abstract_leaves(abstract_params(cfg, fused), key)
+
+
+def init_abstract_leaves(tree, key: jax.Array):
+    """`tree` with every ``jax.ShapeDtypeStruct`` leaf drawn as :func:`init_params` draws it
+    (normal, std 0.02; leaves named ``scale`` set to 1) and every other leaf kept as it is.
+
+    For trees built partly by hand: e.g. :func:`abstract_params` with its linear kernels
+    already replaced by random quantized layers, so that no float copy of them ever exists.
+    Leaf ``i`` (in flattening order, quantized layers counted as one leaf) takes the key
+    ``fold_in(key, i)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
     values = []
     for i, (path, leaf) in enumerate(leaves):
-        if getattr(path[-1], "key", None) == "scale":  # RMSNorm scales start at 1
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            values.append(leaf)
+        elif getattr(path[-1], "key", None) == "scale":  # RMSNorm scales start at 1
             values.append(jnp.ones(leaf.shape, leaf.dtype))
         else:
             values.append(_normal_leaf(jax.random.fold_in(key, i), leaf.shape, leaf.dtype))

@@ -179,3 +179,25 @@ def test_quantize_spec_parsing():
     assert (parse_spec("w4g128").bits, parse_spec("w4g128").group_size) == (4, 128)
     assert (parse_spec("w8").bits, parse_spec("w8").group_size) == (8, -1)
     assert parse_spec("w3g-1").group_size == -1
+
+
+@pytest.mark.parametrize("spec", ["w4g32", "w4g32s50", "w8g32+head+emb"])
+def test_quantized_params_are_drawn_without_a_float_copy(monkeypatch, spec):
+    """The benchmark draws quantized linear layers straight from the abstract tree (no float
+    kernel is ever made: ``og.init_params`` is not called), and gets exactly the params of
+    drawing the float model and then quantizing it."""
+    import jax
+    import numpy as np
+
+    import optgqa_jax as og
+
+    bc = B.BenchConfig(quantize=spec, **TINY_RUN)
+    cfg = B.model_config(bc)
+    expected = B._quantize_random(og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=True), bc)
+    monkeypatch.setattr(og, "init_params", lambda *a, **k: pytest.fail("float init called"))
+    got = B._random_params(cfg, bc)
+    a, ta = jax.tree_util.tree_flatten(got)
+    b, tb = jax.tree_util.tree_flatten(expected)
+    assert ta == tb
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))

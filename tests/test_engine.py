@@ -105,6 +105,21 @@ def test_no_recompilation_after_warmup(tiny):
         assert eng.runner.step_fn._cache_size() == jit_entries
 
 
+def test_greedy_only_warmup(tiny):
+    cfg, params, _, _ = tiny
+    eng = _engine(tiny, max_num_seqs=2, max_num_batched_tokens=16)
+    with pytest.raises(TypeError, match="sampling must be a bool"):
+        eng.warmup(sampling="no")
+    eng.warmup(sampling=False)
+    compiled = eng.stats.compiles
+    assert compiled == len(eng.runner.buckets())
+    prompts = [[5, 6, 7], [9] * 11]
+    eng.generate(prompts, og.SamplingParams(temperature=0.0, max_tokens=3))
+    assert eng.stats.compiles == compiled          # greedy steps: compiled by the warmup
+    eng.generate(prompts, og.SamplingParams(temperature=0.8, max_tokens=3))
+    assert eng.stats.compiles > compiled           # a sampling step compiles on first use
+
+
 def test_seeds(tiny):
     eng = _engine(tiny)
     prompt = tiny[2][0]

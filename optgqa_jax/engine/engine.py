@@ -570,9 +570,19 @@ class Engine:
         if not self.scheduler.has_unfinished():
             self.drain()
 
-    def warmup(self) -> None:
-        """Compile every step shape bucket now, so serving never compiles later."""
-        self.runner.warmup()
+    def warmup(self, sampling: bool = True) -> None:
+        """Compile every step shape bucket now, so serving never compiles later.
+
+        Args:
+          sampling: also compile the sampling programs (requests with ``temperature > 0``).
+            False compiles only the greedy ones, half the programs, for a workload known to
+            be all greedy (a benchmark); a sampling request then compiles its program on
+            first use. Steps that return log-probabilities are separate programs, compiled
+            on first use either way.
+        """
+        if not isinstance(sampling, bool):
+            raise TypeError(f"sampling must be a bool, got {sampling!r}")
+        self.runner.warmup(sampling)
 
     @property
     def stats(self) -> EngineStats:

@@ -391,11 +391,12 @@ class ModelRunner:
         args, kwargs = self._args(inputs, decode_only, size)
         return self.step_fn.lower(*args, **kwargs)
 
-    def warmup(self) -> None:
-        """Compile every bucket, greedy and sampling, with all-padding steps (they write
-        nothing): ``2 * len(buckets())`` programs."""
+    def warmup(self, sampling: bool = True) -> None:
+        """Compile every bucket with all-padding steps (they write nothing): the greedy
+        programs and, with ``sampling``, the sampling ones too (``2 * len(buckets())``
+        programs; ``len(buckets())`` without)."""
         for decode_only, size in self.buckets():
-            for temperature in (0.0, 1.0):
+            for temperature in ((0.0, 1.0) if sampling else (0.0,)):
                 x = self._empty(decode_only, size)
                 x.temperature[:] = temperature
                 self.run(x, decode_only, size)

@@ -1,0 +1,62 @@
+"""experiments/gqsa_eval.py's engine part: its run settings, flags and ``--resume`` bookkeeping
+(the runs themselves need a GPU; here the subprocess runner is replaced by a recorder)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import gqsa_eval  # noqa: E402
+
+import optgqa_jax as og  # noqa: E402
+from optgqa_jax import benchmark as B  # noqa: E402
+
+
+@pytest.mark.parametrize("seqs", [1, 3, 16])
+def test_engine_config_is_one_greedy_program_per_step_kind(seqs):
+    bc = gqsa_eval.engine_config("w4g128s50", seqs)
+    assert bc.quantize == "w4g128s50" and gqsa_eval.engine_config("bf16", seqs).quantize is None
+    assert bc.num_requests == bc.max_num_seqs == seqs and bc.seq_buckets == (seqs,)
+    assert bc.token_buckets == (bc.max_num_batched_tokens,)
+    assert bc.max_num_batched_tokens == min(256 * seqs, 2048)
+    og.EngineConfig(max_num_seqs=bc.max_num_seqs, max_num_batched_tokens=bc.max_num_batched_tokens,
+                    seq_buckets=bc.seq_buckets, token_buckets=bc.token_buckets)   # valid
+
+
+def test_engine_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
+    calls = []
+
+    def record(kind, bc):
+        calls.append((bc.quantize, bc.max_num_seqs))
+        if bc.quantize == "w2g128":
+            return dict(error="RuntimeError('out of memory')")
+        speed = {None: 100.0, "w4g128": 250.0}[bc.quantize] * bc.max_num_seqs
+        return dict(output_tokens_per_s=speed, param_bytes=2 ** 30, peak_memory_bytes=2 ** 31)
+
+    monkeypatch.setattr(B, "run_in_subprocess", record)
+    out = ["--part", "engine", "--out", str(tmp_path)]
+    gqsa_eval.main(out + ["--engine-formats", "bf16,w4g128", "--sequences", "1,2"])
+    assert calls == [(None, 1), (None, 2), ("w4g128", 1), ("w4g128", 2)]
+    calls.clear()
+    gqsa_eval.main(out + ["--engine-formats", "w4g128,w2g128", "--sequences", "2", "--resume"])
+    assert calls == [("w2g128", 2)]
+    runs = json.loads((tmp_path / "gqsa_engine.json").read_text())["runs"]
+    assert [(r["format"], r["sequences"]) for r in runs] == [
+        ("bf16", 1), ("bf16", 2), ("w4g128", 1), ("w4g128", 2), ("w2g128", 2)]
+    md = (tmp_path / "gqsa_engine.md").read_text()
+    assert "| w4g128 | 2 | 500 | 2.50 | 1.00 |" in md and "| w2g128 | 2 | fails:" in md
+    calls.clear()   # a failed run is tried again
+    gqsa_eval.main(out + ["--engine-formats", "w2g128", "--sequences", "2", "--resume"])
+    assert calls == [("w2g128", 2)]
+
+
+@pytest.mark.parametrize("flags", [["--engine-formats", "w5g128"], ["--sequences", "0"],
+                                   ["--sequences", "x"], ["--shapes", "lm_head"],
+                                   ["--rows", ""]])
+def test_bad_flags_exit_before_any_run(flags, monkeypatch, tmp_path):
+    monkeypatch.setattr(B, "run_in_subprocess", lambda *a: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as e:
+        gqsa_eval.main(["--part", "engine", "--out", str(tmp_path), *flags])
+    assert e.value.code == 2
