@@ -137,8 +137,11 @@ for step in $steps; do
       # checkpoints/reference/rope is absent; needs OPTGQA_TOKENS where SmolLM2 is not installed)
       [ -d checkpoints/reference/rope ] || run train_reference_rope 300 python \
         experiments/train_reference.py --positions rope "${tokens[@]}" --out "$out/reference"
+      # the retrained model differs in its last bits from one machine to the next, so the
+      # study runs on one machine: 64 calibration windows, 50 steps a stage, rows by interest
       run gqsa_reference 3600 python experiments/gqsa_eval.py --part accuracy --resume \
-        --model checkpoints/reference/rope "${tokens[@]}" --group-size 128 \
+        --model checkpoints/reference/rope "${tokens[@]}" --group-size 128 --nsamples 64 \
+        --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
             "engine-seqs gqsa-reference reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
