@@ -3,7 +3,8 @@ one short run (the first thing to run on a GPU after them).
 
 * ``quant``: ``quant_matmul`` on the Llama-3-8B linear shapes at 1, 16, 64 and 256 rows of x,
   4 bits in groups of 128: the bfloat16 product, the ``for_shape`` default, joined tiles 256
-  columns wide (codes as bfloat16 bit patterns), the deepest register tiles (one row), joined
+  columns wide (codes as bfloat16 bit patterns), the deepest register tiles and register tiles
+  with one K step per program (one row), joined
   tiles with ``dequant_tiles``, XLA's dequantize-then-multiply and the streaming Pallas
   dequantize kernel then the bfloat16 product (64 rows and more). µs per
   product over weight copies that overflow the L2 cache, times against bfloat16, % of the
@@ -63,6 +64,15 @@ def quant_variants(M: int, K: int, N: int) -> dict:
     if M == 1:
         out["register deep"] = with_split(QuantMatmulConfig(
             block_m=1, block_n=128, block_k=512, num_warps=8, num_stages=3, fma=True), M, K, N)
+        # One K step per program (split_k = K / block_k): loop-free programs that each load
+        # one tile, as the streaming dequantize kernel does (about 81% of copy on gate/up),
+        # where the looping programs' bare loads stopped near 50%; the float32 partials add
+        # 4 N K / block_k bytes (3% of the codes at block_k 256).
+        for bn, bk, warps in ((64, 256, 8), (128, 256, 8), (256, 128, 8), (128, 512, 8),
+                              (64, 512, 4)):
+            out[f"register 1-step {bn}x{bk}"] = QuantMatmulConfig(
+                block_m=1, block_n=bn, block_k=bk, split_k=max(1, K // bk), num_warps=warps,
+                num_stages=1, fma=True)
     if M >= 64:
         out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,

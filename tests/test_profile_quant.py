@@ -153,9 +153,10 @@ def test_compare_variants_runs_every_part(tmp_path):
     rows = res["rows"]
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     quant_rows = [r for r in rows if r["part"] == "quant" and r["variant"] != "bfloat16"]
-    assert {r["variant"] for r in quant_rows} == {"default", "joined 256", "register deep",
-                                                  "joined dequant_tiles", "dequantize (XLA)",
-                                                  "dequantize kernel"}
+    assert {r["variant"] for r in quant_rows} == {
+        "default", "joined 256", "register deep", "joined dequant_tiles", "dequantize (XLA)",
+        "dequantize kernel", *(f"register 1-step {t}" for t in
+                               ("64x256", "128x256", "256x128", "128x512", "64x512"))}
     assert all(r["rel_error"] < 1e-2 for r in quant_rows)
     assert {(r["part"], r["variant"]) for r in rows if r["part"] != "quant"} >= {
         ("flash", "lazy_rescale"), ("decode", "replicated / masked rows"),
