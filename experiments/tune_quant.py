@@ -4,7 +4,8 @@
 For each case (a Llama-3-8B linear shape, a row count M and a weight format), in two stages:
 first the unpacking scheme (register multiply-adds, one product per shift, or one product per
 tile with the shifts joined), tile sizes and warps with split-K from a rule, then the register
-prefetch of the next K tile, split-K and the pipeline depth around the best. Every candidate
+prefetch of the next K tile, split-K (at one row also one K step per program) and the pipeline
+depth around the best. Every candidate
 is timed with ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies
 to overflow the L2 cache; the default config of ``for_shape`` is timed too, so the table shows
 what tuning would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
@@ -199,6 +200,8 @@ def main(argv=None):
                 best = (t, cfg)
         b = best[1]
         ks = {max(1, b.split_k // 2), b.split_k * 2, b.split_k * 4}
+        if M == 1:   # one K step per program: loop-free programs (the partials are small)
+            ks.add(max(1, K // b.block_k))
         for cfg in ([dataclasses.replace(b, prefetch=True)]
                     + [dataclasses.replace(b, split_k=s) for s in sorted(ks - {b.split_k})]
                     + [dataclasses.replace(b, num_stages=s) for s in (2, 4)]):
