@@ -13,9 +13,12 @@ one short run (the first thing to run on a GPU after them).
   ``lazy_rescale=True`` (and cuDNN), with and without ALiBi.
 * ``decode``: paged decode with groups of 7 (28/4) padded in XLA against masked query rows
   (``replicate_queries=True``), at B=64 ctx 4096 and at the engine's shape (B=256, contexts
-  257-512), beside 32/8; and 28/4 at B=32 ctx 2048 with and without ALiBi.
-* ``decode_tiles`` (not in the default parts): the CUDA default decode against other grid
-  sizes, key blocks, warps and stages at B=64 ctx 4096 for 28/4, 40/8, 12/4 and 32/8.
+  257-512), beside 32/8; and 28/4 at B=32 ctx 2048 with and without ALiBi (with ALiBi also
+  the ALiBi default's neighbours: 16- and 64-key blocks, prefetched page tables, more
+  programs).
+* ``decode_tiles`` (not in the default parts): the CUDA default decode (with the group size
+  known, as the model calls it) against other grid sizes, key blocks (32, 64, 128), the
+  kernel's own prefetch, warps and stages at B=64 ctx 4096 for 28/4, 40/8, 12/4 and 32/8.
 
 Usage::
 
@@ -67,9 +70,11 @@ def quant_variants(M: int, K: int, N: int) -> dict:
         # One K step per program (split_k = K / block_k): loop-free programs that each load
         # one tile, as the streaming dequantize kernel does (about 81% of copy on gate/up),
         # where the looping programs' bare loads stopped near 50%; the float32 partials add
-        # 4 N K / block_k bytes (3% of the codes at block_k 256).
+        # 4 N K / block_k bytes (3% of the codes at block_k 256). Compiled for sm_90 by the
+        # triton package (experiments/triton_ir.py, no GPU): 32 registers at 64 x 256 and
+        # 8 warps, as the looping default; 63 at 256 x 128 and 8 warps, 233 with 4 warps.
         for bn, bk, warps in ((64, 256, 8), (128, 256, 8), (256, 128, 8), (128, 512, 8),
-                              (64, 512, 4)):
+                              (64, 512, 4), (128, 128, 4)):
             out[f"register 1-step {bn}x{bk}"] = QuantMatmulConfig(
                 block_m=1, block_n=bn, block_k=bk, split_k=max(1, K // bk), num_warps=warps,
                 num_stages=1, fma=True)
@@ -215,9 +220,16 @@ def part_decode(a, ceiling: float, rows: list) -> None:
     for batch, N, K, ctx, lo, alibi in cases:
         padded = dataclasses.replace(PagedAttentionConfig.for_backend("cuda", alibi=alibi),
                                      replicate_queries=False)
-        _time_decode(a, ceiling, rows, "decode", batch, N, K, ctx, lo, alibi,
-                     {"padded in XLA": padded, "replicated / masked rows":
-                      dataclasses.replace(padded, replicate_queries=True)})
+        variants = {"padded in XLA": padded, "replicated / masked rows":
+                    dataclasses.replace(padded, replicate_queries=True)}
+        if alibi:   # the ALiBi default's neighbours (issue: within 5% of no ALiBi)
+            variants.update({
+                "padded, 64-key blocks": dataclasses.replace(padded, keys_per_block=64),
+                "padded, 16-key blocks": dataclasses.replace(padded, keys_per_block=16),
+                "padded, prefetch tables": dataclasses.replace(padded, prefetch="tables"),
+                "padded, target_programs 1024": dataclasses.replace(padded,
+                                                                    target_programs=1024)})
+        _time_decode(a, ceiling, rows, "decode", batch, N, K, ctx, lo, alibi, variants)
 
 
 def part_decode_tiles(a, ceiling: float, rows: list) -> None:
@@ -228,13 +240,17 @@ def part_decode_tiles(a, ceiling: float, rows: list) -> None:
     if a.small:
         cases = [(2, 28, 4, 64)]
     for batch, N, K, ctx in cases:
-        d = PagedAttentionConfig.for_backend("cuda")
+        d = PagedAttentionConfig.for_backend("cuda", group_size=N // K)
         _time_decode(a, ceiling, rows, "decode_tiles", batch, N, K, ctx, None, False, {
             "default": d,
             "target_programs 256": dataclasses.replace(d, target_programs=256),
             "target_programs 1024": dataclasses.replace(d, target_programs=1024),
             "target_programs 2048": dataclasses.replace(d, target_programs=2048),
+            "32-key blocks": dataclasses.replace(d, keys_per_block=32),
             "64-key blocks": dataclasses.replace(d, keys_per_block=64),
+            "128-key blocks": dataclasses.replace(d, keys_per_block=128),
+            "prefetch tables": dataclasses.replace(d, prefetch="tables"),
+            "prefetch tiles": dataclasses.replace(d, prefetch="tiles"),
             "8 warps": dataclasses.replace(d, num_warps=8),
             "2 stages": dataclasses.replace(d, num_stages=2)})
 
