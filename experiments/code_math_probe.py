@@ -29,6 +29,11 @@ Usage::
     python experiments/code_math_probe.py --triton-python /path/to/venv/bin/python \
         [--out experiments/results/cpu/quant]
 
+Then (``--kernels``, on by default) the same counts for the project's kernels at one row on
+gate/up 4096 x 28672, 4 bits in groups of 128: ``quant_matmul``'s looping one-row default,
+its one-K-step-per-program tiles with and without ``runtime_magic``, and
+``bsr_quant_matmul`` at 50% group sparsity with and without it.
+
 Writes ``code_math_probe.{json,md}``. Instruction counts, not times.
 """
 
@@ -167,6 +172,56 @@ def compile_variant(variant: str, python: str, block_n: int, num_warps: int, tmp
                 codes_per_thread=codes_per_thread)
 
 
+def kernel_cases():
+    """The project's kernels, 4 bits in groups of 128 at one row on gate/up 4096 x 28672:
+    name -> (function of x, codes handled per thread, num_warps, num_stages)."""
+    import dataclasses
+
+    from optgqa_jax import quant
+    from optgqa_jax.sparse.synthetic import random_bsr_linear
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    K, N = 4096, 28672
+    qc = quant.QuantConfig(bits=4, group_size=128)
+    ql = quant.synthetic.random_quantized_linear(jax.random.PRNGKey(0), K, N, qc, "bfloat16")
+    loop = QuantMatmulConfig.for_shape("cuda", 1, K, N, 128)
+    one = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, split_k=K // 256, num_warps=8,
+                            num_stages=1, fma=True)
+    out = {}
+    for name, cfg in (("quant_matmul one-row default (K loop)", loop),
+                      ("quant_matmul one K step per program", one),
+                      ("quant_matmul one K step per program, runtime magic",
+                       dataclasses.replace(one, runtime_magic=True))):
+        # the codes of one K step: the whole program of the one-step tiles; for the looping
+        # default the static SASS (prologue, one loop body, epilogue) over one step's codes
+        out[name] = (lambda x, cfg=cfg: quant_matmul(
+            x, ql.qweight, ql.scales, ql.zeros, bits=4, group_size=128, config=cfg),
+            cfg.block_k * cfg.block_n / (32 * cfg.num_warps), cfg.num_warps, cfg.num_stages)
+    b = random_bsr_linear(0, K, N, qc, 0.5, "bfloat16")
+    bcfg = BSRMatmulConfig.for_shape("cuda", 1, b.codes.shape[0])
+    for name, cfg in (("bsr_quant_matmul W4S50 default", bcfg),
+                      ("bsr_quant_matmul W4S50 runtime magic",
+                       dataclasses.replace(bcfg, runtime_magic=True))):
+        out[name] = (lambda x, cfg=cfg: bsr_quant_matmul(
+            x, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids, out_features=N, bits=4,
+            group_size=128, config=cfg),
+            cfg.block_t * 128 / (32 * cfg.num_warps), cfg.num_warps, cfg.num_stages)
+    return out
+
+
+def compile_kernel(fn, codes_per_thread, num_warps, num_stages, python, path) -> dict:
+    import triton_ir
+    texts = triton_ir.capture_ttir(fn, jnp.ones((1, 4096), jnp.bfloat16))
+    with open(path, "w") as f:
+        f.write(texts[0])
+    out = triton_ir.compile_ttir(path, num_warps, num_stages, python)
+    ops = sass_counts(out["sass"])
+    reg = re.search(r"REG:(\d+)", out["res"])
+    return dict(sass=sum(ops.values()), sass_per_code=sum(ops.values()) / codes_per_thread,
+                registers=int(reg.group(1)) if reg else None, top=dict(ops.most_common(10)),
+                codes_per_thread=codes_per_thread, num_warps=num_warps, num_stages=num_stages)
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = ["# One-row unpack-and-multiply: SASS per code of straight-line kernels", "",
@@ -181,6 +236,20 @@ def markdown(res: dict) -> str:
         spc = f"{r['sass_per_code']:.2f}" if "sass_per_code" in r else r.get("error", "")[:60]
         lines.append(f"| {v} | {spc} | {r.get('registers', '')} | {r['rel_error']:.1e} | "
                      f"{top} |")
+    if res.get("kernels"):
+        lines += ["", "## The project's kernels (4 bits, groups of 128, one row, gate/up "
+                  "4096 x 28672)", "",
+                  "Static SASS of the whole kernel (prologue, the K loop's body once, "
+                  "epilogue) over the codes one thread handles in one K step (for the "
+                  "one-step tiles and BSR: in its whole program); BSR at 50% of the groups.",
+                  "",
+                  "| kernel | SASS per code | registers | most frequent |",
+                  "| --- | ---: | ---: | --- |"]
+        for name, r in res["kernels"].items():
+            top = ", ".join(f"{k} {n}" for k, n in list(r.get("top", {}).items())[:6])
+            spc = (f"{r['sass_per_code']:.2f}" if "sass_per_code" in r
+                   else r.get("error", "")[:60])
+            lines.append(f"| {name} | {spc} | {r.get('registers', '')} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +260,8 @@ def main(argv=None) -> None:
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--num-warps", type=int, default=8)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="also count the project's kernels with and without the runtime magic")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu",
                                                  "quant"))
     a = p.parse_args(argv)
@@ -213,6 +284,16 @@ def main(argv=None) -> None:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             res["variants"][v] = row
             print(v, json.dumps(row), flush=True)
+        if a.kernels:
+            res["kernels"] = {}
+            for i, (name, (fn, cpt, w, st)) in enumerate(kernel_cases().items()):
+                try:
+                    row = compile_kernel(fn, cpt, w, st, a.triton_python,
+                                         os.path.join(tmp, f"kernel{i}.ttir"))
+                except Exception as e:  # noqa: BLE001
+                    row = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                res["kernels"][name] = row
+                print(name, json.dumps(row), flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "code_math_probe.json"), "w") as f:
         json.dump(res, f, indent=1)

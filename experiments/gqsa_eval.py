@@ -129,8 +129,12 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None) -> None:
             best = None
             default = BSRMatmulConfig.for_shape("cuda", M, b.nnz)
             tried = []
+            # the default, then block and warp counts each with 2^23's pattern as a constant
+            # and read at run time (runtime_magic: one logic instruction per code, not two)
             for cfg in [default] + [BSRMatmulConfig(block_t=bt, block_m=default.block_m,
-                                                    num_warps=nw, num_stages=ns)
+                                                    num_warps=nw, num_stages=ns,
+                                                    runtime_magic=rm)
+                                    for rm in (False, True)
                                     for bt in (32, 64, 128) for nw in (4, 8)
                                     for ns in (2,)]:
                 f = lambda x, b, cfg=cfg: bsr_quant_matmul(

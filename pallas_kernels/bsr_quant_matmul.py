@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
-from pallas_kernels.quant_matmul import code_floats, shift_offsets, unpack_codes
+from pallas_kernels.quant_matmul import TWO23_BITS, code_floats, shift_offsets, unpack_codes
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
@@ -56,12 +56,17 @@ class BSRMatmulConfig:
       block_m: rows of x per program (1 to 16; each row keeps a [block_t, gs / P] float32
         accumulator in registers).
       num_warps, num_stages: Triton launch parameters.
+      runtime_magic: read 2^23's bit pattern (``code_floats``) from memory instead of taking
+        it as a constant: in these loop-free programs the compiler otherwise spends two logic
+        instructions per code (sm_90 SASS from the ``triton`` package,
+        ``experiments/results/cpu/quant/README.md``). Not yet timed on a GPU.
     """
 
     block_t: int = 64
     block_m: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    runtime_magic: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int) -> "BSRMatmulConfig":
@@ -78,12 +83,14 @@ class BSRMatmulConfig:
             raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
 
 
-def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int):
+def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
+                 runtime_magic: bool = False):
     P = 32 // bits
     Wg = group_size // P
 
-    def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, o_ref):
+    def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
+        magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
         t0 = j * block_t
         ok = t0 + jnp.arange(block_t) < nnz                               # [T]
         words = plgpu.load(c_ref.at[pl.ds(t0, block_t), pl.ds(0, Wg)], mask=ok[:, None],
@@ -92,7 +99,8 @@ def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m:
         sc = plgpu.load(s_ref.at[pl.ds(t0, block_t)], mask=ok, other=0).astype(jnp.float32)
         zp = plgpu.load(z_ref.at[pl.ds(t0, block_t)], mask=ok, other=0).astype(jnp.float32)
         words_hi = words >> 16
-        vals = [code_floats(words, words_hi, bits, p) - _TWO23 for p in range(P)]  # q 2^s_p
+        vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
+                for p in range(P)]                                            # q 2^s_p
         base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [T, Wg]
         for m in range(block_m):
             row = i * block_m + m
@@ -133,20 +141,21 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
     Mp, nnz_p = C.cdiv(M, block_m) * block_m, C.cdiv(nnz, block_t) * block_t
     x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
-                          block_m=block_m)
+                          block_m=block_m, runtime_magic=config.runtime_magic)
+    magic = jnp.full((1,), TWO23_BITS, jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     partial = pl.pallas_call(
         kernel,
         grid=(Mp // block_m, nnz_p // block_t),
         in_specs=[full(x_sm), full(x_sum), full(codes), full(scales), full(zeros),
-                  full(col_idx)],
+                  full(col_idx), full(magic)],
         out_specs=pl.BlockSpec((block_m, block_t), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((Mp, nnz_p), jnp.float32),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name=f"optgqa_bsr_quant_matmul_w{bits}",
-    )(x_sm, x_sum, codes, scales, zeros, col_idx)
+    )(x_sm, x_sum, codes, scales, zeros, col_idx, magic)
     if row_blocks > 0:          # every row holds row_blocks consecutive blocks
         return partial[:M, :nnz].reshape(M, out_features, row_blocks).sum(-1).astype(x.dtype)
     y = jax.ops.segment_sum(partial[:M, :nnz].T, row_ids, num_segments=out_features,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_TWO23_BITS = 0x4B000000          # the float32 bit pattern of 2^23
+TWO23_BITS = 0x4B000000           # the float32 bit pattern of 2^23
 
 
 def shift_offsets(bits: int) -> list[tuple[bool, int]]:
@@ -43,16 +43,21 @@ def shift_scales(bits: int, block_k: int, Kp: int) -> np.ndarray:
     return np.tile(np.repeat(per_shift, block_k // P), Kp // block_k)
 
 
-def code_floats(words, words_hi, bits: int, p: int):
+def code_floats(words, words_hi, bits: int, p: int, magic=None):
     """float32 ``2^23 + code * 2^s`` of shift p of int32 ``words`` (``words_hi = words >> 16``).
 
     The masked code, placed under the exponent of 2^23, is that float's mantissa: one and-or
     per code (a single three-input logic instruction), no shift and no int-to-float conversion.
+    ``magic``: 2^23's bit pattern (:data:`TWO23_BITS`) as a value read at run time, or None for
+    the constant. A three-input logic instruction takes one immediate: in straight-line code
+    (no loop to hoist the constant out of) the mask and the constant are both immediates and
+    the and-or costs two instructions; read from memory, the pattern stays in a register
+    (``experiments/code_math_probe.py``).
     """
     hi, s = shift_offsets(bits)[p]
     src = words_hi if hi else words
-    return jax.lax.bitcast_convert_type((src & (((1 << bits) - 1) << s)) | _TWO23_BITS,
-                                        jnp.float32)
+    return jax.lax.bitcast_convert_type(
+        (src & (((1 << bits) - 1) << s)) | (TWO23_BITS if magic is None else magic), jnp.float32)
 
 
 # Codes as 16-bit float bit patterns on the joined path: ``magic | code`` is the float

@@ -66,9 +66,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
-from pallas_kernels.quant_codes import (code_floats, code_pattern, join_shifts,  # noqa: F401
-                                        pair_major, pattern_codes, shift_major, shift_offsets,
-                                        shift_scales)
+from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_pattern,  # noqa: F401
+                                        join_shifts, pair_major, pattern_codes, shift_major,
+                                        shift_offsets, shift_scales)
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
@@ -104,6 +104,11 @@ class QuantMatmulConfig:
         conversion), the bias joins the zero point's correction, and x's columns are put in
         :func:`pair_major` order so that each int32 of two patterns is one operand register
         of the matrix instruction as it is. Not yet timed on a GPU.
+      runtime_magic: the register path reads 2^23's bit pattern (``code_floats``) from memory
+        instead of taking it as a constant. In programs without a K loop (``split_k = K /
+        block_k``) the compiler otherwise spends two logic instructions per code (sm_90 SASS
+        from the ``triton`` package, ``experiments/results/cpu/quant/README.md``); in a loop
+        it keeps the constant in a register anyway. Not yet timed on a GPU.
       dequant_tiles: with ``joined``, dequantize each tile, ``(q - z) * s`` in float32 rounded
         once to x's dtype (the weights of ``optgqa_jax.quant.dequantize``), before its product:
         the product then accumulates inside the matrix instruction, with no per-output scale
@@ -121,6 +126,7 @@ class QuantMatmulConfig:
     prefetch: bool = False
     joined: bool = False
     dequant_tiles: bool = False
+    runtime_magic: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -180,6 +186,8 @@ class QuantMatmulConfig:
             raise ValueError("joined is a tensor-core path; it excludes fma")
         if self.dequant_tiles and not self.joined:
             raise ValueError("dequant_tiles is an option of the joined path; set joined=True")
+        if self.runtime_magic and not self.fma:
+            raise ValueError("runtime_magic is an option of the register path; set fma=True")
 
 
 
@@ -187,7 +195,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
                  scale_parts: bool, prefetch: bool = False, joined: bool = False,
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
-                 dequant_tiles: bool = False):
+                 dequant_tiles: bool = False, runtime_magic: bool = False):
     P = 32 // bits
     bias = 0.0 if pattern is None else pattern[1]     # joined path: codes as bias + code
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
@@ -210,8 +218,9 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
-    def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, xs_ref, o_ref):
+    def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, xs_ref, magic_ref, o_ref):
         pid_n, pid_s = pl.program_id(1), pl.program_id(2)
+        magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
         n0 = pid_n * block_n
         cols = n0 + jnp.arange(block_n)                          # [bn] output columns
         n_ok = cols < N
@@ -289,7 +298,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                         g = jnp.minimum(wrows * P + p, K - 1) // gs
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
-                f = code_floats(words, words_hi, bits, p)       # 2^23 + code 2^s_p
+                f = code_floats(words, words_hi, bits, p, magic)   # 2^23 + code 2^s_p
                 if fold_zeros:
                     w = f - _TWO23                              # code 2^s_p, exact
                 else:
@@ -417,7 +426,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           scale_parts=scale_parts, prefetch=config.prefetch, joined=joined,
                           tile_k=tile_k,
                           pattern=pattern,
-                          dequant_tiles=joined and config.dequant_tiles)
+                          dequant_tiles=joined and config.dequant_tiles,
+                          runtime_magic=config.runtime_magic)
+    magic = jnp.full((1,), TWO23_BITS, jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)
@@ -431,14 +442,14 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
         in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j, s: (i, 0)), full(qweight),
                   full(scales), full(zeros), full(gidx),
                   pl.BlockSpec((block_m, T), lambda i, j, s: (i, 0)) if needs_xs
-                  else full(xs)],
+                  else full(xs), full(magic)],
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name=f"optgqa_quant_matmul_w{bits}",
-    )(xp, qweight, scales, zeros, gidx, xs)
+    )(xp, qweight, scales, zeros, gidx, xs, magic)
     out = out.sum(axis=0).astype(out_dtype) if split else out
     return out if (Mp, Np) == (M, N) else out[:M, :N]
 

@@ -24,6 +24,8 @@ TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
 T16 = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1)
 T16_M4 = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1)
 T32_M2 = BSRMatmulConfig(block_t=32, block_m=2, num_warps=4, num_stages=1)
+T16_MAGIC = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
+                            runtime_magic=True)   # 2^23's pattern read from memory
 
 
 def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
@@ -62,6 +64,8 @@ def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
     (8, 32, 4, 21, 2, jnp.bfloat16, T16),
     (2, 64, 3, 18, 5, jnp.bfloat16, T16_M4),
     (4, 128, 2, 13, 1, jnp.bfloat16, None),
+    (4, 32, 5, 24, 1, jnp.bfloat16, T16_MAGIC),
+    (8, 64, 3, 19, 2, jnp.float16, T16_MAGIC),
 ])
 def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
     args, ref, K = make_case(bits * 100 + gs + M, M, G, N, bits, gs, dtype)

@@ -47,6 +47,11 @@ FMA2_STEP256_SPLITK = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, spli
                                         num_warps=4, num_stages=1, fma=True)
 FMA1_STEP256_PREFETCH = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, split_k=2,
                                           num_warps=4, num_stages=1, fma=True, prefetch=True)
+# One K step per program (loop-free), 2^23's pattern read from memory.
+FMA1_ONE_STEP_MAGIC = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, split_k=64,
+                                        num_warps=4, num_stages=1, fma=True, runtime_magic=True)
+FMA2_MAGIC = QuantMatmulConfig(block_m=2, block_n=32, block_k=128, num_warps=4, num_stages=1,
+                               fma=True, runtime_magic=True)
 DOT_STEP256 = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=1)
 JOINED_STEP128 = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, num_warps=4,
                                    num_stages=1, joined=True)
@@ -133,6 +138,12 @@ def check(out, want, dtype, what):
     (4, 32, True, False, 2, 256, 24, jnp.float16, FMA2_STEP256_SPLITK),
     (8, 64, False, False, 1, 704, 33, jnp.bfloat16, FMA1_STEP256_PREFETCH),
     (2, 128, False, False, 3, 384, 24, jnp.bfloat16, FMA2_STEP256_SPLITK),
+    # 2^23's pattern from memory: one K step per program (a ragged last split), 8 bits,
+    # act-order, asym, per channel
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_ONE_STEP_MAGIC),
+    (8, 64, True, False, 1, 512, 24, jnp.float16, FMA1_ONE_STEP_MAGIC),
+    (4, 32, False, True, 2, 256, 24, jnp.bfloat16, FMA2_MAGIC),
+    (2, -1, False, False, 2, 256, 17, jnp.bfloat16, FMA2_MAGIC),
     (4, 128, True, False, 5, 384, 40, jnp.bfloat16, DOT_STEP256),
     (4, 32, False, False, 7, 160, 24, jnp.bfloat16, JOINED_STEP128),
     # joined tiles dequantized before the product: bit patterns (bfloat16 2/4 bits, float16
@@ -221,6 +232,7 @@ def _good():
     (lambda a, kw: kw.update(config=QuantMatmulConfig(block_k=24)), "block_k=24"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(split_k=0)), "split_k=0"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(num_warps=32)), "num_warps=32"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(runtime_magic=True)), "runtime_magic"),
 ])
 def test_bad_input_names_the_argument(change, match):
     args, kw = _good(), dict(bits=4, group_size=32, interpret=INTERPRET)

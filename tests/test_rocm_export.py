@@ -118,13 +118,32 @@ def test_quant_matmul_joined_lowers_through_triton(bits, group_size, dtype, dequ
     assert module.count(TRITON_CALL) == 1
 
 
-# bsr_quant_matmul: x [M, K], codes int32 [nnz, gs * bits / 32], scales/zeros/col_idx/row_ids [nnz].
-@pytest.mark.parametrize("M,bits,gs", [(1, 4, 128), (16, 4, 64), (5, 8, 128), (3, 2, 64)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
-def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, platform):
+def test_quant_matmul_one_step_runtime_magic_lowers_through_triton(platform):
+    """One K step per program with 2^23's bit pattern read from memory (register path)."""
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    K, N = 512, 384
+    cfg = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, split_k=K // 256, num_warps=8,
+                            num_stages=1, fma=True, runtime_magic=True)
+
+    def f(x, q, s, z, g):
+        return quant_matmul(x, q, s, z, bits=4, group_size=128, config=cfg)
+
+    module = export_for(platform, f, *_quant_args(1, K, N, 4, 128))
+    assert module.count(TRITON_CALL) == 1
+
+
+# bsr_quant_matmul: x [M, K], codes int32 [nnz, gs * bits / 32], scales/zeros/col_idx/row_ids [nnz].
+@pytest.mark.parametrize("M,bits,gs,magic", [(1, 4, 128, False), (16, 4, 64, False),
+                                             (5, 8, 128, False), (3, 2, 64, False),
+                                             (1, 4, 128, True)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, platform):
+    import dataclasses
+
     from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul
     K, N, nnz = 512, 384, 1000
-    cfg = BSRMatmulConfig.for_shape(platform, M, nnz)
+    cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), runtime_magic=magic)
 
     def f(x, c, s, z, col, rows):
         return bsr_quant_matmul(x, c, s, z, col, rows, out_features=N, bits=bits,
