@@ -226,6 +226,10 @@ def part_decode(a, ceiling: float, rows: list) -> None:
                     dataclasses.replace(padded, replicate_queries=True)}
         if alibi:   # the ALiBi default's neighbours (issue: within 5% of no ALiBi)
             variants.update({
+                # the no-ALiBi default's config (masked rows, key blocks for the group size):
+                # compiled for sm_90, ALiBi adds 5% to its loop's static SASS (324 -> 339)
+                "no-ALiBi default config": PagedAttentionConfig.for_backend(
+                    "cuda", group_size=N // K),
                 "padded, 64-key blocks": dataclasses.replace(padded, keys_per_block=64),
                 "padded, 16-key blocks": dataclasses.replace(padded, keys_per_block=16),
                 "padded, prefetch tables": dataclasses.replace(padded, prefetch="tables"),

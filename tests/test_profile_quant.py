@@ -184,3 +184,19 @@ def test_code_math_probe_kernels_match_float64(tmp_path):
     assert "| f32 |" in md and "| f16 pairs runtime magic |" in md
     with pytest.raises(SystemExit):
         mod.main(["--variants", "f8", "--out", str(tmp_path)])
+
+
+def test_decode_sass_writes_a_row_per_config_and_alibi(tmp_path):
+    """experiments/decode_sass.py: the three configs with and without ALiBi, each a row (an
+    error row without the triton package); the shape is checked before any work."""
+    mod = _load("decode_sass")
+    cfgs = mod.configs(7)
+    assert cfgs["plain default"].replicate_queries and not cfgs["ALiBi default"].replicate_queries
+    mod.main(["--shape", "2,28,4,64", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "decode_sass.json").read_text())
+    assert [(r["name"], r["alibi"]) for r in res["rows"]] == [
+        (name, a) for name in cfgs for a in (False, True)]
+    assert "| plain default |" in (tmp_path / "decode_sass.md").read_text()
+    for bad in ("2,28,5,64", "2,28,4", "2,28,4,60"):
+        with pytest.raises(SystemExit):
+            mod.main(["--shape", bad, "--out", str(tmp_path)])
