@@ -30,8 +30,9 @@ Usage::
         [--out experiments/results/cpu/quant]
 
 Then (``--kernels``, on by default) the same counts for the project's kernels at one row on
-gate/up 4096 x 28672, 4 bits in groups of 128: ``quant_matmul``'s looping one-row default,
-its one-K-step-per-program tiles with and without ``runtime_magic``, and
+gate/up 4096 x 28672, 4 bits in groups of 128: ``quant_matmul``'s looping one-row default
+(float32, and ``half_pairs``), its one-K-step-per-program tiles with and without
+``runtime_magic`` and with ``half_pairs``, and
 ``bsr_quant_matmul`` at 50% group sparsity with and without it.
 
 Writes ``code_math_probe.{json,md}``. Instruction counts, not times.
@@ -189,9 +190,13 @@ def kernel_cases():
                             num_stages=1, fma=True)
     out = {}
     for name, cfg in (("quant_matmul one-row default (K loop)", loop),
+                      ("quant_matmul one-row default, half pairs",
+                       dataclasses.replace(loop, half_pairs=True)),
                       ("quant_matmul one K step per program", one),
                       ("quant_matmul one K step per program, runtime magic",
-                       dataclasses.replace(one, runtime_magic=True))):
+                       dataclasses.replace(one, runtime_magic=True)),
+                      ("quant_matmul one K step per program, half pairs + runtime magic",
+                       dataclasses.replace(one, runtime_magic=True, half_pairs=True))):
         # the codes of one K step: the whole program of the one-step tiles; for the looping
         # default the static SASS (prologue, one loop body, epilogue) over one step's codes
         out[name] = (lambda x, cfg=cfg: quant_matmul(

@@ -80,6 +80,9 @@ def quant_variants(M: int, K: int, N: int) -> dict:
                 num_stages=1, fma=True)
         for name in ("register 1-step 64x256", "register 1-step 256x128"):   # 2^23's pattern
             out[name + " runtime magic"] = dataclasses.replace(out[name], runtime_magic=True)
+            out[name + " half pairs"] = dataclasses.replace(out[name], runtime_magic=True,
+                                                            half_pairs=True)
+        out["default half pairs"] = dataclasses.replace(out["default"], half_pairs=True)
     if M >= 64:
         out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,

@@ -76,14 +76,17 @@ def code_pattern(dtype, bits: int) -> Optional[tuple[int, float]]:
     return entry[0], entry[1]
 
 
-def pattern_codes(words, bits: int, dtype):
+def pattern_codes(words, bits: int, dtype, pair_magic=None):
     """P arrays [Pk, bn] of ``dtype`` (shift p of int32 ``words`` as ``bias + code``), built two
     codes at a time: one shift and one and-or per word give shift j in the low half and shift
     ``j + P/2`` in the high half, each half already the 16-bit float's bit pattern, so no code
-    passes through an int-to-float conversion (a quarter-rate instruction on NVIDIA GPUs)."""
+    passes through an int-to-float conversion (a quarter-rate instruction on NVIDIA GPUs).
+    ``pair_magic``: the two halves' exponent bits (:func:`pair_pattern`) as a value read at run
+    time, or None for the constant (see :func:`code_floats` on why)."""
     magic, _ = code_pattern(dtype, bits)
     P, mask = 32 // bits, (1 << bits) - 1
-    pair_mask, pair_magic = mask | (mask << 16), magic | (magic << 16)
+    pair_mask = mask | (mask << 16)
+    pair_magic = pair_pattern(dtype, bits) if pair_magic is None else pair_magic
     low, high = [], []
     for j in range(P // 2):     # low half: code j; high half: code j + P/2 (bits 16 + b j)
         t = ((words >> (bits * j)) & pair_mask) | pair_magic
@@ -91,6 +94,12 @@ def pattern_codes(words, bits: int, dtype):
         high.append(jax.lax.bitcast_convert_type(
             jax.lax.shift_right_logical(t, 16).astype(jnp.int16), dtype))
     return low + high
+
+
+def pair_pattern(dtype, bits: int) -> int:
+    """The int32 whose halves are both ``dtype``'s pattern magic (:func:`code_pattern`)."""
+    magic, _ = code_pattern(dtype, bits)
+    return magic | (magic << 16)
 
 
 def pair_major(a, bits: int, axis: int = -1):

@@ -67,8 +67,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_pattern,  # noqa: F401
-                                        join_shifts, pair_major, pattern_codes, shift_major,
-                                        shift_offsets, shift_scales)
+                                        join_shifts, pair_major, pair_pattern, pattern_codes,
+                                        shift_major, shift_offsets, shift_scales)
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
@@ -109,6 +109,16 @@ class QuantMatmulConfig:
         block_k``) the compiler otherwise spends two logic instructions per code (sm_90 SASS
         from the ``triton`` package, ``experiments/results/cpu/quant/README.md``); in a loop
         it keeps the constant in a register anyway. Not yet timed on a GPU.
+      half_pairs: the register path multiplies in float16, two codes per instruction: each
+        and-or turns two codes of a word into the float16 patterns ``1024 + code`` of one
+        32-bit register (``pattern_codes``), 1024 is subtracted, the products with float16 x
+        are summed over a word's P codes in float16 and then added in float32. x is scaled
+        per row by a power of two (|x| <= 1, undone on the output, exactly) so these sums
+        stay far inside float16's range. Applies to bfloat16/float16 x where a sub-tile lies
+        in one group (contiguous groups, or one per column); elsewhere the float32 register
+        path runs. Compiled for sm_90 without a GPU: packed HFMA2/HADD2, 4.5 instead of 5.4
+        instructions per code in a minimal kernel (``experiments/code_math_probe.py``).
+        Not yet timed on a GPU.
       dequant_tiles: with ``joined``, dequantize each tile, ``(q - z) * s`` in float32 rounded
         once to x's dtype (the weights of ``optgqa_jax.quant.dequantize``), before its product:
         the product then accumulates inside the matrix instruction, with no per-output scale
@@ -127,6 +137,7 @@ class QuantMatmulConfig:
     joined: bool = False
     dequant_tiles: bool = False
     runtime_magic: bool = False
+    half_pairs: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int,
@@ -188,6 +199,8 @@ class QuantMatmulConfig:
             raise ValueError("dequant_tiles is an option of the joined path; set joined=True")
         if self.runtime_magic and not self.fma:
             raise ValueError("runtime_magic is an option of the register path; set fma=True")
+        if self.half_pairs and not self.fma:
+            raise ValueError("half_pairs is an option of the register path; set fma=True")
 
 
 
@@ -195,7 +208,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  block_m: int, block_n: int, block_k: int, use_gidx: bool, fma: bool,
                  scale_parts: bool, prefetch: bool = False, joined: bool = False,
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
-                 dequant_tiles: bool = False, runtime_magic: bool = False):
+                 dequant_tiles: bool = False, runtime_magic: bool = False,
+                 half: bool = False):
     P = 32 // bits
     bias = 0.0 if pattern is None else pattern[1]     # joined path: codes as bias + code
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
@@ -221,6 +235,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, xs_ref, magic_ref, o_ref):
         pid_n, pid_s = pl.program_id(1), pl.program_id(2)
         magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
+        pair_magic = magic_ref[1] if runtime_magic else None   # float16 pairs' exponent bits
         n0 = pid_n * block_n
         cols = n0 + jnp.arange(block_n)                          # [bn] output columns
         n_ok = cols < N
@@ -290,7 +305,17 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             # register path: zx[m] [Pk], per word row the sum of x over its P input rows (the
             # zero points' share)
             zx = [jnp.zeros((Pk,), jnp.float32) for _ in range(block_m if fma else 0)]
-            for p in range(P):        # shift p of word w holds input row k0 + P * w + p
+            if half:    # float16 pairs: codes exact as 1024 + code, x (scaled, |x| <= 1) float16
+                pc = pattern_codes(words, bits, jnp.float16, pair_magic)   # P x [Pk, bn]
+                q16 = [c - jnp.float16(1024.0) for c in pc]               # the codes, exact
+                for m in range(block_m):
+                    part = jnp.zeros((Pk, block_n), jnp.float16)   # sum over the word's codes
+                    for p in range(P):
+                        xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)]                     # [Pk] f16
+                        zx[m] += xm.astype(jnp.float32)
+                        part = part + xm[:, None] * q16[p]
+                    parts[m] += part.astype(jnp.float32)
+            for p in range(0 if half else P):   # shift p of word w holds row k0 + P * w + p
                 if not (per_tile or word_groups):
                     if use_gidx:      # g_idx arrives in x's shift-major column order
                         g = gidx_ref[pl.ds(k0 + p * Pk, Pk)]
@@ -415,7 +440,14 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # The register path multiplies in float32; float16 x in the tensor-core path would
     # underflow, so there the partial products are scaled instead.
     scale_parts = not config.fma and x.dtype == jnp.float16
-    if not scale_parts and not joined:
+    # float16 pairs (register path, a sub-tile in one group, 16-bit x): x scaled per row by
+    # 2^-e with |x| <= 1 (exact), float16, no 2^-s (the patterns are the codes themselves)
+    half = (config.fma and config.half_pairs and x.dtype in (jnp.bfloat16, jnp.float16)
+            and not use_gidx and (group_size == -1 or gs % tile_k == 0))
+    if half:
+        row_exp = jnp.frexp(jnp.abs(xp.astype(jnp.float32)).max(axis=1))[1]   # [Mp] int
+        xp = jnp.ldexp(xp.astype(jnp.float32), -row_exp[:, None]).astype(jnp.float16)
+    elif not scale_parts and not joined:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
         xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
     gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), tile_k, bits) if use_gidx
@@ -427,14 +459,14 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           tile_k=tile_k,
                           pattern=pattern,
                           dequant_tiles=joined and config.dequant_tiles,
-                          runtime_magic=config.runtime_magic)
-    magic = jnp.full((1,), TWO23_BITS, jnp.int32)
+                          runtime_magic=config.runtime_magic, half=half)
+    magic = jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((Mp, Np), out_dtype)
+    else:   # float32 where the wrapper still scales the output (float16 pairs)
+        out_shape = jax.ShapeDtypeStruct((Mp, Np), jnp.float32 if half else out_dtype)
         out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (i, j))
     out = pl.pallas_call(
         kernel,
@@ -450,7 +482,10 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                                              num_stages=config.num_stages),
         name=f"optgqa_quant_matmul_w{bits}",
     )(xp, qweight, scales, zeros, gidx, xs, magic)
-    out = out.sum(axis=0).astype(out_dtype) if split else out
+    out = out.sum(axis=0) if split else out
+    if half:   # undo x's per-row 2^-e, exactly
+        out = jnp.ldexp(out, row_exp[:, None])
+    out = out.astype(out_dtype)
     return out if (Mp, Np) == (M, N) else out[:M, :N]
 
 

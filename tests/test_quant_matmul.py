@@ -52,6 +52,12 @@ FMA1_ONE_STEP_MAGIC = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, spli
                                         num_warps=4, num_stages=1, fma=True, runtime_magic=True)
 FMA2_MAGIC = QuantMatmulConfig(block_m=2, block_n=32, block_k=128, num_warps=4, num_stages=1,
                                fma=True, runtime_magic=True)
+# The register path in float16 pairs (two codes per packed instruction).
+FMA1_HALF = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=1,
+                              fma=True, half_pairs=True)
+FMA4_HALF_ONE_STEP = QuantMatmulConfig(block_m=4, block_n=32, block_k=128, split_k=64,
+                                       num_warps=4, num_stages=1, fma=True, half_pairs=True,
+                                       runtime_magic=True)
 DOT_STEP256 = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=1)
 JOINED_STEP128 = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, num_warps=4,
                                    num_stages=1, joined=True)
@@ -144,6 +150,14 @@ def check(out, want, dtype, what):
     (8, 64, True, False, 1, 512, 24, jnp.float16, FMA1_ONE_STEP_MAGIC),
     (4, 32, False, True, 2, 256, 24, jnp.bfloat16, FMA2_MAGIC),
     (2, -1, False, False, 2, 256, 17, jnp.bfloat16, FMA2_MAGIC),
+    # float16 pairs: 4/8/2 bits, asym, per channel, one K step per program; act-order and
+    # float32 x fall back to the float32 register path
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_HALF),
+    (8, 64, True, False, 3, 256, 33, jnp.float16, FMA4_HALF_ONE_STEP),
+    (2, -1, False, False, 5, 384, 24, jnp.bfloat16, FMA4_HALF_ONE_STEP),
+    (4, 32, False, False, 2, 256, 17, jnp.float16, FMA1_HALF),
+    (4, 64, True, True, 3, 256, 16, jnp.bfloat16, FMA4_HALF_ONE_STEP),
+    (4, 128, False, False, 2, 256, 24, jnp.float32, FMA1_HALF),
     (4, 128, True, False, 5, 384, 40, jnp.bfloat16, DOT_STEP256),
     (4, 32, False, False, 7, 160, 24, jnp.bfloat16, JOINED_STEP128),
     # joined tiles dequantized before the product: bit patterns (bfloat16 2/4 bits, float16
@@ -165,6 +179,36 @@ def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype
     check(out, want, dtype, f"w{bits} g{group_size} M={M} K={K} N={N}")
     ref = quant_matmul_reference(*args, bits=bits, group_size=group_size, g_idx=g_idx)
     check(ref, want, dtype, "jnp reference")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_half_pairs_float16_arithmetic_stays_within_tolerance(bits):
+    """``half_pairs``' float16 steps emulated one rounding at a time in numpy (the kernel's
+    order: x scaled per row to |x| <= 1 and rounded to float16, each product and each add of a
+    word's P codes rounded to float16, the word's sum added in float32; a GPU's fused
+    multiply-add rounds less) at K = 4096 with heavy-tailed x: within the bfloat16 tolerance
+    of float64, where interpret mode may not round float16 steps as a GPU does."""
+    rng = np.random.default_rng(bits)
+    K, N, P, gs = 4096, 64, 32 // bits, 128
+    codes = rng.integers(0, 2 ** bits, (K, N))
+    z = rng.integers(0, 2 ** bits, (K // gs, N)).astype(np.float64)
+    sc = rng.uniform(0.005, 0.05, (K // gs, N))
+    x = rng.standard_t(2, K)                                   # heavy tails: outlier features
+    x[rng.integers(0, K, 4)] *= 300.0
+    want = (x[:, None] * ((codes - np.repeat(z, gs, 0)) * np.repeat(sc, gs, 0))).sum(0)
+    e = np.frexp(np.abs(x).max())[1]
+    xh = np.ldexp(x, -e).astype(np.float16)
+    f16 = np.float16
+    part = np.zeros((K // P, N), np.float16)
+    for p in range(P):           # shift p of word w is row P w + p
+        part = (part + (xh[p::P, None] * codes[p::P].astype(f16)).astype(f16)).astype(f16)
+    words_per_group = gs // P
+    xq = part.astype(np.float32).reshape(K // gs, words_per_group, N).sum(1)     # [G, N]
+    xsum = xh.astype(np.float32).reshape(K // gs, gs).sum(1)[:, None]
+    got = np.ldexp(((xq - z * xsum) * sc).sum(0), e)
+    assert np.isfinite(got).all()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-2, err
 
 
 def test_kernel_inside_jit_with_outlier_rows():
