@@ -1,5 +1,6 @@
-"""experiments/gqsa_eval.py's engine part: its run settings, flags and ``--resume`` bookkeeping
-(the runs themselves need a GPU; here the subprocess runner is replaced by a recorder)."""
+"""The engine parts of experiments/gqsa_eval.py and bench_quant.py: their run settings, flags
+and ``--resume`` bookkeeping (the runs themselves need a GPU; here the subprocess runner is
+replaced by a recorder)."""
 
 import json
 import os
@@ -60,3 +61,29 @@ def test_bad_flags_exit_before_any_run(flags, monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         gqsa_eval.main(["--part", "engine", "--out", str(tmp_path), *flags])
     assert e.value.code == 2
+
+
+def test_bench_quant_engine_runs_are_valid_engine_configs(monkeypatch):
+    """experiments/bench_quant.py's engine part: every (format, workload) run it would launch
+    is a valid engine configuration (checked here without running it); batch-1 compiles one
+    prefill bucket of the prompt's size and one decode bucket."""
+    import bench_quant
+
+    seen = []
+
+    def record(kind, bc):
+        og.EngineConfig(max_num_seqs=bc.max_num_seqs,
+                        max_num_batched_tokens=bc.max_num_batched_tokens,
+                        seq_buckets=bc.seq_buckets, token_buckets=bc.token_buckets)
+        seen.append(bc)
+        return dict(output_tokens_per_s=1.0, param_bytes=1, peak_memory_bytes=1)
+
+    monkeypatch.setattr(B, "run_in_subprocess", record)
+    bench_quant.engine_runs([], lambda: None, requests=1000)
+    assert len(seen) == 2 * len(bench_quant.ENGINE_FORMATS)
+    batch1 = [bc for bc in seen if bc.max_num_seqs == 1]
+    assert all(bc.token_buckets == (256,) and bc.seq_buckets == (1,) for bc in batch1)
+    assert all(bc.input_len == 256 for bc in batch1)
+    throughput = [bc for bc in seen if bc.max_num_seqs == 256]
+    assert all(bc.num_requests == 1000 and bc.kv_memory_bytes == 48 * 2 ** 30
+               for bc in throughput)
