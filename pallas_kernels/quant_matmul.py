@@ -114,8 +114,7 @@ class QuantMatmulConfig:
         32-bit register (``pattern_codes``), 1024 is subtracted, the products with float16 x
         are summed over a word's P codes in float16 and then added in float32. x is scaled
         per row by a power of two (|x| <= 1, undone on the output, exactly) so these sums
-        stay far inside float16's range; x's sums over each word's rows (the zero points'
-        share) come from the wrapper. Applies to bfloat16/float16 x where a sub-tile lies
+        stay far inside float16's range. Applies to bfloat16/float16 x where a sub-tile lies
         in one group (contiguous groups, or one per column); elsewhere the float32 register
         path runs. Compiled for sm_90 without a GPU: packed HFMA2/HADD2, 4.5 instead of 5.4
         instructions per code in a minimal kernel (``experiments/code_math_probe.py``).
@@ -310,10 +309,10 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 pc = pattern_codes(words, bits, jnp.float16, pair_magic)   # P x [Pk, bn]
                 q16 = [c - jnp.float16(1024.0) for c in pc]               # the codes, exact
                 for m in range(block_m):
-                    zx[m] = xs_ref[m, pl.ds(k0 // P, Pk)]   # x's per-word sums (wrapper)
                     part = jnp.zeros((Pk, block_n), jnp.float16)   # sum over the word's codes
                     for p in range(P):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)]                     # [Pk] f16
+                        zx[m] += xm.astype(jnp.float32)
                         part = part + xm[:, None] * q16[p]
                     parts[m] += part.astype(jnp.float32)
             for p in range(0 if half else P):   # shift p of word w holds row k0 + P * w + p
@@ -445,12 +444,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # 2^-e with |x| <= 1 (exact), float16, no 2^-s (the patterns are the codes themselves)
     half = (config.fma and config.half_pairs and x.dtype in (jnp.bfloat16, jnp.float16)
             and not use_gidx and (group_size == -1 or gs % tile_k == 0))
-    if half:   # x's columns are shift-major here; its per-word sums come from natural order
+    if half:
         row_exp = jnp.frexp(jnp.abs(xp.astype(jnp.float32)).max(axis=1))[1]   # [Mp] int
-        xh = jnp.ldexp(jnp.pad(x, ((0, Mp - M), (0, Kp - K))).astype(jnp.float32),
-                       -row_exp[:, None]).astype(jnp.float16)
-        xs = xh.astype(jnp.float32).reshape(Mp, Kp // P, P).sum(-1)           # [Mp, Kp / P]
-        xp = shift_major(xh, tile_k, bits)
+        xp = jnp.ldexp(xp.astype(jnp.float32), -row_exp[:, None]).astype(jnp.float16)
     elif not scale_parts and not joined:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
         xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
@@ -478,7 +474,6 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
         in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j, s: (i, 0)), full(qweight),
                   full(scales), full(zeros), full(gidx),
                   pl.BlockSpec((block_m, T), lambda i, j, s: (i, 0)) if needs_xs
-                  else pl.BlockSpec((block_m, Kp // P), lambda i, j, s: (i, 0)) if half
                   else full(xs), full(magic)],
         out_specs=out_spec,
         out_shape=out_shape,
