@@ -11,7 +11,8 @@ Shared by ``pallas_kernels.quant_matmul`` and the group-sparse kernels
 * :func:`code_pattern`, :func:`pattern_codes`: two codes at a time as 16-bit float bit
   patterns ``bias + code`` for the tensor-core products, and :func:`pair_major`, the order
   of x's columns in which each int32 of two patterns is one operand register;
-* :func:`join_shifts`: the P shifts of a tile joined back along K.
+* :func:`join_shifts`: the P shifts of a tile joined back along K;
+* :func:`unpack_codes`: every code as an int32, for any width up to 8 bits (the references).
 """
 
 from __future__ import annotations
@@ -139,3 +140,16 @@ def shift_major(a, block_k: int, bits: int, axis: int = -1):
     a = a.reshape(*lead, K // block_k, block_k // P, P)
     a = jnp.swapaxes(a, -1, -2).reshape(*lead, K)
     return jnp.moveaxis(a, -1, axis)
+
+
+def unpack_codes(qweight, bits: int, K: int) -> jax.Array:
+    """int32 codes [K, N] from the little-endian bit stream of each column of ``qweight``
+    (row k's code at stream bits ``[bits * k, bits * k + bits)``), for any ``bits`` <= 8."""
+    words = jax.lax.bitcast_convert_type(jnp.asarray(qweight), jnp.uint32)  # [W, N]
+    start = jnp.arange(K) * bits                                  # first stream bit of each row
+    w, o = start // 32, (start % 32).astype(jnp.uint32)
+    lo = words[w] >> o[:, None]
+    nxt = jnp.minimum(w + 1, words.shape[0] - 1)                  # codes that straddle two words
+    hi = jnp.where(((o + bits) > 32)[:, None],
+                   words[nxt] << (jnp.uint32(32) - o)[:, None], jnp.uint32(0))
+    return ((lo | hi) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)

@@ -68,7 +68,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _common as C
 from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_pattern,  # noqa: F401
                                         join_shifts, pair_major, pair_pattern, pattern_codes,
-                                        shift_major, shift_offsets, shift_scales)
+                                        shift_major, shift_offsets, shift_scales, unpack_codes)
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
@@ -589,16 +589,3 @@ def quant_matmul_reference(x, qweight, scales, zeros, *, bits: int, group_size: 
          else jnp.asarray(g_idx))
     w = (codes - zeros.astype(jnp.float32)[g]) * scales.astype(jnp.float32)[g]
     return jnp.dot(x.astype(jnp.float32), w, precision=_HIGHEST).astype(x.dtype)
-
-
-def unpack_codes(qweight, bits: int, K: int) -> jax.Array:
-    """int32 codes [K, N] from the little-endian bit stream of each column of ``qweight``
-    (row k's code at stream bits ``[bits * k, bits * k + bits)``), for any ``bits`` <= 8."""
-    words = jax.lax.bitcast_convert_type(jnp.asarray(qweight), jnp.uint32)  # [W, N]
-    start = jnp.arange(K) * bits                                  # first stream bit of each row
-    w, o = start // 32, (start % 32).astype(jnp.uint32)
-    lo = words[w] >> o[:, None]
-    nxt = jnp.minimum(w + 1, words.shape[0] - 1)                  # codes that straddle two words
-    hi = jnp.where(((o + bits) > 32)[:, None],
-                   words[nxt] << (jnp.uint32(32) - o)[:, None], jnp.uint32(0))
-    return ((lo | hi) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
