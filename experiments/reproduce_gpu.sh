@@ -5,7 +5,8 @@
 #
 # STEP is any of: tests variants kernels profile engine engine-sync engine-graphs engine-seqs reference
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
-# gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order); sharding-8b and sharding-70b need two GPUs
+# gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
+# variants-one-row, variants-decode and quant-engine-batch1 (parts of variants and quant-engine); sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -90,6 +91,17 @@ for step in $steps; do
           --warmup-steps 6 --eval-every 0 --max-eval-windows 32 --d-model "$1" --n-layers "$2" \
           --n-heads "$3" --ffn-dim "$4" --out "$out/mfu/d$1" --checkpoints "checkpoints/mfu/d$1"
       done ;;
+    variants-one-row)  # the one-row quantized matmul variants alone (one K step per program,
+      # runtime_magic, half_pairs) on the four Llama-3-8B shapes
+      run compare_variants_one_row 400 python experiments/compare_variants.py --parts quant \
+        --rows 1 --out "$out/variants_one_row" ;;
+    variants-decode)  # decode: ALiBi under the plain default's config, the tile sweep
+      run compare_variants_decode 400 python experiments/compare_variants.py \
+        --parts decode,decode_tiles --out "$out/variants_decode" ;;
+    quant-engine-batch1)  # the engine's batch-1 decode: bfloat16, W4 g128, W8
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_batch1 600 python \
+        experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w8 \
+        --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
     variants)  # the kernel variants built without a GPU against the defaults (quant joined
       # tiles and dequant_tiles, flash lazy_rescale, decode masked query rows)
       run compare_variants 600 python experiments/compare_variants.py --out "$out/variants" ;;
@@ -144,7 +156,8 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs gqsa-reference reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
+            "engine-seqs gqsa-reference variants-one-row variants-decode quant-engine-batch1" \
+            "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done
