@@ -41,10 +41,8 @@ Writes ``code_math_probe.{json,md}``. Instruction counts, not times.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import sys
 import tempfile
 
@@ -148,29 +146,15 @@ def check(variant: str, seed: int = 0, K: int = 512, N: int = 128) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def sass_counts(sass: str) -> collections.Counter:
-    return collections.Counter(m.split(".")[0] for m in re.findall(
-        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\d\s+)?([A-Z0-9_.]+)", sass, re.M))
-
-
 def compile_variant(variant: str, python: str, block_n: int, num_warps: int, tmp: str) -> dict:
     import triton_ir
     K, N = 4096, 28672
     dt = jnp.float32 if variant.startswith("f32") else jnp.float16
-    texts = triton_ir.capture_ttir(
+    return triton_ir.count_kernel(
         lambda x, w: probe_call(variant, x, w, block_n=block_n, num_warps=num_warps,
                                 interpret=False),
-        jnp.zeros((P, K // P), dt), jnp.zeros((K // P, N), jnp.int32))
-    path = os.path.join(tmp, variant.replace(" ", "_") + ".ttir")
-    with open(path, "w") as f:
-        f.write(texts[0])
-    out = triton_ir.compile_ttir(path, num_warps, 1, python)
-    ops = sass_counts(out["sass"])
-    codes_per_thread = 256 * block_n / (32 * num_warps)
-    reg = re.search(r"REG:(\d+)", out["res"])
-    return dict(sass=sum(ops.values()), sass_per_code=sum(ops.values()) / codes_per_thread,
-                registers=int(reg.group(1)) if reg else None, top=dict(ops.most_common(10)),
-                codes_per_thread=codes_per_thread)
+        (jnp.zeros((P, K // P), dt), jnp.zeros((K // P, N), jnp.int32)), num_warps, 1, python,
+        os.path.join(tmp, variant.replace(" ", "_") + ".ttir"), 256 * block_n / (32 * num_warps))
 
 
 def kernel_cases():
@@ -216,15 +200,9 @@ def kernel_cases():
 
 def compile_kernel(fn, codes_per_thread, num_warps, num_stages, python, path) -> dict:
     import triton_ir
-    texts = triton_ir.capture_ttir(fn, jnp.ones((1, 4096), jnp.bfloat16))
-    with open(path, "w") as f:
-        f.write(texts[0])
-    out = triton_ir.compile_ttir(path, num_warps, num_stages, python)
-    ops = sass_counts(out["sass"])
-    reg = re.search(r"REG:(\d+)", out["res"])
-    return dict(sass=sum(ops.values()), sass_per_code=sum(ops.values()) / codes_per_thread,
-                registers=int(reg.group(1)) if reg else None, top=dict(ops.most_common(10)),
-                codes_per_thread=codes_per_thread, num_warps=num_warps, num_stages=num_stages)
+    row = triton_ir.count_kernel(fn, (jnp.ones((1, 4096), jnp.bfloat16),), num_warps,
+                                 num_stages, python, path, codes_per_thread)
+    return dict(row, num_warps=num_warps, num_stages=num_stages)
 
 
 def markdown(res: dict) -> str:
@@ -274,11 +252,9 @@ def main(argv=None) -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
-    import subprocess
-    tv = subprocess.run([a.triton_python, "-c", "import triton; print(triton.__version__)"],
-                        capture_output=True, text=True)
+    import triton_ir
     res = dict(meta=dict(commit=source_commit(), jax=jax.__version__,
-                         triton=tv.stdout.strip() or None, block_n=a.block_n,
+                         triton=triton_ir.triton_version(a.triton_python), block_n=a.block_n,
                          num_warps=a.num_warps), variants={})
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:

@@ -102,12 +102,11 @@ def main(argv=None) -> None:
         p.error(f"--shape {a.shape!r}: expected B,N,K,context")
     if N % K or ctx % 16:
         p.error(f"--shape {a.shape!r}: N must be a multiple of K and the context of 16")
-    import subprocess
-    tv = subprocess.run([a.triton_python, "-c", "import triton; print(triton.__version__)"],
-                        capture_output=True, text=True)
+    import triton_ir
     shape = (B, N, K, ctx, 128, 16)
     res = dict(meta=dict(commit=source_commit(), jax=jax.__version__,
-                         triton=tv.stdout.strip() or None, shape=list(shape)), rows=[])
+                         triton=triton_ir.triton_version(a.triton_python),
+                         shape=list(shape)), rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, cfg) in enumerate(configs(N // K).items()):
             for use_alibi in (False, True):

@@ -108,6 +108,34 @@ def compile_ttir(path: str, num_warps: int, num_stages: int, python: str) -> dic
     return {ext: open(path[:-5] + "." + ext).read() for ext in ("ttgir", "ptx", "sass", "res")}
 
 
+def triton_version(python: str):
+    """The triton package version of interpreter `python`, or None without the package."""
+    run = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
+                         capture_output=True, text=True)
+    return run.stdout.strip() or None
+
+
+def sass_op_counts(sass: str) -> collections.Counter:
+    """Instructions of a SASS text by opcode (first dot-separated part), the whole kernel."""
+    return collections.Counter(m.split(".")[0] for m in re.findall(
+        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\d\s+)?([A-Z0-9_.]+)", sass, re.M))
+
+
+def count_kernel(fn, args, num_warps: int, num_stages: int, python: str, path: str,
+                 codes_per_thread: float) -> dict:
+    """Capture the first Pallas call of ``fn(*args)``, compile it for sm_90 (``path``: where
+    its .ttir goes) and count its SASS: total, per code (``codes_per_thread``), registers and
+    the ten most frequent opcodes."""
+    with open(path, "w") as f:
+        f.write(capture_ttir(fn, *args)[0])
+    out = compile_ttir(path, num_warps, num_stages, python)
+    ops = sass_op_counts(out["sass"])
+    reg = re.search(r"REG:(\d+)", out["res"])
+    return dict(sass=sum(ops.values()), sass_per_code=sum(ops.values()) / codes_per_thread,
+                registers=int(reg.group(1)) if reg else None, top=dict(ops.most_common(10)),
+                codes_per_thread=codes_per_thread)
+
+
 def summarize(ttgir: str, ptx: str, sass: str = "", res: str = "") -> dict:
     """Counts that explain a Triton kernel's cost: layouts and shared memory (TTGIR), the
     PTX and (given ``cuobjdump`` output) SASS instruction mix of each loop, registers."""
