@@ -74,8 +74,11 @@ SHAPES = {"gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096),
           "qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096)}
 
 
-def speed_rows(ceiling: float, rows, out: list, save, shapes=None) -> None:
-    """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all)."""
+def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0.3, 0.5),
+               group_major: bool = True) -> None:
+    """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all): the
+    BSR formats at each of `sparsities`, and their group-major twins unless `group_major` is
+    off."""
     opts = compiler_options()
     T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     picked = {n: kn for n, kn in SHAPES.items() if shapes is None or n.split()[0] in shapes}
@@ -121,7 +124,7 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None) -> None:
             f = lambda x, ql: quant.matmul(x, ql, "pallas")
             add(fmt, T(f, sets), ql.nbytes - ql.g_idx.size * 4, rel_err(jax.jit(f)(x, ql), want))
             del sets
-        for s in (0.3, 0.5):
+        for s in sparsities:
             sets = arg_sets(key, M, K, N, lambda k: random_bsr_linear(
                 int(jax.random.randint(k, (), 0, 2 ** 31 - 1)), K, N, W4G128, s, "bfloat16"))
             x, b = sets[0]
@@ -159,7 +162,8 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None) -> None:
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
                 density=b.density)
-            group_major_row(add, T, sets, want, rel_err, N, K, s)
+            if group_major:
+                group_major_row(add, T, sets, want, rel_err, N, K, s)
             del sets
 
 
@@ -448,6 +452,10 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="1,16", help="speed: comma-separated row counts M")
     p.add_argument("--shapes", default=",".join(n.split()[0] for n in SHAPES),
                    help="speed: comma-separated subset of the layer shapes")
+    p.add_argument("--sparsities", default="0.3,0.5",
+                   help="speed: comma-separated fractions of groups removed, in (0, 1)")
+    p.add_argument("--no-group-major", dest="group_major", action="store_false",
+                   help="speed: skip the group-major twins of the BSR formats")
     p.add_argument("--engine-formats", default=",".join(ENGINE_FORMATS),
                    help="engine: comma-separated subset of the formats")
     p.add_argument("--sequences", default="1,16",
@@ -481,6 +489,12 @@ def main(argv=None) -> None:
     except ValueError:
         p.error(f"--sequences {a.sequences!r} / --rows {a.rows!r}: expected comma-separated "
                 "positive integers")
+    try:
+        a.sparsities = [float(x) for x in a.sparsities.split(",") if x]
+    except ValueError:
+        a.sparsities = []
+    if not a.sparsities or not all(0 < x < 1 for x in a.sparsities):
+        p.error(f"--sparsities {a.sparsities!r}: expected comma-separated fractions in (0, 1)")
     if not a.sequences or min(a.sequences) < 1 or not a.rows or min(a.rows) < 1:
         p.error(f"--sequences {a.sequences} / --rows {a.rows}: expected positive integers")
     os.makedirs(a.out, exist_ok=True)
@@ -501,7 +515,8 @@ def main(argv=None) -> None:
         with open(os.path.join(a.out, "gqsa_speed.md"), "w") as f:
             f.write(markdown(res))
 
-    speed_rows(res["meta"]["ceiling"], a.rows, res["speed"], save, shapes=a.shapes)
+    speed_rows(res["meta"]["ceiling"], a.rows, res["speed"], save, shapes=a.shapes,
+               sparsities=a.sparsities, group_major=a.group_major)
     print(f"wrote {a.out}/gqsa_speed.{{json,md}}")
 
 

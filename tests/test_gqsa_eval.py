@@ -55,7 +55,8 @@ def test_engine_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags", [["--engine-formats", "w5g128"], ["--sequences", "0"],
                                    ["--sequences", "x"], ["--shapes", "lm_head"],
-                                   ["--rows", ""]])
+                                   ["--rows", ""], ["--sparsities", "1.0"],
+                                   ["--sparsities", "x"], ["--sparsities", ""]])
 def test_bad_flags_exit_before_any_run(flags, monkeypatch, tmp_path):
     monkeypatch.setattr(B, "run_in_subprocess", lambda *a: pytest.fail("ran"))
     with pytest.raises(SystemExit) as e:
