@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
+from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
@@ -135,7 +136,7 @@ def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
     from optgqa_jax.engine.runner import pack_inputs
 
     phases = collections.defaultdict(list)
-    np.asarray(runner.dispatch(inputs, True, B))
+    np.asarray(runner.dispatch(inputs, True, B)[0])
     for _ in range(trials):
         t0 = time.perf_counter()
         buf, layout = pack_inputs(inputs)
@@ -216,6 +217,9 @@ def main():
     ap.add_argument("--mha-twin", action="store_true")
     ap.add_argument("--fuse-projections", action="store_true",
                     help="serve from fused q/k/v and gate/up weights (optgqa_jax.fused)")
+    ap.add_argument("--quantize", default=None, metavar="SPEC",
+                    help="random weights in this serving format instead of bfloat16, as "
+                         "`optgqa bench --quantize` takes it (e.g. w4g128, w8, w4g128s50)")
     ap.add_argument("--decode-config", default="", metavar="K=V,...",
                     help="override the decode kernel's default PagedAttentionConfig fields for "
                          "this run, e.g. 'keys_per_block=32,replicate_queries=True'")
@@ -232,6 +236,14 @@ def main():
                          "engine sets itself, such as command buffers, need --xla-option)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.quantize:   # a bad spec stops here, before any weights are drawn
+        from optgqa_jax.sparse.synthetic import parse_serving_spec
+        try:
+            parse_serving_spec(args.quantize)
+        except ValueError as e:
+            ap.error(f"--quantize {args.quantize!r}: {e}")
+        if args.xla_flags_variants:
+            ap.error("--quantize is not passed on to --xla-flags-variant runs")
     if args.xla_flags_variants:
         return compare_xla_flags(args)
     if args.decode_config:
@@ -244,12 +256,19 @@ def main():
     cfg = cfg.replace(max_seq_len=hi + args.page_size)
     B, Z = args.batch, args.page_size
     rng = np.random.default_rng(0)
-    params = og.init_params(cfg, jax.random.PRNGKey(0), fused=args.fuse_projections)
+    if args.quantize:   # drawn quantized, as the benchmarks draw them (no float copy)
+        params = bench.random_params(cfg, bench.BenchConfig(
+            model=args.model, quantize=args.quantize, fuse_projections=args.fuse_projections))
+        param_bytes = bench.params_nbytes(params)
+    else:
+        params = og.init_params(cfg, jax.random.PRNGKey(0), fused=args.fuse_projections)
+        param_bytes = cfg.num_params * cfg.jnp_dtype.itemsize
     pages_per_seq = -(-cfg.max_seq_len // Z)
     num_pages = B * pages_per_seq
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 commit=os.environ.get("OPTGQA_COMMIT", "unknown"), model=args.model,
                 mha_twin=args.mha_twin, fused_projections=args.fuse_projections, batch=B,
+                quantize=args.quantize,
                 context=list(args.context), page_size=Z,
                 decode_config=repr(PagedAttentionConfig.for_backend("cuda")))
     methods = copy_bandwidths()
@@ -260,7 +279,6 @@ def main():
 
     lengths = rng.integers(args.context[0], hi + 1, size=B).astype(np.int32)
     tables = rng.permutation(num_pages).reshape(B, pages_per_seq).astype(np.int32)
-    param_bytes = cfg.num_params * cfg.jnp_dtype.itemsize
     results = {}
 
     def decode_inputs(runner, lens):

@@ -6,7 +6,8 @@
 # STEP is any of: tests variants kernels profile engine engine-sync engine-graphs engine-seqs reference
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
-# variants-one-row, variants-decode and quant-engine-batch1 (parts of variants and quant-engine); sharding-8b and sharding-70b need two GPUs
+# variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine) and
+# profile-batch1; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -51,6 +52,13 @@ for step in $steps; do
     profile)  # one decode step, pipelined and synchronous
       run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
         --out "$out" ;;
+    profile-batch1)  # one batch-1 decode step, bfloat16 against W4 g128: where the W4 step's
+      # time goes outside its layer products (device trace per XLA op)
+      for fmt in bf16 w4g128; do
+        q=(); [ "$fmt" = bf16 ] || q=(--quantize "$fmt")
+        run "profile_decode_batch1_$fmt" 240 python experiments/profile_decode.py --quick \
+          --fuse-projections --batch 1 --context 257 512 "${q[@]}" --out "$out/profile_batch1_$fmt"
+      done ;;
     engine)  # the workload: GQA, its MHA twin and Hugging Face generate in one run
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine 600 python experiments/bench_engine.py \
         "${engine_args[@]}" --compare-mha --hf-requests 1000 --hf-batch-size 256 \
@@ -156,7 +164,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs gqsa-reference variants-one-row variants-decode quant-engine-batch1" \
+            "engine-seqs gqsa-reference variants-one-row variants-decode quant-engine-batch1 profile-batch1" \
             "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac

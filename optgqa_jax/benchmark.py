@@ -105,7 +105,7 @@ def params_nbytes(params) -> int:
     return int(sum(l.nbytes if is_quantized(l) else l.size * l.dtype.itemsize for l in leaves))
 
 
-def _random_params(cfg, bc: BenchConfig):
+def random_params(cfg, bc: BenchConfig):
     """The benchmark's random weights: float (drawn in their tensor-parallel placement when
     ``bc.tensor_parallel_size > 1``, so that no device ever holds a whole model that only
     fits split), then quantized or sparsified as ``bc.quantize`` asks."""
@@ -158,7 +158,7 @@ def run_engine(bc: BenchConfig) -> dict:
     cfg = model_config(bc, max_seq_len=longest_request + 16)
     tp = bc.tensor_parallel_size
     t0 = time.perf_counter()
-    params = _random_params(cfg, bc)
+    params = random_params(cfg, bc)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth(bc.copy_bytes) * tp   # tp devices' combined ceiling

@@ -195,7 +195,7 @@ def test_quantized_params_are_drawn_without_a_float_copy(monkeypatch, spec):
     cfg = B.model_config(bc)
     expected = B._quantize_random(og.init_params(cfg, jax.random.PRNGKey(bc.seed), fused=True), bc)
     monkeypatch.setattr(og, "init_params", lambda *a, **k: pytest.fail("float init called"))
-    got = B._random_params(cfg, bc)
+    got = B.random_params(cfg, bc)
     a, ta = jax.tree_util.tree_flatten(got)
     b, tb = jax.tree_util.tree_flatten(expected)
     assert ta == tb

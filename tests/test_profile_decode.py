@@ -1,0 +1,48 @@
+"""experiments/profile_decode.py's host-side pieces on the CPU (the script itself needs a GPU
+for its figures): the synchronous step runs against the engine's runner as it is now, and
+``--quantize`` refuses a bad spec before any weights are drawn."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import profile_decode  # noqa: E402
+
+import optgqa_jax as og  # noqa: E402
+from optgqa_jax import benchmark as bench  # noqa: E402
+from optgqa_jax.engine.runner import ModelRunner  # noqa: E402
+
+
+@pytest.mark.parametrize("quantize", [None, "w4g64"])
+def test_synchronous_step_times_every_phase(quantize):
+    cfg = og.ModelConfig.preset("tiny").replace(max_seq_len=64)
+    params = bench.random_params(cfg, bench.BenchConfig(model="tiny", quantize=quantize))
+    B, Z = 2, 16
+    runner = ModelRunner(cfg, params, num_pages=8, page_size=Z, max_num_seqs=B,
+                         max_num_batched_tokens=B, max_model_len=64, impl="auto",
+                         seq_buckets=(B,), token_buckets=(16,))
+    x = runner._empty(True, B)
+    lens = np.array([5, 9], np.int32)
+    x.tokens[:] = [3, 4]
+    x.positions[:] = lens - 1
+    x.block_tables[:, 0] = [0, 1]
+    x.slot_mapping[:] = x.block_tables[np.arange(B), 0] * Z + (lens - 1)
+    x.token_seq[:] = np.arange(B)
+    x.context_lens[:] = lens
+    x.cu_q_lens[:] = np.arange(B + 1)
+    x.select[:] = np.arange(B)
+    got = profile_decode.synchronous_step(runner, x, B, trials=2)
+    assert set(got) == {"pack_ms", "put_ms", "dispatch_ms", "wait_ms", "total_ms"}
+    assert all(np.isfinite(v) and v >= 0 for v in got.values())
+    assert got["total_ms"] >= got["dispatch_ms"]
+
+
+def test_bad_quantize_spec_exits_before_any_work(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["profile_decode.py", "--model", "tiny", "--quantize", "w5"])
+    monkeypatch.setattr(profile_decode, "copy_bandwidths", lambda: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as e:
+        profile_decode.main()
+    assert e.value.code == 2
