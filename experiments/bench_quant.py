@@ -56,6 +56,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
+from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
 
@@ -159,9 +160,11 @@ ENGINE_WORKLOADS = ("batch1", "throughput")
 
 
 def engine_runs(out: list, save, requests: int, formats=ENGINE_FORMATS,
-                workloads=ENGINE_WORKLOADS) -> None:
+                workloads=ENGINE_WORKLOADS, xla_options=None) -> None:
+    """The engine on the Llama-3-8B shape per format and workload, each in its own process;
+    ``xla_options`` replace the engine's XLA compiler options (None keeps its defaults)."""
     common = dict(model="llama3-8b", max_num_seqs=256, kv_memory_bytes=48 * 2 ** 30,
-                  fuse_projections=True)
+                  fuse_projections=True, xla_compiler_options=xla_options)
     for spec in formats:
         for name, kind, extra in (
                 # one 256-token prompt: one prefill bucket of its size, one decode bucket
@@ -185,7 +188,9 @@ def markdown(res: dict) -> str:
     m = res["meta"]
     lines = ["# Quantized matmul and serving", "",
              f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. Copy ceiling "
-             f"{m['ceiling'] / 1e9:,.0f} GB/s (best of {', '.join(m['ceilings'])}).", ""]
+             f"{m['ceiling'] / 1e9:,.0f} GB/s (best of {', '.join(m['ceilings'])})."
+             + (f" Engine XLA options: {m['xla_options']}." if m.get("xla_options") else ""),
+             ""]
     rows = [r for r in res["kernels"] if "us" in r]
     if rows:
         lines += ["## Kernels (µs; GB/s of bytes moved, % of the copy ceiling; × bfloat16)", "",
@@ -263,8 +268,15 @@ def main(argv=None) -> None:
                    help="engine: comma-separated formats (bf16 is the unquantized model)")
     p.add_argument("--engine-workloads", default=",".join(ENGINE_WORKLOADS),
                    help=f"engine: comma-separated subset of {','.join(ENGINE_WORKLOADS)}")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="engine: repeatable; an XLA compiler option of the engine's steps, "
+                        "replacing the engine's defaults (e.g. command buffers)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
+    try:
+        xla_options = parse_xla_options(a.xla_option) or None
+    except ValueError as e:
+        p.error(f"--xla-option: {e}")
     kformats = [f for f in a.formats.split(",") if f]
     for f in kformats:
         quant.parse_spec(f)
@@ -284,6 +296,7 @@ def main(argv=None) -> None:
                         commit=B.source_commit(), ceiling=max(ceilings.values()),
                         ceilings=sorted(ceilings), ceiling_methods=ceilings),
            "kernels": [], "engine": []}
+    res["meta"]["xla_options"] = xla_options
 
     def save():
         with open(os.path.join(a.out, "bench_quant.json"), "w") as f:
@@ -295,7 +308,7 @@ def main(argv=None) -> None:
     if a.only in (None, "kernels"):
         kernel_rows(res["meta"]["ceiling"], rows, res["kernels"], save, kformats)
     if a.only in (None, "engine"):
-        engine_runs(res["engine"], save, a.engine_requests, formats, workloads)
+        engine_runs(res["engine"], save, a.engine_requests, formats, workloads, xla_options)
     save()
     print(markdown(res))
 

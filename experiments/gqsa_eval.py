@@ -62,6 +62,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant, sparse  # noqa: E402
+from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
 from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorConfig,  # noqa: E402
@@ -373,15 +374,17 @@ def accuracy_plot(res: dict, path: str) -> None:
 ENGINE_FORMATS = ("bf16", "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s50gm")
 
 
-def engine_config(spec: str, seqs: int) -> "B.BenchConfig":
+def engine_config(spec: str, seqs: int, xla_options=None) -> "B.BenchConfig":
     """The engine run of one format at `seqs` sequences: `seqs` requests of 256/256 tokens,
     all admitted at once, one decode bucket and one prefill bucket (the prompts' tokens, at
-    most 2048 a step), so that each run compiles only the two greedy programs it uses."""
+    most 2048 a step), so that each run compiles only the two greedy programs it uses.
+    ``xla_options``: XLA compiler options replacing the engine's defaults (None keeps them)."""
     budget = min(256 * seqs, 2048)
     return B.BenchConfig(model="llama3-8b", num_requests=seqs, max_num_seqs=seqs,
                          seq_buckets=(seqs,), max_num_batched_tokens=budget,
                          token_buckets=(budget,), quantize=None if spec == "bf16" else spec,
-                         fuse_projections=True, kv_memory_bytes=16 * 2 ** 30)
+                         fuse_projections=True, kv_memory_bytes=16 * 2 ** 30,
+                         xla_compiler_options=xla_options)
 
 
 def engine(a) -> None:
@@ -389,12 +392,15 @@ def engine(a) -> None:
     already in ``gqsa_engine.json`` (without an error) are kept and skipped."""
     path = os.path.join(a.out, "gqsa_engine.json")
     res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                         commit=B.source_commit()), runs=[])
+                         commit=B.source_commit(), xla_options=a.xla_options), runs=[])
     if a.resume and os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
         if old["meta"]["device"] != res["meta"]["device"]:
             raise ValueError(f"--resume: {path} was measured on {old['meta']['device']}")
+        if old["meta"].get("xla_options") != a.xla_options:
+            raise ValueError(f"--resume: {path} was measured with XLA options "
+                             f"{old['meta'].get('xla_options')}, not {a.xla_options}")
         res["runs"] = [r for r in old["runs"] if "error" not in r]
         res["meta"]["commit"] = ", ".join(dict.fromkeys([old["meta"]["commit"],
                                                          res["meta"]["commit"]]))
@@ -404,7 +410,7 @@ def engine(a) -> None:
             if (spec, seqs) in done:
                 continue
             print(f"engine {spec} x{seqs} ...", flush=True)
-            r = B.run_in_subprocess("engine", engine_config(spec, seqs))
+            r = B.run_in_subprocess("engine", engine_config(spec, seqs, a.xla_options))
             r.update(format=spec, sequences=seqs)
             res["runs"].append(r)
             with open(path, "w") as f:
@@ -418,7 +424,9 @@ def engine_markdown(res: dict) -> str:
     lines = ["# GQSA engine decode, Llama-3-8B shape (random weights)", "",
              f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. 256-token prompts, "
              "256 generated tokens per sequence; output tokens/s against bfloat16 and dense W4 "
-             "at the same number of sequences.", "",
+             "at the same number of sequences. XLA options: "
+             + (f"{m['xla_options']}." if m.get("xla_options") else "the engine's defaults."),
+             "",
              "| format | sequences | output tok/s | × bf16 | × dense w4g128 | param GiB | "
              "peak GiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -456,6 +464,10 @@ def main(argv=None) -> None:
                    help="speed: comma-separated fractions of groups removed, in (0, 1)")
     p.add_argument("--no-group-major", dest="group_major", action="store_false",
                    help="speed: skip the group-major twins of the BSR formats")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="engine: repeatable; an XLA compiler option of the engine's steps, "
+                        "replacing the engine's defaults (e.g. xla_gpu_enable_command_buffer="
+                        "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL for CUDA graphs)")
     p.add_argument("--engine-formats", default=",".join(ENGINE_FORMATS),
                    help="engine: comma-separated subset of the formats")
     p.add_argument("--sequences", default="1,16",
@@ -483,6 +495,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     a.shapes = _subset(p, "--shapes", a.shapes, [n.split()[0] for n in SHAPES])
     a.engine_formats = _subset(p, "--engine-formats", a.engine_formats, ENGINE_FORMATS)
+    try:
+        a.xla_options = parse_xla_options(a.xla_option) or None
+    except ValueError as e:
+        p.error(f"--xla-option: {e}")
     try:
         a.sequences = [int(x) for x in a.sequences.split(",") if x]
         a.rows = [int(x) for x in a.rows.split(",") if x]

@@ -6,8 +6,8 @@
 # STEP is any of: tests variants kernels profile engine engine-sync engine-graphs engine-seqs reference
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
-# variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine) and
-# profile-batch1; sharding-8b and sharding-70b need two GPUs
+# variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
+# profile-batch1 and batch1-graphs; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -58,6 +58,16 @@ for step in $steps; do
         q=(); [ "$fmt" = bf16 ] || q=(--quantize "$fmt")
         run "profile_decode_batch1_$fmt" 240 python experiments/profile_decode.py --quick \
           --fuse-projections --batch 1 --context 257 512 "${q[@]}" --out "$out/profile_batch1_$fmt"
+      done ;;
+    batch1-graphs)  # batch-1 decode, bfloat16 / W4 / W4S50, with and without XLA command
+      # buffers (CUDA graphs): on the H100 a step's host launch time was ~15 us per kernel
+      # (profile_decode at 0f4dc1a), so a batch-1 step of ~500 kernels is bound by the host
+      for mode in defaults graphs; do
+        x=(); [ "$mode" = graphs ] && x=(--xla-option \
+          xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla-option xla_gpu_ftz=true)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_engine_batch1_$mode" 300 python \
+          experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
+          --sequences 1 --resume "${x[@]}" --out "$out/engine_batch1_$mode"
       done ;;
     engine)  # the workload: GQA, its MHA twin and Hugging Face generate in one run
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine 600 python experiments/bench_engine.py \
@@ -164,7 +174,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs gqsa-reference variants-one-row variants-decode quant-engine-batch1 profile-batch1" \
+            "engine-seqs gqsa-reference variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac

@@ -53,10 +53,33 @@ def test_engine_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
     assert calls == [("w2g128", 2)]
 
 
+def test_engine_xla_options_reach_every_run_and_guard_resume(tmp_path, monkeypatch):
+    """--xla-option goes to every run's BenchConfig (replacing the engine's defaults), the
+    table names it, and --resume will not mix runs measured under other options."""
+    seen = []
+    monkeypatch.setattr(B, "run_in_subprocess", lambda kind, bc: seen.append(
+        bc.xla_compiler_options) or dict(output_tokens_per_s=1.0, param_bytes=1,
+                                         peak_memory_bytes=1))
+    out = ["--part", "engine", "--out", str(tmp_path), "--engine-formats", "bf16",
+           "--sequences", "1"]
+    graphs = ["--xla-option", "xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL",
+              "--xla-option", "xla_gpu_ftz=true"]
+    gqsa_eval.main(out + graphs)
+    want = {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL", "xla_gpu_ftz": True}
+    assert seen == [want]
+    assert "XLA options: {" in (tmp_path / "gqsa_engine.md").read_text()
+    with pytest.raises(ValueError, match="XLA options"):
+        gqsa_eval.main(out + ["--resume"])          # measured with options, asked without
+    gqsa_eval.main(out + graphs + ["--resume"])       # same options: nothing left to run
+    assert seen == [want]
+    assert gqsa_eval.engine_config("bf16", 1).xla_compiler_options is None
+
+
 @pytest.mark.parametrize("flags", [["--engine-formats", "w5g128"], ["--sequences", "0"],
                                    ["--sequences", "x"], ["--shapes", "lm_head"],
                                    ["--rows", ""], ["--sparsities", "1.0"],
-                                   ["--sparsities", "x"], ["--sparsities", ""]])
+                                   ["--sparsities", "x"], ["--sparsities", ""],
+                                   ["--xla-option", "no_equals_sign"]])
 def test_bad_flags_exit_before_any_run(flags, monkeypatch, tmp_path):
     monkeypatch.setattr(B, "run_in_subprocess", lambda *a: pytest.fail("ran"))
     with pytest.raises(SystemExit) as e:
@@ -88,3 +111,8 @@ def test_bench_quant_engine_runs_are_valid_engine_configs(monkeypatch):
     throughput = [bc for bc in seen if bc.max_num_seqs == 256]
     assert all(bc.num_requests == 1000 and bc.kv_memory_bytes == 48 * 2 ** 30
                for bc in throughput)
+    assert all(bc.xla_compiler_options is None for bc in seen)   # the engine's defaults
+    seen.clear()   # --xla-option reaches every run
+    bench_quant.engine_runs([], lambda: None, requests=1000, formats=("w4g128",),
+                            workloads=("batch1",), xla_options={"xla_gpu_ftz": True})
+    assert [bc.xla_compiler_options for bc in seen] == [{"xla_gpu_ftz": True}]
