@@ -27,7 +27,8 @@ weights in bfloat16, W4 g128 (linear layers; and with the LM head and token tabl
 ``w4g128+head+emb``) and W8 (per channel): batch-1 decode (one request, 256 prompt +
 256 generated tokens; tokens/s = 1 / mean time per output token) and the 1000-request 256/256
 throughput with the settings of ``bench_engine.py`` (256 sequences, KV pool capped at 48 GiB,
-fused projections); peak memory and parameter bytes of each.
+fused projections); peak memory and parameter bytes of each. The engine runs go first, before
+this process allocates any device memory of its own.
 
 Usage::
 
@@ -187,8 +188,9 @@ def engine_runs(out: list, save, requests: int, formats=ENGINE_FORMATS,
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = ["# Quantized matmul and serving", "",
-             f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. Copy ceiling "
-             f"{m['ceiling'] / 1e9:,.0f} GB/s (best of {', '.join(m['ceilings'])})."
+             f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}."
+             + (f" Copy ceiling {m['ceiling'] / 1e9:,.0f} GB/s (best of "
+                f"{', '.join(m['ceilings'])})." if "ceiling" in m else "")
              + (f" Engine XLA options: {m['xla_options']}." if m.get("xla_options") else ""),
              ""]
     rows = [r for r in res["kernels"] if "us" in r]
@@ -291,12 +293,9 @@ def main(argv=None) -> None:
         p.error(f"--engine-workloads {a.engine_workloads!r}: expected a subset of "
                 f"{','.join(ENGINE_WORKLOADS)}")
     os.makedirs(a.out, exist_ok=True)
-    ceilings = B.copy_bandwidths()
     res = {"meta": dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                        commit=B.source_commit(), ceiling=max(ceilings.values()),
-                        ceilings=sorted(ceilings), ceiling_methods=ceilings),
+                        commit=B.source_commit(), xla_options=xla_options),
            "kernels": [], "engine": []}
-    res["meta"]["xla_options"] = xla_options
 
     def save():
         with open(os.path.join(a.out, "bench_quant.json"), "w") as f:
@@ -305,10 +304,16 @@ def main(argv=None) -> None:
             f.write(markdown(res))
         plot(res, os.path.join(a.out, "bench_quant.png"))
 
-    if a.only in (None, "kernels"):
-        kernel_rows(res["meta"]["ceiling"], rows, res["kernels"], save, kformats)
+    # The engine's subprocesses run first, while this process holds no device memory: with
+    # XLA_PYTHON_CLIENT_MEM_FRACTION set, its first allocation (the copy ceiling) would
+    # reserve that fraction of the GPU and leave the engines too little.
     if a.only in (None, "engine"):
         engine_runs(res["engine"], save, a.engine_requests, formats, workloads, xla_options)
+    ceilings = B.copy_bandwidths()
+    res["meta"].update(ceiling=max(ceilings.values()), ceilings=sorted(ceilings),
+                       ceiling_methods=ceilings)
+    if a.only in (None, "kernels"):
+        kernel_rows(res["meta"]["ceiling"], rows, res["kernels"], save, kformats)
     save()
     print(markdown(res))
 

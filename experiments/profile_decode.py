@@ -108,9 +108,11 @@ def op_table(trace_dir: str, steps: int, top: int = 25):
 def hlo_summary(hlo: str) -> dict:
     """What the compiled step's entry computation launches, from its optimised HLO text.
 
-    On GPUs, XLA wraps runs of kernels into command buffers (CUDA graphs): calls
-    to computations named ``command_buffer*``. Instructions left in the entry
-    computation outside them are launched one by one.
+    On GPUs, older XLA versions wrapped runs of kernels into command buffers (CUDA
+    graphs) as calls to computations named ``command_buffer*``, counted here. With
+    jax 0.11.2 the optimised HLO text shows none even with command buffers on (H100,
+    commit 2807e86: the GPU's idle time per step fell from 9.2 to 3.4 ms while this
+    read 0); the trace's idle time is the reliable sign.
     """
     import re
 

@@ -52,12 +52,18 @@ for step in $steps; do
     profile)  # one decode step, pipelined and synchronous
       run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
         --out "$out" ;;
-    profile-batch1)  # one batch-1 decode step, bfloat16 against W4 g128: where the W4 step's
-      # time goes outside its layer products (device trace per XLA op)
+    profile-batch1)  # one batch-1 decode step, bfloat16 against W4 g128, with the engine's
+      # options and with command buffers (CUDA graphs) on: where the W4 step's time goes
+      # outside its layer products (device trace per XLA op, kernels per step)
       for fmt in bf16 w4g128; do
         q=(); [ "$fmt" = bf16 ] || q=(--quantize "$fmt")
-        run "profile_decode_batch1_$fmt" 240 python experiments/profile_decode.py --quick \
-          --fuse-projections --batch 1 --context 257 512 "${q[@]}" --out "$out/profile_batch1_$fmt"
+        for mode in defaults graphs; do
+          x=(); [ "$mode" = graphs ] && x=(--xla-option \
+            xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla-option xla_gpu_ftz=true)
+          run "profile_decode_batch1_${fmt}_$mode" 240 python experiments/profile_decode.py --quick \
+            --fuse-projections --batch 1 --context 257 512 "${q[@]}" "${x[@]}" \
+            --out "$out/profile_batch1_${fmt}_$mode"
+        done
       done ;;
     batch1-graphs)  # batch-1 decode, bfloat16 / W4 / W4S50, with and without XLA command
       # buffers (CUDA graphs): on the H100 a step's host launch time was ~15 us per kernel

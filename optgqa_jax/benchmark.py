@@ -32,6 +32,8 @@ from typing import Optional
 
 import numpy as np
 
+from optgqa_jax.engine.config import EngineConfig
+
 # measurement helpers, kept importable from here (their home is optgqa_jax.timing)
 from optgqa_jax.timing import (_percentiles, copy_bandwidth, copy_bandwidths,  # noqa: F401
                                source_commit, timeit, timeit_rotating)
@@ -60,6 +62,8 @@ class BenchConfig:
     hf_batch_size: int = 64
     async_scheduling: bool = True
     xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
+    # steps of at most this many tokens get command buffers (EngineConfig option)
+    command_buffer_max_tokens: int = EngineConfig.command_buffer_max_tokens
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -177,7 +181,8 @@ def run_engine(bc: BenchConfig) -> dict:
         attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
         token_buckets=bc.token_buckets, enable_prefix_caching=False,
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
-        xla_compiler_options=bc.xla_compiler_options, tensor_parallel_size=tp))
+        xla_compiler_options=bc.xla_compiler_options,
+        command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -407,7 +412,8 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        + (", asynchronous scheduling" if bc.async_scheduling
                           else ", synchronous scheduling")
                        + (f", XLA options {bc.xla_compiler_options}"
-                          if bc.xla_compiler_options is not None else ""),
+                          if bc.xla_compiler_options is not None else
+                          f", command buffers for steps of <= {bc.command_buffer_max_tokens} tokens"),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with open(os.path.join(out_dir, "bench_engine.json"), "w") as f:
         json.dump(dict(meta=meta, config=dataclasses.asdict(bc), runs=runs), f, indent=1)
@@ -449,6 +455,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
+    parser.add_argument("--command-buffer-max-tokens", type=int,
+                        default=d.command_buffer_max_tokens, metavar="N",
+                        help="steps of at most N tokens are compiled with XLA command buffers "
+                             "(CUDA graphs) on (EngineConfig option; 0: none; default: "
+                             "%(default)s)")
     parser.add_argument("--quantize", default=None, metavar="SPEC",
                         help="serve random GPTQ-format weights, e.g. w4g128 (4 bits, groups of "
                              "128) or w8 (8 bits, per channel), or group-sparse BSR weights, e.g. "
@@ -507,6 +518,7 @@ def config_from_args(args) -> BenchConfig:
         fuse_projections=args.fuse_projections, hf_batch_size=args.hf_batch_size,
         async_scheduling=args.async_scheduling, quantize=_quant_spec(args.quantize),
         xla_compiler_options=_xla_options(args.xla_option),
+        command_buffer_max_tokens=args.command_buffer_max_tokens,
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets + (args.max_num_batched_tokens,),
         tensor_parallel_size=args.tensor_parallel_size)

@@ -256,6 +256,36 @@ def test_xla_compiler_options(tiny):
     assert [o.token_ids for o in eng.generate(tiny[2][:3], GREEDY)] == tiny[3][:3]
 
 
+def test_command_buffers_for_small_steps(tiny, monkeypatch):
+    """With the default options on CUDA, steps of <= command_buffer_max_tokens tokens are
+    compiled with command buffers on and larger ones with them off; given options apply to
+    every step."""
+    from optgqa_jax.engine import runner as R
+
+    cfg, params, _, _ = tiny
+    assert R.default_compiler_options("cuda", command_buffers=True) == {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL", "xla_gpu_ftz": True}
+    assert R.default_compiler_options("rocm", command_buffers=True) == {}
+    monkeypatch.setattr(R, "kernel_backend", lambda: "cuda")
+    kw = dict(num_pages=16, page_size=8, max_num_seqs=64, max_num_batched_tokens=128,
+              max_model_len=64, impl="reference")
+    run = R.ModelRunner(cfg, params, command_buffer_max_tokens=32, **kw)
+    for size, graphs in ((1, True), (32, True), (33, False), (64, False), (128, False)):
+        opts = run.options_for(size)
+        assert (opts["xla_gpu_enable_command_buffer"] != "") == graphs, size
+        assert (run.step_fn_for(size) is run.small_step_fn) == graphs, size
+    assert run.small_step_fn is not run.step_fn
+    off = R.ModelRunner(cfg, params, command_buffer_max_tokens=0, **kw)
+    assert off.options_for(1) == off.compiler_options == R.default_compiler_options("cuda")
+    given = R.ModelRunner(cfg, params, compiler_options={"xla_gpu_ftz": False},
+                          command_buffer_max_tokens=32, **kw)
+    assert given.options_for(1) == given.options_for(128) == {"xla_gpu_ftz": False}
+    assert given.small_step_fn is given.step_fn
+    for bad in (-1, 2.5, True, "32"):
+        with pytest.raises(ValueError, match="command_buffer_max_tokens must be an integer"):
+            og.EngineConfig(command_buffer_max_tokens=bad)
+
+
 @pytest.mark.parametrize("regime", [
     dict(),  # roomy pool
     dict(num_pages=12),  # preemption

@@ -116,3 +116,27 @@ def test_bench_quant_engine_runs_are_valid_engine_configs(monkeypatch):
     bench_quant.engine_runs([], lambda: None, requests=1000, formats=("w4g128",),
                             workloads=("batch1",), xla_options={"xla_gpu_ftz": True})
     assert [bc.xla_compiler_options for bc in seen] == [{"xla_gpu_ftz": True}]
+
+
+def test_bench_quant_runs_the_engines_before_touching_device_memory(monkeypatch, tmp_path):
+    """bench_quant.py launches its engine subprocesses before its own first device allocation
+    (the copy ceiling): with XLA_PYTHON_CLIENT_MEM_FRACTION set, that allocation would reserve
+    the fraction of the GPU and starve the engines."""
+    import bench_quant
+
+    order = []
+
+    def engine(kind, bc):
+        order.append("engine")
+        return dict(output_tokens_per_s=1.0, param_bytes=1, peak_memory_bytes=1)
+
+    def ceiling():
+        order.append("ceiling")
+        return {"copy": 1e12}
+
+    monkeypatch.setattr(B, "run_in_subprocess", engine)
+    monkeypatch.setattr(B, "copy_bandwidths", ceiling)
+    bench_quant.main(["--only", "engine", "--engine-formats", "bf16,w4g128",
+                      "--engine-workloads", "batch1", "--out", str(tmp_path)])
+    assert order == ["engine", "engine", "ceiling"]
+    assert "Copy ceiling 1,000 GB/s" in (tmp_path / "bench_quant.md").read_text()

@@ -189,6 +189,7 @@ class Engine:
                                   seq_buckets=config.seq_buckets,
                                   token_buckets=config.token_buckets,
                                   compiler_options=config.xla_compiler_options,
+                                  command_buffer_max_tokens=config.command_buffer_max_tokens,
                                   max_logprobs=config.max_logprobs, mesh=mesh)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)

@@ -106,19 +106,29 @@ def unpack_inputs(buf: jax.Array, layout: tuple) -> StepInputs:
     return StepInputs(*fields)
 
 
-def default_compiler_options(backend: str) -> dict:
+# XLA command types captured into command buffers (CUDA graphs) for small steps
+COMMAND_BUFFER_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+
+
+def default_compiler_options(backend: str, command_buffers: bool = False) -> dict:
     """XLA options the engine compiles its steps with, per backend.
 
-    On CUDA, command buffers (CUDA graphs) are turned off: on an H100 the
-    Llama-3-8B decode step of 256 sequences ran 0.2-0.8 ms faster without them
-    in every one of four measured configurations
-    (``experiments/profile_decode.py --xla-flags-variant``). The kernels'
-    own options are added (:func:`pallas_kernels.compiler_options`: float32
-    denormals flushed to zero, so their exponentials are one instruction).
+    On CUDA, command buffers (CUDA graphs) are off unless ``command_buffers``:
+    the engine turns them on only for steps of few tokens
+    (``EngineConfig.command_buffer_max_tokens``). On an H100 (Llama-3-8B shape)
+    the decode step of 256 sequences ran 0.2-0.8 ms faster without them in every
+    one of four measured configurations (``experiments/profile_decode.py
+    --xla-flags-variant``), while a batch-1 step, whose ~650-714 kernels the host
+    launches at ~12 µs each, is bound by those launches: with command buffers
+    batch-1 decode went from 148 to 161 tokens/s in bfloat16 and from 101 to 213
+    with W4 g128 weights (``experiments/results/h100/batch1/``, commit 2807e86).
+    The kernels' own options are added (:func:`pallas_kernels.compiler_options`:
+    float32 denormals flushed to zero, so their exponentials are one instruction).
     """
     if backend != "cuda":
         return {}
-    return {"xla_gpu_enable_command_buffer": "", **pallas_kernels.compiler_options("cuda")}
+    return {"xla_gpu_enable_command_buffer": COMMAND_BUFFER_COMMANDS if command_buffers else "",
+            **pallas_kernels.compiler_options("cuda")}
 
 
 def parse_xla_options(items: Sequence[str]) -> dict:
@@ -204,28 +214,41 @@ class ModelRunner:
     """Builds padded step inputs and runs the jitted step; counts compiled shape buckets.
 
     ``compiler_options`` go to ``jax.jit(..., compiler_options=...)`` for every step
-    program; None uses :func:`default_compiler_options` for the backend.
+    program; None uses :func:`default_compiler_options` for the backend, with command
+    buffers on for steps of at most ``command_buffer_max_tokens`` tokens (decode steps of
+    that many sequences, mixed steps padded to that many tokens; 0: for none).
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
-                 max_logprobs: int = 20, mesh=None):
+                 command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None):
         self.mesh = mesh
         if mesh is not None:  # tensor parallel: weights by the partition rules
             params = sharding.shard_params(cfg, params, mesh)
         self.cfg, self.params, self.impl = cfg, params, impl
         self.logprobs_k = max(1, min(max_logprobs, cfg.vocab_size))  # static top-k width
+        # Options of steps above / up to command_buffer_max_tokens tokens: the backend's
+        # defaults (command buffers only for the small ones), or the caller's for every step.
+        backend = kernel_backend()
+        small = None
         if compiler_options is None:
-            compiler_options = default_compiler_options(kernel_backend())
+            compiler_options = default_compiler_options(backend)
+            if mesh is None:   # with several devices the step's collectives stay ungraphed
+                small = default_compiler_options(backend, command_buffers=True)
         self.compiler_options = dict(compiler_options)
+        self.small_compiler_options = dict(compiler_options if small is None else small)
+        self.command_buffer_max_tokens = int(command_buffer_max_tokens)
         # the jitted step: one program per (decode_only, bucket size, greedy or sampling); the
-        # pool is donated
-        self.step_fn = jax.jit(_packed_step, donate_argnames=("pool",),
-                               static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
-                                                "stochastic", "logprobs_k", "prompt_logprobs",
-                                                "mesh"),
-                               compiler_options=self.compiler_options or None)
+        # pool is donated. One jit per distinct option set.
+        jit = lambda opts: jax.jit(  # noqa: E731
+            _packed_step, donate_argnames=("pool",),
+            static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
+                             "logprobs_k", "prompt_logprobs", "mesh"),
+            compiler_options=opts or None)
+        self.step_fn = jit(self.compiler_options)
+        self.small_step_fn = (self.step_fn if self.small_compiler_options == self.compiler_options
+                              else jit(self.small_compiler_options))
         self.num_pages, self.page_size = num_pages, page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -244,6 +267,16 @@ class ModelRunner:
         self._no_prev = jnp.zeros((self.max_rows,), jnp.int32)
         if mesh is not None:
             self._no_prev = jax.device_put(self._no_prev, sharding.replicated(mesh))
+
+    def step_fn_for(self, size: int):
+        """The jitted step for a bucket of ``size`` rows (sequences or tokens): the one with
+        command buffers up to ``command_buffer_max_tokens``, the other above."""
+        return self.small_step_fn if size <= self.command_buffer_max_tokens else self.step_fn
+
+    def options_for(self, size: int) -> dict:
+        """The XLA compiler options a step of ``size`` rows is compiled with."""
+        return (self.small_compiler_options if size <= self.command_buffer_max_tokens
+                else self.compiler_options)
 
     @property
     def compiles(self) -> int:
@@ -379,7 +412,7 @@ class ModelRunner:
                              prompt_logprobs))
         args, kwargs = self._args(inputs, decode_only, size, prev_tokens, logprobs,
                                   prompt_logprobs)
-        tokens, self.pool, extras = self.step_fn(*args, **kwargs)
+        tokens, self.pool, extras = self.step_fn_for(size)(*args, **kwargs)
         return tokens, extras
 
     def run(self, inputs: StepInputs, decode_only: bool, size: int) -> np.ndarray:
@@ -389,7 +422,7 @@ class ModelRunner:
     def lower(self, inputs: StepInputs, decode_only: bool, size: int):
         """The step's ``jax.stages.Lowered`` for these inputs (to read its HLO)."""
         args, kwargs = self._args(inputs, decode_only, size)
-        return self.step_fn.lower(*args, **kwargs)
+        return self.step_fn_for(size).lower(*args, **kwargs)
 
     def warmup(self, sampling: bool = True) -> None:
         """Compile every bucket with all-padding steps (they write nothing): the greedy
