@@ -7,7 +7,7 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
-# profile-batch1 and batch1-graphs; sharding-8b and sharding-70b need two GPUs
+# profile-batch1, batch1-graphs, profile-mixed and engine-buckets; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -105,6 +105,23 @@ for step in $steps; do
           --fuse-projections --max-num-batched-tokens 4096 --input-range 32 1024 \
           --output-range 32 512 --out "$out/engine_random_seqs$seqs"
       done ;;
+    profile-mixed)  # one mixed (prefill) step as the engine benchmarks run them at 512
+      # sequences (experiments/schedule_replay.py: the fixed workload's mean mixed step is ~14
+      # prompts of 256 + ~370 decodes; the random one's ~3 prompt chunks of ~550 + ~450
+      # decodes with contexts up to 1536), with its per-op trace and the run's bf16 GEMM rate
+      run profile_mixed_fixed 240 python experiments/profile_mixed.py --fuse-projections \
+        --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
+        --out "$out/profile_mixed_fixed"
+      run profile_mixed_random 240 python experiments/profile_mixed.py --fuse-projections \
+        --prompts 3 --prompt-len 553 --decodes 453 --context 32 1536 --tokens 4096 \
+        --out "$out/profile_mixed_random" ;;
+    engine-buckets)  # the random-length workload at 512 sequences with token buckets every 512
+      # (schedule_replay.py: its mixed steps' padding 19% -> 8%)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_random_buckets512 300 python \
+        experiments/bench_engine.py --model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 \
+        --fuse-projections --max-num-batched-tokens 4096 --input-range 32 1024 \
+        --output-range 32 512 --token-buckets 512,1024,1536,2048,2560,3072,3584,4096 \
+        --out "$out/engine_random_buckets512" ;;
     grouping)  # the grouping ablation on the RoPE reference model and SmolLM2 (needs reference)
       run ablate_grouping 600 python experiments/ablate_grouping.py --pallas-check "${tokens[@]}" \
         --reference checkpoints/reference/rope --out "$out/grouping" ;;

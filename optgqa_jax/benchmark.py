@@ -400,6 +400,7 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                          f"output {bc.output_range or bc.output_len}, EOS ignored",
                 engine=f"max_num_seqs={bc.max_num_seqs}, "
                        f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
+                       f"token buckets {', '.join(map(str, bc.token_buckets or ()))}, "
                        f"page_size={bc.page_size}, attention={bc.attention_impl}"
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
                           + (" per device" if bc.tensor_parallel_size > 1 else "")
@@ -455,6 +456,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
+    parser.add_argument("--token-buckets", default=None, metavar="N,N,...",
+                        help="token counts mixed (prefill) steps are padded to, ascending, the "
+                             "last >= --max-num-batched-tokens (EngineConfig option; default: "
+                             "1024, 2048 and --max-num-batched-tokens)")
     parser.add_argument("--command-buffer-max-tokens", type=int,
                         default=d.command_buffer_max_tokens, metavar="N",
                         help="steps of at most N tokens are compiled with XLA command buffers "
@@ -504,8 +509,25 @@ def _quant_spec(spec: Optional[str]) -> Optional[str]:
     return spec
 
 
+def _token_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
+    """``--token-buckets`` checked before any work starts (None when not given)."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] < top:
+        raise SystemExit(f"--token-buckets {text!r}: expected ascending positive token counts, "
+                         f"the last >= --max-num-batched-tokens ({top})")
+    return sizes
+
+
 def config_from_args(args) -> BenchConfig:
     token_buckets = tuple(b for b in BenchConfig.token_buckets if b < args.max_num_batched_tokens)
+    token_buckets = _token_buckets(getattr(args, "token_buckets", None),
+                                   args.max_num_batched_tokens) or (
+        token_buckets + (args.max_num_batched_tokens,))
     seq_buckets = tuple(b for b in BenchConfig.seq_buckets if b < args.max_num_seqs)
     return BenchConfig(
         model=args.model, num_requests=args.num_requests, input_len=args.input_len,
@@ -520,7 +542,7 @@ def config_from_args(args) -> BenchConfig:
         xla_compiler_options=_xla_options(args.xla_option),
         command_buffer_max_tokens=args.command_buffer_max_tokens,
         seq_buckets=seq_buckets + (args.max_num_seqs,),
-        token_buckets=token_buckets + (args.max_num_batched_tokens,),
+        token_buckets=token_buckets,
         tensor_parallel_size=args.tensor_parallel_size)
 
 

@@ -52,6 +52,16 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert bc.tensor_parallel_size == 1
     bc = B.config_from_args(parser.parse_args(["--tensor-parallel-size", "2"]))
     assert bc.tensor_parallel_size == 2
+    assert bc.token_buckets == (1024, 2048) and bc.command_buffer_max_tokens == 32
+    bc = B.config_from_args(parser.parse_args(["--max-num-batched-tokens", "4096"]))
+    assert bc.token_buckets == (1024, 2048, 4096)
+    bc = B.config_from_args(parser.parse_args(["--max-num-batched-tokens", "1536",
+                                               "--token-buckets", "512,1024,1536",
+                                               "--command-buffer-max-tokens", "0"]))
+    assert bc.token_buckets == (512, 1024, 1536) and bc.command_buffer_max_tokens == 0
+    for bad in ("512,1024", "1024,512,2048", "0,2048", "a,2048", ""):
+        with pytest.raises(SystemExit, match="--token-buckets"):
+            B.config_from_args(parser.parse_args(["--token-buckets", bad]))
 
 
 def test_tensor_parallel_run_needs_the_devices(fixed_ceiling):
