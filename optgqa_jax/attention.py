@@ -358,9 +358,9 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
         if batch.decode_only:
             return pk.paged_attention(qq, kp, vp, tables, context_lens, alibi_slopes=sl,
                                       sm_scale=sm_scale, interpret=interpret)
-        return pk.paged_prefill_attention(qq, kp, vp, tables, cu_q_lens, context_lens,
-                                          max_q_len=batch.max_q_len, alibi_slopes=sl,
-                                          sm_scale=sm_scale, interpret=interpret)
+        return mixed_step_attention(qq, kp, vp, tables, context_lens, cu_q_lens, sl,
+                                    max_q_len=batch.max_q_len, sm_scale=sm_scale,
+                                    interpret=interpret)
 
     plan = kernel_shard_plan(mesh, N, K, kv_head_map)
     if plan is not None:
@@ -371,6 +371,29 @@ def paged_batch_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
         return kernel(qq, k_pages, v_pages, batch.block_tables, batch.context_lens,
                       batch.cu_q_lens, sl)
     return _run_grouped(run, q, kv_head_map, alibi_slopes, K, head_axis=1)
+
+
+def mixed_step_attention(q, k_pages, v_pages, tables, context_lens, cu_q_lens, slopes, *,
+                         max_q_len: int, sm_scale=None, interpret: bool = False) -> jax.Array:
+    """A mixed step's attention on the Pallas kernels, as vLLM splits it: the sequences with
+    one new token (decode rows) through ``paged_attention``, which reads each page once per
+    query-head group, and the others (prompt chunks) through ``paged_prefill_attention``,
+    which would read a decode row's pages once per query head, in a tile of ``block_q`` rows
+    with one of them used.
+
+    Shapes as in :func:`paged_batch_attention`: q [T, N, H] packed, sequence b's rows
+    ``cu_q_lens[b]:cu_q_lens[b + 1]``; rows past ``cu_q_lens[-1]`` are padding.
+    """
+    T = q.shape[0]
+    out = pk.paged_prefill_attention(q, k_pages, v_pages, tables, cu_q_lens, context_lens,
+                                     max_q_len=max_q_len, alibi_slopes=slopes,
+                                     sm_scale=sm_scale, interpret=interpret, skip_single=True)
+    single = (cu_q_lens[1:] - cu_q_lens[:-1]) == 1                     # [B] decode rows
+    last = jnp.clip(cu_q_lens[1:] - 1, 0, max(T - 1, 0))                # [B] each one's row
+    dec = pk.paged_attention(q[last], k_pages, v_pages, tables,
+                             jnp.where(single, context_lens, 0), alibi_slopes=slopes,
+                             sm_scale=sm_scale, interpret=interpret)    # [B, N, H]
+    return out.at[jnp.where(single, last, T)].set(dec.astype(out.dtype), mode="drop")
 
 
 def kernel_shard_plan(mesh, N: int, K: int,

@@ -15,11 +15,14 @@ Layout:
   ``context_lens[b] - n_b + t`` with ``n_b = cu_q_lens[b+1] - cu_q_lens[b]``.
 * ``block_tables`` [B, M] and the pages as in ``paged_attention``.
 
-Kernel design: grid ``(B, N, ceil(max_q_len / block_q))``; a program takes a
-tile of one sequence's new tokens for one query head (programs past the end
-of their sequence exit at once), then streams the sequence's pages in blocks
-of whole pages with an online float32 softmax, stopping at the tile's last
-query position. ALiBi is applied in-kernel. Decode is the special case
+Kernel design: grid ``(tiles, N)``. The new tokens are cut, sequence by
+sequence, into tiles of ``block_q`` rows (:func:`tile_map`, a few jnp ops on
+``cu_q_lens``), so the grid has at most ``T_total / block_q + B`` tiles, not
+one row of tiles per sequence as long as the longest (at 4096 tokens over
+512 sequences that was 32,768 tiles per head, almost all of them exiting at
+once). A program takes one tile for one query head (tiles past the last
+exit at once), then streams its sequence's pages in blocks of whole pages
+with an online float32 softmax, stopping at the tile's last query position. ALiBi is applied in-kernel. Decode is the special case
 n_b = 1, but ``paged_attention`` is faster for it because it shares each page
 across the query-head group.
 
@@ -65,18 +68,19 @@ class PagedPrefillConfig:
         C.validate_tuning(self, ("block_q", "keys_per_block"))
 
 
-def _paged_prefill_kernel(q_ref, k_ref, v_ref, tables_ref, cu_ref, ctx_ref, slope_ref, o_ref, *,
-                          block_q: int, page_size: int, pages_per_block: int, sm_scale: float,
-                          use_alibi: bool):
-    # q_ref, o_ref [T_padded, D] (this head); k_ref, v_ref [P, Z, D]; tables_ref [M];
-    # cu_ref [2] (start, end of this sequence's rows); ctx_ref [1]; slope_ref [1].
-    q_block = pl.program_id(2)
-    row_start = cu_ref[0]
-    n_new = cu_ref[1] - row_start
-    context = ctx_ref[0]
-    first = q_block * block_q
+def _paged_prefill_kernel(tile_ref, q_ref, k_ref, v_ref, tables_ref, bounds_ref, ctx_ref,
+                          slope_ref, o_ref, *, block_q: int, page_size: int, pages_per_block: int,
+                          sm_scale: float, use_alibi: bool):
+    # tile_ref [2] (this tile's sequence b, its first new-token index within b); q_ref, o_ref
+    # [T_padded, D] (this head); k_ref, v_ref [P, Z, D]; tables_ref [B, M_padded]; bounds_ref
+    # [B, 2] (start, end of each sequence's rows); ctx_ref [B]; slope_ref [1].
+    b = tile_ref[0]
+    first = tile_ref[1]
+    row_start = bounds_ref[b, 0]
+    n_new = bounds_ref[b, 1] - row_start
+    context = ctx_ref[b]
 
-    @pl.when(first < n_new)
+    @pl.when(first < n_new)   # tiles past the last sequence's exit at once
     def _():
         rows = pl.ds(row_start + first, block_q)
         q = q_ref[rows, :]
@@ -91,7 +95,7 @@ def _paged_prefill_kernel(q_ref, k_ref, v_ref, tables_ref, cu_ref, ctx_ref, slop
 
         def body(i, carry):
             acc, m, l = carry
-            pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
+            pages = tables_ref[b, pl.ds(i * pages_per_block, pages_per_block)]
             k = k_ref[pages].reshape(block_k, D)
             v = v_ref[pages].reshape(block_k, D)
             s = C.dot(q, k.T) * scale
@@ -109,10 +113,38 @@ def _paged_prefill_kernel(q_ref, k_ref, v_ref, tables_ref, cu_ref, ctx_ref, slop
         plgpu.store(o_ref.at[rows, :], out, mask=(t < n_new)[:, None])
 
 
+def num_tiles(T: int, B: int, max_q_len: int, block_q: int) -> int:
+    """Static size of the kernel's tile axis: enough for any split of ``T`` new tokens over
+    ``B`` sequences of at most ``max_q_len`` each (a sequence's tiles cover its tokens in
+    ``block_q`` rows, so the sequences together need at most ``T / block_q + B``)."""
+    return max(1, min(B * C.cdiv(max_q_len, block_q), T // block_q + B))
+
+
+def tile_map(cu_q_lens: jax.Array, block_q: int, n_tiles: int,
+             skip_single: bool = False) -> jax.Array:
+    """[n_tiles, 2] int32: for each tile of ``block_q`` new tokens, its sequence and the index
+    of its first token within that sequence, sequences in order and each one's tiles in
+    order. Tiles past the last one point at the last sequence with a first index that no
+    sequence reaches (the kernel skips them). ``skip_single``: sequences of one new token
+    get no tile."""
+    B = cu_q_lens.shape[0] - 1
+    n = cu_q_lens[1:] - cu_q_lens[:-1]                      # [B] new tokens per sequence
+    tiles = (n + block_q - 1) // block_q                    # [B]
+    if skip_single:
+        tiles = jnp.where(n == 1, 0, tiles)
+    ends = jnp.cumsum(tiles)                                # [B] one past each one's last tile
+    i = jnp.arange(n_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)   # [n_tiles]; B: none
+    b = jnp.minimum(seq, B - 1)
+    first = (i - (ends - tiles)[b]) * block_q
+    first = jnp.where(seq < B, first, jnp.iinfo(jnp.int32).max)
+    return jnp.stack([b, first], axis=1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("max_q_len", "sm_scale", "interpret", "config",
-                                             "use_alibi"))
+                                             "use_alibi", "skip_single"))
 def _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens, slopes, *,
-                   max_q_len, sm_scale, interpret, config, use_alibi):
+                   max_q_len, sm_scale, interpret, config, use_alibi, skip_single):
     T, N, D = q.shape
     K, P, Z, _ = k_pages.shape
     B, M = block_tables.shape
@@ -126,28 +158,30 @@ def _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens, s
     # block_q spare rows so that a tile starting inside the last sequence stays in bounds
     qp = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))
     bounds = jnp.stack([cu_q_lens[:-1], cu_q_lens[1:]], axis=1)  # [B, 2]
+    n_tiles = num_tiles(T, B, max_q_len, block_q)
+    tiles = tile_map(cu_q_lens, block_q, n_tiles, skip_single)   # [n_tiles, 2]
     kernel = functools.partial(_paged_prefill_kernel, block_q=block_q, page_size=Z,
                                pages_per_block=pages_per_block, sm_scale=sm_scale,
                                use_alibi=use_alibi)
+    full = lambda a: pl.BlockSpec(a.shape, lambda j, h: (0,) * a.ndim)  # noqa: E731
     out = pl.pallas_call(
         kernel,
-        grid=(B, N, C.cdiv(max_q_len, block_q)),
+        grid=(n_tiles, N),
         in_specs=[
-            pl.BlockSpec((T + block_q, None, D), lambda b, h, i: (0, h, 0)),     # q
-            pl.BlockSpec((None, P, Z, D), lambda b, h, i: (h // G, 0, 0, 0)),    # k_pages
-            pl.BlockSpec((None, P, Z, D), lambda b, h, i: (h // G, 0, 0, 0)),    # v_pages
-            pl.BlockSpec((None, padded_pages), lambda b, h, i: (b, 0)),          # tables
-            pl.BlockSpec((None, 2), lambda b, h, i: (b, 0)),                     # row bounds
-            pl.BlockSpec((None, 1), lambda b, h, i: (b, 0)),                     # context_lens
-            pl.BlockSpec((None, 1), lambda b, h, i: (h, 0)),                     # slopes
+            pl.BlockSpec((None, 2), lambda j, h: (j, 0)),                        # tile
+            pl.BlockSpec((T + block_q, None, D), lambda j, h: (0, h, 0)),         # q
+            pl.BlockSpec((None, P, Z, D), lambda j, h: (h // G, 0, 0, 0)),        # k_pages
+            pl.BlockSpec((None, P, Z, D), lambda j, h: (h // G, 0, 0, 0)),        # v_pages
+            full(tables), full(bounds), full(context_lens),
+            pl.BlockSpec((None, 1), lambda j, h: (h, 0)),                         # slopes
         ],
-        out_specs=pl.BlockSpec((T + block_q, None, D), lambda b, h, i: (0, h, 0)),
+        out_specs=pl.BlockSpec((T + block_q, None, D), lambda j, h: (0, h, 0)),
         out_shape=jax.ShapeDtypeStruct((T + block_q, N, D), q.dtype),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name="optgqa_paged_prefill",
-    )(qp, k_pages, v_pages, tables, bounds, context_lens.reshape(B, 1),
+    )(tiles, qp, k_pages, v_pages, tables, bounds, context_lens,
       (slopes * C.LOG2E).reshape(N, 1))
     return out[:T]
 
@@ -157,7 +191,8 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
                             context_lens: jax.Array, *, max_q_len: Optional[int] = None,
                             alibi_slopes: Optional[jax.Array] = None,
                             sm_scale: Optional[float] = None, interpret: bool = False,
-                            config: Optional[PagedPrefillConfig] = None) -> jax.Array:
+                            config: Optional[PagedPrefillConfig] = None,
+                            skip_single: bool = False) -> jax.Array:
     """Causal attention of packed new tokens over their sequences' paged caches.
 
     Args:
@@ -173,6 +208,9 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
       sm_scale: default ``1 / sqrt(D)``.
       interpret: Pallas interpret mode (CPU testing).
       config: tuning knobs; default per backend.
+      skip_single: leave out sequences with exactly one new token (their output rows are
+        unspecified): for callers that run those, decode rows, through ``paged_attention``,
+        which reads each page once per query-head group instead of once per query head.
 
     Returns:
       [T_total, N, D] in q's dtype.
@@ -219,7 +257,8 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     return _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens,
                           jnp.zeros((q.shape[1],), jnp.float32) if slopes is None else slopes,
                           max_q_len=int(max_q_len), sm_scale=float(sm_scale),
-                          interpret=interpret, config=config, use_alibi=slopes is not None)
+                          interpret=interpret, config=config, use_alibi=slopes is not None,
+                          skip_single=bool(skip_single))
 
 
 def paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens,

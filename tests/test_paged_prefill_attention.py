@@ -99,3 +99,57 @@ def test_inconsistent_lengths(rng, cu, ctx, match):
     with pytest.raises(ValueError, match=match):
         paged_prefill_attention(q, k, v, jnp.zeros((2, 2), jnp.int32), jnp.asarray(cu, jnp.int32),
                                 jnp.asarray(ctx, jnp.int32), interpret=INTERPRET)
+
+
+def test_tile_map_covers_every_sequence_once(rng):
+    """The flattened tile axis: each sequence's tokens in block_q tiles, in order, once;
+    tiles past the last are skipped (first index out of reach); the static tile count is
+    enough for any split of the tokens."""
+    from pallas_kernels.paged_prefill_attention import num_tiles, tile_map
+
+    for new, bq in (([0, 5, 1, 33, 0, 16], 16), ([1] * 7, 16), ([64], 64), ([0], 16)):
+        cu = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+        T, B = int(cu[-1]), len(new)
+        n = num_tiles(max(T, 1), B, max(max(new), 1), bq)
+        got = np.asarray(tile_map(jnp.asarray(cu), bq, n))
+        want = [(b, f) for b, m in enumerate(new) for f in range(0, m, bq)]
+        assert n >= len(want)
+        assert [tuple(r) for r in got[:len(want)]] == want
+        assert (got[len(want):, 1] >= max(new)).all() and (got[:, 0] < B).all()
+    for _ in range(20):   # the bound holds for random splits, T not a multiple of block_q
+        B, bq = int(rng.integers(1, 40)), int(rng.choice([16, 32, 64]))
+        new = rng.integers(0, 200, size=B)
+        need = int(sum(-(-int(m) // bq) for m in new))
+        assert num_tiles(int(new.sum()), B, int(new.max()), bq) >= need
+
+
+def test_engine_step_shape_traced(rng):
+    """As the engine calls it in a mixed step: traced lengths, max_q_len = the padded token
+    count, many one-token (decode) sequences beside a long prompt chunk, empty padding
+    sequences and padding rows after the last sequence."""
+    new = [1, 1, 37, 1, 0, 1, 0, 0]
+    ctx = [9, 30, 50, 1, 0, 17, 0, 0]
+    N, K, D, Z, T = 6, 2, 64, 8, 64
+    B = len(new)
+    max_pages = max(-(-c // Z) for c in ctx) + 1
+    num_pages = B * max_pages + 2
+    cu = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q, q64 = rand(rng, (T, N, D), jnp.float32)           # rows past cu[-1] are padding
+    k, v, k64, v64 = random_pool(rng, K, num_pages, Z, D, jnp.float32)
+    tables = random_block_tables(rng, B, max_pages, num_pages)
+    slopes = np.asarray(alibi_slopes(N), np.float64)
+    run = jax.jit(lambda *a: paged_prefill_attention(
+        *a, max_q_len=T, alibi_slopes=jnp.asarray(slopes, jnp.float32), interpret=INTERPRET,
+        config=SMALL))
+    out = run(q, k, v, jnp.asarray(tables), jnp.asarray(cu), jnp.asarray(ctx, jnp.int32))
+    out = np.asarray(out, np.float64)
+    assert out.shape == (T, N, D) and not np.isnan(out[:cu[-1]]).any()
+    for b in range(B):
+        n, c = new[b], ctx[b]
+        if n == 0:
+            continue
+        ref = attention_np(q64[cu[b]:cu[b + 1]], gather_sequence(k64, tables[b], c),
+                           gather_sequence(v64, tables[b], c), c - n + np.arange(n),
+                           contiguous_map(N, K), slopes)
+        assert_close_to_scale(out[cu[b]:cu[b + 1]], ref, TOLERANCE[jnp.float32],
+                              what=f"sequence {b}")
