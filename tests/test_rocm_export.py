@@ -53,7 +53,24 @@ ENTRY_POINTS = {
         FlashAttentionConfig),
     "paged_prefill_attention": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
         *a, max_q_len=64, alibi_slopes=alibi, config=cfg), RAGGED, PagedPrefillConfig),
+    "paged_prefill_attention_skip_single": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
+        *a, max_q_len=64, alibi_slopes=alibi, config=cfg, skip_single=True), RAGGED,
+        PagedPrefillConfig),
 }
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_mixed_step_attention_lowers_through_triton(alibi, platform):
+    """The engine's mixed step: the ragged prefill kernel for prompt chunks and the decode
+    kernel for one-token sequences, two Triton calls."""
+    from optgqa_jax.attention import mixed_step_attention
+
+    q, kp, vp, tables, cu, ctx = RAGGED
+    slopes = alibi_slopes(q.shape[1]) if alibi else None
+    module = export_for(platform, lambda *a: mixed_step_attention(*a, slopes, max_q_len=100),
+                        q, kp, vp, tables, ctx, cu)
+    assert module.count(TRITON_CALL) == 2
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
