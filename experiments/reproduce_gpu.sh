@@ -52,13 +52,14 @@ for step in $steps; do
     profile)  # one decode step, pipelined and synchronous
       run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
         --out "$out" ;;
-    profile-batch1)  # one batch-1 decode step, bfloat16 against W4 g128, with the engine's
-      # options and with command buffers (CUDA graphs) on: where the W4 step's time goes
-      # outside its layer products (device trace per XLA op, kernels per step)
+    profile-batch1)  # one batch-1 decode step, bfloat16 against W4 g128, with command buffers
+      # (CUDA graphs) off and on: where the W4 step's time goes outside its layer products
+      # (device trace per XLA op, kernels per step)
       for fmt in bf16 w4g128; do
         q=(); [ "$fmt" = bf16 ] || q=(--quantize "$fmt")
-        for mode in defaults graphs; do
-          x=(); [ "$mode" = graphs ] && x=(--xla-option \
+        for mode in off on; do   # explicit both ways (the engine's default is on at batch 1)
+          x=(--xla-option xla_gpu_enable_command_buffer= --xla-option xla_gpu_ftz=true)
+          [ "$mode" = on ] && x=(--xla-option \
             xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla-option xla_gpu_ftz=true)
           run "profile_decode_batch1_${fmt}_$mode" 240 python experiments/profile_decode.py --quick \
             --fuse-projections --batch 1 --context 257 512 "${q[@]}" "${x[@]}" \
@@ -68,8 +69,9 @@ for step in $steps; do
     batch1-graphs)  # batch-1 decode, bfloat16 / W4 / W4S50, with and without XLA command
       # buffers (CUDA graphs): on the H100 a step's host launch time was ~15 us per kernel
       # (profile_decode at 0f4dc1a), so a batch-1 step of ~500 kernels is bound by the host
-      for mode in defaults graphs; do
-        x=(); [ "$mode" = graphs ] && x=(--xla-option \
+      for mode in off on; do   # explicit both ways (the engine's default is on at batch 1)
+        x=(--xla-option xla_gpu_enable_command_buffer= --xla-option xla_gpu_ftz=true)
+        [ "$mode" = on ] && x=(--xla-option \
           xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla-option xla_gpu_ftz=true)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_engine_batch1_$mode" 300 python \
           experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
@@ -139,7 +141,8 @@ for step in $steps; do
     variants-decode)  # decode: ALiBi under the plain default's config, the tile sweep
       run compare_variants_decode 400 python experiments/compare_variants.py \
         --parts decode,decode_tiles --out "$out/variants_decode" ;;
-    quant-engine-batch1)  # the engine's batch-1 decode: bfloat16, W4 g128, W8
+    quant-engine-batch1)  # the engine's batch-1 decode with its default options (command
+      # buffers on for steps of <= 32 tokens): bfloat16, W4 g128, W8
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_batch1 600 python \
         experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w8 \
         --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
