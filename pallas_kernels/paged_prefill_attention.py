@@ -134,7 +134,9 @@ def tile_map(cu_q_lens: jax.Array, block_q: int, n_tiles: int,
         tiles = jnp.where(n == 1, 0, tiles)
     ends = jnp.cumsum(tiles)                                # [B] one past each one's last tile
     i = jnp.arange(n_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, i, side="right").astype(jnp.int32)   # [n_tiles]; B: none
+    # [n_tiles], B past the last tile: one fused comparison ([n_tiles, B]), not a loop of
+    # small kernels in every layer
+    seq = jnp.searchsorted(ends, i, side="right", method="compare_all").astype(jnp.int32)
     b = jnp.minimum(seq, B - 1)
     first = (i - (ends - tiles)[b]) * block_q
     first = jnp.where(seq < B, first, jnp.iinfo(jnp.int32).max)
