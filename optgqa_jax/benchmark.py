@@ -210,6 +210,7 @@ def run_engine(bc: BenchConfig) -> dict:
     mbu_gathered = [b / s.seconds / ceiling for b, s in zip(gathered, decode)]
     mbu_total_gathered = (sum(gathered) / sum(s.seconds for s in decode) / ceiling
                           if decode else None)
+    mixed = [s for s in engine.step_log if not s.decode_only]
     mem = jax.devices()[0].memory_stats() or {}
     tpot = [(o.latency - o.ttft) / (len(o.token_ids) - 1) for o in outs if len(o.token_ids) > 1]
     return dict(
@@ -232,6 +233,12 @@ def run_engine(bc: BenchConfig) -> dict:
         decode_mbu_gathered=_percentiles(mbu_gathered) if mbu_gathered else None,
         decode_mbu_total_gathered=mbu_total_gathered,
         decode_step_ms=_percentiles([s.seconds * 1e3 for s in decode]) if decode else None,
+        # where the run's time goes: decode-only steps against mixed (prefill) steps
+        time_in_decode_steps_s=sum(s.seconds for s in decode),
+        time_in_mixed_steps_s=sum(s.seconds for s in mixed), mixed_steps=len(mixed),
+        mixed_step_ms=_percentiles([s.seconds * 1e3 for s in mixed]) if mixed else None,
+        mixed_tokens_per_step=float(np.mean([s.num_tokens for s in mixed])) if mixed else None,
+        decode_seqs_per_step=float(np.mean([s.num_seqs for s in decode])) if decode else None,
         steps=engine.stats.steps, preemptions=engine.stats.preemptions,
         compiles_warmup=compiles_before, compiles_during_run=engine.stats.compiles - compiles_before,
         init_s=init_s, warmup_s=warmup_s)
@@ -326,6 +333,19 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"{_fmt(r.get('kv_pool_bytes'), 2**-30, 1)} | "
             f"{mbu_text} | {mbu_g_text} | "
             f"{r.get('compiles_during_run', '—')} |")
+    split = [r for r in runs if "error" not in r and "time_in_mixed_steps_s" in r]
+    if split:
+        lines += ["", "## Where the time goes (decode-only steps against mixed prefill steps)", "",
+                  "| run | steps | decode steps: count, s, mean ms, sequences | mixed steps: count, "
+                  "s, mean ms, tokens | elapsed s |", "| --- | ---: | --- | --- | ---: |"]
+        for r in split:
+            d_ms, m_ms = r.get("decode_step_ms") or {}, r.get("mixed_step_ms") or {}
+            lines.append(
+                f"| {r['impl']} {r['model']} | {r['steps']} | {r['decode_steps']}, "
+                f"{r['time_in_decode_steps_s']:.1f}, {_fmt(d_ms.get('mean'), 1, 1)}, "
+                f"{_fmt(r.get('decode_seqs_per_step'), 1, 0)} | {r['mixed_steps']}, "
+                f"{r['time_in_mixed_steps_s']:.1f}, {_fmt(m_ms.get('mean'), 1, 1)}, "
+                f"{_fmt(r.get('mixed_tokens_per_step'), 1, 0)} | {r['elapsed_s']:.1f} |")
     gqa = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r
                 and r["n_kv_heads"] < r["n_heads"]), None)
     mha = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r

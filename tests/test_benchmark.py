@@ -31,8 +31,16 @@ def test_engine_run_counts_every_token_and_reports_mbu(fixed_ceiling, async_sche
     assert 0 < r["decode_mbu_total_gathered"] < r["decode_mbu_total"]
     assert r["decode_mbu_gathered"]["p50"] < r["decode_mbu"]["p50"]
     assert r["latency_s"]["p99"] >= r["latency_s"]["p50"] > 0
+    # where the time goes: every step is a decode or a mixed step, and their tokens add up
+    # to every prompt token and every generated token but each request's last
+    assert r["decode_steps"] + r["mixed_steps"] == r["steps"] and r["mixed_steps"] > 0
+    assert r["time_in_decode_steps_s"] > 0 and r["time_in_mixed_steps_s"] > 0
+    assert r["time_in_decode_steps_s"] + r["time_in_mixed_steps_s"] <= r["elapsed_s"] * 1.01
+    assert math.isclose(r["decode_seqs_per_step"] * r["decode_steps"]
+                        + r["mixed_tokens_per_step"] * r["mixed_steps"], 55 + 30 - 5)
     md = B.markdown(dict(device="cpu"), [r])
     assert "optgqa-engine tiny (5 req) | 4/2 |" in md
+    assert "## Where the time goes" in md
 
 
 def test_mha_twin_has_one_kv_head_per_query_head():
