@@ -105,6 +105,21 @@ def op_table(trace_dir: str, steps: int, top: int = 25):
     return tables, timeline
 
 
+def op_markdown(meta: dict) -> list[str]:
+    """Markdown lines of ``meta["ops"]`` / ``meta["timeline"]`` (from :func:`op_table`): per
+    GPU stream, the step's span, busy and idle time, and its largest ops."""
+    lines = []
+    for name, rows in meta.get("ops", {}).items():
+        tl = meta["timeline"][name]
+        lines += ["", f"## {name}", "",
+                  f"Per step: span {tl['span_ms_per_step']:.2f} ms, kernels busy "
+                  f"{tl['busy_ms_per_step']:.2f} ms, idle between kernels "
+                  f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
+                  "| op | µs per step | calls per step |", "| --- | --- | --- |"]
+        lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} |" for n, us, c in rows]
+    return lines
+
+
 def hlo_summary(hlo: str) -> dict:
     """What the compiled step's entry computation launches, from its optimised HLO text.
 
@@ -366,14 +381,7 @@ def write(out_dir: str, meta: dict, results: dict) -> None:
     lines += ["", "| what | ms | GB moved | MBU (of copy) |", "| --- | --- | --- | --- |"]
     for k, v in results.items():
         lines.append(f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |")
-    for name, rows in meta.get("ops", {}).items():
-        tl = meta["timeline"][name]
-        lines += ["", f"## {name}", "",
-                  f"Per step: span {tl['span_ms_per_step']:.2f} ms, kernels busy "
-                  f"{tl['busy_ms_per_step']:.2f} ms, idle between kernels "
-                  f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
-                  "| op | µs per step | calls per step |", "| --- | --- | --- |"]
-        lines += [f"| {n[:100]} | {us:.0f} | {c:.0f} |" for n, us, c in rows]
+    lines += op_markdown(meta)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "profile_decode.md"), "w") as f:
         f.write(text)

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
-from profile_decode import device_seconds, op_table  # noqa: E402
+from profile_decode import device_seconds, op_markdown, op_table  # noqa: E402
 
 
 def linear_flops_per_token(cfg) -> int:
@@ -183,14 +183,7 @@ def write(out_dir: str, meta: dict, results: dict) -> None:
                                             if k not in ("ops", "timeline")]
     lines += ["", "| what | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:,.2f} |" for k, v in results.items()]
-    for name, rows in meta.get("ops", {}).items():
-        tl = meta["timeline"][name]
-        lines += ["", f"## {name}", "",
-                  f"Per step: span {tl['span_ms_per_step']:.2f} ms, kernels busy "
-                  f"{tl['busy_ms_per_step']:.2f} ms, idle between kernels "
-                  f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
-                  "| op | µs per step | calls per step |", "| --- | ---: | ---: |"]
-        lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} |" for n, us, c in rows]
+    lines += op_markdown(meta)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "profile_mixed.md"), "w") as f:
         f.write(text)
