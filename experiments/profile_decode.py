@@ -338,12 +338,7 @@ def main():
                     mbu=(param_bytes + kv) / (sync["total_ms"] / 1e3) / ceiling)
                 meta["synchronous_step_ms"] = sync
                 print("synchronous step", sync, flush=True)
-                trace_dir = tempfile.mkdtemp()
-                with jax.profiler.trace(trace_dir):
-                    for _ in range(5):
-                        out = run()
-                    jax.block_until_ready(out)
-                meta["ops"], meta["timeline"] = op_table(trace_dir, steps=5)
+                meta["ops"], meta["timeline"] = traced_ops(run, steps=5)
                 hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
                 os.makedirs(args.out, exist_ok=True)
@@ -372,18 +367,36 @@ def main():
 
 
 def write(out_dir: str, meta: dict, results: dict) -> None:
+    # meta["hlo"] says whether XLA formed command buffers (CUDA graphs) for the step
+    table = ["| what | ms | GB moved | MBU (of copy) |", "| --- | --- | --- | --- |"]
+    table += [f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |"
+              for k, v in results.items()]
+    write_report(out_dir, "profile_decode", "Decode-step profile", meta, results, table)
+
+
+def traced_ops(step, steps: int):
+    """Run ``step()`` ``steps`` times under ``jax.profiler`` and return :func:`op_table`'s
+    per-op table and timeline for one step."""
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(steps):
+            out = step()
+        jax.block_until_ready(out)
+    return op_table(trace_dir, steps=steps)
+
+
+def write_report(out_dir: str, stem: str, title: str, meta: dict, results: dict,
+                 table: list[str]) -> None:
+    """``stem.json`` (meta and results) and ``stem.md``: the meta as a list (without the op
+    trace), ``table``, then the op trace (:func:`op_markdown`); the markdown is printed."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "profile_decode.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
-    lines = ["# Decode-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items()
-                                             if k not in ("ops", "timeline")]
-    # meta["hlo"] (above) says whether XLA formed command buffers (CUDA graphs) for the step
-    lines += ["", "| what | ms | GB moved | MBU (of copy) |", "| --- | --- | --- | --- |"]
-    for k, v in results.items():
-        lines.append(f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |")
-    lines += op_markdown(meta)
+    lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items()
+                                  if k not in ("ops", "timeline")]
+    lines += [""] + table + op_markdown(meta)
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "profile_decode.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write(text)
     print(text)
 

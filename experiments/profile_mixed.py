@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
-from profile_decode import device_seconds, op_markdown, op_table  # noqa: E402
+from profile_decode import device_seconds, traced_ops, write_report  # noqa: E402
 
 
 def linear_flops_per_token(cfg) -> int:
@@ -166,28 +165,10 @@ def main(argv=None) -> None:
         2 * cfg.ffn_dim / t / 1e12
     print(json.dumps(results, indent=1), flush=True)
     if not a.no_trace:
-        trace_dir = tempfile.mkdtemp()
-        with jax.profiler.trace(trace_dir):
-            for _ in range(3):
-                out = step()
-            jax.block_until_ready(out)
-        meta["ops"], meta["timeline"] = op_table(trace_dir, steps=3)
-    write(a.out, meta, results)
-
-
-def write(out_dir: str, meta: dict, results: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "profile_mixed.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
-    lines = ["# Mixed-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items()
-                                            if k not in ("ops", "timeline")]
-    lines += ["", "| what | value |", "| --- | ---: |"]
-    lines += [f"| {k} | {v:,.2f} |" for k, v in results.items()]
-    lines += op_markdown(meta)
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "profile_mixed.md"), "w") as f:
-        f.write(text)
-    print(text)
+        meta["ops"], meta["timeline"] = traced_ops(step, steps=3)
+    table = ["| what | value |", "| --- | ---: |"]
+    table += [f"| {k} | {v:,.2f} |" for k, v in results.items()]
+    write_report(a.out, "profile_mixed", "Mixed-step profile", meta, results, table)
 
 
 if __name__ == "__main__":
