@@ -109,11 +109,14 @@ def decode_inputs(s: DecodeShape, dtype, key):
     return q, kp, vp, tables, lengths
 
 
-ALIBI_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf)
-               for kpb, w, st, pf in ((64, 4, 1, "none"), (64, 4, 2, "none"), (64, 4, 3, "none"),
-                                      (32, 4, 1, "none"), (32, 4, 2, "tiles"), (64, 4, 2, "tiles"),
-                                      (128, 8, 1, "none"), (32, 4, 3, "tables"))] + [
-    PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
+# ALiBi candidates, each timed with and without ALiBi on every decode shape: the padded
+# 32-key tiles ALiBi used up to aee3517, the no-ALiBi default (32-key blocks, replicated
+# queries), and three neighbours of it.
+ALIBI_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_stages=st, prefetch=pf,
+                                    replicate_queries=rq)
+               for kpb, st, pf, rq in ((32, 1, "none", False), (32, 1, "none", True),
+                                       (32, 1, "tables", True), (64, 1, "none", True),
+                                       (32, 2, "none", True))]
 
 
 # The engine's decode shape (256 short sequences): which knobs matter when programs are short?
@@ -325,7 +328,7 @@ def main():
                         help="also sweep our tuning knobs (flash configs each jitted with XLA's "
                              "default options and with pallas_kernels.compiler_options())")
     parser.add_argument("--sweep-alibi", action="store_true",
-                        help="sweep a few decode configs with and without ALiBi (headline shape)")
+                        help="time a few decode configs with and without ALiBi on every decode shape")
     parser.add_argument("--sweep-engine", action="store_true",
                         help="sweep decode configs on the engine's shape (B=256, contexts 257-512)")
     parser.add_argument("--only", choices=("decode", "flash"), help="run one kernel family only")
@@ -367,10 +370,10 @@ def main():
         try:
             if s is engine_shape:
                 rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep_engine,
-                                     sweep_configs=ENGINE_SWEEP)
+                                     args.sweep_alibi, sweep_configs=ENGINE_SWEEP)
             else:
                 rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0],
-                                     args.sweep_alibi and s is shapes[0])
+                                     args.sweep_alibi)
         except Exception:
             traceback.print_exc()
         save()

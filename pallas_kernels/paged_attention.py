@@ -93,16 +93,22 @@ class PagedAttentionConfig:
         if backend == "rocm":
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
-        if alibi:
-            # H100, B=64 ctx=4096 32/8: with ALiBi, 64-key blocks slow to 0.51 ms while
-            # 32-key blocks stay at 0.42 ms (their cost without ALiBi); replicated
-            # queries cost 4% there (0.436 ms).
+        pow2_group = group_size is None or C.is_power_of_two(group_size)
+        if alibi and (group_size is None or not pow2_group):
+            # Masked query rows with ALiBi were slow (H200, 09cb617: 0.206 against 0.078 ms
+            # padded at B=32 ctx 2048 28/4), so ALiBi with such groups (or an unknown group
+            # size) pads the queries.
             return cls(keys_per_block=32)
+        # ALiBi with power-of-two groups takes the same tiles as without. The padded
+        # queries it used before (H100, aee3517) cost the engine's decode shape 13% (0.196
+        # against 0.174 ms): the pad and slice kernels around the call, not the bias. With
+        # ALiBi, 64-key blocks slow to 0.51 ms at B=64 ctx=4096 32/8 where 32-key blocks
+        # stay at 0.42 ms.
         # H100: 32-key blocks with replicated queries tie the padded 64-key default at
         # B=64 ctx=4096 (0.406 vs 0.403 ms) and beat it by 11% on the engine's decode
         # shape, B=256 with contexts 257-512 (0.174 vs 0.195 ms), where the pad and
         # slice kernels around the call weigh more.
-        if group_size is not None and not C.is_power_of_two(group_size):
+        if not pow2_group:
             # H200, B=64 ctx 4096 (commit bfc3e84): with masked query rows, 64-key blocks read
             # K/V at 72% of the copy bandwidth for 28/4 (0.176 against 0.188 ms with 32-key
             # blocks), 79% for 40/8 (0.322 against 0.354) and 73% for 12/4; for 32/8 they were
