@@ -56,7 +56,8 @@ class FlashAttentionConfig:
         far from float32's range, so the result is the same up to rounding. It skips
         the ``block_q x D`` rescale multiplies and the rescale exponentials of most
         K tiles (with 64-key tiles and D = 128 the rescale is twice the score work).
-        Not yet timed on a GPU.
+        Timed slower on an H100 (``bench_kernels_aee3517.md``: 1.355 against 1.203 ms
+        at B=4 T=4096 GQA 32/8), so not a default.
     """
 
     block_q: int = 128
@@ -77,9 +78,12 @@ class FlashAttentionConfig:
         if head_dim <= 64:
             return cls(block_q=128, block_k=64, num_warps=4, num_stages=3)
         if num_kv_heads == 1:
-            # MQA keeps the 128x128 tiles, timed at 0.81x cuDNN on an H100. The
-            # 256x64 tiles are not timed on MQA yet: two benchmark runs ran out
-            # of time in that shape (cause unknown; see experiments/README.md).
+            # MQA keeps the 128x128 tiles. H100, d29eac9, B=4 T=4096 32/1 causal
+            # (results/h100/flash_mqa_tiles_d29eac9.log, one run): 1.225 ms jitted with
+            # compiler_options(), against 1.198 for the GQA tiles (256x64, 8 warps,
+            # heavy first) and 1.573 for 128x64 with 4 warps; with XLA's default
+            # options the GQA tiles were slower (1.283 against 1.228). A 2% gain one
+            # way and a 4% loss the other is no reason to change; cuDNN took 0.970.
             return cls()
         # H100, B=4 T=4096 causal GQA 32/8, float32 denormals flushed: 445-451
         # TFLOP/s against 435-437 for 128x128 tiles (flash_tiles_probe_f826250.json).

@@ -94,14 +94,17 @@ class PagedAttentionConfig:
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
         pow2_group = group_size is None or C.is_power_of_two(group_size)
-        if alibi and (group_size is None or not pow2_group):
+        if alibi and (group_size is None or group_size == 1 or not pow2_group):
             # Masked query rows with ALiBi were slow (H200, 09cb617: 0.206 against 0.078 ms
             # padded at B=32 ctx 2048 28/4), so ALiBi with such groups (or an unknown group
-            # size) pads the queries.
+            # size) pads the queries. MHA (one query per KV head) too: H100, d29eac9, B=64
+            # ctx 4096 32/32 with ALiBi, padded 1.599 ms against 1.690 replicated 16 times
+            # (bench_kernels_alibi_d29eac9.md).
             return cls(keys_per_block=32)
-        # ALiBi with power-of-two groups takes the same tiles as without. The padded
-        # queries it used before (H100, aee3517) cost the engine's decode shape 13% (0.196
-        # against 0.174 ms): the pad and slice kernels around the call, not the bias. With
+        # ALiBi with groups of 2-8 (replicated queries) takes the same tiles as without. The
+        # padded queries it used before cost the engine's decode shape 13% (H100, aee3517:
+        # 0.196 against 0.174 ms), the pad and slice kernels around the call, not the bias;
+        # with the same tiles ALiBi costs 0.6% there (0.176 against 0.175 ms, d29eac9). With
         # ALiBi, 64-key blocks slow to 0.51 ms at B=64 ctx=4096 32/8 where 32-key blocks
         # stay at 0.42 ms.
         # H100: 32-key blocks with replicated queries tie the padded 64-key default at
