@@ -130,8 +130,10 @@ ENGINE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages
 
 
 def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool = False,
-                 sweep_configs=None):
-    rows = []
+                 sweep_configs=None, rows=None, on_row=None):
+    """Time one decode shape; rows are appended to ``rows`` (returned) and ``on_row()`` is
+    called after each, so a run cut by a time limit keeps what it measured."""
+    rows = [] if rows is None else rows
     sweep_configs = sweep_configs or DECODE_SWEEP
     slopes = alibi_slopes(s.q_heads)
 
@@ -150,6 +152,8 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         _log(row, t0)
         rows.append(row)
+        if on_row is not None:
+            on_row()
         return row
 
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
@@ -201,8 +205,9 @@ def flash_name(B, T, N, K, D) -> str:
     return f"B={B} T={T} N={N} K={K} D={D}"
 
 
-def bench_flash(B, T, N, K, D, sweep: bool):
-    rows = []
+def bench_flash(B, T, N, K, D, sweep: bool, rows=None, on_row=None):
+    """Time one flash shape; ``rows`` and ``on_row`` as in :func:`bench_decode`."""
+    rows = [] if rows is None else rows
     key = jax.random.PRNGKey(1)
     k1, k2, k3 = jax.random.split(key, 3)
     q = jax.random.normal(k1, (B, T, N, D), jnp.bfloat16)
@@ -228,6 +233,8 @@ def bench_flash(B, T, N, K, D, sweep: bool):
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         _log(row, t0)
         rows.append(row)
+        if on_row is not None:
+            on_row()
         return row
 
     for alibi in (False, True):
@@ -355,7 +362,12 @@ def main():
             shapes.append(engine_shape)
         shapes += [DecodeShape("B=8 ctx=16384 GQA 32/8", 8, 16384, 32, 8),
                    DecodeShape("B=64 ctx=4096 MHA 32/32", 64, 4096, 32, 32),
-                   DecodeShape("B=64 ctx=4096 MQA 32/1", 64, 4096, 32, 1)]
+                   DecodeShape("B=64 ctx=4096 MQA 32/1", 64, 4096, 32, 1),
+                   # a group that is not a power of two (7 query heads per KV head), at the
+                   # headline and the engine's shape: compare with the 32/8 rows above
+                   DecodeShape("B=64 ctx=4096 GQA 28/4", 64, 4096, 28, 4),
+                   DecodeShape("B=256 ctx=257-512 GQA 28/4 (engine decode, group 7)", 256, 512,
+                               28, 4, min_context=257)]
     rows = []
     os.makedirs(args.out, exist_ok=True)
 
@@ -369,11 +381,11 @@ def main():
     for s in shapes if args.only != "flash" else []:
         try:
             if s is engine_shape:
-                rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep_engine,
-                                     args.sweep_alibi, sweep_configs=ENGINE_SWEEP)
+                bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep_engine, args.sweep_alibi,
+                             sweep_configs=ENGINE_SWEEP, rows=rows, on_row=save)
             else:
-                rows += bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0],
-                                     args.sweep_alibi)
+                bench_decode(s, meta["copy_gbps"] * 1e9, args.sweep and s is shapes[0],
+                             args.sweep_alibi, rows=rows, on_row=save)
         except Exception:
             traceback.print_exc()
         save()
@@ -384,7 +396,7 @@ def main():
     flash_shapes = [fs for fs in flash_shapes if args.shape in flash_name(*fs)]
     for i, fs in enumerate(flash_shapes if args.only != "decode" else []):
         try:
-            rows += bench_flash(*fs, sweep=args.sweep and i == 0)
+            bench_flash(*fs, sweep=args.sweep and i == 0, rows=rows, on_row=save)
         except Exception:
             traceback.print_exc()
         save()

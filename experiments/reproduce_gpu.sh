@@ -7,7 +7,8 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
-# profile-batch1, batch1-graphs, profile-mixed and engine-buckets; sharding-8b and sharding-70b need two GPUs
+# profile-batch1, batch1-graphs, profile-mixed, engine-buckets, decode-alibi, flash-mqa and
+# profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -49,6 +50,18 @@ for step in $steps; do
         tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
+    decode-alibi)  # every decode shape with the defaults, and five configs each timed with
+      # and without ALiBi (bench_kernels_alibi_*.md)
+      run bench_kernels_alibi 300 python experiments/bench_kernels.py --only decode --sweep-alibi \
+        --out "$out/alibi" ;;
+    flash-mqa)  # the flash tile sweep on the MQA shape (B=4 T=4096 32/1) beside cuDNN
+      run bench_kernels_flash_mqa 600 python experiments/bench_kernels.py --only flash --sweep \
+        --shape "K=1 " --out "$out/flash_mqa" ;;
+    profile-decode512)  # one decode step of 482 sequences, contexts 257-512: the fixed
+      # workload's mean decode step at max_num_seqs=512
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run profile_decode_b482 240 python \
+        experiments/profile_decode.py --quick --fuse-projections --batch 482 --context 257 512 \
+        --out "$out/profile_decode_b482" ;;
     profile)  # one decode step, pipelined and synchronous
       run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
         --out "$out" ;;
@@ -200,7 +213,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs gqsa-reference variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
+            "engine-seqs gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac
