@@ -236,6 +236,10 @@ def run_engine(bc: BenchConfig) -> dict:
         # where the run's time goes: decode-only steps against mixed (prefill) steps
         time_in_decode_steps_s=sum(s.seconds for s in decode),
         time_in_mixed_steps_s=sum(s.seconds for s in mixed), mixed_steps=len(mixed),
+        # the host's time between steps (scheduling, packing, launching) that no step hides
+        time_outside_steps_s=elapsed - sum(s.seconds for s in engine.step_log),
+        speculative_decode_steps=sum(s.speculative for s in decode),
+        speculative_mixed_steps=sum(s.speculative for s in mixed),
         mixed_step_ms=_percentiles([s.seconds * 1e3 for s in mixed]) if mixed else None,
         mixed_tokens_per_step=float(np.mean([s.num_tokens for s in mixed])) if mixed else None,
         decode_seqs_per_step=float(np.mean([s.num_seqs for s in decode])) if decode else None,
@@ -337,7 +341,8 @@ def markdown(meta: dict, runs: list[dict]) -> str:
     if split:
         lines += ["", "## Where the time goes (decode-only steps against mixed prefill steps)", "",
                   "| run | steps | decode steps: count, s, mean ms, sequences | mixed steps: count, "
-                  "s, mean ms, tokens | elapsed s |", "| --- | ---: | --- | --- | ---: |"]
+                  "s, mean ms, tokens | outside steps s | launched ahead (decode, mixed) | "
+                  "elapsed s |", "| --- | ---: | --- | --- | ---: | --- | ---: |"]
         for r in split:
             d_ms, m_ms = r.get("decode_step_ms") or {}, r.get("mixed_step_ms") or {}
             lines.append(
@@ -345,7 +350,10 @@ def markdown(meta: dict, runs: list[dict]) -> str:
                 f"{r['time_in_decode_steps_s']:.1f}, {_fmt(d_ms.get('mean'), 1, 1)}, "
                 f"{_fmt(r.get('decode_seqs_per_step'), 1, 0)} | {r['mixed_steps']}, "
                 f"{r['time_in_mixed_steps_s']:.1f}, {_fmt(m_ms.get('mean'), 1, 1)}, "
-                f"{_fmt(r.get('mixed_tokens_per_step'), 1, 0)} | {r['elapsed_s']:.1f} |")
+                f"{_fmt(r.get('mixed_tokens_per_step'), 1, 0)} | "
+                f"{_fmt(r.get('time_outside_steps_s'), 1, 1)} | "
+                f"{r.get('speculative_decode_steps', '—')}, {r.get('speculative_mixed_steps', '—')} | "
+                f"{r['elapsed_s']:.1f} |")
     gqa = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r
                 and r["n_kv_heads"] < r["n_heads"]), None)
     mha = next((r for r in runs if r.get("impl") == "optgqa-engine" and "error" not in r

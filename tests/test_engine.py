@@ -305,6 +305,28 @@ def test_both_scheduling_modes_give_the_same_tokens(tiny, regime, async_scheduli
         assert eng.stats.preemptions > 0
 
 
+@pytest.mark.parametrize("regime", [dict(max_num_seqs=3), dict(max_num_batched_tokens=16),
+                                    dict(max_num_seqs=5, max_num_batched_tokens=24)])
+def test_async_scheduling_launches_mixed_steps_ahead(tiny, regime):
+    """Requests waiting for seats and prompts computed in chunks: the mixed steps that admit
+    them or continue the chunks are launched before the previous step's tokens are read, too.
+    Without stop tokens the steps are exactly the synchronous schedule's, and so are the
+    outputs."""
+    cfg, params, prompts, ref = tiny
+    sync = _engine(tiny, async_scheduling=False, **regime)
+    sync.record_steps = True
+    assert [o.token_ids for o in sync.generate(prompts, GREEDY)] == ref
+    eng = _engine(tiny, async_scheduling=True, **regime)
+    eng.record_steps = True
+    assert [o.token_ids for o in eng.generate(prompts, GREEDY)] == ref
+    shape = lambda log: [(s.decode_only, s.num_seqs, s.num_tokens) for s in log]  # noqa: E731
+    assert shape(eng.step_log) == shape(sync.step_log)
+    mixed = [s for s in eng.step_log if not s.decode_only]
+    assert sum(s.speculative for s in mixed) >= len(mixed) - 1 > 0  # all but the first
+    assert not any(s.speculative for s in sync.step_log)
+    assert eng.stats.pages_used == 0
+
+
 def test_asynchronous_scheduling_is_the_default():
     assert og.EngineConfig().async_scheduling is True
 

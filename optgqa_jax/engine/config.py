@@ -110,12 +110,14 @@ class EngineConfig:
         32 is where the default divides them. Ignored when
         ``xla_compiler_options`` is given (those apply to every step) and with
         ``tensor_parallel_size > 1``.
-      async_scheduling: launch the next decode step before reading the current
-        one's tokens (they stay on the device and feed it), so the device does
-        not wait for the host's bookkeeping between steps. Outputs are the same;
-        a request that ends with a stop token or EOS costs one wasted row, and
-        a waiting request may be admitted one step later than without it.
-        Speculation only happens in steady decoding (see ``Engine._speculate``).
+      async_scheduling: launch the next step before reading the current one's
+        tokens (they stay on the device and feed it), so the device does not
+        wait for the host's scheduling, packing and bookkeeping between steps.
+        The next step is the one the synchronous schedule would pick: decodes,
+        continued prompt chunks and newly admitted prompts (see
+        ``Engine._speculate``). Outputs are the same; a request that ends with a
+        stop token or EOS costs one wasted row, and a waiting request may be
+        admitted one step later than without it.
         On by default: on an H100 it raised the Llama-3-8B benchmark from 60% to
         73% decode MBU (``experiments/results/h100/``). False runs every step
         synchronously (:meth:`Engine.step` then returns the finished requests of

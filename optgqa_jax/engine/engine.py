@@ -110,6 +110,8 @@ class StepRecord:
     num_tokens: int
     context_tokens: int  # K/V tokens the step's attention read
     seconds: float
+    # launched before the previous step's tokens were read (asynchronous scheduling)
+    speculative: bool = False
 
 
 @dataclasses.dataclass
@@ -142,6 +144,7 @@ class _InFlight:
     launched: float  # host clock at dispatch
     extras: Optional[dict] = None  # log-probability outputs of the step (runner._step)
     token_pos: Optional[np.ndarray] = None  # positions of the packed tokens (prompt logprobs)
+    speculative: bool = False  # launched before the previous step's tokens were read
 
 
 def _device_free_bytes() -> Optional[int]:
@@ -348,8 +351,9 @@ class Engine:
         samples for take their next token from its device output."""
         self.peak_pages_used = max(self.peak_pages_used, self.kv.pool.num_used)
         from_prev = None
-        if after is not None:
-            from_prev = {s.request.request_id: row for row, s in enumerate(after.scheduled)}
+        if after is not None:  # the rows of `after` that sample a token (not a prompt chunk)
+            from_prev = {s.request.request_id: row for row, s in enumerate(after.scheduled)
+                         if s.start + s.num_new == s.request.num_tokens}
         inputs, decode_only, size = self.runner.build(scheduled, self.kv.tables, from_prev)
         logprobs = any(s.request.params.logprobs is not None for s in scheduled)
         prompt_lp = any(s.request.params.prompt_logprobs is not None
@@ -359,7 +363,7 @@ class Engine:
                                               after.tokens if after is not None else None,
                                               logprobs=logprobs, prompt_logprobs=prompt_lp)
         return _InFlight(scheduled, tokens, decode_only, int(inputs.context_lens.sum()), t0,
-                         extras, inputs.positions if prompt_lp else None)
+                         extras, inputs.positions if prompt_lp else None, after is not None)
 
     def _complete(self, step: _InFlight) -> list[Completion]:
         """Wait for a launched step's tokens and apply them."""
@@ -368,7 +372,8 @@ class Engine:
         if self.record_steps:  # device time: from launch, or from the previous step's end
             self.step_log.append(StepRecord(
                 step.decode_only, len(step.scheduled), sum(s.num_new for s in step.scheduled),
-                step.context_tokens, done - max(step.launched, self._last_done)))
+                step.context_tokens, done - max(step.launched, self._last_done),
+                step.speculative))
         self._last_done = done
         self._steps += 1
         if step.extras is not None:
@@ -409,37 +414,57 @@ class Engine:
             t += item.num_new
 
     def _speculate(self, current: _InFlight) -> Optional[list]:
-        """The decode step that follows `current`, if it can be chosen before its tokens are read.
+        """The step that follows `current`, if it can be chosen before its tokens are read.
 
-        That is when every request of `current` samples a token (no prompt chunk
-        is left), they are all the running requests, and waiting requests could
-        not be admitted anyway (none wait, or every seat stays taken). Requests
-        that `current` ends by length are left out; one that it ends with a stop
-        token or EOS runs one wasted step, whose token is dropped. Returns None,
-        and the engine falls back to a synchronous step, if any of this fails or
-        a request would need a page the pool does not have (speculation never
-        preempts).
+        That is when `current`'s requests are all the running requests. The following step
+        is then what the synchronous schedule would pick once `current`'s tokens are in:
+
+        * each request that `current` samples for decodes the token it samples (its id
+          stays on the device), unless `current` ends it by length;
+        * a request whose prompt chunk `current` computes without sampling continues its
+          prompt (those ids are known), as far as the token budget goes;
+        * waiting requests are admitted into the seats and tokens left
+          (:meth:`Scheduler.admit`): a mixed step, launched while `current` runs.
+
+        A request that `current` ends with a stop token or EOS runs one wasted row, whose
+        token is dropped; its seat is filled a step later than the synchronous schedule
+        would. Returns None, and the engine falls back to a synchronous step, if a request
+        would need a page the pool does not have (speculation never preempts) or there is
+        nothing to run.
         """
         sched = self.scheduler
         if len(current.scheduled) != len(sched.running):
             return None
-        following = []
+        budget = sched.max_num_batched_tokens
+        following, seats_taken = [], 0
         for s in current.scheduled:
             req = s.request
-            if req.status is not Status.RUNNING or s.start + s.num_new != req.num_tokens:
-                return None  # a prompt chunk (its sample is unused), or not running
+            if req.status is not Status.RUNNING:
+                return None
+            if budget <= 0:
+                return None  # the synchronous schedule would defer someone: let it decide
+            done_after = s.start + s.num_new
+            if done_after < req.num_tokens:   # a prompt chunk: its sample is unused
+                num_new = min(req.num_tokens - done_after, budget)
+                if not self.kv.grow(req.request_id, done_after + num_new):
+                    return None
+                following.append(Scheduled(req, done_after, num_new))
+                sched._register_scheduled(req, done_after + num_new)
+                budget -= num_new
+                seats_taken += 1
+                continue
             ends_by_length = (len(req.output_ids) + 1 >= req.params.max_tokens
                               or req.num_tokens + 1 >= self.max_model_len)
-            if not ends_by_length:
-                following.append(req)
-        if sched.waiting and len(following) < sched.max_num_seqs:
-            return None  # a seat frees up: the synchronous schedule would admit someone
-        if not following:
-            return None
-        for req in following:  # the token `current` samples sits at position req.num_tokens
+            if ends_by_length:
+                continue
+            # the token `current` samples sits at position req.num_tokens
             if not self.kv.grow(req.request_id, req.num_tokens + 1):
                 return None
-        return [Scheduled(req, req.num_tokens, 1) for req in following]
+            following.append(Scheduled(req, req.num_tokens, 1))
+            budget -= 1
+            seats_taken += 1
+        following += sched.admit(budget, sched.max_num_seqs - seats_taken)
+        return following or None
 
     def drain(self) -> list[Completion]:
         """Finish the step still in flight, if any (asynchronous scheduling)."""

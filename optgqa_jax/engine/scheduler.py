@@ -135,8 +135,18 @@ class Scheduler:
             self._register_scheduled(req, req.num_computed + num_new)
             budget -= num_new
             idx += 1
-        while (not preempted and self.waiting and budget > 0
-               and len(self.running) < self.max_num_seqs):
+        if not preempted:
+            out += self.admit(budget, self.max_num_seqs - len(self.running))
+        return out
+
+    def admit(self, budget: int, seats: int) -> list[Scheduled]:
+        """Admit waiting requests, first come first served, into at most ``seats`` new seats
+        and ``budget`` tokens (a prompt longer than what is left is chunked); never preempts:
+        admission stops at the first request the free blocks cannot hold. Used by
+        :meth:`schedule` and by the engine's asynchronous scheduling, which admits before the
+        step in flight has ended."""
+        out: list[Scheduled] = []
+        while self.waiting and budget > 0 and seats > 0:
             req = self.waiting[0]
             ids = req.all_ids
             # prompt log-probabilities need every prompt token computed: no prefix cache
@@ -155,6 +165,7 @@ class Scheduler:
             out.append(Scheduled(req, got, num_new))
             self._register_scheduled(req, got + num_new)
             budget -= num_new
+            seats -= 1
         return out
 
     def _register_scheduled(self, req: Request, computed_after: int) -> None:
