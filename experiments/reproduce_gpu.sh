@@ -7,8 +7,8 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
-# profile-batch1, batch1-graphs, profile-mixed, engine-buckets, decode-alibi, flash-mqa and
-# profile-decode512; sharding-8b and sharding-70b need two GPUs
+# profile-batch1, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
+# flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -120,6 +120,14 @@ for step in $steps; do
           --fuse-projections --max-num-batched-tokens 4096 --input-range 32 1024 \
           --output-range 32 512 --out "$out/engine_random_seqs$seqs"
       done ;;
+    engine-512)  # the two 512-sequence runs alone (fixed 1000 x 256/256 and random lengths)
+      for w in fixed random; do
+        r=(); [ "$w" = random ] && r=(--input-range 32 1024 --output-range 32 512)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_${w}_seqs512" 300 python \
+          experiments/bench_engine.py --model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 \
+          --fuse-projections --max-num-batched-tokens 4096 "${r[@]}" \
+          --out "$out/engine_${w}_seqs512"
+      done ;;
     profile-mixed)  # one mixed (prefill) step as the engine benchmarks run them at 512
       # sequences (experiments/schedule_replay.py: the fixed workload's mean mixed step is ~14
       # prompts of 256 + ~370 decodes; the random one's ~3 prompt chunks of ~550 + ~450
@@ -213,7 +221,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac
