@@ -115,7 +115,7 @@ class EngineConfig:
         wait for the host's scheduling, packing and bookkeeping between steps.
         The next step is the one the synchronous schedule would pick: decodes,
         continued prompt chunks and newly admitted prompts (see
-        ``Engine._speculate``). Outputs are the same; a request that ends with a
+        ``Scheduler.following``). Outputs are the same; a request that ends with a
         stop token or EOS costs one wasted row, and a waiting request may be
         admitted one step later than without it.
         On by default: on an H100 it raised the Llama-3-8B benchmark from 60% to

@@ -29,7 +29,7 @@ from optgqa_jax.config import ModelConfig
 from optgqa_jax.engine.block_manager import KVCacheManager
 from optgqa_jax.engine.config import EngineConfig, SamplingParams
 from optgqa_jax.engine.runner import ModelRunner, page_bytes
-from optgqa_jax.engine.scheduler import Request, Scheduled, Scheduler, Status
+from optgqa_jax.engine.scheduler import Request, Scheduler, Status
 from optgqa_jax.fused import fuse_projections, is_fused
 from optgqa_jax.model import check_params_match
 from optgqa_jax.quant.linear import prepare_for_kernels
@@ -324,8 +324,8 @@ class Engine:
         """Run one scheduling step on the device; returns the requests that finished (and
         those queued with :meth:`add_request` that finished during a :meth:`generate` call).
 
-        With ``EngineConfig.async_scheduling``, the next decode step is launched
-        before this one's tokens are read (see :meth:`_speculate`), so a step
+        With ``EngineConfig.async_scheduling``, the next step is launched
+        before this one's tokens are read (see :meth:`Scheduler.following`), so a step
         returns the requests that finished in the step launched by the previous
         call, and the device never waits for the host's bookkeeping.
         """
@@ -340,7 +340,7 @@ class Engine:
                 return unclaimed
             current = self._launch(scheduled)
         if self.config.async_scheduling:
-            following = self._speculate(current)
+            following = self.scheduler.following(current.scheduled)
             if following is not None:
                 self._inflight = self._launch(following, after=current)
                 self._speculative_steps += 1
@@ -412,59 +412,6 @@ class Engine:
                         req.prompt_logprobs[nxt] = entry(req.prompt_ids[nxt], plp[i], pids[i],
                                                          plps[i], k)
             t += item.num_new
-
-    def _speculate(self, current: _InFlight) -> Optional[list]:
-        """The step that follows `current`, if it can be chosen before its tokens are read.
-
-        That is when `current`'s requests are all the running requests. The following step
-        is then what the synchronous schedule would pick once `current`'s tokens are in:
-
-        * each request that `current` samples for decodes the token it samples (its id
-          stays on the device), unless `current` ends it by length;
-        * a request whose prompt chunk `current` computes without sampling continues its
-          prompt (those ids are known), as far as the token budget goes;
-        * waiting requests are admitted into the seats and tokens left
-          (:meth:`Scheduler.admit`): a mixed step, launched while `current` runs.
-
-        A request that `current` ends with a stop token or EOS runs one wasted row, whose
-        token is dropped; its seat is filled a step later than the synchronous schedule
-        would. Returns None, and the engine falls back to a synchronous step, if a request
-        would need a page the pool does not have (speculation never preempts) or there is
-        nothing to run.
-        """
-        sched = self.scheduler
-        if len(current.scheduled) != len(sched.running):
-            return None
-        budget = sched.max_num_batched_tokens
-        following, seats_taken = [], 0
-        for s in current.scheduled:
-            req = s.request
-            if req.status is not Status.RUNNING:
-                return None
-            if budget <= 0:
-                return None  # the synchronous schedule would defer someone: let it decide
-            done_after = s.start + s.num_new
-            if done_after < req.num_tokens:   # a prompt chunk: its sample is unused
-                num_new = min(req.num_tokens - done_after, budget)
-                if not self.kv.grow(req.request_id, done_after + num_new):
-                    return None
-                following.append(Scheduled(req, done_after, num_new))
-                sched._register_scheduled(req, done_after + num_new)
-                budget -= num_new
-                seats_taken += 1
-                continue
-            ends_by_length = (len(req.output_ids) + 1 >= req.params.max_tokens
-                              or req.num_tokens + 1 >= self.max_model_len)
-            if ends_by_length:
-                continue
-            # the token `current` samples sits at position req.num_tokens
-            if not self.kv.grow(req.request_id, req.num_tokens + 1):
-                return None
-            following.append(Scheduled(req, req.num_tokens, 1))
-            budget -= 1
-            seats_taken += 1
-        following += sched.admit(budget, sched.max_num_seqs - seats_taken)
-        return following or None
 
     def drain(self) -> list[Completion]:
         """Finish the step still in flight, if any (asynchronous scheduling)."""

@@ -19,6 +19,10 @@ admitted request is preempted: its blocks are freed and it goes back to the
 front of the queue to be recomputed later (prompt plus the tokens it already
 generated). Sampling keys depend only on (seed, position), so preemption never
 changes an output. No request is admitted in a step that preempted.
+
+With asynchronous scheduling the engine asks for the next step before the step in flight has
+returned its tokens (:meth:`Scheduler.following`): the same choice, made one step early, that
+never preempts.
 """
 
 from __future__ import annotations
@@ -138,6 +142,53 @@ class Scheduler:
         if not preempted:
             out += self.admit(budget, self.max_num_seqs - len(self.running))
         return out
+
+    def following(self, scheduled: list[Scheduled]) -> Optional[list[Scheduled]]:
+        """The step after ``scheduled`` (the step in flight), chosen before its tokens are read.
+
+        That is possible when ``scheduled`` holds all the running requests, in order. The
+        result is what :meth:`schedule` would pick once their tokens are in (asynchronous
+        scheduling):
+
+        * each request that ``scheduled`` samples for decodes the token it samples (its id
+          stays on the device), unless that token ends it by length;
+        * a request whose prompt chunk ``scheduled`` computes without sampling continues its
+          prompt (those ids are known), as far as the token budget goes;
+        * waiting requests are admitted into the seats and tokens left (:meth:`admit`).
+
+        A request that the step in flight ends with a stop token or EOS runs one wasted row,
+        whose token is dropped; its seat is filled one step later than :meth:`schedule` would
+        fill it. Returns None (then the step after runs synchronously) if a request would need
+        a page the pool does not have (this never preempts), if the budget runs out before
+        every running request is served, or if there is nothing to run.
+        """
+        if len(scheduled) != len(self.running):
+            return None
+        budget = self.max_num_batched_tokens
+        out: list[Scheduled] = []
+        for s in scheduled:
+            req = s.request
+            if req.status is not Status.RUNNING or budget <= 0:
+                return None
+            done_after = s.start + s.num_new
+            if done_after < req.num_tokens:   # a prompt chunk: its sample is unused
+                num_new = min(req.num_tokens - done_after, budget)
+                if not self.kv.grow(req.request_id, done_after + num_new):
+                    return None
+                out.append(Scheduled(req, done_after, num_new))
+                self._register_scheduled(req, done_after + num_new)
+                budget -= num_new
+                continue
+            if (len(req.output_ids) + 1 >= req.params.max_tokens
+                    or req.num_tokens + 1 >= self.max_model_len):
+                continue  # the token in flight ends it by length
+            # the token in flight sits at position req.num_tokens
+            if not self.kv.grow(req.request_id, req.num_tokens + 1):
+                return None
+            out.append(Scheduled(req, req.num_tokens, 1))
+            budget -= 1
+        out += self.admit(budget, self.max_num_seqs - len(out))
+        return out or None
 
     def admit(self, budget: int, seats: int) -> list[Scheduled]:
         """Admit waiting requests, first come first served, into at most ``seats`` new seats
