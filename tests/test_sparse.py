@@ -117,6 +117,17 @@ def test_bsr_round_trip_is_exact(tmp_path):
         y = np.asarray(sparse.bsr_matmul(jnp.asarray(x), b, impl=impl), np.float64)
         np.testing.assert_allclose(y, ref, atol=1e-4 * np.abs(ref).max())
     assert b.nbytes < ql.nbytes
+    # bfloat16 straight from the scatter: exactly the float32 weight rounded
+    np.testing.assert_array_equal(
+        np.asarray(sparse.dequantize_bsr(b, jnp.bfloat16).astype(jnp.float32)),
+        np.asarray(sparse.dequantize_bsr(b, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)))
+    # the dequantizing product makes the float weight only once x exists (one layer's weight
+    # alive at a time, not every layer's): an optimization barrier ties the two
+    import jax
+    jaxpr = jax.make_jaxpr(lambda x, b: sparse.bsr_matmul(x, b, impl="dequantize"))(
+        jnp.asarray(x), b)
+    first = [e.primitive.name for e in jaxpr.eqns][:1]
+    assert first == ["optimization_barrier"], first
 
 
 def test_bad_input_raises_clear_errors():

@@ -240,9 +240,11 @@ def dequantize_bsr(b: BSRQuantizedLinear, dtype=None) -> jax.Array:
     from pallas_kernels.bsr_quant_matmul import dequantize_blocks
     K, N = b.shape
     G, gs = K // b.group_size, b.group_size
+    dtype = jnp.dtype(dtype or b.dtype)
     blocks = dequantize_blocks(b.codes, b.scales, b.zeros, b.bits, gs)      # [nnz, gs] f32
-    dense = jnp.zeros((N, G, gs), jnp.float32).at[b.row_ids, b.col_idx].set(blocks)
-    return dense.reshape(N, K).T.astype(dtype or b.dtype)
+    # scattered in the output dtype: the same values as a float32 scatter cast afterwards
+    dense = jnp.zeros((N, G, gs), dtype).at[b.row_ids, b.col_idx].set(blocks.astype(dtype))
+    return dense.reshape(N, K).T
 
 
 MATMUL_IMPLS = ("auto", "pallas", "dequantize")
@@ -272,6 +274,19 @@ def use_sparse_kernel(x: jax.Array, in_features: int, impl: str, max_rows: int,
             and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
+def dequantized_product(x: jax.Array, w, dequantize) -> jax.Array:
+    """``x @ dequantize(w, x.dtype)``, with the float weight made only once ``x`` exists.
+
+    The float weight depends on the params alone, so XLA is free to compute every layer's
+    before the first layer runs and to keep them all alive at once. An optimization barrier
+    that ties ``w`` to ``x`` makes it when its layer runs instead. (The Llama-3-8B engine with
+    W4S50 BSR weights peaked at 31 GiB for 3.8 GiB of params on an H100, commit 1de6b96, while
+    its 256-token prefill dequantized the BSR layers; that is what this guards against.)
+    """
+    x, w = jax.lax.optimization_barrier((x, w))
+    return jnp.dot(x, dequantize(w, x.dtype))
+
+
 def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.Array:
     """``x @ dequantize_bsr(b)`` for x [..., K], in x's dtype.
 
@@ -284,7 +299,7 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul
     K, N = b.shape
     if not use_sparse_kernel(x, K, impl, KERNEL_MAX_ROWS, "BSR layer"):
-        return jnp.dot(x, dequantize_bsr(b, x.dtype))
+        return dequantized_product(x, b, dequantize_bsr)
     lead = x.shape[:-1]
     y = bsr_quant_matmul(x.reshape(-1, K), b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
                          out_features=N, bits=b.bits, group_size=b.group_size,

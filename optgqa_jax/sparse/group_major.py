@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgqa_jax.sparse.bsr import BSRQuantizedLinear, check_bsr, is_bsr, use_sparse_kernel
+from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, check_bsr, dequantized_product, is_bsr,
+                                   use_sparse_kernel)
 
 # impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit aadfc42,
 # experiments/results/h200/gqsa/gqsa_speed_aadfc42.md) it took 0.54-0.88x dense W4's time at
@@ -114,8 +115,10 @@ def dequantize_group_major(g: GroupMajorLinear, dtype=None) -> jax.Array:
     G, gs = K // g.group_size, g.group_size
     blocks = dequantize_blocks(g.codes, g.scales, g.zeros, g.bits, gs)      # [nnz_p, gs] f32
     groups = jnp.repeat(g.program_group, g.block_t, total_repeat_length=g.codes.shape[0])
-    dense = jnp.zeros((N + 1, G, gs), jnp.float32).at[g.rows, groups].set(blocks)[:N]
-    return dense.reshape(N, K).T.astype(dtype or g.dtype)
+    dtype = jnp.dtype(dtype or g.dtype)
+    # scattered in the output dtype: the same values as a float32 scatter cast afterwards
+    dense = jnp.zeros((N + 1, G, gs), dtype).at[g.rows, groups].set(blocks.astype(dtype))[:N]
+    return dense.reshape(N, K).T
 
 
 def group_major_matmul(x: jax.Array, g: GroupMajorLinear, impl: str = "auto") -> jax.Array:
@@ -130,7 +133,7 @@ def group_major_matmul(x: jax.Array, g: GroupMajorLinear, impl: str = "auto") ->
     from pallas_kernels.bsr_gm_quant_matmul import bsr_gm_quant_matmul
     K, N = g.shape
     if not use_sparse_kernel(x, K, impl, GM_KERNEL_MAX_ROWS, "group-major layer"):
-        return jnp.dot(x, dequantize_group_major(g, x.dtype))
+        return dequantized_product(x, g, dequantize_group_major)
     lead = x.shape[:-1]
     y = bsr_gm_quant_matmul(x.reshape(-1, K), g.blocks(), out_features=N, bits=g.bits,
                             group_size=g.group_size, interpret=kc.backend() == "cpu")
