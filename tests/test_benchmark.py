@@ -38,9 +38,15 @@ def test_engine_run_counts_every_token_and_reports_mbu(fixed_ceiling, async_sche
     assert r["time_in_decode_steps_s"] + r["time_in_mixed_steps_s"] <= r["elapsed_s"] * 1.01
     assert math.isclose(r["decode_seqs_per_step"] * r["decode_steps"]
                         + r["mixed_tokens_per_step"] * r["mixed_steps"], 55 + 30 - 5)
+    # the host's time that no step hid, and the steps launched ahead (asynchronous scheduling:
+    # 5 requests for 4 seats, so the fifth is admitted by a mixed step launched ahead)
+    assert math.isclose(r["time_outside_steps_s"], r["elapsed_s"] - r["time_in_decode_steps_s"]
+                        - r["time_in_mixed_steps_s"], rel_tol=1e-9, abs_tol=1e-12)
+    ahead = r["speculative_decode_steps"] + r["speculative_mixed_steps"]
+    assert (ahead > 0 and r["speculative_mixed_steps"] > 0) if async_scheduling else ahead == 0
     md = B.markdown(dict(device="cpu"), [r])
     assert "optgqa-engine tiny (5 req) | 4/2 |" in md
-    assert "## Where the time goes" in md
+    assert "## Where the time goes" in md and "launched ahead (decode, mixed)" in md
 
 
 def test_mha_twin_has_one_kv_head_per_query_head():
