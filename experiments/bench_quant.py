@@ -146,10 +146,13 @@ def kernel_rows(ceiling: float, rows, out: list, save, formats=FORMATS) -> None:
                 add("dequant-kernel", fmt, T(dqk, sets), nbytes, err(jax.jit(dqk)(x, ql)),
                     copies=len(sets))
             ours = lambda x, ql: quant.matmul(x, ql, "pallas")
+            # the tiles quant_matmul takes on this device: a tuning-table entry or the rules
+            cfg = QuantMatmulConfig.for_shape("cuda", M, K, N, ql.group_size, bits=ql.bits,
+                                              device=jax.devices()[0].device_kind)
+            tuned = cfg != QuantMatmulConfig.for_shape("cuda", M, K, N, ql.group_size)
             try:
                 add("ours", fmt, T(ours, sets), nbytes, err(jax.jit(ours)(x, ql)),
-                    copies=len(sets), config=dataclasses.asdict(QuantMatmulConfig.for_shape(
-                        "cuda", M, K, N, ql.group_size)))
+                    copies=len(sets), config=dataclasses.asdict(cfg), tuned=tuned)
             except Exception as e:  # a failing config is a result, not the end of the run
                 out.append(dict(base, impl="ours", format=fmt, error=repr(e)[-400:]))
                 print(f"{name} M={M} ours {fmt}: FAILED {e!r}"[:300], flush=True)
@@ -196,11 +199,15 @@ def markdown(res: dict) -> str:
     rows = [r for r in res["kernels"] if "us" in r]
     if rows:
         lines += ["## Kernels (µs; GB/s of bytes moved, % of the copy ceiling; × bfloat16)", "",
+                  "`ours (tuned)`: tiles from a tuning-table entry for this device "
+                  "(`pallas_kernels.tuning`); `ours`: the rules of `QuantMatmulConfig.for_shape`.",
+                  "",
                   "| shape | M | impl | format | µs | GB/s | % ceiling | × bf16 | rel err |",
                   "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             err = "" if r.get("rel_error") is None else f"{r['rel_error']:.1e}"
-            lines.append(f"| {r['shape']} | {r['M']} | {r['impl']} | {r['format']} | "
+            impl = r["impl"] + (" (tuned)" if r.get("tuned") else "")
+            lines.append(f"| {r['shape']} | {r['M']} | {impl} | {r['format']} | "
                          f"{r['us']:.1f} | {r['gb_per_s']:,.0f} | {r['pct_ceiling']:.0f}% | "
                          f"{r['speedup_vs_bf16']:.2f} | {err} |")
         failed = [r for r in res["kernels"] if "error" in r]

@@ -7,6 +7,7 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
+# quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # profile-batch1, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
@@ -165,7 +166,7 @@ for step in $steps; do
     quant-engine-batch1)  # the engine's batch-1 decode with its default options (command
       # buffers on for steps of <= 32 tokens): bfloat16, W4 g128, W8
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_batch1 600 python \
-        experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w8 \
+        experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w4g128+head+emb \
         --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
     variants)  # the kernel variants built without a GPU against the defaults (quant joined
       # tiles and dequant_tiles, flash lazy_rescale, decode masked query rows)
@@ -196,6 +197,17 @@ for step in $steps; do
     quant-sweep)  # how fast each tile setting streams the codes, kernel layout and tile-contiguous
       run profile_quant_sweep 400 python experiments/profile_quant.py --sweep-load \
         --shapes gate_up,o --out "$out/quant" ;;
+    quant-tune-decode)  # the tile search at 1, 16 and 64 rows (W4 g128, the four shapes); the
+      # cases whose best tiles beat the rules go into the tuning table OPTGQA_TUNE_TABLE
+      # (default OUT/quant/quant_matmul.json; pallas_kernels/tuning/quant_matmul.json is the
+      # packaged one, read by QuantMatmulConfig.for_shape on the same device kind)
+      run tune_quant_decode 600 python experiments/tune_quant.py --rows "${OPTGQA_TUNE_ROWS:-1,16,64}" \
+        --formats w4g128 --budget-s 540 --case-budget-s "${OPTGQA_TUNE_CASE_S:-35}" \
+        --table "${OPTGQA_TUNE_TABLE:-$out/quant/quant_matmul.json}" --out "$out/quant" ;;
+    quant-kernels-decode)  # W4 g128 against bfloat16 and XLA at 1, 16, 64 and 256 rows, with
+      # the tiles quant_matmul takes on this device (tuning table where it has an entry)
+      run bench_quant_kernels_decode 600 python experiments/bench_quant.py --only kernels \
+        --formats w4g128 --rows 1,16,64,256 --out "$out/quant_decode" ;;
     quant-kernels)  # quantized matmul against bfloat16 and XLA
       run bench_quant_kernels 600 python experiments/bench_quant.py --only kernels \
         --out "$out/quant" ;;
@@ -222,7 +234,8 @@ for step in $steps; do
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
             "engine-seqs engine-512 gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
-            "reference grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels" \
+            "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
+            "quant-kernels quant-kernels-decode" \
             "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done

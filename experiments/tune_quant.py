@@ -3,16 +3,21 @@
 
 For each case (a Llama-3-8B linear shape, a row count M and a weight format), in two stages:
 first the unpacking scheme (register multiply-adds, one product per shift, or one product per
-tile with the shifts joined), tile sizes and warps with split-K from a rule, then the register
-prefetch of the next K tile, split-K (at one row also one K step per program) and the pipeline
-depth around the best. Every candidate
+tile with the shifts joined), tile sizes and warps with split-K from a rule; then the grid
+size (the best three tiles at every split-K giving 1 to 16 programs per SM, at one row also one
+K step per program), and the register prefetch of the next K tile and the pipeline depth
+around the best. Every candidate
 is timed with ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies
 to overflow the L2 cache; the default config of ``for_shape`` is timed too, so the table shows
 what tuning would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
+With ``--table`` the cases whose best tiles beat the rules by more than 2% are merged into a
+tuning table (``pallas_kernels.tuning``), which ``QuantMatmulConfig.for_shape`` then reads on
+that device kind: ``pallas_kernels/tuning/quant_matmul.json`` is the packaged one.
 
 Usage::
 
     python experiments/tune_quant.py [--budget-s 400] [--rows 1,16] [--formats w4g128,w8]
+                                     [--shapes gate_up,down] [--table PATH]
                                      [--out experiments/results/quant]
 """
 
@@ -33,7 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
-from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul  # noqa: E402
+from pallas_kernels import tuning  # noqa: E402
+from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul,  # noqa: E402
+                                         tuning_key)
 from bench_quant import arg_sets, io_bytes  # noqa: E402  (the same rotation and byte count)
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -108,13 +115,41 @@ def with_split(cfg, M, K, N, sms=132):
     return dataclasses.replace(cfg, split_k=split)
 
 
+def split_variants(cfg, M, K, N, sms=132):
+    """cfg at every power-of-two split_k whose grid has 1 to 16 programs per SM (and at one
+    K step per program for one row), each split keeping at least one K step."""
+    programs = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    steps = max(1, K // cfg.block_k)
+    splits = {s for s in (1 << i for i in range(12))
+              if s <= steps and sms <= programs * s <= 16 * sms}
+    if M == 1:
+        splits.add(steps)
+    return [dataclasses.replace(cfg, split_k=s) for s in sorted(splits) if s != cfg.split_k]
+
+
+def table_entries(res: dict, source: str) -> list:
+    """Tuning-table entries (``pallas_kernels.tuning``) of the cases whose best tiles beat the
+    rules' default by more than 2% (elsewhere the rules stay)."""
+    out = []
+    for c in res["cases"]:
+        d, b = c["default"]["us"], c["best"]
+        if not b["us"] < float("inf") or (d is not None and b["us"] > 0.98 * d):
+            continue
+        qc = quant.parse_spec(c["format"])
+        out.append(dict(device=res["device"],
+                        key=tuning_key(c["M"], c["K"], c["N"], qc.bits, qc.group_size),
+                        config=b["config"], us=round(b["us"], 2), rules_us=d and round(d, 2),
+                        bf16_us=round(c["bf16_us"], 2), commit=res["commit"], source=source))
+    return out
+
+
 def markdown(res: dict) -> str:
     """The best tiles of every case against bfloat16 and the default config."""
     lines = [f"# Quantized matmul tile search", "",
              f"Device {res['device']}, jax {res['jax']}, commit {res['commit']}. Copy ceiling "
              f"{res['ceiling'] / 1e9:,.0f} GB/s. µs per product over weight copies that "
              "overflow the L2 cache (`timeit_rotating`); % = bytes moved / time / ceiling.", "",
-             "| shape | M | format | bf16 µs | default µs | best µs | best % ceiling | "
+             "| shape | M | format | bf16 µs | rules µs | best µs | best % ceiling | "
              "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma, prefetch, "
              "joined, dequant_tiles) | "
              "tried |",
@@ -143,8 +178,17 @@ def main(argv=None):
                    help="comma-separated row counts M to search (default: every case)")
     p.add_argument("--formats", default=None,
                    help="comma-separated weight formats, e.g. w4g128,w8 (default: every case)")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma-separated shapes of {sorted(SHAPES)} (default: all)")
+    p.add_argument("--table", default=None,
+                   help="merge the cases whose best tiles beat the rules into this tuning "
+                        "table (pallas_kernels.tuning), e.g. pallas_kernels/tuning/"
+                        "quant_matmul.json")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
+    shapes = None if a.shapes is None else set(a.shapes.split(","))
+    if shapes and not shapes <= set(SHAPES):
+        p.error(f"--shapes: unknown {sorted(shapes - set(SHAPES))}; choose from {sorted(SHAPES)}")
     os.makedirs(a.out, exist_ok=True)
     opts = compiler_options()
     ceiling = B.copy_bandwidth()
@@ -154,7 +198,8 @@ def main(argv=None):
     rows = None if a.rows is None else {int(r) for r in a.rows.split(",")}
     formats = None if a.formats is None else set(a.formats.split(","))
     for shape, M, fmt in cases():
-        if (rows and M not in rows) or (formats and fmt not in formats):
+        if ((rows and M not in rows) or (formats and fmt not in formats)
+                or (shapes and shape not in shapes)):
             continue
         if time.perf_counter() - t_start > a.budget_s:
             break
@@ -186,25 +231,38 @@ def main(argv=None):
             return t
 
         t_case = time.perf_counter()
-        default = QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size)
+        default = QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size)   # the rules
         t_def = time_cfg(default)
         case["default"] = dict(config=dataclasses.asdict(default),
                                us=None if t_def is None else t_def * 1e6)
-        best = (t_def, default) if t_def else (float("inf"), default)
+        timed = [] if t_def is None else [(t_def, default)]
         for cfg in candidates(M, K, qc.bits, qc.group_size):
-            if time.perf_counter() - t_case > a.case_budget_s * 0.7:
+            if time.perf_counter() - t_case > a.case_budget_s * 0.5:
                 break
             cfg = with_split(cfg, M, K, N)
             t = time_cfg(cfg)
-            if t is not None and t < best[0]:
-                best = (t, cfg)
+            if t is not None:
+                timed.append((t, cfg))
+        # Second stage: the grid size. A decode-sized product has few programs per SM, each
+        # with a long K loop, so how many loads are in flight decides its speed: the best
+        # three tiles are timed at every split_k that gives 1 to 16 programs per SM, then the
+        # best of all with prefetch and other pipeline depths.
+        timed.sort(key=lambda tc: tc[0])
+        tops = [c for _, c in timed[:3]]
+        for cfg in [c2 for c in tops for c2 in split_variants(c, M, K, N)]:
+            if time.perf_counter() - t_case > a.case_budget_s * 0.85:
+                break
+            if any(c == cfg for _, c in timed):
+                continue
+            t = time_cfg(cfg)
+            if t is not None:
+                timed.append((t, cfg))
+        timed.sort(key=lambda tc: tc[0])
+        best = timed[0] if timed else (float("inf"), default)
         b = best[1]
-        ks = {max(1, b.split_k // 2), b.split_k * 2, b.split_k * 4}
-        if M == 1:   # one K step per program: loop-free programs (the partials are small)
-            ks.add(max(1, K // b.block_k))
         for cfg in ([dataclasses.replace(b, prefetch=True)]
-                    + [dataclasses.replace(b, split_k=s) for s in sorted(ks - {b.split_k})]
-                    + [dataclasses.replace(b, num_stages=s) for s in (2, 4)]):
+                    + [dataclasses.replace(b, num_stages=s) for s in (2, 4)
+                       if s != b.num_stages]):
             if time.perf_counter() - t_case > a.case_budget_s:
                 break
             t = time_cfg(cfg)
@@ -223,6 +281,9 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         with open(os.path.join(a.out, "tune_quant.md"), "w") as f:
             f.write(markdown(res))
+        if a.table:
+            tuning.write_entries(a.table, "quant_matmul", table_entries(
+                res, f"tune_quant.py at {res['commit']} on {res['device']}"))
 
 
 if __name__ == "__main__":

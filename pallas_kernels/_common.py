@@ -22,6 +22,11 @@ def backend() -> str:
     return "rocm" if dev.platform == "rocm" or "rocm" in version.lower() else "cuda"
 
 
+def device_kind() -> str:
+    """The kind of ``jax.devices()[0]``, e.g. "NVIDIA H100 80GB HBM3" (tuning tables' key)."""
+    return jax.devices()[0].device_kind
+
+
 def compiler_options(backend_name: str | None = None) -> dict:
     """XLA compiler options that make these kernels faster, for ``jax.jit(..., compiler_options=)``.
 

@@ -66,6 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
+from pallas_kernels import tuning
 from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_pattern,  # noqa: F401
                                         join_shifts, pair_major, pair_pattern, pattern_codes,
                                         shift_major, shift_offsets, shift_scales, unpack_codes)
@@ -140,9 +141,14 @@ class QuantMatmulConfig:
     half_pairs: bool = False
 
     @classmethod
-    def for_shape(cls, backend: str, M: int, K: int, N: int,
-                  group_size: int = -1) -> "QuantMatmulConfig":
+    def for_shape(cls, backend: str, M: int, K: int, N: int, group_size: int = -1, *,
+                  bits: int = 4, device: Optional[str] = None) -> "QuantMatmulConfig":
         """Default tiles for a backend ("cuda", "rocm", "cpu"), problem shape and group size.
+
+        With ``device`` (a device kind, e.g. ``jax.devices()[0].device_kind``) the tile tables
+        of :mod:`pallas_kernels.tuning` come first: an entry measured on that device for these
+        ``bits``, ``group_size``, K, N and the row bucket of M (:func:`tuned_rows`) is taken as
+        it is. Otherwise the rules below apply.
 
         * One row (batch-1 decode): the register path (``fma``, ``block_m=1``), K tiles of 256
           rows, 8 warps.
@@ -160,6 +166,16 @@ class QuantMatmulConfig:
         97.8 against 124.3 µs on gate/up (51.7 against 56.2 on down), at 256 rows 274.8 against
         398.8. At one row both joined variants were slower than the register path.
         """
+        if device is not None:
+            hit = tuning.lookup("quant_matmul", device, tuning_key(M, K, N, bits, group_size))
+            if hit is not None:
+                try:
+                    cfg = cls(**hit)
+                    cfg.validate()
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"tuning table entry for {device!r}, M={M} K={K} N={N}: "
+                                     f"{e}") from None
+                return cfg
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
         joined = False
         if M == 1:
@@ -202,6 +218,24 @@ class QuantMatmulConfig:
         if self.half_pairs and not self.fma:
             raise ValueError("half_pairs is an option of the register path; set fma=True")
 
+
+
+TUNED_ROWS = (1, 16, 64, 256, 2048)
+
+
+def tuned_rows(M: int) -> int:
+    """The row count of the tuning-table entry that stands for M rows: 1 for one row (the
+    register path's own tiles), else the smallest of 16, 64, 256, 2048 that is >= M (2048
+    above it)."""
+    if M <= 1:
+        return 1
+    return next((r for r in TUNED_ROWS[1:] if M <= r), TUNED_ROWS[-1])
+
+
+def tuning_key(M: int, K: int, N: int, bits: int, group_size: int) -> dict:
+    """The key of a tuning-table entry (:mod:`pallas_kernels.tuning`)."""
+    return dict(bits=int(bits), group_size=int(group_size), K=int(K), N=int(N),
+                M=tuned_rows(M))
 
 
 def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_split: int,
@@ -554,7 +588,8 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
       g_idx: optional int32 [K], the group of every input row (act-order); None for
         contiguous groups ``k // group_size``.
       interpret: Pallas interpret mode (CPU testing).
-      config: tuning knobs; default :meth:`QuantMatmulConfig.for_shape`.
+      config: tuning knobs; default :meth:`QuantMatmulConfig.for_shape` for this device
+        (its tuned table entry where there is one, see :mod:`pallas_kernels.tuning`).
       out_dtype: the output's dtype (default x's), e.g. float32 for logits.
 
     Returns:
@@ -570,7 +605,10 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if M == 0 or N == 0 or K == 0:
         return jnp.zeros((M, N), out_dtype)
-    config = config or QuantMatmulConfig.for_shape(C.backend(), M, K, N, group_size)
+    backend = C.backend()
+    config = config or QuantMatmulConfig.for_shape(
+        backend, M, K, N, group_size, bits=bits,
+        device=None if backend == "cpu" else C.device_kind())
     config.validate()
     use_gidx = g_idx is not None
     gidx = g_idx if use_gidx else jnp.zeros((1,), jnp.int32)

@@ -1,0 +1,142 @@
+"""Tuning tables (pallas_kernels.tuning): lookup by device kind and shape, the row buckets of
+the quantized matmul, bad tables, and the packaged table's entries."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+
+from pallas_kernels import tuning
+from pallas_kernels.quant_matmul import (QuantMatmulConfig, TUNED_ROWS, tuned_rows,
+                                         tuning_key)
+
+DEV = "Test GPU 80GB"
+TUNED = QuantMatmulConfig(block_m=1, block_n=128, block_k=512, split_k=4, num_warps=8,
+                          num_stages=4, fma=True)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    path = str(tmp_path / "quant_matmul.json")
+    tuning.write_entries(path, "quant_matmul", [
+        dict(device=DEV, key=tuning_key(1, 4096, 28672, 4, 128),
+             config=dataclasses.asdict(TUNED), us=40.0),
+        dict(device=DEV, key=tuning_key(16, 4096, 28672, 4, 128),
+             config=dataclasses.asdict(QuantMatmulConfig(block_m=16, block_n=256, block_k=128,
+                                                         split_k=8, joined=True)))])
+    monkeypatch.setenv(tuning.ENV, path)
+    return path
+
+
+def test_rows_buckets():
+    assert [tuned_rows(m) for m in (0, 1, 2, 16, 17, 64, 65, 256, 257, 2048, 5000)] == \
+        [1, 1, 16, 16, 64, 64, 256, 256, 2048, 2048, 2048]
+    assert set(tuned_rows(m) for m in range(1, 3000)) == set(TUNED_ROWS)
+
+
+def test_lookup_takes_the_entry_of_the_device_and_shape(table):
+    cfg = QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, bits=4, device=DEV)
+    assert cfg == TUNED
+    # 2..16 rows share the 16-row entry; one row never takes it
+    for M in (2, 9, 16):
+        cfg = QuantMatmulConfig.for_shape("cuda", M, 4096, 28672, 128, bits=4, device=DEV)
+        assert cfg.joined and cfg.split_k == 8 and cfg.block_n == 256
+    rules = QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128)
+    assert rules != TUNED
+    # another device, bits, group size, shape or row bucket: the rules
+    for kw in (dict(device="Other GPU"), dict(device=None), dict(device=DEV, bits=8)):
+        assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128,
+                                           **kw) == rules
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, -1, device=DEV) == \
+        QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, -1)
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 4096, 128, device=DEV) == \
+        QuantMatmulConfig.for_shape("cuda", 1, 4096, 4096, 128)
+    assert QuantMatmulConfig.for_shape("cuda", 64, 4096, 28672, 128, device=DEV) == \
+        QuantMatmulConfig.for_shape("cuda", 64, 4096, 28672, 128)
+
+
+def test_off_turns_tables_off(table, monkeypatch):
+    monkeypatch.setenv(tuning.ENV, "off")
+    assert tuning.table_paths("quant_matmul") == []
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV) == \
+        QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128)
+
+
+def test_directory_and_first_match(tmp_path, table, monkeypatch):
+    first = tmp_path / "first"
+    first.mkdir()
+    other = dataclasses.replace(TUNED, block_n=64)
+    tuning.write_entries(str(first / "quant_matmul.json"), "quant_matmul", [
+        dict(device=DEV, key=tuning_key(1, 4096, 28672, 4, 128),
+             config=dataclasses.asdict(other))])
+    monkeypatch.setenv(tuning.ENV, os.pathsep.join([str(first), table]))
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV) == other
+
+
+def test_write_entries_replaces_same_key(table):
+    new = dataclasses.replace(TUNED, split_k=2)
+    tuning.write_entries(table, "quant_matmul", [
+        dict(device=DEV, key=tuning_key(1, 4096, 28672, 4, 128), config=dataclasses.asdict(new))])
+    entries = json.load(open(table))["entries"]
+    assert len(entries) == 2
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV) == new
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not valid JSON"),
+    ('{"kernel": "quant_matmul"}', "'entries' list"),
+    ('{"kernel": "flash", "entries": []}', "is for kernel 'flash'"),
+    ('{"entries": [{"device": "x", "key": 3, "config": {}}]}', "entry 0 needs"),
+])
+def test_bad_table_names_the_file(tmp_path, monkeypatch, content, match):
+    path = tmp_path / "t.json"
+    path.write_text(content)
+    monkeypatch.setenv(tuning.ENV, str(path))
+    with pytest.raises(ValueError, match=match) as e:
+        QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV)
+    assert str(path) in str(e.value)
+
+
+def test_bad_entry_config_is_refused(tmp_path, monkeypatch):
+    path = str(tmp_path / "t.json")
+    key = tuning_key(1, 4096, 28672, 4, 128)
+    for config, match in ((dict(block_q=4), "unexpected keyword"),
+                          (dict(block_m=1, fma=False), "block_m")):
+        tuning.write_entries(path, "quant_matmul", [dict(device=DEV, key=key, config=config)])
+        monkeypatch.setenv(tuning.ENV, path)
+        with pytest.raises(ValueError, match=f"tuning table entry.*{match}"):
+            QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV)
+
+
+def test_packaged_tables_hold_valid_configs():
+    """Every entry of every table shipped with the package builds a valid config."""
+    names = [n for n in os.listdir(tuning.PACKAGED_DIR) if n.endswith(".json")] \
+        if os.path.isdir(tuning.PACKAGED_DIR) else []
+    for name in names:
+        entries = tuning.load_table(os.path.join(tuning.PACKAGED_DIR, name))
+        assert entries, name
+        for e in entries:
+            assert set(e["key"]) == {"bits", "group_size", "K", "N", "M"}
+            assert e["key"]["M"] in TUNED_ROWS
+            QuantMatmulConfig(**e["config"]).validate()
+
+
+def test_tune_quant_split_variants_and_table_entries():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import tune_quant as T
+    cfg = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, split_k=2, num_warps=8,
+                            fma=True)
+    # gate_up at one row: 448 column tiles; 1..16 programs per SM of 132 = splits 1..4, and
+    # one K step per program (16)
+    splits = [c.split_k for c in T.split_variants(cfg, 1, 4096, 28672)]
+    assert splits == [1, 4, 16]
+    res = dict(device=DEV, commit="abc1234", cases=[
+        dict(M=1, K=4096, N=28672, format="w4g128", bf16_us=80.0,
+             default=dict(us=45.0), best=dict(us=40.0, config=dataclasses.asdict(TUNED))),
+        dict(M=16, K=4096, N=28672, format="w4g128", bf16_us=80.0,     # within 2%: rules stay
+             default=dict(us=45.0), best=dict(us=44.5, config=dataclasses.asdict(TUNED)))])
+    entries = T.table_entries(res, "test")
+    assert len(entries) == 1 and entries[0]["key"] == tuning_key(1, 4096, 28672, 4, 128)
+    assert entries[0]["config"] == dataclasses.asdict(TUNED) and entries[0]["device"] == DEV
