@@ -164,7 +164,8 @@ for step in $steps; do
       run compare_variants_decode 400 python experiments/compare_variants.py \
         --parts decode,decode_tiles --out "$out/variants_decode" ;;
     quant-engine-batch1)  # the engine's batch-1 decode with its default options (command
-      # buffers on for steps of <= 32 tokens): bfloat16, W4 g128, W8
+      # buffers on for steps of <= 32 tokens): bfloat16, W4 g128, W4 g128 with the LM head and
+      # token table quantized too
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_batch1 600 python \
         experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w4g128+head+emb \
         --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
