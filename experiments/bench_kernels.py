@@ -367,7 +367,9 @@ def main():
                    # headline and the engine's shape: compare with the 32/8 rows above
                    DecodeShape("B=64 ctx=4096 GQA 28/4", 64, 4096, 28, 4),
                    DecodeShape("B=256 ctx=257-512 GQA 28/4 (engine decode, group 7)", 256, 512,
-                               28, 4, min_context=257)]
+                               28, 4, min_context=257),
+                   # short contexts, where a fixed per-call cost (ALiBi's, a pad) weighs most
+                   DecodeShape("B=32 ctx=2048 GQA 28/4 (short context)", 32, 2048, 28, 4)]
     rows = []
     os.makedirs(args.out, exist_ok=True)
 

@@ -16,6 +16,8 @@ backends alike; on CPU pass ``interpret=True``.
 * :func:`alibi_slopes` — per-head ALiBi slopes.
 * :func:`compiler_options` — XLA options for the ``jax.jit`` that calls the kernels
   (on CUDA: flush float32 denormals, a few percent faster).
+* :mod:`pallas_kernels.tuning` — tables of tiles measured on one device kind, looked up by
+  shape (``QuantMatmulConfig.for_shape`` reads them; ``OPTGQA_TUNING`` adds or disables them).
 """
 
 from pallas_kernels._common import compiler_options

@@ -94,13 +94,18 @@ class PagedAttentionConfig:
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
         pow2_group = group_size is None or C.is_power_of_two(group_size)
-        if alibi and (group_size is None or group_size == 1 or not pow2_group):
-            # Masked query rows with ALiBi were slow (H200, 09cb617: 0.206 against 0.078 ms
-            # padded at B=32 ctx 2048 28/4), so ALiBi with such groups (or an unknown group
-            # size) pads the queries. MHA (one query per KV head) too: H100, d29eac9, B=64
-            # ctx 4096 32/32 with ALiBi, padded 1.599 ms against 1.690 replicated 16 times
-            # (bench_kernels_alibi_d29eac9.md).
+        if alibi and (group_size is None or group_size == 1):
+            # MHA (one query per KV head) with ALiBi pads the queries: H100, d29eac9, B=64 ctx
+            # 4096 32/32, padded 1.599 ms against 1.690 replicated 16 times (and 1.593 against
+            # 1.700 at b4f2e9e, bench_kernels_alibi_b4f2e9e.md); so does an unknown group size.
             return cls(keys_per_block=32)
+        # Groups that are not powers of two take with ALiBi the masked query rows they take
+        # without. H100, b4f2e9e (bench_kernels_alibi_b4f2e9e.md, 28/4, bfloat16, ALiBi):
+        # masked rows with 64-key blocks 0.212 ms at B=64 ctx 4096 and 0.107 at B=256 ctx
+        # 257-512, against 0.224 and 0.110 with the padded queries used before (0.223/0.112
+        # with 32-key blocks); without ALiBi the same tiles took 0.210 and 0.101. On the H200
+        # at 09cb617 masked rows with ALiBi had been slow at B=32 ctx 2048 (0.206 against
+        # 0.078 ms padded); that shape has not been retimed since.
         # ALiBi with groups of 2-8 (replicated queries) takes the same tiles as without. The
         # padded queries it used before cost the engine's decode shape 13% (H100, aee3517:
         # 0.196 against 0.174 ms), the pad and slice kernels around the call, not the bias;
