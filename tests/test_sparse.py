@@ -9,6 +9,7 @@ inputs); BSR conversions against the dense arrays, exactly.
 import numpy as np
 import pytest
 
+import jax
 import jax.numpy as jnp
 
 from optgqa_jax import quant, sparse
@@ -113,9 +114,15 @@ def test_bsr_round_trip_is_exact(tmp_path):
     assert (loaded.bits, loaded.group_size, loaded.in_features) == (4, gs, K)
     x = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
     ref = x.astype(np.float64) @ np.asarray(quant.dequantize(ql, jnp.float32), np.float64)
-    for impl in ("dequantize", "pallas"):
+    for impl in ("dequantize", "pallas", "repack"):
         y = np.asarray(sparse.bsr_matmul(jnp.asarray(x), b, impl=impl), np.float64)
-        np.testing.assert_allclose(y, ref, atol=1e-4 * np.abs(ref).max())
+        assert np.isfinite(y).all(), impl
+        np.testing.assert_allclose(y, ref, atol=1e-4 * np.abs(ref).max(), err_msg=impl)
+    # the repacked dense arrays made on the device are to_dense's, bit for bit
+    for got, f in zip(jax.jit(sparse.bsr.repacked_dense)(b), ("qweight", "scales", "zeros")):
+        want = np.asarray(getattr(back, f))
+        assert got.shape == want.shape and got.dtype == want.dtype, f
+        np.testing.assert_array_equal(np.asarray(got), want)
     assert b.nbytes < ql.nbytes
     # bfloat16 straight from the scatter: exactly the float32 weight rounded
     np.testing.assert_array_equal(
@@ -123,7 +130,6 @@ def test_bsr_round_trip_is_exact(tmp_path):
         np.asarray(sparse.dequantize_bsr(b, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)))
     # the dequantizing product makes the float weight only once x exists (one layer's weight
     # alive at a time, not every layer's): an optimization barrier ties the two
-    import jax
     jaxpr = jax.make_jaxpr(lambda x, b: sparse.bsr_matmul(x, b, impl="dequantize"))(
         jnp.asarray(x), b)
     first = [e.primitive.name for e in jaxpr.eqns][:1]
@@ -346,3 +352,28 @@ def test_bsr_params_are_refused_by_the_partition_rules():
                              quant.parse_spec("w4g32"), 0.5)
     with pytest.raises(ValueError, match="group-sparse"):
         sharding.partition_specs(cfg, params, sharding.make_mesh(1, 1))
+
+
+def test_auto_dispatch_by_rows_backend_and_dtype(monkeypatch):
+    """impl="auto": on GPUs the BSR kernel at one row, the dense kernel on the repacked layer up
+    to REPACK_MAX_ROWS rows, the dequantizing product above; CPUs and float32 x dequantize."""
+    from pallas_kernels import _common as kc
+    from optgqa_jax.sparse import bsr
+    K = 64
+    pick = lambda rows, dtype=jnp.bfloat16, impl="auto": bsr.sparse_impl(
+        jnp.zeros((rows, K), dtype), K, impl, bsr.KERNEL_MAX_ROWS, "BSR layer",
+        bsr.REPACK_MAX_ROWS)
+    assert [pick(r) for r in (1, 2, 64, 65)] == ["dequantize"] * 4      # the CPU
+    monkeypatch.setattr(kc, "backend", lambda: "cuda")
+    assert [pick(r) for r in (1, 2, 16, 64, 65, 2048)] == \
+        ["pallas", "repack", "repack", "repack", "dequantize", "dequantize"]
+    assert pick(1, jnp.float32) == "dequantize" and pick(16, jnp.float16) == "repack"
+    assert pick(16, impl="pallas") == "pallas" and pick(1, impl="repack") == "repack"
+    # group-major layers have no repacked route
+    assert bsr.use_sparse_kernel(jnp.zeros((1, K), jnp.bfloat16), K, "auto", 1, "layer")
+    with pytest.raises(ValueError, match="impl='repack' must be one of"):
+        bsr.use_sparse_kernel(jnp.zeros((1, K), jnp.bfloat16), K, "repack", 1, "layer")
+    with pytest.raises(ValueError, match="impl='fast' must be one of"):
+        pick(1, impl="fast")
+    with pytest.raises(ValueError, match="input features"):
+        bsr.sparse_impl(jnp.zeros((1, K + 1)), K, "auto", 1, "BSR layer", 64)

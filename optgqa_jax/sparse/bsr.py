@@ -247,31 +247,69 @@ def dequantize_bsr(b: BSRQuantizedLinear, dtype=None) -> jax.Array:
     return dense.reshape(N, K).T
 
 
-MATMUL_IMPLS = ("auto", "pallas", "dequantize")
+def repacked_dense(b: BSRQuantizedLinear) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(qweight int32 [K * b / 32, N], scales [G, N], zeros uint8 [G, N]) of `b` as the dense
+    kernel's layout, traceable (jnp): :func:`to_dense`'s arrays, made on the device. The kept
+    groups' packed words are scattered whole into a zero [N, G, W] array and transposed once;
+    absent groups are codes 0, zero 0 and scale 0, so they dequantize to exact zeros. This
+    writes 4 bits per weight where :func:`dequantize_bsr` writes 16 (and computes float32
+    blocks before that)."""
+    K, N = b.shape
+    G, W = K // b.group_size, b.group_size * b.bits // 32
+    words = jnp.zeros((N, G, W), jnp.int32).at[b.row_ids, b.col_idx].set(b.codes)
+    qweight = words.transpose(1, 2, 0).reshape(G * W, N)                  # [G * W, N]
+    scales = jnp.zeros((N, G), b.scales.dtype).at[b.row_ids, b.col_idx].set(b.scales)
+    zeros = jnp.zeros((N, G), jnp.uint8).at[b.row_ids, b.col_idx].set(b.zeros)
+    return qweight, scales.T, zeros.T
+
+
+MATMUL_IMPLS = ("auto", "pallas", "repack", "dequantize")
 # impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit 91177cd,
 # experiments/results/h200/gqsa/) the kernel took 0.81-1.02x dense W4's time at one row but
 # 4.6-15x at 16 rows (every row of x gathers its own group slices), so only one row for now.
 KERNEL_MAX_ROWS = 1
+# ... and from there up to this many rows the dense W4 kernel on the layer repacked each call
+# (repacked_dense). The dequantizing route it replaces made 16-sequence decode of the
+# Llama-3-8B shape with W4S30 weights run at 167 tokens/s against dense W4's 2,563 (H100,
+# b4f2e9e, experiments/results/h100/gqsa/gqsa_engine_b4f2e9e.md): it computes every kept weight
+# in float32 and scatters 16-bit weights each step, four times the bytes of the repacked codes,
+# which the dense kernel then reads at 4 bits. The repacked route has not been timed on a GPU.
+REPACK_MAX_ROWS = 64
 
 
-def use_sparse_kernel(x: jax.Array, in_features: int, impl: str, max_rows: int,
-                      what: str) -> bool:
-    """Whether a group-sparse product of `x` takes its Pallas kernel: ``impl`` "pallas" always,
-    "dequantize" never, "auto" on GPUs for bfloat16/float16 x of at most `max_rows` rows.
+def sparse_impl(x: jax.Array, in_features: int, impl: str, max_rows: int, what: str,
+                repack_max_rows: int = 0) -> str:
+    """How a group-sparse product of `x` runs: ``"pallas"`` (its kernel), ``"repack"`` (the
+    dense kernel on the layer repacked, BSR only) or ``"dequantize"``. ``impl="auto"`` takes
+    the kernel on GPUs for bfloat16/float16 x of at most `max_rows` rows, the repacked route up
+    to `repack_max_rows` rows, and dequantizes elsewhere (CPUs, float32 x, prefill).
 
     Raises:
       ValueError: an unknown `impl`, or x without `in_features` features (`what` names the
         layer in the message).
     """
-    if impl not in MATMUL_IMPLS:
-        raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
+    allowed = MATMUL_IMPLS if repack_max_rows else tuple(i for i in MATMUL_IMPLS if i != "repack")
+    if impl not in allowed:
+        raise ValueError(f"impl={impl!r} must be one of {allowed} for a {what}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} input features, the {what} {in_features}")
     if impl != "auto":
-        return impl == "pallas"
+        return impl
     from pallas_kernels import _common as kc
-    return (kc.backend() != "cpu" and int(np.prod(x.shape[:-1])) <= max_rows
-            and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+    rows = int(np.prod(x.shape[:-1]))
+    if kc.backend() == "cpu" or jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16),
+                                                           jnp.dtype(jnp.float16)):
+        return "dequantize"
+    if rows <= max_rows:
+        return "pallas"
+    return "repack" if rows <= repack_max_rows else "dequantize"
+
+
+def use_sparse_kernel(x: jax.Array, in_features: int, impl: str, max_rows: int,
+                      what: str) -> bool:
+    """Whether a group-sparse product of `x` takes its Pallas kernel (:func:`sparse_impl`
+    without the repacked route)."""
+    return sparse_impl(x, in_features, impl, max_rows, what) == "pallas"
 
 
 def dequantized_product(x: jax.Array, w, dequantize) -> jax.Array:
@@ -291,19 +329,31 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     """``x @ dequantize_bsr(b)`` for x [..., K], in x's dtype.
 
     ``impl``: ``"pallas"`` runs ``pallas_kernels.bsr_quant_matmul`` (reads only the kept
-    groups; interpret mode on a CPU); ``"dequantize"`` scatters the float weight and multiplies
-    (XLA); ``"auto"`` takes the kernel on GPUs for bfloat16/float16 x with at most
-    ``KERNEL_MAX_ROWS`` rows (decode), and dequantizes elsewhere (prefill, CPUs).
+    groups; interpret mode on a CPU); ``"repack"`` scatters the kept groups' packed codes into
+    the dense layout (:func:`repacked_dense`) and runs the dense ``quant_matmul`` kernel;
+    ``"dequantize"`` scatters the float weight and multiplies (XLA); ``"auto"`` takes the BSR
+    kernel on GPUs for bfloat16/float16 x with at most ``KERNEL_MAX_ROWS`` rows (batch-1
+    decode), the repacked route up to ``REPACK_MAX_ROWS`` (batched decode), and dequantizes
+    elsewhere (prefill, CPUs).
     """
     from pallas_kernels import _common as kc
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul
     K, N = b.shape
-    if not use_sparse_kernel(x, K, impl, KERNEL_MAX_ROWS, "BSR layer"):
+    how = sparse_impl(x, K, impl, KERNEL_MAX_ROWS, "BSR layer", REPACK_MAX_ROWS)
+    if how == "dequantize":
         return dequantized_product(x, b, dequantize_bsr)
     lead = x.shape[:-1]
-    y = bsr_quant_matmul(x.reshape(-1, K), b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
-                         out_features=N, bits=b.bits, group_size=b.group_size,
-                         row_blocks=b.row_blocks, interpret=kc.backend() == "cpu")
+    x2 = x.reshape(-1, K)
+    if how == "repack":
+        from pallas_kernels.quant_matmul import quant_matmul
+        x2, b = jax.lax.optimization_barrier((x2, b))   # repacked when its layer runs
+        qweight, scales, zeros = repacked_dense(b)
+        y = quant_matmul(x2, qweight, scales, zeros, bits=b.bits, group_size=b.group_size,
+                         interpret=kc.backend() == "cpu")
+    else:
+        y = bsr_quant_matmul(x2, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
+                             out_features=N, bits=b.bits, group_size=b.group_size,
+                             row_blocks=b.row_blocks, interpret=kc.backend() == "cpu")
     return y.reshape(*lead, N)
 
 
