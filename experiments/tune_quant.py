@@ -5,8 +5,8 @@ For each case (a Llama-3-8B linear shape, a row count M and a weight format), in
 first the unpacking scheme (register multiply-adds, one product per shift, or one product per
 tile with the shifts joined), tile sizes and warps with split-K from a rule; then the grid
 size (the best three tiles at every split-K giving 1 to 16 programs per SM, at one row also one
-K step per program), and the register prefetch of the next K tile and the pipeline depth
-around the best. Every candidate
+K step per program), and around the best the register path's ``runtime_magic`` and
+``wrapper_sums``, the register prefetch of the next K tile and the pipeline depth. Every candidate
 is timed with ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies
 to overflow the L2 cache; the default config of ``for_shape`` is timed too, so the table shows
 what tuning would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
@@ -151,7 +151,7 @@ def markdown(res: dict) -> str:
              "overflow the L2 cache (`timeit_rotating`); % = bytes moved / time / ceiling.", "",
              "| shape | M | format | bf16 µs | rules µs | best µs | best % ceiling | "
              "best × bf16 | best tiles (bm, bn, bk, split, warps, stages, fma, prefetch, "
-             "joined, dequant_tiles) | "
+             "joined, dequant_tiles; options) | "
              "tried |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for c in res["cases"]:
@@ -161,7 +161,9 @@ def markdown(res: dict) -> str:
                  f"{t['num_warps']}, {t['num_stages']}, {'yes' if t.get('fma') else 'no'}, "
                  f"{'yes' if t.get('prefetch') else 'no'}, "
                  f"{'yes' if t.get('joined') else 'no'}, "
-                 f"{'yes' if t.get('dequant_tiles') else 'no'}")
+                 f"{'yes' if t.get('dequant_tiles') else 'no'}"
+                 + "".join(f"; {k}" for k in ("runtime_magic", "wrapper_sums", "half_pairs")
+                           if t.get(k)))
         lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "
                      f"{c['bf16_us']:.1f} | "
                      f"{'fails' if d['us'] is None else format(d['us'], '.1f')} | "
@@ -260,7 +262,14 @@ def main(argv=None):
         timed.sort(key=lambda tc: tc[0])
         best = timed[0] if timed else (float("inf"), default)
         b = best[1]
-        for cfg in ([dataclasses.replace(b, prefetch=True)]
+        # register path: 2^23's pattern from memory (a loop-free program otherwise spends two
+        # logic instructions per code on it) and x's sums from the wrapper (sm_90 SASS at one
+        # row, loop-free gate/up tiles: 1536 -> 1312 -> 1216 instructions per 256 codes)
+        options = ([dataclasses.replace(b, runtime_magic=True),
+                    dataclasses.replace(b, wrapper_sums=True),
+                    dataclasses.replace(b, runtime_magic=True, wrapper_sums=True)]
+                   if b.fma else [])
+        for cfg in (options + [dataclasses.replace(b, prefetch=True)]
                     + [dataclasses.replace(b, num_stages=s) for s in (2, 4)
                        if s != b.num_stages]):
             if time.perf_counter() - t_case > a.case_budget_s:

@@ -120,6 +120,11 @@ class QuantMatmulConfig:
         path runs. Compiled for sm_90 without a GPU (``experiments/code_math_probe.py``):
         packed HFMA2/HADD2, 7.38 instead of 8.25 SASS per code in the one-row default's
         static count (4.5 against 5.4 in a minimal kernel). Not yet timed on a GPU.
+      wrapper_sums: the register path takes x's sums over every sub-tile from the wrapper (a
+        reduce beside the wrapper's reordering of x) instead of summing x as it reads it, and
+        subtracts the zero points' share once per row of x at the end: in sm_90 SASS
+        (``triton`` 3.9, loop-free gate/up tiles at one row, with ``runtime_magic``) 1216
+        instead of 1312 instructions per thread for 256 codes. Not yet timed on a GPU.
       dequant_tiles: with ``joined``, dequantize each tile, ``(q - z) * s`` in float32 rounded
         once to x's dtype (the weights of ``optgqa_jax.quant.dequantize``), before its product:
         the product then accumulates inside the matrix instruction, with no per-output scale
@@ -139,6 +144,7 @@ class QuantMatmulConfig:
     dequant_tiles: bool = False
     runtime_magic: bool = False
     half_pairs: bool = False
+    wrapper_sums: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int, group_size: int = -1, *,
@@ -217,6 +223,9 @@ class QuantMatmulConfig:
             raise ValueError("runtime_magic is an option of the register path; set fma=True")
         if self.half_pairs and not self.fma:
             raise ValueError("half_pairs is an option of the register path; set fma=True")
+        if self.wrapper_sums and not self.fma:
+            raise ValueError("wrapper_sums is an option of the register path (the tensor-core "
+                             "paths always take x's sums from the wrapper); set fma=True")
 
 
 
@@ -243,7 +252,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  scale_parts: bool, prefetch: bool = False, joined: bool = False,
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
                  dequant_tiles: bool = False, runtime_magic: bool = False,
-                 half: bool = False):
+                 half: bool = False, wrapper_sums: bool = False):
     P = 32 // bits
     bias = 0.0 if pattern is None else pattern[1]     # joined path: codes as bias + code
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
@@ -257,12 +266,15 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     # sum instead of every weight. Otherwise each row's scale and zero are gathered.
     per_tile = not use_gidx and (group_size == -1 or gs % tile_k == 0)
     # One group per sub-tile (every path): the zero point leaves the per-code work,
-    # sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k. The register path sums x over each
-    # word's P rows as it reads them (one add per row of x and shift) and corrects its [Pk, bn]
-    # accumulator once per sub-tile; the tensor-core paths take x's sums over every sub-tile
-    # from the wrapper (xs_ref) and subtract one [bm, bn] outer product per sub-tile. On the
-    # register path a code then costs one and-or, one subtraction of 2^23 and one multiply-add.
+    # sum_k x_k (q_k - z) = sum_k x_k q_k - z sum_k x_k. The tensor-core paths take x's sums
+    # over every sub-tile from the wrapper (xs_ref) and subtract one [bm, bn] outer product per
+    # sub-tile. The register path by default sums x over each word's P rows as it reads them
+    # and corrects its [Pk, bn] accumulator once per sub-tile (no reduce in the wrapper); with
+    # wrapper_sums it takes xs_ref too and adds x's sum times z s into a [1, bn] correction per
+    # row of x, subtracted once at the end. On the register path a code then costs one
+    # and-or, one subtraction of 2^23 and one multiply-add.
     fold_zeros = per_tile
+    wx = fma and fold_zeros and wrapper_sums     # register path with x's sums from the wrapper
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
@@ -336,9 +348,9 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                         - xs_ref[:, pl.ds(k0 // tile_k, 1)] * ((z + bias) * s),)
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
-            # register path: zx[m] [Pk], per word row the sum of x over its P input rows (the
-            # zero points' share)
-            zx = [jnp.zeros((Pk,), jnp.float32) for _ in range(block_m if fma else 0)]
+            # register path, sums of x in the kernel: zx[m] [Pk], per word row the sum of x
+            # over its P input rows (the zero points' share)
+            zx = [jnp.zeros((Pk,), jnp.float32) for _ in range(block_m if fma and not wx else 0)]
             if half:    # float16 pairs: codes exact as 1024 + code, x (scaled, |x| <= 1) float16
                 pc = pattern_codes(words, bits, jnp.float16, pair_magic)   # P x [Pk, bn]
                 q16 = [c - jnp.float16(1024.0) for c in pc]               # the codes, exact
@@ -346,7 +358,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     part = jnp.zeros((Pk, block_n), jnp.float16)   # sum over the word's codes
                     for p in range(P):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)]                     # [Pk] f16
-                        zx[m] += xm.astype(jnp.float32)
+                        if not wx:
+                            zx[m] += xm.astype(jnp.float32)
                         part = part + xm[:, None] * q16[p]
                     parts[m] += part.astype(jnp.float32)
             for p in range(0 if half else P):   # shift p of word w holds row k0 + P * w + p
@@ -367,7 +380,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 if fma:
                     for m in range(block_m):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
-                        if fold_zeros:        # xm carries 2^-s_p: undo it, exactly
+                        if fold_zeros and not wx:   # xm carries 2^-s_p: undo it, exactly
                             zx[m] += xm * float(2 ** offsets[p])
                         parts[m] += xm[:, None] * w
                 else:
@@ -376,10 +389,16 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
             if fold_zeros and not fma:    # x's sums over the sub-tile's rows [bm, 1] times z s
                 return (acc[0] + parts[0] * s - xs_ref[:, pl.ds(k0 // tile_k, 1)] * (z * s),)
-            if fold_zeros:    # per word row: s (sum x q 2^s 2^-s) - z s (sum x)
+            if fold_zeros and not wx:    # per word row: s (sum x q 2^s 2^-s) - z s (sum x)
                 zs = z * s
                 return tuple(a + q * s - zxm[:, None] * zs
                              for a, q, zxm in zip(acc, parts, zx))
+            if fold_zeros:    # acc: block_m [Pk, bn] sums of x q, then block_m [1, bn]
+                zs = z * s    # corrections: x's sum over the sub-tile times z s
+                t = k0 // tile_k
+                return (tuple(a + q * s for a, q in zip(acc[:block_m], parts))
+                        + tuple(c + xs_ref[pl.ds(m, 1), pl.ds(t, 1)] * zs
+                                for m, c in enumerate(acc[block_m:])))
             return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
         def body(i, carry):
@@ -394,13 +413,18 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
 
         init = tuple(jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1))
+        if wx:    # the register path's zero-point corrections, one per row of x
+            init += tuple(jnp.zeros((1, block_n), jnp.float32) for _ in range(block_m))
         if prefetch:
             acc, _ = jax.lax.fori_loop(0, steps, body, (init, load_step(0, steps > 0)))
         else:
             acc = jax.lax.fori_loop(0, steps, body, init)
         if fma:
             for m in range(block_m):
-                o_ref[pl.ds(m, 1), :] = jnp.sum(acc[m], axis=0, keepdims=True).astype(o_ref.dtype)
+                y = jnp.sum(acc[m], axis=0, keepdims=True)                       # [1, bn]
+                if wx:
+                    y = y - acc[block_m + m]
+                o_ref[pl.ds(m, 1), :] = y.astype(o_ref.dtype)
         else:
             o_ref[...] = acc[0].astype(o_ref.dtype)
 
@@ -457,10 +481,11 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
     # shift-major K order once per call; the weight is read in place.
     xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
-    # zero points leave the codes (see _make_kernel): the tensor-core paths take x's sums
-    # over every sub-tile; the register path sums x itself as it reads it
+    # zero points leave the codes (see _make_kernel): the tensor-core paths (and the register
+    # path with wrapper_sums) take x's sums over every sub-tile (of the float16 x it
+    # multiplies, on the float16-pairs path)
     gs = K if group_size == -1 else group_size
-    needs_xs = (not config.fma and not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    needs_xs = ((not config.fma or config.wrapper_sums) and not use_gidx and (group_size == -1 or gs % tile_k == 0)
                 and not (joined and config.dequant_tiles))
     T = Kp // tile_k                                                # sub-tiles along K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if needs_xs
@@ -481,6 +506,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     if half:
         row_exp = jnp.frexp(jnp.abs(xp.astype(jnp.float32)).max(axis=1))[1]   # [Mp] int
         xp = jnp.ldexp(xp.astype(jnp.float32), -row_exp[:, None]).astype(jnp.float16)
+        if needs_xs:     # the sums of the float16 values the kernel multiplies (the order
+            # within a sub-tile does not matter)
+            xs = xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1)
     elif not scale_parts and not joined:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
         xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
@@ -493,7 +521,8 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           tile_k=tile_k,
                           pattern=pattern,
                           dequant_tiles=joined and config.dequant_tiles,
-                          runtime_magic=config.runtime_magic, half=half)
+                          runtime_magic=config.runtime_magic, half=half,
+                          wrapper_sums=config.wrapper_sums)
     magic = jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:

@@ -7,6 +7,8 @@ scale for bfloat16 and float16 activations (the dequantized weight is rounded to
 activation dtype before the product, as in the kernel), 1e-5 for float32.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,14 @@ FMA1_HALF = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, num_warps=4, n
 FMA4_HALF_ONE_STEP = QuantMatmulConfig(block_m=4, block_n=32, block_k=128, split_k=64,
                                        num_warps=4, num_stages=1, fma=True, half_pairs=True,
                                        runtime_magic=True)
+# The register path with x's sub-tile sums from the wrapper (wrapper_sums).
+FMA1_WSUMS_MAGIC = QuantMatmulConfig(block_m=1, block_n=32, block_k=512, split_k=2,
+                                     num_warps=4, num_stages=1, fma=True, runtime_magic=True,
+                                     wrapper_sums=True)
+FMA4_WSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, split_k=2, num_warps=4,
+                               num_stages=1, fma=True, wrapper_sums=True)
+FMA2_WSUMS_HALF = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, num_warps=4,
+                                    num_stages=1, fma=True, half_pairs=True, wrapper_sums=True)
 DOT_STEP256 = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=1)
 JOINED_STEP128 = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, num_warps=4,
                                    num_stages=1, joined=True)
@@ -158,6 +168,15 @@ def check(out, want, dtype, what):
     (4, 32, False, False, 2, 256, 17, jnp.float16, FMA1_HALF),
     (4, 64, True, True, 3, 256, 16, jnp.bfloat16, FMA4_HALF_ONE_STEP),
     (4, 128, False, False, 2, 256, 24, jnp.float32, FMA1_HALF),
+    # x's sub-tile sums from the wrapper: sub-tiles of one group in a K step of 512, ragged K
+    # and N, asym, per channel, 8 and 2 bits, float16 pairs; act-order keeps the gathered path
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_WSUMS_MAGIC),
+    (4, -1, False, False, 3, 256, 33, jnp.float16, FMA4_WSUMS),
+    (8, 32, False, False, 5, 192, 24, jnp.bfloat16, FMA4_WSUMS),
+    (2, 64, True, False, 1, 384, 17, jnp.bfloat16, FMA1_WSUMS_MAGIC),
+    (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA4_WSUMS),
+    (4, 128, False, False, 2, 384, 24, jnp.bfloat16, FMA2_WSUMS_HALF),
+    (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_WSUMS),
     (4, 128, True, False, 5, 384, 40, jnp.bfloat16, DOT_STEP256),
     (4, 32, False, False, 7, 160, 24, jnp.bfloat16, JOINED_STEP128),
     # joined tiles dequantized before the product: bit patterns (bfloat16 2/4 bits, float16
@@ -277,6 +296,7 @@ def _good():
     (lambda a, kw: kw.update(config=QuantMatmulConfig(split_k=0)), "split_k=0"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(num_warps=32)), "num_warps=32"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(runtime_magic=True)), "runtime_magic"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(wrapper_sums=True)), "wrapper_sums"),
 ])
 def test_bad_input_names_the_argument(change, match):
     args, kw = _good(), dict(bits=4, group_size=32, interpret=INTERPRET)
@@ -479,9 +499,10 @@ def test_k_tiles_splits_steps_into_whole_groups(config, bits, group_size, gidx, 
 
 
 def test_register_path_sums_x_itself():
-    """The register path folds the zero points with sums of x it takes as it reads x: no
-    reduce in the wrapper (lowered for CUDA, the kernel one custom call); the tensor-core
-    path takes x's sub-tile sums from the wrapper (a reduce)."""
+    """By default the register path folds the zero points with sums of x it takes as it reads
+    x: no reduce in the wrapper (lowered for CUDA, the kernel one custom call); the tensor-core
+    path, and the register path with wrapper_sums, take x's sub-tile sums from the wrapper (a
+    reduce)."""
     K, N = 512, 128
     args, _, _ = make_case(3, 1, K, N, 4, 128)
     fma = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, num_warps=4, num_stages=1,
@@ -496,3 +517,5 @@ def test_register_path_sums_x_itself():
 
     assert "stablehlo.reduce" not in hlo(fma)
     assert "stablehlo.reduce" in hlo(dot)
+    # wrapper_sums: the register path takes the wrapper's sums instead
+    assert "stablehlo.reduce" in hlo(dataclasses.replace(fma, wrapper_sums=True))
