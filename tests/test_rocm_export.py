@@ -111,6 +111,36 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
     assert module.count(TRITON_CALL) == 1
 
 
+@pytest.mark.parametrize("platform,device", [("rocm", "AMD Instinct MI300X"),
+                                             ("cuda", "NVIDIA H100 80GB HBM3")])
+def test_tuning_table_configs_lower_through_triton(tmp_path, monkeypatch, platform, device):
+    """A tuning-table entry (pallas_kernels.tuning) is taken on its own device kind only, and
+    the tiles it names lower like the rules' (pallas_kernels.quant_matmul_config)."""
+    import dataclasses
+
+    from pallas_kernels import tuning
+    from pallas_kernels.quant_matmul import quant_matmul
+    from pallas_kernels.quant_matmul_config import QuantMatmulConfig, tuning_key
+    K, N = 512, 384
+    entry = QuantMatmulConfig(block_m=1, block_n=128, block_k=256, split_k=2, num_warps=8,
+                              num_stages=1, fma=True, runtime_magic=True, wrapper_sums=True)
+    path = str(tmp_path / "quant_matmul.json")
+    tuning.write_entries(path, "quant_matmul", [dict(
+        device=device, key=tuning_key(1, K, N, 4, 128), config=dataclasses.asdict(entry))])
+    monkeypatch.setenv(tuning.ENV, path)
+    other = "NVIDIA H100 80GB HBM3" if platform == "rocm" else "AMD Instinct MI300X"
+    assert QuantMatmulConfig.for_shape(platform, 1, K, N, 128, device=other) == \
+        QuantMatmulConfig.for_shape(platform, 1, K, N, 128)
+    cfg = QuantMatmulConfig.for_shape(platform, 1, K, N, 128, device=device)
+    assert cfg == entry
+
+    def f(x, q, s, z, g):
+        return quant_matmul(x, q, s, z, bits=4, group_size=128, config=cfg)
+
+    module = export_for(platform, f, *_quant_args(1, K, N, 4, 128))
+    assert module.count(TRITON_CALL) == 1
+
+
 @pytest.mark.parametrize("bits,group_size,dtype", [(4, 128, jnp.bfloat16), (8, -1, jnp.bfloat16),
                                                    (8, -1, jnp.float16), (2, -1, jnp.bfloat16)])
 @pytest.mark.parametrize("dequant_tiles", [False, True])
