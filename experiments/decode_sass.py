@@ -1,10 +1,12 @@
 """What ALiBi adds to the paged decode kernel's inner loop, counted without a GPU.
 
 On an H200, ALiBi made paged decode 27% slower at B=32, context 2048, GQA 28/4
-(``experiments/results/h200/quant/compare_variants_*.md``). The ALiBi default differs from the
-plain one in two ways: the bias itself (a multiply-add per score) and its tiles (32-key blocks,
-queries padded in XLA, chosen when masked query rows with ALiBi measured slow at 32-key
-blocks). This script separates the two on the compiled code: it captures the Triton module
+(``experiments/results/h200/quant/compare_variants_*.md``). The ALiBi default then differed
+from the plain one in two ways: the bias itself (a multiply-add per score) and its tiles
+(32-key blocks, queries padded in XLA, chosen when masked query rows with ALiBi measured slow
+at 32-key blocks). Since commit 9360360 groups that are not powers of two take the plain tiles
+with ALiBi too (H100, b4f2e9e), so the padded tiles are a config of their own here. This script
+separates the bias from the tiles on the compiled code: it captures the Triton module
 that Pallas lowers for :func:`pallas_kernels.paged_attention` under each config, with and
 without ALiBi, compiles it for sm_90 with the ``triton`` package (as ``triton_ir.py``: a
 Python with ``triton``, no GPU), and reports per config the static SASS of the key loop's
@@ -36,12 +38,12 @@ from pallas_kernels import PagedAttentionConfig, alibi_slopes, paged_attention  
 
 
 def configs(group_size: int) -> dict:
-    """name -> PagedAttentionConfig: the CUDA defaults with and without ALiBi and the two
-    crossed (tiles of one, bias of the other)."""
+    """name -> PagedAttentionConfig: the CUDA defaults with and without ALiBi, and queries
+    padded in XLA with 32-key blocks (the ALiBi default for such groups before 9360360)."""
     plain = PagedAttentionConfig.for_backend("cuda", group_size=group_size)
     alibi = PagedAttentionConfig.for_backend("cuda", alibi=True, group_size=group_size)
     return {"plain default": plain, "ALiBi default": alibi,
-            "ALiBi default, queries masked": dataclasses.replace(alibi, replicate_queries=True)}
+            "queries padded, 32-key blocks": PagedAttentionConfig(keys_per_block=32)}
 
 
 def count(cfg: PagedAttentionConfig, use_alibi: bool, shape: tuple, python: str,

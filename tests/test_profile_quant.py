@@ -193,7 +193,8 @@ def test_decode_sass_writes_a_row_per_config_and_alibi(tmp_path):
     error row without the triton package); the shape is checked before any work."""
     mod = _load("decode_sass")
     cfgs = mod.configs(7)
-    assert cfgs["plain default"].replicate_queries and not cfgs["ALiBi default"].replicate_queries
+    assert cfgs["plain default"].replicate_queries and cfgs["ALiBi default"] == cfgs["plain default"]
+    assert not cfgs["queries padded, 32-key blocks"].replicate_queries
     mod.main(["--shape", "2,28,4,64", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "decode_sass.json").read_text())
     assert [(r["name"], r["alibi"]) for r in res["rows"]] == [

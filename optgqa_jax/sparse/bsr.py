@@ -219,18 +219,10 @@ def kept_mask(b: BSRQuantizedLinear) -> np.ndarray:
 def to_dense(b: BSRQuantizedLinear) -> QuantizedLinear:
     """The dense ``QuantizedLinear`` of `b`; absent groups are codes 0, zero 0, scale 0."""
     check_bsr(b)
-    K, N = b.shape
-    G, W = K // b.group_size, b.group_size * b.bits // 32
-    rows, cols = np.asarray(b.row_ids), np.asarray(b.col_idx)
-    words = np.zeros((N, G, W), np.int32)
-    words[rows, cols] = np.asarray(b.codes)
-    scales = np.zeros((N, G), np.dtype(b.scales.dtype))
-    scales[rows, cols] = np.asarray(b.scales)
-    zeros = np.zeros((N, G), np.uint8)
-    zeros[rows, cols] = np.asarray(b.zeros)
+    K = b.shape[0]
+    qweight, scales, zeros = repacked_dense(b)
     return QuantizedLinear(
-        qweight=jnp.asarray(words.transpose(1, 2, 0).reshape(G * W, N)),
-        scales=jnp.asarray(scales.T), zeros=jnp.asarray(zeros.T),
+        qweight=qweight, scales=scales, zeros=zeros,
         g_idx=jnp.asarray(np.arange(K) // b.group_size, jnp.int32), bits=b.bits,
         group_size=b.group_size, sym=b.sym, dtype=b.dtype, groups_contiguous=True)
 
