@@ -82,9 +82,9 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  scale_parts: bool, prefetch: bool = False, joined: bool = False,
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
                  dequant_tiles: bool = False, runtime_magic: bool = False,
-                 half: bool = False, wrapper_sums: bool = False):
+                 half: bool = False, wrapper_sums: bool = False, shift_pc: bool = False):
     P = 32 // bits
-    bias = 0.0 if pattern is None else pattern[1]     # joined path: codes as bias + code
+    bias = 0.0 if pattern is None else pattern[1]     # codes as bias + code (joined, shift_pc)
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
     U = block_k // tile_k                   # sub-tiles per K step, each loaded on its own
     Pk = tile_k // P                        # words per sub-tile = rows per shift
@@ -181,6 +181,15 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             # register path, sums of x in the kernel: zx[m] [Pk], per word row the sum of x
             # over its P input rows (the zero points' share)
             zx = [jnp.zeros((Pk,), jnp.float32) for _ in range(block_m if fma and not wx else 0)]
+            if shift_pc:    # shift-by-shift tensor-core path, codes as bit patterns bias + code
+                x0 = x_ref[:, pl.ds(k0, Pk)]
+                pc = pattern_codes(words, bits, x0.dtype)                 # P x [Pk, bn]
+                for p in range(P):
+                    x = x0 if p == 0 else x_ref[:, pl.ds(k0 + p * Pk, Pk)]   # [bm, Pk] unscaled
+                    parts[0] += C.dot(x, pc[p])
+                # zero points and the patterns' bias: x's sums [bm, 1] times (z + bias) s
+                return (acc[0] + parts[0] * s
+                        - xs_ref[:, pl.ds(k0 // tile_k, 1)] * ((z + bias) * s),)
             if half:    # float16 pairs: codes exact as 1024 + code, x (scaled, |x| <= 1) float16
                 pc = pattern_codes(words, bits, jnp.float16, pair_magic)   # P x [Pk, bn]
                 q16 = [c - jnp.float16(1024.0) for c in pc]               # the codes, exact
@@ -321,7 +330,13 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     T = Kp // tile_k                                                # sub-tiles along K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if needs_xs
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
-    pattern = code_pattern(x.dtype, bits) if joined else None
+    # shift-by-shift tensor-core path with bit-pattern codes (shift_patterns): where a sub-tile
+    # lies in one group (the bias folds into the zero points' correction) and the pattern is
+    # exact for x's dtype and the bits
+    per_tile = not use_gidx and (group_size == -1 or gs % tile_k == 0)
+    shift_pc = (not joined and not config.fma and config.shift_patterns and per_tile
+                and code_pattern(x.dtype, bits) is not None)
+    pattern = code_pattern(x.dtype, bits) if joined or shift_pc else None
     if not joined:   # the joined path reads x in natural order, or pair-major with patterns
         xp = shift_major(xp, tile_k, bits)
     elif pattern is not None:
@@ -329,7 +344,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
     # Codes arrive times 2^s (code_floats); x's columns carry 2^-s, exact as a power of two.
     # The register path multiplies in float32; float16 x in the tensor-core path would
     # underflow, so there the partial products are scaled instead.
-    scale_parts = not config.fma and x.dtype == jnp.float16
+    scale_parts = not config.fma and not shift_pc and x.dtype == jnp.float16
     # float16 pairs (register path, a sub-tile in one group, 16-bit x): x scaled per row by
     # 2^-e with |x| <= 1 (exact), float16, no 2^-s (the patterns are the codes themselves)
     half = (config.fma and config.half_pairs and x.dtype in (jnp.bfloat16, jnp.float16)
@@ -340,7 +355,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
         if needs_xs:     # the sums of the float16 values the kernel multiplies (the order
             # within a sub-tile does not matter)
             xs = xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1)
-    elif not scale_parts and not joined:
+    elif not scale_parts and not joined and not shift_pc:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
         xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
     gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), tile_k, bits) if use_gidx
@@ -353,7 +368,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           pattern=pattern,
                           dequant_tiles=joined and config.dequant_tiles,
                           runtime_magic=config.runtime_magic, half=half,
-                          wrapper_sums=config.wrapper_sums)
+                          wrapper_sums=config.wrapper_sums, shift_pc=shift_pc)
     magic = jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:

@@ -62,6 +62,13 @@ class QuantMatmulConfig:
         subtracts the zero points' share once per row of x at the end: in sm_90 SASS
         (``triton`` 3.9, loop-free gate/up tiles at one row, with ``runtime_magic``) 1216
         instead of 1312 instructions per thread for 256 codes. Not yet timed on a GPU.
+      shift_patterns: the shift-by-shift tensor-core path (neither ``fma`` nor ``joined``) takes
+        the codes as 16-bit float bit patterns ``bias + code`` (:func:`pattern_codes`, as the
+        joined path: a shift and an and-or per two codes, no subtraction of 2^23 and no
+        float32-to-16-bit conversion) and x unscaled, the bias folded into the zero points'
+        correction. Where a sub-tile lies in one group and the pattern is exact (2 and 4 bits
+        with bfloat16 x; 2, 4 and 8 with float16 x); elsewhere the float32 codes run. Not yet
+        timed on a GPU.
       dequant_tiles: with ``joined``, dequantize each tile, ``(q - z) * s`` in float32 rounded
         once to x's dtype (the weights of ``optgqa_jax.quant.dequantize``), before its product:
         the product then accumulates inside the matrix instruction, with no per-output scale
@@ -82,6 +89,7 @@ class QuantMatmulConfig:
     runtime_magic: bool = False
     half_pairs: bool = False
     wrapper_sums: bool = False
+    shift_patterns: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int, group_size: int = -1, *,
@@ -160,6 +168,9 @@ class QuantMatmulConfig:
             raise ValueError("runtime_magic is an option of the register path; set fma=True")
         if self.half_pairs and not self.fma:
             raise ValueError("half_pairs is an option of the register path; set fma=True")
+        if self.shift_patterns and (self.fma or self.joined):
+            raise ValueError("shift_patterns is an option of the shift-by-shift tensor-core "
+                             "path; set fma=False and joined=False")
         if self.wrapper_sums and not self.fma:
             raise ValueError("wrapper_sums is an option of the register path (the tensor-core "
                              "paths always take x's sums from the wrapper); set fma=True")

@@ -68,6 +68,11 @@ FMA4_WSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, split_k=2, nu
                                num_stages=1, fma=True, wrapper_sums=True)
 FMA2_WSUMS_HALF = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, num_warps=4,
                                     num_stages=1, fma=True, half_pairs=True, wrapper_sums=True)
+# The shift-by-shift tensor-core path with bit-pattern codes (shift_patterns).
+DOT_PATTERNS = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1,
+                                 shift_patterns=True)
+DOT_PATTERNS_STEP256_SPLITK = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, split_k=2,
+                                                num_warps=4, num_stages=1, shift_patterns=True)
 DOT_STEP256 = QuantMatmulConfig(block_m=16, block_n=16, block_k=256, num_warps=4, num_stages=1)
 JOINED_STEP128 = QuantMatmulConfig(block_m=16, block_n=16, block_k=128, num_warps=4,
                                    num_stages=1, joined=True)
@@ -177,6 +182,17 @@ def check(out, want, dtype, what):
     (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA4_WSUMS),
     (4, 128, False, False, 2, 384, 24, jnp.bfloat16, FMA2_WSUMS_HALF),
     (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_WSUMS),
+    # codes as bit patterns on the shift-by-shift tensor-core path: bfloat16 2/4 bits, float16
+    # 2/4/8 bits, asym, per channel, ragged K and N, one-group sub-tiles of a K step of 256,
+    # split K; bfloat16 8 bits, float32 x and act-order fall back to the float32 codes
+    (4, 128, False, False, 5, 384, 40, jnp.bfloat16, DOT_PATTERNS),
+    (2, 64, False, False, 16, 256, 33, jnp.bfloat16, DOT_PATTERNS_STEP256_SPLITK),
+    (8, 64, False, False, 3, 192, 24, jnp.float16, DOT_PATTERNS),
+    (4, -1, True, False, 17, 320, 24, jnp.float16, DOT_PATTERNS_STEP256_SPLITK),
+    (2, 32, False, False, 1, 128, 17, jnp.float16, DOT_PATTERNS),
+    (8, 128, False, False, 2, 256, 16, jnp.bfloat16, DOT_PATTERNS),
+    (4, 32, False, False, 3, 128, 16, jnp.float32, DOT_PATTERNS),
+    (4, 64, False, True, 4, 256, 24, jnp.bfloat16, DOT_PATTERNS),
     (4, 128, True, False, 5, 384, 40, jnp.bfloat16, DOT_STEP256),
     (4, 32, False, False, 7, 160, 24, jnp.bfloat16, JOINED_STEP128),
     # joined tiles dequantized before the product: bit patterns (bfloat16 2/4 bits, float16
@@ -297,6 +313,8 @@ def _good():
     (lambda a, kw: kw.update(config=QuantMatmulConfig(num_warps=32)), "num_warps=32"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(runtime_magic=True)), "runtime_magic"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(wrapper_sums=True)), "wrapper_sums"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(fma=True, block_m=1,
+                                                      shift_patterns=True)), "shift_patterns"),
 ])
 def test_bad_input_names_the_argument(change, match):
     args, kw = _good(), dict(bits=4, group_size=32, interpret=INTERPRET)

@@ -141,6 +141,22 @@ def test_tuning_table_configs_lower_through_triton(tmp_path, monkeypatch, platfo
     assert module.count(TRITON_CALL) == 1
 
 
+@pytest.mark.parametrize("bits,dtype", [(4, jnp.bfloat16), (8, jnp.float16)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_quant_matmul_shift_patterns_lower_through_triton(bits, dtype, platform):
+    """The shift-by-shift tensor-core path with the codes as 16-bit float bit patterns."""
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    M, K, N = 16, 512, 384
+    cfg = QuantMatmulConfig(block_m=16, block_n=128, block_k=128, split_k=2, num_warps=4,
+                            num_stages=1, shift_patterns=True)
+
+    def f(x, q, s, z, g):
+        return quant_matmul(x, q, s, z, bits=bits, group_size=128, config=cfg)
+
+    module = export_for(platform, f, *_quant_args(M, K, N, bits, 128, dtype))
+    assert module.count(TRITON_CALL) == 1
+
+
 @pytest.mark.parametrize("bits,group_size,dtype", [(4, 128, jnp.bfloat16), (8, -1, jnp.bfloat16),
                                                    (8, -1, jnp.float16), (2, -1, jnp.bfloat16)])
 @pytest.mark.parametrize("dequant_tiles", [False, True])
