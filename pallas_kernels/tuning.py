@@ -37,13 +37,23 @@ PACKAGED_DIR = os.path.join(os.path.dirname(__file__), "tuning")
 
 
 def table_paths(kernel: str) -> list[str]:
-    """The table files consulted for ``kernel``, in order (see the module docstring)."""
+    """The table files consulted for ``kernel``, in order (see the module docstring).
+
+    Raises:
+      ValueError: ``OPTGQA_TUNING`` names a path that does not exist.
+    """
     env = os.environ.get(ENV, "")
     if env.strip().lower() == "off":
         return []
     paths = []
     for p in filter(None, env.split(os.pathsep)):
-        paths.append(os.path.join(p, f"{kernel}.json") if os.path.isdir(p) else p)
+        if os.path.isdir(p):    # a directory may hold tables for some kernels only
+            paths.append(os.path.join(p, f"{kernel}.json"))
+        elif os.path.isfile(p):
+            paths.append(p)
+        else:
+            raise ValueError(f"{ENV}={env!r}: {p!r} is neither a tuning table file nor a "
+                             "directory (or set it to 'off')")
     paths.append(os.path.join(PACKAGED_DIR, f"{kernel}.json"))
     return paths
 

@@ -75,6 +75,16 @@ def test_directory_and_first_match(tmp_path, table, monkeypatch):
     assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV) == other
 
 
+def test_missing_path_in_env_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(tuning.ENV, str(tmp_path / "nowhere.json"))
+    with pytest.raises(ValueError, match="OPTGQA_TUNING.*nowhere.json.*neither"):
+        QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV)
+    # a directory without this kernel's table is fine: the packaged table and the rules apply
+    monkeypatch.setenv(tuning.ENV, str(tmp_path))
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV) == \
+        QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128)
+
+
 def test_write_entries_replaces_same_key(table):
     new = dataclasses.replace(TUNED, split_k=2)
     tuning.write_entries(table, "quant_matmul", [
