@@ -111,12 +111,15 @@ def decode_inputs(s: DecodeShape, dtype, key):
 
 # ALiBi candidates, each timed with and without ALiBi on every decode shape: the padded
 # 32-key tiles ALiBi used up to aee3517, the no-ALiBi default (32-key blocks, replicated
-# queries), and three neighbours of it.
+# queries), and three neighbours of it; then 64-key blocks with more programs (K split further),
+# for groups that are not powers of two: 28/4 at the engine's shape runs half the programs of
+# 32/8 and read K/V at 0.86x its rate (b4f2e9e).
 ALIBI_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_stages=st, prefetch=pf,
-                                    replicate_queries=rq)
-               for kpb, st, pf, rq in ((32, 1, "none", False), (32, 1, "none", True),
-                                       (32, 1, "tables", True), (64, 1, "none", True),
-                                       (32, 2, "none", True))]
+                                    replicate_queries=rq, target_programs=tp)
+               for kpb, st, pf, rq, tp in ((32, 1, "none", False, 512), (32, 1, "none", True, 512),
+                                           (32, 1, "tables", True, 512), (64, 1, "none", True, 512),
+                                           (32, 2, "none", True, 512), (64, 1, "none", True, 2048),
+                                           (64, 1, "none", True, 4096))]
 
 
 # The engine's decode shape (256 short sequences): which knobs matter when programs are short?
@@ -186,7 +189,9 @@ def bench_decode(s: DecodeShape, ceiling: float, sweep: bool, sweep_alibi: bool 
                     record("optgqa-sweep", dtype, alibi, fn, args, ref,
                            note=f"kpb={cfg.keys_per_block} w={cfg.num_warps} st={cfg.num_stages} "
                                 f"prefetch={cfg.prefetch} "
-                                f"replicate_queries={cfg.replicate_queries} alibi={alibi}")
+                                f"replicate_queries={cfg.replicate_queries} alibi={alibi}"
+                                + (f" programs>={cfg.target_programs}"
+                                   if cfg.target_programs != 512 else ""))
             if not alibi:  # JAX's kernel has neither ALiBi nor a softmax scale: pre-scale q
                 record("jax-pallas", dtype, alibi, jax_paged_fn, args, ref,
                        note="q pre-scaled by 1/sqrt(D)")
