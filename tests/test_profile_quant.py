@@ -203,3 +203,18 @@ def test_decode_sass_writes_a_row_per_config_and_alibi(tmp_path):
     for bad in ("2,28,5,64", "2,28,4", "2,28,4,60"):
         with pytest.raises(SystemExit):
             mod.main(["--shape", bad, "--out", str(tmp_path)])
+
+
+def test_flash_sass_writes_a_row_per_config(tmp_path):
+    """experiments/flash_sass.py: the default tiles and four of the sweep's, each a row (an error
+    row without the triton package); the shape is checked before any work."""
+    mod = _load("flash_sass")
+    cfgs = mod.configs(8)
+    assert cfgs["default"] == mod.FlashAttentionConfig.for_backend("cuda", 128, 8)
+    mod.main(["--shape", "1,256,4,2", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "flash_sass.json").read_text())
+    assert [r["name"] for r in res["rows"]] == list(mod.configs(2))
+    assert "| default |" in (tmp_path / "flash_sass.md").read_text()
+    for bad in ("1,256,5,2", "1,100,4,2", "1,256,4"):
+        with pytest.raises(SystemExit):
+            mod.main(["--shape", bad, "--out", str(tmp_path)])
