@@ -135,7 +135,8 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             tried = []
             candidates = [default] + [BSRMatmulConfig(block_t=bt, block_m=default.block_m,
                                                       num_warps=nw, num_stages=ns)
-                                      for bt in (32, 64, 128) for nw in (4, 8) for ns in (2,)]
+                                      for bt in (32, 64, 128, 256) for nw in (2, 4, 8)
+                                      for ns in (2,)]
 
             def try_cfg(cfg):
                 nonlocal best, t_default
@@ -160,9 +161,21 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 # logic instruction per code instead of two in these loop-free programs)
                 try_cfg(dataclasses.replace(best[1], runtime_magic=True))
             t, cfg, f = best
+            block_list = None
+            if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added
+                # by a second launch): what whole-row programs save
+                n_tried = len(tried)
+                try_cfg(dataclasses.replace(cfg, row_aligned=False))
+                block_list = tried[n_tried].get("us")
+                t, cfg, f = best
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
-                density=b.density)
+                density=b.density, block_list_us=block_list)
+            if M > 1:              # what the engine runs at 2-64 rows: the kept codes repacked
+                # into the dense layout on the device, then the dense W4 kernel
+                f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
+                add(f"w4g128s{round(100 * s)} repack", T(f, sets), b.nbytes,
+                    rel_err(jax.jit(f)(x, b), want))
             if group_major:
                 group_major_row(add, T, sets, want, rel_err, N, K, s)
             del sets
@@ -207,15 +220,20 @@ def markdown(res: dict) -> str:
              f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. Copy ceiling "
              f"{m['ceiling'] / 1e9:,.0f} GB/s. µs per product with weights rotated past the L2 "
              "cache; sNN = NN% of each row's groups removed, kept groups in BSR form; "
-             "× dense W4 = time relative to dense W4 g128 (target for s50: ≤ 0.65).", "",
+             "× dense W4 = time relative to dense W4 g128 (target for s50: ≤ 0.65). Block "
+             "list: the same tiles with partials added by a second launch instead of whole-row "
+             "programs; `repack`: the kept codes scattered into the dense layout on the device, "
+             "then the dense W4 kernel (the engine's route at 2-64 rows).", "",
              "| shape | M | format | weight MiB | µs | % ceiling | × bf16 speed | × dense W4 "
-             "time | rel err |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "time | block list µs | rel err |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["speed"]:
-        v = r["time_vs_dense_w4"]
+        v, bl = r["time_vs_dense_w4"], r.get("block_list_us")
         lines.append(f"| {r['shape']} | {r['M']} | {r['format']} | "
                      f"{r['weight_bytes'] / 2 ** 20:.1f} | {r['us']:.1f} | "
                      f"{r['pct_ceiling']:.0f}% | {r['speedup_vs_bf16']:.2f} | "
                      f"{'' if v is None else format(v, '.2f')} | "
+                     f"{'' if bl is None else format(bl, '.1f')} | "
                      f"{'' if r['rel_error'] is None else format(r['rel_error'], '.1e')} |")
     return "\n".join(lines) + "\n"
 

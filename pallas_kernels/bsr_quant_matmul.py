@@ -13,9 +13,15 @@ consecutive blocks ``[j T, (j + 1) T)`` of the row-major block list, whatever ro
 to, so every program reads the same number of bytes. For each block ``t`` it computes the
 partial dot product ``p[m, t] = s_t (sum_k x[m, g_t gs + k] q_tk - z_t sum_k x[m, g_t gs + k])``
 for every row ``m`` of x; the wrapper then adds the partials of each output feature
-(``segment_sum`` over the sorted ``row_ids``, or a reshape when every row holds the same number
-of blocks: a deterministic reduction of ``nnz`` values, small next to the ``nnz gs b / 8``
-bytes of codes).
+(``segment_sum`` over the sorted ``row_ids``: a deterministic reduction of ``nnz`` values,
+small next to the ``nnz gs b / 8`` bytes of codes).
+
+**Whole rows.** When every row keeps the same number ``R`` of blocks (row-scope pruning, the
+paper's W4S50), work is already balanced by rows: program ``j`` then takes the ``Bn R`` blocks
+of output features ``[j Bn, (j + 1) Bn)`` (``Bn`` a power of two, the blocks loaded as
+``next_pow2(Bn R)`` masked slots), adds each feature's partials in registers and writes ``y``
+in x's dtype. No ``[M, nnz]`` partials reach memory and no second launch adds them
+(``BSRMatmulConfig.row_aligned``, on by default).
 
 Per block the codes are unpacked as in ``pallas_kernels.quant_matmul``: masked in place in
 their word (the upper half shifted once per word), placed under the exponent of 2^23, so
@@ -24,7 +30,8 @@ factor ``2^-s`` (``x_sm``), and the zero point is applied once per block through
 sums of x (``x_sum``). Multiply-adds run in float32 registers, ``[T, gs / P]`` per row of x.
 
 Axis legend: M rows of x, K input features, N output features, G = K / gs groups, nnz stored
-blocks, T blocks per program, P = 32 / b codes per word, Wg = gs / P words per block.
+blocks, T blocks per program, P = 32 / b codes per word, Wg = gs / P words per block, R blocks
+per row and Bn output features per program (whole rows).
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ class BSRMatmulConfig:
         it as a constant: in these loop-free programs the compiler otherwise spends two logic
         instructions per code (sm_90 SASS from the ``triton`` package,
         ``experiments/results/cpu/quant/README.md``). Not yet timed on a GPU.
+      row_aligned: when every row keeps the same number R of blocks (``row_blocks``),
+        programs take whole rows: ``Bn`` = the largest power of two with ``Bn R <= block_t``
+        (at least 1) output features per program, reduced in registers and written to ``y``
+        directly. Off: the block-list schedule with partials added by the wrapper.
     """
 
     block_t: int = 64
@@ -67,6 +78,7 @@ class BSRMatmulConfig:
     num_warps: int = 4
     num_stages: int = 2
     runtime_magic: bool = False
+    row_aligned: bool = True
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int) -> "BSRMatmulConfig":
@@ -116,6 +128,55 @@ def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m:
     return kernel
 
 
+def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[int, int]:
+    """(Bn, slots): output features per whole-rows program (the largest power of two with
+    ``Bn R <= block_t``, at least 1, at most ``next_pow2(N)``) and the block slots it loads
+    (``next_pow2(Bn R)``)."""
+    bn = 1
+    while 2 * bn * row_blocks <= block_t and bn < out_features:
+        bn *= 2
+    return bn, C.next_power_of_two(bn * row_blocks)
+
+
+def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
+                     slots: int, block_m: int, runtime_magic: bool = False):
+    """Whole-rows schedule: output features [j Bn, (j + 1) Bn), R blocks each, in `slots`."""
+    P, R, Bn, S = 32 // bits, row_blocks, rows, slots
+    Wg = group_size // P
+
+    def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
+        i, j = pl.program_id(0), pl.program_id(1)
+        magic = magic_ref[0] if runtime_magic else None
+        t0 = j * (Bn * R)
+        t = jnp.arange(S)                                                   # [S] slots
+        ok = (t < Bn * R) & (t0 + t < nnz)
+        words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
+                           other=0)                                         # [S, Wg] int32
+        g = plgpu.load(g_ref.at[pl.ds(t0, S)], mask=ok, other=0)           # [S] groups
+        sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+        zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+        owner = (jax.lax.div(t, jnp.int32(R))[:, None]
+                 == jnp.arange(Bn)[None, :])                               # [S, Bn]
+        words_hi = words >> 16
+        vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
+                for p in range(P)]                                            # q 2^s_p
+        base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [S, Wg]
+        for m in range(block_m):
+            row = i * block_m + m
+            acc = jnp.zeros((S, Wg), jnp.float32)
+            for p in range(P):
+                cols = base + p * Wg
+                xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
+                acc += xv * vals[p]
+            dot = jnp.sum(acc, axis=1)                                      # [S]
+            xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])  # [S]
+            part = sc * (dot - zp * xs)                                     # [S], 0 if masked
+            y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)       # [Bn]
+            o_ref[pl.ds(m, 1), :] = y[None, :].astype(o_ref.dtype)
+
+    return kernel
+
+
 def prepare_x(x, bits: int, group_size: int, rows: int):
     """(x_sm float32 [rows, K], x_sum float32 [rows, G]): x padded to `rows` rows, each
     group's columns in shift-major order times ``2^-s`` (as the kernel unpacks), and each
@@ -140,10 +201,28 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
     block_t = int(min(config.block_t, max(16, C.next_power_of_two(nnz))))
     Mp, nnz_p = C.cdiv(M, block_m) * block_m, C.cdiv(nnz, block_t) * block_t
     x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
-    kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
-                          block_m=block_m, runtime_magic=config.runtime_magic)
     magic = jnp.full((1,), TWO23_BITS, jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    if row_blocks > 0 and config.row_aligned:      # whole rows, reduced in the kernel
+        bn, slots = rows_per_program(config.block_t, row_blocks, out_features)
+        Np = C.cdiv(out_features, bn) * bn
+        kernel = _make_row_kernel(nnz=nnz, bits=bits, group_size=group_size,
+                                  row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
+                                  runtime_magic=config.runtime_magic)
+        y = pl.pallas_call(
+            kernel,
+            grid=(Mp // block_m, Np // bn),
+            in_specs=[full(x_sm), full(x_sum), full(codes), full(scales), full(zeros),
+                      full(col_idx), full(magic)],
+            out_specs=pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
+            out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
+            interpret=interpret, compiler_params=params,
+            name=f"optgqa_bsr_rows_quant_matmul_w{bits}",
+        )(x_sm, x_sum, codes, scales, zeros, col_idx, magic)
+        return y[:M, :out_features]
+    kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
+                          block_m=block_m, runtime_magic=config.runtime_magic)
     partial = pl.pallas_call(
         kernel,
         grid=(Mp // block_m, nnz_p // block_t),
@@ -151,9 +230,7 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
                   full(col_idx), full(magic)],
         out_specs=pl.BlockSpec((block_m, block_t), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((Mp, nnz_p), jnp.float32),
-        interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                             num_stages=config.num_stages),
+        interpret=interpret, compiler_params=params,
         name=f"optgqa_bsr_quant_matmul_w{bits}",
     )(x_sm, x_sum, codes, scales, zeros, col_idx, magic)
     if row_blocks > 0:          # every row holds row_blocks consecutive blocks
@@ -236,7 +313,8 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
       out_features: N.
       bits: 2, 4 or 8; group_size: a power of two.
       row_blocks: blocks per row when every row holds the same number (row-scope pruning):
-        the partial sums are then added by a reshape; -1 (default): any rows, a segment sum.
+        programs then take whole rows and write y (``config.row_aligned``; off: the partials
+        are added by a reshape); -1 (default): any rows, partials added by a segment sum.
       interpret: Pallas interpret mode (CPU testing).
       config: tuning knobs; default :meth:`BSRMatmulConfig.for_shape`.
 

@@ -9,6 +9,8 @@ Row patterns mix empty rows, fully dense rows and random counts. Tolerance: rela
 for float32.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -89,6 +91,33 @@ def test_uniform_patterns(pattern):
         y = bsr_quant_matmul(*args, out_features=20, bits=4, group_size=32,
                              row_blocks=row_blocks, interpret=INTERPRET, config=T16)
         assert_close_to_scale(y, ref, 1e-2, f"{pattern} row_blocks={row_blocks}")
+
+
+@pytest.mark.parametrize("bits,gs,G,kept,N,M,dtype,config", [
+    (4, 32, 4, 3, 21, 1, jnp.bfloat16, T16),      # R = 3: 4 rows in 16 slots, 12 used
+    (4, 32, 7, 5, 13, 3, jnp.float16, T16_M4),    # R = 5, M padded to 4
+    (8, 32, 24, 20, 6, 2, jnp.bfloat16, T16),     # R = 20 > block_t: one row in 32 slots
+    (2, 64, 3, 2, 9, 5, jnp.float32, T32_M2),     # R = 2: 16 rows per program, N = 9
+    (4, 32, 4, 4, 10, 1, jnp.bfloat16, T16_MAGIC),
+])
+def test_whole_rows_schedule(bits, gs, G, kept, N, M, dtype, config):
+    """Row-scope pruning (every row keeps R blocks): programs take whole rows and reduce in
+    registers; the block-list schedule (row_aligned off) gives the same product."""
+    from pallas_kernels.bsr_quant_matmul import rows_per_program
+    args, ref, K = make_case(bits + 10 * G + kept + M, M, G, N, bits, gs, dtype,
+                             pattern=str(kept))
+    bn, slots = rows_per_program(config.block_t, kept, N)
+    assert bn >= 1 and slots >= bn * kept and slots & (slots - 1) == 0
+    outs = []
+    for aligned in (True, False):
+        cfg = dataclasses.replace(config, row_aligned=aligned)
+        y = bsr_quant_matmul(*args, out_features=N, bits=bits, group_size=gs, row_blocks=kept,
+                             interpret=INTERPRET, config=cfg)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert np.isfinite(np.asarray(y, np.float64)).all()
+        assert_close_to_scale(y, ref, TOL[dtype], f"row_aligned={aligned}")
+        outs.append(np.asarray(y, np.float64))
+    assert_close_to_scale(outs[0], outs[1], TOL[dtype], "whole rows against block list")
 
 
 def test_empty_and_zero_sized():
