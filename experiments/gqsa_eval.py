@@ -54,6 +54,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,10 @@ from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant, sparse  # noqa: E402
 from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
+from pallas_kernels import _common as kc, tuning  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
+from pallas_kernels.bsr_quant_matmul import tuning_key as bsr_tuning_key  # noqa: E402
+from optgqa_jax.timing import source_commit  # noqa: E402
 from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorConfig,  # noqa: E402
                                                 bsr_gm_quant_matmul, group_major_blocks)
 from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
@@ -76,10 +80,11 @@ SHAPES = {"gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096),
 
 
 def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0.3, 0.5),
-               group_major: bool = True) -> None:
+               group_major: bool = True, table: Optional[str] = None) -> None:
     """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all): the
     BSR formats at each of `sparsities`, and their group-major twins unless `group_major` is
-    off."""
+    off. With `table`, each BSR case's best tiles go into that ``bsr_quant_matmul`` tuning
+    table (:mod:`pallas_kernels.tuning`) when they beat the rules' tiles."""
     opts = compiler_options()
     T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     picked = {n: kn for n, kn in SHAPES.items() if shapes is None or n.split()[0] in shapes}
@@ -133,10 +138,13 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             best = None
             default = BSRMatmulConfig.for_shape("cuda", M, b.nnz)
             tried = []
+            # the tile search only where the engine runs this kernel (one row; more rows take
+            # the repacked dense kernel)
             candidates = [default] + [BSRMatmulConfig(block_t=bt, block_m=default.block_m,
                                                       num_warps=nw, num_stages=ns)
                                       for bt in (32, 64, 128, 256) for nw in (2, 4, 8)
-                                      for ns in (2,)]
+                                      for ns in (2,)
+                                      if M <= sparse.bsr.KERNEL_MAX_ROWS]
 
             def try_cfg(cfg):
                 nonlocal best, t_default
@@ -171,6 +179,13 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
                 density=b.density, block_list_us=block_list)
+            if table and t < t_default:
+                tuning.write_entries(table, "bsr_quant_matmul", [dict(
+                    device=kc.device_kind(),
+                    key=bsr_tuning_key(M, K, N, 4, 128, b.row_blocks),
+                    config=dataclasses.asdict(cfg), us=round(t * 1e6, 2),
+                    rules_us=round(t_default * 1e6, 2),
+                    source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])
             if M > 1:              # what the engine runs at 2-64 rows: the kept codes repacked
                 # into the dense layout on the device, then the dense W4 kernel
                 f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
@@ -482,6 +497,10 @@ def main(argv=None) -> None:
                    help="speed: comma-separated fractions of groups removed, in (0, 1)")
     p.add_argument("--no-group-major", dest="group_major", action="store_false",
                    help="speed: skip the group-major twins of the BSR formats")
+    p.add_argument("--table", default=None, metavar="PATH",
+                   help="speed: merge each BSR case's best tiles, where they beat the rules', "
+                        "into this bsr_quant_matmul tuning table (pallas_kernels.tuning; the "
+                        "packaged one is pallas_kernels/tuning/bsr_quant_matmul.json)")
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="engine: repeatable; an XLA compiler option of the engine's steps, "
                         "replacing the engine's defaults (e.g. xla_gpu_enable_command_buffer="
@@ -550,7 +569,7 @@ def main(argv=None) -> None:
             f.write(markdown(res))
 
     speed_rows(res["meta"]["ceiling"], a.rows, res["speed"], save, shapes=a.shapes,
-               sparsities=a.sparsities, group_major=a.group_major)
+               sparsities=a.sparsities, group_major=a.group_major, table=a.table)
     print(f"wrote {a.out}/gqsa_speed.{{json,md}}")
 
 

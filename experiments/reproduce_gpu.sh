@@ -8,6 +8,8 @@
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
+# quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
+# gqsa-speed and gqsa-engine),
 # profile-batch1, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
@@ -48,7 +50,8 @@ for step in $steps; do
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
         tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
-        tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py ;;
+        tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py tests/test_sparse.py \
+        tests/test_tuning.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     decode-alibi)  # every decode shape with the defaults, and five configs each timed with
@@ -169,6 +172,10 @@ for step in $steps; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_batch1 600 python \
         experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w4g128+head+emb \
         --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
+    quant-engine-throughput)  # the 1000 x 256/256 workload, bfloat16 against W4 g128
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_throughput 600 python \
+        experiments/bench_quant.py --only engine --engine-formats bf16,w4g128 \
+        --engine-workloads throughput --out "$out/quant_engine_throughput" ;;
     variants)  # the kernel variants built without a GPU against the defaults (quant joined
       # tiles and dequant_tiles, flash lazy_rescale, decode masked query rows)
       run compare_variants 600 python experiments/compare_variants.py --out "$out/variants" ;;
@@ -217,6 +224,16 @@ for step in $steps; do
         experiments/bench_quant.py --only engine --out "$out/quant_engine" ;;
     gqsa-speed)  # BSR W4S30/S50 against dense W4/W2 and bfloat16, per layer
       run gqsa_speed 600 python experiments/gqsa_eval.py --part speed --out "$out/gqsa" ;;
+    gqsa-tune)  # W4S50 per layer at 1 and 16 rows: the BSR tile search at one row (whole-row
+      # programs against the block list), written to the tuning table OPTGQA_BSR_TABLE
+      # (default OUT/gqsa/bsr_quant_matmul.json), and the repacked dense route at 16 rows
+      run gqsa_tune 400 python experiments/gqsa_eval.py --part speed --rows 1,16 \
+        --sparsities 0.5 --no-group-major \
+        --table "${OPTGQA_BSR_TABLE:-$out/gqsa/bsr_quant_matmul.json}" --out "$out/gqsa_tune" ;;
+    gqsa-engine-s50)  # engine decode: bfloat16, dense W4 and W4S50 at 1 and 16 sequences
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_s50 500 python \
+        experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
+        --sequences 1,16 --out "$out/gqsa_engine_s50" ;;
     gqsa-engine)  # engine decode with BSR weights (1 and 16 sequences)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine 600 python experiments/gqsa_eval.py \
         --part engine --resume --out "$out/gqsa" ;;
@@ -236,7 +253,8 @@ for step in $steps; do
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
             "engine-seqs engine-512 gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
-            "quant-kernels quant-kernels-decode" \
-            "quant-engine gqsa-speed gqsa-engine gqsa-accuracy sharding-8b sharding-70b)"; exit 2 ;;
+            "quant-kernels quant-kernels-decode quant-engine-throughput" \
+            "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy" \
+            "sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done

@@ -47,7 +47,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
+from pallas_kernels import tuning
 from pallas_kernels.quant_matmul import TWO23_BITS, code_floats, shift_offsets, unpack_codes
+from pallas_kernels.quant_matmul_config import tuned_rows
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
@@ -81,8 +83,26 @@ class BSRMatmulConfig:
     row_aligned: bool = True
 
     @classmethod
-    def for_shape(cls, backend: str, M: int, nnz: int) -> "BSRMatmulConfig":
-        """Default: all rows of x (up to 16) in one program, 64 blocks per program."""
+    def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
+                  N: Optional[int] = None, bits: int = 4, group_size: int = 128,
+                  row_blocks: int = -1, device: Optional[str] = None) -> "BSRMatmulConfig":
+        """Default tiles. With ``device`` (a device kind) and the layer's K and N, an entry of
+        the ``bsr_quant_matmul`` tuning table (:mod:`pallas_kernels.tuning`; written by
+        ``experiments/gqsa_eval.py --part speed --table``) measured on that device for these
+        bits, group size, K, N, blocks per row (``row_blocks``, -1 when rows differ) and row
+        bucket of M (1, 16, 64, ...) is taken as it is. Otherwise: all rows of x (up to 16) in
+        one program, 64 blocks per program, 4 warps."""
+        if device is not None and K is not None and N is not None:
+            hit = tuning.lookup("bsr_quant_matmul", device,
+                                tuning_key(M, K, N, bits, group_size, row_blocks))
+            if hit is not None:
+                try:
+                    cfg = cls(**hit)
+                    cfg.validate()
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"bsr_quant_matmul tuning table entry for {device!r}, "
+                                     f"M={M} K={K} N={N}: {e}") from None
+                return cfg
         cfg = cls(block_m=int(min(16, C.next_power_of_two(max(M, 1)))))
         if backend == "rocm":
             cfg = dataclasses.replace(cfg, num_stages=1)
@@ -93,6 +113,13 @@ class BSRMatmulConfig:
         C.validate_tuning(self, ("block_m",), minimum_block=1)
         if self.block_m > 16:
             raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
+
+
+def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: int) -> dict:
+    """The key of a ``bsr_quant_matmul`` tuning-table entry (:mod:`pallas_kernels.tuning`);
+    M is bucketed as for the dense kernel (``quant_matmul_config.tuned_rows``)."""
+    return dict(bits=int(bits), group_size=int(group_size), K=int(K), N=int(N),
+                row_blocks=int(row_blocks), M=tuned_rows(M))
 
 
 def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
@@ -316,7 +343,8 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
         programs then take whole rows and write y (``config.row_aligned``; off: the partials
         are added by a reshape); -1 (default): any rows, partials added by a segment sum.
       interpret: Pallas interpret mode (CPU testing).
-      config: tuning knobs; default :meth:`BSRMatmulConfig.for_shape`.
+      config: tuning knobs; default :meth:`BSRMatmulConfig.for_shape` (the device's tuning
+        table where it has an entry for this layer).
 
     Returns:
       [M, N] in x's dtype (float32 accumulation); features without blocks are 0.
@@ -330,7 +358,10 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
     nnz = codes.shape[0]
     if M == 0 or out_features == 0 or nnz == 0:
         return jnp.zeros((M, out_features), x.dtype)
-    config = config or BSRMatmulConfig.for_shape(C.backend(), M, nnz)
+    backend = C.backend()
+    config = config or BSRMatmulConfig.for_shape(
+        backend, M, nnz, K=K, N=int(out_features), bits=bits, group_size=int(group_size),
+        row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind())
     config.validate()
     return _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids,
                              out_features=int(out_features), bits=bits,

@@ -124,13 +124,43 @@ def test_packaged_tables_hold_valid_configs():
     """Every entry of every table shipped with the package builds a valid config."""
     names = [n for n in os.listdir(tuning.PACKAGED_DIR) if n.endswith(".json")] \
         if os.path.isdir(tuning.PACKAGED_DIR) else []
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig
+    kinds = {"quant_matmul.json": (QuantMatmulConfig, {"bits", "group_size", "K", "N", "M"}),
+             "bsr_quant_matmul.json": (BSRMatmulConfig,
+                                       {"bits", "group_size", "K", "N", "row_blocks", "M"})}
     for name in names:
-        entries = tuning.load_table(os.path.join(tuning.PACKAGED_DIR, name))
+        assert name in kinds, f"{name}: no kernel reads this table"
+        cls, fields = kinds[name]
+        entries = tuning.load_table(os.path.join(tuning.PACKAGED_DIR, name), name[:-5])
         assert entries, name
         for e in entries:
-            assert set(e["key"]) == {"bits", "group_size", "K", "N", "M"}
+            assert set(e["key"]) == fields
             assert e["key"]["M"] in TUNED_ROWS
-            QuantMatmulConfig(**e["config"]).validate()
+            cls(**e["config"]).validate()
+
+
+def test_bsr_tiles_come_from_the_table(tmp_path, monkeypatch):
+    """BSRMatmulConfig.for_shape takes the entry of the same device, shape and blocks per row;
+    elsewhere the rules; a bad entry is refused naming the kernel."""
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, tuning_key as bsr_key
+    path = str(tmp_path / "bsr_quant_matmul.json")
+    tuned = dict(block_t=128, block_m=1, num_warps=8, num_stages=2, runtime_magic=True,
+                 row_aligned=True)
+    tuning.write_entries(path, "bsr_quant_matmul", [dict(
+        device=DEV, key=bsr_key(1, 4096, 6144, 4, 128, 16), config=tuned)])
+    monkeypatch.setenv(tuning.ENV, str(tmp_path))
+    kw = dict(K=4096, N=6144, bits=4, group_size=128)
+    got = BSRMatmulConfig.for_shape("cuda", 1, 98304, row_blocks=16, device=DEV, **kw)
+    assert dataclasses.asdict(got) == tuned
+    rules = BSRMatmulConfig.for_shape("cuda", 1, 98304, row_blocks=16, **kw)
+    assert rules.block_t == 64 and rules.num_warps == 4
+    for other in (dict(device="Other GPU", row_blocks=16), dict(device=DEV, row_blocks=15),
+                  dict(device=DEV, row_blocks=16, K=8192)):
+        assert BSRMatmulConfig.for_shape("cuda", 1, 98304, **dict(kw, **other)) == rules
+    tuning.write_entries(path, "bsr_quant_matmul", [dict(
+        device=DEV, key=bsr_key(1, 4096, 6144, 4, 128, 16), config=dict(block_m=32))])
+    with pytest.raises(ValueError, match="bsr_quant_matmul tuning table entry.*block_m"):
+        BSRMatmulConfig.for_shape("cuda", 1, 98304, row_blocks=16, device=DEV, **kw)
 
 
 def test_tune_quant_split_variants_and_table_entries():
