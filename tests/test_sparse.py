@@ -210,7 +210,8 @@ def test_pruned_model_as_bsr_runs_everywhere():
     prompt = [int(t) for t in windows[3, :5]]
     expected = og.generate_simple(cfg, dense, prompt, 5)
     assert og.generate_simple(cfg, bsr, prompt, 5) == expected
-    engine = og.Engine(cfg, bsr, og.EngineConfig(max_model_len=64, max_num_seqs=2))
+    engine = og.Engine(cfg, bsr, og.EngineConfig(max_model_len=64, max_num_seqs=2,
+                                                 num_pages=64))   # small on any device
     got = engine.generate([prompt], og.SamplingParams(max_tokens=5, temperature=0.0,
                                                       ignore_eos=True))
     assert got[0].token_ids == expected
@@ -363,6 +364,7 @@ def test_auto_dispatch_by_rows_backend_and_dtype(monkeypatch):
     pick = lambda rows, dtype=jnp.bfloat16, impl="auto": bsr.sparse_impl(
         jnp.zeros((rows, K), dtype), K, impl, bsr.KERNEL_MAX_ROWS, "BSR layer",
         bsr.REPACK_MAX_ROWS)
+    monkeypatch.setattr(kc, "backend", lambda: "cpu")
     assert [pick(r) for r in (1, 2, 64, 65)] == ["dequantize"] * 4      # the CPU
     monkeypatch.setattr(kc, "backend", lambda: "cuda")
     assert [pick(r) for r in (1, 2, 16, 64, 65, 2048)] == \
