@@ -7,8 +7,11 @@ M = 1 and 16 rows of x:
 * ``bf16``: the bfloat16 product (XLA/cuBLAS);
 * ``w4g128`` and ``w2g128``: dense GPTQ-layout weights, ``pallas_kernels.quant_matmul``;
 * ``w4g128s30`` / ``w4g128s50``: 30% / 50% of the groups of every row removed, the rest in
-  BSR form, ``pallas_kernels.bsr_quant_matmul`` (default tiles, and the best of a small
-  search over blocks per program and warps).
+  BSR form, ``pallas_kernels.bsr_quant_matmul`` (the rules' tiles, and at one row the best
+  of a search over blocks per program and warps; the best tiles also on the block-list
+  schedule, ``block list µs``; with ``--table PATH`` the winners go into that tuning table);
+* ``w4g128sNN repack`` (more than one row): the engine's route there, the kept codes
+  repacked into the dense layout on the device and the dense W4 kernel.
 
 Each row: µs per product, bytes stored, GB/s of the bytes read, % of the copy ceiling,
 speed-up over bf16 and time relative to dense W4 (the issue's target: W4S50 at most 0.65×),
@@ -31,7 +34,7 @@ time: output tokens/s, parameter bytes, peak memory.
 
 Usage::
 
-    python experiments/gqsa_eval.py --part speed [--rows 1,16] [--out DIR]
+    python experiments/gqsa_eval.py --part speed [--rows 1,16] [--table PATH] [--out DIR]
     python experiments/gqsa_eval.py --part engine [--out DIR]
     python experiments/gqsa_eval.py --part accuracy [--model smollm2-135m] [--group-size 64]
         [--runs w4,w4s50,w4s50+both,...] [--nsamples 128] [--resume] [--out DIR]

@@ -93,15 +93,9 @@ class BSRMatmulConfig:
         bucket of M (1, 16, 64, ...) is taken as it is. Otherwise: all rows of x (up to 16) in
         one program, 64 blocks per program, 4 warps."""
         if device is not None and K is not None and N is not None:
-            hit = tuning.lookup("bsr_quant_matmul", device,
-                                tuning_key(M, K, N, bits, group_size, row_blocks))
-            if hit is not None:
-                try:
-                    cfg = cls(**hit)
-                    cfg.validate()
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"bsr_quant_matmul tuning table entry for {device!r}, "
-                                     f"M={M} K={K} N={N}: {e}") from None
+            cfg = tuning.tuned_config("bsr_quant_matmul", cls, device,
+                                      tuning_key(M, K, N, bits, group_size, row_blocks))
+            if cfg is not None:
                 return cfg
         cfg = cls(block_m=int(min(16, C.next_power_of_two(max(M, 1)))))
         if backend == "rocm":
@@ -122,35 +116,49 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: i
                 row_blocks=int(row_blocks), M=tuned_rows(M))
 
 
-def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
-                 runtime_magic: bool = False):
+def _block_partials(refs, magic, t0, ok, *, slots: int, bits: int, group_size: int, rows):
+    """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
+    `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel."""
+    x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref = refs
     P = 32 // bits
     Wg = group_size // P
+    S = slots
+    words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
+                       other=0)                                             # [S, Wg] int32
+    g = plgpu.load(g_ref.at[pl.ds(t0, S)], mask=ok, other=0)               # [S] groups
+    sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+    zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+    words_hi = words >> 16
+    vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
+            for p in range(P)]                                                # q 2^s_p
+    base = g[:, None] * group_size + jnp.arange(Wg)[None, :]               # [S, Wg]
+    parts = []
+    for row in rows:
+        acc = jnp.zeros((S, Wg), jnp.float32)
+        for p in range(P):
+            cols = base + p * Wg
+            xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
+            acc += xv * vals[p]
+        dot = jnp.sum(acc, axis=1)                                          # [S]
+        xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])      # [S]
+        parts.append(sc * (dot - zp * xs))                                  # [S], 0 if masked
+    return parts
+
+
+def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
+                 runtime_magic: bool = False):
+    """Block-list schedule: blocks [j T, (j + 1) T), partials written per block."""
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
         magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
         t0 = j * block_t
-        ok = t0 + jnp.arange(block_t) < nnz                               # [T]
-        words = plgpu.load(c_ref.at[pl.ds(t0, block_t), pl.ds(0, Wg)], mask=ok[:, None],
-                           other=0)                                         # [T, Wg] int32
-        g = plgpu.load(g_ref.at[pl.ds(t0, block_t)], mask=ok, other=0)     # [T] groups
-        sc = plgpu.load(s_ref.at[pl.ds(t0, block_t)], mask=ok, other=0).astype(jnp.float32)
-        zp = plgpu.load(z_ref.at[pl.ds(t0, block_t)], mask=ok, other=0).astype(jnp.float32)
-        words_hi = words >> 16
-        vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
-                for p in range(P)]                                            # q 2^s_p
-        base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [T, Wg]
-        for m in range(block_m):
-            row = i * block_m + m
-            acc = jnp.zeros((block_t, Wg), jnp.float32)
-            for p in range(P):
-                cols = base + p * Wg
-                xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
-                acc += xv * vals[p]
-            dot = jnp.sum(acc, axis=1)                                      # [T]
-            xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])  # [T]
-            o_ref[pl.ds(m, 1), :] = (sc * (dot - zp * xs))[None, :]
+        ok = t0 + jnp.arange(block_t) < nnz                                 # [T]
+        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic, t0, ok,
+                                slots=block_t, bits=bits, group_size=group_size,
+                                rows=[i * block_m + m for m in range(block_m)])
+        for m, part in enumerate(parts):
+            o_ref[pl.ds(m, 1), :] = part[None, :]
 
     return kernel
 
@@ -168,8 +176,7 @@ def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[
 def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
                      slots: int, block_m: int, runtime_magic: bool = False):
     """Whole-rows schedule: output features [j Bn, (j + 1) Bn), R blocks each, in `slots`."""
-    P, R, Bn, S = 32 // bits, row_blocks, rows, slots
-    Wg = group_size // P
+    R, Bn, S = row_blocks, rows, slots
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
@@ -177,27 +184,12 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
         t0 = j * (Bn * R)
         t = jnp.arange(S)                                                   # [S] slots
         ok = (t < Bn * R) & (t0 + t < nnz)
-        words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
-                           other=0)                                         # [S, Wg] int32
-        g = plgpu.load(g_ref.at[pl.ds(t0, S)], mask=ok, other=0)           # [S] groups
-        sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
-        zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
         owner = (jax.lax.div(t, jnp.int32(R))[:, None]
                  == jnp.arange(Bn)[None, :])                               # [S, Bn]
-        words_hi = words >> 16
-        vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
-                for p in range(P)]                                            # q 2^s_p
-        base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [S, Wg]
-        for m in range(block_m):
-            row = i * block_m + m
-            acc = jnp.zeros((S, Wg), jnp.float32)
-            for p in range(P):
-                cols = base + p * Wg
-                xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
-                acc += xv * vals[p]
-            dot = jnp.sum(acc, axis=1)                                      # [S]
-            xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])  # [S]
-            part = sc * (dot - zp * xs)                                     # [S], 0 if masked
+        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic, t0, ok,
+                                slots=S, bits=bits, group_size=group_size,
+                                rows=[i * block_m + m for m in range(block_m)])
+        for m, part in enumerate(parts):
             y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)       # [Bn]
             o_ref[pl.ds(m, 1), :] = y[None, :].astype(o_ref.dtype)
 

@@ -118,14 +118,9 @@ class QuantMatmulConfig:
         398.8. At one row both joined variants were slower than the register path.
         """
         if device is not None:
-            hit = tuning.lookup("quant_matmul", device, tuning_key(M, K, N, bits, group_size))
-            if hit is not None:
-                try:
-                    cfg = cls(**hit)
-                    cfg.validate()
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"tuning table entry for {device!r}, M={M} K={K} N={N}: "
-                                     f"{e}") from None
+            cfg = tuning.tuned_config("quant_matmul", cls, device,
+                                      tuning_key(M, K, N, bits, group_size))
+            if cfg is not None:
                 return cfg
         block_m = int(min(128, max(16, C.next_power_of_two(M))))
         joined = False

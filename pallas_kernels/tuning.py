@@ -101,6 +101,23 @@ def lookup(kernel: str, device: str, key: dict) -> Optional[dict]:
     return None
 
 
+def tuned_config(kernel: str, cls, device: str, key: dict):
+    """``cls(**entry)`` for the entry of ``device`` and ``key`` (validated), or None without one.
+
+    Raises:
+      ValueError: the entry does not build a valid ``cls`` (naming the kernel, device and key).
+    """
+    hit = lookup(kernel, device, key)
+    if hit is None:
+        return None
+    try:
+        cfg = cls(**hit)
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{kernel} tuning table entry for {device!r}, {key}: {e}") from None
+    return cfg
+
+
 def write_entries(path: str, kernel: str, entries: list[dict]) -> None:
     """Merge ``entries`` into the table at ``path`` (created if absent): an entry replaces one
     of the same device and key; the others stay."""
