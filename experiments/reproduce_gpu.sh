@@ -10,7 +10,7 @@
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine),
-# profile-batch1, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
+# profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
@@ -82,6 +82,13 @@ for step in $steps; do
             --fuse-projections --batch 1 --context 257 512 "${q[@]}" "${x[@]}" \
             --out "$out/profile_batch1_${fmt}_$mode"
         done
+      done ;;
+    profile-batch1-sparse)  # one batch-1 decode step, dense W4 against W4S50, command buffers
+      # on (the engine's default): where W4S50's step loses the time its layer products save
+      for fmt in w4g128 w4g128s50; do
+        run "profile_decode_batch1_${fmt}" 240 python experiments/profile_decode.py --quick \
+          --fuse-projections --batch 1 --context 257 512 --quantize "$fmt" \
+          --out "$out/profile_batch1_${fmt}"
       done ;;
     batch1-graphs)  # batch-1 decode, bfloat16 / W4 / W4S50, with and without XLA command
       # buffers (CUDA graphs): on the H100 a step's host launch time was ~15 us per kernel
@@ -251,7 +258,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy" \
