@@ -171,6 +171,8 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             if best is not None:   # the best tiles with 2^23's pattern read at run time (one
                 # logic instruction per code instead of two in these loop-free programs)
                 try_cfg(dataclasses.replace(best[1], runtime_magic=True))
+                # ... and reading x as given (no wrapper launch; more instructions per code)
+                try_cfg(dataclasses.replace(best[1], raw_x=True))
             t, cfg, f = best
             block_list = None
             if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added

@@ -48,6 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 from pallas_kernels import tuning
+from pallas_kernels.quant_codes import code_floats_exact, exact_magic
 from pallas_kernels.quant_matmul import TWO23_BITS, code_floats, shift_offsets, unpack_codes
 from pallas_kernels.quant_matmul_config import tuned_rows
 
@@ -73,6 +74,11 @@ class BSRMatmulConfig:
         programs take whole rows: ``Bn`` = the largest power of two with ``Bn R <= block_t``
         (at least 1) output features per program, reduced in registers and written to ``y``
         directly. Off: the block-list schedule with partials added by the wrapper.
+      raw_x: the kernel reads x as given and applies each block's zero point to the codes
+        (``code_floats_exact``: the floats hold the codes themselves), so the wrapper prepares
+        nothing (no shift-major copy of x, no group sums: one launch fewer per product); x's
+        columns are then read with stride P and converted in the kernel. Sm_90 SASS and
+        timings: not yet measured; the BSR tile search tries it.
     """
 
     block_t: int = 64
@@ -81,6 +87,7 @@ class BSRMatmulConfig:
     num_stages: int = 2
     runtime_magic: bool = False
     row_aligned: bool = True
+    raw_x: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
@@ -116,9 +123,15 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: i
                 row_blocks=int(row_blocks), M=tuned_rows(M))
 
 
-def _block_partials(refs, magic, t0, ok, *, slots: int, bits: int, group_size: int, rows):
+def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int, bits: int,
+                    group_size: int, rows, raw_x: bool = False):
     """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
-    `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel."""
+    `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel.
+
+    ``raw_x``: x as given (its own column order and dtype): each shift's codes become floats
+    holding the code itself (``code_floats_exact``) minus the block's zero point, multiplied
+    with x's columns ``g gs + P w + p`` (read with stride P). Otherwise x in shift-major order
+    with the factors ``2^-s`` and its group sums, prepared by the wrapper (``prepare_x``)."""
     x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref = refs
     P = 32 // bits
     Wg = group_size // P
@@ -129,33 +142,45 @@ def _block_partials(refs, magic, t0, ok, *, slots: int, bits: int, group_size: i
     sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
     zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
     words_hi = words >> 16
-    vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
-            for p in range(P)]                                                # q 2^s_p
-    base = g[:, None] * group_size + jnp.arange(Wg)[None, :]               # [S, Wg]
+    if raw_x:      # q - z, exact: the subtracted 2^(23 - s) + z is an exact float32
+        vals = [code_floats_exact(words, words_hi, bits, p,
+                                  magic_ref[p] if runtime_magic else None)
+                - (float(2 ** (23 - shift_offsets(bits)[p][1])) + zp)[:, None]
+                for p in range(P)]
+        base = g[:, None] * group_size + jnp.arange(Wg)[None, :] * P       # [S, Wg]
+    else:
+        magic = magic_ref[0] if runtime_magic else None
+        vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
+                for p in range(P)]                                            # q 2^s_p
+        base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [S, Wg]
+    step = 1 if raw_x else Wg            # column offset of shift p within a group
     parts = []
     for row in rows:
         acc = jnp.zeros((S, Wg), jnp.float32)
         for p in range(P):
-            cols = base + p * Wg
+            cols = base + p * step
             xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
-            acc += xv * vals[p]
+            acc += xv.astype(jnp.float32) * vals[p]
         dot = jnp.sum(acc, axis=1)                                          # [S]
+        if raw_x:
+            parts.append(sc * dot)                                          # [S], 0 if masked
+            continue
         xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])      # [S]
         parts.append(sc * (dot - zp * xs))                                  # [S], 0 if masked
     return parts
 
 
 def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
-                 runtime_magic: bool = False):
+                 runtime_magic: bool = False, raw_x: bool = False):
     """Block-list schedule: blocks [j T, (j + 1) T), partials written per block."""
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
-        magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
         t0 = j * block_t
         ok = t0 + jnp.arange(block_t) < nnz                                 # [T]
-        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic, t0, ok,
-                                slots=block_t, bits=bits, group_size=group_size,
+        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
+                                runtime_magic, t0, ok, slots=block_t, bits=bits,
+                                group_size=group_size, raw_x=raw_x,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             o_ref[pl.ds(m, 1), :] = part[None, :]
@@ -174,20 +199,20 @@ def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[
 
 
 def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
-                     slots: int, block_m: int, runtime_magic: bool = False):
+                     slots: int, block_m: int, runtime_magic: bool = False, raw_x: bool = False):
     """Whole-rows schedule: output features [j Bn, (j + 1) Bn), R blocks each, in `slots`."""
     R, Bn, S = row_blocks, rows, slots
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
-        magic = magic_ref[0] if runtime_magic else None
         t0 = j * (Bn * R)
         t = jnp.arange(S)                                                   # [S] slots
         ok = (t < Bn * R) & (t0 + t < nnz)
         owner = (jax.lax.div(t, jnp.int32(R))[:, None]
                  == jnp.arange(Bn)[None, :])                               # [S, Bn]
-        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic, t0, ok,
-                                slots=S, bits=bits, group_size=group_size,
+        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
+                                runtime_magic, t0, ok, slots=S, bits=bits,
+                                group_size=group_size, raw_x=raw_x,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)       # [Bn]
@@ -219,8 +244,13 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
     block_m = int(min(config.block_m, C.next_power_of_two(M)))
     block_t = int(min(config.block_t, max(16, C.next_power_of_two(nnz))))
     Mp, nnz_p = C.cdiv(M, block_m) * block_m, C.cdiv(nnz, block_t) * block_t
-    x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
-    magic = jnp.full((1,), TWO23_BITS, jnp.int32)
+    if config.raw_x:     # x as given (padded to whole row blocks); no group sums
+        x_sm = x if Mp == M else jnp.pad(x, ((0, Mp - M), (0, 0)))
+        x_sum = jnp.zeros((1, 1), jnp.float32)                              # unused
+        magic = jnp.asarray([exact_magic(bits, p) for p in range(32 // bits)], jnp.int32)
+    else:
+        x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
+        magic = jnp.full((1,), TWO23_BITS, jnp.int32)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
     if row_blocks > 0 and config.row_aligned:      # whole rows, reduced in the kernel
@@ -228,7 +258,7 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         Np = C.cdiv(out_features, bn) * bn
         kernel = _make_row_kernel(nnz=nnz, bits=bits, group_size=group_size,
                                   row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
-                                  runtime_magic=config.runtime_magic)
+                                  runtime_magic=config.runtime_magic, raw_x=config.raw_x)
         y = pl.pallas_call(
             kernel,
             grid=(Mp // block_m, Np // bn),
@@ -241,7 +271,8 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         )(x_sm, x_sum, codes, scales, zeros, col_idx, magic)
         return y[:M, :out_features]
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
-                          block_m=block_m, runtime_magic=config.runtime_magic)
+                          block_m=block_m, runtime_magic=config.runtime_magic,
+                          raw_x=config.raw_x)
     partial = pl.pallas_call(
         kernel,
         grid=(Mp // block_m, nnz_p // block_t),

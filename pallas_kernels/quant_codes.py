@@ -7,7 +7,8 @@ Shared by ``pallas_kernels.quant_matmul`` and the group-sparse kernels
   :func:`shift_offsets`, :func:`shift_scales` and :func:`shift_major` describe where each
   code lies and the matching order of x's columns;
 * :func:`code_floats`: a code masked in place under the exponent of 2^23 is a float32's
-  mantissa (one and-or, no shift, no int-to-float conversion);
+  mantissa (one and-or, no shift, no int-to-float conversion); :func:`code_floats_exact`
+  the same under a per-shift exponent, so the float holds the code itself;
 * :func:`code_pattern`, :func:`pattern_codes`: two codes at a time as 16-bit float bit
   patterns ``bias + code`` for the tensor-core products, and :func:`pair_major`, the order
   of x's columns in which each int32 of two patterns is one operand register;
@@ -59,6 +60,26 @@ def code_floats(words, words_hi, bits: int, p: int, magic=None):
     src = words_hi if hi else words
     return jax.lax.bitcast_convert_type(
         (src & (((1 << bits) - 1) << s)) | (TWO23_BITS if magic is None else magic), jnp.float32)
+
+
+def exact_magic(bits: int, p: int) -> int:
+    """The float32 bit pattern of ``2^(23 - s)`` for shift p (s its bit offset,
+    :func:`shift_offsets`): the pattern :func:`code_floats_exact` puts the code under."""
+    return (127 + 23 - shift_offsets(bits)[p][1]) << 23
+
+
+def code_floats_exact(words, words_hi, bits: int, p: int, magic=None):
+    """float32 ``2^(23 - s) + code`` of shift p: the code masked in place (``code * 2^s`` as
+    mantissa bits) under the exponent of ``2^(23 - s)``, whose unit in the last place is
+    ``2^-s``, so the float holds the code itself, not ``code * 2^s`` as :func:`code_floats`
+    does; x's columns then need no factor ``2^-s``. Exact: ``s + b <= 16`` (the high half is
+    shifted down first). ``magic``: :func:`exact_magic`'s pattern read at run time, or None for
+    the constant."""
+    hi, s = shift_offsets(bits)[p]
+    src = words_hi if hi else words
+    return jax.lax.bitcast_convert_type(
+        (src & (((1 << bits) - 1) << s)) | (exact_magic(bits, p) if magic is None else magic),
+        jnp.float32)
 
 
 # Codes as 16-bit float bit patterns on the joined path: ``magic | code`` is the float

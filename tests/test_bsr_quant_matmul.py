@@ -28,6 +28,10 @@ T16_M4 = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1)
 T32_M2 = BSRMatmulConfig(block_t=32, block_m=2, num_warps=4, num_stages=1)
 T16_MAGIC = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
                             runtime_magic=True)   # 2^23's pattern read from memory
+T16_RAW = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
+                          raw_x=True)             # x as given, zero points on the codes
+T16_M4_RAW_MAGIC = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
+                                   raw_x=True, runtime_magic=True)
 
 
 def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
@@ -68,6 +72,10 @@ def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
     (4, 128, 2, 13, 1, jnp.bfloat16, None),
     (4, 32, 5, 24, 1, jnp.bfloat16, T16_MAGIC),
     (8, 64, 3, 19, 2, jnp.float16, T16_MAGIC),
+    (4, 32, 5, 24, 1, jnp.bfloat16, T16_RAW),
+    (2, 64, 3, 18, 5, jnp.float16, T16_M4_RAW_MAGIC),
+    (8, 32, 4, 21, 3, jnp.float32, T16_RAW),
+    (4, 128, 2, 13, 2, jnp.bfloat16, T16_M4_RAW_MAGIC),
 ])
 def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
     args, ref, K = make_case(bits * 100 + gs + M, M, G, N, bits, gs, dtype)
@@ -99,6 +107,8 @@ def test_uniform_patterns(pattern):
     (8, 32, 24, 20, 6, 2, jnp.bfloat16, T16),     # R = 20 > block_t: one row in 32 slots
     (2, 64, 3, 2, 9, 5, jnp.float32, T32_M2),     # R = 2: 16 rows per program, N = 9
     (4, 32, 4, 4, 10, 1, jnp.bfloat16, T16_MAGIC),
+    (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_RAW_MAGIC),
+    (2, 64, 3, 2, 9, 1, jnp.float16, T16_RAW),
 ])
 def test_whole_rows_schedule(bits, gs, G, kept, N, M, dtype, config):
     """Row-scope pruning (every row keeps R blocks): programs take whole rows and reduce in

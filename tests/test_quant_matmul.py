@@ -452,6 +452,26 @@ def test_pattern_codes_are_bias_plus_code(rng, dtype, bits):
         np.testing.assert_array_equal(np.asarray(part, np.float64), bias + codes[p::P])
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_code_floats_hold_the_codes(rng, bits):
+    """code_floats gives 2^23 + code 2^s, code_floats_exact 2^(23 - s) + code, exactly, for
+    shift p of the words (rows P w + p), with the magic pattern constant or given."""
+    from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_floats_exact,
+                                            exact_magic, shift_offsets)
+    P = 32 // bits
+    codes = rng.integers(0, 2 ** bits, (4 * P, 6))
+    words = pack(jnp.asarray(codes, jnp.int32), bits)                     # [4, 6]
+    for p in range(P):
+        s = shift_offsets(bits)[p][1]
+        want = codes[p::P].astype(np.float64)
+        for magic in (None, jnp.int32(TWO23_BITS)):
+            got = np.asarray(code_floats(words, words >> 16, bits, p, magic), np.float64)
+            np.testing.assert_array_equal(got - 2.0 ** 23, want * 2.0 ** s)
+        for magic in (None, jnp.int32(exact_magic(bits, p))):
+            got = np.asarray(code_floats_exact(words, words >> 16, bits, p, magic), np.float64)
+            np.testing.assert_array_equal(got - 2.0 ** (23 - s), want)
+
+
 @pytest.mark.parametrize("dtype,bits", [(jnp.bfloat16, 2), (jnp.bfloat16, 4), (jnp.float16, 8)])
 def test_joined_patterns_follow_pair_major_rows(rng, dtype, bits):
     """The kernel joins each int32's two codes (shift j, shift j + P/2) as K neighbours; the

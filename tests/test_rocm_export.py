@@ -202,18 +202,23 @@ def test_quant_matmul_one_step_runtime_magic_lowers_through_triton(half_pairs, w
 
 
 # bsr_quant_matmul: x [M, K], codes int32 [nnz, gs * bits / 32], scales/zeros/col_idx/row_ids [nnz].
-@pytest.mark.parametrize("M,bits,gs,magic", [(1, 4, 128, False), (16, 4, 64, False),
-                                             (5, 8, 128, False), (3, 2, 64, False),
-                                             (1, 4, 128, True)])
+@pytest.mark.parametrize("M,bits,gs,magic,raw", [(1, 4, 128, False, False),
+                                                 (16, 4, 64, False, False),
+                                                 (5, 8, 128, False, False),
+                                                 (3, 2, 64, False, False),
+                                                 (1, 4, 128, True, False),
+                                                 (1, 4, 128, False, True),
+                                                 (3, 8, 64, True, True)])
 @pytest.mark.parametrize("row_blocks", [-1, 3])     # block list; whole rows (R = 3)
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
-def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, row_blocks, platform):
+def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blocks, platform):
     import dataclasses
 
     from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul
     K, N = 512, 384
     nnz = 1000 if row_blocks < 0 else N * row_blocks
-    cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), runtime_magic=magic)
+    cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), runtime_magic=magic,
+                              raw_x=raw)
 
     def f(x, c, s, z, col, rows):
         return bsr_quant_matmul(x, c, s, z, col, rows, out_features=N, bits=bits,
