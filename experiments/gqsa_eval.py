@@ -11,7 +11,8 @@ M = 1 and 16 rows of x:
   of a search over blocks per program and warps; the best tiles also on the block-list
   schedule, ``block list µs``; with ``--table PATH`` the winners go into that tuning table);
 * ``w4g128sNN repack`` (more than one row): the engine's route there, the kept codes
-  repacked into the dense layout on the device and the dense W4 kernel.
+  repacked into the dense layout on the device and the dense W4 kernel; ``repack (gather)``
+  the same with ``repacked_dense(method="gather")``.
 
 Each row: µs per product, bytes stored, GB/s of the bytes read, % of the copy ceiling,
 speed-up over bf16 and time relative to dense W4 (the issue's target: W4S50 at most 0.65×),
@@ -71,6 +72,7 @@ from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels import _common as kc, tuning  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import tuning_key as bsr_tuning_key  # noqa: E402
+from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
 from optgqa_jax.timing import source_commit  # noqa: E402
 from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorConfig,  # noqa: E402
                                                 bsr_gm_quant_matmul, group_major_blocks)
@@ -196,6 +198,15 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
                 add(f"w4g128s{round(100 * s)} repack", T(f, sets), b.nbytes,
                     rel_err(jax.jit(f)(x, b), want))
+                if b.row_blocks > 0:   # the same route with the gather repack
+
+                    def f(x, b):
+                        qw, sc, z = sparse.bsr.repacked_dense(b, method="gather")
+                        return quant_matmul(x, qw, sc, z, bits=4, group_size=128,
+                                            interpret=kc.backend() == "cpu")
+
+                    add(f"w4g128s{round(100 * s)} repack (gather)", T(f, sets), b.nbytes,
+                        rel_err(jax.jit(f)(x, b), want))
             if group_major:
                 group_major_row(add, T, sets, want, rel_err, N, K, s)
             del sets

@@ -136,6 +136,28 @@ def test_bsr_round_trip_is_exact(tmp_path):
     assert first == ["optimization_barrier"], first
 
 
+@pytest.mark.parametrize("bits,gs,G,kept,N", [(4, 32, 7, 3, 11), (4, 64, 4, 4, 5),
+                                              (8, 32, 5, 1, 9), (2, 64, 3, 2, 6)])
+def test_repack_by_gather_equals_the_scatter(bits, gs, G, kept, N):
+    """Rows that keep the same number of groups (fully dense rows and one group per row
+    included): the gather repack gives the scatter's arrays bit for bit; random kept places,
+    codes, grids."""
+    from optgqa_jax.quant.config import QuantConfig
+    from optgqa_jax.sparse.synthetic import random_bsr_linear
+    qc = QuantConfig(bits=bits, group_size=gs)
+    b = random_bsr_linear(bits * 1000 + G * 10 + kept, G * gs, N, qc, 1 - kept / G, "float32")
+    assert b.row_blocks == kept
+    want = jax.jit(sparse.bsr.repacked_dense)(b)
+    got = jax.jit(lambda b: sparse.bsr.repacked_dense(b, method="gather"))(b)
+    for g, w, f in zip(got, want, ("qweight", "scales", "zeros")):
+        assert g.shape == w.shape and g.dtype == w.dtype, f
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f)
+    with pytest.raises(ValueError, match="method='fast' must be one of"):
+        sparse.bsr.repacked_dense(b, method="fast")
+    with pytest.raises(ValueError, match="row_blocks > 0"):
+        sparse.bsr.repacked_dense(b.replace(row_blocks=-1), method="gather")
+
+
 def test_bad_input_raises_clear_errors():
     for s in (1.0, -0.1, 1.5, True):
         with pytest.raises(ValueError, match="sparsity"):

@@ -240,15 +240,45 @@ def dequantize_bsr(b: BSRQuantizedLinear, dtype=None) -> jax.Array:
     return dense.reshape(N, K).T
 
 
-def repacked_dense(b: BSRQuantizedLinear) -> tuple[jax.Array, jax.Array, jax.Array]:
+REPACK_METHODS = ("scatter", "gather")
+
+
+def repacked_dense(b: BSRQuantizedLinear, method: str = "scatter"
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(qweight int32 [K * b / 32, N], scales [G, N], zeros uint8 [G, N]) of `b` as the dense
-    kernel's layout, traceable (jnp): :func:`to_dense`'s arrays, made on the device. The kept
-    groups' packed words are scattered whole into a zero [N, G, W] array and transposed once;
-    absent groups are codes 0, zero 0 and scale 0, so they dequantize to exact zeros. This
-    writes 4 bits per weight where :func:`dequantize_bsr` writes 16 (and computes float32
-    blocks before that)."""
+    kernel's layout, traceable (jnp): :func:`to_dense`'s arrays, made on the device; absent
+    groups are codes 0, zero 0 and scale 0, so they dequantize to exact zeros. This writes 4
+    bits per weight where :func:`dequantize_bsr` writes 16 (and computes float32 blocks before
+    that).
+
+    ``method``: ``"scatter"`` puts the kept groups' packed words whole into a zero [N, G, W]
+    array and transposes it once; ``"gather"`` (layers whose rows keep the same number R of
+    groups, ``row_blocks > 0``) writes the dense layout directly, each (group, feature) reading
+    its block, found by counting the feature's kept groups below it: no zero fill, no
+    scatter, no separate transpose. Both give the same arrays bit for bit; which is faster
+    is measured by ``experiments/gqsa_eval.py --part speed`` at more than one row.
+
+    Raises:
+      ValueError: an unknown `method`, or ``"gather"`` for a layer whose rows differ.
+    """
+    if method not in REPACK_METHODS:
+        raise ValueError(f"method={method!r} must be one of {REPACK_METHODS}")
     K, N = b.shape
     G, W = K // b.group_size, b.group_size * b.bits // 32
+    if method == "gather":
+        if b.row_blocks <= 0:
+            raise ValueError("method='gather' needs every row to keep the same number of groups "
+                             f"(row_blocks > 0), got row_blocks={b.row_blocks}")
+        R = b.row_blocks
+        col = b.col_idx.reshape(N, R)                                          # [N, R]
+        g = jnp.arange(G, dtype=jnp.int32)
+        r = jnp.minimum(jnp.sum(col[:, None, :] < g[None, :, None], axis=-1), R - 1)  # [N, G]
+        found = jnp.take_along_axis(col, r, axis=1) == g[None, :]              # [N, G] kept
+        t = (jnp.arange(N, dtype=jnp.int32)[:, None] * R + r).T                # [G, N] block
+        words = jnp.where(found.T[:, None, :], jnp.swapaxes(b.codes[t], 1, 2), 0)  # [G, W, N]
+        scales = jnp.where(found.T, b.scales[t], jnp.zeros((), b.scales.dtype))
+        zeros = jnp.where(found.T, b.zeros[t], jnp.zeros((), jnp.uint8))
+        return words.reshape(G * W, N), scales, zeros
     at = (b.row_ids, b.col_idx)
     words = jnp.zeros((N, G, W), jnp.int32).at[at].set(b.codes, **_SORTED_UNIQUE)
     qweight = words.transpose(1, 2, 0).reshape(G * W, N)                  # [G * W, N]
