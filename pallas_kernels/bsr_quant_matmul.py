@@ -69,7 +69,9 @@ class BSRMatmulConfig:
       runtime_magic: read 2^23's bit pattern (``code_floats``) from memory instead of taking
         it as a constant: in these loop-free programs the compiler otherwise spends two logic
         instructions per code (sm_90 SASS from the ``triton`` package,
-        ``experiments/results/cpu/quant/README.md``). Not yet timed on a GPU.
+        ``experiments/results/cpu/quant/README.md``). On an H200 (commit b226bd5) it was
+        slower with each shape's best W4S50 tiles at one row (gate/up 32.6 against 29.4 µs,
+        o 22.4 against 13.4; ``results/h200/gqsa/gqsa_tune_b226bd5.json``).
       row_aligned: when every row keeps the same number R of blocks (``row_blocks``),
         programs take whole rows: ``Bn`` = the largest power of two with ``Bn R <= block_t``
         (at least 1) output features per program, reduced in registers and written to ``y``
@@ -77,8 +79,9 @@ class BSRMatmulConfig:
       raw_x: the kernel reads x as given and applies each block's zero point to the codes
         (``code_floats_exact``: the floats hold the codes themselves), so the wrapper prepares
         nothing (no shift-major copy of x, no group sums: one launch fewer per product); x's
-        columns are then read with stride P and converted in the kernel. Sm_90 SASS and
-        timings: not yet measured; the BSR tile search tries it.
+        columns are then read with stride P and converted in the kernel: 848 -> 1104 sm_90
+        SASS instructions per program on o's W4S50 tiles (Triton 3.9 on a CPU). Not yet timed;
+        the BSR tile search tries it.
     """
 
     block_t: int = 64
