@@ -254,38 +254,35 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
     else:
         x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
         magic = jnp.full((1,), TWO23_BITS, jnp.int32)
-    full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    args = (x_sm, x_sum, codes, scales, zeros, col_idx, magic)
+
+    def launch(kernel, cols: int, block_cols: int, dtype, name: str):
+        """[Mp, cols] from a grid of (Mp / block_m) x (cols / block_cols) programs, each
+        seeing every input whole."""
+        return pl.pallas_call(
+            kernel,
+            grid=(Mp // block_m, cols // block_cols),
+            in_specs=[pl.BlockSpec(a.shape, lambda i, j, n=a.ndim: (0,) * n) for a in args],
+            out_specs=pl.BlockSpec((block_m, block_cols), lambda i, j: (i, j)),
+            out_shape=jax.ShapeDtypeStruct((Mp, cols), dtype),
+            interpret=interpret,
+            compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                                 num_stages=config.num_stages),
+            name=f"{name}_w{bits}",
+        )(*args)
+
     if row_blocks > 0 and config.row_aligned:      # whole rows, reduced in the kernel
         bn, slots = rows_per_program(config.block_t, row_blocks, out_features)
-        Np = C.cdiv(out_features, bn) * bn
         kernel = _make_row_kernel(nnz=nnz, bits=bits, group_size=group_size,
                                   row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
                                   runtime_magic=config.runtime_magic, raw_x=config.raw_x)
-        y = pl.pallas_call(
-            kernel,
-            grid=(Mp // block_m, Np // bn),
-            in_specs=[full(x_sm), full(x_sum), full(codes), full(scales), full(zeros),
-                      full(col_idx), full(magic)],
-            out_specs=pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
-            out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
-            interpret=interpret, compiler_params=params,
-            name=f"optgqa_bsr_rows_quant_matmul_w{bits}",
-        )(x_sm, x_sum, codes, scales, zeros, col_idx, magic)
+        y = launch(kernel, C.cdiv(out_features, bn) * bn, bn, x.dtype,
+                   "optgqa_bsr_rows_quant_matmul")
         return y[:M, :out_features]
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
                           block_m=block_m, runtime_magic=config.runtime_magic,
                           raw_x=config.raw_x)
-    partial = pl.pallas_call(
-        kernel,
-        grid=(Mp // block_m, nnz_p // block_t),
-        in_specs=[full(x_sm), full(x_sum), full(codes), full(scales), full(zeros),
-                  full(col_idx), full(magic)],
-        out_specs=pl.BlockSpec((block_m, block_t), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((Mp, nnz_p), jnp.float32),
-        interpret=interpret, compiler_params=params,
-        name=f"optgqa_bsr_quant_matmul_w{bits}",
-    )(x_sm, x_sum, codes, scales, zeros, col_idx, magic)
+    partial = launch(kernel, nnz_p, block_t, jnp.float32, "optgqa_bsr_quant_matmul")
     if row_blocks > 0:          # every row holds row_blocks consecutive blocks
         return partial[:M, :nnz].reshape(M, out_features, row_blocks).sum(-1).astype(x.dtype)
     y = jax.ops.segment_sum(partial[:M, :nnz].T, row_ids, num_segments=out_features,
