@@ -152,6 +152,12 @@ def test_repack_by_gather_equals_the_scatter(bits, gs, G, kept, N):
     for g, w, f in zip(got, want, ("qweight", "scales", "zeros")):
         assert g.shape == w.shape and g.dtype == w.dtype, f
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f)
+    # bsr_matmul's repacked route takes the gather for such layers: its product against float64
+    x = np.random.default_rng(G * N + bits).standard_normal((2, G * gs)).astype(np.float32)
+    ref = x.astype(np.float64) @ np.asarray(sparse.dequantize_bsr(b, jnp.float32), np.float64)
+    y = np.asarray(sparse.bsr_matmul(jnp.asarray(x), b, impl="repack"), np.float64)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, atol=1e-4 * np.abs(ref).max())
     with pytest.raises(ValueError, match="method='fast' must be one of"):
         sparse.bsr.repacked_dense(b, method="fast")
     with pytest.raises(ValueError, match="row_blocks > 0"):

@@ -307,7 +307,11 @@ KERNEL_MAX_ROWS = 1
 # time per layer (gate/up 289.6 against 56.6 µs), still faster than this kernel (4.1-8.9x), and
 # the engine's 16-sequence decode 846 tokens/s against dense W4's 3,108
 # (gqsa_engine_s50_b226bd5.md; W4S30 on the dequantizing route took 167 against 2,563 on an
-# H100). The scatters have since been marked sorted and unique (untimed).
+# H100). Layers whose rows keep equal numbers of groups repack with the gather instead
+# (repacked_dense(method="gather")): on an H100 (jax 0.11.2, commit 8035686,
+# experiments/results/h100/gqsa/gqsa_tune_8035686.md) at 16 rows, W4S50, the product took
+# 125.8 against 336.8 µs on gate/up, 81.0 against 160.3 on down, 33.5 against 72.2 on q/k/v
+# and 25.9 against 47.5 on o (1.8-2.7x faster; still 1.8-2.9x dense W4).
 REPACK_MAX_ROWS = 64
 
 
@@ -363,8 +367,9 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     """``x @ dequantize_bsr(b)`` for x [..., K], in x's dtype.
 
     ``impl``: ``"pallas"`` runs ``pallas_kernels.bsr_quant_matmul`` (reads only the kept
-    groups; interpret mode on a CPU); ``"repack"`` scatters the kept groups' packed codes into
-    the dense layout (:func:`repacked_dense`) and runs the dense ``quant_matmul`` kernel;
+    groups; interpret mode on a CPU); ``"repack"`` writes the kept groups' packed codes into
+    the dense layout (:func:`repacked_dense`: the gather where every row keeps the same number
+    of groups, else the scatter) and runs the dense ``quant_matmul`` kernel;
     ``"dequantize"`` scatters the float weight and multiplies (XLA); ``"auto"`` takes the BSR
     kernel on GPUs for bfloat16/float16 x with at most ``KERNEL_MAX_ROWS`` rows (batch-1
     decode), the repacked route up to ``REPACK_MAX_ROWS`` (batched decode), and dequantizes
@@ -381,7 +386,8 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     if how == "repack":
         from pallas_kernels.quant_matmul import quant_matmul
         x2, b = jax.lax.optimization_barrier((x2, b))   # repacked when its layer runs
-        qweight, scales, zeros = repacked_dense(b)
+        qweight, scales, zeros = repacked_dense(
+            b, method="gather" if b.row_blocks > 0 else "scatter")
         y = quant_matmul(x2, qweight, scales, zeros, bits=b.bits, group_size=b.group_size,
                          interpret=kc.backend() == "cpu")
     else:
