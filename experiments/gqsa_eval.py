@@ -175,6 +175,10 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 try_cfg(dataclasses.replace(best[1], runtime_magic=True))
                 # ... and reading x as given (no wrapper launch; more instructions per code)
                 try_cfg(dataclasses.replace(best[1], raw_x=True))
+                # ... and x's shift-major copy in bfloat16 (half the bytes of x per block)
+                base_cfg = best[1]
+                try_cfg(dataclasses.replace(base_cfg, bf16_x=True))
+                try_cfg(dataclasses.replace(base_cfg, bf16_x=True, runtime_magic=True))
             t, cfg, f = best
             block_list = None
             if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added

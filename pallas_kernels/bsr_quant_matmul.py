@@ -80,8 +80,15 @@ class BSRMatmulConfig:
         (``code_floats_exact``: the floats hold the codes themselves), so the wrapper prepares
         nothing (no shift-major copy of x, no group sums: one launch fewer per product); x's
         columns are then read with stride P and converted in the kernel: 848 -> 1104 sm_90
-        SASS instructions per program on o's W4S50 tiles (Triton 3.9 on a CPU). Not yet timed;
-        the BSR tile search tries it.
+        SASS instructions per program on o's W4S50 tiles (Triton 3.9 on a CPU). On an H100
+        (commit 8035686, ``results/h100/gqsa/gqsa_tune_8035686.json``) 2.6-4.2x slower than
+        the same tiles without it (gate/up 122.3 against 29.1 µs): the strided reads of x
+        do not vectorize.
+      bf16_x: for bfloat16 x, the wrapper's shift-major copy of x stays in bfloat16 (exact:
+        only powers of two scale it) instead of float32. Each block reads its group's slice
+        of x, ``gs`` values for ``gs b / 8`` bytes of codes, so in float32 x the kernel reads
+        8 bytes of x (from L1/L2) per byte of codes at 4 bits; bfloat16 halves that, for one
+        conversion per code. Other dtypes of x keep float32. Not yet timed.
     """
 
     block_t: int = 64
@@ -91,6 +98,7 @@ class BSRMatmulConfig:
     runtime_magic: bool = False
     row_aligned: bool = True
     raw_x: bool = False
+    bf16_x: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
@@ -224,10 +232,11 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
     return kernel
 
 
-def prepare_x(x, bits: int, group_size: int, rows: int):
-    """(x_sm float32 [rows, K], x_sum float32 [rows, G]): x padded to `rows` rows, each
-    group's columns in shift-major order times ``2^-s`` (as the kernel unpacks), and each
-    group's sum."""
+def prepare_x(x, bits: int, group_size: int, rows: int, bf16: bool = False):
+    """(x_sm [rows, K], x_sum float32 [rows, G]): x padded to `rows` rows, each group's
+    columns in shift-major order times ``2^-s`` (as the kernel unpacks), and each group's sum.
+    x_sm is float32, or with `bf16` and bfloat16 x bfloat16 (the same values: a power of two
+    times a bfloat16 stays exact in bfloat16, whose exponent range is float32's)."""
     M, K = x.shape
     P, G = 32 // bits, K // group_size
     xf = jnp.pad(x.astype(jnp.float32), ((0, rows - M), (0, 0)))
@@ -235,6 +244,8 @@ def prepare_x(x, bits: int, group_size: int, rows: int):
     scale = jnp.asarray([2.0 ** -s for _, s in shift_offsets(bits)], jnp.float32)  # [P]
     x_sm = xf.reshape(rows, G, group_size // P, P) * scale
     x_sm = jnp.swapaxes(x_sm, -1, -2).reshape(rows, K)
+    if bf16 and jnp.dtype(x.dtype) == jnp.dtype(jnp.bfloat16):
+        x_sm = x_sm.astype(jnp.bfloat16)
     return x_sm, x_sum
 
 
@@ -252,7 +263,7 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         x_sum = jnp.zeros((1, 1), jnp.float32)                              # unused
         magic = jnp.asarray([exact_magic(bits, p) for p in range(32 // bits)], jnp.int32)
     else:
-        x_sm, x_sum = prepare_x(x, bits, group_size, Mp)
+        x_sm, x_sum = prepare_x(x, bits, group_size, Mp, bf16=config.bf16_x)
         magic = jnp.full((1,), TWO23_BITS, jnp.int32)
     args = (x_sm, x_sum, codes, scales, zeros, col_idx, magic)
 

@@ -32,6 +32,10 @@ T16_RAW = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
                           raw_x=True)             # x as given, zero points on the codes
 T16_M4_RAW_MAGIC = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
                                    raw_x=True, runtime_magic=True)
+T16_BF16X = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
+                            bf16_x=True)          # x's shift-major copy in bfloat16
+T16_M4_BF16X_MAGIC = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
+                                     bf16_x=True, runtime_magic=True)
 
 
 def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
@@ -76,6 +80,9 @@ def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
     (2, 64, 3, 18, 5, jnp.float16, T16_M4_RAW_MAGIC),
     (8, 32, 4, 21, 3, jnp.float32, T16_RAW),
     (4, 128, 2, 13, 2, jnp.bfloat16, T16_M4_RAW_MAGIC),
+    (4, 32, 5, 24, 1, jnp.bfloat16, T16_BF16X),
+    (8, 64, 3, 19, 3, jnp.bfloat16, T16_M4_BF16X_MAGIC),
+    (4, 64, 4, 37, 3, jnp.float16, T16_BF16X),       # float16 x: the copy stays float32
 ])
 def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
     args, ref, K = make_case(bits * 100 + gs + M, M, G, N, bits, gs, dtype)
@@ -109,6 +116,7 @@ def test_uniform_patterns(pattern):
     (4, 32, 4, 4, 10, 1, jnp.bfloat16, T16_MAGIC),
     (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_RAW_MAGIC),
     (2, 64, 3, 2, 9, 1, jnp.float16, T16_RAW),
+    (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_BF16X_MAGIC),
 ])
 def test_whole_rows_schedule(bits, gs, G, kept, N, M, dtype, config):
     """Row-scope pruning (every row keeps R blocks): programs take whole rows and reduce in
@@ -161,3 +169,24 @@ def test_bad_inputs_raise_before_work():
         bsr_quant_matmul(x, codes, s, z, col, rows, row_blocks=3, **kw)
     with pytest.raises(ValueError, match="block_m"):
         bsr_quant_matmul(x, codes, s, z, col, rows, config=BSRMatmulConfig(block_m=32), **kw)
+
+
+@pytest.mark.parametrize("row_blocks", [-1, 3])
+def test_bf16_copy_of_x_is_exact(row_blocks):
+    """bf16_x keeps the same values of x (powers of two times bfloat16 stay exact), so the
+    product equals the float32 copy's bit for bit; the prepared copy is bfloat16 only for
+    bfloat16 x."""
+    from pallas_kernels.bsr_quant_matmul import prepare_x
+    args, ref, K = make_case(11, 2, 4, 14, 4, 32, jnp.bfloat16, pattern="3")
+    kw = dict(out_features=14, bits=4, group_size=32, row_blocks=row_blocks,
+              interpret=INTERPRET)
+    a = bsr_quant_matmul(*args, config=T16, **kw)
+    b = bsr_quant_matmul(*args, config=T16_BF16X, **kw)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert_close_to_scale(b, ref, 1e-2, "bf16_x")
+    x = args[0]
+    sm32, _ = prepare_x(x, 4, 32, 2)
+    sm16, _ = prepare_x(x, 4, 32, 2, bf16=True)
+    assert sm16.dtype == jnp.bfloat16 and sm32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(sm16, np.float32), np.asarray(sm32))
+    assert prepare_x(x.astype(jnp.float16), 4, 32, 2, bf16=True)[0].dtype == jnp.float32
