@@ -179,6 +179,9 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 base_cfg = best[1]
                 try_cfg(dataclasses.replace(base_cfg, bf16_x=True))
                 try_cfg(dataclasses.replace(base_cfg, bf16_x=True, runtime_magic=True))
+                # ... and the zero points on the codes (no group sums: one launch fewer)
+                try_cfg(dataclasses.replace(base_cfg, code_zeros=True))
+                try_cfg(dataclasses.replace(base_cfg, code_zeros=True, bf16_x=True))
             t, cfg, f = best
             block_list = None
             if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added

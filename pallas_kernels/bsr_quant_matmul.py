@@ -89,6 +89,11 @@ class BSRMatmulConfig:
         of x, ``gs`` values for ``gs b / 8`` bytes of codes, so in float32 x the kernel reads
         8 bytes of x (from L1/L2) per byte of codes at 4 bits; bfloat16 halves that, for one
         conversion per code. Other dtypes of x keep float32. Not yet timed.
+      code_zeros: subtract each block's zero point from its codes, ``2^23 + z 2^s`` in place
+        of the constant ``2^23`` in the one subtraction every code already takes (exact:
+        ``(q - z) 2^s`` is a small integer times a power of two), instead of ``z`` times x's
+        group sum: the wrapper then computes no group sums (one launch fewer per product)
+        and the kernel loads none. Not yet timed.
     """
 
     block_t: int = 64
@@ -99,6 +104,7 @@ class BSRMatmulConfig:
     row_aligned: bool = True
     raw_x: bool = False
     bf16_x: bool = False
+    code_zeros: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
@@ -135,14 +141,16 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: i
 
 
 def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int, bits: int,
-                    group_size: int, rows, raw_x: bool = False):
+                    group_size: int, rows, raw_x: bool = False, code_zeros: bool = False):
     """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
     `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel.
 
     ``raw_x``: x as given (its own column order and dtype): each shift's codes become floats
     holding the code itself (``code_floats_exact``) minus the block's zero point, multiplied
     with x's columns ``g gs + P w + p`` (read with stride P). Otherwise x in shift-major order
-    with the factors ``2^-s`` and its group sums, prepared by the wrapper (``prepare_x``)."""
+    with the factors ``2^-s`` and its group sums, prepared by the wrapper (``prepare_x``);
+    with ``code_zeros`` the zero points leave the codes (``(q - z) 2^s``) and the group sums
+    are not read."""
     x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref = refs
     P = 32 // bits
     Wg = group_size // P
@@ -161,8 +169,13 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
         base = g[:, None] * group_size + jnp.arange(Wg)[None, :] * P       # [S, Wg]
     else:
         magic = magic_ref[0] if runtime_magic else None
-        vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
-                for p in range(P)]                                            # q 2^s_p
+        if code_zeros:   # (q - z) 2^s_p, exact: 2^23 + z 2^s_p is an exact float32
+            vals = [code_floats(words, words_hi, bits, p, magic)
+                    - (_TWO23 + zp * float(2 ** shift_offsets(bits)[p][1]))[:, None]
+                    for p in range(P)]
+        else:
+            vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
+                    for p in range(P)]                                        # q 2^s_p
         base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [S, Wg]
     step = 1 if raw_x else Wg            # column offset of shift p within a group
     parts = []
@@ -173,7 +186,7 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
             xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
             acc += xv.astype(jnp.float32) * vals[p]
         dot = jnp.sum(acc, axis=1)                                          # [S]
-        if raw_x:
+        if raw_x or code_zeros:
             parts.append(sc * dot)                                          # [S], 0 if masked
             continue
         xs = plgpu.load(xs_ref.at[jnp.full(g.shape, row, jnp.int32), g])      # [S]
@@ -182,7 +195,7 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
 
 
 def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
-                 runtime_magic: bool = False, raw_x: bool = False):
+                 runtime_magic: bool = False, raw_x: bool = False, code_zeros: bool = False):
     """Block-list schedule: blocks [j T, (j + 1) T), partials written per block."""
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
@@ -191,7 +204,7 @@ def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m:
         ok = t0 + jnp.arange(block_t) < nnz                                 # [T]
         parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
                                 runtime_magic, t0, ok, slots=block_t, bits=bits,
-                                group_size=group_size, raw_x=raw_x,
+                                group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             o_ref[pl.ds(m, 1), :] = part[None, :]
@@ -210,7 +223,8 @@ def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[
 
 
 def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
-                     slots: int, block_m: int, runtime_magic: bool = False, raw_x: bool = False):
+                     slots: int, block_m: int, runtime_magic: bool = False, raw_x: bool = False,
+                     code_zeros: bool = False):
     """Whole-rows schedule: output features [j Bn, (j + 1) Bn), R blocks each, in `slots`."""
     R, Bn, S = row_blocks, rows, slots
 
@@ -223,7 +237,7 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
                  == jnp.arange(Bn)[None, :])                               # [S, Bn]
         parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
                                 runtime_magic, t0, ok, slots=S, bits=bits,
-                                group_size=group_size, raw_x=raw_x,
+                                group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)       # [Bn]
@@ -232,15 +246,18 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
     return kernel
 
 
-def prepare_x(x, bits: int, group_size: int, rows: int, bf16: bool = False):
+def prepare_x(x, bits: int, group_size: int, rows: int, bf16: bool = False,
+              sums: bool = True):
     """(x_sm [rows, K], x_sum float32 [rows, G]): x padded to `rows` rows, each group's
-    columns in shift-major order times ``2^-s`` (as the kernel unpacks), and each group's sum.
+    columns in shift-major order times ``2^-s`` (as the kernel unpacks), and each group's sum
+    (without `sums` a [1, 1] zero, unused).
     x_sm is float32, or with `bf16` and bfloat16 x bfloat16 (the same values: a power of two
     times a bfloat16 stays exact in bfloat16, whose exponent range is float32's)."""
     M, K = x.shape
     P, G = 32 // bits, K // group_size
     xf = jnp.pad(x.astype(jnp.float32), ((0, rows - M), (0, 0)))
-    x_sum = xf.reshape(rows, G, group_size).sum(axis=-1)
+    x_sum = (xf.reshape(rows, G, group_size).sum(axis=-1) if sums
+             else jnp.zeros((1, 1), jnp.float32))
     scale = jnp.asarray([2.0 ** -s for _, s in shift_offsets(bits)], jnp.float32)  # [P]
     x_sm = xf.reshape(rows, G, group_size // P, P) * scale
     x_sm = jnp.swapaxes(x_sm, -1, -2).reshape(rows, K)
@@ -263,7 +280,8 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         x_sum = jnp.zeros((1, 1), jnp.float32)                              # unused
         magic = jnp.asarray([exact_magic(bits, p) for p in range(32 // bits)], jnp.int32)
     else:
-        x_sm, x_sum = prepare_x(x, bits, group_size, Mp, bf16=config.bf16_x)
+        x_sm, x_sum = prepare_x(x, bits, group_size, Mp, bf16=config.bf16_x,
+                                sums=not config.code_zeros)
         magic = jnp.full((1,), TWO23_BITS, jnp.int32)
     args = (x_sm, x_sum, codes, scales, zeros, col_idx, magic)
 
@@ -286,13 +304,14 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         bn, slots = rows_per_program(config.block_t, row_blocks, out_features)
         kernel = _make_row_kernel(nnz=nnz, bits=bits, group_size=group_size,
                                   row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
-                                  runtime_magic=config.runtime_magic, raw_x=config.raw_x)
+                                  runtime_magic=config.runtime_magic, raw_x=config.raw_x,
+                                  code_zeros=config.code_zeros)
         y = launch(kernel, C.cdiv(out_features, bn) * bn, bn, x.dtype,
                    "optgqa_bsr_rows_quant_matmul")
         return y[:M, :out_features]
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
                           block_m=block_m, runtime_magic=config.runtime_magic,
-                          raw_x=config.raw_x)
+                          raw_x=config.raw_x, code_zeros=config.code_zeros)
     partial = launch(kernel, nnz_p, block_t, jnp.float32, "optgqa_bsr_quant_matmul")
     if row_blocks > 0:          # every row holds row_blocks consecutive blocks
         return partial[:M, :nnz].reshape(M, out_features, row_blocks).sum(-1).astype(x.dtype)

@@ -36,6 +36,10 @@ T16_BF16X = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
                             bf16_x=True)          # x's shift-major copy in bfloat16
 T16_M4_BF16X_MAGIC = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
                                      bf16_x=True, runtime_magic=True)
+T16_CZ = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
+                         code_zeros=True)         # zero points on the codes, no group sums
+T16_M4_CZ_BF16X = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
+                                  code_zeros=True, bf16_x=True, runtime_magic=True)
 
 
 def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
@@ -83,6 +87,10 @@ def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
     (4, 32, 5, 24, 1, jnp.bfloat16, T16_BF16X),
     (8, 64, 3, 19, 3, jnp.bfloat16, T16_M4_BF16X_MAGIC),
     (4, 64, 4, 37, 3, jnp.float16, T16_BF16X),       # float16 x: the copy stays float32
+    (4, 32, 5, 24, 1, jnp.bfloat16, T16_CZ),
+    (2, 64, 3, 18, 5, jnp.float16, T16_CZ),
+    (8, 32, 4, 21, 3, jnp.float32, T16_CZ),
+    (4, 128, 2, 13, 2, jnp.bfloat16, T16_M4_CZ_BF16X),
 ])
 def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
     args, ref, K = make_case(bits * 100 + gs + M, M, G, N, bits, gs, dtype)
@@ -117,6 +125,8 @@ def test_uniform_patterns(pattern):
     (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_RAW_MAGIC),
     (2, 64, 3, 2, 9, 1, jnp.float16, T16_RAW),
     (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_BF16X_MAGIC),
+    (8, 32, 24, 20, 6, 2, jnp.float16, T16_CZ),
+    (4, 32, 4, 3, 21, 1, jnp.bfloat16, T16_M4_CZ_BF16X),
 ])
 def test_whole_rows_schedule(bits, gs, G, kept, N, M, dtype, config):
     """Row-scope pruning (every row keeps R blocks): programs take whole rows and reduce in
