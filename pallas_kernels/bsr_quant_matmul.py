@@ -83,17 +83,24 @@ class BSRMatmulConfig:
         SASS instructions per program on o's W4S50 tiles (Triton 3.9 on a CPU). On an H100
         (commit 8035686, ``results/h100/gqsa/gqsa_tune_8035686.json``) 2.6-4.2x slower than
         the same tiles without it (gate/up 122.3 against 29.1 µs): the strided reads of x
-        do not vectorize.
+        do not vectorize (in sm_90 SASS one 16-bit load per code: 66 per thread for its 64
+        codes at ``block_t=32``, 2 warps). A variant that loads x's group slices as contiguous
+        ``[T, gs / P, P]`` tiles (vector loads) and unpacks the codes along P compiled to 11.0
+        instructions per code against 6.6 for the prepared x, so it was not kept.
       bf16_x: for bfloat16 x, the wrapper's shift-major copy of x stays in bfloat16 (exact:
         only powers of two scale it) instead of float32. Each block reads its group's slice
         of x, ``gs`` values for ``gs b / 8`` bytes of codes, so in float32 x the kernel reads
         8 bytes of x (from L1/L2) per byte of codes at 4 bits; bfloat16 halves that, for one
-        conversion per code. Other dtypes of x keep float32. Not yet timed.
+        conversion per code. Other dtypes of x keep float32. On an H100 (commit 544c0a0,
+        ``results/h100/gqsa/gqsa_tune_544c0a0.json``, each shape's best tiles) it was not
+        faster: gate/up 30.5 against 31.4 µs, down 22.7 / 21.9, q/k/v 12.3 / 10.9, o 12.6 /
+        10.4: the kernel is bound by its instructions (one more per code), not by reading x.
       code_zeros: subtract each block's zero point from its codes, ``2^23 + z 2^s`` in place
         of the constant ``2^23`` in the one subtraction every code already takes (exact:
         ``(q - z) 2^s`` is a small integer times a power of two), instead of ``z`` times x's
         group sum: the wrapper then computes no group sums (one launch fewer per product)
-        and the kernel loads none. Not yet timed.
+        and the kernel loads none. On an H100 (commit 544c0a0, same file, same tiles): gate/up
+        29.0 against 31.4 µs, down 20.4 / 21.9, q/k/v 11.1 / 10.9, o 10.1 / 10.4.
     """
 
     block_t: int = 64
