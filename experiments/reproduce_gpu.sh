@@ -9,7 +9,7 @@
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
-# gqsa-speed and gqsa-engine),
+# gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
@@ -241,6 +241,19 @@ for step in $steps; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_s50 500 python \
         experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
         --sequences 1,16 --out "$out/gqsa_engine_s50" ;;
+    gqsa-engine-tables)  # engine batch-1 decode, W4S50 under each BSR tile table in
+      # OPTGQA_BSR_TABLES (directories; default the H100 tables of 8035686 and 544c0a0), then
+      # dense W4 once: which tile change moves the engine's step
+      tables=${OPTGQA_BSR_TABLES:-experiments/results/h100/gqsa/tables_8035686_544c0a0}
+      for t in "$tables"/*/; do
+        t=${t%/}
+        OPTGQA_TUNING=$PWD/$t XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+          "gqsa_engine_tables_$(basename "$t")" 150 python experiments/gqsa_eval.py --part engine \
+          --engine-formats w4g128s50 --sequences 1 --out "$out/gqsa_engine_tables/$(basename "$t")"
+      done
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_tables_dense_w4 150 python \
+        experiments/gqsa_eval.py --part engine --engine-formats w4g128 --sequences 1 \
+        --out "$out/gqsa_engine_tables/dense_w4" ;;
     gqsa-engine)  # engine decode with BSR weights (1 and 16 sequences)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine 600 python experiments/gqsa_eval.py \
         --part engine --resume --out "$out/gqsa" ;;
