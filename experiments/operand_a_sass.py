@@ -1,8 +1,10 @@
 """Which tensor-core operand the dequantized weights should be: sm_90 SASS of three forms.
 
 The quantized matmul's tensor-core paths dequantize a weight tile in registers and multiply it
-as the B operand of ``x @ W``. Hopper's wgmma takes only its A operand from registers, so a
-B operand built in registers is stored to shared memory first. This probe compiles a minimal
+as the B operand of ``x @ W``. Where Triton picks Hopper's wgmma (64 rows of x per program and
+more; at 16 it uses ``mma.sync``, whose operands both come from registers), only the A operand
+may come from registers, so a B operand built in registers is stored to shared memory first.
+This probe compiles a minimal
 K loop (4-bit codes as bfloat16 bit patterns, ``pallas_kernels.quant_codes.pattern_codes``,
 P shift-by-shift products of depth ``128 / P`` per K step) in three forms, without a GPU:
 
