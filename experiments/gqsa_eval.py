@@ -182,6 +182,11 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 # ... and the zero points on the codes (no group sums: one launch fewer)
                 try_cfg(dataclasses.replace(base_cfg, code_zeros=True))
                 try_cfg(dataclasses.replace(base_cfg, code_zeros=True, bf16_x=True))
+                # ... and 2^23's pattern from the group indices (one logic instruction per
+                # code, no load of its own)
+                base_cfg = dataclasses.replace(base_cfg, runtime_magic=False)
+                try_cfg(dataclasses.replace(base_cfg, index_magic=True))
+                try_cfg(dataclasses.replace(base_cfg, index_magic=True, code_zeros=True))
             t, cfg, f = best
             block_list = None
             if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added

@@ -101,6 +101,14 @@ class BSRMatmulConfig:
         group sum: the wrapper then computes no group sums (one launch fewer per product)
         and the kernel loads none. On an H100 (commit 544c0a0, same file, same tiles): gate/up
         29.0 against 31.4 µs, down 20.4 / 21.9, q/k/v 11.1 / 10.9, o 10.1 / 10.4.
+      index_magic: 2^23's bit pattern as a register value derived from each block's group
+        index (``(g >>> 31) | pattern``; indices are >= 0, so this is the pattern), instead
+        of a constant (two logic instructions per code in these loop-free programs) or a
+        value loaded from memory (``runtime_magic``: one, but a dependent global load at the
+        start of every short program, and it was slower on the H100 and the H200). In sm_90
+        SASS (Triton 3.9 on a CPU, W4S50, ``code_zeros``): 368 instead of 424 instructions per
+        thread at ``block_t=32``, 2 warps (5.75 per code instead of 6.6); 752 instead of
+        856 at 64. Excludes ``runtime_magic`` and ``raw_x``. Not yet timed.
     """
 
     block_t: int = 64
@@ -112,6 +120,7 @@ class BSRMatmulConfig:
     raw_x: bool = False
     bf16_x: bool = False
     code_zeros: bool = False
+    index_magic: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
@@ -138,6 +147,9 @@ class BSRMatmulConfig:
         C.validate_tuning(self, ("block_m",), minimum_block=1)
         if self.block_m > 16:
             raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
+        if self.index_magic and (self.runtime_magic or self.raw_x):
+            raise ValueError("index_magic replaces runtime_magic's pattern and applies to the "
+                             "prepared x only; set runtime_magic=False and raw_x=False")
 
 
 def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: int) -> dict:
@@ -148,7 +160,8 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: i
 
 
 def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int, bits: int,
-                    group_size: int, rows, raw_x: bool = False, code_zeros: bool = False):
+                    group_size: int, rows, raw_x: bool = False, code_zeros: bool = False,
+                    index_magic: bool = False):
     """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
     `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel.
 
@@ -176,6 +189,9 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
         base = g[:, None] * group_size + jnp.arange(Wg)[None, :] * P       # [S, Wg]
     else:
         magic = magic_ref[0] if runtime_magic else None
+        if index_magic:   # 2^23's pattern from the block's group index (>= 0, so its top bit
+            # is 0): a register value the compiler cannot fold, with no load of its own
+            magic = (jax.lax.shift_right_logical(g, 31) | TWO23_BITS)[:, None]    # [S, 1]
         if code_zeros:   # (q - z) 2^s_p, exact: 2^23 + z 2^s_p is an exact float32
             vals = [code_floats(words, words_hi, bits, p, magic)
                     - (_TWO23 + zp * float(2 ** shift_offsets(bits)[p][1]))[:, None]
@@ -202,7 +218,8 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
 
 
 def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
-                 runtime_magic: bool = False, raw_x: bool = False, code_zeros: bool = False):
+                 runtime_magic: bool = False, raw_x: bool = False, code_zeros: bool = False,
+                 index_magic: bool = False):
     """Block-list schedule: blocks [j T, (j + 1) T), partials written per block."""
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
@@ -212,6 +229,7 @@ def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m:
         parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
                                 runtime_magic, t0, ok, slots=block_t, bits=bits,
                                 group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
+                                index_magic=index_magic,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             o_ref[pl.ds(m, 1), :] = part[None, :]
@@ -231,7 +249,7 @@ def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[
 
 def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
                      slots: int, block_m: int, runtime_magic: bool = False, raw_x: bool = False,
-                     code_zeros: bool = False):
+                     code_zeros: bool = False, index_magic: bool = False):
     """Whole-rows schedule: output features [j Bn, (j + 1) Bn), R blocks each, in `slots`."""
     R, Bn, S = row_blocks, rows, slots
 
@@ -245,6 +263,7 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
         parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
                                 runtime_magic, t0, ok, slots=S, bits=bits,
                                 group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
+                                index_magic=index_magic,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)       # [Bn]
@@ -312,13 +331,15 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         kernel = _make_row_kernel(nnz=nnz, bits=bits, group_size=group_size,
                                   row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
                                   runtime_magic=config.runtime_magic, raw_x=config.raw_x,
-                                  code_zeros=config.code_zeros)
+                                  code_zeros=config.code_zeros,
+                                  index_magic=config.index_magic)
         y = launch(kernel, C.cdiv(out_features, bn) * bn, bn, x.dtype,
                    "optgqa_bsr_rows_quant_matmul")
         return y[:M, :out_features]
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
                           block_m=block_m, runtime_magic=config.runtime_magic,
-                          raw_x=config.raw_x, code_zeros=config.code_zeros)
+                          raw_x=config.raw_x, code_zeros=config.code_zeros,
+                          index_magic=config.index_magic)
     partial = launch(kernel, nnz_p, block_t, jnp.float32, "optgqa_bsr_quant_matmul")
     if row_blocks > 0:          # every row holds row_blocks consecutive blocks
         return partial[:M, :nnz].reshape(M, out_features, row_blocks).sum(-1).astype(x.dtype)

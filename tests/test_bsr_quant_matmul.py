@@ -38,6 +38,10 @@ T16_M4_BF16X_MAGIC = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_sta
                                      bf16_x=True, runtime_magic=True)
 T16_CZ = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
                          code_zeros=True)         # zero points on the codes, no group sums
+T16_IDX = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
+                          index_magic=True)      # 2^23's pattern from the group index
+T16_M4_IDX_CZ = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
+                                index_magic=True, code_zeros=True)
 T16_M4_CZ_BF16X = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
                                   code_zeros=True, bf16_x=True, runtime_magic=True)
 
@@ -91,6 +95,9 @@ def make_case(seed, M, G, N, bits, gs, dtype=jnp.bfloat16, pattern="mixed"):
     (2, 64, 3, 18, 5, jnp.float16, T16_CZ),
     (8, 32, 4, 21, 3, jnp.float32, T16_CZ),
     (4, 128, 2, 13, 2, jnp.bfloat16, T16_M4_CZ_BF16X),
+    (4, 32, 5, 24, 1, jnp.bfloat16, T16_IDX),
+    (8, 64, 3, 19, 3, jnp.float16, T16_M4_IDX_CZ),
+    (2, 64, 3, 18, 5, jnp.float32, T16_IDX),
 ])
 def test_kernel_matches_float64(bits, gs, G, N, M, dtype, config):
     args, ref, K = make_case(bits * 100 + gs + M, M, G, N, bits, gs, dtype)
@@ -127,6 +134,8 @@ def test_uniform_patterns(pattern):
     (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_BF16X_MAGIC),
     (8, 32, 24, 20, 6, 2, jnp.float16, T16_CZ),
     (4, 32, 4, 3, 21, 1, jnp.bfloat16, T16_M4_CZ_BF16X),
+    (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_IDX_CZ),
+    (2, 64, 3, 2, 9, 1, jnp.float16, T16_IDX),
 ])
 def test_whole_rows_schedule(bits, gs, G, kept, N, M, dtype, config):
     """Row-scope pruning (every row keeps R blocks): programs take whole rows and reduce in
@@ -179,6 +188,10 @@ def test_bad_inputs_raise_before_work():
         bsr_quant_matmul(x, codes, s, z, col, rows, row_blocks=3, **kw)
     with pytest.raises(ValueError, match="block_m"):
         bsr_quant_matmul(x, codes, s, z, col, rows, config=BSRMatmulConfig(block_m=32), **kw)
+    for cfg in (BSRMatmulConfig(index_magic=True, runtime_magic=True),
+                BSRMatmulConfig(index_magic=True, raw_x=True)):
+        with pytest.raises(ValueError, match="index_magic"):
+            bsr_quant_matmul(x, codes, s, z, col, rows, config=cfg, **kw)
 
 
 @pytest.mark.parametrize("row_blocks", [-1, 3])
@@ -200,3 +213,17 @@ def test_bf16_copy_of_x_is_exact(row_blocks):
     assert sm16.dtype == jnp.bfloat16 and sm32.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(sm16, np.float32), np.asarray(sm32))
     assert prepare_x(x.astype(jnp.float16), 4, 32, 2, bf16=True)[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("row_blocks", [-1, 3])
+def test_index_magic_is_the_same_pattern(row_blocks):
+    """index_magic takes 2^23's pattern from the group indices at run time: the same floats as
+    the constant, so the same product bit for bit (with and without code_zeros)."""
+    args, ref, K = make_case(12, 1, 4, 14, 4, 32, jnp.bfloat16, pattern="3")
+    kw = dict(out_features=14, bits=4, group_size=32, row_blocks=row_blocks,
+              interpret=INTERPRET)
+    for base in (T16, T16_CZ):
+        a = bsr_quant_matmul(*args, config=base, **kw)
+        b = bsr_quant_matmul(*args, config=dataclasses.replace(base, index_magic=True), **kw)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        assert_close_to_scale(b, ref, 1e-2, "index_magic")
