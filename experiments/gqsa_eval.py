@@ -219,6 +219,11 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
 
                     add(f"w4g128s{round(100 * s)} repack (gather)", T(f, sets), b.nbytes,
                         rel_err(jax.jit(f)(x, b), want))
+                # the block-map kernel: the kept blocks read in place on the dense kernel's
+                # tensor-core tiles (no repacked layout written)
+                f = lambda x, b: sparse.bsr_matmul(x, b, impl="gathered")  # noqa: E731
+                add(f"w4g128s{round(100 * s)} gathered", T(f, sets), b.nbytes,
+                    rel_err(jax.jit(f)(x, b), want))
             if group_major:
                 group_major_row(add, T, sets, want, rel_err, N, K, s)
             del sets

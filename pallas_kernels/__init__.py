@@ -12,7 +12,9 @@ backends alike; on CPU pass ``interpret=True``.
 * :func:`quant_matmul` — ``x @ dequant(W)`` for 2/4/8-bit GPTQ-packed weights.
 * :func:`bsr_quant_matmul` — the same for group-sparse (GQSA, BSR-stored) weights, blocks in
   row-major order; :func:`bsr_gm_quant_matmul` — over blocks reordered by group
-  (:func:`group_major_blocks`), x read once per program.
+  (:func:`group_major_blocks`), x read once per program; :func:`bsr_gather_quant_matmul` —
+  a few rows of x on the dense kernel's tensor-core tiles, the kept blocks read through a
+  dense block map (batched decode).
 * :func:`alibi_slopes` — per-head ALiBi slopes.
 * :func:`compiler_options` — XLA options for the ``jax.jit`` that calls the kernels
   (on CUDA: flush float32 denormals, a few percent faster).
@@ -34,6 +36,8 @@ from pallas_kernels.bsr_quant_matmul import (BSRMatmulConfig, bsr_quant_matmul,
                                              bsr_quant_matmul_reference)
 from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConfig,
                                                 bsr_gm_quant_matmul, group_major_blocks)
+from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig, bsr_gather_quant_matmul,
+                                                    bsr_gather_quant_matmul_reference)
 
 __all__ = [
     "alibi_slopes", "alibi_slopes_np", "compiler_options",
@@ -43,4 +47,5 @@ __all__ = [
     "QuantMatmulConfig", "quant_matmul", "quant_matmul_reference",
     "BSRMatmulConfig", "bsr_quant_matmul", "bsr_quant_matmul_reference",
     "GroupMajorBlocks", "GroupMajorConfig", "bsr_gm_quant_matmul", "group_major_blocks",
+    "BSRGatherConfig", "bsr_gather_quant_matmul", "bsr_gather_quant_matmul_reference",
 ]

@@ -236,6 +236,29 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blo
     assert module.count(TRITON_CALL) == 1
 
 
+# bsr_gather_quant_matmul: the same arguments as bsr_quant_matmul, a few rows of x.
+@pytest.mark.parametrize("M,bits,gs,dtype,split", [(16, 4, 128, jnp.bfloat16, 1),
+                                                   (3, 4, 64, jnp.bfloat16, 4),
+                                                   (64, 8, 128, jnp.float16, 2),
+                                                   (17, 2, 64, jnp.float16, 1)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_bsr_gather_quant_matmul_lowers_through_triton(M, bits, gs, dtype, split, platform):
+    import dataclasses
+
+    from pallas_kernels.bsr_gather_quant_matmul import BSRGatherConfig, bsr_gather_quant_matmul
+    K, N, nnz = 512, 384, 1000
+    cfg = dataclasses.replace(BSRGatherConfig.for_shape(platform, M, K // gs, N), split_k=split)
+
+    def f(x, c, s, z, col, rows):
+        return bsr_gather_quant_matmul(x, c, s, z, col, rows, out_features=N, bits=bits,
+                                       group_size=gs, config=cfg)
+
+    args = (S((M, K), dtype), S((nnz, gs * bits // 32), jnp.int32), S((nnz,), jnp.float16),
+            S((nnz,), jnp.uint8), S((nnz,), jnp.int32), S((nnz,), jnp.int32))
+    module = export_for(platform, f, *args)
+    assert module.count(TRITON_CALL) == 1
+
+
 # bsr_gm_quant_matmul: x [M, K]; GroupMajorBlocks: codes int32 [nnz_p, gs * bits / 32],
 # scales/zeros/rows [nnz_p], program_group [nnz_p / T].
 @pytest.mark.parametrize("M,bits,gs,mma", [(1, 4, 128, False), (16, 4, 64, False),

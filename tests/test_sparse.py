@@ -158,6 +158,14 @@ def test_repack_by_gather_equals_the_scatter(bits, gs, G, kept, N):
     y = np.asarray(sparse.bsr_matmul(jnp.asarray(x), b, impl="repack"), np.float64)
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, ref, atol=1e-4 * np.abs(ref).max())
+    # ... and the block-map kernel (16-bit x: bfloat16 at 2 and 4 bits, float16 at 8)
+    dt = jnp.float16 if bits == 8 else jnp.bfloat16
+    xh = jnp.asarray(x, dt)
+    ref = np.asarray(xh, np.float64) @ np.asarray(sparse.dequantize_bsr(b, jnp.float32),
+                                                  np.float64)
+    y = np.asarray(sparse.bsr_matmul(xh, b, impl="gathered"), np.float64)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, atol=1e-2 * np.abs(ref).max())
     with pytest.raises(ValueError, match="method='fast' must be one of"):
         sparse.bsr.repacked_dense(b, method="fast")
     with pytest.raises(ValueError, match="row_blocks > 0"):
@@ -403,6 +411,9 @@ def test_auto_dispatch_by_rows_backend_and_dtype(monkeypatch):
     assert bsr.use_sparse_kernel(jnp.zeros((1, K), jnp.bfloat16), K, "auto", 1, "layer")
     with pytest.raises(ValueError, match="impl='repack' must be one of"):
         bsr.use_sparse_kernel(jnp.zeros((1, K), jnp.bfloat16), K, "repack", 1, "layer")
+    with pytest.raises(ValueError, match="impl='gathered' must be one of"):
+        bsr.use_sparse_kernel(jnp.zeros((1, K), jnp.bfloat16), K, "gathered", 1, "layer")
+    assert pick(16, impl="gathered") == "gathered"      # asked for; "auto" does not pick it
     with pytest.raises(ValueError, match="impl='fast' must be one of"):
         pick(1, impl="fast")
     with pytest.raises(ValueError, match="input features"):

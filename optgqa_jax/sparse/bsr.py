@@ -292,7 +292,7 @@ def repacked_dense(b: BSRQuantizedLinear, method: str = "scatter"
 _SORTED_UNIQUE = dict(indices_are_sorted=True, unique_indices=True)
 
 
-MATMUL_IMPLS = ("auto", "pallas", "repack", "dequantize")
+MATMUL_IMPLS = ("auto", "pallas", "repack", "gathered", "dequantize")
 # impl="auto" runs the kernel up to this many rows of x. On an H200 (jax 0.11.2, commit 91177cd,
 # experiments/results/h200/gqsa/) the kernel took 0.81-1.02x dense W4's time at one row but
 # 4.6-15x at 16 rows (every row of x gathers its own group slices), so only one row for now.
@@ -326,7 +326,8 @@ def sparse_impl(x: jax.Array, in_features: int, impl: str, max_rows: int, what: 
       ValueError: an unknown `impl`, or x without `in_features` features (`what` names the
         layer in the message).
     """
-    allowed = MATMUL_IMPLS if repack_max_rows else tuple(i for i in MATMUL_IMPLS if i != "repack")
+    allowed = (MATMUL_IMPLS if repack_max_rows
+               else tuple(i for i in MATMUL_IMPLS if i not in ("repack", "gathered")))
     if impl not in allowed:
         raise ValueError(f"impl={impl!r} must be one of {allowed} for a {what}")
     if x.shape[-1] != in_features:
@@ -369,7 +370,10 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     ``impl``: ``"pallas"`` runs ``pallas_kernels.bsr_quant_matmul`` (reads only the kept
     groups; interpret mode on a CPU); ``"repack"`` writes the kept groups' packed codes into
     the dense layout (:func:`repacked_dense`: the gather where every row keeps the same number
-    of groups, else the scatter) and runs the dense ``quant_matmul`` kernel;
+    of groups, else the scatter) and runs the dense ``quant_matmul`` kernel; ``"gathered"``
+    runs ``pallas_kernels.bsr_gather_quant_matmul`` (the dense kernel's tensor-core tiles
+    reading the kept blocks in place through a block map; bfloat16 x with 2 or 4 bits,
+    float16 x with 2, 4 or 8; untimed, so ``"auto"`` does not pick it yet);
     ``"dequantize"`` scatters the float weight and multiplies (XLA); ``"auto"`` takes the BSR
     kernel on GPUs for bfloat16/float16 x with at most ``KERNEL_MAX_ROWS`` rows (batch-1
     decode), the repacked route up to ``REPACK_MAX_ROWS`` (batched decode), and dequantizes
@@ -383,7 +387,12 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
         return dequantized_product(x, b, dequantize_bsr)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if how == "repack":
+    if how == "gathered":
+        from pallas_kernels.bsr_gather_quant_matmul import bsr_gather_quant_matmul
+        y = bsr_gather_quant_matmul(x2, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
+                                    out_features=N, bits=b.bits, group_size=b.group_size,
+                                    interpret=kc.backend() == "cpu")
+    elif how == "repack":
         from pallas_kernels.quant_matmul import quant_matmul
         x2, b = jax.lax.optimization_barrier((x2, b))   # repacked when its layer runs
         qweight, scales, zeros = repacked_dense(
