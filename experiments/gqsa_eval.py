@@ -458,7 +458,8 @@ def engine(a) -> None:
     already in ``gqsa_engine.json`` (without an error) are kept and skipped."""
     path = os.path.join(a.out, "gqsa_engine.json")
     res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                         commit=B.source_commit(), xla_options=a.xla_options), runs=[])
+                         commit=B.source_commit(), xla_options=a.xla_options,
+                         bsr_batched_route=sparse.bsr.batched_route()), runs=[])
     if a.resume and os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
@@ -467,6 +468,10 @@ def engine(a) -> None:
         if old["meta"].get("xla_options") != a.xla_options:
             raise ValueError(f"--resume: {path} was measured with XLA options "
                              f"{old['meta'].get('xla_options')}, not {a.xla_options}")
+        if old["meta"].get("bsr_batched_route", "repack") != res["meta"]["bsr_batched_route"]:
+            raise ValueError(f"--resume: {path} was measured with BSR batched route "
+                             f"{old['meta'].get('bsr_batched_route', 'repack')}, not "
+                             f"{res['meta']['bsr_batched_route']}")
         res["runs"] = [r for r in old["runs"] if "error" not in r]
         res["meta"]["commit"] = ", ".join(dict.fromkeys([old["meta"]["commit"],
                                                          res["meta"]["commit"]]))
@@ -491,7 +496,8 @@ def engine_markdown(res: dict) -> str:
              f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. 256-token prompts, "
              "256 generated tokens per sequence; output tokens/s against bfloat16 and dense W4 "
              "at the same number of sequences. XLA options: "
-             + (f"{m['xla_options']}." if m.get("xla_options") else "the engine's defaults."),
+             + (f"{m['xla_options']}." if m.get("xla_options") else "the engine's defaults.")
+             + f" BSR layers at 2-64 rows: the {m.get('bsr_batched_route', 'repack')} route.",
              "",
              "| format | sequences | output tok/s | × bf16 | × dense w4g128 | param GiB | "
              "peak GiB |",

@@ -10,6 +10,7 @@
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
+# gqsa-engine-gathered (16 sequences on the block-map kernel),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
@@ -255,6 +256,11 @@ for step in $steps; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_tables_dense_w4 150 python \
         experiments/gqsa_eval.py --part engine --engine-formats w4g128 --sequences 1 \
         --out "$out/gqsa_engine_tables/dense_w4" ;;
+    gqsa-engine-gathered)  # engine decode at 16 sequences, W4S50 with its 2-64-row products on
+      # the block-map kernel (OPTGQA_BSR_BATCHED=gathered) instead of the repacked layer
+      OPTGQA_BSR_BATCHED=gathered XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_gathered \
+        300 python experiments/gqsa_eval.py --part engine --engine-formats w4g128s50 \
+        --sequences 16 --out "$out/gqsa_engine_gathered" ;;
     gqsa-engine)  # engine decode with BSR weights (1 and 16 sequences)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine 600 python experiments/gqsa_eval.py \
         --part engine --resume --out "$out/gqsa" ;;

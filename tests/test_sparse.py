@@ -418,3 +418,32 @@ def test_auto_dispatch_by_rows_backend_and_dtype(monkeypatch):
         pick(1, impl="fast")
     with pytest.raises(ValueError, match="input features"):
         bsr.sparse_impl(jnp.zeros((1, K + 1)), K, "auto", 1, "BSR layer", 64)
+
+
+def test_batched_route_switch(monkeypatch):
+    """OPTGQA_BSR_BATCHED picks what impl="auto" runs at 2-64 rows on GPUs: the repacked dense
+    kernel (default) or the block-map kernel; other values are refused."""
+    import importlib
+    bg = importlib.import_module("pallas_kernels.bsr_gather_quant_matmul")   # the module
+    from pallas_kernels import _common as kc
+    from optgqa_jax.sparse import bsr
+    from optgqa_jax.quant.config import QuantConfig
+    from optgqa_jax.sparse.synthetic import random_bsr_linear
+    monkeypatch.delenv(bsr.BATCHED_ROUTE_ENV, raising=False)
+    assert bsr.batched_route() == "repack"
+    monkeypatch.setenv(bsr.BATCHED_ROUTE_ENV, "fast")
+    with pytest.raises(ValueError, match="OPTGQA_BSR_BATCHED='fast'"):
+        bsr.batched_route()
+    monkeypatch.setenv(bsr.BATCHED_ROUTE_ENV, "gathered")
+    assert bsr.batched_route() == "gathered"
+    b = random_bsr_linear(3, 64, 24, QuantConfig(bits=4, group_size=32), 0.5, "float32")
+    calls = []
+
+    def stub(x, *args, out_features, **kw):
+        calls.append(x.shape)
+        return jnp.zeros((x.shape[0], out_features), x.dtype)
+
+    monkeypatch.setattr(bg, "bsr_gather_quant_matmul", stub)
+    monkeypatch.setattr(kc, "backend", lambda: "cuda")
+    y = sparse.bsr_matmul(jnp.ones((2, 8, 64), jnp.bfloat16), b)          # 16 rows: gathered
+    assert y.shape == (2, 8, 24) and calls == [(16, 64)]

@@ -313,6 +313,24 @@ KERNEL_MAX_ROWS = 1
 # 125.8 against 336.8 µs on gate/up, 81.0 against 160.3 on down, 33.5 against 72.2 on q/k/v
 # and 25.9 against 47.5 on o (1.8-2.7x faster; still 1.8-2.9x dense W4).
 REPACK_MAX_ROWS = 64
+# Which route impl="auto" takes for 2 to REPACK_MAX_ROWS rows: "repack" (above), or
+# "gathered" (pallas_kernels.bsr_gather_quant_matmul: the kept blocks read in place on the
+# dense kernel's tensor-core tiles; untimed, hence not the default). The environment variable
+# lets a benchmark run the engine on either route without code changes.
+BATCHED_ROUTE_ENV = "OPTGQA_BSR_BATCHED"
+BATCHED_ROUTES = ("repack", "gathered")
+
+
+def batched_route() -> str:
+    """The route for 2 to ``REPACK_MAX_ROWS`` rows: ``$OPTGQA_BSR_BATCHED`` or "repack".
+
+    Raises:
+      ValueError: the variable names another route.
+    """
+    route = os.environ.get(BATCHED_ROUTE_ENV, "repack") or "repack"
+    if route not in BATCHED_ROUTES:
+        raise ValueError(f"{BATCHED_ROUTE_ENV}={route!r} must be one of {BATCHED_ROUTES}")
+    return route
 
 
 def sparse_impl(x: jax.Array, in_features: int, impl: str, max_rows: int, what: str,
@@ -373,7 +391,8 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     of groups, else the scatter) and runs the dense ``quant_matmul`` kernel; ``"gathered"``
     runs ``pallas_kernels.bsr_gather_quant_matmul`` (the dense kernel's tensor-core tiles
     reading the kept blocks in place through a block map; bfloat16 x with 2 or 4 bits,
-    float16 x with 2, 4 or 8; untimed, so ``"auto"`` does not pick it yet);
+    float16 x with 2, 4 or 8; untimed, so ``"auto"`` takes it only where the environment
+    variable ``OPTGQA_BSR_BATCHED=gathered`` asks, :func:`batched_route`);
     ``"dequantize"`` scatters the float weight and multiplies (XLA); ``"auto"`` takes the BSR
     kernel on GPUs for bfloat16/float16 x with at most ``KERNEL_MAX_ROWS`` rows (batch-1
     decode), the repacked route up to ``REPACK_MAX_ROWS`` (batched decode), and dequantizes
@@ -383,6 +402,9 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul
     K, N = b.shape
     how = sparse_impl(x, K, impl, KERNEL_MAX_ROWS, "BSR layer", REPACK_MAX_ROWS)
+    if impl == "auto" and how == "repack" and batched_route() == "gathered":
+        from pallas_kernels.bsr_gather_quant_matmul import supported
+        how = "gathered" if supported(x.dtype, b.bits) else how
     if how == "dequantize":
         return dequantized_product(x, b, dequantize_bsr)
     lead = x.shape[:-1]
