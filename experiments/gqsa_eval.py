@@ -12,7 +12,10 @@ M = 1 and 16 rows of x:
   schedule, ``block list µs``; with ``--table PATH`` the winners go into that tuning table);
 * ``w4g128sNN repack`` (more than one row): the engine's route there, the kept codes
   repacked into the dense layout on the device and the dense W4 kernel; ``repack (gather)``
-  the same with ``repacked_dense(method="gather")``.
+  the same with ``repacked_dense(method="gather")``; ``gathered``: the block-map kernel
+  (``pallas_kernels.bsr_gather_quant_matmul``), the best of a few tile settings.
+
+The rows and tile searches live in ``experiments/gqsa_speed.py``.
 
 Each row: µs per product, bytes stored, GB/s of the bytes read, % of the copy ceiling,
 speed-up over bf16 and time relative to dense W4 (the issue's target: W4S50 at most 0.65×),
@@ -52,238 +55,18 @@ after every row).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
 import json
 import os
 import sys
 import time
-from typing import Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
-from optgqa_jax import quant, sparse  # noqa: E402
+from optgqa_jax import sparse  # noqa: E402
 from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
-from pallas_kernels import compiler_options  # noqa: E402
-from pallas_kernels import _common as kc, tuning  # noqa: E402
-from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
-from pallas_kernels.bsr_quant_matmul import tuning_key as bsr_tuning_key  # noqa: E402
-from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
-from optgqa_jax.timing import source_commit  # noqa: E402
-from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorConfig,  # noqa: E402
-                                                bsr_gm_quant_matmul, group_major_blocks)
-from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
-from bench_quant import arg_sets  # noqa: E402  (the same L2 rotation)
-
-W4G128 = quant.QuantConfig(bits=4, group_size=128)
-SHAPES = {"gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096),
-          "qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096)}
-
-
-def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0.3, 0.5),
-               group_major: bool = True, table: Optional[str] = None) -> None:
-    """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all): the
-    BSR formats at each of `sparsities`, and their group-major twins unless `group_major` is
-    off. With `table`, each BSR case's best tiles go into that ``bsr_quant_matmul`` tuning
-    table (:mod:`pallas_kernels.tuning`) when they beat the rules' tiles."""
-    opts = compiler_options()
-    T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
-    picked = {n: kn for n, kn in SHAPES.items() if shapes is None or n.split()[0] in shapes}
-    for (name, (K, N)), M in ((s, m) for s in picked.items() for m in rows):
-        key = jax.random.PRNGKey(M * 7 + K + N)
-        base = dict(shape=name, M=M, K=K, N=N)
-        dense_w4 = None
-
-        def add(fmt, t, wbytes, err, **extra):
-            nonlocal dense_w4
-            nbytes = wbytes + 2 * M * (K + N)
-            row = dict(base, format=fmt, us=t * 1e6, weight_bytes=wbytes,
-                       gb_per_s=nbytes / t / 1e9, pct_ceiling=100 * nbytes / t / ceiling,
-                       speedup_vs_bf16=t_bf16 / t, rel_error=err, **extra)
-            if fmt == "w4g128":
-                dense_w4 = t
-            row["time_vs_dense_w4"] = None if dense_w4 is None else t / dense_w4
-            out.append(row)
-            print(f"{name} M={M} {fmt}: {row['us']:.1f} us ({row['pct_ceiling']:.0f}% of copy, "
-                  f"{row['speedup_vs_bf16']:.2f}x bf16"
-                  + ("" if row["time_vs_dense_w4"] is None
-                     else f", {row['time_vs_dense_w4']:.2f}x dense w4 time")
-                  + ("" if err is None else f", rel err {err:.1e}") + ")", flush=True)
-            save()
-
-        def rel_err(y, want):
-            y = np.asarray(y, np.float32)
-            if not np.isfinite(y).all():
-                return float("inf")
-            return float(np.abs(y - want).max() / np.abs(want).max())
-
-        sets = arg_sets(key, M, K, N, lambda k: (0.02 * jax.random.normal(
-            jax.random.fold_in(k, 1), (K, N))).astype(jnp.bfloat16))
-        t_bf16 = T(lambda x, w: x @ w, sets)
-        del sets
-        add("bf16", t_bf16, 2 * K * N, None)
-        for fmt in ("w4g128", "w2g128"):
-            qc = quant.parse_spec(fmt)
-            sets = arg_sets(key, M, K, N, lambda k: quant.synthetic.random_quantized_linear(
-                jax.random.fold_in(k, 2), K, N, qc, "bfloat16"))
-            x, ql = sets[0]
-            want = np.asarray(jnp.dot(x.astype(jnp.float32), quant.dequantize(ql, jnp.float32)))
-            f = lambda x, ql: quant.matmul(x, ql, "pallas")
-            add(fmt, T(f, sets), ql.nbytes - ql.g_idx.size * 4, rel_err(jax.jit(f)(x, ql), want))
-            del sets
-        for s in sparsities:
-            sets = arg_sets(key, M, K, N, lambda k: random_bsr_linear(
-                int(jax.random.randint(k, (), 0, 2 ** 31 - 1)), K, N, W4G128, s, "bfloat16"))
-            x, b = sets[0]
-            want = np.asarray(jnp.dot(x.astype(jnp.float32), sparse.dequantize_bsr(b, jnp.float32)))
-            best = None
-            default = BSRMatmulConfig.for_shape("cuda", M, b.nnz)
-            tried = []
-            # the tile search only where the engine runs this kernel (one row; more rows take
-            # the repacked dense kernel)
-            candidates = [default] + [BSRMatmulConfig(block_t=bt, block_m=default.block_m,
-                                                      num_warps=nw, num_stages=ns)
-                                      for bt in (32, 64, 128, 256) for nw in (2, 4, 8)
-                                      for ns in (2,)
-                                      if M <= sparse.bsr.KERNEL_MAX_ROWS]
-
-            def try_cfg(cfg):
-                nonlocal best, t_default
-                f = lambda x, b, cfg=cfg: bsr_quant_matmul(  # noqa: E731
-                    x, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids, out_features=N,
-                    bits=4, group_size=128, row_blocks=b.row_blocks, config=cfg)
-                try:
-                    t = T(f, sets)
-                except Exception as e:  # noqa: BLE001 - a failing config is a result
-                    tried.append(dict(config=dataclasses.asdict(cfg), error=repr(e)[-200:]))
-                    return
-                tried.append(dict(config=dataclasses.asdict(cfg), us=t * 1e6))
-                if best is None or t < best[0]:
-                    best = (t, cfg, f)
-                if t_default is None:
-                    t_default = t
-
-            t_default = None
-            for cfg in candidates:
-                try_cfg(cfg)
-            if best is not None:   # the best tiles with 2^23's pattern read at run time (one
-                # logic instruction per code instead of two in these loop-free programs)
-                try_cfg(dataclasses.replace(best[1], runtime_magic=True))
-                # ... and reading x as given (no wrapper launch; more instructions per code)
-                try_cfg(dataclasses.replace(best[1], raw_x=True))
-                # ... and x's shift-major copy in bfloat16 (half the bytes of x per block)
-                base_cfg = best[1]
-                try_cfg(dataclasses.replace(base_cfg, bf16_x=True))
-                try_cfg(dataclasses.replace(base_cfg, bf16_x=True, runtime_magic=True))
-                # ... and the zero points on the codes (no group sums: one launch fewer)
-                try_cfg(dataclasses.replace(base_cfg, code_zeros=True))
-                try_cfg(dataclasses.replace(base_cfg, code_zeros=True, bf16_x=True))
-                # ... and 2^23's pattern from the group indices (one logic instruction per
-                # code, no load of its own)
-                base_cfg = dataclasses.replace(base_cfg, runtime_magic=False)
-                try_cfg(dataclasses.replace(base_cfg, index_magic=True))
-                try_cfg(dataclasses.replace(base_cfg, index_magic=True, code_zeros=True))
-            t, cfg, f = best
-            block_list = None
-            if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added
-                # by a second launch): what whole-row programs save
-                n_tried = len(tried)
-                try_cfg(dataclasses.replace(cfg, row_aligned=False))
-                block_list = tried[n_tried].get("us")
-                t, cfg, f = best
-            add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
-                config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
-                density=b.density, block_list_us=block_list)
-            if table and t < t_default:
-                tuning.write_entries(table, "bsr_quant_matmul", [dict(
-                    device=kc.device_kind(),
-                    key=bsr_tuning_key(M, K, N, 4, 128, b.row_blocks),
-                    config=dataclasses.asdict(cfg), us=round(t * 1e6, 2),
-                    rules_us=round(t_default * 1e6, 2),
-                    source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])
-            if M > 1:              # what the engine runs at 2-64 rows: the kept codes repacked
-                # into the dense layout on the device, then the dense W4 kernel
-                f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
-                add(f"w4g128s{round(100 * s)} repack", T(f, sets), b.nbytes,
-                    rel_err(jax.jit(f)(x, b), want))
-                if b.row_blocks > 0:   # the same route with the gather repack
-
-                    def f(x, b):
-                        qw, sc, z = sparse.bsr.repacked_dense(b, method="gather")
-                        return quant_matmul(x, qw, sc, z, bits=4, group_size=128,
-                                            interpret=kc.backend() == "cpu")
-
-                    add(f"w4g128s{round(100 * s)} repack (gather)", T(f, sets), b.nbytes,
-                        rel_err(jax.jit(f)(x, b), want))
-                # the block-map kernel: the kept blocks read in place on the dense kernel's
-                # tensor-core tiles (no repacked layout written)
-                f = lambda x, b: sparse.bsr_matmul(x, b, impl="gathered")  # noqa: E731
-                add(f"w4g128s{round(100 * s)} gathered", T(f, sets), b.nbytes,
-                    rel_err(jax.jit(f)(x, b), want))
-            if group_major:
-                group_major_row(add, T, sets, want, rel_err, N, K, s)
-            del sets
-
-
-def group_major_row(add, T, sets, want, rel_err, N: int, K: int, s: float) -> None:
-    """The same BSR weights in group-major order (``pallas_kernels.bsr_gm_quant_matmul``):
-    the best of a few blocks-per-program and warp counts, on registers and as tensor-core
-    products (``mma``); the reordering is not timed (it runs once per layer, on the host)."""
-    best, tried = None, []
-    for bt in (32, 64, 128):
-        gm_sets = [(x, group_major_blocks(b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
-                                          out_features=N, groups=K // 128, block_t=bt))
-                   for x, b in sets]
-        for nw, mma in itertools.product((4, 8), (False, True)):
-            cfg = GroupMajorConfig(block_m=GroupMajorConfig.for_shape("cuda", sets[0][0].shape[0])
-                                   .block_m, num_warps=nw, num_stages=2, mma=mma)
-            f = lambda x, g, cfg=cfg: bsr_gm_quant_matmul(x, g, out_features=N, bits=4,
-                                                          group_size=128, config=cfg)
-            try:
-                t = T(f, gm_sets)
-            except Exception as e:  # noqa: BLE001 - a failing config is a result
-                tried.append(dict(block_t=bt, config=dataclasses.asdict(cfg),
-                                  error=repr(e)[-200:]))
-                continue
-            tried.append(dict(block_t=bt, config=dataclasses.asdict(cfg), us=t * 1e6))
-            if best is None or t < best[0]:
-                best = (t, bt, cfg, f, gm_sets[0])
-        del gm_sets
-    if best is None:
-        print(f"group-major s{round(100 * s)}: every config failed: {tried}", flush=True)
-        return
-    t, bt, cfg, f, (x, g) = best
-    nbytes = sum(int(a.nbytes) for a in g)
-    add(f"w4g128s{round(100 * s)} group-major", t, nbytes, rel_err(jax.jit(f)(x, g), want),
-        config=dict(dataclasses.asdict(cfg), block_t=bt), tried=tried)
-
-
-def markdown(res: dict) -> str:
-    m = res["meta"]
-    lines = ["# GQSA: group-sparse W4 (BSR) against dense quantization", "",
-             f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. Copy ceiling "
-             f"{m['ceiling'] / 1e9:,.0f} GB/s. µs per product with weights rotated past the L2 "
-             "cache; sNN = NN% of each row's groups removed, kept groups in BSR form; "
-             "× dense W4 = time relative to dense W4 g128 (target for s50: ≤ 0.65). Block "
-             "list: the same tiles with partials added by a second launch instead of whole-row "
-             "programs; `repack`: the kept codes scattered into the dense layout on the device, "
-             "then the dense W4 kernel (the engine's route at 2-64 rows).", "",
-             "| shape | M | format | weight MiB | µs | % ceiling | × bf16 speed | × dense W4 "
-             "time | block list µs | rel err |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in res["speed"]:
-        v, bl = r["time_vs_dense_w4"], r.get("block_list_us")
-        lines.append(f"| {r['shape']} | {r['M']} | {r['format']} | "
-                     f"{r['weight_bytes'] / 2 ** 20:.1f} | {r['us']:.1f} | "
-                     f"{r['pct_ceiling']:.0f}% | {r['speedup_vs_bf16']:.2f} | "
-                     f"{'' if v is None else format(v, '.2f')} | "
-                     f"{'' if bl is None else format(bl, '.1f')} | "
-                     f"{'' if r['rel_error'] is None else format(r['rel_error'], '.1e')} |")
-    return "\n".join(lines) + "\n"
+from gqsa_speed import SHAPES, markdown, speed_rows  # noqa: E402  (--part speed)
 
 
 # ----------------------------------------------------------------------------- accuracy
