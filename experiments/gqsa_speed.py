@@ -44,6 +44,18 @@ SHAPES = {"gate_up 4096x28672": (4096, 28672), "down 14336x4096": (14336, 4096),
           "qkv 4096x6144": (4096, 6144), "o 4096x4096": (4096, 4096)}
 
 
+def time_config(T, f, sets, cfg, tried: list, **record):
+    """``T(f, sets)`` in seconds, or None where the config fails (a failing config is a
+    result); either way a record of ``cfg`` (with ``record``'s fields) is appended to `tried`."""
+    try:
+        t = T(f, sets)
+    except Exception as e:  # noqa: BLE001
+        tried.append(dict(record, config=dataclasses.asdict(cfg), error=repr(e)[-200:]))
+        return None
+    tried.append(dict(record, config=dataclasses.asdict(cfg), us=t * 1e6))
+    return t
+
+
 def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0.3, 0.5),
                group_major: bool = True, table: Optional[str] = None) -> None:
     """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all): the
@@ -116,12 +128,9 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 f = lambda x, b, cfg=cfg: bsr_quant_matmul(  # noqa: E731
                     x, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids, out_features=N,
                     bits=4, group_size=128, row_blocks=b.row_blocks, config=cfg)
-                try:
-                    t = T(f, sets)
-                except Exception as e:  # noqa: BLE001 - a failing config is a result
-                    tried.append(dict(config=dataclasses.asdict(cfg), error=repr(e)[-200:]))
+                t = time_config(T, f, sets, cfg, tried)
+                if t is None:
                     return
-                tried.append(dict(config=dataclasses.asdict(cfg), us=t * 1e6))
                 if best is None or t < best[0]:
                     best = (t, cfg, f)
                 if t_default is None:
@@ -205,12 +214,9 @@ def gathered_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float) 
         def f(x, b, cfg=cfg):
             return bsr_gather_quant_matmul(x, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
                                            out_features=N, bits=4, group_size=128, config=cfg)
-        try:
-            t = T(f, sets)
-        except Exception as e:  # noqa: BLE001 - a failing config is a result
-            tried.append(dict(config=dataclasses.asdict(cfg), error=repr(e)[-200:]))
+        t = time_config(T, f, sets, cfg, tried)
+        if t is None:
             continue
-        tried.append(dict(config=dataclasses.asdict(cfg), us=t * 1e6))
         if best is None or t < best[0]:
             best = (t, cfg, f)
     if best is None:
@@ -235,13 +241,9 @@ def group_major_row(add, T, sets, want, rel_err, N: int, K: int, s: float) -> No
                                    .block_m, num_warps=nw, num_stages=2, mma=mma)
             f = lambda x, g, cfg=cfg: bsr_gm_quant_matmul(x, g, out_features=N, bits=4,
                                                           group_size=128, config=cfg)
-            try:
-                t = T(f, gm_sets)
-            except Exception as e:  # noqa: BLE001 - a failing config is a result
-                tried.append(dict(block_t=bt, config=dataclasses.asdict(cfg),
-                                  error=repr(e)[-200:]))
+            t = time_config(T, f, gm_sets, cfg, tried, block_t=bt)
+            if t is None:
                 continue
-            tried.append(dict(block_t=bt, config=dataclasses.asdict(cfg), us=t * 1e6))
             if best is None or t < best[0]:
                 best = (t, bt, cfg, f, gm_sets[0])
         del gm_sets
