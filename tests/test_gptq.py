@@ -4,10 +4,14 @@
 implementation's conventions in float64 numpy, sharing no code with ``optgqa_jax.quant``.
 Tolerances: our GPTQ runs in float32, so a code that sits on a rounding tie may come out one
 step apart, and GPTQ's error feedback then carries the difference along that output row. We
-require >= 97% identical codes, identical grids for static groups and per-channel grids,
+require >= 95% identical codes, identical grids for static groups and per-channel grids,
 identical ``g_idx``, and a layer-output error ``||X w_hat - X w||`` within 1% of the reference's.
 Measured with the code of the commit that added this file, over these cases on three seeds: 99.19-100% identical codes (mean
-99.94%), output-error ratio ours / reference 0.998-1.0004.
+99.94%), output-error ratio ours / reference 0.998-1.0004. The inputs are fresh per run (the
+seed hashes the test's id, and Python randomises string hashes per process), and symmetric
+grids tie most often: over 150 seeds of each of four symmetric cases (commit fe72110) the
+lowest agreement was 96.69%, and one CI run at fe72110 drew 96.58% (4 bits, groups of 128,
+act-order). The bound sits below that tail; the output-error bound is the strict check.
 """
 
 import jax.numpy as jnp
@@ -58,7 +62,7 @@ def test_gptq_matches_float64_reference(rng, bits, group_size, sym, act_order, s
     codes = np.asarray(ql.codes())
     assert codes.shape == r["codes"].shape == w.shape
     agree = np.mean(codes == r["codes"])
-    assert agree >= 0.97, f"only {agree:.4f} of the codes agree"
+    assert agree >= 0.95, f"only {agree:.4f} of the codes agree"
     np.testing.assert_array_equal(np.asarray(ql.g_idx), r["g_idx"])
     if static_groups or group_size == -1:
         np.testing.assert_allclose(np.asarray(ql.scales, np.float64), r["scales"], rtol=1e-5)
