@@ -265,7 +265,9 @@ def markdown(res: dict) -> str:
              "× dense W4 = time relative to dense W4 g128 (target for s50: ≤ 0.65). Block "
              "list: the same tiles with partials added by a second launch instead of whole-row "
              "programs; `repack`: the kept codes scattered into the dense layout on the device, "
-             "then the dense W4 kernel (the engine's route at 2-64 rows).", "",
+             "then the dense W4 kernel (the engine's route at 2-64 rows); `gathered`: the "
+             "kept blocks read in place through a block map on the dense kernel's "
+             "tensor-core tiles (`bsr_gather_quant_matmul`).", "",
              "| shape | M | format | weight MiB | µs | % ceiling | × bf16 speed | × dense W4 "
              "time | block list µs | rel err |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
