@@ -156,6 +156,11 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 base_cfg = dataclasses.replace(base_cfg, runtime_magic=False)
                 try_cfg(dataclasses.replace(base_cfg, index_magic=True))
                 try_cfg(dataclasses.replace(base_cfg, index_magic=True, code_zeros=True))
+                # ... and the best so far with several chunks of rows per program, the next
+                # chunk's blocks requested before this one's are multiplied (whole rows only)
+                if b.row_blocks > 0 and best[1].row_aligned:
+                    for loop in (4, 16):
+                        try_cfg(dataclasses.replace(best[1], row_loop=loop))
             t, cfg, f = best
             block_list = None
             if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added

@@ -109,6 +109,13 @@ class BSRMatmulConfig:
         SASS (Triton 3.9 on a CPU, W4S50, ``code_zeros``): 368 instead of 424 instructions per
         thread at ``block_t=32``, 2 warps (5.75 per code instead of 6.6); 752 instead of
         856 at 64. Excludes ``runtime_magic`` and ``raw_x``. Not yet timed.
+      row_loop: whole-rows programs take this many consecutive chunks of ``Bn`` output
+        features each, one chunk per step of a loop whose step requests the next chunk's
+        codes, groups, scales and zeros before multiplying its own (a prefetch written in
+        the kernel: Triton's pipeliner leaves these loads alone, no asynchronous copies in
+        the TTGIR), so a program's global loads overlap its arithmetic. 1 (default): one
+        chunk per program, no loop; the many short programs then overlap only through the
+        GPU's scheduler, each starting with its global loads. Whole-rows schedule only.
     """
 
     block_t: int = 64
@@ -121,6 +128,7 @@ class BSRMatmulConfig:
     bf16_x: bool = False
     code_zeros: bool = False
     index_magic: bool = False
+    row_loop: int = 1
 
     @classmethod
     def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
@@ -144,7 +152,7 @@ class BSRMatmulConfig:
 
     def validate(self) -> None:
         C.validate_tuning(self, ("block_t",))
-        C.validate_tuning(self, ("block_m",), minimum_block=1)
+        C.validate_tuning(self, ("block_m", "row_loop"), minimum_block=1)
         if self.block_m > 16:
             raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
         if self.index_magic and (self.runtime_magic or self.raw_x):
@@ -159,11 +167,25 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: i
                 row_blocks=int(row_blocks), M=tuned_rows(M))
 
 
+def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block: int):
+    """(words int32 [S, Wg], groups int32 [S], scales and zeros float32 [S]) of the `slots`
+    blocks from ``t0`` (zeros where `ok` is False). Traced inside a kernel."""
+    S, Wg = slots, words_per_block
+    words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
+                       other=0)                                             # [S, Wg] int32
+    g = plgpu.load(g_ref.at[pl.ds(t0, S)], mask=ok, other=0)               # [S] groups
+    sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+    zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+    return words, g, sc, zp
+
+
 def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int, bits: int,
                     group_size: int, rows, raw_x: bool = False, code_zeros: bool = False,
-                    index_magic: bool = False):
+                    index_magic: bool = False, blocks=None):
     """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
-    `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel.
+    `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel. ``blocks``:
+    those blocks' (words, groups, scales, zeros) already loaded (:func:`_load_blocks`), or
+    None to load them here.
 
     ``raw_x``: x as given (its own column order and dtype): each shift's codes become floats
     holding the code itself (``code_floats_exact``) minus the block's zero point, multiplied
@@ -174,12 +196,8 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
     x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref = refs
     P = 32 // bits
     Wg = group_size // P
-    S = slots
-    words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
-                       other=0)                                             # [S, Wg] int32
-    g = plgpu.load(g_ref.at[pl.ds(t0, S)], mask=ok, other=0)               # [S] groups
-    sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
-    zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
+    words, g, sc, zp = (_load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots, Wg)
+                        if blocks is None else blocks)
     words_hi = words >> 16
     if raw_x:      # q - z, exact: the subtracted 2^(23 - s) + z is an exact float32
         vals = [code_floats_exact(words, words_hi, bits, p,
@@ -203,7 +221,7 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
     step = 1 if raw_x else Wg            # column offset of shift p within a group
     parts = []
     for row in rows:
-        acc = jnp.zeros((S, Wg), jnp.float32)
+        acc = jnp.zeros((slots, Wg), jnp.float32)
         for p in range(P):
             cols = base + p * step
             xv = plgpu.load(x_ref.at[jnp.full(cols.shape, row, jnp.int32), cols])
@@ -249,25 +267,44 @@ def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[
 
 def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
                      slots: int, block_m: int, runtime_magic: bool = False, raw_x: bool = False,
-                     code_zeros: bool = False, index_magic: bool = False):
-    """Whole-rows schedule: output features [j Bn, (j + 1) Bn), R blocks each, in `slots`."""
-    R, Bn, S = row_blocks, rows, slots
+                     code_zeros: bool = False, index_magic: bool = False, row_loop: int = 1):
+    """Whole-rows schedule: output features ``[(j L + c) Bn, (j L + c + 1) Bn)`` for chunks
+    ``c < L`` (``row_loop``), R blocks each, in `slots`; a loop over c when L > 1."""
+    R, Bn, S, L = row_blocks, rows, slots, row_loop
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
-        t0 = j * (Bn * R)
         t = jnp.arange(S)                                                   # [S] slots
-        ok = (t < Bn * R) & (t0 + t < nnz)
         owner = (jax.lax.div(t, jnp.int32(R))[:, None]
                  == jnp.arange(Bn)[None, :])                               # [S, Bn]
-        parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
-                                runtime_magic, t0, ok, slots=S, bits=bits,
-                                group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
-                                index_magic=index_magic,
-                                rows=[i * block_m + m for m in range(block_m)])
-        for m, part in enumerate(parts):
-            y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)       # [Bn]
-            o_ref[pl.ds(m, 1), :] = y[None, :].astype(o_ref.dtype)
+
+        def where(c):     # chunk c's first block and its used slots
+            t0 = (j * L + c) * (Bn * R)
+            return t0, (t < Bn * R) & (t0 + t < nnz)
+
+        def chunk(c, blocks=None):
+            t0, ok = where(c)
+            parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
+                                    runtime_magic, t0, ok, slots=S, bits=bits,
+                                    group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
+                                    index_magic=index_magic, blocks=blocks,
+                                    rows=[i * block_m + m for m in range(block_m)])
+            for m, part in enumerate(parts):
+                y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)   # [Bn]
+                o_ref[pl.ds(m, 1), pl.ds(c * Bn, Bn)] = y[None, :].astype(o_ref.dtype)
+
+        def load(c):
+            return _load_blocks(c_ref, s_ref, z_ref, g_ref, *where(c), S, group_size * bits // 32)
+
+        def step(c, blocks):    # chunk c+1's blocks are requested before chunk c is used
+            following = load(c + 1)
+            chunk(c, blocks)
+            return following
+
+        if L == 1:
+            chunk(0)
+        else:
+            jax.lax.fori_loop(0, L, step, load(0))
 
     return kernel
 
@@ -332,9 +369,10 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
                                   row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
                                   runtime_magic=config.runtime_magic, raw_x=config.raw_x,
                                   code_zeros=config.code_zeros,
-                                  index_magic=config.index_magic)
-        y = launch(kernel, C.cdiv(out_features, bn) * bn, bn, x.dtype,
-                   "optgqa_bsr_rows_quant_matmul")
+                                  index_magic=config.index_magic, row_loop=config.row_loop)
+        per_program = bn * config.row_loop
+        y = launch(kernel, C.cdiv(out_features, per_program) * per_program, per_program,
+                   x.dtype, "optgqa_bsr_rows_quant_matmul")
         return y[:M, :out_features]
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
                           block_m=block_m, runtime_magic=config.runtime_magic,

@@ -42,6 +42,10 @@ T16_IDX = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=1,
                           index_magic=True)      # 2^23's pattern from the group index
 T16_M4_IDX_CZ = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
                                 index_magic=True, code_zeros=True)
+T16_LOOP4 = BSRMatmulConfig(block_t=16, block_m=1, num_warps=4, num_stages=2,
+                            row_loop=4)           # 4 chunks of rows per program, in a loop
+T16_M4_LOOP2_IDX_CZ = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=2,
+                                      row_loop=2, index_magic=True, code_zeros=True)
 T16_M4_CZ_BF16X = BSRMatmulConfig(block_t=16, block_m=4, num_warps=4, num_stages=1,
                                   code_zeros=True, bf16_x=True, runtime_magic=True)
 
@@ -136,6 +140,9 @@ def test_uniform_patterns(pattern):
     (4, 32, 4, 3, 21, 1, jnp.bfloat16, T16_M4_CZ_BF16X),
     (4, 32, 7, 5, 13, 3, jnp.bfloat16, T16_M4_IDX_CZ),
     (2, 64, 3, 2, 9, 1, jnp.float16, T16_IDX),
+    (4, 32, 4, 3, 21, 1, jnp.bfloat16, T16_LOOP4),      # 4 rows a chunk: 6 chunks, 2 programs
+    (4, 32, 7, 5, 13, 3, jnp.float16, T16_M4_LOOP2_IDX_CZ),  # 2 rows a chunk, last one short
+    (8, 32, 24, 20, 6, 2, jnp.bfloat16, T16_LOOP4),     # one row a chunk, 4 chunks past N
 ])
 def test_whole_rows_schedule(bits, gs, G, kept, N, M, dtype, config):
     """Row-scope pruning (every row keeps R blocks): programs take whole rows and reduce in
@@ -188,6 +195,8 @@ def test_bad_inputs_raise_before_work():
         bsr_quant_matmul(x, codes, s, z, col, rows, row_blocks=3, **kw)
     with pytest.raises(ValueError, match="block_m"):
         bsr_quant_matmul(x, codes, s, z, col, rows, config=BSRMatmulConfig(block_m=32), **kw)
+    with pytest.raises(ValueError, match="row_loop=3"):
+        bsr_quant_matmul(x, codes, s, z, col, rows, config=BSRMatmulConfig(row_loop=3), **kw)
     for cfg in (BSRMatmulConfig(index_magic=True, runtime_magic=True),
                 BSRMatmulConfig(index_magic=True, raw_x=True)):
         with pytest.raises(ValueError, match="index_magic"):
