@@ -257,7 +257,8 @@ for step in $steps; do
         experiments/gqsa_eval.py --part engine --engine-formats w4g128 --sequences 1 \
         --out "$out/gqsa_engine_tables/dense_w4" ;;
     gqsa-engine-gathered)  # engine decode at 16 sequences, W4S50 with its 2-64-row products on
-      # the block-map kernel (OPTGQA_BSR_BATCHED=gathered) instead of the repacked layer
+      # the block-map kernel (OPTGQA_BSR_BATCHED=gathered, now the default; at 7364f16 and before,
+      # the repacked layer)
       OPTGQA_BSR_BATCHED=gathered XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_gathered \
         300 python experiments/gqsa_eval.py --part engine --engine-formats w4g128s50 \
         --sequences 16 --out "$out/gqsa_engine_gathered" ;;

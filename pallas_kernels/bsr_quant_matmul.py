@@ -108,14 +108,21 @@ class BSRMatmulConfig:
         start of every short program, and it was slower on the H100 and the H200). In sm_90
         SASS (Triton 3.9 on a CPU, W4S50, ``code_zeros``): 368 instead of 424 instructions per
         thread at ``block_t=32``, 2 warps (5.75 per code instead of 6.6); 752 instead of
-        856 at 64. Excludes ``runtime_magic`` and ``raw_x``. Not yet timed.
+        856 at 64. Excludes ``runtime_magic`` and ``raw_x``. On an H100 (commit 7364f16,
+        ``results/h100/gqsa/gqsa_tune_7364f16.json``, each shape's best tiles at one row) it
+        was slower all the same: gate/up 31.6 against 30.0 µs (with ``code_zeros`` 30.5
+        against 28.6), down 25.9 against 21.2; fewer instructions per code did not make the
+        kernel faster.
       row_loop: whole-rows programs take this many consecutive chunks of ``Bn`` output
         features each, one chunk per step of a loop whose step requests the next chunk's
         codes, groups, scales and zeros before multiplying its own (a prefetch written in
         the kernel: Triton's pipeliner leaves these loads alone, no asynchronous copies in
         the TTGIR), so a program's global loads overlap its arithmetic. 1 (default): one
         chunk per program, no loop; the many short programs then overlap only through the
-        GPU's scheduler, each starting with its global loads. Whole-rows schedule only.
+        GPU's scheduler, each starting with its global loads. Whole-rows schedule only. On an
+        H100 (commit 7364f16, same file, each shape's best tiles) slower at 4 and 16 chunks:
+        gate/up 31.6 and 42.7 against 28.6 µs, down 26.4 and 37.6 against 21.2, o 15.7 and
+        19.1 against 14.2: fewer, longer programs lost more than the prefetch won.
     """
 
     block_t: int = 64

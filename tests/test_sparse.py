@@ -421,8 +421,8 @@ def test_auto_dispatch_by_rows_backend_and_dtype(monkeypatch):
 
 
 def test_batched_route_switch(monkeypatch):
-    """OPTGQA_BSR_BATCHED picks what impl="auto" runs at 2-64 rows on GPUs: the repacked dense
-    kernel (default) or the block-map kernel; other values are refused."""
+    """OPTGQA_BSR_BATCHED picks what impl="auto" runs at 2-64 rows on GPUs: the block-map
+    kernel (default) or the repacked dense kernel; other values are refused."""
     import importlib
     bg = importlib.import_module("pallas_kernels.bsr_gather_quant_matmul")   # the module
     from pallas_kernels import _common as kc
@@ -430,20 +430,35 @@ def test_batched_route_switch(monkeypatch):
     from optgqa_jax.quant.config import QuantConfig
     from optgqa_jax.sparse.synthetic import random_bsr_linear
     monkeypatch.delenv(bsr.BATCHED_ROUTE_ENV, raising=False)
-    assert bsr.batched_route() == "repack"
+    assert bsr.batched_route() == "gathered"
     monkeypatch.setenv(bsr.BATCHED_ROUTE_ENV, "fast")
     with pytest.raises(ValueError, match="OPTGQA_BSR_BATCHED='fast'"):
         bsr.batched_route()
-    monkeypatch.setenv(bsr.BATCHED_ROUTE_ENV, "gathered")
-    assert bsr.batched_route() == "gathered"
+    monkeypatch.setenv(bsr.BATCHED_ROUTE_ENV, "repack")
+    assert bsr.batched_route() == "repack"
     b = random_bsr_linear(3, 64, 24, QuantConfig(bits=4, group_size=32), 0.5, "float32")
     calls = []
 
-    def stub(x, *args, out_features, **kw):
-        calls.append(x.shape)
-        return jnp.zeros((x.shape[0], out_features), x.dtype)
+    def recorder(name):
+        def run(x, *args, **kw):
+            calls.append((name, x.shape))
+            n = kw.get("out_features") or args[0].shape[1]      # quant_matmul: qweight [W, N]
+            return jnp.zeros((x.shape[0], n), x.dtype)
+        return run
 
-    monkeypatch.setattr(bg, "bsr_gather_quant_matmul", stub)
+    qm = importlib.import_module("pallas_kernels.quant_matmul")
+    bq = importlib.import_module("pallas_kernels.bsr_quant_matmul")
+    monkeypatch.setattr(bg, "bsr_gather_quant_matmul", recorder("gathered"))
+    monkeypatch.setattr(qm, "quant_matmul", recorder("dense"))
+    monkeypatch.setattr(bq, "bsr_quant_matmul", recorder("bsr"))
     monkeypatch.setattr(kc, "backend", lambda: "cuda")
+    y = sparse.bsr_matmul(jnp.ones((2, 8, 64), jnp.bfloat16), b)          # 16 rows: repacked
+    assert y.shape == (2, 8, 24) and calls == [("dense", (16, 64))]
+    monkeypatch.delenv(bsr.BATCHED_ROUTE_ENV)
     y = sparse.bsr_matmul(jnp.ones((2, 8, 64), jnp.bfloat16), b)          # 16 rows: gathered
-    assert y.shape == (2, 8, 24) and calls == [(16, 64)]
+    assert y.shape == (2, 8, 24) and calls[1:] == [("gathered", (16, 64))]
+    y = sparse.bsr_matmul(jnp.ones((1, 64), jnp.bfloat16), b)            # one row: BSR kernel
+    assert y.shape == (1, 24) and calls[2:] == [("bsr", (1, 64))]
+    b8 = random_bsr_linear(4, 64, 24, QuantConfig(bits=8, group_size=32), 0.5, "float32")
+    sparse.bsr_matmul(jnp.ones((16, 64), jnp.bfloat16), b8)   # 8-bit codes, bfloat16 x:
+    assert calls[3:] == [("dense", (16, 64))]                  # no block-map kernel: repacked

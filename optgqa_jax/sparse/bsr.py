@@ -313,21 +313,28 @@ KERNEL_MAX_ROWS = 1
 # 125.8 against 336.8 µs on gate/up, 81.0 against 160.3 on down, 33.5 against 72.2 on q/k/v
 # and 25.9 against 47.5 on o (1.8-2.7x faster; still 1.8-2.9x dense W4).
 REPACK_MAX_ROWS = 64
-# Which route impl="auto" takes for 2 to REPACK_MAX_ROWS rows: "repack" (above), or
-# "gathered" (pallas_kernels.bsr_gather_quant_matmul: the kept blocks read in place on the
-# dense kernel's tensor-core tiles; untimed, hence not the default). The environment variable
-# lets a benchmark run the engine on either route without code changes.
+# Which route impl="auto" takes for 2 to REPACK_MAX_ROWS rows: "gathered" (the default:
+# pallas_kernels.bsr_gather_quant_matmul, the kept blocks read in place on the dense kernel's
+# tensor-core tiles through a block map, no repacked layout written) or "repack" (above). On
+# an H100 (jax 0.11.2, commit 7364f16, experiments/results/h100/gqsa/gqsa_tune_7364f16.md) at
+# 16 rows, W4S50, gathered against the gather repack in the same run: gate/up 67.2 against
+# 129.4 µs, down 40.9 against 83.4, q/k/v 29.8 against 34.9 (o's row was cut by the step's
+# time limit); still 1.20-1.36x dense W4's time. The engine's 16-sequence W4S50 decode on the
+# gathered route ran at 2,222 tokens/s (gqsa_engine_gathered_7364f16.md), against 1,547 on
+# the gather repack in an earlier run on another H100 (commit 544c0a0). Where the block-map
+# kernel does not apply (8-bit codes with bfloat16 x) "auto" repacks. The environment
+# variable lets a benchmark run the engine on either route without code changes.
 BATCHED_ROUTE_ENV = "OPTGQA_BSR_BATCHED"
 BATCHED_ROUTES = ("repack", "gathered")
 
 
 def batched_route() -> str:
-    """The route for 2 to ``REPACK_MAX_ROWS`` rows: ``$OPTGQA_BSR_BATCHED`` or "repack".
+    """The route for 2 to ``REPACK_MAX_ROWS`` rows: ``$OPTGQA_BSR_BATCHED`` or "gathered".
 
     Raises:
       ValueError: the variable names another route.
     """
-    route = os.environ.get(BATCHED_ROUTE_ENV, "repack") or "repack"
+    route = os.environ.get(BATCHED_ROUTE_ENV, "gathered") or "gathered"
     if route not in BATCHED_ROUTES:
         raise ValueError(f"{BATCHED_ROUTE_ENV}={route!r} must be one of {BATCHED_ROUTES}")
     return route
@@ -391,11 +398,11 @@ def bsr_matmul(x: jax.Array, b: BSRQuantizedLinear, impl: str = "auto") -> jax.A
     of groups, else the scatter) and runs the dense ``quant_matmul`` kernel; ``"gathered"``
     runs ``pallas_kernels.bsr_gather_quant_matmul`` (the dense kernel's tensor-core tiles
     reading the kept blocks in place through a block map; bfloat16 x with 2 or 4 bits,
-    float16 x with 2, 4 or 8; untimed, so ``"auto"`` takes it only where the environment
-    variable ``OPTGQA_BSR_BATCHED=gathered`` asks, :func:`batched_route`);
-    ``"dequantize"`` scatters the float weight and multiplies (XLA); ``"auto"`` takes the BSR
-    kernel on GPUs for bfloat16/float16 x with at most ``KERNEL_MAX_ROWS`` rows (batch-1
-    decode), the repacked route up to ``REPACK_MAX_ROWS`` (batched decode), and dequantizes
+    float16 x with 2, 4 or 8); ``"dequantize"`` scatters the float weight and multiplies
+    (XLA); ``"auto"`` takes the BSR kernel on GPUs for bfloat16/float16 x with at most
+    ``KERNEL_MAX_ROWS`` rows (batch-1 decode), the block-map kernel up to ``REPACK_MAX_ROWS``
+    (batched decode; the repacked route where it does not apply, or where the environment
+    variable ``OPTGQA_BSR_BATCHED=repack`` asks, :func:`batched_route`), and dequantizes
     elsewhere (prefill, CPUs).
     """
     from pallas_kernels import _common as kc
