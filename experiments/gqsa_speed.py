@@ -139,8 +139,11 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             t_default = None
             for cfg in candidates:
                 try_cfg(cfg)
-            if best is not None:   # the best tiles with 2^23's pattern read at run time (one
-                # logic instruction per code instead of two in these loop-free programs)
+            # the options only where the engine runs this kernel (more rows: default tiles)
+            searched = M <= sparse.bsr.KERNEL_MAX_ROWS
+            if best is not None and searched:   # the best tiles with 2^23's pattern read at
+                # run time (one logic instruction per code instead of two in these loop-free
+                # programs)
                 try_cfg(dataclasses.replace(best[1], runtime_magic=True))
                 # ... and reading x as given (no wrapper launch; more instructions per code)
                 try_cfg(dataclasses.replace(best[1], raw_x=True))
@@ -163,8 +166,8 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                         try_cfg(dataclasses.replace(best[1], row_loop=loop))
             t, cfg, f = best
             block_list = None
-            if b.row_blocks > 0:   # the same tiles on the block-list schedule (partials added
-                # by a second launch): what whole-row programs save
+            if b.row_blocks > 0 and searched:   # the same tiles on the block-list schedule
+                # (partials added by a second launch): what whole-row programs save
                 n_tried = len(tried)
                 try_cfg(dataclasses.replace(cfg, row_aligned=False))
                 block_list = tried[n_tried].get("us")
@@ -172,7 +175,7 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
                 density=b.density, block_list_us=block_list)
-            if table and t < t_default:
+            if table and searched and t < t_default:
                 tuning.write_entries(table, "bsr_quant_matmul", [dict(
                     device=kc.device_kind(),
                     key=bsr_tuning_key(M, K, N, 4, 128, b.row_blocks),
