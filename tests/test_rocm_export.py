@@ -211,7 +211,8 @@ def test_quant_matmul_one_step_runtime_magic_lowers_through_triton(half_pairs, w
                                                  (3, 8, 64, True, True),
                                                  (1, 4, 128, True, "bf16_x"),
                                                  (2, 4, 128, False, "code_zeros"),
-                                                 (1, 4, 128, False, "index_magic")])
+                                                 (1, 4, 128, False, "index_magic"),
+                                                 (1, 4, 128, False, "row_loop")])
 @pytest.mark.parametrize("row_blocks", [-1, 3])     # block list; whole rows (R = 3)
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
 def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blocks, platform):
@@ -223,7 +224,8 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blo
     cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), runtime_magic=magic,
                               raw_x=raw is True, bf16_x=raw == "bf16_x",
                               code_zeros=raw == "code_zeros",
-                              index_magic=raw == "index_magic")
+                              index_magic=raw == "index_magic",
+                              row_loop=4 if raw == "row_loop" else 1)
 
     def f(x, c, s, z, col, rows):
         return bsr_quant_matmul(x, c, s, z, col, rows, out_features=N, bits=bits,
