@@ -319,6 +319,9 @@ def main(argv=None) -> None:
                    help="speed: comma-separated fractions of groups removed, in (0, 1)")
     p.add_argument("--no-group-major", dest="group_major", action="store_false",
                    help="speed: skip the group-major twins of the BSR formats")
+    p.add_argument("--all-bsr-options", action="store_true",
+                   help="speed: also try the BSR kernel options timed slower before (raw_x, "
+                        "bf16_x, index_magic, row_loop) on each one-row case's best tiles")
     p.add_argument("--table", default=None, metavar="PATH",
                    help="speed: merge each BSR case's best tiles, where they beat the rules', "
                         "into this bsr_quant_matmul tuning table (pallas_kernels.tuning; the "
@@ -391,7 +394,8 @@ def main(argv=None) -> None:
             f.write(markdown(res))
 
     speed_rows(res["meta"]["ceiling"], a.rows, res["speed"], save, shapes=a.shapes,
-               sparsities=a.sparsities, group_major=a.group_major, table=a.table)
+               sparsities=a.sparsities, group_major=a.group_major, table=a.table,
+               all_options=a.all_bsr_options)
     print(f"wrote {a.out}/gqsa_speed.{{json,md}}")
 
 

@@ -57,11 +57,15 @@ def time_config(T, f, sets, cfg, tried: list, **record):
 
 
 def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0.3, 0.5),
-               group_major: bool = True, table: Optional[str] = None) -> None:
+               group_major: bool = True, table: Optional[str] = None,
+               all_options: bool = False) -> None:
     """Time every format on `shapes` (short names: gate_up, down, qkv, o; default all): the
     BSR formats at each of `sparsities`, and their group-major twins unless `group_major` is
     off. With `table`, each BSR case's best tiles go into that ``bsr_quant_matmul`` tuning
-    table (:mod:`pallas_kernels.tuning`) when they beat the rules' tiles."""
+    table (:mod:`pallas_kernels.tuning`) when they beat the rules' tiles. At one row the BSR
+    kernel's best tiles are tried with ``runtime_magic`` and ``code_zeros``; `all_options`
+    adds the options that were timed slower (``raw_x``, ``bf16_x``, ``index_magic``,
+    ``row_loop``)."""
     opts = compiler_options()
     T = lambda fn, sets: B.timeit_rotating(fn, sets, compiler_options=opts)
     picked = {n: kn for n, kn in SHAPES.items() if shapes is None or n.split()[0] in shapes}
@@ -141,29 +145,26 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 try_cfg(cfg)
             # the options only where the engine runs this kernel (more rows: default tiles)
             searched = M <= sparse.bsr.KERNEL_MAX_ROWS
-            if best is not None and searched:   # the best tiles with 2^23's pattern read at
-                # run time (one logic instruction per code instead of two in these loop-free
-                # programs)
-                try_cfg(dataclasses.replace(best[1], runtime_magic=True))
-                # ... and reading x as given (no wrapper launch; more instructions per code)
-                try_cfg(dataclasses.replace(best[1], raw_x=True))
-                # ... and x's shift-major copy in bfloat16 (half the bytes of x per block)
+            if best is not None and searched:
                 base_cfg = best[1]
-                try_cfg(dataclasses.replace(base_cfg, bf16_x=True))
-                try_cfg(dataclasses.replace(base_cfg, bf16_x=True, runtime_magic=True))
-                # ... and the zero points on the codes (no group sums: one launch fewer)
-                try_cfg(dataclasses.replace(base_cfg, code_zeros=True))
-                try_cfg(dataclasses.replace(base_cfg, code_zeros=True, bf16_x=True))
-                # ... and 2^23's pattern from the group indices (one logic instruction per
-                # code, no load of its own)
-                base_cfg = dataclasses.replace(base_cfg, runtime_magic=False)
-                try_cfg(dataclasses.replace(base_cfg, index_magic=True))
-                try_cfg(dataclasses.replace(base_cfg, index_magic=True, code_zeros=True))
-                # ... and the best so far with several chunks of rows per program, the next
-                # chunk's blocks requested before this one's are multiplied (whole rows only)
-                if b.row_blocks > 0 and best[1].row_aligned:
-                    for loop in (4, 16):
-                        try_cfg(dataclasses.replace(best[1], row_loop=loop))
+                # the best tiles with 2^23's pattern read at run time (one logic instruction
+                # per code instead of two in these loop-free programs), with the zero points on
+                # the codes (no group sums: one launch fewer), and both
+                for extra in (dict(runtime_magic=True), dict(code_zeros=True),
+                              dict(runtime_magic=True, code_zeros=True)):
+                    try_cfg(dataclasses.replace(base_cfg, **extra))
+                if all_options:   # the options timed slower on the H100 and the H200
+                    # (gqsa_tune_{544c0a0,7364f16}.md, gqsa_tune_b226bd5.md): x as given (no
+                    # wrapper launch, strided reads of x), x's copy in bfloat16, 2^23's pattern
+                    # from the group indices, several chunks of rows per program
+                    for extra in (dict(raw_x=True), dict(bf16_x=True),
+                                  dict(bf16_x=True, runtime_magic=True),
+                                  dict(bf16_x=True, code_zeros=True), dict(index_magic=True),
+                                  dict(index_magic=True, code_zeros=True)):
+                        try_cfg(dataclasses.replace(base_cfg, **extra))
+                    if b.row_blocks > 0 and best[1].row_aligned:
+                        for loop in (4, 16):
+                            try_cfg(dataclasses.replace(best[1], row_loop=loop))
             t, cfg, f = best
             block_list = None
             if b.row_blocks > 0 and searched:   # the same tiles on the block-list schedule
