@@ -300,8 +300,10 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
                 y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)   # [Bn]
                 o_ref[pl.ds(m, 1), pl.ds(c * Bn, Bn)] = y[None, :].astype(o_ref.dtype)
 
-        def load(c):
-            return _load_blocks(c_ref, s_ref, z_ref, g_ref, *where(c), S, group_size * bits // 32)
+        def load(c):      # chunk c's blocks; none past the program's last chunk
+            t0, ok = where(c)
+            return _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok & (c < L), S,
+                                group_size * bits // 32)
 
         def step(c, blocks):    # chunk c+1's blocks are requested before chunk c is used
             following = load(c + 1)
