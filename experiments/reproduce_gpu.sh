@@ -249,7 +249,8 @@ for step in $steps; do
       tables=${OPTGQA_BSR_TABLES:-experiments/results/h100/gqsa/tables_8035686_544c0a0}
       for t in "$tables"/*/; do
         t=${t%/}
-        OPTGQA_TUNING=$PWD/$t XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+        case $t in /*) ;; *) t=$PWD/$t ;; esac
+        OPTGQA_TUNING=$t XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
           "gqsa_engine_tables_$(basename "$t")" 150 python experiments/gqsa_eval.py --part engine \
           --engine-formats w4g128s50 --sequences 1 --out "$out/gqsa_engine_tables/$(basename "$t")"
       done
