@@ -56,18 +56,6 @@ def time_config(T, f, sets, cfg, tried: list, **record):
     return t
 
 
-def read_floor(T, sets) -> float:
-    """Seconds XLA takes to read the weight's codes once (``codes`` of a BSR layer,
-    ``qweight`` of a dense one: all but ~3% of the bytes), as one column sum over the words
-    viewed [-1, 256], with the same L2 rotation as the kernels: a floor for any kernel
-    that reads the format, launch included."""
-    def f(x, w):
-        c = w.qweight if hasattr(w, "qweight") else w.codes
-        c = c.reshape(-1, 256) if c.size % 256 == 0 else c.reshape(1, -1)
-        return jnp.sum(c.astype(jnp.float32), axis=0)
-    return T(f, sets)
-
-
 def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0.3, 0.5),
                group_major: bool = True, table: Optional[str] = None,
                all_options: bool = False) -> None:
@@ -121,8 +109,7 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             x, ql = sets[0]
             want = np.asarray(jnp.dot(x.astype(jnp.float32), quant.dequantize(ql, jnp.float32)))
             f = lambda x, ql: quant.matmul(x, ql, "pallas")
-            add(fmt, T(f, sets), ql.nbytes - ql.g_idx.size * 4, rel_err(jax.jit(f)(x, ql), want),
-                read_floor_us=read_floor(T, sets) * 1e6 if fmt == "w4g128" else None)
+            add(fmt, T(f, sets), ql.nbytes - ql.g_idx.size * 4, rel_err(jax.jit(f)(x, ql), want))
             del sets
         for s in sparsities:
             sets = arg_sets(key, M, K, N, lambda k: random_bsr_linear(
@@ -188,8 +175,7 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 t, cfg, f = best
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
-                density=b.density, block_list_us=block_list,
-                read_floor_us=read_floor(T, sets) * 1e6 if M == 1 else None)
+                density=b.density, block_list_us=block_list)
             if table and searched and t < t_default:
                 tuning.write_entries(table, "bsr_quant_matmul", [dict(
                     device=kc.device_kind(),
@@ -290,24 +276,16 @@ def markdown(res: dict) -> str:
              "programs; `repack`: the kept codes scattered into the dense layout on the device, "
              "then the dense W4 kernel (the engine's route at 2-64 rows); `gathered`: the "
              "kept blocks read in place through a block map on the dense kernel's "
-             "tensor-core tiles (`bsr_gather_quant_matmul`). Read floor: the time XLA "
-             "takes to read the format's codes once (a column sum, same rotation; the codes "
-             "are all but ~3% of the bytes), a floor for any kernel, launch included; floor × W4 = that floor over dense "
-             "W4's kernel time, the best ratio any BSR kernel could reach here.", "",
+             "tensor-core tiles (`bsr_gather_quant_matmul`).", "",
              "| shape | M | format | weight MiB | µs | % ceiling | × bf16 speed | × dense W4 "
-             "time | block list µs | read floor µs | floor × W4 | rel err |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    dense = {(r["shape"], r["M"]): r["us"] for r in res["speed"] if r["format"] == "w4g128"}
+             "time | block list µs | rel err |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["speed"]:
         v, bl = r["time_vs_dense_w4"], r.get("block_list_us")
-        fl = r.get("read_floor_us")
-        d = dense.get((r["shape"], r["M"]))
-        fr = "" if fl is None or d is None else format(fl / d, ".2f")
         lines.append(f"| {r['shape']} | {r['M']} | {r['format']} | "
                      f"{r['weight_bytes'] / 2 ** 20:.1f} | {r['us']:.1f} | "
                      f"{r['pct_ceiling']:.0f}% | {r['speedup_vs_bf16']:.2f} | "
                      f"{'' if v is None else format(v, '.2f')} | "
                      f"{'' if bl is None else format(bl, '.1f')} | "
-                     f"{'' if fl is None else format(fl, '.1f')} | {fr} | "
                      f"{'' if r['rel_error'] is None else format(r['rel_error'], '.1e')} |")
     return "\n".join(lines) + "\n"
