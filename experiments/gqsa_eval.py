@@ -319,6 +319,9 @@ def main(argv=None) -> None:
                    help="speed: comma-separated fractions of groups removed, in (0, 1)")
     p.add_argument("--no-group-major", dest="group_major", action="store_false",
                    help="speed: skip the group-major twins of the BSR formats")
+    p.add_argument("--confirm-rounds", type=int, default=0, metavar="N",
+                   help="speed: time the search's best BSR settings, the rules' tiles and "
+                        "dense W4 again in N interleaved rounds and report the lowest median")
     p.add_argument("--all-bsr-options", action="store_true",
                    help="speed: also try the BSR kernel options timed slower before (raw_x, "
                         "bf16_x, index_magic, row_loop) on each one-row case's best tiles")
@@ -373,6 +376,8 @@ def main(argv=None) -> None:
         a.sparsities = []
     if not a.sparsities or not all(0 < x < 1 for x in a.sparsities):
         p.error(f"--sparsities {a.sparsities!r}: expected comma-separated fractions in (0, 1)")
+    if a.confirm_rounds < 0:
+        p.error(f"--confirm-rounds {a.confirm_rounds}: expected an integer >= 0")
     if not a.sequences or min(a.sequences) < 1 or not a.rows or min(a.rows) < 1:
         p.error(f"--sequences {a.sequences} / --rows {a.rows}: expected positive integers")
     os.makedirs(a.out, exist_ok=True)
@@ -395,7 +400,7 @@ def main(argv=None) -> None:
 
     speed_rows(res["meta"]["ceiling"], a.rows, res["speed"], save, shapes=a.shapes,
                sparsities=a.sparsities, group_major=a.group_major, table=a.table,
-               all_options=a.all_bsr_options)
+               all_options=a.all_bsr_options, confirm_rounds=a.confirm_rounds)
     print(f"wrote {a.out}/gqsa_speed.{{json,md}}")
 
 

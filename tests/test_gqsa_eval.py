@@ -79,7 +79,8 @@ def test_engine_xla_options_reach_every_run_and_guard_resume(tmp_path, monkeypat
                                    ["--sequences", "x"], ["--shapes", "lm_head"],
                                    ["--rows", ""], ["--sparsities", "1.0"],
                                    ["--sparsities", "x"], ["--sparsities", ""],
-                                   ["--xla-option", "no_equals_sign"]])
+                                   ["--xla-option", "no_equals_sign"],
+                                   ["--confirm-rounds", "-1"]])
 def test_bad_flags_exit_before_any_run(flags, monkeypatch, tmp_path):
     monkeypatch.setattr(B, "run_in_subprocess", lambda *a: pytest.fail("ran"))
     with pytest.raises(SystemExit) as e:
@@ -140,3 +141,43 @@ def test_bench_quant_runs_the_engines_before_touching_device_memory(monkeypatch,
                       "--engine-workloads", "batch1", "--out", str(tmp_path)])
     assert order == ["engine", "engine", "ceiling"]
     assert "Copy ceiling 1,000 GB/s" in (tmp_path / "bench_quant.md").read_text()
+
+
+def test_confirm_best_takes_the_lowest_median_of_interleaved_rounds():
+    """gqsa_speed.confirm_best on a fake timer: one lucky single timing from the search does
+    not win; every finalist, the rules' tiles and dense W4 are timed once per round, in
+    turn; the ratio is over dense W4's median."""
+    import gqsa_speed
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig
+    cfgs = [BSRMatmulConfig(block_t=bt, block_m=1, num_warps=nw, num_stages=2)
+            for bt, nw in ((32, 2), (64, 4), (128, 2), (256, 4))]
+    default = BSRMatmulConfig(block_t=64, block_m=1, num_warps=8, num_stages=2)
+    # the search saw cfgs[3] once at 10 µs (a lucky timing); its real times are 20-22
+    tried = [dict(config=gqsa_speed.dataclasses.asdict(c), us=u)
+             for c, u in zip(cfgs, (15.0, 14.0, 16.0, 10.0))]
+    tried.append(dict(config=gqsa_speed.dataclasses.asdict(cfgs[0]), error="boom"))
+    real = {cfgs[0]: [15, 15, 16], cfgs[1]: [14, 30, 13], cfgs[2]: [17, 17, 17],
+            cfgs[3]: [22, 20, 21], default: [25, 24, 26], "dense": [20, 19, 21]}
+    calls = []
+
+    def T(f, sets):
+        key = f.cfg
+        calls.append(key)
+        return real[key][sum(1 for c in calls if c == key) - 1] * 1e-6
+
+    def make_f(cfg):
+        f = lambda x, b: None  # noqa: E731
+        f.cfg = cfg
+        return f
+
+    dense_f = make_f("dense")
+    t, cfg, f, rec = gqsa_speed.confirm_best(T, [None], tried, make_f, default,
+                                             (dense_f, [None]), rounds=3)
+    assert cfg == cfgs[1] and f.cfg == cfgs[1]      # median 14 (one slow round ignored)
+    assert abs(t - 14e-6) < 1e-12
+    # the three fastest of the search (cfgs 3, 1, 0), then the rules' tiles; dense first
+    assert calls[:5] == ["dense", cfgs[3], cfgs[1], cfgs[0], default]
+    assert len(calls) == 15 and cfgs[2] not in calls
+    assert rec["rules_us"] == pytest.approx(25.0) and rec["dense_w4_median_us"] == pytest.approx(20.0)
+    assert rec["time_vs_dense_w4"] == pytest.approx(14 / 20)
+    assert [s["us"] for s in rec["settings"]][1] == pytest.approx([14, 30, 13])
