@@ -221,7 +221,8 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                 n_tried = len(tried)
                 try_cfg(dataclasses.replace(cfg, row_aligned=False))
                 block_list = tried[n_tried].get("us")
-                t, cfg, f = best
+                if confirm is None:
+                    t, cfg, f = best
             add(f"w4g128s{round(100 * s)}", t, b.nbytes, rel_err(jax.jit(f)(x, b), want),
                 config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
                 density=b.density, block_list_us=block_list, confirm=confirm)

@@ -181,3 +181,20 @@ def test_confirm_best_takes_the_lowest_median_of_interleaved_rounds():
     assert rec["rules_us"] == pytest.approx(25.0) and rec["dense_w4_median_us"] == pytest.approx(20.0)
     assert rec["time_vs_dense_w4"] == pytest.approx(14 / 20)
     assert [s["us"] for s in rec["settings"]][1] == pytest.approx([14, 30, 13])
+
+
+def test_dispatch_cost_writes_its_tables(tmp_path):
+    """experiments/dispatch_cost.py on the CPU: both kinds at each count, a finite slope, and
+    bad counts exit before any run."""
+    import dispatch_cost
+    dispatch_cost.main(["--counts", "2,6", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "dispatch_cost.json").read_text())
+    assert [(r["n"], r["kind"]) for r in res["rows"]] == [
+        (2, "buffers"), (2, "packed"), (6, "buffers"), (6, "packed")]
+    assert all(r["dispatch_us"] > 0 and r["pipelined_us"] > 0 for r in res["rows"])
+    assert res["per_buffer_us"] == res["per_buffer_us"]          # not NaN
+    assert "µs per buffer" in (tmp_path / "dispatch_cost.md").read_text()
+    for bad in ("0", "x", ""):
+        with pytest.raises(SystemExit):
+            dispatch_cost.main(["--counts", bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
