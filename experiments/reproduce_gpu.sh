@@ -12,7 +12,7 @@
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
 # gqsa-engine-gathered (16 sequences on the block-map kernel),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# flash-mqa and profile-decode512; sharding-8b and sharding-70b need two GPUs
+# flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -237,8 +237,12 @@ for step in $steps; do
       # programs against the block list), written to the tuning table OPTGQA_BSR_TABLE
       # (default OUT/gqsa/bsr_quant_matmul.json), and the repacked dense route at 16 rows
       run gqsa_tune 400 python experiments/gqsa_eval.py --part speed --rows 1,16 \
-        --sparsities 0.5 --no-group-major \
+        --sparsities 0.5 --no-group-major --confirm-rounds 3 \
         --table "${OPTGQA_BSR_TABLE:-$out/gqsa/bsr_quant_matmul.json}" --out "$out/gqsa_tune" ;;
+    dispatch-cost)  # the host's launch time of one jitted program against its number of
+      # argument buffers (a batch-1 decode step takes 517-645)
+      run dispatch_cost 150 python experiments/dispatch_cost.py --counts 8,64,256,512,768,1024 \
+        --out "$out/batch1" ;;
     gqsa-engine-s50)  # engine decode: bfloat16, dense W4 and W4S50 at 1 and 16 sequences
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_s50 500 python \
         experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
