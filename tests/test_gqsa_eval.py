@@ -193,6 +193,7 @@ def test_dispatch_cost_writes_its_tables(tmp_path):
         (2, "buffers"), (2, "packed"), (6, "buffers"), (6, "packed")]
     assert all(r["dispatch_us"] > 0 and r["pipelined_us"] > 0 for r in res["rows"])
     assert res["per_buffer_us"] == res["per_buffer_us"]          # not NaN
+    assert res["per_buffer_dispatch_us"] == res["per_buffer_dispatch_us"]
     assert "µs per buffer" in (tmp_path / "dispatch_cost.md").read_text()
     for bad in ("0", "x", ""):
         with pytest.raises(SystemExit):
