@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant, sparse  # noqa: E402
 from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
-from optgqa_jax.timing import source_commit  # noqa: E402
+from optgqa_jax.timing import interleaved_rounds, source_commit  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels import _common as kc, tuning  # noqa: E402
 from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig,  # noqa: E402
@@ -72,12 +72,10 @@ def confirm_best(T, sets, tried: list, make_f, default, dense_case, rounds: int,
             cfgs.append(cfg)
     if default not in seen:
         cfgs.append(default)
-    times = {c: [] for c in cfgs}
-    dense = []
-    for _ in range(rounds):
-        dense.append(T(*dense_case))
-        for c in cfgs:
-            times[c].append(T(make_f(c), sets))
+    timers = {"dense": lambda: T(*dense_case)}
+    timers.update({c: (lambda c=c: T(make_f(c), sets)) for c in cfgs})
+    times = interleaved_rounds(timers, rounds)
+    dense = times.pop("dense")
     med = {c: float(np.median(v)) for c, v in times.items()}
     best = min(cfgs, key=med.get)
     d = float(np.median(dense))

@@ -219,7 +219,7 @@ for step in $steps; do
       # (default OUT/quant/quant_matmul.json; pallas_kernels/tuning/quant_matmul.json is the
       # packaged one, read by QuantMatmulConfig.for_shape on the same device kind)
       run tune_quant_decode 600 python experiments/tune_quant.py --rows "${OPTGQA_TUNE_ROWS:-1,16,64}" \
-        --formats w4g128 --budget-s 540 --case-budget-s "${OPTGQA_TUNE_CASE_S:-35}" \
+        --formats w4g128 --budget-s 540 --case-budget-s "${OPTGQA_TUNE_CASE_S:-35}" --confirm-rounds 3 \
         --table "${OPTGQA_TUNE_TABLE:-$out/quant/quant_matmul.json}" --out "$out/quant" ;;
     quant-kernels-decode)  # W4 g128 against bfloat16 and XLA at 1, 16, 64 and 256 rows, with
       # the tiles quant_matmul takes on this device (tuning table where it has an entry)

@@ -114,6 +114,21 @@ def timeit_rotating(fn, arg_sets, iters: int = 20, trials: int = 3,
     return timeit(many, list(arg_sets), iters=iters, trials=trials) / len(arg_sets)
 
 
+def interleaved_rounds(timers: dict, rounds: int) -> dict:
+    """Call every timer of `timers` (key -> zero-argument callable returning seconds) once
+    per round, in the dict's order, for `rounds` rounds; returns key -> the list of its
+    times. Interleaving spreads a drifting device (clocks, a neighbour's load) over every
+    key alike, so medians of these lists compare fairly where single timings of the same
+    setting moved by 2x between calls (``experiments/results/h100/gqsa/``)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    times = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, timer in timers.items():
+            times[k].append(float(timer()))
+    return times
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """The memory ceiling in bytes/s: the best of :func:`copy_bandwidths`."""
     return max(copy_bandwidths(nbytes).values())

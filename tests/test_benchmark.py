@@ -225,3 +225,17 @@ def test_quantized_params_are_drawn_without_a_float_copy(monkeypatch, spec):
     assert ta == tb
     for x, y in zip(a, b):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_interleaved_rounds_calls_each_timer_once_per_round_in_order():
+    from optgqa_jax.timing import interleaved_rounds
+    calls = []
+    timers = {k: (lambda k=k: calls.append(k) or len(calls) * 1e-6) for k in ("a", "b", "c")}
+    times = interleaved_rounds(timers, 2)
+    assert calls == ["a", "b", "c", "a", "b", "c"]
+    assert list(times) == ["a", "b", "c"]
+    for k, want in (("a", [1e-6, 4e-6]), ("b", [2e-6, 5e-6]), ("c", [3e-6, 6e-6])):
+        assert times[k] == pytest.approx(want)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rounds must be a positive integer"):
+            interleaved_rounds(timers, bad)

@@ -180,3 +180,42 @@ def test_tune_quant_split_variants_and_table_entries():
     entries = T.table_entries(res, "test")
     assert len(entries) == 1 and entries[0]["key"] == tuning_key(1, 4096, 28672, 4, 128)
     assert entries[0]["config"] == dataclasses.asdict(TUNED) and entries[0]["device"] == DEV
+
+
+def test_tune_quant_confirm_case_uses_interleaved_medians():
+    """tune_quant.confirm_case on a fake timer: the three fastest distinct tiles of the search
+    and the rules' tiles are timed with bfloat16 in turn; the lowest median wins, and the case
+    then carries the medians of bfloat16 and of the rules' tiles."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import tune_quant as T
+    mk = lambda bn, nw: QuantMatmulConfig(block_m=1, block_n=bn, block_k=256, split_k=2,  # noqa: E731
+                                          num_warps=nw, fma=True)
+    a, b, c, d = mk(64, 4), mk(128, 4), mk(64, 8), mk(256, 8)
+    rules = mk(32, 4)
+    case = dict(bf16_us=70.0, default=dict(config=dataclasses.asdict(rules), us=60.0),
+                tried=[dict(config=dataclasses.asdict(x), us=u)
+                       for x, u in ((a, 30.0), (b, 31.0), (a, 33.0), (c, 32.0), (d, 40.0))]
+                + [dict(config=dataclasses.asdict(d), error="boom")])
+    real = {"bf16": [80, 78, 90], a: [36, 35, 50], b: [33, 34, 33], c: [40, 31, 41],
+            rules: [45, 44, 46]}
+    order = []
+    bf16_sets = object()   # the fake timer tells the bfloat16 product by its argument sets
+
+    def timer(f, sets):
+        key = "bf16" if sets is bf16_sets else f.key
+        order.append(key)
+        return real[key][sum(1 for k in order if k == key) - 1] * 1e-6
+
+    def matmul_fn(cfg):
+        f = lambda *args: None  # noqa: E731
+        f.key = cfg
+        return f
+
+    t, cfg, t_bf16 = T.confirm_case(case, rules, timer, matmul_fn, None, bf16_sets, rounds=3)
+    assert cfg == b and t == pytest.approx(33e-6)
+    assert t_bf16 == pytest.approx(80e-6) and case["bf16_us"] == pytest.approx(80.0)
+    assert case["bf16_search_us"] == 70.0
+    assert case["default"]["us"] == pytest.approx(45.0) and case["default"]["search_us"] == 60.0
+    assert order[:5] == ["bf16", a, b, c, rules] and len(order) == 15 and d not in order
+    assert case["confirm"]["rounds"] == 3
+    assert [s["us"] for s in case["confirm"]["settings"]][0] == pytest.approx([36, 35, 50])
