@@ -14,7 +14,8 @@ pruned) that does a fixed amount of device work, for several ``n``:
 * ``per buffer``: the slope of ``pipelined`` over ``n``.
 
 The same with the ``n`` arrays packed into one buffer (sliced inside the program) shows what
-packing would save.
+packing would save, and ``donated`` (the ``n`` arrays donated and returned updated, as the
+engine's step does with its 64 KV-pool arrays) what donation adds.
 
     python experiments/dispatch_cost.py --out DIR [--counts 8,64,256,512,1024]
 
@@ -57,15 +58,43 @@ def time_calls(f, args, iters: int = 200, trials: int = 5) -> tuple[float, float
     return float(np.median(ret)), float(np.median(pipe))
 
 
+def time_donating(f, args, iters: int = 200, trials: int = 5) -> tuple[float, float]:
+    """:func:`time_calls` for a function that donates its arguments and returns their
+    successors (as the engine's step does with the KV pool): each call takes the previous
+    call's outputs."""
+    args = jax.block_until_ready(f(*args))
+    ret, pipe = [], []
+    for _ in range(trials):
+        args = jax.block_until_ready(f(*args))
+        t0 = time.perf_counter()
+        args = f(*args)
+        ret.append(time.perf_counter() - t0)
+        args = jax.block_until_ready(args)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            args = f(*args)
+        jax.block_until_ready(args)
+        pipe.append((time.perf_counter() - t0) / iters)
+    return float(np.median(ret)), float(np.median(pipe))
+
+
 def measure(counts, size: int = 256) -> list[dict]:
+    """Rows of every kind at each count: ``buffers`` (n arguments, each read), ``packed``
+    (the same values in one [n, size] argument) and ``donated`` (n arguments donated and
+    returned updated, like the engine's KV pool)."""
     rows = []
     for n in counts:
         arrs = [jnp.full((size,), i, jnp.float32) for i in range(n)]
         many = jax.jit(lambda *a: sum(x[0] for x in a))            # every buffer used
         packed = jnp.stack(arrs)                                    # one buffer [n, size]
         one = jax.jit(lambda p: jnp.sum(p[:, 0]))
-        for kind, f, args in (("buffers", many, arrs), ("packed", one, (packed,))):
-            d, p = time_calls(f, args)
+        donating = jax.jit(lambda *a: [x.at[0].add(1.0) for x in a],
+                           donate_argnums=tuple(range(n)))
+        for kind, timer, f, args in (("buffers", time_calls, many, arrs),
+                                     ("packed", time_calls, one, (packed,)),
+                                     ("donated", time_donating, donating,
+                                      [a + 0 for a in arrs])):
+            d, p = timer(f, args)
             rows.append(dict(n=n, kind=kind, dispatch_us=d * 1e6, pipelined_us=p * 1e6))
             print(f"n={n} {kind}: dispatch {d * 1e6:.1f} us, pipelined {p * 1e6:.1f} us/call",
                   flush=True)
@@ -84,12 +113,15 @@ def markdown(res: dict) -> str:
     lines = ["# Host dispatch cost per argument buffer", "",
              f"Device {m['device']}, jax {m['jax']}, commit {m['commit']}. One jitted program "
              "of n float32 arrays of 256 elements (each read), against the same arrays packed "
-             "into one buffer. Dispatch: µs for the call to return; pipelined: µs per call of "
+             "into one buffer, and the n arrays donated and returned updated. Dispatch: µs for the call to return; pipelined: µs per call of "
              "200 calls issued back to back, one wait. Medians of 5 trials.", "",
              f"Slope of the dispatch time over n: **{res['per_buffer_dispatch_us']:.2f} µs per "
              f"buffer** (the host's launch work). Slope of the pipelined time: "
              f"{res['per_buffer_us']:.2f} µs per buffer (it includes the device's work, "
-             f"which grows with n here); packed: {res['per_packed_row_us']:.3f} µs per row.",
+             f"which grows with n here); packed: {res['per_packed_row_us']:.3f} µs per row."
+             + ("" if res.get("per_donated_dispatch_us") is None else
+                f" Donated and returned (as the engine's KV pool): "
+                f"{res['per_donated_dispatch_us']:.2f} µs per buffer of dispatch."),
              "",
              "| n | kind | dispatch µs | pipelined µs per call |",
              "| ---: | --- | ---: | ---: |"]
@@ -116,6 +148,7 @@ def main(argv=None) -> None:
                          commit=source_commit()),
                rows=rows, per_buffer_us=slope(rows, "buffers"),
                per_buffer_dispatch_us=slope(rows, "buffers", "dispatch_us"),
+               per_donated_dispatch_us=slope(rows, "donated", "dispatch_us"),
                per_packed_row_us=slope(rows, "packed"))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "dispatch_cost.json"), "w") as f:

@@ -190,7 +190,9 @@ def test_dispatch_cost_writes_its_tables(tmp_path):
     dispatch_cost.main(["--counts", "2,6", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "dispatch_cost.json").read_text())
     assert [(r["n"], r["kind"]) for r in res["rows"]] == [
-        (2, "buffers"), (2, "packed"), (6, "buffers"), (6, "packed")]
+        (2, "buffers"), (2, "packed"), (2, "donated"), (6, "buffers"), (6, "packed"),
+        (6, "donated")]
+    assert res["per_donated_dispatch_us"] == res["per_donated_dispatch_us"]
     assert all(r["dispatch_us"] > 0 and r["pipelined_us"] > 0 for r in res["rows"])
     assert res["per_buffer_us"] == res["per_buffer_us"]          # not NaN
     assert res["per_buffer_dispatch_us"] == res["per_buffer_dispatch_us"]
