@@ -39,41 +39,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax.timing import source_commit  # noqa: E402
 
 
-def time_calls(f, args, iters: int = 200, trials: int = 5) -> tuple[float, float]:
+def time_calls(f, args, iters: int = 200, trials: int = 5,
+               donating: bool = False) -> tuple[float, float]:
     """(median seconds for one call to return, median seconds per call of `iters` calls
-    issued back to back and waited for once)."""
-    jax.block_until_ready(f(*args))
+    issued back to back and waited for once). With `donating`, `f` donates its arguments and
+    returns their successors (as the engine's step does with the KV pool): each call then
+    takes the previous call's outputs."""
+    def call(a):
+        y = f(*a)
+        return (y if donating else a), y
+
+    args, y = call(args)
+    jax.block_until_ready(y)
     ret, pipe = [], []
     for _ in range(trials):
-        jax.block_until_ready(f(*args))
+        args, y = call(args)
+        jax.block_until_ready(y)
         t0 = time.perf_counter()
-        y = f(*args)
+        args, y = call(args)
         ret.append(time.perf_counter() - t0)
         jax.block_until_ready(y)
         t0 = time.perf_counter()
         for _ in range(iters):
-            y = f(*args)
+            args, y = call(args)
         jax.block_until_ready(y)
-        pipe.append((time.perf_counter() - t0) / iters)
-    return float(np.median(ret)), float(np.median(pipe))
-
-
-def time_donating(f, args, iters: int = 200, trials: int = 5) -> tuple[float, float]:
-    """:func:`time_calls` for a function that donates its arguments and returns their
-    successors (as the engine's step does with the KV pool): each call takes the previous
-    call's outputs."""
-    args = jax.block_until_ready(f(*args))
-    ret, pipe = [], []
-    for _ in range(trials):
-        args = jax.block_until_ready(f(*args))
-        t0 = time.perf_counter()
-        args = f(*args)
-        ret.append(time.perf_counter() - t0)
-        args = jax.block_until_ready(args)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            args = f(*args)
-        jax.block_until_ready(args)
         pipe.append((time.perf_counter() - t0) / iters)
     return float(np.median(ret)), float(np.median(pipe))
 
@@ -90,11 +79,9 @@ def measure(counts, size: int = 256) -> list[dict]:
         one = jax.jit(lambda p: jnp.sum(p[:, 0]))
         donating = jax.jit(lambda *a: [x.at[0].add(1.0) for x in a],
                            donate_argnums=tuple(range(n)))
-        for kind, timer, f, args in (("buffers", time_calls, many, arrs),
-                                     ("packed", time_calls, one, (packed,)),
-                                     ("donated", time_donating, donating,
-                                      [a + 0 for a in arrs])):
-            d, p = timer(f, args)
+        for kind, f, args in (("buffers", many, arrs), ("packed", one, (packed,)),
+                              ("donated", donating, [a + 0 for a in arrs])):
+            d, p = time_calls(f, args, donating=kind == "donated")
             rows.append(dict(n=n, kind=kind, dispatch_us=d * 1e6, pipelined_us=p * 1e6))
             print(f"n={n} {kind}: dispatch {d * 1e6:.1f} us, pipelined {p * 1e6:.1f} us/call",
                   flush=True)

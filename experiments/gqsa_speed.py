@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant, sparse  # noqa: E402
 from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
-from optgqa_jax.timing import interleaved_rounds, source_commit  # noqa: E402
+from optgqa_jax.timing import confirm_finalists, source_commit  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels import _common as kc, tuning  # noqa: E402
 from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig,  # noqa: E402
@@ -63,20 +63,9 @@ def confirm_best(T, sets, tried: list, make_f, default, dense_case, rounds: int,
     interleaved rounds. Returns (seconds, config, function) of the lowest median, and the
     record: every setting's round times, the rules' and dense W4's medians (µs) and the
     best median over dense W4's."""
-    ok = sorted((r for r in tried if r.get("us") is not None), key=lambda r: r["us"])
-    cfgs, seen = [], set()
-    for r in ok:
-        cfg = BSRMatmulConfig(**r["config"])
-        if cfg not in seen and len(cfgs) < finalists:
-            seen.add(cfg)
-            cfgs.append(cfg)
-    if default not in seen:
-        cfgs.append(default)
-    timers = {"dense": lambda: T(*dense_case)}
-    timers.update({c: (lambda c=c: T(make_f(c), sets)) for c in cfgs})
-    times = interleaved_rounds(timers, rounds)
-    dense = times.pop("dense")
-    med = {c: float(np.median(v)) for c, v in times.items()}
+    cfgs, times, dense, med = confirm_finalists(
+        tried, BSRMatmulConfig, default, lambda c: T(make_f(c), sets),
+        lambda: T(*dense_case), rounds, finalists)
     best = min(cfgs, key=med.get)
     d = float(np.median(dense))
     rec = dict(rounds=rounds, dense_w4_us=[t * 1e6 for t in dense],

@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
-from optgqa_jax.timing import interleaved_rounds  # noqa: E402
+from optgqa_jax.timing import confirm_finalists  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels import tuning  # noqa: E402
 from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul,  # noqa: E402
@@ -141,19 +141,9 @@ def confirm_case(case: dict, default, T, matmul_fn, sets, bf16_sets, rounds: int
     ``case["confirm"]``, replaces ``case["bf16_us"]`` and ``case["default"]["us"]`` by their
     medians (the single timings kept as ``search_us``), and returns (seconds, config,
     bfloat16 seconds) of the lowest median."""
-    ok = sorted((r for r in case["tried"] if r.get("us") is not None), key=lambda r: r["us"])
-    cfgs = []
-    for r in ok:
-        cfg = QuantMatmulConfig(**r["config"])
-        if cfg not in cfgs and len(cfgs) < finalists:
-            cfgs.append(cfg)
-    if default is not None and default not in cfgs:
-        cfgs.append(default)
-    timers = {"bf16": lambda: T(lambda x, w: x @ w, bf16_sets)}
-    timers.update({c: (lambda c=c: T(matmul_fn(c), sets)) for c in cfgs})
-    times = interleaved_rounds(timers, rounds)
-    bf16 = times.pop("bf16")
-    med = {c: float(np.median(v)) for c, v in times.items()}
+    cfgs, times, bf16, med = confirm_finalists(
+        case["tried"], QuantMatmulConfig, default, lambda c: T(matmul_fn(c), sets),
+        lambda: T(lambda x, w: x @ w, bf16_sets), rounds, finalists)
     best = min(cfgs, key=med.get)
     t_bf16 = float(np.median(bf16))
     case["confirm"] = dict(rounds=rounds, bf16_us=[t * 1e6 for t in bf16],

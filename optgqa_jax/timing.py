@@ -129,6 +129,31 @@ def interleaved_rounds(timers: dict, rounds: int) -> dict:
     return times
 
 
+def confirm_finalists(tried: list, config_cls, extra, time_config, peer, rounds: int,
+                      finalists: int = 3):
+    """Time a tile search's finalists again, interleaved with a peer.
+
+    The `finalists` fastest distinct configs of `tried` (records with ``config``, a dict of
+    ``config_cls`` fields, and ``us``; failed records have no ``us``), then `extra` (the rules'
+    config; None for none) unless already among them, are timed with ``time_config(cfg)``
+    after ``peer()`` in each of `rounds` rounds (:func:`interleaved_rounds`). Returns (the
+    configs, config -> its seconds per round, the peer's seconds per round, config -> its
+    median seconds)."""
+    ok = sorted((r for r in tried if r.get("us") is not None), key=lambda r: r["us"])
+    cfgs = []
+    for r in ok:
+        cfg = config_cls(**r["config"])
+        if cfg not in cfgs and len(cfgs) < finalists:
+            cfgs.append(cfg)
+    if extra is not None and extra not in cfgs:
+        cfgs.append(extra)
+    timers = {"peer": peer}
+    timers.update({c: (lambda c=c: time_config(c)) for c in cfgs})
+    times = interleaved_rounds(timers, rounds)
+    peer_times = times.pop("peer")
+    return cfgs, times, peer_times, {c: float(np.median(v)) for c, v in times.items()}
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """The memory ceiling in bytes/s: the best of :func:`copy_bandwidths`."""
     return max(copy_bandwidths(nbytes).values())
