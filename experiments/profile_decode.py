@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,55 @@ def op_table(trace_dir: str, steps: int, top: int = 25):
     return tables, timeline
 
 
+def host_table(trace_dir: str, steps: int, top: int = 20, lines_kept: int = 4) -> dict:
+    """Where the host's time goes: per host thread of the trace, its busy time and its events
+    by self time (an event's duration less that of the events nested in it), per step.
+
+    The host threads' events are XLA's and PJRT's own annotations (the jitted call's argument
+    handling, the executable's launch, each thunk or command buffer it runs); with a batch-1
+    step whose kernels are short, the host's launch can take longer than the GPU's work.
+    Returns ``{"<plane> | <thread>": {"busy_ms_per_step": ..., "events": [(name, self µs per
+    step, inclusive µs per step, calls per step), ...]}}`` for the ``lines_kept`` busiest
+    threads.
+    """
+    from jax.profiler import ProfileData
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return {}
+    data = ProfileData.from_file(files[0])
+    found = []
+    for plane in data.planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        for line in plane.lines:
+            events = sorted(((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name)
+                             for ev in line.events), key=lambda e: (e[0], -e[1]))
+            if not events:
+                continue
+            incl, self_ns, counts = (collections.Counter(), collections.Counter(),
+                                     collections.Counter())
+            stack, busy, cursor = [], 0.0, events[0][0]
+            for start, end, name in events:
+                while stack and stack[-1][0] <= start:   # close events that ended before
+                    stack.pop()
+                if stack:                                  # nested: not the parent's own time
+                    self_ns[stack[-1][1]] -= end - start
+                else:
+                    busy += max(0.0, end - max(start, cursor))
+                    cursor = max(cursor, end)
+                incl[name] += end - start
+                self_ns[name] += end - start
+                counts[name] += 1
+                stack.append((end, name))
+            rows = [(name, ns / steps / 1e3, incl[name] / steps / 1e3, counts[name] / steps)
+                    for name, ns in self_ns.most_common(top)]
+            found.append((busy, f"{plane.name} | {line.name}", rows))
+    found.sort(key=lambda f: -f[0])
+    return {key: dict(busy_ms_per_step=busy / steps / 1e6, events=rows)
+            for busy, key, rows in found[:lines_kept]}
+
+
 def op_markdown(meta: dict) -> list[str]:
     """Markdown lines of ``meta["ops"]`` / ``meta["timeline"]`` (from :func:`op_table`): per
     GPU stream, the step's span, busy and idle time, and its largest ops."""
@@ -117,6 +167,13 @@ def op_markdown(meta: dict) -> list[str]:
                   f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
                   "| op | µs per step | calls per step |", "| --- | --- | --- |"]
         lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} |" for n, us, c in rows]
+    for name, entry in meta.get("host", {}).items():
+        lines += ["", f"## {name} (host)", "",
+                  f"Busy {entry['busy_ms_per_step']:.2f} ms per step.", "",
+                  "| event | self µs per step | inclusive µs per step | calls per step |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {n[:100]} | {s:,.0f} | {i:,.0f} | {c:.1f} |"
+                  for n, s, i, c in entry["events"]]
     return lines
 
 
@@ -338,7 +395,8 @@ def main():
                     mbu=(param_bytes + kv) / (sync["total_ms"] / 1e3) / ceiling)
                 meta["synchronous_step_ms"] = sync
                 print("synchronous step", sync, flush=True)
-                meta["ops"], meta["timeline"] = traced_ops(run, steps=5)
+                meta["host"] = {}
+                meta["ops"], meta["timeline"] = traced_ops(run, steps=5, host=meta["host"])
                 hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
                 os.makedirs(args.out, exist_ok=True)
@@ -374,14 +432,17 @@ def write(out_dir: str, meta: dict, results: dict) -> None:
     write_report(out_dir, "profile_decode", "Decode-step profile", meta, results, table)
 
 
-def traced_ops(step, steps: int):
+def traced_ops(step, steps: int, host: Optional[dict] = None):
     """Run ``step()`` ``steps`` times under ``jax.profiler`` and return :func:`op_table`'s
-    per-op table and timeline for one step."""
+    per-op table and timeline for one step; with ``host`` (a dict), fill it with
+    :func:`host_table`'s summary of the same trace."""
     trace_dir = tempfile.mkdtemp()
     with jax.profiler.trace(trace_dir):
         for _ in range(steps):
             out = step()
         jax.block_until_ready(out)
+    if host is not None:
+        host.update(host_table(trace_dir, steps=steps))
     return op_table(trace_dir, steps=steps)
 
 
@@ -393,7 +454,7 @@ def write_report(out_dir: str, stem: str, title: str, meta: dict, results: dict,
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items()
-                                  if k not in ("ops", "timeline")]
+                                  if k not in ("ops", "timeline", "host")]
     lines += [""] + table + op_markdown(meta)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:

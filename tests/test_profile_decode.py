@@ -46,3 +46,23 @@ def test_bad_quantize_spec_exits_before_any_work(monkeypatch):
     with pytest.raises(SystemExit) as e:
         profile_decode.main()
     assert e.value.code == 2
+
+
+def test_host_table_sums_self_time_per_thread():
+    """A traced jitted call gives the host threads' events, with self times no larger than
+    their inclusive times and a busiest thread whose busy time covers its events' self time."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a: jnp.sin(a) @ a)
+    a = jax.random.normal(jax.random.PRNGKey(0), (32, 32))
+    host = {}
+    profile_decode.traced_ops(lambda: f(a), steps=3, host=host)
+    assert host, "no host thread in the trace"
+    for entry in host.values():
+        assert entry["busy_ms_per_step"] > 0
+        for name, self_us, incl_us, calls in entry["events"]:
+            assert 0 <= self_us <= incl_us + 1e-6 and calls > 0, name
+        assert sum(s for _, s, _, _ in entry["events"]) <= entry["busy_ms_per_step"] * 1e3 * 1.001
+    names = [n for e in host.values() for n, *_ in e["events"]]
+    assert any("PjitFunction" in n or "Execute" in n for n in names), names
