@@ -397,6 +397,12 @@ def main():
                 print("synchronous step", sync, flush=True)
                 meta["host"] = {}
                 meta["ops"], meta["timeline"] = traced_ops(run, steps=5, host=meta["host"])
+                # the sampled tokens of six steps launched back to back, each on new input
+                # tokens: equal across XLA_FLAGS variants unless a variant replays stale
+                # buffer addresses (the first step's inputs) in its command buffers
+                chained = [runner.dispatch(decode_inputs(runner, lengths), True, B)[0]
+                           for _ in range(6)]
+                meta["check_tokens"] = [np.asarray(t)[:B].tolist() for t in chained]
                 hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
                 os.makedirs(args.out, exist_ok=True)
@@ -454,7 +460,7 @@ def write_report(out_dir: str, stem: str, title: str, meta: dict, results: dict,
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items()
-                                  if k not in ("ops", "timeline", "host")]
+                                  if k not in ("ops", "timeline", "host", "check_tokens")]
     lines += [""] + table + op_markdown(meta)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
