@@ -300,6 +300,10 @@ def main():
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                     help="repeatable: an XLA compiler option of the engine's step (replaces the "
                          "engine's defaults, e.g. --xla-option xla_gpu_enable_command_buffer=FUSION)")
+    ap.add_argument("--fixed-inputs", action="store_true",
+                    help="time the step on one device copy of its inputs, passed to every call "
+                         "(the engine copies new inputs each step): whether changing argument "
+                         "addresses cost the command buffers' updates")
     ap.add_argument("--quick", action="store_true",
                     help="only the Pallas step and its trace (no reference path, no microbenchmarks)")
     ap.add_argument("--xla-flags-variant", action="append", default=None, metavar="FLAGS",
@@ -382,6 +386,15 @@ def main():
             def run():  # as the engine does: pack, one host-to-device copy, launch
                 return runner.dispatch(inputs, True, B)
 
+            if args.fixed_inputs:   # one device copy of the inputs, passed to every step
+                step_args, step_kwargs = runner._args(inputs, True, B)
+                fn = runner.step_fn_for(B)
+
+                def run():
+                    tokens, runner.pool, _ = fn(step_args[0], step_args[1], runner.pool,
+                                                *step_args[3:], **step_kwargs)
+                    return tokens
+
             t = device_seconds(run)
             kv = int(lens.sum()) * cfg.kv_bytes_per_token
             results[f"{label} [{impl}]"] = dict(ms=t * 1e3, bytes=param_bytes + kv,
@@ -403,6 +416,11 @@ def main():
                 chained = [runner.dispatch(decode_inputs(runner, lengths), True, B)[0]
                            for _ in range(6)]
                 meta["check_tokens"] = [np.asarray(t)[:B].tolist() for t in chained]
+                # the pool after them holds the last step's K/V at the same slots: its sum
+                # tells whether that step read its own inputs (random weights often sample
+                # one token whatever the input, so the tokens alone may not)
+                leaf = jax.tree.leaves(runner.pool)[0]
+                meta["check_pool_sum"] = float(jnp.sum(jnp.abs(leaf.astype(jnp.float32))))
                 hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
                 os.makedirs(args.out, exist_ok=True)
