@@ -223,17 +223,20 @@ def accuracy_plot(res: dict, path: str) -> None:
 ENGINE_FORMATS = ("bf16", "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s50gm")
 
 
-def engine_config(spec: str, seqs: int, xla_options=None) -> "B.BenchConfig":
+def engine_config(spec: str, seqs: int, xla_options=None,
+                  stable_step_buffers=None) -> "B.BenchConfig":
     """The engine run of one format at `seqs` sequences: `seqs` requests of 256/256 tokens,
     all admitted at once, one decode bucket and one prefill bucket (the prompts' tokens, at
     most 2048 a step), so that each run compiles only the two greedy programs it uses.
-    ``xla_options``: XLA compiler options replacing the engine's defaults (None keeps them)."""
+    ``xla_options``: XLA compiler options replacing the engine's defaults (None keeps them);
+    ``stable_step_buffers``: the engine option of that name (None: its default)."""
     budget = min(256 * seqs, 2048)
     return B.BenchConfig(model="llama3-8b", num_requests=seqs, max_num_seqs=seqs,
                          seq_buckets=(seqs,), max_num_batched_tokens=budget,
                          token_buckets=(budget,), quantize=None if spec == "bf16" else spec,
                          fuse_projections=True, kv_memory_bytes=16 * 2 ** 30,
-                         xla_compiler_options=xla_options)
+                         xla_compiler_options=xla_options,
+                         stable_step_buffers=stable_step_buffers)
 
 
 def engine(a) -> None:
@@ -242,6 +245,8 @@ def engine(a) -> None:
     path = os.path.join(a.out, "gqsa_engine.json")
     res = dict(meta=dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                          commit=B.source_commit(), xla_options=a.xla_options,
+                         xla_flags=os.environ.get("XLA_FLAGS", ""),
+                         stable_step_buffers=a.stable_step_buffers,
                          bsr_batched_route=sparse.bsr.batched_route()), runs=[])
     if a.resume and os.path.isfile(path):
         with open(path) as f:
@@ -264,7 +269,8 @@ def engine(a) -> None:
             if (spec, seqs) in done:
                 continue
             print(f"engine {spec} x{seqs} ...", flush=True)
-            r = B.run_in_subprocess("engine", engine_config(spec, seqs, a.xla_options))
+            r = B.run_in_subprocess("engine", engine_config(spec, seqs, a.xla_options,
+                                                            a.stable_step_buffers))
             r.update(format=spec, sequences=seqs)
             res["runs"].append(r)
             with open(path, "w") as f:
@@ -280,7 +286,10 @@ def engine_markdown(res: dict) -> str:
              "256 generated tokens per sequence; output tokens/s against bfloat16 and dense W4 "
              "at the same number of sequences. XLA options: "
              + (f"{m['xla_options']}." if m.get("xla_options") else "the engine's defaults.")
-             + f" BSR layers at 2-64 rows: the {m.get('bsr_batched_route', 'repack')} route.",
+             + f" BSR layers at 2-64 rows: the {m.get('bsr_batched_route', 'repack')} route."
+             + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else "")
+             + (f" Held step buffers: {m['stable_step_buffers']}."
+                if m.get("stable_step_buffers") is not None else ""),
              "",
              "| format | sequences | output tok/s | × bf16 | × dense w4g128 | param GiB | "
              "peak GiB |",
@@ -333,6 +342,9 @@ def main(argv=None) -> None:
                    help="engine: repeatable; an XLA compiler option of the engine's steps, "
                         "replacing the engine's defaults (e.g. xla_gpu_enable_command_buffer="
                         "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL for CUDA graphs)")
+    p.add_argument("--stable-step-buffers", choices=("auto", "on", "off"), default="auto",
+                   help="engine: EngineConfig.stable_step_buffers (auto: the engine's default, "
+                        "on where command buffers are)")
     p.add_argument("--engine-formats", default=",".join(ENGINE_FORMATS),
                    help="engine: comma-separated subset of the formats")
     p.add_argument("--sequences", default="1,16",
@@ -360,6 +372,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     a.shapes = _subset(p, "--shapes", a.shapes, [n.split()[0] for n in SHAPES])
     a.engine_formats = _subset(p, "--engine-formats", a.engine_formats, ENGINE_FORMATS)
+    a.stable_step_buffers = {"auto": None, "on": True, "off": False}[a.stable_step_buffers]
     try:
         a.xla_options = parse_xla_options(a.xla_option) or None
     except ValueError as e:

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
-from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
+from optgqa_jax.engine.runner import ModelRunner, pack_inputs, parse_xla_options  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
 
 
@@ -217,9 +217,7 @@ def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
         t1 = time.perf_counter()
         dev = jax.device_put(buf)
         t2 = time.perf_counter()
-        tokens, runner.pool, _ = runner.step_fn(runner.cfg, runner.params, runner.pool, dev,
-                                             runner._no_prev, layout=layout, impl=runner.impl, max_q_len=1,
-                                             decode_only=True, stochastic=False)
+        tokens = runner.dispatch_device(dev, layout, True, B)
         t3 = time.perf_counter()
         np.asarray(tokens)
         t4 = time.perf_counter()
@@ -300,6 +298,9 @@ def main():
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                     help="repeatable: an XLA compiler option of the engine's step (replaces the "
                          "engine's defaults, e.g. --xla-option xla_gpu_enable_command_buffer=FUSION)")
+    ap.add_argument("--stable-buffers", choices=("auto", "on", "off"), default="auto",
+                    help="the runner's held input and token buffers (ModelRunner's "
+                         "stable_buffers; auto: on where command buffers are)")
     ap.add_argument("--fixed-inputs", action="store_true",
                     help="time the step on one device copy of its inputs, passed to every call "
                          "(the engine copies new inputs each step): whether changing argument "
@@ -377,9 +378,14 @@ def main():
     for impl in ("pallas",) if args.quick else ("pallas", "reference"):
         runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=Z, max_num_seqs=B,
                              max_num_batched_tokens=B, max_model_len=cfg.max_seq_len, impl=impl,
-                             seq_buckets=(B,), token_buckets=(B,), compiler_options=(
+                             seq_buckets=(B,), token_buckets=(B,),
+                             stable_buffers={"auto": None, "on": True, "off": False}[
+                                 args.stable_buffers],
+                             compiler_options=(
                                  parse_xla_options(args.xla_option) if args.xla_option else None))
         meta["compiler_options"] = runner.compiler_options
+        meta["stable_buffers"] = runner.stable_buffers
+        meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         for label, lens in (("step", lengths), ("step, contexts of 1", np.ones(B, np.int32))):
             inputs = decode_inputs(runner, lens)
 
@@ -387,13 +393,11 @@ def main():
                 return runner.dispatch(inputs, True, B)
 
             if args.fixed_inputs:   # one device copy of the inputs, passed to every step
-                step_args, step_kwargs = runner._args(inputs, True, B)
-                fn = runner.step_fn_for(B)
+                fixed = jax.device_put(pack_inputs(inputs)[0])
+                fixed_layout = pack_inputs(inputs)[1]
 
                 def run():
-                    tokens, runner.pool, _ = fn(step_args[0], step_args[1], runner.pool,
-                                                *step_args[3:], **step_kwargs)
-                    return tokens
+                    return runner.dispatch_device(fixed, fixed_layout, True, B)
 
             t = device_seconds(run)
             kv = int(lens.sum()) * cfg.kv_bytes_per_token

@@ -64,6 +64,8 @@ class BenchConfig:
     xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
     # steps of at most this many tokens get command buffers (EngineConfig option)
     command_buffer_max_tokens: int = EngineConfig.command_buffer_max_tokens
+    # held step buffers (EngineConfig.stable_step_buffers; None: the engine's default)
+    stable_step_buffers: Optional[bool] = None
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -182,7 +184,8 @@ def run_engine(bc: BenchConfig) -> dict:
         token_buckets=bc.token_buckets, enable_prefix_caching=False,
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
         xla_compiler_options=bc.xla_compiler_options,
-        command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp))
+        command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
+        stable_step_buffers=bc.stable_step_buffers))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0

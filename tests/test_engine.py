@@ -450,3 +450,68 @@ def test_prefix_sharing_within_one_batch_under_preemption(tiny, async_scheduling
     assert [o.token_ids for o in outs] == ref
     assert eng.stats.preemptions > 0 and eng.stats.prefix_hits >= 5 * 16
     assert eng.stats.pages_used == 0
+
+
+@pytest.mark.parametrize("regime", [dict(), dict(num_pages=12), dict(max_num_seqs=3)])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stable_step_buffers_give_the_same_tokens(tiny, regime, async_scheduling):
+    """Held input and token buffers (EngineConfig.stable_step_buffers, on by default where
+    command buffers are): the same tokens as without, in both scheduling modes, with
+    preemption and with requests waiting for seats."""
+    eng = _engine(tiny, async_scheduling=async_scheduling, stable_step_buffers=True, **regime)
+    assert eng.runner.stable_buffers
+    assert [o.token_ids for o in eng.generate(tiny[2], GREEDY)] == tiny[3]
+    assert eng.stats.pages_used == 0
+    sampling = og.SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=5)
+    held = _engine(tiny, async_scheduling=async_scheduling, stable_step_buffers=True, **regime)
+    plain = _engine(tiny, async_scheduling=async_scheduling, stable_step_buffers=False, **regime)
+    assert not plain.runner.stable_buffers
+    assert ([o.token_ids for o in held.generate(tiny[2][:6], sampling)]
+            == [o.token_ids for o in plain.generate(tiny[2][:6], sampling)])
+
+
+def test_stable_step_buffers_keep_their_addresses(tiny):
+    """The held token buffer and each held input buffer stay at one device address from step
+    to step (what lets a recorded command buffer replay without updates); the tokens the
+    caller gets are a separate copy that the next step does not overwrite."""
+    from optgqa_jax.engine.runner import ModelRunner
+
+    cfg, params, _, _ = tiny
+    run = ModelRunner(cfg, params, num_pages=16, page_size=8, max_num_seqs=4,
+                      max_num_batched_tokens=16, max_model_len=64, impl="reference",
+                      stable_buffers=True)
+    x = run._empty(True, 2)
+    x.tokens[:] = [3, 4]
+    x.positions[:] = [0, 0]
+    x.block_tables[:, 0] = [0, 1]
+    x.slot_mapping[:] = [0, 8]
+    x.token_seq[:] = [0, 1]
+    x.context_lens[:] = [1, 1]
+    x.cu_q_lens[:3] = [0, 1, 2]
+    x.select[:2] = [0, 1]
+    first, _ = run.dispatch(x, True, 2)
+    tok_addr = run._held_tokens.unsafe_buffer_pointer()
+    in_addr = {n: a.unsafe_buffer_pointer() for n, a in run._held_inputs.items()}
+    kept = np.asarray(first).copy()
+    for step in range(3):   # each step takes its ids from the previous step's tokens
+        y = x._replace(token_src=np.array([0, 1], np.int32), positions=x.positions + step + 1,
+                       slot_mapping=x.slot_mapping + step + 1,
+                       context_lens=x.context_lens + step + 1)
+        out, _ = run.dispatch(y, True, 2, prev_tokens=first)
+        assert run._held_tokens.unsafe_buffer_pointer() == tok_addr
+        assert {n: a.unsafe_buffer_pointer() for n, a in run._held_inputs.items()} == in_addr
+        np.testing.assert_array_equal(np.asarray(first), kept)   # the copy was not overwritten
+        first, kept = out, np.asarray(out).copy()
+    # ids from an array that is not the last step's output are copied in first
+    other = jax.numpy.asarray(np.arange(run.max_rows, dtype=np.int32) % cfg.vocab_size)
+    z = x._replace(token_src=np.array([1, 0], np.int32))
+    a, _ = run.dispatch(z, True, 2, prev_tokens=other)
+    plain = ModelRunner(cfg, params, num_pages=16, page_size=8, max_num_seqs=4,
+                        max_num_batched_tokens=16, max_model_len=64, impl="reference",
+                        stable_buffers=False)
+    b, _ = plain.dispatch(z, True, 2, prev_tokens=other)
+    np.testing.assert_array_equal(np.asarray(a)[:2], np.asarray(b)[:2])
+    with pytest.raises(ValueError, match="stable_buffers=True needs a single device"):
+        ModelRunner(cfg, params, num_pages=16, page_size=8, max_num_seqs=4,
+                    max_num_batched_tokens=16, max_model_len=64, impl="reference",
+                    stable_buffers=True, mesh=object())

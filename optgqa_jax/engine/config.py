@@ -110,6 +110,16 @@ class EngineConfig:
         32 is where the default divides them. Ignored when
         ``xla_compiler_options`` is given (those apply to every step) and with
         ``tensor_parallel_size > 1``.
+      stable_step_buffers: keep the step's inputs and sampled tokens in device buffers
+        whose addresses do not change from step to step (``ModelRunner``'s
+        ``stable_buffers``: an in-place copy of each step's inputs, the tokens written into
+        the buffer the next step reads its device-side ids from, a copy for the host). XLA
+        updates a command buffer's recorded commands whenever an address they use changes;
+        on an H100 (Llama-3-8B, batch 1) that update and the graph launch after it took
+        2.5-4 ms of host time per step, more than the step's 3.1-3.5 ms of kernels. None: on
+        where command buffers are (CUDA, one device). Temporary buffers keep stable addresses
+        only with ``XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP`` (set before
+        jax starts; it needs XLA's VMM allocator, which XLA then selects).
       async_scheduling: launch the next step before reading the current one's
         tokens (they stay on the device and feed it), so the device does not
         wait for the host's scheduling, packing and bookkeeping between steps.
@@ -149,6 +159,7 @@ class EngineConfig:
     fuse_projections: bool = False
     xla_compiler_options: Optional[Mapping[str, Any]] = None
     command_buffer_max_tokens: int = 32
+    stable_step_buffers: Optional[bool] = None
     async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None

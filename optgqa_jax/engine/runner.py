@@ -149,6 +149,22 @@ def parse_xla_options(items: Sequence[str]) -> dict:
     return out
 
 
+# Stable step buffers (``ModelRunner(stable_buffers=True)``): XLA records a command buffer
+# (CUDA graph) with the device addresses of the step's arguments and outputs, and updates the
+# recorded commands whenever one of those addresses changes. A fresh input copy and a fresh
+# token output per step change them every step; so does the token output's allocation when XLA
+# places scalar temporaries in it. On an H100 (Llama-3-8B W4S50, batch 1, commit 1e1715e) that
+# update took about 0.75-1.1 ms of host time per step, and the graph's launch after it
+# 1.8-3 ms. Held buffers keep those addresses fixed: the inputs are written into one device
+# buffer per input size (a donated in-place copy), and the sampled tokens go into one donated
+# [R] buffer that the next step also reads its device-side ids from; the host reads a copy.
+# new's values at held's address (an update of the donated buffer; returning `new` itself
+# would hand back new's own buffer)
+_overwrite = jax.jit(lambda held, new: jax.lax.dynamic_update_slice(held, new, (0,)),
+                     donate_argnums=0)
+_snapshot = jax.jit(lambda tokens: tokens + 0)                  # a copy the host may keep
+
+
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
                  stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False,
@@ -217,12 +233,23 @@ class ModelRunner:
     program; None uses :func:`default_compiler_options` for the backend, with command
     buffers on for steps of at most ``command_buffer_max_tokens`` tokens (decode steps of
     that many sequences, mixed steps padded to that many tokens; 0: for none).
+
+    ``stable_buffers`` (None: on where the small steps' options turn command buffers on, on
+    CUDA with one device): every step reads its packed inputs from one held device buffer per
+    input size, written in place each step, and writes its sampled tokens into one held,
+    donated [R] buffer that the next step also reads its device-side ids from; ``dispatch``
+    returns a copy of those tokens. The addresses a recorded command buffer uses then stay
+    the same from step to step, so XLA replays it without updating its commands (see the
+    note above ``_overwrite``). Outputs are unchanged.
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
-                 command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None):
+                 command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
+                 stable_buffers: Optional[bool] = None):
+        if stable_buffers and mesh is not None:
+            raise ValueError("stable_buffers=True needs a single device (mesh=None)")
         self.mesh = mesh
         if mesh is not None:  # tensor parallel: weights by the partition rules
             params = sharding.shard_params(cfg, params, mesh)
@@ -246,6 +273,18 @@ class ModelRunner:
             static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
                              "logprobs_k", "prompt_logprobs", "mesh"),
             compiler_options=opts or None)
+        if stable_buffers is None:   # where command buffers record the step's addresses
+            stable_buffers = (backend == "cuda" and mesh is None
+                              and "xla_gpu_enable_command_buffer" in self.small_compiler_options
+                              and self.small_compiler_options["xla_gpu_enable_command_buffer"]
+                              != "")
+        self.stable_buffers = bool(stable_buffers)
+        if self.stable_buffers:   # the token output lands in the donated prev_tokens buffer
+            jit = lambda opts: jax.jit(  # noqa: E731
+                _packed_step, donate_argnames=("pool", "prev_tokens"),
+                static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
+                                 "stochastic", "logprobs_k", "prompt_logprobs", "mesh"),
+                compiler_options=opts or None)
         self.step_fn = jit(self.compiler_options)
         self.small_step_fn = (self.step_fn if self.small_compiler_options == self.compiler_options
                               else jit(self.small_compiler_options))
@@ -267,6 +306,12 @@ class ModelRunner:
         self._no_prev = jnp.zeros((self.max_rows,), jnp.int32)
         if mesh is not None:
             self._no_prev = jax.device_put(self._no_prev, sharding.replicated(mesh))
+        # stable_buffers: the held token buffer (the last step's tokens), the copy of it the
+        # last dispatch returned, and one held input buffer per packed input length
+        self._held_tokens = jnp.zeros((self.max_rows,), jnp.int32) if self.stable_buffers \
+            else None
+        self._last_snapshot = None
+        self._held_inputs: dict = {}
 
     def step_fn_for(self, size: int):
         """The jitted step for a bucket of ``size`` rows (sequences or tokens): the one with
@@ -394,10 +439,26 @@ class ModelRunner:
     def _args(self, inputs: StepInputs, decode_only: bool, size: int, prev_tokens=None,
               logprobs: bool = False, prompt_logprobs: bool = False):
         buf, layout = pack_inputs(inputs)
-        prev = self._no_prev if prev_tokens is None else prev_tokens
-        return ((self.cfg, self.params, self.pool, jax.device_put(buf), prev),
+        return self._device_args(jax.device_put(buf), layout, decode_only, size, prev_tokens,
+                                 self._stochastic(inputs), logprobs, prompt_logprobs)
+
+    def _device_args(self, dev: jax.Array, layout: tuple, decode_only: bool, size: int,
+                     prev_tokens=None, stochastic: bool = False, logprobs: bool = False,
+                     prompt_logprobs: bool = False):
+        """The step's arguments from its packed inputs already on the device (``dev``)."""
+        if self.stable_buffers:
+            held = self._held_inputs.get(dev.shape[0])
+            dev = _overwrite(jnp.zeros(dev.shape, jnp.int32) if held is None else held, dev)
+            self._held_inputs[dev.shape[0]] = dev
+            if prev_tokens is not None and prev_tokens is not self._last_snapshot:
+                # ids from another array than the last step's output: copy them in first
+                self._held_tokens = _overwrite(self._held_tokens, prev_tokens)
+            prev = self._held_tokens
+        else:
+            prev = self._no_prev if prev_tokens is None else prev_tokens
+        return ((self.cfg, self.params, self.pool, dev, prev),
                 dict(layout=layout, impl=self.impl, max_q_len=1 if decode_only else size,
-                     decode_only=decode_only, stochastic=self._stochastic(inputs),
+                     decode_only=decode_only, stochastic=stochastic,
                      logprobs_k=self.logprobs_k if logprobs or prompt_logprobs else -1,
                      prompt_logprobs=prompt_logprobs, mesh=self.mesh))
 
@@ -412,7 +473,21 @@ class ModelRunner:
                              prompt_logprobs))
         args, kwargs = self._args(inputs, decode_only, size, prev_tokens, logprobs,
                                   prompt_logprobs)
+        return self._launch(size, args, kwargs)
+
+    def dispatch_device(self, dev: jax.Array, layout: tuple, decode_only: bool, size: int,
+                        stochastic: bool = False) -> jax.Array:
+        """:meth:`dispatch` for inputs packed and copied to the device by the caller
+        (``jax.device_put(pack_inputs(inputs)[0])``; profiling splits those phases); no ids
+        from a previous step. Returns the step's sampled tokens [max_rows]."""
+        args, kwargs = self._device_args(dev, layout, decode_only, size, None, stochastic)
+        return self._launch(size, args, kwargs)[0]
+
+    def _launch(self, size: int, args, kwargs):
         tokens, self.pool, extras = self.step_fn_for(size)(*args, **kwargs)
+        if self.stable_buffers:   # the held buffer stays with the runner; the caller gets a copy
+            self._held_tokens = tokens
+            tokens = self._last_snapshot = _snapshot(tokens)
         return tokens, extras
 
     def run(self, inputs: StepInputs, decode_only: bool, size: int) -> np.ndarray:
