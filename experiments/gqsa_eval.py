@@ -344,7 +344,7 @@ def main(argv=None) -> None:
                         "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL for CUDA graphs)")
     p.add_argument("--stable-step-buffers", choices=("auto", "on", "off"), default="auto",
                    help="engine: EngineConfig.stable_step_buffers (auto: the engine's default, "
-                        "on where command buffers are)")
+                        "off)")
     p.add_argument("--engine-formats", default=",".join(ENGINE_FORMATS),
                    help="engine: comma-separated subset of the formats")
     p.add_argument("--sequences", default="1,16",

@@ -300,7 +300,7 @@ def main():
                          "engine's defaults, e.g. --xla-option xla_gpu_enable_command_buffer=FUSION)")
     ap.add_argument("--stable-buffers", choices=("auto", "on", "off"), default="auto",
                     help="the runner's held input and token buffers (ModelRunner's "
-                         "stable_buffers; auto: on where command buffers are)")
+                         "stable_buffers; auto: its default, off)")
     ap.add_argument("--fixed-inputs", action="store_true",
                     help="time the step on one device copy of its inputs, passed to every call "
                          "(the engine copies new inputs each step): whether changing argument "
@@ -379,7 +379,7 @@ def main():
         runner = ModelRunner(cfg, params, num_pages=num_pages, page_size=Z, max_num_seqs=B,
                              max_num_batched_tokens=B, max_model_len=cfg.max_seq_len, impl=impl,
                              seq_buckets=(B,), token_buckets=(B,),
-                             stable_buffers={"auto": None, "on": True, "off": False}[
+                             stable_buffers={"auto": False, "on": True, "off": False}[
                                  args.stable_buffers],
                              compiler_options=(
                                  parse_xla_options(args.xla_option) if args.xla_option else None))

@@ -64,7 +64,7 @@ class BenchConfig:
     xla_compiler_options: Optional[dict] = None  # None: the engine's defaults for the backend
     # steps of at most this many tokens get command buffers (EngineConfig option)
     command_buffer_max_tokens: int = EngineConfig.command_buffer_max_tokens
-    # held step buffers (EngineConfig.stable_step_buffers; None: the engine's default)
+    # held step buffers (EngineConfig.stable_step_buffers; None: the engine's default, off)
     stable_step_buffers: Optional[bool] = None
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
@@ -185,7 +185,7 @@ def run_engine(bc: BenchConfig) -> dict:
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
         xla_compiler_options=bc.xla_compiler_options,
         command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
-        stable_step_buffers=bc.stable_step_buffers))
+        stable_step_buffers=bool(bc.stable_step_buffers)))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0

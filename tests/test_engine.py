@@ -455,9 +455,9 @@ def test_prefix_sharing_within_one_batch_under_preemption(tiny, async_scheduling
 @pytest.mark.parametrize("regime", [dict(), dict(num_pages=12), dict(max_num_seqs=3)])
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_stable_step_buffers_give_the_same_tokens(tiny, regime, async_scheduling):
-    """Held input and token buffers (EngineConfig.stable_step_buffers, on by default where
-    command buffers are): the same tokens as without, in both scheduling modes, with
-    preemption and with requests waiting for seats."""
+    """Held input and token buffers (EngineConfig.stable_step_buffers, off by default): the
+    same tokens as without, in both scheduling modes, with preemption and with requests
+    waiting for seats."""
     eng = _engine(tiny, async_scheduling=async_scheduling, stable_step_buffers=True, **regime)
     assert eng.runner.stable_buffers
     assert [o.token_ids for o in eng.generate(tiny[2], GREEDY)] == tiny[3]
@@ -511,6 +511,9 @@ def test_stable_step_buffers_keep_their_addresses(tiny):
                         stable_buffers=False)
     b, _ = plain.dispatch(z, True, 2, prev_tokens=other)
     np.testing.assert_array_equal(np.asarray(a)[:2], np.asarray(b)[:2])
+    assert not og.EngineConfig().stable_step_buffers
+    with pytest.raises(ValueError, match="stable_step_buffers must be True or False"):
+        og.EngineConfig(stable_step_buffers=None)
     with pytest.raises(ValueError, match="stable_buffers=True needs a single device"):
         ModelRunner(cfg, params, num_pages=16, page_size=8, max_num_seqs=4,
                     max_num_batched_tokens=16, max_model_len=64, impl="reference",

@@ -113,13 +113,16 @@ class EngineConfig:
       stable_step_buffers: keep the step's inputs and sampled tokens in device buffers
         whose addresses do not change from step to step (``ModelRunner``'s
         ``stable_buffers``: an in-place copy of each step's inputs, the tokens written into
-        the buffer the next step reads its device-side ids from, a copy for the host). XLA
-        updates a command buffer's recorded commands whenever an address they use changes;
-        on an H100 (Llama-3-8B, batch 1) that update and the graph launch after it took
-        2.5-4 ms of host time per step, more than the step's 3.1-3.5 ms of kernels. None: on
-        where command buffers are (CUDA, one device). Temporary buffers keep stable addresses
-        only with ``XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP`` (set before
-        jax starts; it needs XLA's VMM allocator, which XLA then selects).
+        the buffer the next step reads its device-side ids from, a copy for the host; one
+        device only). XLA updates a command buffer's recorded commands whenever an address
+        they use changes: on an H100 (Llama-3-8B, batch 1, commit 1e1715e) that update took
+        0.75-1.5 ms of host time per step. With held buffers the updates stop, but the graph
+        launch still took 2.9-3.3 ms of host time, and the engine's batch-1 decode was not
+        faster (commit 0cfa333, one H100, three runs alternating on/off/on: bfloat16 168/176/169
+        tokens/s, W4 g128 259/288/267, W4S50 222/148/233; ``experiments/results/h100/batch1/``).
+        Off by default. XLA keeps temporary buffers at fixed addresses only with
+        ``XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP`` (set before jax starts;
+        it switches XLA to its VMM allocator), which made the engine slower in that run.
       async_scheduling: launch the next step before reading the current one's
         tokens (they stay on the device and feed it), so the device does not
         wait for the host's scheduling, packing and bookkeeping between steps.
@@ -159,7 +162,7 @@ class EngineConfig:
     fuse_projections: bool = False
     xla_compiler_options: Optional[Mapping[str, Any]] = None
     command_buffer_max_tokens: int = 32
-    stable_step_buffers: Optional[bool] = None
+    stable_step_buffers: bool = False
     async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
@@ -181,6 +184,9 @@ class EngineConfig:
                                                                  (int, np.integer)) \
                 or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
+        if not isinstance(self.stable_step_buffers, (bool, np.bool_)):
+            raise ValueError(f"stable_step_buffers must be True or False, got "
+                             f"{self.stable_step_buffers!r}")
         v = self.command_buffer_max_tokens
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"command_buffer_max_tokens must be an integer >= 0, got {v!r}")

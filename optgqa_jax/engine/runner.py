@@ -154,10 +154,12 @@ def parse_xla_options(items: Sequence[str]) -> dict:
 # recorded commands whenever one of those addresses changes. A fresh input copy and a fresh
 # token output per step change them every step; so does the token output's allocation when XLA
 # places scalar temporaries in it. On an H100 (Llama-3-8B W4S50, batch 1, commit 1e1715e) that
-# update took about 0.75-1.1 ms of host time per step, and the graph's launch after it
-# 1.8-3 ms. Held buffers keep those addresses fixed: the inputs are written into one device
-# buffer per input size (a donated in-place copy), and the sampled tokens go into one donated
-# [R] buffer that the next step also reads its device-side ids from; the host reads a copy.
+# update took about 0.75-1.1 ms of host time per step. Held buffers keep those addresses
+# fixed: the inputs are written into one device buffer per input size (a donated in-place
+# copy), and the sampled tokens go into one donated [R] buffer that the next step also reads
+# its device-side ids from; the host reads a copy. The updates then stop, but the graph's
+# launch still took 2.9-3.3 ms of host time per step, and the two copies are launches of
+# their own: the engine's batch-1 decode was not faster (EngineConfig.stable_step_buffers).
 # new's values at held's address (an update of the donated buffer; returning `new` itself
 # would hand back new's own buffer)
 _overwrite = jax.jit(lambda held, new: jax.lax.dynamic_update_slice(held, new, (0,)),
@@ -234,20 +236,20 @@ class ModelRunner:
     buffers on for steps of at most ``command_buffer_max_tokens`` tokens (decode steps of
     that many sequences, mixed steps padded to that many tokens; 0: for none).
 
-    ``stable_buffers`` (None: on where the small steps' options turn command buffers on, on
-    CUDA with one device): every step reads its packed inputs from one held device buffer per
-    input size, written in place each step, and writes its sampled tokens into one held,
-    donated [R] buffer that the next step also reads its device-side ids from; ``dispatch``
-    returns a copy of those tokens. The addresses a recorded command buffer uses then stay
-    the same from step to step, so XLA replays it without updating its commands (see the
-    note above ``_overwrite``). Outputs are unchanged.
+    ``stable_buffers`` (one device only): every step reads its packed inputs from one held
+    device buffer per input size, written in place each step, and writes its sampled tokens
+    into one held, donated [R] buffer that the next step also reads its device-side ids from;
+    ``dispatch`` returns a copy of those tokens. The addresses a recorded command buffer uses
+    then stay the same from step to step, so XLA replays it without updating its commands
+    (see the note above ``_overwrite``). Outputs are unchanged. Off by default: measured, it
+    did not make batch-1 decode faster (``EngineConfig.stable_step_buffers``).
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
                  command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
-                 stable_buffers: Optional[bool] = None):
+                 stable_buffers: bool = False):
         if stable_buffers and mesh is not None:
             raise ValueError("stable_buffers=True needs a single device (mesh=None)")
         self.mesh = mesh
@@ -273,11 +275,6 @@ class ModelRunner:
             static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
                              "logprobs_k", "prompt_logprobs", "mesh"),
             compiler_options=opts or None)
-        if stable_buffers is None:   # where command buffers record the step's addresses
-            stable_buffers = (backend == "cuda" and mesh is None
-                              and "xla_gpu_enable_command_buffer" in self.small_compiler_options
-                              and self.small_compiler_options["xla_gpu_enable_command_buffer"]
-                              != "")
         self.stable_buffers = bool(stable_buffers)
         if self.stable_buffers:   # the token output lands in the donated prev_tokens buffer
             jit = lambda opts: jax.jit(  # noqa: E731
