@@ -143,12 +143,15 @@ def _quantize_random(params, bc: BenchConfig):
     replaced by random ones in the format ``bc.quantize`` names."""
     from optgqa_jax import quant
     from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
-    qc, sparsity, group_major = parse_serving_spec(bc.quantize)
+    qc, sparsity, layout = parse_serving_spec(bc.quantize)
     params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
               else random_sparsify(params, qc, sparsity, seed=bc.seed))
-    if group_major:
+    if layout == "gm":
         from optgqa_jax.sparse.group_major import to_group_major_params
         params = to_group_major_params(params)
+    elif layout == "pk":
+        from optgqa_jax.sparse.packed import to_packed_bsr_params
+        params = to_packed_bsr_params(params)
     return params
 
 

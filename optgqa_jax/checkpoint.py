@@ -174,11 +174,16 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
     layers = {}
     from optgqa_jax.sparse.bsr import check_bsr, is_bsr
     from optgqa_jax.sparse.group_major import is_group_major
+    from optgqa_jax.sparse.packed import is_packed_bsr
     for name, leaf in list(flat.items()):
         if is_group_major(leaf):
             raise ValueError(f"{name} is a GroupMajorLinear, a runtime layout that checkpoints "
                              "do not store: save the BSR params and convert them after loading "
                              "(sparse.to_group_major_params)")
+        if is_packed_bsr(leaf):
+            raise ValueError(f"{name} is a PackedBSRLinear, a runtime layout that checkpoints "
+                             "do not store: save the BSR params and convert them after loading "
+                             "(sparse.to_packed_bsr_params)")
         if is_bsr(leaf):
             check_bsr(leaf, name)
             layers[name] = _bsr_metadata(leaf)

@@ -39,13 +39,14 @@ from pallas_kernels.alibi import alibi_slopes
 from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
 from optgqa_jax.sparse.group_major import (dequantize_group_major, group_major_matmul,
                                            is_group_major)
+from optgqa_jax.sparse.packed import is_packed_bsr, packed_bsr_matmul, unpack_bsr
 
 
 def is_quantized(x) -> bool:
     """Whether a kernel leaf is quantized: a dense ``QuantizedLinear``, a group-sparse
     ``optgqa_jax.sparse.BSRQuantizedLinear`` or its serving layout
     ``optgqa_jax.sparse.GroupMajorLinear`` (used as ``is_leaf`` in tree maps)."""
-    return _is_dense_quantized(x) or is_bsr(x) or is_group_major(x)
+    return _is_dense_quantized(x) or is_bsr(x) or is_group_major(x) or is_packed_bsr(x)
 
 
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -112,6 +113,8 @@ class Linear(nn.Module):
             y = bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_group_major(kernel):
             y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
+        elif is_packed_bsr(kernel):
+            y = packed_bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
             y = _quantized_product(x, kernel, _QUANT_IMPL[self.impl], self.scope.path)
         else:
@@ -264,6 +267,8 @@ class Transformer(nn.Module):
                     w = dequantize_bsr(w)
                 elif is_group_major(w):
                     w = dequantize_group_major(w)
+                elif is_packed_bsr(w):
+                    w = dequantize_bsr(unpack_bsr(w))
                 logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)
 

@@ -174,12 +174,27 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: i
                 row_blocks=int(row_blocks), M=tuned_rows(M))
 
 
-def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block: int):
+def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block: int,
+                 packed: Optional[tuple] = None):
     """(words int32 [S, Wg], groups int32 [S], scales and zeros float32 [S]) of the `slots`
-    blocks from ``t0`` (zeros where `ok` is False). Traced inside a kernel."""
+    blocks from ``t0`` (zeros where `ok` is False). Traced inside a kernel. ``packed``:
+    ``(nnz, R, scale dtype name)`` when ``c_ref`` is :func:`pack_blocks`' one array (the
+    groups and the scale-and-zero words read from its rows past the codes; the other refs
+    unused)."""
     S, Wg = slots, words_per_block
     words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
                        other=0)                                             # [S, Wg] int32
+    if packed is not None:
+        nnz, R, scale_dtype = packed
+        t = t0 + jnp.arange(S)
+        r, c = jax.lax.div(t, jnp.int32(Wg)), jax.lax.rem(t, jnp.int32(Wg))     # [S]
+        r = jnp.where(ok, r, 0)
+        g = plgpu.load(c_ref.at[nnz + r, c], mask=ok, other=0)                  # [S] groups
+        meta = plgpu.load(c_ref.at[nnz + R + r, c], mask=ok, other=0)           # [S]
+        sc = jax.lax.bitcast_convert_type((meta & 0xFFFF).astype(jnp.int16),
+                                          jnp.dtype(scale_dtype)).astype(jnp.float32)
+        zp = ((meta >> 16) & 0xFF).astype(jnp.float32)
+        return words, g, sc, zp
     g = plgpu.load(g_ref.at[pl.ds(t0, S)], mask=ok, other=0)               # [S] groups
     sc = plgpu.load(s_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
     zp = plgpu.load(z_ref.at[pl.ds(t0, S)], mask=ok, other=0).astype(jnp.float32)
@@ -188,7 +203,7 @@ def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block
 
 def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int, bits: int,
                     group_size: int, rows, raw_x: bool = False, code_zeros: bool = False,
-                    index_magic: bool = False, blocks=None):
+                    index_magic: bool = False, blocks=None, packed: Optional[tuple] = None):
     """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
     `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel. ``blocks``:
     those blocks' (words, groups, scales, zeros) already loaded (:func:`_load_blocks`), or
@@ -203,7 +218,7 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
     x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref = refs
     P = 32 // bits
     Wg = group_size // P
-    words, g, sc, zp = (_load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots, Wg)
+    words, g, sc, zp = (_load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots, Wg, packed)
                         if blocks is None else blocks)
     words_hi = words >> 16
     if raw_x:      # q - z, exact: the subtracted 2^(23 - s) + z is an exact float32
@@ -244,7 +259,7 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
 
 def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m: int,
                  runtime_magic: bool = False, raw_x: bool = False, code_zeros: bool = False,
-                 index_magic: bool = False):
+                 index_magic: bool = False, packed: Optional[tuple] = None):
     """Block-list schedule: blocks [j T, (j + 1) T), partials written per block."""
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
@@ -254,7 +269,7 @@ def _make_kernel(*, nnz: int, bits: int, group_size: int, block_t: int, block_m:
         parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
                                 runtime_magic, t0, ok, slots=block_t, bits=bits,
                                 group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
-                                index_magic=index_magic,
+                                index_magic=index_magic, packed=packed,
                                 rows=[i * block_m + m for m in range(block_m)])
         for m, part in enumerate(parts):
             o_ref[pl.ds(m, 1), :] = part[None, :]
@@ -274,7 +289,8 @@ def rows_per_program(block_t: int, row_blocks: int, out_features: int) -> tuple[
 
 def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, rows: int,
                      slots: int, block_m: int, runtime_magic: bool = False, raw_x: bool = False,
-                     code_zeros: bool = False, index_magic: bool = False, row_loop: int = 1):
+                     code_zeros: bool = False, index_magic: bool = False, row_loop: int = 1,
+                     packed: Optional[tuple] = None):
     """Whole-rows schedule: output features ``[(j L + c) Bn, (j L + c + 1) Bn)`` for chunks
     ``c < L`` (``row_loop``), R blocks each, in `slots`; a loop over c when L > 1."""
     R, Bn, S, L = row_blocks, rows, slots, row_loop
@@ -294,7 +310,7 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
             parts = _block_partials((x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref), magic_ref,
                                     runtime_magic, t0, ok, slots=S, bits=bits,
                                     group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
-                                    index_magic=index_magic, blocks=blocks,
+                                    index_magic=index_magic, blocks=blocks, packed=packed,
                                     rows=[i * block_m + m for m in range(block_m)])
             for m, part in enumerate(parts):
                 y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)   # [Bn]
@@ -303,7 +319,7 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
         def load(c):      # chunk c's blocks; none past the program's last chunk
             t0, ok = where(c)
             return _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok & (c < L), S,
-                                group_size * bits // 32)
+                                group_size * bits // 32, packed)
 
         def step(c, blocks):    # chunk c+1's blocks are requested before chunk c is used
             following = load(c + 1)
@@ -339,11 +355,11 @@ def prepare_x(x, bits: int, group_size: int, rows: int, bf16: bool = False,
 
 
 @functools.partial(jax.jit, static_argnames=("out_features", "bits", "group_size",
-                                             "row_blocks", "interpret", "config"))
+                                             "row_blocks", "interpret", "config", "packed"))
 def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features, bits,
-                      group_size, row_blocks, interpret, config):
+                      group_size, row_blocks, interpret, config, packed=None):
     M, K = x.shape
-    nnz = codes.shape[0]
+    nnz = codes.shape[0] if packed is None else packed[0]
     block_m = int(min(config.block_m, C.next_power_of_two(M)))
     block_t = int(min(config.block_t, max(16, C.next_power_of_two(nnz))))
     Mp, nnz_p = C.cdiv(M, block_m) * block_m, C.cdiv(nnz, block_t) * block_t
@@ -378,11 +394,15 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
                                   row_blocks=row_blocks, rows=bn, slots=slots, block_m=block_m,
                                   runtime_magic=config.runtime_magic, raw_x=config.raw_x,
                                   code_zeros=config.code_zeros,
-                                  index_magic=config.index_magic, row_loop=config.row_loop)
+                                  index_magic=config.index_magic, row_loop=config.row_loop,
+                                  packed=packed)
         per_program = bn * config.row_loop
         y = launch(kernel, C.cdiv(out_features, per_program) * per_program, per_program,
                    x.dtype, "optgqa_bsr_rows_quant_matmul")
         return y[:M, :out_features]
+    if packed is not None:
+        raise ValueError("packed blocks (pack_blocks) run on the whole-rows schedule only: "
+                         "row_blocks > 0 and config.row_aligned")
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
                           block_m=block_m, runtime_magic=config.runtime_magic,
                           raw_x=config.raw_x, code_zeros=config.code_zeros,
@@ -495,6 +515,118 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
                              out_features=int(out_features), bits=bits,
                              group_size=int(group_size), row_blocks=int(row_blocks),
                              interpret=interpret, config=config)
+
+
+PACKED_SCALE_DTYPES = ("float16", "bfloat16")
+
+
+def pack_blocks(codes, scales, zeros, col_idx) -> jax.Array:
+    """One int32 array [nnz + 2 R, Wg] (``R = ceil(nnz / Wg)``) holding a BSR weight's codes,
+    groups, scales and zeros, so that a product takes one argument buffer instead of four.
+
+    Rows ``[0, nnz)`` are the codes as they are; rows ``[nnz, nnz + R)`` the group indices
+    ``col_idx``, ``Wg`` per row in block order (the last row padded with 0); rows
+    ``[nnz + R, nnz + 2 R)`` one word per block, the scale's 16 bits in the low half and the
+    zero point in bits 16-23. 16-bit scales only (float16 or bfloat16). jnp; traceable.
+    Launching a jitted program costs host time per argument buffer (an H100 with jax 0.11.2:
+    1.77 µs each, ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``), and a batch-1
+    decode step of a BSR model takes four per projection.
+    """
+    codes, scales = jnp.asarray(codes), jnp.asarray(scales)
+    zeros, col_idx = jnp.asarray(zeros), jnp.asarray(col_idx)
+    if codes.ndim != 2 or codes.dtype != jnp.int32:
+        raise ValueError(f"codes must be int32 [nnz, words per block], got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    nnz, Wg = codes.shape
+    if jnp.dtype(scales.dtype).name not in PACKED_SCALE_DTYPES:
+        raise ValueError(f"scales must be one of {PACKED_SCALE_DTYPES} to be packed (16 bits "
+                         f"per block), got {scales.dtype}")
+    for name, a in (("scales", scales), ("zeros", zeros), ("col_idx", col_idx)):
+        if a.shape != (nnz,):
+            raise ValueError(f"{name} must have shape [nnz]=({nnz},), got {tuple(a.shape)}")
+    R = C.cdiv(nnz, Wg)
+    rows = lambda v: jnp.pad(v, (0, R * Wg - nnz)).reshape(R, Wg)  # noqa: E731
+    sbits = jax.lax.bitcast_convert_type(scales, jnp.uint16).astype(jnp.int32)
+    meta = sbits | (zeros.astype(jnp.int32) << 16)
+    return jnp.concatenate([codes, rows(col_idx.astype(jnp.int32)), rows(meta)], axis=0)
+
+
+def unpack_blocks(packed, nnz: int, scale_dtype) -> tuple:
+    """(codes, scales, zeros, col_idx) of :func:`pack_blocks`' array (jnp; traceable)."""
+    packed = jnp.asarray(packed)
+    Wg = packed.shape[1]
+    R = C.cdiv(nnz, Wg)
+    flat = lambda r0: packed[r0:r0 + R].reshape(-1)[:nnz]  # noqa: E731
+    meta = flat(nnz + R)
+    scales = jax.lax.bitcast_convert_type((meta & 0xFFFF).astype(jnp.uint16),
+                                          jnp.dtype(scale_dtype))
+    return packed[:nnz], scales, ((meta >> 16) & 0xFF).astype(jnp.uint8), flat(nnz)
+
+
+def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_dtype,
+                            out_features: int, bits: int, group_size: int, row_blocks: int,
+                            interpret: bool = False,
+                            config: Optional[BSRMatmulConfig] = None) -> jax.Array:
+    """:func:`bsr_quant_matmul` on :func:`pack_blocks`' one array: the same kernel on the
+    whole-rows schedule, reading each block's group, scale and zero point from the array's
+    rows past the codes (two more loads per block, no more argument buffers).
+
+    Args:
+      x: [M, K] activations. packed: int32 [nnz + 2 R, group_size * bits / 32].
+      nnz: stored blocks; scale_dtype: the packed scales' dtype (float16 or bfloat16).
+      out_features, bits, group_size: as :func:`bsr_quant_matmul`.
+      row_blocks: blocks per row (> 0: every row holds the same number; the layout this
+        entry serves).
+      interpret, config: as :func:`bsr_quant_matmul` (``config.row_aligned`` must be on).
+
+    Raises:
+      ValueError: bad shapes or dtypes, or a layout the whole-rows schedule cannot take.
+    """
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits={bits!r} must be one of {KERNEL_BITS}")
+    if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+            or group_size < 1 or not C.is_power_of_two(group_size)
+            or group_size * bits < 32):
+        raise ValueError(f"group_size={group_size!r} must be a power of two holding whole "
+                         f"int32 words ({32 // bits} codes or more at {bits} bits)")
+    C.check_rank("x", x, 2, "[M, K]")
+    C.check_float("x", x)
+    C.check_rank("packed", packed, 2, "[nnz + 2 R, group_size * bits / 32]")
+    C.check_int32("packed", packed)
+    Wg = group_size * bits // 32
+    if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:
+        raise ValueError(f"nnz={nnz!r} must be a non-negative int")
+    if packed.shape != (nnz + 2 * C.cdiv(nnz, Wg), Wg):
+        raise ValueError(f"packed must have shape [nnz + 2 ceil(nnz / Wg), Wg]="
+                         f"({nnz + 2 * C.cdiv(nnz, Wg)}, {Wg}) for nnz={nnz}, got "
+                         f"{tuple(packed.shape)}")
+    if jnp.dtype(scale_dtype).name not in PACKED_SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {PACKED_SCALE_DTYPES}, got {scale_dtype}")
+    M, K = x.shape
+    if K % group_size:
+        raise ValueError(f"x has K={K} input features, not a multiple of group_size="
+                         f"{group_size}")
+    if (isinstance(row_blocks, bool) or not isinstance(row_blocks, (int, np.integer))
+            or row_blocks < 1 or nnz != out_features * row_blocks):
+        raise ValueError(f"row_blocks={row_blocks!r}: packed blocks need every row to hold the "
+                         f"same number (nnz={nnz}, out_features={out_features})")
+    if M == 0 or out_features == 0 or nnz == 0:
+        return jnp.zeros((M, out_features), x.dtype)
+    backend = C.backend()
+    config = config or BSRMatmulConfig.for_shape(
+        backend, M, nnz, K=K, N=int(out_features), bits=bits, group_size=int(group_size),
+        row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind())
+    config.validate()
+    if not config.row_aligned or config.raw_x:
+        raise ValueError("packed blocks run on the whole-rows schedule with the prepared x: "
+                         "config.row_aligned=True and config.raw_x=False")
+    unused = jnp.zeros((1,), jnp.int32)
+    return _bsr_quant_matmul(x, packed, unused, unused, unused, unused,
+                             out_features=int(out_features), bits=bits,
+                             group_size=int(group_size), row_blocks=int(row_blocks),
+                             interpret=interpret, config=config,
+                             packed=(int(nnz), C.cdiv(int(nnz), Wg),
+                                     jnp.dtype(scale_dtype).name))
 
 
 def dequantize_blocks(codes, scales, zeros, bits: int, group_size: int) -> jax.Array:

@@ -149,12 +149,37 @@ def test_group_major_run_serves_the_reordered_bsr_weights(fixed_ceiling):
     r = B.run_engine(B.BenchConfig(quantize="w4g32s50gm", **TINY_RUN))
     assert r["output_tokens"] == 12 and r["model"] == "tiny w4g32s50gm"
     qc, s, gm = parse_serving_spec("w4g32s50gm")
-    assert gm and s == 0.5 and parse_serving_spec("w4g32s50")[2] is False
+    assert gm == "gm" and s == 0.5 and parse_serving_spec("w4g32s50")[2] == ""
     params = og.init_params(B.model_config(B.BenchConfig(**TINY_RUN)), jax.random.PRNGKey(0),
                             fused=True)
     layout = sparse.to_group_major_params(random_sparsify(params, qc, s))
     assert sparse.is_group_major(layout["layer_0"]["mlp"]["gate_up_proj"]["kernel"])
     assert r["param_bytes"] == B.params_nbytes(layout)
+
+
+def test_packed_run_serves_the_same_bsr_weights_in_one_array(fixed_ceiling):
+    """``--quantize w4g32s50pk``: the same BSR weights with each layer's arrays packed into
+    one; the engine serves them (the same tokens as the BSR layout) and the parameter bytes
+    are the packed arrays'."""
+    import jax
+
+    import optgqa_jax as og
+    from optgqa_jax import sparse
+    from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
+
+    r = B.run_engine(B.BenchConfig(quantize="w4g32s50pk", **TINY_RUN))
+    plain = B.run_engine(B.BenchConfig(quantize="w4g32s50", **TINY_RUN))
+    assert r["output_tokens"] == plain["output_tokens"] == 12
+    assert r["model"] == "tiny w4g32s50pk"
+    qc, s, layout = parse_serving_spec("w4g32s50pk")
+    assert layout == "pk" and s == 0.5
+    params = og.init_params(B.model_config(B.BenchConfig(**TINY_RUN)), jax.random.PRNGKey(0),
+                            fused=True)
+    packed = sparse.to_packed_bsr_params(random_sparsify(params, qc, s))
+    assert sparse.is_packed_bsr(packed["layer_0"]["mlp"]["gate_up_proj"]["kernel"])
+    assert r["param_bytes"] == B.params_nbytes(packed)
+    with pytest.raises(ValueError, match="'pk' layout needs group sparsity"):
+        parse_serving_spec("w4g32pk")
 
 
 def test_quantized_table_and_head_run(fixed_ceiling):
@@ -180,7 +205,7 @@ def test_quantized_table_and_head_run(fixed_ceiling):
     assert B.params_nbytes(qp) < B.params_nbytes(quant.random_quantize(params,
                                                                        quant.parse_spec("w4g32")))
     qc2, s, gm = parse_serving_spec("w4g32s50gm+emb")
-    assert gm and s == 0.5 and qc2.quantize_embedding and not qc2.quantize_lm_head
+    assert gm == "gm" and s == 0.5 and qc2.quantize_embedding and not qc2.quantize_lm_head
     tied = {k: v for k, v in params.items() if k != "lm_head"}
     with pytest.raises(ValueError, match=r"\+head: this model ties"):
         quant.random_quantize(tied, qc)

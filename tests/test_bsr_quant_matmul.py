@@ -236,3 +236,67 @@ def test_index_magic_is_the_same_pattern(row_blocks):
         b = bsr_quant_matmul(*args, config=dataclasses.replace(base, index_magic=True), **kw)
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
         assert_close_to_scale(b, ref, 1e-2, "index_magic")
+
+
+@pytest.mark.parametrize("bits,gs,G,kept,N,M,dtype,sdtype,config", [
+    (4, 32, 4, 3, 21, 1, jnp.bfloat16, jnp.float16, T16),       # nnz 63: a short last row
+    (4, 32, 7, 5, 13, 3, jnp.float16, jnp.bfloat16, T16_M4),
+    (8, 32, 24, 20, 6, 2, jnp.bfloat16, jnp.float16, T16_CZ),   # R = 20 > block_t
+    (2, 64, 3, 2, 9, 1, jnp.float16, jnp.float16, T16_IDX),
+    (4, 32, 4, 3, 21, 1, jnp.bfloat16, jnp.bfloat16, T16_LOOP4),
+    (4, 128, 3, 2, 11, 1, jnp.bfloat16, jnp.float16, None),     # default tiles
+])
+def test_packed_blocks_match_float64(bits, gs, G, kept, N, M, dtype, sdtype, config):
+    """pack_blocks' one array (codes, groups, scales and zeros in one int32 buffer) through
+    bsr_quant_matmul_packed: the same product as the four arrays; pack and unpack are exact."""
+    from pallas_kernels.bsr_quant_matmul import (bsr_quant_matmul_packed, pack_blocks,
+                                                 unpack_blocks)
+    args, ref, K = make_case(3 * bits + 7 * G + kept + M, M, G, N, bits, gs, dtype,
+                             pattern=str(kept))
+    x, codes, s, z, col, rows = args
+    s = s.astype(sdtype)
+    w = np.zeros((N, G, gs))
+    from pallas_kernels.bsr_quant_matmul import dequantize_blocks   # scales rounded to sdtype
+    blocks = np.asarray(dequantize_blocks(codes, s, z, bits, gs), np.float64)
+    w[np.asarray(rows), np.asarray(col)] = blocks
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ w.reshape(N, K).T
+    packed = pack_blocks(codes, s, z, col)
+    nnz, Wg = codes.shape
+    assert packed.shape == (nnz + 2 * (-(-nnz // Wg)), Wg) and packed.dtype == jnp.int32
+    back = unpack_blocks(packed, nnz, sdtype)
+    for a, b in zip(back, (codes, s, z, col)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    y = bsr_quant_matmul_packed(x, packed, nnz=nnz, scale_dtype=sdtype, out_features=N,
+                                bits=bits, group_size=gs, row_blocks=kept, interpret=INTERPRET,
+                                config=config)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert np.isfinite(np.asarray(y, np.float64)).all()
+    assert_close_to_scale(y, ref, TOL[dtype], "packed blocks")
+    four = bsr_quant_matmul(x, codes, s, z, col, rows, out_features=N, bits=bits,
+                            group_size=gs, row_blocks=kept, interpret=INTERPRET, config=config)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(four, np.float32))
+
+
+def test_packed_blocks_bad_inputs_raise():
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed, pack_blocks
+    args, _, K = make_case(5, 1, 4, 8, 4, 32, jnp.bfloat16, pattern="2")
+    x, codes, s, z, col, rows = args
+    with pytest.raises(ValueError, match="scales must be one of"):
+        pack_blocks(codes, s.astype(jnp.float32), z, col)
+    with pytest.raises(ValueError, match="col_idx must have shape"):
+        pack_blocks(codes, s, z, col[:-1])
+    packed = pack_blocks(codes, s, z, col)
+    kw = dict(nnz=16, scale_dtype=jnp.float16, out_features=8, bits=4, group_size=32,
+              row_blocks=2, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="packed must have shape"):
+        bsr_quant_matmul_packed(x, packed[:-1], **kw)
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        bsr_quant_matmul_packed(x, packed, **(kw | dict(scale_dtype=jnp.float32)))
+    with pytest.raises(ValueError, match="row_blocks"):
+        bsr_quant_matmul_packed(x, packed, **(kw | dict(row_blocks=3)))
+    with pytest.raises(ValueError, match="whole-rows schedule"):
+        bsr_quant_matmul_packed(x, packed, **kw, config=dataclasses.replace(T16,
+                                                                           row_aligned=False))
+    with pytest.raises(ValueError, match="input features"):
+        bsr_quant_matmul_packed(x[:, :-32][:, :-1], packed, **kw)

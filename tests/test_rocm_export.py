@@ -238,6 +238,26 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blo
     assert module.count(TRITON_CALL) == 1
 
 
+# bsr_quant_matmul_packed: x [M, K], one int32 array [nnz + 2 R, Wg] (pack_blocks).
+@pytest.mark.parametrize("M,bits,gs,sdtype,loop", [(1, 4, 128, jnp.float16, 1),
+                                                   (4, 8, 64, jnp.bfloat16, 1),
+                                                   (1, 4, 128, jnp.bfloat16, 4)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop, platform):
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul_packed
+    K, N, R = 512, 384, 3
+    nnz, Wg = N * R, gs * bits // 32
+    cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), row_loop=loop)
+
+    def f(x, packed):
+        return bsr_quant_matmul_packed(x, packed, nnz=nnz, scale_dtype=sdtype, out_features=N,
+                                       bits=bits, group_size=gs, row_blocks=R, config=cfg)
+
+    rows = nnz + 2 * (-(-nnz // Wg))
+    module = export_for(platform, f, S((M, K), jnp.bfloat16), S((rows, Wg), jnp.int32))
+    assert module.count(TRITON_CALL) == 1
+
+
 # bsr_gather_quant_matmul: the same arguments as bsr_quant_matmul, a few rows of x.
 @pytest.mark.parametrize("M,bits,gs,dtype,split", [(16, 4, 128, jnp.bfloat16, 1),
                                                    (3, 4, 64, jnp.bfloat16, 4),

@@ -7,7 +7,9 @@
   orbax save/load;
 * :mod:`~optgqa_jax.sparse.calibrate` — the two calibration stages, BQPO and E2E-OQP;
 * :mod:`~optgqa_jax.sparse.group_major` — the BSR blocks reordered by group, the serving
-  layout of the group-major decode kernel.
+  layout of the group-major decode kernel;
+* :mod:`~optgqa_jax.sparse.packed` — a row-scope BSR layer's arrays packed into one, the
+  serving layout with one argument buffer per layer.
 """
 
 from optgqa_jax.sparse.config import NMSparsity, SparsityConfig
@@ -31,3 +33,9 @@ from optgqa_jax.sparse.group_major import (GroupMajorLinear, dequantize_group_ma
 __all__ += ["CalibrationConfig", "bqpo", "calibrate", "e2e_oqp", "GroupMajorLinear",
             "dequantize_group_major", "group_major_matmul", "is_group_major", "to_group_major",
             "to_group_major_params"]
+from optgqa_jax.sparse.packed import (PackedBSRLinear, is_packed_bsr,  # noqa: E402
+                                      packed_bsr_matmul, to_packed_bsr, to_packed_bsr_params,
+                                      unpack_bsr)
+
+__all__ += ["PackedBSRLinear", "is_packed_bsr", "packed_bsr_matmul", "to_packed_bsr",
+            "to_packed_bsr_params", "unpack_bsr"]

@@ -42,23 +42,29 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
     return qc, s
 
 
-def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], bool]:
-    """:func:`parse_sparse_spec` plus an optional ``gm`` suffix (``"w4g128s50gm"``, before any
-    ``+head``/``+emb``): serve the BSR layers in group-major order
-    (``sparse.to_group_major_params``). Returns (QuantConfig, sparsity or None, group-major).
+SERVING_LAYOUTS = ("", "gm", "pk")
+
+
+def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
+    """:func:`parse_sparse_spec` plus an optional layout suffix before any ``+head``/``+emb``:
+    ``gm`` (``"w4g128s50gm"``) serves the BSR layers in group-major order
+    (``sparse.to_group_major_params``), ``pk`` (``"w4g128s50pk"``) with each layer's arrays
+    packed into one (``sparse.to_packed_bsr_params``). Returns (QuantConfig, sparsity or None,
+    layout: one of :data:`SERVING_LAYOUTS`, "" for the BSR layers as they are).
 
     Raises:
-      ValueError: as :func:`parse_sparse_spec`, or ``gm`` on a spec without group sparsity.
+      ValueError: as :func:`parse_sparse_spec`, or a layout suffix on a spec without group
+        sparsity.
     """
     if not isinstance(spec, str):
-        return (*parse_sparse_spec(spec), False)     # raises: not a spec
+        return (*parse_sparse_spec(spec), "")     # raises: not a spec
     base, plus, extras = spec.partition("+")
-    gm = base.endswith("gm")
-    qc, sparsity = parse_sparse_spec((base[:-2] if gm else base) + plus + extras)
-    if gm and sparsity is None:
-        raise ValueError(f"{spec!r}: the group-major layout needs group sparsity "
-                         "(e.g. w4g128s50gm)")
-    return qc, sparsity, gm
+    layout = next((s for s in SERVING_LAYOUTS if s and base.endswith(s)), "")
+    qc, sparsity = parse_sparse_spec(base[:len(base) - len(layout)] + plus + extras)
+    if layout and sparsity is None:
+        raise ValueError(f"{spec!r}: the {layout!r} layout needs group sparsity "
+                         f"(e.g. w4g128s50{layout})")
+    return qc, sparsity, layout
 
 
 def random_bsr_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig, sparsity: float,

@@ -1,0 +1,135 @@
+"""PackedBSRLinear: a BSR layer's codes, groups, scales and zeros in one int32 array, the
+serving layout that costs a jitted step one argument buffer per layer instead of four.
+
+A batch-1 decode step is bound by the host: launching it costs time per argument buffer (on an
+H100 with jax 0.11.2, 1.77 µs each, ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``),
+and a BSR projection takes four (codes, scales, zeros, col_idx) where a dense 4-bit one takes
+three. :func:`to_packed_bsr` writes them into one array (``pallas_kernels.bsr_quant_matmul
+.pack_blocks``: the codes, then the groups and one scale-and-zero word per block in rows past
+them); the decode kernel reads each block's metadata from there
+(``bsr_quant_matmul_packed``), and every other route unpacks the arrays inside the jitted
+program and runs :func:`~optgqa_jax.sparse.bsr_matmul` as for the BSR layer.
+
+Row-scope layers only (every row keeps the same number of blocks, ``row_blocks > 0``: the
+paper's W4S50) with 16-bit scales; :func:`to_packed_bsr_params` leaves other layers as they
+are. It is a runtime layout: checkpoints store the BSR form (convert after loading), and it is
+not shardable. :func:`unpack_bsr` gives the BSR layer back.
+
+Axis legend: K input features, N output features, nnz stored blocks, Wg words per block,
+R = ceil(nnz / Wg) rows of metadata each.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, KERNEL_MAX_ROWS, bsr_matmul, check_bsr,
+                                   is_bsr, sparse_impl)
+
+
+@flax.struct.dataclass
+class PackedBSRLinear:
+    """A row-scope BSR layer with its block arrays packed into one (module docstring)."""
+
+    packed: jax.Array     # int32 [nnz + 2 R, Wg]: codes, then groups, then scale|zero words
+    row_ptr: jax.Array    # int32 [N + 1] (the BSR layer's; read only by the unpacked routes)
+    row_ids: jax.Array    # int32 [nnz]
+    in_features: int = flax.struct.field(pytree_node=False, default=0)
+    bits: int = flax.struct.field(pytree_node=False, default=4)
+    group_size: int = flax.struct.field(pytree_node=False, default=128)
+    sym: bool = flax.struct.field(pytree_node=False, default=True)
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    row_blocks: int = flax.struct.field(pytree_node=False, default=-1)
+    nnz: int = flax.struct.field(pytree_node=False, default=0)
+    scale_dtype: str = flax.struct.field(pytree_node=False, default="float16")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical weight shape (D_in, D_out)."""
+        return (self.in_features, self.row_ptr.shape[0] - 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (the packed array and the row pointers)."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.packed, self.row_ptr))
+
+
+def is_packed_bsr(x) -> bool:
+    """Whether `x` is a :class:`PackedBSRLinear` (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, PackedBSRLinear)
+
+
+def can_pack(b: BSRQuantizedLinear) -> bool:
+    """Whether :func:`to_packed_bsr` takes `b`: every row keeps the same number of blocks
+    (``row_blocks > 0``) and the scales are float16 or bfloat16."""
+    from pallas_kernels.bsr_quant_matmul import PACKED_SCALE_DTYPES
+    return (is_bsr(b) and b.row_blocks > 0
+            and jnp.dtype(b.scales.dtype).name in PACKED_SCALE_DTYPES)
+
+
+def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr") -> PackedBSRLinear:
+    """Pack a BSR layer's block arrays into one (once per layer; see the module docstring).
+
+    Raises:
+      ValueError: `b` is not a valid BSR layer, its rows keep different numbers of blocks, or
+        its scales are not 16-bit floats.
+    """
+    from pallas_kernels.bsr_quant_matmul import pack_blocks
+    if not is_bsr(b):
+        raise ValueError(f"{name} must be a BSRQuantizedLinear, got {type(b).__name__}")
+    check_bsr(b, name)
+    if b.row_blocks <= 0:
+        raise ValueError(f"{name}: packed layers need every row to keep the same number of "
+                         "blocks (row_blocks > 0, row-scope pruning)")
+    if not can_pack(b):
+        raise ValueError(f"{name}: packed layers need float16 or bfloat16 scales, got "
+                         f"{b.scales.dtype}")
+    return PackedBSRLinear(pack_blocks(b.codes, b.scales, b.zeros, b.col_idx), b.row_ptr,
+                           b.row_ids, in_features=b.in_features, bits=b.bits,
+                           group_size=b.group_size, sym=b.sym, dtype=b.dtype,
+                           row_blocks=b.row_blocks, nnz=int(b.nnz),
+                           scale_dtype=jnp.dtype(b.scales.dtype).name)
+
+
+def to_packed_bsr_params(params):
+    """`params` with every BSR kernel that :func:`can_pack` takes replaced by its
+    :func:`to_packed_bsr` layout (concrete params; host side). Other leaves are unchanged."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_bsr)[0]
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
+    converted = {name(p): to_packed_bsr(l, name(p)) for p, l in flat if can_pack(l)}
+    return jax.tree_util.tree_map_with_path(lambda p, l: converted.get(name(p), l), params,
+                                            is_leaf=is_bsr)
+
+
+def unpack_bsr(p: PackedBSRLinear) -> BSRQuantizedLinear:
+    """The BSR layer of `p` (jnp; traceable: inside a jitted program the arrays are slices of
+    the packed one)."""
+    from pallas_kernels.bsr_quant_matmul import unpack_blocks
+    codes, scales, zeros, col_idx = unpack_blocks(p.packed, p.nnz, p.scale_dtype)
+    return BSRQuantizedLinear(codes, scales, zeros, col_idx, p.row_ptr, p.row_ids,
+                              in_features=p.in_features, bits=p.bits, group_size=p.group_size,
+                              sym=p.sym, dtype=p.dtype, row_blocks=p.row_blocks)
+
+
+def packed_bsr_matmul(x: jax.Array, p: PackedBSRLinear, impl: str = "auto") -> jax.Array:
+    """``x @ W`` for x [..., K], in x's dtype: the packed kernel
+    (``pallas_kernels.bsr_quant_matmul.bsr_quant_matmul_packed``) where
+    :func:`~optgqa_jax.sparse.bsr_matmul` would take the BSR kernel (``impl="pallas"``, or
+    ``"auto"`` on GPUs for bfloat16/float16 x of at most ``KERNEL_MAX_ROWS`` rows), and
+    :func:`~optgqa_jax.sparse.bsr_matmul` on :func:`unpack_bsr` elsewhere (same ``impl``)."""
+    from pallas_kernels import _common as kc
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
+    K, N = p.shape
+    how = sparse_impl(x, K, impl, KERNEL_MAX_ROWS, "packed BSR layer", 1)
+    if how != "pallas":
+        return bsr_matmul(x, unpack_bsr(p), impl)
+    lead = x.shape[:-1]
+    y = bsr_quant_matmul_packed(x.reshape(-1, K), p.packed, nnz=p.nnz,
+                                scale_dtype=p.scale_dtype, out_features=N, bits=p.bits,
+                                group_size=p.group_size, row_blocks=p.row_blocks,
+                                interpret=kc.backend() == "cpu")
+    return y.reshape(*lead, N)

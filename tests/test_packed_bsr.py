@@ -1,0 +1,115 @@
+"""The packed serving layout of row-scope BSR layers (``optgqa_jax.sparse.packed``): exact
+conversion, the product against the BSR weight (the packed kernel and the unpacked routes), the
+model on it, and the refusals.
+
+References: ``sparse.dequantize_bsr`` of the same layer (exact equality for the conversion) and
+the float32 product with that weight (the kernel in interpret mode, relative max error 1e-2 of
+the output's scale in bfloat16); the BSR layer's own product through the same kernel (equal
+bit for bit: the packed kernel reads the same values from another place)."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import optgqa_jax as og
+from optgqa_jax import quant, sparse
+from optgqa_jax.sparse.synthetic import random_bsr_linear, random_sparsify
+from checks import assert_close_to_scale
+
+
+def bsr_layer(K=256, N=40, sparsity=0.5, scale_dtype="float16"):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    qc = quant.parse_spec("w4g32")
+    qc = qc.__class__(**{**qc.__dict__, "scale_dtype": scale_dtype})
+    return random_bsr_linear(seed, K, N, qc, sparsity, "bfloat16")
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_conversion_is_exact(scale_dtype):
+    b = bsr_layer(scale_dtype=scale_dtype)
+    assert b.row_blocks > 0 and b.scales.dtype == jnp.dtype(scale_dtype)
+    p = sparse.to_packed_bsr(b)
+    assert sparse.is_packed_bsr(p) and p.shape == b.shape and p.nnz == b.nnz
+    Wg = b.codes.shape[1]
+    R = -(-b.nnz // Wg)
+    assert p.packed.dtype == jnp.int32 and p.packed.shape == (b.nnz + 2 * R, Wg)
+    # the codes, one word per block for its group and one for its scale and zero (BSR keeps
+    # 4 + 2 + 1 bytes per block in three arrays), the row pointers
+    assert p.nbytes == b.codes.nbytes + 2 * R * Wg * 4 + b.row_ptr.nbytes
+    back = sparse.unpack_bsr(p)
+    for field in ("codes", "scales", "zeros", "col_idx", "row_ptr", "row_ids"):
+        a, c = np.asarray(getattr(back, field)), np.asarray(getattr(b, field))
+        assert a.dtype == c.dtype, field
+        np.testing.assert_array_equal(a.view(np.uint8), c.view(np.uint8), err_msg=field)
+    assert back.row_blocks == b.row_blocks and back.group_size == b.group_size
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_product_matches_the_bsr_weight(M):
+    b = bsr_layer(K=256, N=40, sparsity=0.25)
+    p = sparse.to_packed_bsr(b)
+    x = jax.random.normal(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))),
+                          (M, 256)).astype(jnp.bfloat16)
+    want = np.asarray(x.astype(jnp.float32) @ sparse.dequantize_bsr(b, jnp.float32), np.float64)
+    for impl in ("pallas", "dequantize", "auto"):
+        y = sparse.packed_bsr_matmul(x, p, impl)
+        assert y.shape == (M, 40) and y.dtype == jnp.bfloat16
+        assert np.isfinite(np.asarray(y, np.float32)).all()
+        assert_close_to_scale(y, want, 1e-2, f"packed product ({impl})")
+        np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                      np.asarray(sparse.bsr_matmul(x, b, impl), np.float32))
+    y3 = sparse.packed_bsr_matmul(x.reshape(M, 1, 256), p, "pallas")     # leading axes kept
+    assert y3.shape == (M, 1, 40)
+
+
+def test_model_on_the_packed_layout_matches_bsr():
+    cfg = og.ModelConfig.preset("tiny")
+    bsr = random_sparsify(og.init_params(cfg, jax.random.PRNGKey(4)), quant.parse_spec("w4g32"),
+                          0.5, seed=4)
+    pk = sparse.to_packed_bsr_params(bsr)
+    from optgqa_jax.model import is_quantized
+    leaves = jax.tree_util.tree_leaves(pk, is_leaf=is_quantized)
+    assert any(sparse.is_packed_bsr(l) for l in leaves)
+    assert not any(sparse.is_bsr(l) for l in leaves)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 1)).astype(np.int32)
+    want = np.asarray(og.forward(cfg, bsr, tokens))
+    np.testing.assert_array_equal(np.asarray(og.forward(cfg, pk, tokens)), want)   # dequantize
+    np.testing.assert_allclose(np.asarray(og.forward(cfg, pk, tokens, attention_impl="pallas")),
+                               want, rtol=1e-4, atol=1e-4)                 # the kernel
+    prompt = [int(t) for t in np.random.default_rng().integers(0, cfg.vocab_size, 4)]
+    assert og.generate_simple(cfg, pk, prompt, 3) == og.generate_simple(cfg, bsr, prompt, 3)
+
+
+def test_layers_that_cannot_be_packed_are_kept_or_refused(tmp_path):
+    from optgqa_jax import sharding
+    from optgqa_jax.sparse.bsr import from_arrays
+    with pytest.raises(ValueError, match="must be a BSRQuantizedLinear"):
+        sparse.to_packed_bsr(np.zeros((256, 40)))
+    with pytest.raises(ValueError, match="float16 or bfloat16 scales"):
+        sparse.to_packed_bsr(bsr_layer(scale_dtype="float32"))
+    b = bsr_layer(K=128, N=4)
+    ragged = from_arrays(np.asarray(b.codes[:-1]), np.asarray(b.scales[:-1]),
+                         np.asarray(b.zeros[:-1]), np.asarray(b.col_idx[:-1]),
+                         np.concatenate([np.asarray(b.row_ptr[:-1]), [b.nnz - 1]]).astype(
+                             np.int32), in_features=128, bits=4, group_size=32,
+                         dtype="bfloat16")
+    assert ragged.row_blocks == -1
+    with pytest.raises(ValueError, match="same number of"):
+        sparse.to_packed_bsr(ragged)
+    params = {"a": {"kernel": ragged}, "b": {"kernel": b}}
+    out = sparse.to_packed_bsr_params(params)
+    assert sparse.is_bsr(out["a"]["kernel"]) and sparse.is_packed_bsr(out["b"]["kernel"])
+    p = sparse.to_packed_bsr(b)
+    with pytest.raises(ValueError, match="impl='fast'"):
+        sparse.packed_bsr_matmul(jnp.zeros((1, 128)), p, "fast")
+    with pytest.raises(ValueError, match="127 input features"):
+        sparse.packed_bsr_matmul(jnp.zeros((1, 127)), p)
+    cfg = og.ModelConfig.preset("tiny")
+    pk = sparse.to_packed_bsr_params(random_sparsify(
+        og.init_params(cfg, jax.random.PRNGKey(0)), quant.parse_spec("w4g32"), 0.5))
+    with pytest.raises(ValueError, match="runtime layout"):
+        og.save_checkpoint(str(tmp_path / "ckpt"), cfg, pk)
+    with pytest.raises(ValueError, match="group-sparse"):
+        sharding.partition_specs(cfg, pk, sharding.make_mesh(1, 1))
