@@ -188,6 +188,24 @@ def kernel_cases():
             cfg.block_k * cfg.block_n / (32 * cfg.num_warps), cfg.num_warps, cfg.num_stages)
     b = random_bsr_linear(0, K, N, qc, 0.5, "bfloat16")
     bcfg = BSRMatmulConfig.for_shape("cuda", 1, b.codes.shape[0])
+    # whole rows (row_blocks = 16), the H100 table's tiles: the four arrays against the packed
+    # one (pack_blocks: groups and scale-and-zero words read from the array's rows past the
+    # codes, the serving layout of sparse.to_packed_bsr)
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed, pack_blocks
+    h100 = BSRMatmulConfig.for_shape("cuda", 1, b.nnz, K=K, N=N, bits=4, group_size=128,
+                                     row_blocks=b.row_blocks, device="NVIDIA H100 80GB HBM3")
+    packed = pack_blocks(b.codes, b.scales, b.zeros, b.col_idx)
+    rows_codes = h100.block_t * 128 / (32 * h100.num_warps)
+    out["bsr_quant_matmul W4S50 whole rows, H100 table, four arrays"] = (
+        lambda x: bsr_quant_matmul(x, b.codes, b.scales, b.zeros, b.col_idx, b.row_ids,
+                                   out_features=N, bits=4, group_size=128,
+                                   row_blocks=b.row_blocks, config=h100),
+        rows_codes, h100.num_warps, h100.num_stages)
+    out["bsr_quant_matmul W4S50 whole rows, H100 table, packed"] = (
+        lambda x: bsr_quant_matmul_packed(x, packed, nnz=b.nnz, scale_dtype=b.scales.dtype,
+                                          out_features=N, bits=4, group_size=128,
+                                          row_blocks=b.row_blocks, config=h100),
+        rows_codes, h100.num_warps, h100.num_stages)
     for name, cfg in (("bsr_quant_matmul W4S50 default", bcfg),
                       ("bsr_quant_matmul W4S50 runtime magic",
                        dataclasses.replace(bcfg, runtime_magic=True))):
@@ -245,6 +263,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="also count the project's kernels with and without the runtime magic")
+    p.add_argument("--kernel-filter", default="",
+                   help="count only the project's kernels whose name contains this")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu",
                                                  "quant"))
     a = p.parse_args(argv)
@@ -268,6 +288,8 @@ def main(argv=None) -> None:
         if a.kernels:
             res["kernels"] = {}
             for i, (name, (fn, cpt, w, st)) in enumerate(kernel_cases().items()):
+                if a.kernel_filter not in name:
+                    continue
                 try:
                     row = compile_kernel(fn, cpt, w, st, a.triton_python,
                                          os.path.join(tmp, f"kernel{i}.ttir"))

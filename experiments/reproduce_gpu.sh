@@ -10,7 +10,8 @@
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
-# gqsa-engine-gathered (16 sequences on the block-map kernel),
+# gqsa-engine-gathered (16 sequences on the block-map kernel), gqsa-engine-packed (batch-1 W4S50
+# packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
@@ -243,6 +244,23 @@ for step in $steps; do
       # argument buffers (a batch-1 decode step takes 517-645)
       run dispatch_cost 150 python experiments/dispatch_cost.py --counts 8,64,256,512,768,1024 \
         --out "$out/batch1" ;;
+    gqsa-engine-packed)  # batch-1 decode: dense W4, W4S50 with each layer's arrays packed
+      # into one (w4g128s50pk: 256 fewer argument buffers per step) and W4S50 as four arrays,
+      # two rounds in opposite orders (runs on one machine have differed by 10-40%); then one
+      # traced step of each with command buffers on, with the host threads' events
+      for round in 1 2; do
+        fmts=w4g128,w4g128s50pk,w4g128s50
+        [ "$round" = 2 ] && fmts=w4g128s50,w4g128s50pk,w4g128
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_engine_packed_$round" 300 python \
+          experiments/gqsa_eval.py --part engine --engine-formats "$fmts" --sequences 1 \
+          --out "$out/gqsa_engine_packed_$round"
+      done
+      for fmt in w4g128 w4g128s50pk w4g128s50; do
+        run "profile_batch1_host_$fmt" 150 python experiments/profile_decode.py --quick \
+          --fuse-projections --batch 1 --context 257 512 --quantize "$fmt" \
+          --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
+          --xla-option xla_gpu_ftz=true --out "$out/profile_batch1_host_$fmt"
+      done ;;
     gqsa-engine-s50)  # engine decode: bfloat16, dense W4 and W4S50 at 1 and 16 sequences
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_s50 500 python \
         experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
