@@ -452,8 +452,8 @@ def test_prefix_sharing_within_one_batch_under_preemption(tiny, async_scheduling
     assert eng.stats.pages_used == 0
 
 
-@pytest.mark.parametrize("regime", [dict(), dict(num_pages=12), dict(max_num_seqs=3)])
-@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("regime,async_scheduling", [(dict(num_pages=12), True),
+                                                     (dict(max_num_seqs=3), False)])
 def test_stable_step_buffers_give_the_same_tokens(tiny, regime, async_scheduling):
     """Held input and token buffers (EngineConfig.stable_step_buffers, off by default): the
     same tokens as without, in both scheduling modes, with preemption and with requests
