@@ -206,6 +206,12 @@ def kernel_cases():
                                           out_features=N, bits=4, group_size=128,
                                           row_blocks=b.row_blocks, config=h100),
         rows_codes, h100.num_warps, h100.num_stages)
+    out["bsr_quant_matmul W4S50 whole rows, H100 table, packed, code_zeros (its default)"] = (
+        lambda x: bsr_quant_matmul_packed(x, packed, nnz=b.nnz, scale_dtype=b.scales.dtype,
+                                          out_features=N, bits=4, group_size=128,
+                                          row_blocks=b.row_blocks,
+                                          config=dataclasses.replace(h100, code_zeros=True)),
+        rows_codes, h100.num_warps, h100.num_stages)
     for name, cfg in (("bsr_quant_matmul W4S50 default", bcfg),
                       ("bsr_quant_matmul W4S50 runtime magic",
                        dataclasses.replace(bcfg, runtime_magic=True))):
