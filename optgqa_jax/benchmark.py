@@ -503,7 +503,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve random GPTQ-format weights, e.g. w4g128 (4 bits, groups of "
                              "128) or w8 (8 bits, per channel), or group-sparse BSR weights, e.g. "
                              "w4g128s50 (half of every row's groups removed; w4g128s50gm: "
-                             "served in group-major order); append +head and/or +emb to "
+                             "served in group-major order; w4g128s50pk: each layer's arrays "
+                             "packed into one); append +head and/or +emb to "
                              "quantize the LM head and the token table too (w4g128+head+emb): "
                              "the speed and memory of a quantized model of the preset")
     parser.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
