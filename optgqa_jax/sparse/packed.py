@@ -12,7 +12,8 @@ program and runs :func:`~optgqa_jax.sparse.bsr_matmul` as for the BSR layer.
 
 Row-scope layers only (every row keeps the same number of blocks, ``row_blocks > 0``: the
 paper's W4S50) with 16-bit scales; :func:`to_packed_bsr_params` leaves other layers as they
-are. It is a runtime layout: checkpoints store the BSR form (convert after loading), and it is
+are. It is a layout for batch-1 decode: the other routes (2-64 rows, prefill) slice the arrays
+out of the packed one inside the program, which XLA may copy on every call. It is a runtime layout: checkpoints store the BSR form (convert after loading), and it is
 not shardable. :func:`unpack_bsr` gives the BSR layer back.
 
 Axis legend: K input features, N output features, nnz stored blocks, Wg words per block,
