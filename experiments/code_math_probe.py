@@ -191,7 +191,8 @@ def kernel_cases():
     # whole rows (row_blocks = 16), the H100 table's tiles: the four arrays against the packed
     # one (pack_blocks: groups and scale-and-zero words read from the array's rows past the
     # codes, the serving layout of sparse.to_packed_bsr)
-    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed, pack_blocks
+    from optgqa_jax.sparse.packed import pack_blocks
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
     h100 = BSRMatmulConfig.for_shape("cuda", 1, b.nnz, K=K, N=N, bits=4, group_size=128,
                                      row_blocks=b.row_blocks, device="NVIDIA H100 80GB HBM3")
     packed = pack_blocks(b.codes, b.scales, b.zeros, b.col_idx)

@@ -47,138 +47,21 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
-from pallas_kernels import tuning
+from pallas_kernels.bsr_quant_matmul_config import BSRMatmulConfig, tuning_key  # noqa: F401
 from pallas_kernels.quant_codes import code_floats_exact, exact_magic
 from pallas_kernels.quant_matmul import TWO23_BITS, code_floats, shift_offsets, unpack_codes
-from pallas_kernels.quant_matmul_config import tuned_rows
 
 KERNEL_BITS = (2, 4, 8)
 _TWO23 = float(2 ** 23)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@dataclasses.dataclass(frozen=True)
-class BSRMatmulConfig:
-    """Tuning knobs of :func:`bsr_quant_matmul` (powers of two).
-
-    Attributes:
-      block_t: blocks (kept groups) per program.
-      block_m: rows of x per program (1 to 16; each row keeps a [block_t, gs / P] float32
-        accumulator in registers).
-      num_warps, num_stages: Triton launch parameters.
-      runtime_magic: read 2^23's bit pattern (``code_floats``) from memory instead of taking
-        it as a constant: in these loop-free programs the compiler otherwise spends two logic
-        instructions per code (sm_90 SASS from the ``triton`` package,
-        ``experiments/results/cpu/quant/README.md``). On an H200 (commit b226bd5) it was
-        slower with each shape's best W4S50 tiles at one row (gate/up 32.6 against 29.4 µs,
-        o 22.4 against 13.4; ``results/h200/gqsa/gqsa_tune_b226bd5.json``).
-      row_aligned: when every row keeps the same number R of blocks (``row_blocks``),
-        programs take whole rows: ``Bn`` = the largest power of two with ``Bn R <= block_t``
-        (at least 1) output features per program, reduced in registers and written to ``y``
-        directly. Off: the block-list schedule with partials added by the wrapper.
-      raw_x: the kernel reads x as given and applies each block's zero point to the codes
-        (``code_floats_exact``: the floats hold the codes themselves), so the wrapper prepares
-        nothing (no shift-major copy of x, no group sums: one launch fewer per product); x's
-        columns are then read with stride P and converted in the kernel: 848 -> 1104 sm_90
-        SASS instructions per program on o's W4S50 tiles (Triton 3.9 on a CPU). On an H100
-        (commit 8035686, ``results/h100/gqsa/gqsa_tune_8035686.json``) 2.6-4.2x slower than
-        the same tiles without it (gate/up 122.3 against 29.1 µs): the strided reads of x
-        do not vectorize (in sm_90 SASS one 16-bit load per code: 66 per thread for its 64
-        codes at ``block_t=32``, 2 warps). A variant that loads x's group slices as contiguous
-        ``[T, gs / P, P]`` tiles (vector loads) and unpacks the codes along P compiled to 11.0
-        instructions per code against 6.6 for the prepared x, so it was not kept.
-      bf16_x: for bfloat16 x, the wrapper's shift-major copy of x stays in bfloat16 (exact:
-        only powers of two scale it) instead of float32. Each block reads its group's slice
-        of x, ``gs`` values for ``gs b / 8`` bytes of codes, so in float32 x the kernel reads
-        8 bytes of x (from L1/L2) per byte of codes at 4 bits; bfloat16 halves that, for one
-        conversion per code. Other dtypes of x keep float32. On an H100 (commit 544c0a0,
-        ``results/h100/gqsa/gqsa_tune_544c0a0.json``, each shape's best tiles) it was not
-        faster: gate/up 30.5 against 31.4 µs, down 22.7 / 21.9, q/k/v 12.3 / 10.9, o 12.6 /
-        10.4: the kernel is bound by its instructions (one more per code), not by reading x.
-      code_zeros: subtract each block's zero point from its codes, ``2^23 + z 2^s`` in place
-        of the constant ``2^23`` in the one subtraction every code already takes (exact:
-        ``(q - z) 2^s`` is a small integer times a power of two), instead of ``z`` times x's
-        group sum: the wrapper then computes no group sums (one launch fewer per product)
-        and the kernel loads none. On an H100 (commit 544c0a0, same file, same tiles): gate/up
-        29.0 against 31.4 µs, down 20.4 / 21.9, q/k/v 11.1 / 10.9, o 10.1 / 10.4.
-      index_magic: 2^23's bit pattern as a register value derived from each block's group
-        index (``(g >>> 31) | pattern``; indices are >= 0, so this is the pattern), instead
-        of a constant (two logic instructions per code in these loop-free programs) or a
-        value loaded from memory (``runtime_magic``: one, but a dependent global load at the
-        start of every short program, and it was slower on the H100 and the H200). In sm_90
-        SASS (Triton 3.9 on a CPU, W4S50, ``code_zeros``): 368 instead of 424 instructions per
-        thread at ``block_t=32``, 2 warps (5.75 per code instead of 6.6); 752 instead of
-        856 at 64. Excludes ``runtime_magic`` and ``raw_x``. On an H100 (commit 7364f16,
-        ``results/h100/gqsa/gqsa_tune_7364f16.json``, each shape's best tiles at one row) it
-        was slower all the same: gate/up 31.6 against 30.0 µs (with ``code_zeros`` 30.5
-        against 28.6), down 25.9 against 21.2; fewer instructions per code did not make the
-        kernel faster.
-      row_loop: whole-rows programs take this many consecutive chunks of ``Bn`` output
-        features each, one chunk per step of a loop whose step requests the next chunk's
-        codes, groups, scales and zeros before multiplying its own (a prefetch written in
-        the kernel: Triton's pipeliner leaves these loads alone, no asynchronous copies in
-        the TTGIR), so a program's global loads overlap its arithmetic. 1 (default): one
-        chunk per program, no loop; the many short programs then overlap only through the
-        GPU's scheduler, each starting with its global loads. Whole-rows schedule only. On an
-        H100 (commit 7364f16, same file, each shape's best tiles) slower at 4 and 16 chunks:
-        gate/up 31.6 and 42.7 against 28.6 µs, down 26.4 and 37.6 against 21.2, o 15.7 and
-        19.1 against 14.2: fewer, longer programs lost more than the prefetch won.
-    """
-
-    block_t: int = 64
-    block_m: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
-    runtime_magic: bool = False
-    row_aligned: bool = True
-    raw_x: bool = False
-    bf16_x: bool = False
-    code_zeros: bool = False
-    index_magic: bool = False
-    row_loop: int = 1
-
-    @classmethod
-    def for_shape(cls, backend: str, M: int, nnz: int, *, K: Optional[int] = None,
-                  N: Optional[int] = None, bits: int = 4, group_size: int = 128,
-                  row_blocks: int = -1, device: Optional[str] = None) -> "BSRMatmulConfig":
-        """Default tiles. With ``device`` (a device kind) and the layer's K and N, an entry of
-        the ``bsr_quant_matmul`` tuning table (:mod:`pallas_kernels.tuning`; written by
-        ``experiments/gqsa_eval.py --part speed --table``) measured on that device for these
-        bits, group size, K, N, blocks per row (``row_blocks``, -1 when rows differ) and row
-        bucket of M (1, 16, 64, ...) is taken as it is. Otherwise: all rows of x (up to 16) in
-        one program, 64 blocks per program, 4 warps."""
-        if device is not None and K is not None and N is not None:
-            cfg = tuning.tuned_config("bsr_quant_matmul", cls, device,
-                                      tuning_key(M, K, N, bits, group_size, row_blocks))
-            if cfg is not None:
-                return cfg
-        cfg = cls(block_m=int(min(16, C.next_power_of_two(max(M, 1)))))
-        if backend == "rocm":
-            cfg = dataclasses.replace(cfg, num_stages=1)
-        return cfg
-
-    def validate(self) -> None:
-        C.validate_tuning(self, ("block_t",))
-        C.validate_tuning(self, ("block_m", "row_loop"), minimum_block=1)
-        if self.block_m > 16:
-            raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")
-        if self.index_magic and (self.runtime_magic or self.raw_x):
-            raise ValueError("index_magic replaces runtime_magic's pattern and applies to the "
-                             "prepared x only; set runtime_magic=False and raw_x=False")
-
-
-def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: int) -> dict:
-    """The key of a ``bsr_quant_matmul`` tuning-table entry (:mod:`pallas_kernels.tuning`);
-    M is bucketed as for the dense kernel (``quant_matmul_config.tuned_rows``)."""
-    return dict(bits=int(bits), group_size=int(group_size), K=int(K), N=int(N),
-                row_blocks=int(row_blocks), M=tuned_rows(M))
-
-
 def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block: int,
                  packed: Optional[tuple] = None):
     """(words int32 [S, Wg], groups int32 [S], scales and zeros float32 [S]) of the `slots`
     blocks from ``t0`` (zeros where `ok` is False). Traced inside a kernel. ``packed``:
-    ``(nnz, R, scale dtype name)`` when ``c_ref`` is :func:`pack_blocks`' one array (the
+    ``(nnz, R, scale dtype name)`` when ``c_ref`` is the packed array of
+    ``optgqa_jax.sparse.packed.pack_blocks`` (the
     groups and the scale-and-zero words read from its rows past the codes; the other refs
     unused)."""
     S, Wg = slots, words_per_block
@@ -401,7 +284,7 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
                    x.dtype, "optgqa_bsr_rows_quant_matmul")
         return y[:M, :out_features]
     if packed is not None:
-        raise ValueError("packed blocks (pack_blocks) run on the whole-rows schedule only: "
+        raise ValueError("packed blocks run on the whole-rows schedule only: "
                          "row_blocks > 0 and config.row_aligned")
     kernel = _make_kernel(nnz=nnz, bits=bits, group_size=group_size, block_t=block_t,
                           block_m=block_m, runtime_magic=config.runtime_magic,
@@ -415,10 +298,7 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
     return y.T.astype(x.dtype)
 
 
-def check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features: int, bits: int,
-                     group_size: int, row_blocks: int = -1) -> None:
-    """Raise ValueError (naming the argument) unless the arguments form a valid product;
-    index checks (ranges, order) run when the indices are concrete."""
+def _check_bits_and_group(bits: int, group_size: int) -> None:
     if bits not in KERNEL_BITS:
         raise ValueError(f"bits={bits!r} must be one of {KERNEL_BITS}")
     if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
@@ -426,6 +306,13 @@ def check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features: in
             or group_size * bits < 32):
         raise ValueError(f"group_size={group_size!r} must be a power of two holding whole "
                          f"int32 words ({32 // bits} codes or more at {bits} bits)")
+
+
+def check_bsr_inputs(x, codes, scales, zeros, col_idx, row_ids, out_features: int, bits: int,
+                     group_size: int, row_blocks: int = -1) -> None:
+    """Raise ValueError (naming the argument) unless the arguments form a valid product;
+    index checks (ranges, order) run when the indices are concrete."""
+    _check_bits_and_group(bits, group_size)
     C.check_rank("x", x, 2, "[M, K]")
     C.check_float("x", x)
     M, K = x.shape
@@ -520,54 +407,14 @@ def bsr_quant_matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, zeros: j
 PACKED_SCALE_DTYPES = ("float16", "bfloat16")
 
 
-def pack_blocks(codes, scales, zeros, col_idx) -> jax.Array:
-    """One int32 array [nnz + 2 R, Wg] (``R = ceil(nnz / Wg)``) holding a BSR weight's codes,
-    groups, scales and zeros, so that a product takes one argument buffer instead of four.
-
-    Rows ``[0, nnz)`` are the codes as they are; rows ``[nnz, nnz + R)`` the group indices
-    ``col_idx``, ``Wg`` per row in block order (the last row padded with 0); rows
-    ``[nnz + R, nnz + 2 R)`` one word per block, the scale's 16 bits in the low half and the
-    zero point in bits 16-23. 16-bit scales only (float16 or bfloat16). jnp; traceable.
-    Launching a jitted program costs host time per argument buffer (an H100 with jax 0.11.2:
-    1.77 µs each, ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``), and a batch-1
-    decode step of a BSR model takes four per projection.
-    """
-    codes, scales = jnp.asarray(codes), jnp.asarray(scales)
-    zeros, col_idx = jnp.asarray(zeros), jnp.asarray(col_idx)
-    if codes.ndim != 2 or codes.dtype != jnp.int32:
-        raise ValueError(f"codes must be int32 [nnz, words per block], got {codes.dtype} "
-                         f"{tuple(codes.shape)}")
-    nnz, Wg = codes.shape
-    if jnp.dtype(scales.dtype).name not in PACKED_SCALE_DTYPES:
-        raise ValueError(f"scales must be one of {PACKED_SCALE_DTYPES} to be packed (16 bits "
-                         f"per block), got {scales.dtype}")
-    for name, a in (("scales", scales), ("zeros", zeros), ("col_idx", col_idx)):
-        if a.shape != (nnz,):
-            raise ValueError(f"{name} must have shape [nnz]=({nnz},), got {tuple(a.shape)}")
-    R = C.cdiv(nnz, Wg)
-    rows = lambda v: jnp.pad(v, (0, R * Wg - nnz)).reshape(R, Wg)  # noqa: E731
-    sbits = jax.lax.bitcast_convert_type(scales, jnp.uint16).astype(jnp.int32)
-    meta = sbits | (zeros.astype(jnp.int32) << 16)
-    return jnp.concatenate([codes, rows(col_idx.astype(jnp.int32)), rows(meta)], axis=0)
-
-
-def unpack_blocks(packed, nnz: int, scale_dtype) -> tuple:
-    """(codes, scales, zeros, col_idx) of :func:`pack_blocks`' array (jnp; traceable)."""
-    packed = jnp.asarray(packed)
-    Wg = packed.shape[1]
-    R = C.cdiv(nnz, Wg)
-    flat = lambda r0: packed[r0:r0 + R].reshape(-1)[:nnz]  # noqa: E731
-    meta = flat(nnz + R)
-    scales = jax.lax.bitcast_convert_type((meta & 0xFFFF).astype(jnp.uint16),
-                                          jnp.dtype(scale_dtype))
-    return packed[:nnz], scales, ((meta >> 16) & 0xFF).astype(jnp.uint8), flat(nnz)
-
-
 def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_dtype,
                             out_features: int, bits: int, group_size: int, row_blocks: int,
                             interpret: bool = False,
                             config: Optional[BSRMatmulConfig] = None) -> jax.Array:
-    """:func:`bsr_quant_matmul` on :func:`pack_blocks`' one array: the same kernel on the
+    """:func:`bsr_quant_matmul` on one packed array (``optgqa_jax.sparse.packed.pack_blocks``:
+    the codes in rows ``[0, nnz)``, then ``R = ceil(nnz / Wg)`` rows of group indices, then
+    ``R`` rows of words holding a block's 16-bit scale in the low half and its zero point in
+    bits 16-23, ``Wg`` per row in block order): the same kernel on the
     whole-rows schedule, reading each block's group, scale and zero point from the array's
     rows past the codes (two more loads per block, no more argument buffers).
 
@@ -588,13 +435,7 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
     Raises:
       ValueError: bad shapes or dtypes, or a layout the whole-rows schedule cannot take.
     """
-    if bits not in KERNEL_BITS:
-        raise ValueError(f"bits={bits!r} must be one of {KERNEL_BITS}")
-    if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
-            or group_size < 1 or not C.is_power_of_two(group_size)
-            or group_size * bits < 32):
-        raise ValueError(f"group_size={group_size!r} must be a power of two holding whole "
-                         f"int32 words ({32 // bits} codes or more at {bits} bits)")
+    _check_bits_and_group(bits, group_size)
     C.check_rank("x", x, 2, "[M, K]")
     C.check_float("x", x)
     C.check_rank("packed", packed, 2, "[nnz + 2 R, group_size * bits / 32]")

@@ -249,8 +249,8 @@ def test_index_magic_is_the_same_pattern(row_blocks):
 def test_packed_blocks_match_float64(bits, gs, G, kept, N, M, dtype, sdtype, config):
     """pack_blocks' one array (codes, groups, scales and zeros in one int32 buffer) through
     bsr_quant_matmul_packed: the same product as the four arrays; pack and unpack are exact."""
-    from pallas_kernels.bsr_quant_matmul import (bsr_quant_matmul_packed, pack_blocks,
-                                                 unpack_blocks)
+    from optgqa_jax.sparse.packed import pack_blocks, unpack_blocks
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
     args, ref, K = make_case(3 * bits + 7 * G + kept + M, M, G, N, bits, gs, dtype,
                              pattern=str(kept))
     x, codes, s, z, col, rows = args
@@ -281,7 +281,8 @@ def test_packed_blocks_match_float64(bits, gs, G, kept, N, M, dtype, sdtype, con
 
 
 def test_packed_blocks_bad_inputs_raise():
-    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed, pack_blocks
+    from optgqa_jax.sparse.packed import pack_blocks
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
     args, _, K = make_case(5, 1, 4, 8, 4, 32, jnp.bfloat16, pattern="2")
     x, codes, s, z, col, rows = args
     with pytest.raises(ValueError, match="scales must be one of"):

@@ -244,7 +244,8 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blo
                                                    (1, 4, 128, jnp.bfloat16, 4)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
 def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop, platform):
-    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul_packed
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
+    from pallas_kernels.bsr_quant_matmul_config import BSRMatmulConfig
     K, N, R = 512, 384, 3
     nnz, Wg = N * R, gs * bits // 32
     cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), row_loop=loop)

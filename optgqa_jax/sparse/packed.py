@@ -4,9 +4,8 @@ serving layout that costs a jitted step one argument buffer per layer instead of
 A batch-1 decode step is bound by the host: launching it costs time per argument buffer (on an
 H100 with jax 0.11.2, 1.77 µs each, ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``),
 and a BSR projection takes four (codes, scales, zeros, col_idx) where a dense 4-bit one takes
-three. :func:`to_packed_bsr` writes them into one array (``pallas_kernels.bsr_quant_matmul
-.pack_blocks``: the codes, then the groups and one scale-and-zero word per block in rows past
-them); the decode kernel reads each block's metadata from there
+three. :func:`to_packed_bsr` writes them into one array (:func:`pack_blocks`: the codes, then
+the groups and one scale-and-zero word per block in rows past them); the decode kernel reads each block's metadata from there
 (``bsr_quant_matmul_packed``), and every other route unpacks the arrays inside the jitted
 program and runs :func:`~optgqa_jax.sparse.bsr_matmul` as for the BSR layer.
 
@@ -29,6 +28,51 @@ import numpy as np
 
 from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, KERNEL_MAX_ROWS, bsr_matmul, check_bsr,
                                    is_bsr, sparse_impl)
+from pallas_kernels import _common as C
+from pallas_kernels.bsr_quant_matmul import PACKED_SCALE_DTYPES
+
+
+def pack_blocks(codes, scales, zeros, col_idx) -> jax.Array:
+    """One int32 array [nnz + 2 R, Wg] (``R = ceil(nnz / Wg)``) holding a BSR weight's codes,
+    groups, scales and zeros, so that a product takes one argument buffer instead of four.
+
+    Rows ``[0, nnz)`` are the codes as they are; rows ``[nnz, nnz + R)`` the group indices
+    ``col_idx``, ``Wg`` per row in block order (the last row padded with 0); rows
+    ``[nnz + R, nnz + 2 R)`` one word per block, the scale's 16 bits in the low half and the
+    zero point in bits 16-23. 16-bit scales only (float16 or bfloat16). jnp; traceable.
+    Launching a jitted program costs host time per argument buffer (an H100 with jax 0.11.2:
+    1.77 µs each, ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``), and a batch-1
+    decode step of a BSR model takes four per projection.
+    """
+    codes, scales = jnp.asarray(codes), jnp.asarray(scales)
+    zeros, col_idx = jnp.asarray(zeros), jnp.asarray(col_idx)
+    if codes.ndim != 2 or codes.dtype != jnp.int32:
+        raise ValueError(f"codes must be int32 [nnz, words per block], got {codes.dtype} "
+                         f"{tuple(codes.shape)}")
+    nnz, Wg = codes.shape
+    if jnp.dtype(scales.dtype).name not in PACKED_SCALE_DTYPES:
+        raise ValueError(f"scales must be one of {PACKED_SCALE_DTYPES} to be packed (16 bits "
+                         f"per block), got {scales.dtype}")
+    for name, a in (("scales", scales), ("zeros", zeros), ("col_idx", col_idx)):
+        if a.shape != (nnz,):
+            raise ValueError(f"{name} must have shape [nnz]=({nnz},), got {tuple(a.shape)}")
+    R = C.cdiv(nnz, Wg)
+    rows = lambda v: jnp.pad(v, (0, R * Wg - nnz)).reshape(R, Wg)  # noqa: E731
+    sbits = jax.lax.bitcast_convert_type(scales, jnp.uint16).astype(jnp.int32)
+    meta = sbits | (zeros.astype(jnp.int32) << 16)
+    return jnp.concatenate([codes, rows(col_idx.astype(jnp.int32)), rows(meta)], axis=0)
+
+
+def unpack_blocks(packed, nnz: int, scale_dtype) -> tuple:
+    """(codes, scales, zeros, col_idx) of :func:`pack_blocks`' array (jnp; traceable)."""
+    packed = jnp.asarray(packed)
+    Wg = packed.shape[1]
+    R = C.cdiv(nnz, Wg)
+    flat = lambda r0: packed[r0:r0 + R].reshape(-1)[:nnz]  # noqa: E731
+    meta = flat(nnz + R)
+    scales = jax.lax.bitcast_convert_type((meta & 0xFFFF).astype(jnp.uint16),
+                                          jnp.dtype(scale_dtype))
+    return packed[:nnz], scales, ((meta >> 16) & 0xFF).astype(jnp.uint8), flat(nnz)
 
 
 @flax.struct.dataclass
@@ -67,7 +111,6 @@ def is_packed_bsr(x) -> bool:
 def can_pack(b: BSRQuantizedLinear) -> bool:
     """Whether :func:`to_packed_bsr` takes `b`: every row keeps the same number of blocks
     (``row_blocks > 0``) and the scales are float16 or bfloat16."""
-    from pallas_kernels.bsr_quant_matmul import PACKED_SCALE_DTYPES
     return (is_bsr(b) and b.row_blocks > 0
             and jnp.dtype(b.scales.dtype).name in PACKED_SCALE_DTYPES)
 
@@ -79,7 +122,6 @@ def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr") -> PackedBSRLinear:
       ValueError: `b` is not a valid BSR layer, its rows keep different numbers of blocks, or
         its scales are not 16-bit floats.
     """
-    from pallas_kernels.bsr_quant_matmul import pack_blocks
     if not is_bsr(b):
         raise ValueError(f"{name} must be a BSRQuantizedLinear, got {type(b).__name__}")
     check_bsr(b, name)
@@ -109,7 +151,6 @@ def to_packed_bsr_params(params):
 def unpack_bsr(p: PackedBSRLinear) -> BSRQuantizedLinear:
     """The BSR layer of `p` (jnp; traceable: inside a jitted program the arrays are slices of
     the packed one)."""
-    from pallas_kernels.bsr_quant_matmul import unpack_blocks
     codes, scales, zeros, col_idx = unpack_blocks(p.packed, p.nnz, p.scale_dtype)
     return BSRQuantizedLinear(codes, scales, zeros, col_idx, p.row_ptr, p.row_ids,
                               in_features=p.in_features, bits=p.bits, group_size=p.group_size,
