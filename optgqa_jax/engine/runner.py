@@ -160,8 +160,9 @@ def parse_xla_options(items: Sequence[str]) -> dict:
 # its device-side ids from; the host reads a copy. The updates then stop, but the graph's
 # launch still took 2.9-3.3 ms of host time per step, and the two copies are launches of
 # their own: the engine's batch-1 decode was not faster (EngineConfig.stable_step_buffers).
-# new's values at held's address (an update of the donated buffer; returning `new` itself
-# would hand back new's own buffer)
+#
+# _overwrite: new's values at held's address (an update of the donated buffer; returning `new`
+# itself would hand back new's own buffer).
 _overwrite = jax.jit(lambda held, new: jax.lax.dynamic_update_slice(held, new, (0,)),
                      donate_argnums=0)
 _snapshot = jax.jit(lambda tokens: tokens + 0)                  # a copy the host may keep
@@ -269,19 +270,15 @@ class ModelRunner:
         self.small_compiler_options = dict(compiler_options if small is None else small)
         self.command_buffer_max_tokens = int(command_buffer_max_tokens)
         # the jitted step: one program per (decode_only, bucket size, greedy or sampling); the
-        # pool is donated. One jit per distinct option set.
+        # pool is donated (with stable_buffers the held token buffer too, so the token output
+        # lands in it). One jit per distinct option set.
+        self.stable_buffers = bool(stable_buffers)
+        donated = ("pool", "prev_tokens") if self.stable_buffers else ("pool",)
         jit = lambda opts: jax.jit(  # noqa: E731
-            _packed_step, donate_argnames=("pool",),
+            _packed_step, donate_argnames=donated,
             static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
                              "logprobs_k", "prompt_logprobs", "mesh"),
             compiler_options=opts or None)
-        self.stable_buffers = bool(stable_buffers)
-        if self.stable_buffers:   # the token output lands in the donated prev_tokens buffer
-            jit = lambda opts: jax.jit(  # noqa: E731
-                _packed_step, donate_argnames=("pool", "prev_tokens"),
-                static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only",
-                                 "stochastic", "logprobs_k", "prompt_logprobs", "mesh"),
-                compiler_options=opts or None)
         self.step_fn = jit(self.compiler_options)
         self.small_step_fn = (self.step_fn if self.small_compiler_options == self.compiler_options
                               else jit(self.small_compiler_options))
