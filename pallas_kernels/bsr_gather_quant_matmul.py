@@ -22,6 +22,10 @@ bit patterns ``bias + code`` of ``pallas_kernels.quant_codes.pattern_codes``, an
 runs shift by shift on the tensor cores, ``[bm, gs / P] @ [gs / P, bn]``. The group's scale
 multiplies the partial sum once, and the zero point and the bias enter through x's group
 sums: ``sum_k x_k (q_k - z) s = s (sum_k x_k (bias + q_k) - (z + bias) sum_k x_k)``.
+Where a shift's product would be shallower than ``MIN_DOT_DEPTH`` (Wg < 16: 4-bit groups of
+32 or 64, 2-bit groups up to 128, 8-bit groups of 32), the P shifts are rejoined into one
+``[gs, bn]`` operand (``quant_codes.join_shifts``) and multiplied by the group's x in
+pair-major order in one product.
 
 Bytes read: the kept codes once per row tile of x (half the dense layer's at 50% group
 sparsity), the map (4 bytes per group and feature, a sixteenth of the dense codes at groups
@@ -49,7 +53,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_reference, check_bsr_inputs
-from pallas_kernels.quant_codes import code_pattern, pattern_codes, shift_major
+from pallas_kernels.quant_codes import (code_pattern, join_shifts, pair_major, pattern_codes,
+                                        shift_major)
+
+# The least depth (K) of a tensor-core product that Triton lowers correctly. A group of gs
+# b-bit codes gives shift products of depth Wg = gs b / 32 (4 for 4-bit groups of 32); those
+# of depth 4 and 8 compiled on an H100 (jax 0.11.2) but returned wrong sums, so groups with
+# Wg below this run as one product of depth gs (the shifts rejoined, x in pair-major order).
+MIN_DOT_DEPTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +115,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, groups_per_split: int, G
     P = 32 // bits
     Wg = group_size // P
     bias = pattern[1]
+    joined = Wg < MIN_DOT_DEPTH
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, map_ref, o_ref):
         j, sp = pl.program_id(1), pl.program_id(2)
@@ -125,12 +137,16 @@ def _make_kernel(*, N: int, bits: int, group_size: int, groups_per_split: int, G
                 mask=jnp.broadcast_to(kept[None, :], shape), other=0)        # [Wg, bn]
             s = plgpu.load(s_ref.at[tc], mask=kept, other=0).astype(jnp.float32)[None, :]
             z = plgpu.load(z_ref.at[tc], mask=kept, other=0).astype(jnp.float32)[None, :]
-            x0 = x_ref[:, pl.ds(g * group_size, Wg)]                         # [bm, Wg]
-            pc = pattern_codes(words, bits, x0.dtype)                        # P x [Wg, bn]
-            part = jnp.zeros((block_m, block_n), jnp.float32)
-            for p in range(P):      # shift p of word w holds the group's input row P w + p
-                xp = x0 if p == 0 else x_ref[:, pl.ds(g * group_size + p * Wg, Wg)]
-                part += C.dot(xp, pc[p])                                     # [bm, bn]
+            pc = pattern_codes(words, bits, x_ref.dtype)                     # P x [Wg, bn]
+            if joined:      # the shifts rejoined in x's pair-major order: one [gs, bn] operand
+                pc = [pc[i + h * (P // 2)] for i in range(P // 2) for h in (0, 1)]
+                part = C.dot(x_ref[:, pl.ds(g * group_size, group_size)],
+                             join_shifts(pc))                                # [bm, bn]
+            else:
+                part = jnp.zeros((block_m, block_n), jnp.float32)
+                for p in range(P):  # shift p of word w holds the group's input row P w + p
+                    xp = x_ref[:, pl.ds(g * group_size + p * Wg, Wg)]        # [bm, Wg]
+                    part += C.dot(xp, pc[p])                                 # [bm, bn]
             xs = xs_ref[:, pl.ds(g, 1)]                                      # [bm, 1] sum x
             return acc + part * s - xs * ((z + bias) * s)   # pruned groups: s = 0
 
@@ -154,7 +170,10 @@ def _bsr_gather_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_f
     Mp, Np = C.cdiv(M, block_m) * block_m, C.cdiv(N, block_n) * block_n
     xp = jnp.pad(x, ((0, Mp - M), (0, 0)))
     xs = xp.astype(jnp.float32).reshape(Mp, G, group_size).sum(-1)        # [Mp, G]
-    x_sm = shift_major(xp, group_size, bits)                               # per group
+    if group_size * bits // 32 < MIN_DOT_DEPTH:   # one product per group (the kernel's joined
+        x_sm = pair_major(xp, bits)                # shifts): pairs of codes in word order
+    else:                                          # one product per shift: per group
+        x_sm = shift_major(xp, group_size, bits)
     bmap = block_map(col_idx, row_ids, G, N)
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, groups_per_split=per_split,
                           G=G, block_m=block_m, block_n=block_n,
