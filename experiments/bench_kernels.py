@@ -74,6 +74,31 @@ class DecodeShape:
     min_context: int = 0  # > 0: lengths drawn uniformly in [min_context, context] (engine-like)
 
 
+ENGINE_SHAPE = DecodeShape("B=256 ctx=257-512 GQA 32/8 (engine decode)", 256, 512, 32, 8,
+                           min_context=257)
+
+
+def decode_shapes(quick: bool = False, sweep_engine: bool = False):
+    """(the decode shapes of the kernel table, the engine's 32/8 shape among them): the
+    headline B=64 ctx 4096 32/8 first; ``quick`` keeps it alone (with the engine's shape when
+    ``sweep_engine``)."""
+    shapes = [DecodeShape("B=64 ctx=4096 GQA 32/8", 64, 4096, 32, 8)]
+    if sweep_engine or not quick:
+        shapes.append(ENGINE_SHAPE)
+    if not quick:
+        shapes += [DecodeShape("B=8 ctx=16384 GQA 32/8", 8, 16384, 32, 8),
+                   DecodeShape("B=64 ctx=4096 MHA 32/32", 64, 4096, 32, 32),
+                   DecodeShape("B=64 ctx=4096 MQA 32/1", 64, 4096, 32, 1),
+                   # a group that is not a power of two (7 query heads per KV head), at the
+                   # headline and the engine's shape: compare with the 32/8 rows above
+                   DecodeShape("B=64 ctx=4096 GQA 28/4", 64, 4096, 28, 4),
+                   DecodeShape("B=256 ctx=257-512 GQA 28/4 (engine decode, group 7)", 256, 512,
+                               28, 4, min_context=257),
+                   # short contexts, where a fixed per-call cost (ALiBi's, a pad) weighs most
+                   DecodeShape("B=32 ctx=2048 GQA 28/4 (short context)", 32, 2048, 28, 4)]
+    return shapes, ENGINE_SHAPE
+
+
 DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages=st, prefetch=pf)
                 for pf in ("none", "tables", "tiles") for kpb in (32, 64, 128) for w in (4, 8)
                 for st in (1, 2, 3)] + [
@@ -357,24 +382,7 @@ def main():
     meta["copy_methods_gbps"] = {k: v / 1e9 for k, v in methods.items()}
     meta["copy_gbps"] = max(methods.values()) / 1e9
     print(f"copy bandwidth {meta['copy_gbps']:.0f} GB/s {meta['copy_methods_gbps']}", flush=True)
-    shapes = [DecodeShape("B=64 ctx=4096 GQA 32/8", 64, 4096, 32, 8)]
-    engine_shape = DecodeShape("B=256 ctx=257-512 GQA 32/8 (engine decode)", 256, 512, 32, 8,
-                               min_context=257)
-    if args.sweep_engine:
-        shapes.append(engine_shape)
-    if not args.quick:
-        if not args.sweep_engine:
-            shapes.append(engine_shape)
-        shapes += [DecodeShape("B=8 ctx=16384 GQA 32/8", 8, 16384, 32, 8),
-                   DecodeShape("B=64 ctx=4096 MHA 32/32", 64, 4096, 32, 32),
-                   DecodeShape("B=64 ctx=4096 MQA 32/1", 64, 4096, 32, 1),
-                   # a group that is not a power of two (7 query heads per KV head), at the
-                   # headline and the engine's shape: compare with the 32/8 rows above
-                   DecodeShape("B=64 ctx=4096 GQA 28/4", 64, 4096, 28, 4),
-                   DecodeShape("B=256 ctx=257-512 GQA 28/4 (engine decode, group 7)", 256, 512,
-                               28, 4, min_context=257),
-                   # short contexts, where a fixed per-call cost (ALiBi's, a pad) weighs most
-                   DecodeShape("B=32 ctx=2048 GQA 28/4 (short context)", 32, 2048, 28, 4)]
+    shapes, engine_shape = decode_shapes(args.quick, args.sweep_engine)
     rows = []
     os.makedirs(args.out, exist_ok=True)
 

@@ -116,6 +116,13 @@ class PagedAttentionConfig:
         # B=64 ctx=4096 (0.406 vs 0.403 ms) and beat it by 11% on the engine's decode
         # shape, B=256 with contexts 257-512 (0.174 vs 0.195 ms), where the pad and
         # slice kernels around the call weigh more.
+        if not pow2_group and alibi:
+            # ALiBi reads the block table one block ahead. H100, commit de8592f
+            # (results/h100/alibi_ab_de8592f.md, 28/4, medians of 5 interleaved rounds, time over
+            # the no-ALiBi default's): at B=64 ctx 4096 0.990 (bfloat16) / 0.991 (float16), at
+            # B=256 ctx 257-512 0.974 / 0.973, at B=32 ctx 2048 0.893 / 0.937, against
+            # 0.998 / 0.997, 1.029 / 1.038 and 0.908 / 0.979 without the read-ahead.
+            return cls(keys_per_block=64, replicate_queries=True, prefetch="tables")
         if not pow2_group:
             # H200, B=64 ctx 4096 (commit bfc3e84): with masked query rows, 64-key blocks read
             # K/V at 72% of the copy bandwidth for 28/4 (0.176 against 0.188 ms with 32-key

@@ -1,5 +1,7 @@
 """paged_attention (decode) against a float64 numpy reference; interpret mode on CPU."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -169,8 +171,9 @@ def test_replicated_queries_drop_the_pad_and_slice(replicate, N):
 def test_cuda_defaults_pick_key_blocks_by_group_size():
     """CUDA defaults without ALiBi: masked query rows with 64-key blocks for groups that are not
     powers of two (measured faster on the H200 for 28/4, 40/8 and 12/4), 32-key blocks with
-    replicated rows for powers of two; ALiBi takes the same tiles for groups of 2 and more, and
-    padded queries for MHA or an unknown group; ROCm ignores the group."""
+    replicated rows for powers of two; ALiBi takes the same tiles for groups of 2 and more (with
+    the block table read ahead for groups that are not powers of two), and padded queries for
+    MHA or an unknown group; ROCm ignores the group."""
     PC = PagedAttentionConfig
     for g in (3, 5, 7, 20):
         cfg = PC.for_backend("cuda", group_size=g)
@@ -180,7 +183,10 @@ def test_cuda_defaults_pick_key_blocks_by_group_size():
         assert (cfg.keys_per_block, cfg.replicate_queries) == (32, True), g
     assert not PC.for_backend("cuda", alibi=True).replicate_queries
     assert not PC.for_backend("cuda", alibi=True, group_size=1).replicate_queries  # MHA
-    for g in (2, 3, 4, 5, 7, 8, 20, 32):
+    for g in (2, 4, 8, 32):
         assert PC.for_backend("cuda", alibi=True, group_size=g) == PC.for_backend(
             "cuda", group_size=g), g
+    for g in (3, 5, 7, 20):     # ... and for other groups the block table read one block ahead
+        assert PC.for_backend("cuda", alibi=True, group_size=g) == dataclasses.replace(
+            PC.for_backend("cuda", group_size=g), prefetch="tables"), g
     assert PC.for_backend("rocm", group_size=7) == PC.for_backend("rocm")
