@@ -40,16 +40,19 @@ from pallas_kernels import _common as kc  # noqa: E402
 
 # Tiles tried for groups that are not powers of two (masked query rows), beside the defaults:
 # with ALiBi 32- and 64-key blocks with and without the block table read one block ahead;
-# without ALiBi the 64-key blocks with it
+# without ALiBi the 64-key blocks with it, and 32-key blocks with it on 2 warps (the best 28/4
+# setting at the engine's shape in group_tiles_ab.py's sweep, H100, c9f6850)
 CANDIDATES = [PagedAttentionConfig(keys_per_block=kpb, prefetch=pf, replicate_queries=True)
               for kpb, pf in ((64, "none"), (64, "tables"), (32, "tables"))]
 PLAIN_CANDIDATES = [PagedAttentionConfig(keys_per_block=64, prefetch="tables",
+                                         replicate_queries=True),
+                    PagedAttentionConfig(keys_per_block=32, prefetch="tables", num_warps=2,
                                          replicate_queries=True)]
 TOLERANCE = 2e-2     # max |out - reference| / max |reference| in 16-bit dtypes
 
 
 def label(cfg: PagedAttentionConfig) -> str:
-    return (f"kpb={cfg.keys_per_block} prefetch={cfg.prefetch} "
+    return (f"kpb={cfg.keys_per_block} prefetch={cfg.prefetch} w={cfg.num_warps} "
             f"{'masked/replicated rows' if cfg.replicate_queries else 'padded queries'}")
 
 
