@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, engine-kv-writes, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -129,6 +129,16 @@ for step in $steps; do
     reference)  # the reference MHA models (RoPE and ALiBi), checkpoints under checkpoints/
       run train_reference 600 python experiments/train_reference.py "${tokens[@]}" \
         --out "$out/reference" ;;
+    engine-kv-writes)  # the fixed 1000 x 256/256 workload at 512 sequences with the K/V
+      # writes sorted and unique (EngineConfig.sorted_kv_writes) and without, alternating
+      for run_i in 1 2; do
+        for flag in --no-sorted-kv-writes --sorted-kv-writes; do
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_kv_writes${flag#--}_$run_i" 240 \
+            python experiments/bench_engine.py --model llama3-8b --max-num-seqs 512 \
+            --kv-memory-gib 48 --fuse-projections --max-num-batched-tokens 4096 "$flag" \
+            --out "$out/engine_kv_writes/${flag#--}_$run_i"
+        done
+      done ;;
     engine-seqs)  # GQA alone with more sequences per step (up to 1024; KV pool still capped at
       # 48 GiB), on the fixed 1000 x 256/256 workload and on random lengths (inputs 32-1024,
       # outputs 32-512)
@@ -311,7 +321,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write engine-kv-writes flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy" \

@@ -66,6 +66,8 @@ class BenchConfig:
     command_buffer_max_tokens: int = EngineConfig.command_buffer_max_tokens
     # held step buffers (EngineConfig.stable_step_buffers; None: the engine's default, off)
     stable_step_buffers: Optional[bool] = None
+    # sorted, unique K/V writes (EngineConfig.sorted_kv_writes; None: the engine's default, off)
+    sorted_kv_writes: Optional[bool] = None
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -188,7 +190,8 @@ def run_engine(bc: BenchConfig) -> dict:
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
         xla_compiler_options=bc.xla_compiler_options,
         command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
-        stable_step_buffers=bool(bc.stable_step_buffers)))
+        stable_step_buffers=bool(bc.stable_step_buffers),
+        sorted_kv_writes=bool(bc.sorted_kv_writes)))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -487,6 +490,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=d.async_scheduling,
                         help="launch each decode step before the previous one's tokens are read "
                              "(EngineConfig option; default: on)")
+    parser.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="write K/V in ascending slot order with unique slots "
+                             "(EngineConfig.sorted_kv_writes; default: off)")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
@@ -576,6 +583,7 @@ def config_from_args(args) -> BenchConfig:
         async_scheduling=args.async_scheduling, quantize=_quant_spec(args.quantize),
         xla_compiler_options=_xla_options(args.xla_option),
         command_buffer_max_tokens=args.command_buffer_max_tokens,
+        sorted_kv_writes=bool(getattr(args, "sorted_kv_writes", False)),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets,
         tensor_parallel_size=args.tensor_parallel_size)

@@ -81,6 +81,8 @@ class StepInputs(NamedTuple):
     #                           previous step's sampled tokens, still on the device
     next_ids: np.ndarray      # int32 [T] the prompt id after each token (-1: none or not asked);
     #                           read only by steps that return prompt log-probabilities
+    kv_order: np.ndarray      # int32 [T] tokens in ascending slot order (sort_kv_writes); read
+    #                           only by runners with sorted_kv_writes
 
 
 def pack_inputs(inputs: StepInputs) -> tuple[np.ndarray, tuple]:
@@ -149,6 +151,22 @@ def parse_xla_options(items: Sequence[str]) -> dict:
     return out
 
 
+def sort_kv_writes(inputs: StepInputs, pool_slots: int) -> StepInputs:
+    """`inputs` with unique K/V slots and the order that sorts them (host side, numpy).
+
+    Padding tokens point past the pool (``slot_mapping >= pool_slots``: their writes are
+    dropped), all at one slot as :meth:`ModelRunner.build` leaves them; here each gets its own
+    slot past the pool, so that every slot is unique, and ``kv_order`` becomes the stable
+    argsort of the slots (the real tokens first, ascending, then the padding). The step then
+    writes K/V with one scatter whose indices are sorted and unique
+    (``kv_layers.PagedBatch.kv_order``)."""
+    slots = inputs.slot_mapping.copy()
+    pad = slots >= pool_slots
+    slots[pad] = pool_slots + np.arange(int(pad.sum()), dtype=np.int32)
+    order = np.argsort(slots, kind="stable").astype(np.int32)
+    return inputs._replace(slot_mapping=slots, kv_order=order)
+
+
 # Stable step buffers (``ModelRunner(stable_buffers=True)``): XLA records a command buffer
 # (CUDA graph) with the device addresses of the step's arguments and outputs, and updates the
 # recorded commands whenever one of those addresses changes. A fresh input copy and a fresh
@@ -171,7 +189,7 @@ _snapshot = jax.jit(lambda tokens: tokens + 0)                  # a copy the hos
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
                  stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False,
-                 mesh=None):
+                 mesh=None, sorted_kv_writes: bool = False):
     """The jitted step: unpack the inputs, take ids still on the device from `prev_tokens`
     (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R],
     with the log-probability outputs (or None) of :func:`_step`."""
@@ -181,7 +199,8 @@ def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_to
     next_tokens, pool, extras = _step(cfg, params, pool, inputs._replace(tokens=tokens),
                                       impl=impl, max_q_len=max_q_len, decode_only=decode_only,
                                       stochastic=stochastic, logprobs_k=logprobs_k,
-                                      prompt_logprobs=prompt_logprobs, mesh=mesh)
+                                      prompt_logprobs=prompt_logprobs, mesh=mesh,
+                                      sorted_kv_writes=sorted_kv_writes)
     padded = jnp.zeros(prev_tokens.shape, jnp.int32).at[:next_tokens.shape[0]].set(next_tokens)
     return padded, pool, extras
 
@@ -195,16 +214,18 @@ def _top(logp: jax.Array, ids: jax.Array, k: int):
 
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
           decode_only: bool, stochastic: bool, logprobs_k: int = -1,
-          prompt_logprobs: bool = False, mesh=None):
+          prompt_logprobs: bool = False, mesh=None, sorted_kv_writes: bool = False):
     """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool,
     extras). ``logprobs_k >= 1`` adds the sampled tokens' log-probabilities and top-k
     (``extras["sample"]``: [B], [B, k], [B, k]); ``prompt_logprobs`` computes the logits of
     every packed token and adds, per token, the log-probability of ``next_ids`` and the top-k
     (``extras["prompt"]``: [T], [T, k], [T, k]). Log-probabilities are
     ``log_softmax(logits)`` in float32, before temperature or truncation. ``mesh``: the
-    tensor-parallel mesh (static), on which the attention kernels run per device."""
+    tensor-parallel mesh (static), on which the attention kernels run per device.
+    ``sorted_kv_writes`` (static): write K/V in ``inputs.kv_order`` (:func:`sort_kv_writes`)."""
     batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
-                       inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only)
+                       inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only,
+                       inputs.kv_order if sorted_kv_writes else None)
     layers = [PagedLayerKV(pool.k[i], pool.v[i], batch) for i in range(cfg.n_layers)]
     select = None if prompt_logprobs else inputs.select[None]
     specs = None if mesh is None else sharding.partition_specs(cfg, params, mesh)
@@ -244,13 +265,18 @@ class ModelRunner:
     then stay the same from step to step, so XLA replays it without updating its commands
     (see the note above ``_overwrite``). Outputs are unchanged. Off by default: measured, it
     did not make batch-1 decode faster (``EngineConfig.stable_step_buffers``).
+
+    ``sorted_kv_writes``: each step's K/V rows are written in ascending slot order with
+    unique slots (:func:`sort_kv_writes` on the host, ``kv_layers.PagedBatch.kv_order`` on
+    the device), so XLA's scatter may assume sorted, unique indices. Outputs are unchanged.
+    Off by default until the engine is timed with it (``EngineConfig.sorted_kv_writes``).
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
                  command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
-                 stable_buffers: bool = False):
+                 stable_buffers: bool = False, sorted_kv_writes: bool = False):
         if stable_buffers and mesh is not None:
             raise ValueError("stable_buffers=True needs a single device (mesh=None)")
         self.mesh = mesh
@@ -273,11 +299,12 @@ class ModelRunner:
         # pool is donated (with stable_buffers the held token buffer too, so the token output
         # lands in it). One jit per distinct option set.
         self.stable_buffers = bool(stable_buffers)
+        self.sorted_kv_writes = bool(sorted_kv_writes)
         donated = ("pool", "prev_tokens") if self.stable_buffers else ("pool",)
         jit = lambda opts: jax.jit(  # noqa: E731
             _packed_step, donate_argnames=donated,
             static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
-                             "logprobs_k", "prompt_logprobs", "mesh"),
+                             "logprobs_k", "prompt_logprobs", "mesh", "sorted_kv_writes"),
             compiler_options=opts or None)
         self.step_fn = jit(self.compiler_options)
         self.small_step_fn = (self.step_fn if self.small_compiler_options == self.compiler_options
@@ -342,7 +369,8 @@ class ModelRunner:
             select=np.zeros(B, np.int32), temperature=np.zeros(B, np.float32),
             top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
             seeds=np.zeros(B, np.uint32), sample_pos=np.zeros(B, np.int32),
-            token_src=np.full(T, -1, np.int32), next_ids=np.full(T, -1, np.int32))
+            token_src=np.full(T, -1, np.int32), next_ids=np.full(T, -1, np.int32),
+            kv_order=np.arange(T, dtype=np.int32))
 
     def build(self, scheduled: Sequence[Scheduled], tables: dict,
               from_prev: Optional[dict] = None) -> tuple[StepInputs, bool, int]:
@@ -432,6 +460,8 @@ class ModelRunner:
 
     def _args(self, inputs: StepInputs, decode_only: bool, size: int, prev_tokens=None,
               logprobs: bool = False, prompt_logprobs: bool = False):
+        if self.sorted_kv_writes:
+            inputs = sort_kv_writes(inputs, self.num_pages * self.page_size)
         buf, layout = pack_inputs(inputs)
         return self._device_args(jax.device_put(buf), layout, decode_only, size, prev_tokens,
                                  self._stochastic(inputs), logprobs, prompt_logprobs)
@@ -454,7 +484,8 @@ class ModelRunner:
                 dict(layout=layout, impl=self.impl, max_q_len=1 if decode_only else size,
                      decode_only=decode_only, stochastic=stochastic,
                      logprobs_k=self.logprobs_k if logprobs or prompt_logprobs else -1,
-                     prompt_logprobs=prompt_logprobs, mesh=self.mesh))
+                     prompt_logprobs=prompt_logprobs, mesh=self.mesh,
+                     sorted_kv_writes=self.sorted_kv_writes))
 
     def dispatch(self, inputs: StepInputs, decode_only: bool, size: int,
                  prev_tokens: Optional[jax.Array] = None, *, logprobs: bool = False,
@@ -472,7 +503,8 @@ class ModelRunner:
     def dispatch_device(self, dev: jax.Array, layout: tuple, decode_only: bool, size: int,
                         stochastic: bool = False) -> jax.Array:
         """:meth:`dispatch` for inputs packed and copied to the device by the caller
-        (``jax.device_put(pack_inputs(inputs)[0])``; profiling splits those phases); no ids
+        (``jax.device_put(pack_inputs(inputs)[0])``; profiling splits those phases; with
+        ``sorted_kv_writes`` pack ``sort_kv_writes(inputs, num_pages * page_size)``); no ids
         from a previous step. Returns the step's sampled tokens [max_rows]."""
         args, kwargs = self._device_args(dev, layout, decode_only, size, None, stochastic)
         return self._launch(size, args, kwargs)[0]
