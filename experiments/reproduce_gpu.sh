@@ -10,7 +10,7 @@
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
-# gqsa-engine-gathered (16 sequences on the block-map kernel), gqsa-engine-packed (batch-1 W4S50
+# gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # decode-alibi-ab, group-tiles, kv-write, engine-kv-writes, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
@@ -280,6 +280,10 @@ for step in $steps; do
           --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
           --xla-option xla_gpu_ftz=true --out "$out/profile_batch1_host_$fmt"
       done ;;
+    profile-bsr-call)  # one batch-1 product per Llama-3-8B shape, dense W4 against W4S50
+      # (four arrays and packed): per-call time split by a device trace into the main kernel,
+      # the wrapper's other ops and the GPU's idle time
+      run profile_bsr_call 300 python experiments/profile_bsr_call.py --out "$out/gqsa" ;;
     gqsa-engine-s50)  # engine decode: bfloat16, dense W4 and W4S50 at 1 and 16 sequences
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run gqsa_engine_s50 500 python \
         experiments/gqsa_eval.py --part engine --engine-formats bf16,w4g128,w4g128s50 \
@@ -324,7 +328,7 @@ for step in $steps; do
             "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write engine-kv-writes flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
-            "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy" \
+            "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call" \
             "sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done

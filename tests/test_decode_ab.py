@@ -1,18 +1,22 @@
-"""experiments/alibi_ab.py, group_tiles_ab.py and kv_write_bench.py on the CPU: the variants
-each shape times, the rows' ratios, and the K/V write variants against a plain numpy write."""
+"""experiments/alibi_ab.py, group_tiles_ab.py, kv_write_bench.py and profile_bsr_call.py on the
+CPU: the variants each shape times, the rows' ratios, the K/V write variants against a plain
+numpy write, and the per-call profile's checked rows."""
 
+import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import alibi_ab  # noqa: E402
 import bench_kernels  # noqa: E402
 import group_tiles_ab  # noqa: E402
 import kv_write_bench  # noqa: E402
+import profile_bsr_call  # noqa: E402
 
 
 def _names(rows):
@@ -73,3 +77,22 @@ def test_kv_write_variants_write_the_same_rows():
         np.testing.assert_array_equal(np.asarray(got), want)
         outs.append(set(slots[:real].tolist()))
     assert outs[1] == outs[2]                      # sorting reorders, keeps the slots
+
+
+def test_profile_bsr_call_checks_every_format_on_the_cpu(tmp_path):
+    """experiments/profile_bsr_call.py --interpret: one row per format, each product checked
+    against float64 first; a bad --shape fails before any work."""
+    profile_bsr_call.main(["--interpret", "--shape", "256x40", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "profile_bsr_call.json").read_text())
+    assert [r["format"] for r in res["rows"]] == list(profile_bsr_call.FORMATS)
+    for r in res["rows"]:
+        assert 0 <= r["rel_err"] <= 1e-2 and r["us"] > 0 and r["weight_bytes"] > 0
+    sparse_rows = [r for r in res["rows"] if r["format"] != "w4g128"]
+    assert all(r["weight_bytes"] < res["rows"][0]["weight_bytes"] for r in sparse_rows)
+    md = (tmp_path / "profile_bsr_call.md").read_text()
+    assert md.count("| custom 256x40 |") == 3
+    for bad in ("256", "100x40", "256x0"):
+        with pytest.raises(SystemExit):
+            profile_bsr_call.main(["--interpret", "--shape", bad, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        profile_bsr_call.main(["--interpret", "--shapes", "qkv,nope", "--out", str(tmp_path)])
