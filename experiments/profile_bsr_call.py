@@ -11,7 +11,9 @@ each call, on the Llama-3-8B shapes at one row of x, into:
 * ``kernel µs``: the main Pallas kernel's device time in a trace of the same program;
 * ``other µs``: every other op in that trace (the wrapper's fusions: x's reorder and scaling,
   x's group sums, slices);
-* ``idle µs``: the GPU's idle time between the ops;
+* ``idle µs``: the GPU's idle time in that trace, per call. It includes the gaps between the
+  traced program's launches (the host's dispatch), so it can exceed the timed call and only
+  compares like with like;
 
 for ``w4g128`` (``quant.matmul``), ``w4g128s50`` (``sparse.bsr_matmul``: the rules' or the
 tuning table's tiles) and ``w4g128s50pk`` (``sparse.packed_bsr_matmul``, ``code_zeros``).
@@ -113,7 +115,8 @@ def markdown(meta: dict, rows: list) -> str:
     lines = ["# One batch-1 product: dense W4 against W4S50, split by a device trace\n",
              f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}, "
              f"{meta['date']}. µs per call (`timeit_rotating`); kernel, other ops and idle "
-             "time per call from a trace of the same program.\n",
+             "time per call from a trace of the same program (idle includes the gaps between "
+             "the traced program's launches, so it can exceed the call).\n",
              "| shape | format | weight MiB | µs | kernel µs | other ops µs | idle µs | "
              "× dense W4 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     dense = {r["shape"]: r["us"] for r in rows if r["format"] == "w4g128"}
