@@ -4,8 +4,9 @@ linear shapes, with the BSR kernels' tile searches (the ``--part speed`` of
 
 Rows per shape and row count of x: ``bf16``; ``w4g128`` and ``w2g128`` (dense kernel);
 ``w4g128sNN`` (``bsr_quant_matmul``: its best tiles at one row, with each option tried on
-them, and the block-list schedule); at more than one row the repacked routes (scatter and
-gather) and the block-map kernel (``bsr_gather_quant_matmul``, a few tile settings); and the
+them, and the block-list schedule); at one row ``w4g128sNN packed`` (the packed layout's
+kernel, its own tile search, :func:`packed_row`); at more than one row the repacked routes
+(scatter and gather) and the block-map kernel (``bsr_gather_quant_matmul``, a few tile settings); and the
 group-major kernel unless turned off. Times are µs per product with the weights rotated past
 the L2 cache (``bench_quant.arg_sets``).
 """
@@ -34,8 +35,10 @@ from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig,  # noqa: E4
                                                     bsr_gather_quant_matmul)
 from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorConfig,  # noqa: E402
                                                 bsr_gm_quant_matmul, group_major_blocks)
-from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig, bsr_quant_matmul  # noqa: E402
+from pallas_kernels.bsr_quant_matmul import (BSRMatmulConfig, bsr_quant_matmul,  # noqa: E402
+                                              bsr_quant_matmul_packed)
 from pallas_kernels.bsr_quant_matmul import tuning_key as bsr_tuning_key  # noqa: E402
+from pallas_kernels.bsr_quant_matmul_config import PACKED_KERNEL  # noqa: E402
 from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
 from bench_quant import arg_sets  # noqa: E402  (the same L2 rotation)
 
@@ -220,6 +223,9 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                     config=dataclasses.asdict(cfg), us=round(t * 1e6, 2),
                     rules_us=round(t_default * 1e6, 2),
                     source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])
+            if searched and b.row_blocks > 0:   # the batch-1 serving layout (packed arrays)
+                packed_row(add, T, sets, want, rel_err, M, K, N, s, cfg, dense_case,
+                           confirm_rounds, table)
             if M > 1:              # what the engine runs at 2-64 rows: the kept codes repacked
                 # into the dense layout on the device, then the dense W4 kernel
                 f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
@@ -241,6 +247,62 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
             if group_major:
                 group_major_row(add, T, sets, want, rel_err, N, K, s)
             del sets
+
+
+def packed_table_path(table: str) -> str:
+    """The packed layout's tuning table beside the four-array one at `table`."""
+    return os.path.join(os.path.dirname(os.path.abspath(table)), f"{PACKED_KERNEL}.json")
+
+
+def packed_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float, best_cfg,
+               dense_case, confirm_rounds: int, table: Optional[str]) -> None:
+    """The same layers packed into one array each (``sparse.to_packed_bsr``), on
+    ``bsr_quant_matmul_packed``: its default tiles (``BSRMatmulConfig.for_packed``), the
+    four-array search's best tiles with ``code_zeros``, and 12 blocks-per-program and warp
+    settings with ``code_zeros``; the best (confirmed in interleaved rounds with
+    `confirm_rounds`) is one row, and with `table` it goes into the packed tuning table
+    (:func:`packed_table_path`) when it beats the default tiles."""
+    psets = [(x, sparse.to_packed_bsr(b)) for x, b in sets]
+    p0 = psets[0][1]
+    default = BSRMatmulConfig.for_packed("cuda", M, p0.nnz, K=K, N=N, row_blocks=p0.row_blocks,
+                                         device=kc.device_kind())
+
+    def make_f(cfg):
+        return lambda x, p, cfg=cfg: bsr_quant_matmul_packed(
+            x, p.packed, nnz=p.nnz, scale_dtype=p.scale_dtype, out_features=N, bits=4,
+            group_size=128, row_blocks=p.row_blocks, config=cfg,
+            interpret=kc.backend() == "cpu")
+
+    candidates = [default, dataclasses.replace(best_cfg, code_zeros=True)] + [
+        BSRMatmulConfig(block_t=bt, block_m=default.block_m, num_warps=nw, num_stages=2,
+                        code_zeros=True) for bt in (32, 64, 128, 256) for nw in (2, 4, 8)]
+    candidates = list(dict.fromkeys(candidates))       # distinct, in order
+    tried, best = [], None
+    for cfg in candidates:
+        t = time_config(T, make_f(cfg), psets, cfg, tried)
+        if t is not None and (best is None or t < best[0]):
+            best = (t, cfg, make_f(cfg))
+    if best is None:
+        print(f"packed s{round(100 * s)}: every config failed: {tried}", flush=True)
+        return
+    t, cfg, f = best
+    t_default = tried[0].get("us", float("nan")) / 1e6
+    confirm = None
+    if confirm_rounds:
+        t, cfg, f, confirm = confirm_best(T, psets, tried, make_f, default, dense_case,
+                                          confirm_rounds)
+        t_default = confirm["rules_us"] / 1e6
+    x = psets[0][0]
+    add(f"w4g128s{round(100 * s)} packed", t, p0.nbytes, rel_err(jax.jit(f)(x, p0), want),
+        config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
+        confirm=confirm)
+    if table and t < t_default:
+        tuning.write_entries(packed_table_path(table), PACKED_KERNEL, [dict(
+            device=kc.device_kind(),
+            key=bsr_tuning_key(M, K, N, 4, 128, p0.row_blocks),
+            config=dataclasses.asdict(cfg), us=round(t * 1e6, 2),
+            default_us=round(t_default * 1e6, 2),
+            source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])
 
 
 def gathered_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float) -> None:

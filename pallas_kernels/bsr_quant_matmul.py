@@ -425,8 +425,9 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
       row_blocks: blocks per row (> 0: every row holds the same number; the layout this
         entry serves).
       interpret, config: as :func:`bsr_quant_matmul` (``config.row_aligned`` must be on).
-        The default is :meth:`BSRMatmulConfig.for_shape`'s with ``code_zeros`` on: the zero
-        points are subtracted from the codes, so the wrapper computes no group sums of x,
+        The default is :meth:`BSRMatmulConfig.for_packed`: the packed table's entry for the
+        device and shape, else :meth:`BSRMatmulConfig.for_shape`'s with ``code_zeros`` on: the
+        zero points are subtracted from the codes, so the wrapper computes no group sums of x,
         one launch fewer per product, for a layout made to cut the host's launch work. On an
         H100 (commit 544c0a0, ``results/h100/gqsa/gqsa_tune_544c0a0.json``, the same tiles)
         ``code_zeros`` took gate/up 29.0 against 31.4 µs, down 20.4 / 21.9, q/k/v 11.1 / 10.9
@@ -461,10 +462,9 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
         return jnp.zeros((M, out_features), x.dtype)
     backend = C.backend()
     if config is None:
-        config = dataclasses.replace(BSRMatmulConfig.for_shape(
+        config = BSRMatmulConfig.for_packed(
             backend, M, nnz, K=K, N=int(out_features), bits=bits, group_size=int(group_size),
-            row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind()),
-            code_zeros=True)
+            row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind())
     config.validate()
     if not config.row_aligned or config.raw_x:
         raise ValueError("packed blocks run on the whole-rows schedule with the prepared x: "

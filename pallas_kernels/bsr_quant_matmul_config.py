@@ -112,6 +112,24 @@ class BSRMatmulConfig:
             cfg = dataclasses.replace(cfg, num_stages=1)
         return cfg
 
+    @classmethod
+    def for_packed(cls, backend: str, M: int, nnz: int, *, K: int, N: int, bits: int = 4,
+                   group_size: int = 128, row_blocks: int,
+                   device: Optional[str] = None) -> "BSRMatmulConfig":
+        """Default tiles of the packed layout (``bsr_quant_matmul_packed``): with ``device``, an
+        entry of the ``bsr_quant_matmul_packed`` tuning table for the same key as
+        :meth:`for_shape`'s (written by ``experiments/gqsa_eval.py --part speed --table``
+        beside the four-array table); otherwise :meth:`for_shape`'s tiles with ``code_zeros``
+        on (the zero points on the codes: no group sums of x, one launch fewer)."""
+        if device is not None:
+            cfg = tuning.tuned_config(PACKED_KERNEL, cls, device,
+                                      tuning_key(M, K, N, bits, group_size, row_blocks))
+            if cfg is not None:
+                return cfg
+        return dataclasses.replace(cls.for_shape(backend, M, nnz, K=K, N=N, bits=bits,
+                                                 group_size=group_size, row_blocks=row_blocks,
+                                                 device=device), code_zeros=True)
+
     def validate(self) -> None:
         C.validate_tuning(self, ("block_t",))
         C.validate_tuning(self, ("block_m", "row_loop"), minimum_block=1)
@@ -120,6 +138,10 @@ class BSRMatmulConfig:
         if self.index_magic and (self.runtime_magic or self.raw_x):
             raise ValueError("index_magic replaces runtime_magic's pattern and applies to the "
                              "prepared x only; set runtime_magic=False and raw_x=False")
+
+
+# the tuning-table kernel name of the packed layout's tiles (its own table file)
+PACKED_KERNEL = "bsr_quant_matmul_packed"
 
 
 def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: int) -> dict:
