@@ -10,7 +10,7 @@
 # quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
-# gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-engine-packed (batch-1 W4S50
+# gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
 # decode-alibi-ab, group-tiles, kv-write, engine-kv-writes, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
@@ -259,6 +259,11 @@ for step in $steps; do
       run gqsa_tune 400 python experiments/gqsa_eval.py --part speed --rows 1,16 \
         --sparsities 0.5 --no-group-major --confirm-rounds 3 \
         --table "${OPTGQA_BSR_TABLE:-$out/gqsa/bsr_quant_matmul.json}" --out "$out/gqsa_tune" ;;
+    gqsa-tune-packed)  # one row only: the BSR tile search, then the packed layout's own
+      # (gqsa_speed.packed_row), with interleaved confirmation; winners into the tables
+      run gqsa_tune_packed 560 python experiments/gqsa_eval.py --part speed --rows 1 \
+        --sparsities 0.5 --no-group-major --confirm-rounds 3 \
+        --table "${OPTGQA_BSR_TABLE:-$out/gqsa/bsr_quant_matmul.json}" --out "$out/gqsa_tune_packed" ;;
     dispatch-cost)  # the host's launch time of one jitted program against its number of
       # argument buffers (a batch-1 decode step takes 517-645)
       run dispatch_cost 150 python experiments/dispatch_cost.py --counts 8,64,256,512,768,1024 \
@@ -328,7 +333,7 @@ for step in $steps; do
             "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write engine-kv-writes flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
-            "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call" \
+            "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call gqsa-tune-packed" \
             "sharding-8b sharding-70b)"; exit 2 ;;
   esac
 done
