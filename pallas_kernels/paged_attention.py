@@ -128,6 +128,10 @@ class PagedAttentionConfig:
             # K/V at 72% of the copy bandwidth for 28/4 (0.176 against 0.188 ms with 32-key
             # blocks), 79% for 40/8 (0.322 against 0.354) and 73% for 12/4; for 32/8 they were
             # slower (0.425 against 0.325 ms), so powers of two keep 32-key blocks.
+            # H100, c9f6850 (results/h100/alibi_ab_28x4_c9f6850.md, group_tiles_ab_*): 32-key
+            # blocks with the table read ahead on 2 warps were 4-5% faster for 28/4 at B=256
+            # ctx 257-512 and 8-14% at B=32 ctx 2048, but 3-4% slower at B=64 ctx 4096; the
+            # tiles are chosen without the contexts, so these stay.
             return cls(keys_per_block=64, replicate_queries=True)
         return cls(keys_per_block=32, replicate_queries=True)
 
