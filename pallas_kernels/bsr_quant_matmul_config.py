@@ -119,16 +119,24 @@ class BSRMatmulConfig:
         """Default tiles of the packed layout (``bsr_quant_matmul_packed``): with ``device``, an
         entry of the ``bsr_quant_matmul_packed`` tuning table for the same key as
         :meth:`for_shape`'s (written by ``experiments/gqsa_eval.py --part speed --table``
-        beside the four-array table); otherwise :meth:`for_shape`'s tiles with ``code_zeros``
-        on (the zero points on the codes: no group sums of x, one launch fewer)."""
+        beside the four-array table); otherwise :meth:`for_shape`'s tiles, with ``code_zeros``
+        on (the zero points on the codes: no group sums of x, one launch fewer) where a thread
+        holds at most ``CODE_ZEROS_MAX_CODES_PER_THREAD`` codes."""
         if device is not None:
             cfg = tuning.tuned_config(PACKED_KERNEL, cls, device,
                                       tuning_key(M, K, N, bits, group_size, row_blocks))
             if cfg is not None:
                 return cfg
-        return dataclasses.replace(cls.for_shape(backend, M, nnz, K=K, N=N, bits=bits,
-                                                 group_size=group_size, row_blocks=row_blocks,
-                                                 device=device), code_zeros=True)
+        cfg = cls.for_shape(backend, M, nnz, K=K, N=N, bits=bits, group_size=group_size,
+                            row_blocks=row_blocks, device=device)
+        # code_zeros keeps its register use only where a thread holds few codes: compiled for
+        # sm_90 (Triton 3.9, results/cpu/gqsa/packed_code_zeros_registers_cf4b963.md) the H100
+        # table's tiles took 48 -> 48, 57 -> 78 and 40 -> 48 registers with it at 64 codes per
+        # thread (gate/up, down, o), but 158 -> 255 at q/k/v's 256, where the packed kernel
+        # then ran 10.6 against the four arrays' 7.7 us (H100, 2132c41, profile_bsr_call)
+        if cfg.block_t * group_size // (32 * cfg.num_warps) <= CODE_ZEROS_MAX_CODES_PER_THREAD:
+            cfg = dataclasses.replace(cfg, code_zeros=True)
+        return cfg
 
     def validate(self) -> None:
         C.validate_tuning(self, ("block_t",))
@@ -142,6 +150,9 @@ class BSRMatmulConfig:
 
 # the tuning-table kernel name of the packed layout's tiles (its own table file)
 PACKED_KERNEL = "bsr_quant_matmul_packed"
+# BSRMatmulConfig.for_packed turns code_zeros on for tiles of at most this many codes per
+# thread (block_t * group_size / (32 * num_warps))
+CODE_ZEROS_MAX_CODES_PER_THREAD = 128
 
 
 def tuning_key(M: int, K: int, N: int, bits: int, group_size: int, row_blocks: int) -> dict:

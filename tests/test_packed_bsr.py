@@ -8,6 +8,8 @@ the output's scale in bfloat16); the BSR layer's own product on the unpacked rou
 for bit). ``test_bsr_quant_matmul.py`` compares the packed kernel with the four-array one on
 the same tiles, bit for bit."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -115,3 +117,28 @@ def test_layers_that_cannot_be_packed_are_kept_or_refused(tmp_path):
         og.save_checkpoint(str(tmp_path / "ckpt"), cfg, pk)
     with pytest.raises(ValueError, match="group-sparse"):
         sharding.partition_specs(cfg, pk, sharding.make_mesh(1, 1))
+
+
+def test_packed_default_keeps_code_zeros_off_for_tiles_of_many_codes_per_thread(tmp_path,
+                                                                             monkeypatch):
+    """BSRMatmulConfig.for_packed without a packed table entry: the four-array tiles, with
+    code_zeros only where a thread holds at most CODE_ZEROS_MAX_CODES_PER_THREAD codes (more
+    took q/k/v's tiles to 255 registers in sm_90 SASS)."""
+    import json
+
+    from pallas_kernels import bsr_quant_matmul_config as bc
+    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig
+    key = bc.tuning_key(1, 4096, 6144, 4, 128, 16)
+    wide = BSRMatmulConfig(block_t=128, block_m=1, num_warps=2, num_stages=2)     # 256 per thread
+    narrow = BSRMatmulConfig(block_t=128, block_m=1, num_warps=8, num_stages=2)   # 64 per thread
+    for tiles, cz in ((wide, False), (narrow, True)):
+        d = tmp_path / str(cz)                      # a table of the four-array tiles only
+        d.mkdir()
+        (d / "bsr_quant_matmul.json").write_text(json.dumps(dict(
+            kernel="bsr_quant_matmul", entries=[dict(device="GPU X", key=key,
+                                                     config=dataclasses.asdict(tiles))])))
+        monkeypatch.setenv("OPTGQA_TUNING", str(d))
+        got = BSRMatmulConfig.for_packed("cuda", 1, 6144 * 16, K=4096, N=6144, row_blocks=16,
+                                         device="GPU X")
+        assert got == dataclasses.replace(tiles, code_zeros=cz)
+    assert bc.CODE_ZEROS_MAX_CODES_PER_THREAD == 128
