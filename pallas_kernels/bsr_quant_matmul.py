@@ -426,9 +426,10 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
         entry serves).
       interpret, config: as :func:`bsr_quant_matmul` (``config.row_aligned`` must be on).
         The default is :meth:`BSRMatmulConfig.for_packed`: the packed table's entry for the
-        device and shape, else :meth:`BSRMatmulConfig.for_shape`'s with ``code_zeros`` on: the
-        zero points are subtracted from the codes, so the wrapper computes no group sums of x,
-        one launch fewer per product, for a layout made to cut the host's launch work. On an
+        device and shape, else :meth:`BSRMatmulConfig.for_shape`'s with ``code_zeros`` on
+        where a thread holds at most 128 codes: the zero points are subtracted from the codes,
+        so the wrapper computes no group sums of x, one launch fewer per product, for a layout
+        made to cut the host's launch work. On an
         H100 (commit 544c0a0, ``results/h100/gqsa/gqsa_tune_544c0a0.json``, the same tiles)
         ``code_zeros`` took gate/up 29.0 against 31.4 µs, down 20.4 / 21.9, q/k/v 11.1 / 10.9
         and o 10.1 / 10.4.
