@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
-from optgqa_jax.engine.runner import ModelRunner, pack_inputs, parse_xla_options  # noqa: E402
+from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
 
 
@@ -207,13 +207,11 @@ def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
     dispatch: the jitted call until it returns (launches are asynchronous);
     wait: until the sampled tokens are on the host; total: all of them.
     """
-    from optgqa_jax.engine.runner import pack_inputs
-
     phases = collections.defaultdict(list)
     np.asarray(runner.dispatch(inputs, True, B)[0])
     for _ in range(trials):
         t0 = time.perf_counter()
-        buf, layout = pack_inputs(inputs)
+        buf, layout = runner.pack(inputs)
         t1 = time.perf_counter()
         dev = jax.device_put(buf)
         t2 = time.perf_counter()
@@ -301,6 +299,9 @@ def main():
     ap.add_argument("--stable-buffers", choices=("auto", "on", "off"), default="auto",
                     help="the runner's held input and token buffers (ModelRunner's "
                          "stable_buffers; auto: its default, off)")
+    ap.add_argument("--sorted-kv-writes", action="store_true",
+                    help="write K/V in ascending slot order with unique slots (ModelRunner's "
+                         "sorted_kv_writes; default off, as the engine's)")
     ap.add_argument("--fixed-inputs", action="store_true",
                     help="time the step on one device copy of its inputs, passed to every call "
                          "(the engine copies new inputs each step): whether changing argument "
@@ -381,10 +382,12 @@ def main():
                              seq_buckets=(B,), token_buckets=(B,),
                              stable_buffers={"auto": False, "on": True, "off": False}[
                                  args.stable_buffers],
+                             sorted_kv_writes=args.sorted_kv_writes,
                              compiler_options=(
                                  parse_xla_options(args.xla_option) if args.xla_option else None))
         meta["compiler_options"] = runner.compiler_options
         meta["stable_buffers"] = runner.stable_buffers
+        meta["sorted_kv_writes"] = runner.sorted_kv_writes
         meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         for label, lens in (("step", lengths), ("step, contexts of 1", np.ones(B, np.int32))):
             inputs = decode_inputs(runner, lens)
@@ -393,8 +396,8 @@ def main():
                 return runner.dispatch(inputs, True, B)
 
             if args.fixed_inputs:   # one device copy of the inputs, passed to every step
-                fixed = jax.device_put(pack_inputs(inputs)[0])
-                fixed_layout = pack_inputs(inputs)[1]
+                fixed, fixed_layout = runner.pack(inputs)
+                fixed = jax.device_put(fixed)
 
                 def run():
                     return runner.dispatch_device(fixed, fixed_layout, True, B)

@@ -105,6 +105,9 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--no-trace", action="store_true", help="time the step only")
+    ap.add_argument("--sorted-kv-writes", action="store_true",
+                    help="write K/V in ascending slot order with unique slots (ModelRunner's "
+                         "sorted_kv_writes; default off, as the engine's)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     lo, hi = a.context
@@ -138,7 +141,8 @@ def main(argv=None) -> None:
     runner = ModelRunner(cfg, params, num_pages=pages_needed(a.prompts, a.prompt_len, contexts, Z),
                          page_size=Z, max_num_seqs=seqs, max_num_batched_tokens=size,
                          max_model_len=cfg.max_seq_len, impl=a.impl, seq_buckets=(seqs,),
-                         token_buckets=(size,), compiler_options=options)
+                         token_buckets=(size,), compiler_options=options,
+                         sorted_kv_writes=a.sorted_kv_writes)
     inputs, real, _ = mixed_inputs(runner, rng, prompts=a.prompts, prompt_len=a.prompt_len,
                                    decode_contexts=contexts, size=size)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -146,6 +150,7 @@ def main(argv=None) -> None:
                 quantize=a.quantize, fused_projections=a.fuse_projections, prompts=a.prompts,
                 prompt_len=a.prompt_len, decodes=a.decodes, context=[lo, hi], real_tokens=real,
                 padded_tokens=size, page_size=Z, impl=a.impl,
+                sorted_kv_writes=runner.sorted_kv_writes,
                 compiler_options=runner.options_for(size))
 
     def step():

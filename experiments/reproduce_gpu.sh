@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, engine-kv-writes, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -78,6 +78,18 @@ for step in $steps; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run profile_decode_b482 240 python \
         experiments/profile_decode.py --quick --fuse-projections --batch 482 --context 257 512 \
         --out "$out/profile_decode_b482" ;;
+    profile-kv-writes)  # the fixed workload's mean decode step (482 sequences) and mean mixed
+      # step, each with the K/V writes as the engine does them and sorted and unique
+      # (EngineConfig.sorted_kv_writes): step time and per-op trace
+      for flag in "" --sorted-kv-writes; do
+        tag=${flag:+_sorted}
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "profile_decode_b482$tag" 240 python \
+          experiments/profile_decode.py --quick --fuse-projections --batch 482 \
+          --context 257 512 $flag --out "$out/profile_kv_writes/decode_b482$tag"
+        run "profile_mixed_fixed$tag" 240 python experiments/profile_mixed.py \
+          --fuse-projections --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 \
+          --tokens 4096 $flag --out "$out/profile_kv_writes/mixed_fixed$tag"
+      done ;;
     profile)  # one decode step, pipelined and synchronous
       run profile_decode 300 python experiments/profile_decode.py --quick --fuse-projections \
         --out "$out" ;;
@@ -330,7 +342,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write engine-kv-writes flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call gqsa-tune-packed" \

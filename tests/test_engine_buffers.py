@@ -160,3 +160,35 @@ def test_sorted_kv_write_fills_the_same_pages():
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(outs[0][1], np.asarray(kp))      # the write happened
+
+
+def test_runner_pack_sorts_for_sorted_runners_only(tiny):
+    """ModelRunner.pack: the packed buffer the step reads, sorted and unique with
+    sorted_kv_writes (so callers of dispatch_device get the same step as dispatch)."""
+    from optgqa_jax.engine.runner import ModelRunner, pack_inputs, sort_kv_writes
+
+    cfg, params, _, _ = tiny
+    kw = dict(num_pages=16, page_size=8, max_num_seqs=4, max_num_batched_tokens=16,
+              max_model_len=64, impl="reference")
+    x = ModelRunner(cfg, params, **kw)._empty(True, 4)
+    x.tokens[:2] = [3, 4]
+    x.block_tables[:2, 0] = [5, 2]
+    x.slot_mapping[:2] = [5 * 8, 2 * 8]             # two sequences, two padding rows
+    x.token_seq[:2] = [0, 1]
+    x.context_lens[:2] = [1, 1]
+    x.cu_q_lens[:3] = [0, 1, 2]
+    x.cu_q_lens[3:] = 2
+    x.select[:2] = [0, 1]
+    outs = []
+    for sorted_writes in (False, True):
+        run = ModelRunner(cfg, params, sorted_kv_writes=sorted_writes, **kw)
+        buf, layout = run.pack(x)
+        want = pack_inputs(sort_kv_writes(x, 16 * 8) if sorted_writes else x)
+        np.testing.assert_array_equal(buf, want[0])
+        assert layout == want[1]
+        via_device = run.dispatch_device(jax.device_put(buf), layout, True, 4)
+        direct, _ = ModelRunner(cfg, params, sorted_kv_writes=sorted_writes, **kw).dispatch(
+            x, True, 4)
+        np.testing.assert_array_equal(np.asarray(via_device)[:2], np.asarray(direct)[:2])
+        outs.append(np.asarray(direct)[:2])
+    np.testing.assert_array_equal(outs[0], outs[1])

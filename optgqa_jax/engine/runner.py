@@ -460,11 +460,16 @@ class ModelRunner:
 
     def _args(self, inputs: StepInputs, decode_only: bool, size: int, prev_tokens=None,
               logprobs: bool = False, prompt_logprobs: bool = False):
-        if self.sorted_kv_writes:
-            inputs = sort_kv_writes(inputs, self.num_pages * self.page_size)
-        buf, layout = pack_inputs(inputs)
+        buf, layout = self.pack(inputs)
         return self._device_args(jax.device_put(buf), layout, decode_only, size, prev_tokens,
                                  self._stochastic(inputs), logprobs, prompt_logprobs)
+
+    def pack(self, inputs: StepInputs) -> tuple[np.ndarray, tuple]:
+        """:func:`pack_inputs` of the inputs as this runner's step reads them (with
+        ``sorted_kv_writes``, after :func:`sort_kv_writes`)."""
+        if self.sorted_kv_writes:
+            inputs = sort_kv_writes(inputs, self.num_pages * self.page_size)
+        return pack_inputs(inputs)
 
     def _device_args(self, dev: jax.Array, layout: tuple, decode_only: bool, size: int,
                      prev_tokens=None, stochastic: bool = False, logprobs: bool = False,
@@ -503,8 +508,7 @@ class ModelRunner:
     def dispatch_device(self, dev: jax.Array, layout: tuple, decode_only: bool, size: int,
                         stochastic: bool = False) -> jax.Array:
         """:meth:`dispatch` for inputs packed and copied to the device by the caller
-        (``jax.device_put(pack_inputs(inputs)[0])``; profiling splits those phases; with
-        ``sorted_kv_writes`` pack ``sort_kv_writes(inputs, num_pages * page_size)``); no ids
+        (``jax.device_put(runner.pack(inputs)[0])``; profiling splits those phases); no ids
         from a previous step. Returns the step's sampled tokens [max_rows]."""
         args, kwargs = self._device_args(dev, layout, decode_only, size, None, stochastic)
         return self._launch(size, args, kwargs)[0]
