@@ -4,8 +4,9 @@ linear shapes, with the BSR kernels' tile searches (the ``--part speed`` of
 
 Rows per shape and row count of x: ``bf16``; ``w4g128`` and ``w2g128`` (dense kernel);
 ``w4g128sNN`` (``bsr_quant_matmul``: its best tiles at one row, with each option tried on
-them, and the block-list schedule); at one row ``w4g128sNN packed`` (the packed layout's
-kernel, its own tile search, :func:`packed_row`); at more than one row the repacked routes
+them, and the block-list schedule); at one row ``w4g128sNN packed`` and ``w4g128sNN packed sm`` (the packed layout's
+kernel on stream-order and shift-major codes, each with its own tile search,
+:func:`packed_row`); at more than one row the repacked routes
 (scatter and gather) and the block-map kernel (``bsr_gather_quant_matmul``, a few tile settings); and the
 group-major kernel unless turned off. Times are µs per product with the weights rotated past
 the L2 cache (``bench_quant.arg_sets``).
@@ -224,8 +225,9 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                     rules_us=round(t_default * 1e6, 2),
                     source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])
             if searched and b.row_blocks > 0:   # the batch-1 serving layout (packed arrays)
-                packed_row(add, T, sets, want, rel_err, M, K, N, s, cfg, dense_case,
-                           confirm_rounds, table)
+                for order in ("stream", "shift_major"):
+                    packed_row(add, T, sets, want, rel_err, M, K, N, s, cfg, dense_case,
+                               confirm_rounds, table, order)
             if M > 1:              # what the engine runs at 2-64 rows: the kept codes repacked
                 # into the dense layout on the device, then the dense W4 kernel
                 f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
@@ -255,27 +257,32 @@ def packed_table_path(table: str) -> str:
 
 
 def packed_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float, best_cfg,
-               dense_case, confirm_rounds: int, table: Optional[str]) -> None:
-    """The same layers packed into one array each (``sparse.to_packed_bsr``), on
-    ``bsr_quant_matmul_packed``: its default tiles (``BSRMatmulConfig.for_packed``), the
-    four-array search's best tiles with ``code_zeros``, and 12 blocks-per-program and warp
-    settings with ``code_zeros``; the best (confirmed in interleaved rounds with
-    `confirm_rounds`) is one row, and with `table` it goes into the packed tuning table
-    (:func:`packed_table_path`) when it beats the default tiles."""
-    psets = [(x, sparse.to_packed_bsr(b)) for x, b in sets]
+               dense_case, confirm_rounds: int, table: Optional[str],
+               code_order: str = "stream") -> None:
+    """The same layers packed into one array each (``sparse.to_packed_bsr`` with
+    ``code_order``), on ``bsr_quant_matmul_packed``: its default tiles
+    (``BSRMatmulConfig.for_packed``), the four-array search's best tiles, and 12
+    blocks-per-program and warp settings, each with ``code_zeros`` (stream codes) or ``raw_x``
+    (shift-major codes: x read as given); the best (confirmed in interleaved rounds with
+    `confirm_rounds`) is one row (``packed``, or ``packed sm`` for shift-major codes), and with
+    `table` it goes into the packed tuning table (:func:`packed_table_path`) when it beats the
+    default tiles."""
+    psets = [(x, sparse.to_packed_bsr(b, code_order=code_order)) for x, b in sets]
     p0 = psets[0][1]
     default = BSRMatmulConfig.for_packed("cuda", M, p0.nnz, K=K, N=N, row_blocks=p0.row_blocks,
-                                         device=kc.device_kind())
+                                         device=kc.device_kind(), code_order=code_order)
+    how = (dict(code_zeros=True) if code_order == "stream"
+           else dict(raw_x=True, code_zeros=False, index_magic=False, runtime_magic=False))
 
     def make_f(cfg):
         return lambda x, p, cfg=cfg: bsr_quant_matmul_packed(
             x, p.packed, nnz=p.nnz, scale_dtype=p.scale_dtype, out_features=N, bits=4,
-            group_size=128, row_blocks=p.row_blocks, config=cfg,
+            group_size=128, row_blocks=p.row_blocks, code_order=code_order, config=cfg,
             interpret=kc.backend() == "cpu")
 
-    candidates = [default, dataclasses.replace(best_cfg, code_zeros=True)] + [
-        BSRMatmulConfig(block_t=bt, block_m=default.block_m, num_warps=nw, num_stages=2,
-                        code_zeros=True) for bt in (32, 64, 128, 256) for nw in (2, 4, 8)]
+    candidates = [default, dataclasses.replace(best_cfg, **how)] + [
+        BSRMatmulConfig(block_t=bt, block_m=default.block_m, num_warps=nw, num_stages=2, **how)
+        for bt in (32, 64, 128, 256) for nw in (2, 4, 8)]
     candidates = list(dict.fromkeys(candidates))       # distinct, in order
     tried, best = [], None
     for cfg in candidates:
@@ -293,13 +300,15 @@ def packed_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float, be
                                           confirm_rounds)
         t_default = confirm["rules_us"] / 1e6
     x = psets[0][0]
-    add(f"w4g128s{round(100 * s)} packed", t, p0.nbytes, rel_err(jax.jit(f)(x, p0), want),
+    label = "packed" if code_order == "stream" else "packed sm"
+    add(f"w4g128s{round(100 * s)} {label}", t, p0.nbytes, rel_err(jax.jit(f)(x, p0), want),
         config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
         confirm=confirm)
     if table and t < t_default:
         tuning.write_entries(packed_table_path(table), PACKED_KERNEL, [dict(
             device=kc.device_kind(),
-            key=bsr_tuning_key(M, K, N, 4, 128, p0.row_blocks),
+            key=dict(bsr_tuning_key(M, K, N, 4, 128, p0.row_blocks),
+                     **({} if code_order == "stream" else dict(code_order=code_order))),
             config=dataclasses.asdict(cfg), us=round(t * 1e6, 2),
             default_us=round(t_default * 1e6, 2),
             source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])

@@ -1,8 +1,9 @@
 """No GPU needed: the packed BSR kernel (``bsr_quant_matmul_packed``) compiled for sm_90 with
-and without ``code_zeros`` on each Llama-3-8B shape's H100 table tiles: SASS, SASS per code and
-registers (``triton_ir.count_kernel``; the ``triton`` package, e.g. in a separate venv named by
-``--triton-python``). It showed ``code_zeros`` taking q/k/v's tiles (256 codes per thread) to
-255 registers (``results/cpu/gqsa/packed_code_zeros_registers_*.md``).
+and without ``code_zeros``, and on shift-major codes (``code_order="shift_major"``: x read as
+given, zero points on the codes), on each Llama-3-8B shape's H100 table tiles: SASS, SASS per
+code and registers (``triton_ir.count_kernel``; the ``triton`` package, e.g. in a separate venv
+named by ``--triton-python``). It showed ``code_zeros`` taking q/k/v's tiles (256 codes per
+thread) to 255 registers (``results/cpu/gqsa/packed_code_zeros_registers_*.md``).
 
 Usage::
 
@@ -29,6 +30,7 @@ from optgqa_jax.sparse.packed import pack_blocks  # noqa: E402
 from optgqa_jax.sparse.synthetic import random_bsr_linear  # noqa: E402
 from pallas_kernels.bsr_quant_matmul import (BSRMatmulConfig,  # noqa: E402
                                               bsr_quant_matmul_packed)
+from pallas_kernels.quant_codes import reorder_block_words  # noqa: E402
 
 SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144),
           "o": (4096, 4096)}
@@ -36,21 +38,28 @@ DEVICE = "NVIDIA H100 80GB HBM3"      # whose tuning-table tiles are compiled
 
 
 def cases(shapes=SHAPES):
-    """(shape, config, function of x, codes per thread) for each shape, code_zeros off / on."""
+    """(shape, variant, config, function of x, codes per thread) for each shape: stream codes
+    with code_zeros off and on, then shift-major codes."""
     qc = quant.QuantConfig(bits=4, group_size=128)
     for name, (K, N) in shapes.items():
         b = random_bsr_linear(0, K, N, qc, 0.5, "bfloat16")
         tiles = BSRMatmulConfig.for_shape("cuda", 1, b.nnz, K=K, N=N, bits=4, group_size=128,
                                           row_blocks=b.row_blocks, device=DEVICE)
-        packed = pack_blocks(b.codes, b.scales, b.zeros, b.col_idx)
         per_thread = tiles.block_t * 128 / (32 * tiles.num_warps)
-        for cz in (False, True):
-            cfg = dataclasses.replace(tiles, code_zeros=cz)
-            yield name, K, cfg, (lambda x, cfg=cfg, b=b, packed=packed, N=N:
-                                 bsr_quant_matmul_packed(
-                                     x, packed, nnz=b.nnz, scale_dtype=b.scales.dtype,
-                                     out_features=N, bits=4, group_size=128,
-                                     row_blocks=b.row_blocks, config=cfg)), per_thread
+        for variant, order, changes in (("stream", "stream", dict(code_zeros=False)),
+                                        ("stream code_zeros", "stream", dict(code_zeros=True)),
+                                        ("shift_major", "shift_major",
+                                         dict(raw_x=True, code_zeros=False))):
+            codes = (b.codes if order == "stream"
+                     else reorder_block_words(b.codes, 4, order))
+            packed = pack_blocks(codes, b.scales, b.zeros, b.col_idx)
+            cfg = dataclasses.replace(tiles, **changes)
+            yield name, variant, K, cfg, (lambda x, cfg=cfg, b=b, packed=packed, N=N, o=order:
+                                          bsr_quant_matmul_packed(
+                                              x, packed, nnz=b.nnz, scale_dtype=b.scales.dtype,
+                                              out_features=N, bits=4, group_size=128,
+                                              row_blocks=b.row_blocks, code_order=o,
+                                              config=cfg)), per_thread
 
 
 def main(argv=None) -> None:
@@ -64,17 +73,17 @@ def main(argv=None) -> None:
     os.makedirs(a.out, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for name, K, cfg, fn, per_thread in cases():
+        for name, variant, K, cfg, fn, per_thread in cases():
             try:
                 r = triton_ir.count_kernel(fn, (jnp.ones((1, K), jnp.bfloat16),),
                                            cfg.num_warps, cfg.num_stages, a.triton_python,
-                                           os.path.join(d, f"{name}_{cfg.code_zeros}.ttir"),
-                                           per_thread)
+                                           os.path.join(d, f"{name}_{variant}.ttir".replace(
+                                               " ", "_")), per_thread)
             except Exception as e:  # noqa: BLE001  (no triton package: an error row)
                 r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-            rows.append(dict(r, shape=name, config=dataclasses.asdict(cfg),
+            rows.append(dict(r, shape=name, variant=variant, config=dataclasses.asdict(cfg),
                              codes_per_thread=per_thread))
-            print(name, f"code_zeros={cfg.code_zeros}",
+            print(name, variant,
                   r.get("error") or f"SASS {r['sass']}, {r['sass_per_code']:.2f} per code, "
                                     f"{r['registers']} registers", flush=True)
     with open(os.path.join(a.out, "packed_sass_registers.json"), "w") as f:

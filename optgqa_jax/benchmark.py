@@ -152,9 +152,9 @@ def _quantize_random(params, bc: BenchConfig):
     if layout == "gm":
         from optgqa_jax.sparse.group_major import to_group_major_params
         params = to_group_major_params(params)
-    elif layout == "pk":
+    elif layout in ("pk", "pksm"):
         from optgqa_jax.sparse.packed import to_packed_bsr_params
-        params = to_packed_bsr_params(params)
+        params = to_packed_bsr_params(params, "shift_major" if layout == "pksm" else "stream")
     return params
 
 
@@ -418,7 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "128) or w8 (8 bits, per channel), or group-sparse BSR weights, e.g. "
                              "w4g128s50 (half of every row's groups removed; w4g128s50gm: "
                              "served in group-major order; w4g128s50pk: each layer's arrays "
-                             "packed into one); append +head and/or +emb to "
+                             "packed into one; w4g128s50pksm: packed, each block's codes "
+                             "in shift-major order, x read as given); append +head and/or +emb to "
                              "quantize the LM head and the token table too (w4g128+head+emb): "
                              "the speed and memory of a quantized model of the preset")
     parser.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,

@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
 from pallas_kernels.bsr_quant_matmul_config import BSRMatmulConfig, tuning_key  # noqa: F401
-from pallas_kernels.quant_codes import code_floats_exact, exact_magic
+from pallas_kernels.quant_codes import CODE_ORDERS, code_floats_exact, exact_magic
 from pallas_kernels.quant_matmul import TWO23_BITS, code_floats, shift_offsets, unpack_codes
 
 KERNEL_BITS = (2, 4, 8)
@@ -60,7 +60,7 @@ def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block
                  packed: Optional[tuple] = None):
     """(words int32 [S, Wg], groups int32 [S], scales and zeros float32 [S]) of the `slots`
     blocks from ``t0`` (zeros where `ok` is False). Traced inside a kernel. ``packed``:
-    ``(nnz, R, scale dtype name)`` when ``c_ref`` is the packed array of
+    ``(nnz, R, scale dtype name, code order)`` when ``c_ref`` is the packed array of
     ``optgqa_jax.sparse.packed.pack_blocks`` (the
     groups and the scale-and-zero words read from its rows past the codes; the other refs
     unused)."""
@@ -68,7 +68,7 @@ def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block
     words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
                        other=0)                                             # [S, Wg] int32
     if packed is not None:
-        nnz, R, scale_dtype = packed
+        nnz, R, scale_dtype = packed[:3]
         t = t0 + jnp.arange(S)
         r, c = jax.lax.div(t, jnp.int32(Wg)), jax.lax.rem(t, jnp.int32(Wg))     # [S]
         r = jnp.where(ok, r, 0)
@@ -94,7 +94,9 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
 
     ``raw_x``: x as given (its own column order and dtype): each shift's codes become floats
     holding the code itself (``code_floats_exact``) minus the block's zero point, multiplied
-    with x's columns ``g gs + P w + p`` (read with stride P). Otherwise x in shift-major order
+    with x's columns ``g gs + P w + p`` (read with stride P), or ``g gs + p Wg + w`` (contiguous
+    in w) when ``packed`` names the ``"shift_major"`` code order
+    (``quant_codes.reorder_block_words``). Otherwise x in shift-major order
     with the factors ``2^-s`` and its group sums, prepared by the wrapper (``prepare_x``);
     with ``code_zeros`` the zero points leave the codes (``(q - z) 2^s``) and the group sums
     are not read."""
@@ -104,12 +106,14 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
     words, g, sc, zp = (_load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots, Wg, packed)
                         if blocks is None else blocks)
     words_hi = words >> 16
+    strided = packed is None or packed[3] != "shift_major"    # raw x in stream order: stride P
     if raw_x:      # q - z, exact: the subtracted 2^(23 - s) + z is an exact float32
         vals = [code_floats_exact(words, words_hi, bits, p,
                                   magic_ref[p] if runtime_magic else None)
                 - (float(2 ** (23 - shift_offsets(bits)[p][1])) + zp)[:, None]
                 for p in range(P)]
-        base = g[:, None] * group_size + jnp.arange(Wg)[None, :] * P       # [S, Wg]
+        base = (g[:, None] * group_size
+                + jnp.arange(Wg)[None, :] * (P if strided else 1))         # [S, Wg]
     else:
         magic = magic_ref[0] if runtime_magic else None
         if index_magic:   # 2^23's pattern from the block's group index (>= 0, so its top bit
@@ -123,7 +127,7 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
             vals = [code_floats(words, words_hi, bits, p, magic) - _TWO23
                     for p in range(P)]                                        # q 2^s_p
         base = g[:, None] * group_size + jnp.arange(Wg)[None, :]           # [S, Wg]
-    step = 1 if raw_x else Wg            # column offset of shift p within a group
+    step = 1 if raw_x and strided else Wg      # column offset of shift p within a group
     parts = []
     for row in rows:
         acc = jnp.zeros((slots, Wg), jnp.float32)
@@ -409,7 +413,7 @@ PACKED_SCALE_DTYPES = ("float16", "bfloat16")
 
 def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_dtype,
                             out_features: int, bits: int, group_size: int, row_blocks: int,
-                            interpret: bool = False,
+                            code_order: str = "stream", interpret: bool = False,
                             config: Optional[BSRMatmulConfig] = None) -> jax.Array:
     """:func:`bsr_quant_matmul` on one packed array (``optgqa_jax.sparse.packed.pack_blocks``:
     the codes in rows ``[0, nnz)``, then ``R = ceil(nnz / Wg)`` rows of group indices, then
@@ -424,6 +428,12 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
       out_features, bits, group_size: as :func:`bsr_quant_matmul`.
       row_blocks: blocks per row (> 0: every row holds the same number; the layout this
         entry serves).
+      code_order: the order of the codes within each block's words
+        (``quant_codes.reorder_block_words``): ``"stream"`` (the BSR layer's, default) runs on
+        x prepared by the wrapper (shift-major copy, one more launch; ``config.raw_x`` off);
+        ``"shift_major"`` (word w's shift p holds the group's row ``p Wg + w``) reads x as
+        given, contiguous slices of ``Wg`` columns per shift, with the zero points on the
+        codes (``config.raw_x`` on): no launch but the kernel's.
       interpret, config: as :func:`bsr_quant_matmul` (``config.row_aligned`` must be on).
         The default is :meth:`BSRMatmulConfig.for_packed`: the packed table's entry for the
         device and shape, else :meth:`BSRMatmulConfig.for_shape`'s with ``code_zeros`` on
@@ -435,9 +445,12 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
         and o 10.1 / 10.4.
 
     Raises:
-      ValueError: bad shapes or dtypes, or a layout the whole-rows schedule cannot take.
+      ValueError: bad shapes or dtypes, a code order the config cannot read, or a layout the
+        whole-rows schedule cannot take.
     """
     _check_bits_and_group(bits, group_size)
+    if code_order not in CODE_ORDERS:
+        raise ValueError(f"code_order={code_order!r} must be one of {CODE_ORDERS}")
     C.check_rank("x", x, 2, "[M, K]")
     C.check_float("x", x)
     C.check_rank("packed", packed, 2, "[nnz + 2 R, group_size * bits / 32]")
@@ -465,18 +478,23 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
     if config is None:
         config = BSRMatmulConfig.for_packed(
             backend, M, nnz, K=K, N=int(out_features), bits=bits, group_size=int(group_size),
-            row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind())
+            row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind(),
+            code_order=code_order)
     config.validate()
-    if not config.row_aligned or config.raw_x:
-        raise ValueError("packed blocks run on the whole-rows schedule with the prepared x: "
-                         "config.row_aligned=True and config.raw_x=False")
+    if not config.row_aligned:
+        raise ValueError("packed blocks run on the whole-rows schedule: "
+                         "config.row_aligned=True")
+    if config.raw_x != (code_order == "shift_major"):
+        raise ValueError(f"code_order={code_order!r} needs config.raw_x="
+                         f"{code_order == 'shift_major'} (shift-major codes read x as given, "
+                         "stream-order codes the wrapper's shift-major copy)")
     unused = jnp.zeros((1,), jnp.int32)
     return _bsr_quant_matmul(x, packed, unused, unused, unused, unused,
                              out_features=int(out_features), bits=bits,
                              group_size=int(group_size), row_blocks=int(row_blocks),
                              interpret=interpret, config=config,
                              packed=(int(nnz), C.cdiv(int(nnz), Wg),
-                                     jnp.dtype(scale_dtype).name))
+                                     jnp.dtype(scale_dtype).name, code_order))
 
 
 def dequantize_blocks(codes, scales, zeros, bits: int, group_size: int) -> jax.Array:

@@ -114,21 +114,30 @@ class BSRMatmulConfig:
 
     @classmethod
     def for_packed(cls, backend: str, M: int, nnz: int, *, K: int, N: int, bits: int = 4,
-                   group_size: int = 128, row_blocks: int,
-                   device: Optional[str] = None) -> "BSRMatmulConfig":
+                   group_size: int = 128, row_blocks: int, device: Optional[str] = None,
+                   code_order: str = "stream") -> "BSRMatmulConfig":
         """Default tiles of the packed layout (``bsr_quant_matmul_packed``): with ``device``, an
         entry of the ``bsr_quant_matmul_packed`` tuning table for the same key as
         :meth:`for_shape`'s (written by ``experiments/gqsa_eval.py --part speed --table``
         beside the four-array table); otherwise :meth:`for_shape`'s tiles, with ``code_zeros``
         on (the zero points on the codes: no group sums of x, one launch fewer) where a thread
-        holds at most ``CODE_ZEROS_MAX_CODES_PER_THREAD`` codes."""
+        holds at most ``CODE_ZEROS_MAX_CODES_PER_THREAD`` codes.
+
+        ``code_order="shift_major"`` (codes reordered so that x is read as given): the packed
+        table's entry for the key with ``code_order`` added, else :meth:`for_shape`'s tiles
+        with ``raw_x`` on (and ``code_zeros``, ``index_magic`` off: the zero points go on the
+        codes there already)."""
+        key = tuning_key(M, K, N, bits, group_size, row_blocks)
+        if code_order != "stream":
+            key["code_order"] = code_order
         if device is not None:
-            cfg = tuning.tuned_config(PACKED_KERNEL, cls, device,
-                                      tuning_key(M, K, N, bits, group_size, row_blocks))
+            cfg = tuning.tuned_config(PACKED_KERNEL, cls, device, key)
             if cfg is not None:
                 return cfg
         cfg = cls.for_shape(backend, M, nnz, K=K, N=N, bits=bits, group_size=group_size,
                             row_blocks=row_blocks, device=device)
+        if code_order == "shift_major":
+            return dataclasses.replace(cfg, raw_x=True, code_zeros=False, index_magic=False)
         # code_zeros keeps its register use only where a thread holds few codes: compiled for
         # sm_90 (Triton 3.9, results/cpu/gqsa/packed_code_zeros_registers_cf4b963.md) the H100
         # table's tiles took 48 -> 48, 57 -> 78 and 40 -> 48 registers with it at 64 codes per

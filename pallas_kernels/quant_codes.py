@@ -174,3 +174,35 @@ def unpack_codes(qweight, bits: int, K: int) -> jax.Array:
     hi = jnp.where(((o + bits) > 32)[:, None],
                    words[nxt] << (jnp.uint32(32) - o)[:, None], jnp.uint32(0))
     return ((lo | hi) & jnp.uint32((1 << bits) - 1)).astype(jnp.int32)
+
+
+CODE_ORDERS = ("stream", "shift_major")
+
+
+def reorder_block_words(words, bits: int, to: str) -> jax.Array:
+    """int32 [..., Wg] words of blocks of ``gs = 32 Wg / b`` codes each, between two orders of
+    the codes within a block (jnp; traceable; exact):
+
+    * ``"stream"``: word w's shift p holds the block's input row ``P w + p`` (P = 32 / b), the
+      little-endian bit stream of ``qweight`` (the BSR layer's order);
+    * ``"shift_major"``: word w's shift p holds row ``p Wg + w``, so the codes a kernel unpacks
+      from shift p of the block's Wg words are rows ``[p Wg, (p + 1) Wg)``, contiguous in x as
+      given (``bsr_quant_matmul_packed`` with these words reads x without a reordered copy).
+
+    ``to``: the order of the result; `words` are in the other one."""
+    if to not in CODE_ORDERS:
+        raise ValueError(f"to={to!r} must be one of {CODE_ORDERS}")
+    P, mask = 32 // bits, (1 << bits) - 1
+    u = jax.lax.bitcast_convert_type(jnp.asarray(words, jnp.int32), jnp.uint32)
+    lead, Wg = u.shape[:-1], u.shape[-1]
+    shifts = jnp.arange(P, dtype=jnp.uint32) * bits
+    q = (u[..., :, None] >> shifts) & jnp.uint32(mask)       # [..., Wg, P]: word w, shift p
+    # as [..., Wg, P] stream words hold rows P w + p; as [..., P, Wg] (swapped) shift-major ones
+    # hold rows p Wg + w: going either way is the same swap of the two axes of a [Wg, P] view
+    # of the rows, read in the source's order and written in the target's
+    if to == "shift_major":      # rows r = P w + p  ->  [P, Wg] view of r, word w' shift p'
+        q = jnp.swapaxes(q.reshape(*lead, P, Wg), -1, -2)    # [..., Wg, P]: row p' Wg + w'
+    else:                        # q[w', p'] = row p' Wg + w'  ->  rows in stream order
+        q = jnp.swapaxes(q, -1, -2).reshape(*lead, Wg, P)    # [..., Wg, P]: row P w + p
+    packed = jnp.sum(q << shifts, axis=-1, dtype=jnp.uint32)     # disjoint bits: sum = or
+    return jax.lax.bitcast_convert_type(packed, jnp.int32)

@@ -180,6 +180,12 @@ def test_packed_run_serves_the_same_bsr_weights_in_one_array(fixed_ceiling):
     assert r["param_bytes"] == B.params_nbytes(packed)
     with pytest.raises(ValueError, match="'pk' layout needs group sparsity"):
         parse_serving_spec("w4g32pk")
+    # w4g32s50pksm: the same layers packed with each block's codes in shift-major order
+    assert parse_serving_spec("w4g32s50pksm+head")[1:] == (0.5, "pksm")
+    sm = B._quantize_random(params, B.BenchConfig(quantize="w4g32s50pksm", **TINY_RUN))
+    layer = sm["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
+    assert sparse.is_packed_bsr(layer) and layer.code_order == "shift_major"
+    assert B.params_nbytes(sm) == r["param_bytes"]
 
 
 def test_quantized_table_and_head_run(fixed_ceiling):

@@ -280,6 +280,43 @@ def test_packed_blocks_match_float64(bits, gs, G, kept, N, M, dtype, sdtype, con
         np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(four, np.float32))
 
 
+@pytest.mark.parametrize("bits,gs,G,kept,N,M,dtype,config", [
+    (4, 32, 4, 3, 21, 1, jnp.bfloat16, T16),        # nnz 63: a short last row
+    (4, 32, 7, 5, 13, 3, jnp.float16, T16_M4),
+    (8, 32, 24, 20, 6, 2, jnp.bfloat16, T16),       # R = 20 > block_t
+    (2, 64, 3, 2, 9, 1, jnp.float16, T16_LOOP4),
+    (4, 128, 3, 2, 11, 1, jnp.bfloat16, None),      # default tiles (for_packed: raw_x)
+    (4, 64, 5, 5, 7, 1, jnp.float32, T16),          # fully dense rows, float32 x
+])
+def test_packed_shift_major_blocks_match_float64(bits, gs, G, kept, N, M, dtype, config):
+    """Shift-major codes (word w's shift p holds the group's row p Wg + w) through
+    bsr_quant_matmul_packed with x read as given (raw_x): the float64 product of the same
+    weights; the reordering is exact both ways."""
+    from optgqa_jax.sparse.packed import pack_blocks
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed, dequantize_blocks
+    from pallas_kernels.quant_codes import reorder_block_words
+    args, _, K = make_case(5 * bits + 3 * G + kept + M, M, G, N, bits, gs, dtype,
+                           pattern=str(kept))
+    x, codes, s, z, col, rows = args
+    s = s.astype(jnp.float16)
+    w = np.zeros((N, G, gs))
+    w[np.asarray(rows), np.asarray(col)] = np.asarray(dequantize_blocks(codes, s, z, bits, gs),
+                                                      np.float64)
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ w.reshape(N, K).T
+    sm = reorder_block_words(codes, bits, "shift_major")
+    np.testing.assert_array_equal(np.asarray(reorder_block_words(sm, bits, "stream")),
+                                  np.asarray(codes))
+    cfg = None if config is None else dataclasses.replace(config, raw_x=True, code_zeros=False,
+                                                          index_magic=False)
+    y = bsr_quant_matmul_packed(x, pack_blocks(sm, s, z, col), nnz=codes.shape[0],
+                                scale_dtype=jnp.float16, out_features=N, bits=bits,
+                                group_size=gs, row_blocks=kept, code_order="shift_major",
+                                interpret=INTERPRET, config=cfg)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert np.isfinite(np.asarray(y, np.float64)).all()
+    assert_close_to_scale(y, ref, TOL[dtype], "packed shift-major blocks")
+
+
 def test_packed_blocks_bad_inputs_raise():
     from optgqa_jax.sparse.packed import pack_blocks
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
@@ -303,3 +340,10 @@ def test_packed_blocks_bad_inputs_raise():
                                                                            row_aligned=False))
     with pytest.raises(ValueError, match="input features"):
         bsr_quant_matmul_packed(x[:, :-32][:, :-1], packed, **kw)
+    with pytest.raises(ValueError, match="code_order='natural' must be one of"):
+        bsr_quant_matmul_packed(x, packed, **kw, code_order="natural")
+    with pytest.raises(ValueError, match="code_order='shift_major' needs config.raw_x=True"):
+        bsr_quant_matmul_packed(x, packed, **kw, code_order="shift_major", config=T16)
+    with pytest.raises(ValueError, match="code_order='stream' needs config.raw_x=False"):
+        bsr_quant_matmul_packed(x, packed, **kw,
+                                config=dataclasses.replace(T16, raw_x=True))

@@ -29,12 +29,16 @@ def bsr_layer(K=256, N=40, sparsity=0.5, scale_dtype="float16"):
     return random_bsr_linear(seed, K, N, qc, sparsity, "bfloat16")
 
 
-@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
-def test_conversion_is_exact(scale_dtype):
+@pytest.mark.parametrize("scale_dtype,order", [("float16", "stream"), ("bfloat16", "stream"),
+                                               ("float16", "shift_major")])
+def test_conversion_is_exact(scale_dtype, order):
     b = bsr_layer(scale_dtype=scale_dtype)
     assert b.row_blocks > 0 and b.scales.dtype == jnp.dtype(scale_dtype)
-    p = sparse.to_packed_bsr(b)
+    p = sparse.to_packed_bsr(b, code_order=order)
     assert sparse.is_packed_bsr(p) and p.shape == b.shape and p.nnz == b.nnz
+    assert p.code_order == order
+    stored = np.asarray(p.packed[:b.nnz])          # shift-major: the same codes, reordered
+    assert np.array_equal(stored, np.asarray(b.codes)) == (order == "stream")
     Wg = b.codes.shape[1]
     R = -(-b.nnz // Wg)
     assert p.packed.dtype == jnp.int32 and p.packed.shape == (b.nnz + 2 * R, Wg)
@@ -49,10 +53,11 @@ def test_conversion_is_exact(scale_dtype):
     assert back.row_blocks == b.row_blocks and back.group_size == b.group_size
 
 
-@pytest.mark.parametrize("M", [1, 3])
-def test_product_matches_the_bsr_weight(M):
+@pytest.mark.parametrize("M,order", [(1, "stream"), (3, "stream"), (1, "shift_major"),
+                                     (3, "shift_major")])
+def test_product_matches_the_bsr_weight(M, order):
     b = bsr_layer(K=256, N=40, sparsity=0.25)
-    p = sparse.to_packed_bsr(b)
+    p = sparse.to_packed_bsr(b, code_order=order)
     x = jax.random.normal(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))),
                           (M, 256)).astype(jnp.bfloat16)
     want = np.asarray(x.astype(jnp.float32) @ sparse.dequantize_bsr(b, jnp.float32), np.float64)
@@ -68,11 +73,12 @@ def test_product_matches_the_bsr_weight(M):
     assert y3.shape == (M, 1, 40)
 
 
-def test_model_on_the_packed_layout_matches_bsr():
+@pytest.mark.parametrize("order", ["stream", "shift_major"])
+def test_model_on_the_packed_layout_matches_bsr(order):
     cfg = og.ModelConfig.preset("tiny")
     bsr = random_sparsify(og.init_params(cfg, jax.random.PRNGKey(4)), quant.parse_spec("w4g32"),
                           0.5, seed=4)
-    pk = sparse.to_packed_bsr_params(bsr)
+    pk = sparse.to_packed_bsr_params(bsr, code_order=order)
     from optgqa_jax.model import is_quantized
     leaves = jax.tree_util.tree_leaves(pk, is_leaf=is_quantized)
     assert any(sparse.is_packed_bsr(l) for l in leaves)
@@ -110,6 +116,8 @@ def test_layers_that_cannot_be_packed_are_kept_or_refused(tmp_path):
         sparse.packed_bsr_matmul(jnp.zeros((1, 128)), p, "fast")
     with pytest.raises(ValueError, match="127 input features"):
         sparse.packed_bsr_matmul(jnp.zeros((1, 127)), p)
+    with pytest.raises(ValueError, match="code_order='natural' must be one of"):
+        sparse.to_packed_bsr(b, code_order="natural")
     cfg = og.ModelConfig.preset("tiny")
     pk = sparse.to_packed_bsr_params(random_sparsify(
         og.init_params(cfg, jax.random.PRNGKey(0)), quant.parse_spec("w4g32"), 0.5))

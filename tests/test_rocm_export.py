@@ -239,20 +239,26 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blo
 
 
 # bsr_quant_matmul_packed: x [M, K], one int32 array [nnz + 2 R, Wg] (pack_blocks).
-@pytest.mark.parametrize("M,bits,gs,sdtype,loop", [(1, 4, 128, jnp.float16, 1),
-                                                   (4, 8, 64, jnp.bfloat16, 1),
-                                                   (1, 4, 128, jnp.bfloat16, 4)])
+# code_order "shift_major": the same array with each block's codes reordered, x as given.
+@pytest.mark.parametrize("M,bits,gs,sdtype,loop,order", [
+    (1, 4, 128, jnp.float16, 1, "stream"), (4, 8, 64, jnp.bfloat16, 1, "stream"),
+    (1, 4, 128, jnp.bfloat16, 4, "stream"), (1, 4, 128, jnp.float16, 1, "shift_major"),
+    (3, 2, 64, jnp.bfloat16, 2, "shift_major")])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
-def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop, platform):
+def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop, order,
+                                                       platform):
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
     from pallas_kernels.bsr_quant_matmul_config import BSRMatmulConfig
     K, N, R = 512, 384, 3
     nnz, Wg = N * R, gs * bits // 32
-    cfg = dataclasses.replace(BSRMatmulConfig.for_shape(platform, M, nnz), row_loop=loop)
+    cfg = dataclasses.replace(BSRMatmulConfig.for_packed(platform, M, nnz, K=K, N=N, bits=bits,
+                                                         group_size=gs, row_blocks=R,
+                                                         code_order=order), row_loop=loop)
 
     def f(x, packed):
         return bsr_quant_matmul_packed(x, packed, nnz=nnz, scale_dtype=sdtype, out_features=N,
-                                       bits=bits, group_size=gs, row_blocks=R, config=cfg)
+                                       bits=bits, group_size=gs, row_blocks=R, code_order=order,
+                                       config=cfg)
 
     rows = nnz + 2 * (-(-nnz // Wg))
     module = export_for(platform, f, S((M, K), jnp.bfloat16), S((rows, Wg), jnp.int32))

@@ -15,6 +15,10 @@ are. It is a layout for batch-1 decode: the other routes (2-64 rows, prefill) sl
 out of the packed one inside the program, which XLA may copy on every call. It is a runtime layout: checkpoints store the BSR form (convert after loading), and it is
 not shardable. :func:`unpack_bsr` gives the BSR layer back.
 
+``code_order="shift_major"`` (:func:`to_packed_bsr`) also reorders each block's codes so that
+the batch-1 kernel reads x as given: no per-call copy of x in the kernel's order, so a product
+is one launch instead of two; the other routes reorder the codes back inside the program.
+
 Axis legend: K input features, N output features, nnz stored blocks, Wg words per block,
 R = ceil(nnz / Wg) rows of metadata each.
 """
@@ -30,6 +34,7 @@ from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, KERNEL_MAX_ROWS, bsr_matm
                                    is_bsr, sparse_impl)
 from pallas_kernels import _common as C
 from pallas_kernels.bsr_quant_matmul import PACKED_SCALE_DTYPES
+from pallas_kernels.quant_codes import CODE_ORDERS, reorder_block_words
 
 
 def pack_blocks(codes, scales, zeros, col_idx) -> jax.Array:
@@ -64,7 +69,8 @@ def pack_blocks(codes, scales, zeros, col_idx) -> jax.Array:
 
 
 def unpack_blocks(packed, nnz: int, scale_dtype) -> tuple:
-    """(codes, scales, zeros, col_idx) of :func:`pack_blocks`' array (jnp; traceable)."""
+    """(codes, scales, zeros, col_idx) of :func:`pack_blocks`' array (jnp; traceable; the codes
+    in the order they were packed)."""
     packed = jnp.asarray(packed)
     Wg = packed.shape[1]
     R = C.cdiv(nnz, Wg)
@@ -90,6 +96,7 @@ class PackedBSRLinear:
     row_blocks: int = flax.struct.field(pytree_node=False, default=-1)
     nnz: int = flax.struct.field(pytree_node=False, default=0)
     scale_dtype: str = flax.struct.field(pytree_node=False, default="float16")
+    code_order: str = flax.struct.field(pytree_node=False, default="stream")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -115,13 +122,22 @@ def can_pack(b: BSRQuantizedLinear) -> bool:
             and jnp.dtype(b.scales.dtype).name in PACKED_SCALE_DTYPES)
 
 
-def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr") -> PackedBSRLinear:
+def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr",
+                  code_order: str = "stream") -> PackedBSRLinear:
     """Pack a BSR layer's block arrays into one (once per layer; see the module docstring).
 
+    ``code_order``: ``"stream"`` keeps each block's codes as the BSR layer stores them;
+    ``"shift_major"`` reorders them within the block (``quant_codes.reorder_block_words``:
+    word w's shift p holds the group's input row ``p Wg + w``) so that the batch-1 kernel
+    reads x as given, with no reordered copy of x made per call (one launch fewer); the other
+    routes put the codes back in stream order inside the program (:func:`unpack_bsr`).
+
     Raises:
-      ValueError: `b` is not a valid BSR layer, its rows keep different numbers of blocks, or
-        its scales are not 16-bit floats.
+      ValueError: `b` is not a valid BSR layer, its rows keep different numbers of blocks, its
+        scales are not 16-bit floats, or ``code_order`` is not one of ``CODE_ORDERS``.
     """
+    if code_order not in CODE_ORDERS:
+        raise ValueError(f"code_order={code_order!r} must be one of {CODE_ORDERS}")
     if not is_bsr(b):
         raise ValueError(f"{name} must be a BSRQuantizedLinear, got {type(b).__name__}")
     check_bsr(b, name)
@@ -131,19 +147,23 @@ def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr") -> PackedBSRLinear:
     if not can_pack(b):
         raise ValueError(f"{name}: packed layers need float16 or bfloat16 scales, got "
                          f"{b.scales.dtype}")
-    return PackedBSRLinear(pack_blocks(b.codes, b.scales, b.zeros, b.col_idx), b.row_ptr,
+    codes = (b.codes if code_order == "stream"
+             else reorder_block_words(b.codes, b.bits, code_order))
+    return PackedBSRLinear(pack_blocks(codes, b.scales, b.zeros, b.col_idx), b.row_ptr,
                            b.row_ids, in_features=b.in_features, bits=b.bits,
                            group_size=b.group_size, sym=b.sym, dtype=b.dtype,
                            row_blocks=b.row_blocks, nnz=int(b.nnz),
-                           scale_dtype=jnp.dtype(b.scales.dtype).name)
+                           scale_dtype=jnp.dtype(b.scales.dtype).name, code_order=code_order)
 
 
-def to_packed_bsr_params(params):
+def to_packed_bsr_params(params, code_order: str = "stream"):
     """`params` with every BSR kernel that :func:`can_pack` takes replaced by its
-    :func:`to_packed_bsr` layout (concrete params; host side). Other leaves are unchanged."""
+    :func:`to_packed_bsr` layout (concrete params; host side; ``code_order`` as there). Other
+    leaves are unchanged."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_bsr)[0]
     name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
-    converted = {name(p): to_packed_bsr(l, name(p)) for p, l in flat if can_pack(l)}
+    converted = {name(p): to_packed_bsr(l, name(p), code_order) for p, l in flat
+                 if can_pack(l)}
     return jax.tree_util.tree_map_with_path(lambda p, l: converted.get(name(p), l), params,
                                             is_leaf=is_bsr)
 
@@ -152,6 +172,8 @@ def unpack_bsr(p: PackedBSRLinear) -> BSRQuantizedLinear:
     """The BSR layer of `p` (jnp; traceable: inside a jitted program the arrays are slices of
     the packed one)."""
     codes, scales, zeros, col_idx = unpack_blocks(p.packed, p.nnz, p.scale_dtype)
+    if p.code_order != "stream":
+        codes = reorder_block_words(codes, p.bits, "stream")
     return BSRQuantizedLinear(codes, scales, zeros, col_idx, p.row_ptr, p.row_ids,
                               in_features=p.in_features, bits=p.bits, group_size=p.group_size,
                               sym=p.sym, dtype=p.dtype, row_blocks=p.row_blocks)
@@ -173,5 +195,5 @@ def packed_bsr_matmul(x: jax.Array, p: PackedBSRLinear, impl: str = "auto") -> j
     y = bsr_quant_matmul_packed(x.reshape(-1, K), p.packed, nnz=p.nnz,
                                 scale_dtype=p.scale_dtype, out_features=N, bits=p.bits,
                                 group_size=p.group_size, row_blocks=p.row_blocks,
-                                interpret=kc.backend() == "cpu")
+                                code_order=p.code_order, interpret=kc.backend() == "cpu")
     return y.reshape(*lead, N)

@@ -42,14 +42,16 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
     return qc, s
 
 
-SERVING_LAYOUTS = ("", "gm", "pk")
+SERVING_LAYOUTS = ("", "gm", "pk", "pksm")
 
 
 def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
     """:func:`parse_sparse_spec` plus an optional layout suffix before any ``+head``/``+emb``:
     ``gm`` (``"w4g128s50gm"``) serves the BSR layers in group-major order
     (``sparse.to_group_major_params``), ``pk`` (``"w4g128s50pk"``) with each layer's arrays
-    packed into one (``sparse.to_packed_bsr_params``). Returns (QuantConfig, sparsity or None,
+    packed into one (``sparse.to_packed_bsr_params``), ``pksm`` the same with each block's
+    codes in shift-major order (``code_order="shift_major"``: the batch-1 kernel reads x as
+    given). Returns (QuantConfig, sparsity or None,
     layout: one of :data:`SERVING_LAYOUTS`, "" for the BSR layers as they are).
 
     Raises:
