@@ -16,7 +16,8 @@ each call, on the Llama-3-8B shapes at one row of x, into:
   compares like with like;
 
 for ``w4g128`` (``quant.matmul``), ``w4g128s50`` (``sparse.bsr_matmul``: the rules' or the
-tuning table's tiles) and ``w4g128s50pk`` (``sparse.packed_bsr_matmul``, ``code_zeros``).
+tuning table's tiles), ``w4g128s50pk`` (``sparse.packed_bsr_matmul``, ``code_zeros``) and
+``w4g128s50pksm`` (packed with shift-major codes: x read as given, no wrapper op).
 
 Usage::
 
@@ -48,14 +49,15 @@ from bench_quant import arg_sets  # noqa: E402
 from gqsa_speed import SHAPES  # noqa: E402
 from profile_quant import kernel_share  # noqa: E402
 
-FORMATS = ("w4g128", "w4g128s50", "w4g128s50pk")
+FORMATS = ("w4g128", "w4g128s50", "w4g128s50pk", "w4g128s50pksm")
 KERNEL_NAMES = {"w4g128": "optgqa_quant_matmul", "w4g128s50": "optgqa_bsr",
-                "w4g128s50pk": "optgqa_bsr"}
+                "w4g128s50pk": "optgqa_bsr", "w4g128s50pksm": "optgqa_bsr"}
 
 
 PRODUCTS = {"w4g128": lambda x, w: quant.matmul(x, w, "pallas"),
             "w4g128s50": lambda x, w: sparse.bsr_matmul(x, w, "pallas"),
-            "w4g128s50pk": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas")}
+            "w4g128s50pk": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas"),
+            "w4g128s50pksm": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas")}
 
 
 def weights(fmt: str, key, K: int, N: int):
@@ -65,7 +67,9 @@ def weights(fmt: str, key, K: int, N: int):
         return quant.synthetic.random_quantized_linear(key, K, N, qc, "bfloat16")
     b = random_bsr_linear(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)), K, N, qc, 0.5,
                           "bfloat16")
-    return b if fmt == "w4g128s50" else sparse.to_packed_bsr(b)
+    if fmt == "w4g128s50":
+        return b
+    return sparse.to_packed_bsr(b, code_order="shift_major" if fmt.endswith("sm") else "stream")
 
 
 def dense_weight(fmt: str, w) -> np.ndarray:

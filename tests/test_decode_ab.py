@@ -90,7 +90,7 @@ def test_profile_bsr_call_checks_every_format_on_the_cpu(tmp_path):
     sparse_rows = [r for r in res["rows"] if r["format"] != "w4g128"]
     assert all(r["weight_bytes"] < res["rows"][0]["weight_bytes"] for r in sparse_rows)
     md = (tmp_path / "profile_bsr_call.md").read_text()
-    assert md.count("| custom 256x40 |") == 3
+    assert md.count("| custom 256x40 |") == len(profile_bsr_call.FORMATS)
     for bad in ("256", "100x40", "256x0"):
         with pytest.raises(SystemExit):
             profile_bsr_call.main(["--interpret", "--shape", bad, "--out", str(tmp_path)])
