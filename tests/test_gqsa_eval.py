@@ -203,11 +203,14 @@ def test_dispatch_cost_writes_its_tables(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkeypatch):
-    """gqsa_speed.packed_row on a fake timer and real small layers (interpret mode): every
-    candidate is tried once, the fastest is the row (its product checked against float64),
-    and it goes into the packed table beside the four-array one, which
-    BSRMatmulConfig.for_packed then reads for that device and key."""
+@pytest.mark.parametrize("order", ["stream", "shift_major"])
+def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkeypatch, order):
+    """gqsa_speed.packed_row on a fake timer and real small layers (interpret mode): the layers
+    are packed in the code order asked, every candidate is tried once (with code_zeros on
+    stream codes, reading x as given on shift-major ones), the fastest is the row (its product
+    checked against float64), and it goes into the packed table beside the four-array one
+    (shift-major codes under a key with code_order), which BSRMatmulConfig.for_packed then
+    reads for that device, key and order only."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -218,6 +221,7 @@ def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkey
     from pallas_kernels import _common as kc
     from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig
 
+    replace = gqsa_speed.dataclasses.replace
     K, N = 256, 24
     qc = quant.parse_spec("w4g128")
     rng = np.random.default_rng()
@@ -226,13 +230,15 @@ def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkey
         for _ in range(2)]
     x, b = sets[0]
     want = np.asarray(x.astype(jnp.float32) @ sparse.dequantize_bsr(b, jnp.float32))
-    winner = BSRMatmulConfig(block_t=64, block_m=1, num_warps=8, num_stages=2, code_zeros=True)
+    how = dict(code_zeros=True) if order == "stream" else dict(raw_x=True)
+    winner = BSRMatmulConfig(block_t=64, block_m=1, num_warps=8, num_stages=2, **how)
     seen = []
 
     def T(f, s):
         cfg = f.__defaults__[0]
         seen.append(cfg)
         assert s[0][1].packed.dtype == jnp.int32        # the packed layers are timed
+        assert s[0][1].code_order == order
         return (5.0 if cfg == winner else 9.0 + len(seen) * 0.01) * 1e-6
 
     rows = []
@@ -242,72 +248,25 @@ def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkey
                                  / np.abs(w).max())
     table = tmp_path / "bsr_quant_matmul.json"
     best4 = BSRMatmulConfig(block_t=128, block_m=1, num_warps=2, num_stages=2)
-    gqsa_speed.packed_row(add, T, sets, want, rel_err, 1, K, N, 0.5, best4, None, 0, str(table))
+    gqsa_speed.packed_row(add, T, sets, want, rel_err, 1, K, N, 0.5, best4, None, 0, str(table),
+                          code_order=order)
     assert len(seen) == len(set(seen)) and winner in seen
-    assert seen[1] == gqsa_speed.dataclasses.replace(best4, code_zeros=True)
+    assert all(c.raw_x == (order == "shift_major") for c in seen)
+    assert seen[1] == replace(best4, **how)
     (row,) = rows
-    assert row["format"] == "w4g128s50 packed" and row["us"] == 5.0 and row["rel_err"] < 1e-2
+    label = "packed" if order == "stream" else "packed sm"
+    assert row["format"] == f"w4g128s50 {label}" and row["us"] == 5.0 and row["rel_err"] < 1e-2
     assert row["config"] == gqsa_speed.dataclasses.asdict(winner)
     packed_table = tmp_path / "bsr_quant_matmul_packed.json"
     assert packed_table.exists() and not table.exists()
     monkeypatch.setenv("OPTGQA_TUNING", str(tmp_path))
-    got = BSRMatmulConfig.for_packed("cuda", 1, b.nnz, K=K, N=N, row_blocks=b.row_blocks,
-                                     device=kc.device_kind())
-    assert got == winner
-    # another shape: no entry, the four-array tiles with code_zeros
-    other = BSRMatmulConfig.for_packed("cuda", 1, b.nnz, K=2 * K, N=N, row_blocks=b.row_blocks,
-                                       device=kc.device_kind())
-    assert other.code_zeros and other == gqsa_speed.dataclasses.replace(
-        BSRMatmulConfig.for_shape("cuda", 1, b.nnz, K=2 * K, N=N, row_blocks=b.row_blocks,
-                                  device=kc.device_kind()), code_zeros=True)
-
-
-def test_packed_row_on_shift_major_codes_files_its_own_key(tmp_path, monkeypatch):
-    """gqsa_speed.packed_row(code_order="shift_major") on a fake timer (interpret mode): the
-    layers are packed with shift-major codes, every candidate reads x as given (raw_x), the
-    row is "packed sm" (product checked against float64), and the winner is filed under a key
-    with code_order, which for_packed reads for shift-major codes only."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import gqsa_speed
-    from optgqa_jax import quant, sparse
-    from optgqa_jax.sparse.synthetic import random_bsr_linear
-    from pallas_kernels import _common as kc
-    from pallas_kernels.bsr_quant_matmul import BSRMatmulConfig
-
-    K, N = 256, 24
-    qc = quant.parse_spec("w4g128")
-    rng = np.random.default_rng()
-    sets = [(jax.random.normal(jax.random.PRNGKey(int(rng.integers(1 << 30))), (1, K)).astype(
-        jnp.bfloat16), random_bsr_linear(int(rng.integers(1 << 30)), K, N, qc, 0.5, "bfloat16"))
-        for _ in range(2)]
-    x, b = sets[0]
-    want = np.asarray(x.astype(jnp.float32) @ sparse.dequantize_bsr(b, jnp.float32))
-    winner = BSRMatmulConfig(block_t=32, block_m=1, num_warps=2, num_stages=2, raw_x=True)
-    seen = []
-
-    def T(f, s):
-        cfg = f.__defaults__[0]
-        seen.append(cfg)
-        assert s[0][1].code_order == "shift_major"
-        return (4.0 if cfg == winner else 9.0 + len(seen) * 0.01) * 1e-6
-
-    rows = []
-    add = lambda fmt, t, nbytes, err, **extra: rows.append(dict(format=fmt, us=t * 1e6,  # noqa: E731
-                                                                 rel_err=err, **extra))
-    rel_err = lambda y, w: float(np.abs(np.asarray(y, np.float32) - w).max()  # noqa: E731
-                                 / np.abs(w).max())
-    table = tmp_path / "bsr_quant_matmul.json"
-    best4 = BSRMatmulConfig(block_t=128, block_m=1, num_warps=2, num_stages=2, code_zeros=True)
-    gqsa_speed.packed_row(add, T, sets, want, rel_err, 1, K, N, 0.5, best4, None, 0, str(table),
-                          code_order="shift_major")
-    assert winner in seen and all(c.raw_x and not c.code_zeros for c in seen)
-    (row,) = rows
-    assert row["format"] == "w4g128s50 packed sm" and row["us"] == 4.0 and row["rel_err"] < 1e-2
-    monkeypatch.setenv("OPTGQA_TUNING", str(tmp_path))
     kw = dict(K=K, N=N, row_blocks=b.row_blocks, device=kc.device_kind())
-    assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order="shift_major", **kw) == winner
-    stream = BSRMatmulConfig.for_packed("cuda", 1, b.nnz, **kw)     # no stream entry filed
-    assert stream != winner and not stream.raw_x
+    assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=order, **kw) == winner
+    other_order = "shift_major" if order == "stream" else "stream"
+    assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=other_order, **kw) != winner
+    # another shape: no entry, the four-array tiles with code_zeros (stream) or raw_x
+    rules = BSRMatmulConfig.for_shape("cuda", 1, b.nnz, **(kw | dict(K=2 * K)))
+    other = BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=order,
+                                       **(kw | dict(K=2 * K)))
+    assert other == (replace(rules, code_zeros=True) if order == "stream"
+                     else replace(rules, raw_x=True, code_zeros=False, index_magic=False))
