@@ -281,24 +281,25 @@ for step in $steps; do
       run dispatch_cost 150 python experiments/dispatch_cost.py --counts 8,64,256,512,768,1024 \
         --out "$out/batch1" ;;
     gqsa-engine-packed)  # batch-1 decode: dense W4, W4S50 with each layer's arrays packed
-      # into one (w4g128s50pk: 256 fewer argument buffers per step) and W4S50 as four arrays,
-      # two rounds in opposite orders (runs on one machine have differed by 10-40%); then one
-      # traced step of each with command buffers on, with the host threads' events
+      # into one (w4g128s50pk: 256 fewer argument buffers per step), the same with shift-major
+      # codes (w4g128s50pksm: x read as given, no wrapper op per product) and W4S50 as four
+      # arrays, two rounds in opposite orders (runs on one machine have differed by 10-40%);
+      # then one traced step of each with command buffers on, with the host threads' events
       for round in 1 2; do
-        fmts=w4g128,w4g128s50pk,w4g128s50
-        [ "$round" = 2 ] && fmts=w4g128s50,w4g128s50pk,w4g128
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_engine_packed_$round" 300 python \
+        fmts=w4g128,w4g128s50pk,w4g128s50pksm,w4g128s50
+        [ "$round" = 2 ] && fmts=w4g128s50,w4g128s50pksm,w4g128s50pk,w4g128
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_engine_packed_$round" 400 python \
           experiments/gqsa_eval.py --part engine --engine-formats "$fmts" --sequences 1 \
           --out "$out/gqsa_engine_packed_$round"
       done
-      for fmt in w4g128 w4g128s50pk w4g128s50; do
+      for fmt in w4g128 w4g128s50pk w4g128s50pksm w4g128s50; do
         run "profile_batch1_host_$fmt" 150 python experiments/profile_decode.py --quick \
           --fuse-projections --batch 1 --context 257 512 --quantize "$fmt" \
           --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
           --xla-option xla_gpu_ftz=true --out "$out/profile_batch1_host_$fmt"
       done ;;
     profile-bsr-call)  # one batch-1 product per Llama-3-8B shape, dense W4 against W4S50
-      # (four arrays and packed): per-call time split by a device trace into the main kernel,
+      # (four arrays, packed, packed with shift-major codes): per-call time split by a device trace into the main kernel,
       # the wrapper's other ops and the GPU's idle time
       run profile_bsr_call 300 python experiments/profile_bsr_call.py --out "$out/gqsa" ;;
     gqsa-engine-s50)  # engine decode: bfloat16, dense W4 and W4S50 at 1 and 16 sequences
