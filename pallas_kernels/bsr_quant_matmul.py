@@ -57,23 +57,24 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block: int,
-                 packed: Optional[tuple] = None):
+                 packed: Optional[tuple] = None, row0=0):
     """(words int32 [S, Wg], groups int32 [S], scales and zeros float32 [S]) of the `slots`
     blocks from ``t0`` (zeros where `ok` is False). Traced inside a kernel. ``packed``:
-    ``(nnz, R, scale dtype name, code order)`` when ``c_ref`` is the packed array of
+    ``(nnz, R, scale dtype name, code order, stacked)`` when ``c_ref`` is the packed array of
     ``optgqa_jax.sparse.packed.pack_blocks`` (the
     groups and the scale-and-zero words read from its rows past the codes; the other refs
     unused)."""
     S, Wg = slots, words_per_block
-    words = plgpu.load(c_ref.at[pl.ds(t0, S), pl.ds(0, Wg)], mask=ok[:, None],
+    # row0: the layer's first row where c_ref stacks several layers' packed arrays (else 0)
+    words = plgpu.load(c_ref.at[pl.ds(row0 + t0, S), pl.ds(0, Wg)], mask=ok[:, None],
                        other=0)                                             # [S, Wg] int32
     if packed is not None:
         nnz, R, scale_dtype = packed[:3]
         t = t0 + jnp.arange(S)
         r, c = jax.lax.div(t, jnp.int32(Wg)), jax.lax.rem(t, jnp.int32(Wg))     # [S]
         r = jnp.where(ok, r, 0)
-        g = plgpu.load(c_ref.at[nnz + r, c], mask=ok, other=0)                  # [S] groups
-        meta = plgpu.load(c_ref.at[nnz + R + r, c], mask=ok, other=0)           # [S]
+        g = plgpu.load(c_ref.at[row0 + nnz + r, c], mask=ok, other=0)           # [S] groups
+        meta = plgpu.load(c_ref.at[row0 + nnz + R + r, c], mask=ok, other=0)    # [S]
         sc = jax.lax.bitcast_convert_type((meta & 0xFFFF).astype(jnp.int16),
                                           jnp.dtype(scale_dtype)).astype(jnp.float32)
         zp = ((meta >> 16) & 0xFF).astype(jnp.float32)
@@ -86,7 +87,8 @@ def _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots: int, words_per_block
 
 def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int, bits: int,
                     group_size: int, rows, raw_x: bool = False, code_zeros: bool = False,
-                    index_magic: bool = False, blocks=None, packed: Optional[tuple] = None):
+                    index_magic: bool = False, blocks=None, packed: Optional[tuple] = None,
+                    row0=0):
     """Per row of x in `rows`: [slots] partial products ``s_t (x . q_t - z_t sum x)`` of the
     `slots` blocks from ``t0`` (0 where `ok` is False). Traced inside a kernel. ``blocks``:
     those blocks' (words, groups, scales, zeros) already loaded (:func:`_load_blocks`), or
@@ -103,8 +105,8 @@ def _block_partials(refs, magic_ref, runtime_magic: bool, t0, ok, *, slots: int,
     x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref = refs
     P = 32 // bits
     Wg = group_size // P
-    words, g, sc, zp = (_load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots, Wg, packed)
-                        if blocks is None else blocks)
+    words, g, sc, zp = (_load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok, slots, Wg, packed,
+                                     row0) if blocks is None else blocks)
     words_hi = words >> 16
     strided = packed is None or packed[3] != "shift_major"    # raw x in stream order: stride P
     if raw_x:      # q - z, exact: the subtracted 2^(23 - s) + z is an exact float32
@@ -184,6 +186,10 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
 
     def kernel(x_ref, xs_ref, c_ref, s_ref, z_ref, g_ref, magic_ref, o_ref):
         i, j = pl.program_id(0), pl.program_id(1)
+        # stacked layers (packed[4]): this layer's first row of c_ref, the magic array's last
+        # entry (read at run time, so that every layer runs the same kernel)
+        row0 = (magic_ref[(32 // bits if raw_x else 1)]
+                if packed is not None and packed[4] else 0)
         t = jnp.arange(S)                                                   # [S] slots
         owner = (jax.lax.div(t, jnp.int32(R))[:, None]
                  == jnp.arange(Bn)[None, :])                               # [S, Bn]
@@ -198,7 +204,7 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
                                     runtime_magic, t0, ok, slots=S, bits=bits,
                                     group_size=group_size, raw_x=raw_x, code_zeros=code_zeros,
                                     index_magic=index_magic, blocks=blocks, packed=packed,
-                                    rows=[i * block_m + m for m in range(block_m)])
+                                    rows=[i * block_m + m for m in range(block_m)], row0=row0)
             for m, part in enumerate(parts):
                 y = jnp.sum(jnp.where(owner, part[:, None], 0.0), axis=0)   # [Bn]
                 o_ref[pl.ds(m, 1), pl.ds(c * Bn, Bn)] = y[None, :].astype(o_ref.dtype)
@@ -206,7 +212,7 @@ def _make_row_kernel(*, nnz: int, bits: int, group_size: int, row_blocks: int, r
         def load(c):      # chunk c's blocks; none past the program's last chunk
             t0, ok = where(c)
             return _load_blocks(c_ref, s_ref, z_ref, g_ref, t0, ok & (c < L), S,
-                                group_size * bits // 32, packed)
+                                group_size * bits // 32, packed, row0)
 
         def step(c, blocks):    # chunk c+1's blocks are requested before chunk c is used
             following = load(c + 1)
@@ -243,8 +249,10 @@ def prepare_x(x, bits: int, group_size: int, rows: int, bf16: bool = False,
 
 @functools.partial(jax.jit, static_argnames=("out_features", "bits", "group_size",
                                              "row_blocks", "interpret", "config", "packed"))
-def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features, bits,
-                      group_size, row_blocks, interpret, config, packed=None):
+def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, row0=None, *, out_features,
+                      bits, group_size, row_blocks, interpret, config, packed=None):
+    """``row0``: None, or an int32 scalar, the first row of this layer's packed array when
+    `codes` stacks several layers' (``packed[4]`` True)."""
     M, K = x.shape
     nnz = codes.shape[0] if packed is None else packed[0]
     block_m = int(min(config.block_m, C.next_power_of_two(M)))
@@ -258,6 +266,8 @@ def _bsr_quant_matmul(x, codes, scales, zeros, col_idx, row_ids, *, out_features
         x_sm, x_sum = prepare_x(x, bits, group_size, Mp, bf16=config.bf16_x,
                                 sums=not config.code_zeros)
         magic = jnp.full((1,), TWO23_BITS, jnp.int32)
+    if row0 is not None:     # read by the kernel past the magic patterns
+        magic = jnp.concatenate([magic, jnp.reshape(row0, (1,)).astype(jnp.int32)])
     args = (x_sm, x_sum, codes, scales, zeros, col_idx, magic)
 
     def launch(kernel, cols: int, block_cols: int, dtype, name: str):
@@ -414,7 +424,7 @@ PACKED_SCALE_DTYPES = ("float16", "bfloat16")
 def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_dtype,
                             out_features: int, bits: int, group_size: int, row_blocks: int,
                             code_order: str = "stream", interpret: bool = False,
-                            config: Optional[BSRMatmulConfig] = None) -> jax.Array:
+                            config: Optional[BSRMatmulConfig] = None, layer=None) -> jax.Array:
     """:func:`bsr_quant_matmul` on one packed array (``optgqa_jax.sparse.packed.pack_blocks``:
     the codes in rows ``[0, nnz)``, then ``R = ceil(nnz / Wg)`` rows of group indices, then
     ``R`` rows of words holding a block's 16-bit scale in the low half and its zero point in
@@ -435,6 +445,10 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
         given, contiguous slices of ``Wg`` columns per shift, with the zero points on the
         codes (``config.raw_x`` on): no launch but the kernel's.
       interpret, config: as :func:`bsr_quant_matmul` (``config.row_aligned`` must be on).
+      layer: None, or the index (an int, or an int32 scalar that may be traced) of the layer
+        to multiply by when ``packed`` is int32 [L, nnz + 2 R, Wg], L layers' packed arrays
+        stacked: the kernel reads that layer's rows in place (their first row is read at run
+        time, so one compiled kernel serves every layer; ``optgqa_jax.layer_stack``).
         The default is :meth:`BSRMatmulConfig.for_packed`: the packed table's entry for the
         device and shape, else :meth:`BSRMatmulConfig.for_shape`'s with ``code_zeros`` on
         where a thread holds at most 128 codes: the zero points are subtracted from the codes,
@@ -453,15 +467,27 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
         raise ValueError(f"code_order={code_order!r} must be one of {CODE_ORDERS}")
     C.check_rank("x", x, 2, "[M, K]")
     C.check_float("x", x)
-    C.check_rank("packed", packed, 2, "[nnz + 2 R, group_size * bits / 32]")
+    row0 = None
+    if layer is not None:      # L stacked layers: this layer's rows of the flattened stack
+        C.check_rank("packed", packed, 3, "[L, nnz + 2 R, group_size * bits / 32] (layer "
+                     "given: layers stacked)")
+        L, rows = packed.shape[0], packed.shape[1]
+        if C.is_concrete(layer) and not 0 <= int(layer) < L:
+            raise ValueError(f"layer={int(layer)} must lie in [0, {L}) (the stacked layers)")
+        row0 = jnp.asarray(layer, jnp.int32) * rows
+        packed_shape, packed = packed.shape[1:], packed.reshape(L * rows, packed.shape[2])
+    else:
+        C.check_rank("packed", packed, 2, "[nnz + 2 R, group_size * bits / 32]")
+        packed_shape = packed.shape
     C.check_int32("packed", packed)
     Wg = group_size * bits // 32
     if isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)) or nnz < 0:
         raise ValueError(f"nnz={nnz!r} must be a non-negative int")
-    if packed.shape != (nnz + 2 * C.cdiv(nnz, Wg), Wg):
+    if packed_shape != (nnz + 2 * C.cdiv(nnz, Wg), Wg):
         raise ValueError(f"packed must have shape [nnz + 2 ceil(nnz / Wg), Wg]="
-                         f"({nnz + 2 * C.cdiv(nnz, Wg)}, {Wg}) for nnz={nnz}, got "
-                         f"{tuple(packed.shape)}")
+                         f"({nnz + 2 * C.cdiv(nnz, Wg)}, {Wg}) for nnz={nnz}"
+                         f"{' per layer' if layer is not None else ''}, got "
+                         f"{tuple(packed_shape)}")
     if jnp.dtype(scale_dtype).name not in PACKED_SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {PACKED_SCALE_DTYPES}, got {scale_dtype}")
     M, K = x.shape
@@ -489,12 +515,13 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
                          f"{code_order == 'shift_major'} (shift-major codes read x as given, "
                          "stream-order codes the wrapper's shift-major copy)")
     unused = jnp.zeros((1,), jnp.int32)
-    return _bsr_quant_matmul(x, packed, unused, unused, unused, unused,
+    return _bsr_quant_matmul(x, packed, unused, unused, unused, unused, row0,
                              out_features=int(out_features), bits=bits,
                              group_size=int(group_size), row_blocks=int(row_blocks),
                              interpret=interpret, config=config,
                              packed=(int(nnz), C.cdiv(int(nnz), Wg),
-                                     jnp.dtype(scale_dtype).name, code_order))
+                                     jnp.dtype(scale_dtype).name, code_order,
+                                     row0 is not None))
 
 
 def dequantize_blocks(codes, scales, zeros, bits: int, group_size: int) -> jax.Array:

@@ -82,7 +82,11 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  scale_parts: bool, prefetch: bool = False, joined: bool = False,
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
                  dequant_tiles: bool = False, runtime_magic: bool = False,
-                 half: bool = False, wrapper_sums: bool = False, shift_pc: bool = False):
+                 half: bool = False, wrapper_sums: bool = False, shift_pc: bool = False,
+                 stacked: bool = False):
+    """The kernel body. ``stacked``: qweight, scales and zeros hold several layers' rows one
+    after another, and this call's layer starts at the word row ``magic_ref[2]`` and the group
+    row ``magic_ref[3]`` (read at run time, so that every layer runs the same kernel)."""
     P = 32 // bits
     bias = 0.0 if pattern is None else pattern[1]     # codes as bias + code (joined, shift_pc)
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
@@ -112,6 +116,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
         pid_n, pid_s = pl.program_id(1), pl.program_id(2)
         magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
         pair_magic = magic_ref[1] if runtime_magic else None   # float16 pairs' exponent bits
+        # stacked layers: this layer's first word row and first group row in the arrays
+        w_row0, g_row0 = (magic_ref[2], magic_ref[3]) if stacked else (0, 0)
         n0 = pid_n * block_n
         cols = n0 + jnp.arange(block_n)                          # [bn] output columns
         n_ok = cols < N
@@ -120,6 +126,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
 
         def load_rows(ref, rows, ok):                             # [len(rows), bn] gather
             shape = (rows.shape[0], block_n)
+            rows = rows + g_row0                       # (scales and zeros: group rows)
             return plgpu.load(ref.at[jnp.broadcast_to(rows[:, None], shape),
                                      jnp.broadcast_to(cols[None, :], shape)],
                               mask=ok[:, None] & n_ok[None, :], other=0)
@@ -131,7 +138,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 mask = ((w_ok[:, None] if mask_k else True) & (n_ok[None, :] if mask_n else True)
                         & (True if valid is None else valid))
                 mask = jnp.broadcast_to(mask, (Pk, block_n))
-            return plgpu.load(qw_ref.at[pl.ds(k0 // P, Pk), pl.ds(n0, block_n)], mask=mask,
+            return plgpu.load(qw_ref.at[pl.ds(w_row0 + k0 // P, Pk), pl.ds(n0, block_n)],
+                              mask=mask,
                               other=0 if mask is not None else None)
 
         def load_step(i, valid=None):                             # U x [Pk, bn]: step i's words
@@ -302,8 +310,10 @@ def k_tiles(config: QuantMatmulConfig, K: int, bits: int, group_size: int,
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "use_gidx", "interpret",
                                              "config", "out_dtype"))
-def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gidx, interpret,
-                  config, out_dtype=None):
+def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_size, use_gidx,
+                  interpret, config, out_dtype=None):
+    """``rows0``: None, or int32 [2] for stacked layers (``qweight`` [L * K P / 32, N],
+    ``scales``/``zeros`` [L * G, N]): the layer's first word row and first group row."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     M, K = x.shape
     N = qweight.shape[1]
@@ -368,8 +378,11 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, *, bits, group_size, use_gid
                           pattern=pattern,
                           dequant_tiles=joined and config.dequant_tiles,
                           runtime_magic=config.runtime_magic, half=half,
-                          wrapper_sums=config.wrapper_sums, shift_pc=shift_pc)
+                          wrapper_sums=config.wrapper_sums, shift_pc=shift_pc,
+                          stacked=rows0 is not None)
     magic = jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32)
+    if rows0 is not None:   # [2^23, float16 pairs' exponents, first word row, first group row]
+        magic = jnp.concatenate([magic, rows0.astype(jnp.int32)])
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)
@@ -451,13 +464,21 @@ def check_quant_inputs(x, qweight, scales, zeros, g_idx, bits: int, group_size: 
 def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                  bits: int, group_size: int, g_idx: Optional[jax.Array] = None,
                  interpret: bool = False, config: Optional[QuantMatmulConfig] = None,
-                 out_dtype=None) -> jax.Array:
+                 out_dtype=None, layer=None) -> jax.Array:
     """``x @ dequant(W)`` with W dequantized in registers (see the module docstring).
 
     Args:
       x: [M, K] activations, bfloat16, float16 or float32.
-      qweight: int32 [K * bits / 32, N] packed codes (GPTQ layout).
-      scales: [G, N] float scales; zeros: uint8 [G, N] zero points.
+      qweight: int32 [K * bits / 32, N] packed codes (GPTQ layout); with ``layer``, int32
+        [L, K * bits / 32, N], the same arrays of L layers stacked.
+      scales: [G, N] float scales; zeros: uint8 [G, N] zero points (with ``layer``:
+        [L, G, N] each).
+      layer: None, or the index (an int, or an int32 scalar that may be traced) of the layer
+        to multiply by when the weight arrays are stacked: the kernel reads that layer's rows
+        of the stack in place (its first rows are read at run time, so one compiled kernel
+        serves every layer, and a jitted program that takes the stack takes one argument
+        buffer per array for all layers; ``optgqa_jax.layer_stack``). Contiguous groups only
+        (no ``g_idx``).
       bits: 2, 4 or 8.
       group_size: rows per group (contiguous groups), or -1 for one group per column.
       g_idx: optional int32 [K], the group of every input row (act-order); None for
@@ -472,9 +493,16 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
 
     Raises:
       ValueError: unsupported bits, shapes or dtypes that disagree, a group size that does not
-        tile K, or a concrete ``g_idx`` outside ``[0, G)`` — before anything is launched.
+        tile K, a concrete ``g_idx`` outside ``[0, G)``, or (``layer``) arrays that are not
+        stacks of one shape, ``g_idx`` given, or a concrete layer outside ``[0, L)`` — before
+        anything is launched.
     """
-    check_quant_inputs(x, qweight, scales, zeros, g_idx, bits, group_size)
+    rows0 = None
+    if layer is not None:
+        qweight, scales, zeros, rows0 = _layer_rows(x, qweight, scales, zeros, g_idx, layer,
+                                                    bits, group_size)
+    else:
+        check_quant_inputs(x, qweight, scales, zeros, g_idx, bits, group_size)
     M, K = x.shape
     N = qweight.shape[1]
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
@@ -487,9 +515,30 @@ def quant_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax
     config.validate()
     use_gidx = g_idx is not None
     gidx = g_idx if use_gidx else jnp.zeros((1,), jnp.int32)
-    return _quant_matmul(x, qweight, scales, zeros, gidx, bits=bits, group_size=int(group_size),
-                         use_gidx=use_gidx, interpret=interpret, config=config,
-                         out_dtype=out_dtype)
+    return _quant_matmul(x, qweight, scales, zeros, gidx, rows0, bits=bits,
+                         group_size=int(group_size), use_gidx=use_gidx, interpret=interpret,
+                         config=config, out_dtype=out_dtype)
+
+
+def _layer_rows(x, qweight, scales, zeros, g_idx, layer, bits: int, group_size: int):
+    """Stacked layers (:func:`quant_matmul`'s ``layer``): check the stacks, then (qweight
+    [L Kw, N], scales and zeros [L G, N], int32 [2] first word row and first group row)."""
+    if g_idx is not None:
+        raise ValueError("layer: stacked layers take contiguous groups (g_idx=None)")
+    for name, a in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        C.check_rank(name, a, 3, "[L, rows, N] (layer given: layers stacked)")
+    L = qweight.shape[0]
+    if scales.shape[0] != L or zeros.shape[0] != L:
+        raise ValueError(f"layer: qweight stacks {L} layers, scales {scales.shape[0]} and zeros "
+                         f"{zeros.shape[0]}")
+    one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+    check_quant_inputs(x, one(qweight), one(scales), one(zeros), None, bits, group_size)
+    if C.is_concrete(layer) and not 0 <= int(layer) < L:
+        raise ValueError(f"layer={int(layer)} must lie in [0, {L}) (the stacked layers)")
+    Kw, G = qweight.shape[1], scales.shape[1]
+    rows0 = jnp.asarray(layer, jnp.int32) * jnp.asarray([Kw, G], jnp.int32)
+    flat = lambda a: a.reshape(L * a.shape[1], a.shape[2])  # noqa: E731
+    return flat(qweight), flat(scales), flat(zeros), rows0
 
 
 def quant_matmul_reference(x, qweight, scales, zeros, *, bits: int, group_size: int,
