@@ -163,10 +163,15 @@ def kernel_rows(ceiling: float, rows, out: list, save, formats=FORMATS) -> None:
 ENGINE_WORKLOADS = ("batch1", "throughput")
 
 
+STACK_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
 def engine_runs(out: list, save, requests: int, formats=ENGINE_FORMATS,
-                workloads=ENGINE_WORKLOADS, xla_options=None) -> None:
+                workloads=ENGINE_WORKLOADS, xla_options=None, stack=(False,)) -> None:
     """The engine on the Llama-3-8B shape per format and workload, each in its own process;
-    ``xla_options`` replace the engine's XLA compiler options (None keeps its defaults)."""
+    ``xla_options`` replace the engine's XLA compiler options (None keeps its defaults);
+    ``stack``: the ``EngineConfig.stack_layers`` settings to run each format with, in order
+    (a stacked run's format reads ``"<format> stacked"``)."""
     common = dict(model="llama3-8b", max_num_seqs=256, kv_memory_bytes=48 * 2 ** 30,
                   fuse_projections=True, xla_compiler_options=xla_options)
     for spec in formats:
@@ -178,14 +183,16 @@ def engine_runs(out: list, save, requests: int, formats=ENGINE_FORMATS,
                 ("throughput", f"{requests} x 256/256", dict(num_requests=requests))):
             if name not in workloads:
                 continue
-            bc = B.BenchConfig(**{**common, **extra}, quantize=spec)
-            print(f"engine {spec or 'bf16'} {kind} ...", flush=True)
-            r = B.run_in_subprocess("engine", bc)
-            r.update(workload=kind, format=spec or "bf16")
-            if "tpot_s" in r and r["tpot_s"]:
-                r["decode_tokens_per_s_per_sequence"] = 1.0 / r["tpot_s"]["mean"]
-            out.append(r)
-            save()
+            for stacked in stack:
+                bc = B.BenchConfig(**{**common, **extra}, quantize=spec, stack_layers=stacked)
+                fmt = (spec or "bf16") + (" stacked" if stacked else "")
+                print(f"engine {fmt} {kind} ...", flush=True)
+                r = B.run_in_subprocess("engine", bc)
+                r.update(workload=kind, format=fmt)
+                if "tpot_s" in r and r["tpot_s"]:
+                    r["decode_tokens_per_s_per_sequence"] = 1.0 / r["tpot_s"]["mean"]
+                out.append(r)
+                save()
 
 
 def markdown(res: dict) -> str:
@@ -218,22 +225,26 @@ def markdown(res: dict) -> str:
         lines.append("")
     if res["engine"]:
         lines += ["## Engine, Llama-3-8B shape (random weights)", "",
+                  "`stacked`: `EngineConfig.stack_layers` (quantized layers and norm scales "
+                  "stacked across layers); weight buffers: the step's argument buffers for "
+                  "the weights.", "",
                   "| format | workload | output tok/s | tok/s per sequence (1 / TPOT) | "
-                  "param GiB | % of bf16 params | peak GiB |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "param GiB | % of bf16 params | peak GiB | weight buffers |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         bf16 = next((r["param_bytes"] for r in res["engine"]
                      if r.get("format") == "bf16" and "param_bytes" in r), None)
         for r in res["engine"]:
             if "error" in r:
                 lines.append(f"| {r['format']} | {r['workload']} | fails: "
-                             f"{r['error'][-120:]!r} | | | | |")
+                             f"{r['error'][-120:]!r} | | | | | |")
                 continue
             share = "" if bf16 is None else f"{100 * r['param_bytes'] / bf16:.1f}%"
             per_seq = r.get("decode_tokens_per_s_per_sequence")
             lines.append(f"| {r['format']} | {r['workload']} | {r['output_tokens_per_s']:,.0f} | "
                          f"{'' if per_seq is None else f'{per_seq:,.1f}'} | "
                          f"{r['param_bytes'] / 2 ** 30:.2f} | {share} | "
-                         f"{r['peak_memory_bytes'] / 2 ** 30:.1f} |")
+                         f"{r['peak_memory_bytes'] / 2 ** 30:.1f} | "
+                         f"{r.get('param_buffers', '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -280,6 +291,9 @@ def main(argv=None) -> None:
     p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                    help="engine: repeatable; an XLA compiler option of the engine's steps, "
                         "replacing the engine's defaults (e.g. command buffers)")
+    p.add_argument("--stack-layers", choices=tuple(STACK_MODES), default="off",
+                   help="engine: run each format with EngineConfig.stack_layers off, on, or "
+                        "both (off first; default: off)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
     try:
@@ -315,7 +329,8 @@ def main(argv=None) -> None:
     # XLA_PYTHON_CLIENT_MEM_FRACTION set, its first allocation (the copy ceiling) would
     # reserve that fraction of the GPU and leave the engines too little.
     if a.only in (None, "engine"):
-        engine_runs(res["engine"], save, a.engine_requests, formats, workloads, xla_options)
+        engine_runs(res["engine"], save, a.engine_requests, formats, workloads, xla_options,
+                    STACK_MODES[a.stack_layers])
     ceilings = B.copy_bandwidths()
     res["meta"].update(ceiling=max(ceilings.values()), ceilings=sorted(ceilings),
                        ceiling_methods=ceilings)

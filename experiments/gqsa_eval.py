@@ -225,19 +225,20 @@ ENGINE_FORMATS = ("bf16", "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s
 
 
 def engine_config(spec: str, seqs: int, xla_options=None,
-                  stable_step_buffers=None) -> "B.BenchConfig":
+                  stable_step_buffers=None, stack_layers=None) -> "B.BenchConfig":
     """The engine run of one format at `seqs` sequences: `seqs` requests of 256/256 tokens,
     all admitted at once, one decode bucket and one prefill bucket (the prompts' tokens, at
     most 2048 a step), so that each run compiles only the two greedy programs it uses.
     ``xla_options``: XLA compiler options replacing the engine's defaults (None keeps them);
-    ``stable_step_buffers``: the engine option of that name (None: its default)."""
+    ``stable_step_buffers``, ``stack_layers``: the engine options of those names (None: their
+    defaults)."""
     budget = min(256 * seqs, 2048)
     return B.BenchConfig(model="llama3-8b", num_requests=seqs, max_num_seqs=seqs,
                          seq_buckets=(seqs,), max_num_batched_tokens=budget,
                          token_buckets=(budget,), quantize=None if spec == "bf16" else spec,
                          fuse_projections=True, kv_memory_bytes=16 * 2 ** 30,
                          xla_compiler_options=xla_options,
-                         stable_step_buffers=stable_step_buffers)
+                         stable_step_buffers=stable_step_buffers, stack_layers=stack_layers)
 
 
 def engine(a) -> None:
@@ -248,6 +249,7 @@ def engine(a) -> None:
                          commit=B.source_commit(), xla_options=a.xla_options,
                          xla_flags=os.environ.get("XLA_FLAGS", ""),
                          stable_step_buffers=a.stable_step_buffers,
+                         stack_layers=a.stack_layers,
                          bsr_batched_route=sparse.bsr.batched_route()), runs=[])
     if a.resume and os.path.isfile(path):
         with open(path) as f:
@@ -261,6 +263,9 @@ def engine(a) -> None:
             raise ValueError(f"--resume: {path} was measured with BSR batched route "
                              f"{old['meta'].get('bsr_batched_route', 'repack')}, not "
                              f"{res['meta']['bsr_batched_route']}")
+        if old["meta"].get("stack_layers") != a.stack_layers:
+            raise ValueError(f"--resume: {path} was measured with stack_layers="
+                             f"{old['meta'].get('stack_layers')}, not {a.stack_layers}")
         res["runs"] = [r for r in old["runs"] if "error" not in r]
         res["meta"]["commit"] = ", ".join(dict.fromkeys([old["meta"]["commit"],
                                                          res["meta"]["commit"]]))
@@ -271,7 +276,8 @@ def engine(a) -> None:
                 continue
             print(f"engine {spec} x{seqs} ...", flush=True)
             r = B.run_in_subprocess("engine", engine_config(spec, seqs, a.xla_options,
-                                                            a.stable_step_buffers))
+                                                            a.stable_step_buffers,
+                                                            a.stack_layers))
             r.update(format=spec, sequences=seqs)
             res["runs"].append(r)
             with open(path, "w") as f:
@@ -290,7 +296,9 @@ def engine_markdown(res: dict) -> str:
              + f" BSR layers at 2-64 rows: the {m.get('bsr_batched_route', 'repack')} route."
              + (f" XLA_FLAGS: `{m['xla_flags']}`." if m.get("xla_flags") else "")
              + (f" Held step buffers: {m['stable_step_buffers']}."
-                if m.get("stable_step_buffers") is not None else ""),
+                if m.get("stable_step_buffers") is not None else "")
+             + (f" Stacked layers: {m['stack_layers']}."
+                if m.get("stack_layers") is not None else ""),
              "",
              "| format | sequences | output tok/s | × bf16 | × dense w4g128 | param GiB | "
              "peak GiB |",
@@ -343,6 +351,8 @@ def main(argv=None) -> None:
                    help="engine: repeatable; an XLA compiler option of the engine's steps, "
                         "replacing the engine's defaults (e.g. xla_gpu_enable_command_buffer="
                         "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL for CUDA graphs)")
+    p.add_argument("--stack-layers", choices=("auto", "on", "off"), default="auto",
+                   help="engine: EngineConfig.stack_layers (auto: the engine's default, off)")
     p.add_argument("--stable-step-buffers", choices=("auto", "on", "off"), default="auto",
                    help="engine: EngineConfig.stable_step_buffers (auto: the engine's default, "
                         "off)")
@@ -374,6 +384,7 @@ def main(argv=None) -> None:
     a.shapes = _subset(p, "--shapes", a.shapes, [n.split()[0] for n in SHAPES])
     a.engine_formats = _subset(p, "--engine-formats", a.engine_formats, ENGINE_FORMATS)
     a.stable_step_buffers = {"auto": None, "on": True, "off": False}[a.stable_step_buffers]
+    a.stack_layers = {"auto": None, "on": True, "off": False}[a.stack_layers]
     try:
         a.xla_options = parse_xla_options(a.xla_option) or None
     except ValueError as e:

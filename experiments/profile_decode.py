@@ -52,6 +52,7 @@ import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
+from optgqa_jax.layer_stack import argument_buffers, stack_layers  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
 
 
@@ -302,6 +303,9 @@ def main():
     ap.add_argument("--sorted-kv-writes", action="store_true",
                     help="write K/V in ascending slot order with unique slots (ModelRunner's "
                          "sorted_kv_writes; default off, as the engine's)")
+    ap.add_argument("--stack-layers", action="store_true",
+                    help="serve the quantized layers and norm scales stacked across layers "
+                         "(EngineConfig.stack_layers; default off, as the engine's)")
     ap.add_argument("--fixed-inputs", action="store_true",
                     help="time the step on one device copy of its inputs, passed to every call "
                          "(the engine copies new inputs each step): whether changing argument "
@@ -343,6 +347,9 @@ def main():
     else:
         params = og.init_params(cfg, jax.random.PRNGKey(0), fused=args.fuse_projections)
         param_bytes = cfg.num_params * cfg.jnp_dtype.itemsize
+    param_buffers = argument_buffers(params)
+    if args.stack_layers:   # EngineConfig.stack_layers: one buffer per weight kind
+        params = stack_layers(params, cfg.n_layers)
     pages_per_seq = -(-cfg.max_seq_len // Z)
     num_pages = B * pages_per_seq
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -388,6 +395,8 @@ def main():
         meta["compiler_options"] = runner.compiler_options
         meta["stable_buffers"] = runner.stable_buffers
         meta["sorted_kv_writes"] = runner.sorted_kv_writes
+        meta["stack_layers"] = bool(args.stack_layers)
+        meta["param_buffers"] = dict(per_layer=param_buffers, served=argument_buffers(params))
         meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         for label, lens in (("step", lengths), ("step, contexts of 1", np.ones(B, np.int32))):
             inputs = decode_inputs(runner, lens)

@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -213,6 +213,22 @@ for step in $steps; do
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_batch1 600 python \
         experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w4g128+head+emb \
         --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
+    batch1-stacked)  # the engine's batch-1 decode with EngineConfig.stack_layers off and on
+      # (one argument buffer per weight kind for all layers), W4 g128 and W4 g128 with the LM
+      # head and token table quantized, then W4S50 packed with shift-major codes (off, on, and
+      # off again); then one traced step of W4 g128 stacked, with the host's dispatch time
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_batch1_stacked 560 python \
+        experiments/bench_quant.py --only engine --engine-formats w4g128,w4g128+head+emb \
+        --engine-workloads batch1 --stack-layers both --out "$out/batch1_stacked"
+      for run_s in 1_off 2_on 3_off; do
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_batch1_stacked_$run_s" 200 python \
+          experiments/gqsa_eval.py --part engine --engine-formats w4g128s50pksm --sequences 1 \
+          --stack-layers "${run_s#*_}" --out "$out/batch1_stacked/gqsa_pksm_$run_s"
+      done
+      run profile_batch1_stacked 150 python experiments/profile_decode.py --quick \
+        --fuse-projections --batch 1 --context 257 512 --quantize w4g128 --stack-layers \
+        --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
+        --xla-option xla_gpu_ftz=true --out "$out/batch1_stacked/profile_w4g128_stacked" ;;
     quant-engine-throughput)  # the 1000 x 256/256 workload, bfloat16 against W4 g128
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine_throughput 600 python \
         experiments/bench_quant.py --only engine --engine-formats bf16,w4g128 \
@@ -343,7 +359,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call gqsa-tune-packed" \

@@ -35,6 +35,7 @@ import numpy as np
 # the report's table and chart, kept importable from here (their home is bench_report)
 from optgqa_jax.bench_report import bar_chart, markdown  # noqa: F401
 from optgqa_jax.engine.config import EngineConfig
+from optgqa_jax.layer_stack import argument_buffers
 # measurement helpers, kept importable from here (their home is optgqa_jax.timing)
 from optgqa_jax.timing import (_percentiles, copy_bandwidth, copy_bandwidths,  # noqa: F401
                                source_commit, timeit, timeit_rotating)
@@ -69,6 +70,8 @@ class BenchConfig:
     stable_step_buffers: Optional[bool] = None
     # sorted, unique K/V writes (EngineConfig.sorted_kv_writes; None: the engine's default, off)
     sorted_kv_writes: Optional[bool] = None
+    # layer-stacked weights (EngineConfig.stack_layers; None: the engine's default, off)
+    stack_layers: Optional[bool] = None
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -192,7 +195,7 @@ def run_engine(bc: BenchConfig) -> dict:
         xla_compiler_options=bc.xla_compiler_options,
         command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
         stable_step_buffers=bool(bc.stable_step_buffers),
-        sorted_kv_writes=bool(bc.sorted_kv_writes)))
+        sorted_kv_writes=bool(bc.sorted_kv_writes), stack_layers=bool(bc.stack_layers)))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -255,7 +258,10 @@ def run_engine(bc: BenchConfig) -> dict:
         decode_seqs_per_step=float(np.mean([s.num_seqs for s in decode])) if decode else None,
         steps=engine.stats.steps, preemptions=engine.stats.preemptions,
         compiles_warmup=compiles_before, compiles_during_run=engine.stats.compiles - compiles_before,
-        init_s=init_s, warmup_s=warmup_s)
+        init_s=init_s, warmup_s=warmup_s,
+        # argument buffers the engine's step takes for the weights (EngineConfig.stack_layers)
+        param_buffers=argument_buffers(engine.runner.params),
+        stack_layers=bool(bc.stack_layers))
 
 
 def run_hf(bc: BenchConfig) -> dict:
@@ -401,6 +407,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=False,
                         help="write K/V in ascending slot order with unique slots "
                              "(EngineConfig.sorted_kv_writes; default: off)")
+    parser.add_argument("--stack-layers", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="serve the quantized layers and norm scales stacked across layers, "
+                             "one argument buffer per weight kind (EngineConfig.stack_layers; "
+                             "default: off)")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
@@ -492,6 +503,7 @@ def config_from_args(args) -> BenchConfig:
         xla_compiler_options=_xla_options(args.xla_option),
         command_buffer_max_tokens=args.command_buffer_max_tokens,
         sorted_kv_writes=bool(getattr(args, "sorted_kv_writes", False)),
+        stack_layers=bool(getattr(args, "stack_layers", False)),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets,
         tensor_parallel_size=args.tensor_parallel_size)

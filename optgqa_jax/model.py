@@ -31,6 +31,7 @@ from optgqa_jax import sharding
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import fuse_layers, is_fused
 from optgqa_jax.kv_layers import ContiguousLayerKV
+from optgqa_jax.layer_stack import is_layer_view, layer_matmul
 from optgqa_jax.quant.linear import is_quantized as _is_dense_quantized
 from optgqa_jax.quant.linear import lookup_columns
 from optgqa_jax.quant.linear import matmul as quant_matmul
@@ -115,6 +116,8 @@ class Linear(nn.Module):
             y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_packed_bsr(kernel):
             y = packed_bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
+        elif is_layer_view(kernel):      # one layer of a stacked layer (layer_stack)
+            y = layer_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
             y = _quantized_product(x, kernel, _QUANT_IMPL[self.impl], self.scope.path)
         else:

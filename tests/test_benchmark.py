@@ -66,6 +66,8 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert bc.tensor_parallel_size == 1
     bc = B.config_from_args(parser.parse_args(["--tensor-parallel-size", "2"]))
     assert bc.tensor_parallel_size == 2
+    assert not bc.stack_layers
+    assert B.config_from_args(parser.parse_args(["--stack-layers"])).stack_layers
     assert bc.token_buckets == (1024, 2048) and bc.command_buffer_max_tokens == 32
     bc = B.config_from_args(parser.parse_args(["--max-num-batched-tokens", "4096"]))
     assert bc.token_buckets == (1024, 2048, 4096)
@@ -108,6 +110,11 @@ def test_quantized_run_serves_random_gptq_weights(fixed_ceiling):
     assert quant.is_quantized(qp["layer_0"]["attn"]["qkv_proj"]["kernel"])
     assert not quant.is_quantized(qp["embed"]["embedding"])
     assert r["param_bytes"] == B.params_nbytes(qp) < B.params_nbytes(params)
+    # --stack-layers: the same weights, one buffer per stacked array for all layers
+    st = B.run_engine(B.BenchConfig(quantize="w4g32", stack_layers=True, **common))
+    assert st["stack_layers"] and not r["stack_layers"]
+    assert st["output_tokens"] == 12 and st["param_bytes"] == r["param_bytes"]
+    assert st["param_buffers"] < r["param_buffers"] == len(jax.tree_util.tree_leaves(qp))
     w = quant.dequantize(qp["layer_1"]["mlp"]["down_proj"]["kernel"])
     assert 0.01 < float(w.std()) < 0.04   # scaled like the float initialisation (std 0.02)
 

@@ -117,6 +117,12 @@ def test_bench_quant_engine_runs_are_valid_engine_configs(monkeypatch):
     bench_quant.engine_runs([], lambda: None, requests=1000, formats=("w4g128",),
                             workloads=("batch1",), xla_options={"xla_gpu_ftz": True})
     assert [bc.xla_compiler_options for bc in seen] == [{"xla_gpu_ftz": True}]
+    seen.clear()   # --stack-layers both: each format without, then with stacked layers
+    out = []
+    bench_quant.engine_runs(out, lambda: None, requests=1000, formats=("w4g128",),
+                            workloads=("batch1",), stack=bench_quant.STACK_MODES["both"])
+    assert [bc.stack_layers for bc in seen] == [False, True]
+    assert [r["format"] for r in out] == ["w4g128", "w4g128 stacked"]
 
 
 def test_bench_quant_runs_the_engines_before_touching_device_memory(monkeypatch, tmp_path):

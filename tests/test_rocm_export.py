@@ -111,6 +111,44 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
     assert module.count(TRITON_CALL) == 1
 
 
+# Layer-stacked weights (optgqa_jax.layer_stack): the stacks [L, ...] and a traced layer index.
+@pytest.mark.parametrize("M,bits,group_size", [(1, 4, 128), (16, 8, -1)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_quant_matmul_on_stacked_layers_lowers_through_triton(M, bits, group_size, platform):
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    K, N, L = 512, 384, 3
+    cfg = QuantMatmulConfig.for_shape(platform, M, K, N)
+    x, q, s, z, _ = _quant_args(M, K, N, bits, group_size)
+    stack = lambda a: S((L, *a.shape), a.dtype)  # noqa: E731
+
+    def f(x, q, s, z, layer):
+        return quant_matmul(x, q, s, z, bits=bits, group_size=group_size, config=cfg,
+                            layer=layer)
+
+    module = export_for(platform, f, x, stack(q), stack(s), stack(z), S((), jnp.int32))
+    assert module.count(TRITON_CALL) == 1
+
+
+@pytest.mark.parametrize("order", ["stream", "shift_major"])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_bsr_quant_matmul_packed_on_stacked_layers_lowers_through_triton(order, platform):
+    from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
+    from pallas_kernels.bsr_quant_matmul_config import BSRMatmulConfig
+    K, N, R, L, gs = 512, 384, 3, 4, 128
+    nnz, Wg = N * R, gs * 4 // 32
+    cfg = BSRMatmulConfig.for_packed(platform, 1, nnz, K=K, N=N, row_blocks=R, code_order=order)
+
+    def f(x, packed, layer):
+        return bsr_quant_matmul_packed(x, packed, nnz=nnz, scale_dtype=jnp.float16,
+                                       out_features=N, bits=4, group_size=gs, row_blocks=R,
+                                       code_order=order, config=cfg, layer=layer)
+
+    rows = nnz + 2 * (-(-nnz // Wg))
+    module = export_for(platform, f, S((1, K), jnp.bfloat16), S((L, rows, Wg), jnp.int32),
+                        S((), jnp.int32))
+    assert module.count(TRITON_CALL) == 1
+
+
 @pytest.mark.parametrize("platform,device", [("rocm", "AMD Instinct MI300X"),
                                              ("cuda", "NVIDIA H100 80GB HBM3")])
 def test_tuning_table_configs_lower_through_triton(tmp_path, monkeypatch, platform, device):

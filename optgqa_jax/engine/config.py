@@ -131,6 +131,17 @@ class EngineConfig:
         482-token decode step, 49.1 against 86.1 µs for a 3,890-token mixed step (about 0.45
         and 1.1 ms per Llama-3-8B step). Off by default: the engine has not been timed with it
         (``reproduce_gpu.sh engine-kv-writes``).
+      stack_layers: serve the quantized layers and the norm scales stacked across layers, one
+        array per weight kind (``optgqa_jax.layer_stack``): a step then takes one argument
+        buffer per stacked array for all layers instead of one per layer, and the kernels read
+        each layer's rows of the stack in place (their first row read at run time). Launching
+        a step costs the host about 1.77 µs per argument buffer (H100, jax 0.11.2,
+        ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``); a 4-bit Llama-3-8B
+        step with fused projections takes 18 per layer (4 arrays per projection and 2 norm
+        scales), stacked 18 in all, which is about 1 ms of a batch-1 step that the host's
+        dispatch bounds. Dense ``QuantizedLinear`` layers with contiguous groups and
+        ``PackedBSRLinear`` layers are stacked; float kernels and other layer types stay per
+        layer. One device only. Outputs are unchanged. Off by default: not yet timed on a GPU.
       async_scheduling: launch the next step before reading the current one's
         tokens (they stay on the device and feed it), so the device does not
         wait for the host's scheduling, packing and bookkeeping between steps.
@@ -172,6 +183,7 @@ class EngineConfig:
     command_buffer_max_tokens: int = 32
     stable_step_buffers: bool = False
     sorted_kv_writes: bool = False
+    stack_layers: bool = False
     async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
@@ -199,6 +211,8 @@ class EngineConfig:
         if not isinstance(self.sorted_kv_writes, (bool, np.bool_)):
             raise ValueError(f"sorted_kv_writes must be True or False, got "
                              f"{self.sorted_kv_writes!r}")
+        if not isinstance(self.stack_layers, (bool, np.bool_)):
+            raise ValueError(f"stack_layers must be True or False, got {self.stack_layers!r}")
         v = self.command_buffer_max_tokens
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ValueError(f"command_buffer_max_tokens must be an integer >= 0, got {v!r}")
@@ -206,6 +220,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.stack_layers and self.tensor_parallel_size > 1:
+            raise ValueError("stack_layers=True needs one device (tensor_parallel_size=1): the "
+                             "stacked arrays have no partition rules")
         for name, top in (("seq_buckets", self.max_num_seqs),
                           ("token_buckets", self.max_num_batched_tokens)):
             v = getattr(self, name)

@@ -31,6 +31,7 @@ from optgqa_jax.engine.config import EngineConfig, SamplingParams
 from optgqa_jax.engine.runner import ModelRunner, page_bytes
 from optgqa_jax.engine.scheduler import Request, Scheduler, Status
 from optgqa_jax.fused import fuse_projections, is_fused
+from optgqa_jax.layer_stack import stack_layers
 from optgqa_jax.model import check_params_match
 from optgqa_jax.quant.linear import prepare_for_kernels
 from optgqa_jax.validation import check_prompt_ids
@@ -175,6 +176,8 @@ class Engine:
             params = fuse_projections(cfg, params)
         if backend() != "cpu":  # act-order rows sorted once, for the quantized matmul kernel
             params = prepare_for_kernels(params)
+        if config.stack_layers:  # one argument buffer per weight kind (layer_stack)
+            params = stack_layers(params, cfg.n_layers)
         self.cfg, self.params, self.config, self.tokenizer = cfg, params, config, tokenizer
         self.max_model_len = config.max_model_len or cfg.max_seq_len
         if self.max_model_len > cfg.max_seq_len:

@@ -36,6 +36,7 @@ from optgqa_jax import sharding
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.engine.scheduler import Scheduled
 from optgqa_jax.kv_layers import PagedBatch, PagedLayerKV
+from optgqa_jax.layer_stack import is_stacked, layer_views
 from optgqa_jax.model import Transformer
 from optgqa_jax.sampling import row_keys, sample
 
@@ -227,6 +228,8 @@ def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: s
                        inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only,
                        inputs.kv_order if sorted_kv_writes else None)
     layers = [PagedLayerKV(pool.k[i], pool.v[i], batch) for i in range(cfg.n_layers)]
+    if is_stacked(params):   # EngineConfig.stack_layers: the per-layer tree, stacks read in place
+        params = layer_views(params, cfg.n_layers)
     select = None if prompt_logprobs else inputs.select[None]
     specs = None if mesh is None else sharding.partition_specs(cfg, params, mesh)
     with sharding.kernel_mesh(mesh, specs):   # the Pallas kernels run per device on the mesh

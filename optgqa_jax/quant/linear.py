@@ -135,9 +135,14 @@ MATMUL_IMPLS = ("auto", "pallas", "dequantize", "dequantize_kernel")
 KERNEL_MAX_ROWS = 64
 
 
-def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None) -> jax.Array:
+def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None,
+           layer=None) -> jax.Array:
     """``x @ dequantize(ql)`` for x [..., D_in], in ``out_dtype`` (default x's dtype; float32
     accumulation either way, so ``out_dtype=float32`` gives unrounded sums, e.g. logits).
+
+    ``layer``: None, or the index of the layer when `ql`'s arrays stack several layers
+    (``optgqa_jax.layer_stack``): the kernel reads that layer's rows of the stack in place; the
+    other routes use the layer's slice of it.
 
     ``impl``:
 
@@ -158,6 +163,10 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {MATMUL_IMPLS}")
+    stack = None
+    if layer is not None:   # the layer's own arrays (XLA drops the slices the kernel skips)
+        from optgqa_jax.layer_stack import take_layer
+        stack, ql = ql, take_layer(ql, layer)
     from pallas_kernels import _common as kc
     from pallas_kernels import dequant as kdq
     from pallas_kernels.quant_matmul import KERNEL_BITS, quant_matmul
@@ -188,10 +197,11 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None
                                   interpret=kc.backend() == "cpu")
         return jnp.dot(x, w, preferred_element_type=out_dtype)
     lead, (d_in, d_out) = x.shape[:-1], ql.shape
-    y = quant_matmul(x.reshape(-1, d_in), ql.qweight, ql.scales, ql.zeros, bits=ql.bits,
+    w = ql if stack is None else stack       # a stack is read in place by the kernel
+    y = quant_matmul(x.reshape(-1, d_in), w.qweight, w.scales, w.zeros, bits=ql.bits,
                      group_size=ql.group_size,
                      g_idx=None if ql.groups_contiguous else ql.g_idx,
-                     interpret=kc.backend() == "cpu", out_dtype=out_dtype)
+                     interpret=kc.backend() == "cpu", out_dtype=out_dtype, layer=layer)
     return y.reshape(*lead, d_out)
 
 

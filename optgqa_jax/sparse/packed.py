@@ -179,20 +179,29 @@ def unpack_bsr(p: PackedBSRLinear) -> BSRQuantizedLinear:
                               sym=p.sym, dtype=p.dtype, row_blocks=p.row_blocks)
 
 
-def packed_bsr_matmul(x: jax.Array, p: PackedBSRLinear, impl: str = "auto") -> jax.Array:
+def packed_bsr_matmul(x: jax.Array, p: PackedBSRLinear, impl: str = "auto",
+                      layer=None) -> jax.Array:
     """``x @ W`` for x [..., K], in x's dtype: the packed kernel
     (``pallas_kernels.bsr_quant_matmul.bsr_quant_matmul_packed``) where
     :func:`~optgqa_jax.sparse.bsr_matmul` would take the BSR kernel (``impl="pallas"``, or
     ``"auto"`` on GPUs for bfloat16/float16 x of at most ``KERNEL_MAX_ROWS`` rows), and
-    :func:`~optgqa_jax.sparse.bsr_matmul` on :func:`unpack_bsr` elsewhere (same ``impl``)."""
+    :func:`~optgqa_jax.sparse.bsr_matmul` on :func:`unpack_bsr` elsewhere (same ``impl``).
+    ``layer``: None, or the layer's index when `p`'s arrays stack several layers
+    (``optgqa_jax.layer_stack``): the kernel reads that layer's rows in place; the other
+    routes use the layer's slice."""
     from pallas_kernels import _common as kc
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
+    stack = None
+    if layer is not None:
+        from optgqa_jax.layer_stack import take_layer
+        stack, p = p, take_layer(p, layer)
     K, N = p.shape
     how = sparse_impl(x, K, impl, KERNEL_MAX_ROWS, "packed BSR layer", 1)
     if how != "pallas":
         return bsr_matmul(x, unpack_bsr(p), impl)
     lead = x.shape[:-1]
-    y = bsr_quant_matmul_packed(x.reshape(-1, K), p.packed, nnz=p.nnz,
+    y = bsr_quant_matmul_packed(x.reshape(-1, K), (p if stack is None else stack).packed,
+                                nnz=p.nnz, layer=layer,
                                 scale_dtype=p.scale_dtype, out_features=N, bits=p.bits,
                                 group_size=p.group_size, row_blocks=p.row_blocks,
                                 code_order=p.code_order, interpret=kc.backend() == "cpu")
