@@ -4,7 +4,8 @@ one short run (the first thing to run on a GPU after them).
 * ``quant``: ``quant_matmul`` on the Llama-3-8B linear shapes at 1, 16, 64 and 256 rows of x,
   4 bits in groups of 128: the bfloat16 product, the ``for_shape`` default, joined tiles 256
   columns wide (codes as bfloat16 bit patterns), the deepest register tiles and register tiles
-  with one K step per program (one row), joined
+  with one K step per program (one row), the register path reading x as given (``raw_x``, on
+  the default, the device's tuning-table tiles and two one-step tiles; one row), joined
   tiles with ``dequant_tiles``, XLA's dequantize-then-multiply and the streaming Pallas
   dequantize kernel then the bfloat16 product (64 rows and more). µs per
   product over weight copies that overflow the L2 cache, times against bfloat16, % of the
@@ -83,6 +84,15 @@ def quant_variants(M: int, K: int, N: int) -> dict:
             out[name + " half pairs"] = dataclasses.replace(out[name], runtime_magic=True,
                                                             half_pairs=True)
         out["default half pairs"] = dataclasses.replace(out["default"], half_pairs=True)
+        # x read as given (raw_x): no shift-major, scaled copy of x per call (one launch
+        # fewer), x's columns read with stride P and widened in the kernel; on the default,
+        # on the device's tuning-table tiles and on two one-step tiles
+        tuned = QuantMatmulConfig.for_shape("cuda", M, K, N, 128, device=C.device_kind())
+        if tuned != out["default"]:
+            out["tuned"] = tuned
+        for name in ("default", "tuned", "register 1-step 64x256", "register 1-step 128x512"):
+            if name in out and out[name].fma:
+                out[name + " raw x"] = dataclasses.replace(out[name], raw_x=True)
     if M >= 64:
         out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,

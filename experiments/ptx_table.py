@@ -46,6 +46,8 @@ CASES = (
     ("gate_up", 1, "w4g128", {}),
     ("down", 1, "w4g128", {}),
     ("gate_up", 1, "w8", {}),
+    ("gate_up", 1, "w4g128", dict(raw_x=True)),
+    ("down", 1, "w4g128", dict(raw_x=True)),
     ("gate_up", 1, "w4g128", dict(block_n=128, block_k=512)),
     ("gate_up", 1, "w4g128", JOINED_ROW),
     ("gate_up", 1, "w4g128", dict(JOINED_ROW, block_n=256)),
@@ -65,7 +67,7 @@ CASES = (
 def path_name(cfg: QuantMatmulConfig, joined_runs: bool, bits: int) -> str:
     """The kernel path a config takes for bfloat16 x."""
     if cfg.fma:
-        return "register (fma)"
+        return "register (fma)" + (", x as given" if cfg.raw_x else "")
     if not joined_runs:
         return "shift-by-shift dots"
     codes = "bit patterns" if bits in (2, 4) else "converted codes"

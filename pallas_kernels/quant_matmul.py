@@ -68,7 +68,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _common as C
 from pallas_kernels.quant_matmul_config import (QuantMatmulConfig, TUNED_ROWS,  # noqa: F401
                                                 tuned_rows, tuning_key)
-from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_pattern,  # noqa: F401
+from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_floats_exact,  # noqa: F401
+                                        code_pattern,
                                         join_shifts, pair_major, pair_pattern, pattern_codes,
                                         shift_major, shift_offsets, shift_scales, unpack_codes)
 
@@ -83,7 +84,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
                  dequant_tiles: bool = False, runtime_magic: bool = False,
                  half: bool = False, wrapper_sums: bool = False, shift_pc: bool = False,
-                 stacked: bool = False):
+                 stacked: bool = False, raw_x: bool = False):
     """The kernel body. ``stacked``: qweight, scales and zeros hold several layers' rows one
     after another, and this call's layer starts at the word row ``magic_ref[2]`` and the group
     row ``magic_ref[3]`` (read at run time, so that every layer runs the same kernel)."""
@@ -217,18 +218,30 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                         g = jnp.minimum(wrows * P + p, K - 1) // gs
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
-                f = code_floats(words, words_hi, bits, p, magic)   # 2^23 + code 2^s_p
-                if fold_zeros:
-                    w = f - _TWO23                              # code 2^s_p, exact
+                if raw_x:     # 2^(23 - s_p) + code: the float holds the code itself
+                    f = code_floats_exact(words, words_hi, bits, p)
+                    base = float(2 ** (23 - offsets[p]))
+                    w = f - base if fold_zeros else f - (base + z)     # code, or code - z
                 else:
-                    w = f - (_TWO23 + z * float(2 ** offsets[p]))   # (code - z) 2^s_p, exact
+                    f = code_floats(words, words_hi, bits, p, magic)   # 2^23 + code 2^s_p
+                    if fold_zeros:
+                        w = f - _TWO23                              # code 2^s_p, exact
+                    else:
+                        w = f - (_TWO23 + z * float(2 ** offsets[p]))   # (code - z) 2^s_p
                 if not per_tile:
                     w = w * s
                 if fma:
                     for m in range(block_m):
-                        xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)  # [Pk]
-                        if fold_zeros and not wx:   # xm carries 2^-s_p: undo it, exactly
-                            zx[m] += xm * float(2 ** offsets[p])
+                        if raw_x:     # x as given: columns k0 + P w + p, stride P
+                            cols = k0 + p + P * jnp.arange(Pk)
+                            xm = plgpu.load(x_ref.at[jnp.full((Pk,), m, jnp.int32), cols]
+                                            ).astype(jnp.float32)                  # [Pk]
+                            if fold_zeros and not wx:
+                                zx[m] += xm
+                        else:
+                            xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)
+                            if fold_zeros and not wx:   # xm carries 2^-s_p: undo it, exactly
+                                zx[m] += xm * float(2 ** offsets[p])
                         parts[m] += xm[:, None] * w
                 else:
                     x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
@@ -347,7 +360,9 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
     shift_pc = (not joined and not config.fma and config.shift_patterns and per_tile
                 and code_pattern(x.dtype, bits) is not None)
     pattern = code_pattern(x.dtype, bits) if joined or shift_pc else None
-    if not joined:   # the joined path reads x in natural order, or pair-major with patterns
+    # the register path with raw_x reads x as given (natural order, its dtype, no factors)
+    raw_x = config.raw_x and config.fma and not config.half_pairs and not use_gidx
+    if not joined and not raw_x:   # the joined path reads x in natural order, or pair-major
         xp = shift_major(xp, tile_k, bits)
     elif pattern is not None:
         xp = pair_major(xp, bits)
@@ -365,7 +380,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
         if needs_xs:     # the sums of the float16 values the kernel multiplies (the order
             # within a sub-tile does not matter)
             xs = xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1)
-    elif not scale_parts and not joined and not shift_pc:
+    elif not scale_parts and not joined and not shift_pc and not raw_x:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
         xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
     gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), tile_k, bits) if use_gidx
@@ -379,7 +394,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
                           dequant_tiles=joined and config.dequant_tiles,
                           runtime_magic=config.runtime_magic, half=half,
                           wrapper_sums=config.wrapper_sums, shift_pc=shift_pc,
-                          stacked=rows0 is not None)
+                          stacked=rows0 is not None, raw_x=raw_x)
     magic = jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32)
     if rows0 is not None:   # [2^23, float16 pairs' exponents, first word row, first group row]
         magic = jnp.concatenate([magic, rows0.astype(jnp.int32)])

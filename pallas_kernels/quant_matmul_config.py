@@ -74,6 +74,13 @@ class QuantMatmulConfig:
         the product then accumulates inside the matrix instruction, with no per-output scale
         and zero-point correction per sub-tile, which costs ``block_m * block_n`` per sub-tile
         against ``tile_k * block_n`` codes; for 64 rows and more. Not yet timed on a GPU.
+      raw_x: the register path reads x as given (its own dtype and column order): each
+        shift's codes become floats holding the code itself (``code_floats_exact``, a
+        per-shift exponent instead of x's factors ``2^-s``), and shift p of a sub-tile reads
+        x's columns ``k0 + P w + p`` (stride P) and widens them to float32 in the kernel,
+        once per K step for all ``block_n`` columns. The wrapper then makes no shift-major,
+        scaled copy of x (one launch fewer per product at one row). Contiguous groups or one
+        per column (no ``g_idx``), not with ``half_pairs``. Not yet timed on a GPU.
     """
 
     block_m: int = 16
@@ -90,6 +97,7 @@ class QuantMatmulConfig:
     half_pairs: bool = False
     wrapper_sums: bool = False
     shift_patterns: bool = False
+    raw_x: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int, group_size: int = -1, *,
@@ -166,6 +174,9 @@ class QuantMatmulConfig:
         if self.shift_patterns and (self.fma or self.joined):
             raise ValueError("shift_patterns is an option of the shift-by-shift tensor-core "
                              "path; set fma=False and joined=False")
+        if self.raw_x and (not self.fma or self.half_pairs):
+            raise ValueError("raw_x is an option of the float32 register path; set fma=True "
+                             "and half_pairs=False")
         if self.wrapper_sums and not self.fma:
             raise ValueError("wrapper_sums is an option of the register path (the tensor-core "
                              "paths always take x's sums from the wrapper); set fma=True")

@@ -68,6 +68,13 @@ FMA4_WSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, split_k=2, nu
                                num_stages=1, fma=True, wrapper_sums=True)
 FMA2_WSUMS_HALF = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, num_warps=4,
                                     num_stages=1, fma=True, half_pairs=True, wrapper_sums=True)
+# The register path reading x as given (raw_x): no shift-major copy of x.
+FMA1_RAW = QuantMatmulConfig(block_m=1, block_n=32, block_k=512, split_k=2, num_warps=4,
+                             num_stages=1, fma=True, raw_x=True)
+FMA4_RAW_WSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, num_warps=4,
+                                   num_stages=1, fma=True, raw_x=True, wrapper_sums=True)
+FMA2_RAW_STEP64 = QuantMatmulConfig(block_m=2, block_n=16, block_k=64, num_warps=4,
+                                    num_stages=1, fma=True, raw_x=True)
 # The shift-by-shift tensor-core path with bit-pattern codes (shift_patterns).
 DOT_PATTERNS = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1,
                                  shift_patterns=True)
@@ -182,6 +189,17 @@ def check(out, want, dtype, what):
     (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA4_WSUMS),
     (4, 128, False, False, 2, 384, 24, jnp.bfloat16, FMA2_WSUMS_HALF),
     (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_WSUMS),
+    # x read as given (raw_x): sub-tiles of one group in a K step of 512 (ragged K), per
+    # channel, asym, 8 and 2 bits, wrapper sums, groups smaller than a sub-tile (gathered
+    # scales, zero points on the codes), float16 and float32 x; act-order falls back to the
+    # shift-major copy
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_RAW),
+    (4, -1, False, False, 3, 256, 33, jnp.float16, FMA4_RAW_WSUMS),
+    (8, 32, False, False, 5, 192, 24, jnp.bfloat16, FMA4_RAW_WSUMS),
+    (2, 64, True, False, 1, 384, 17, jnp.bfloat16, FMA1_RAW),
+    (4, 16, False, False, 2, 128, 24, jnp.bfloat16, FMA2_RAW_STEP64),
+    (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA1_RAW),
+    (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_RAW_WSUMS),
     # codes as bit patterns on the shift-by-shift tensor-core path: bfloat16 2/4 bits, float16
     # 2/4/8 bits, asym, per channel, ragged K and N, one-group sub-tiles of a K step of 256,
     # split K; bfloat16 8 bits, float32 x and act-order fall back to the float32 codes
@@ -313,6 +331,9 @@ def _good():
     (lambda a, kw: kw.update(config=QuantMatmulConfig(num_warps=32)), "num_warps=32"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(runtime_magic=True)), "runtime_magic"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(wrapper_sums=True)), "wrapper_sums"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(raw_x=True)), "raw_x"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(block_m=1, fma=True, half_pairs=True,
+                                                      raw_x=True)), "raw_x"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(fma=True, block_m=1,
                                                       shift_patterns=True)), "shift_patterns"),
 ])

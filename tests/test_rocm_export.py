@@ -111,6 +111,25 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
     assert module.count(TRITON_CALL) == 1
 
 
+# The register path reading x as given (QuantMatmulConfig.raw_x): one custom call, no reorder.
+@pytest.mark.parametrize("M,bits,group_size,split_k", [(1, 4, 128, 2), (4, 8, -1, 1),
+                                                       (2, 2, 64, 4)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_quant_matmul_raw_x_lowers_through_triton(M, bits, group_size, split_k, platform):
+    from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+    K, N = 512, 384
+    cfg = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, split_k=split_k, num_warps=4,
+                            num_stages=1, fma=True, raw_x=True)
+    x, q, s, z, _ = _quant_args(M, K, N, bits, group_size)
+
+    def f(x, q, s, z):
+        return quant_matmul(x, q, s, z, bits=bits, group_size=group_size, config=cfg)
+
+    module = export_for(platform, f, x, q, s, z)
+    assert module.count(TRITON_CALL) == 1
+    assert "stablehlo.transpose" not in module     # x is not put in shift-major order
+
+
 # Layer-stacked weights (optgqa_jax.layer_stack): the stacks [L, ...] and a traced layer index.
 @pytest.mark.parametrize("M,bits,group_size", [(1, 4, 128), (16, 8, -1)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
