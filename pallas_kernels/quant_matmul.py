@@ -31,7 +31,10 @@ weight) and pads x with zero rows and columns to whole tiles, so x is read in co
 and the weight in place (its ragged column and row edges masked). Each code is masked where
 it lies in its word (the upper half shifted down once per word) and placed under the exponent
 of 2^23 with the same and-or, so ``bitcast(...) - 2^23 = code * 2^s``: no per-code shift and no
-int-to-float conversion; x's columns of that shift carry the exact factor ``2^-s``. A K step
+int-to-float conversion; x's columns of that shift carry the exact factor ``2^-s`` (with
+``QuantMatmulConfig.raw_x`` the register path instead reads x as given, shift p's columns
+with stride P, and puts each shift's codes under an exponent whose unit is 1, so the float
+holds the code itself: no copy of x is made). A K step
 of ``block_k`` rows that spans several whole groups runs as sub-tiles of one group each
 (:func:`k_tiles`). When a (sub-)tile lies in one group (contiguous groups, or one group per
 column) the products take the integer codes (exact in bfloat16/float16), the zero point leaves
