@@ -52,7 +52,7 @@ for step in $steps; do
         -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
         tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
-        tests/test_bsr_gather_quant_matmul.py tests/test_packed_bsr.py \
+        tests/test_bsr_gather_quant_matmul.py tests/test_packed_bsr.py tests/test_layer_stack.py \
         tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py tests/test_sparse.py \
         tests/test_tuning.py ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off

@@ -21,6 +21,7 @@ from optgqa_jax.quant.synthetic import random_quantized_linear
 from optgqa_jax.sparse.synthetic import random_bsr_linear, random_sparsify
 from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
 from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+from kernel_cases import INTERPRET
 
 ROOT_RNG = np.random.default_rng()
 
@@ -51,7 +52,7 @@ def test_quant_matmul_on_a_stack_reads_the_layers_rows(M, K, N, spec, config):
            for _ in range(L)]
     stack = {f: jnp.stack([getattr(q, f) for q in qls]) for f in ("qweight", "scales", "zeros")}
     x = jax.random.normal(jax.random.PRNGKey(_seed()), (M, K), jnp.bfloat16)
-    kw = dict(bits=qc.bits, group_size=qc.group_size, interpret=True, config=config)
+    kw = dict(bits=qc.bits, group_size=qc.group_size, interpret=INTERPRET, config=config)
     traced = jax.jit(lambda x, l: quant_matmul(x, stack["qweight"], stack["scales"],
                                                stack["zeros"], layer=l, **kw))
     for layer, q in enumerate(qls):
@@ -71,7 +72,7 @@ def test_packed_bsr_on_a_stack_reads_the_layers_rows(order):
     x = jax.random.normal(jax.random.PRNGKey(_seed()), (1, K), jnp.bfloat16)
     p0 = ps[0]
     kw = dict(nnz=p0.nnz, scale_dtype=p0.scale_dtype, out_features=N, bits=4, group_size=32,
-              row_blocks=p0.row_blocks, code_order=order, interpret=True)
+              row_blocks=p0.row_blocks, code_order=order, interpret=INTERPRET)
     traced = jax.jit(lambda x, l: bsr_quant_matmul_packed(x, stack, layer=l, **kw))
     for layer, p in enumerate(ps):
         want = bsr_quant_matmul_packed(x, p.packed, **kw)
@@ -83,7 +84,7 @@ def test_stacked_kernel_calls_refuse_bad_input():
     q = random_quantized_linear(jax.random.PRNGKey(_seed()), 128, 32, qc, "bfloat16")
     st = [jnp.stack([a, a]) for a in (q.qweight, q.scales, q.zeros)]
     x = jnp.ones((1, 128), jnp.bfloat16)
-    kw = dict(bits=4, group_size=64, interpret=True)
+    kw = dict(bits=4, group_size=64, interpret=INTERPRET)
     with pytest.raises(ValueError, match="layer=2 must lie in"):
         quant_matmul(x, *st, layer=2, **kw)
     with pytest.raises(ValueError, match="qweight must have rank 3"):
@@ -97,7 +98,7 @@ def test_stacked_kernel_calls_refuse_bad_input():
     p = sparse.to_packed_bsr(random_bsr_linear(_seed(), 128, 8, quant.parse_spec("w4g32"), 0.5,
                                                "bfloat16"))
     pkw = dict(nnz=p.nnz, scale_dtype=p.scale_dtype, out_features=8, bits=4, group_size=32,
-               row_blocks=p.row_blocks, interpret=True)
+               row_blocks=p.row_blocks, interpret=INTERPRET)
     with pytest.raises(ValueError, match="layer=1 must lie in"):
         bsr_quant_matmul_packed(x, p.packed[None], layer=1, **pkw)
     with pytest.raises(ValueError, match="packed must have rank 3"):
