@@ -5,7 +5,6 @@ bit for bit: it reads the same rows), the model on the unstacked params (the sam
 bit), and the engine without stacking (the same greedy tokens)."""
 
 import dataclasses
-import functools
 
 import numpy as np
 import pytest
@@ -119,23 +118,22 @@ def _formats(cfg, fused, names=("float", "w4", "bsr", "packed", "packed_sm")):
     return {k: v for k, v in out.items() if k in names}
 
 
-# fused projections: every format, the kernels (interpret mode) only where layers are stacked
-# (the float and four-array BSR kernels stay per layer); separate projections: W4, jnp route
 @pytest.mark.parametrize("fused,names", [
     (True, ("float", "w4", "bsr", "packed", "packed_sm")), (False, ("w4",))])
 def test_model_on_stacked_layers_gives_the_same_logits(fused, names):
     """stack_layers then layer_views (inside the jitted program): the same logits bit for bit
-    as the per-layer params, on the jnp route and on the kernels (interpret mode); quantized
-    layers and norm scales are stacked, float kernels and four-array BSR layers stay."""
+    as the per-layer params (jnp route); quantized layers and norm scales are stacked, float
+    kernels and four-array BSR layers stay per layer; the argument buffers shrink by the
+    stacked arrays' L - 1 other copies."""
     cfg = og.ModelConfig.preset("tiny")
     L = cfg.n_layers
     tokens = ROOT_RNG.integers(0, cfg.vocab_size, (1, 5)).astype(np.int32)
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def logits(params, tokens, impl):
+    @jax.jit
+    def logits(params, tokens):
         if ls.is_stacked(params):
             params = ls.layer_views(params, L)
-        return Transformer(cfg, impl).apply({"params": params}, tokens, jnp.arange(5)[None])[0]
+        return Transformer(cfg, "xla").apply({"params": params}, tokens, jnp.arange(5)[None])[0]
 
     projections = 4 if fused else 7
     for name, params in _formats(cfg, fused, names).items():
@@ -147,9 +145,30 @@ def test_model_on_stacked_layers_gives_the_same_logits(fused, names):
         assert len(stacked_kernels) == (projections if quantized_stack else 0), name
         n = ls.argument_buffers(stacked[ls.STACKED])    # one stack per array of a layer
         assert ls.argument_buffers(stacked) == ls.argument_buffers(params) - n * L + n, name
-        for impl in ("xla", "pallas") if quantized_stack and fused else ("xla",):
-            _same(logits(stacked, tokens, impl), logits(params, tokens, impl),
-                  f"{name} {impl}")
+        _same(logits(stacked, tokens), logits(params, tokens), name)
+
+
+@pytest.mark.parametrize("name", ["w4", "packed_sm"])
+def test_layer_views_multiply_on_the_kernels_like_their_layers(name):
+    """layer_matmul on each LayerView of a stacked projection, on the kernel (interpret mode on
+    CPUs): the product of that layer's own weight on the same kernel, bit for bit, for one and
+    three rows of x, with x's leading axes kept."""
+    cfg = og.ModelConfig.preset("tiny")
+    params = _formats(cfg, True, (name,))[name]
+    stacked = ls.stack_layers(params, cfg.n_layers)
+    views = ls.layer_views(stacked, cfg.n_layers)
+    product = quant.matmul if name == "w4" else sparse.packed_bsr_matmul
+    for path in (("attn", "qkv_proj"), ("mlp", "down_proj")):
+        for i in range(cfg.n_layers):
+            own = params[f"layer_{i}"][path[0]][path[1]]["kernel"]
+            view = views[f"layer_{i}"][path[0]][path[1]]["kernel"]
+            assert ls.is_layer_view(view) and view.layer == i
+            for rows in (1, 3):
+                x = jax.random.normal(jax.random.PRNGKey(_seed()),
+                                      (rows, 1, own.shape[0])).astype(jnp.bfloat16)
+                got = ls.layer_matmul(x, view, "pallas")
+                assert got.shape == (rows, 1, own.shape[1])
+                _same(got, product(x, own, "pallas"), f"{name} {path} layer {i} M={rows}")
 
 
 def test_stack_layers_keeps_what_it_cannot_stack_and_refuses_bad_params():
