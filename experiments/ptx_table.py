@@ -39,6 +39,8 @@ import triton_ir  # noqa: E402
 
 SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096)}
 JOINED = dict(joined=True, fma=False)
+# the shift-by-shift tensor-core path, whatever the rules pick at that row count
+SHIFTS = dict(joined=False, fma=False, dequant_tiles=False)
 JOINED_ROW = dict(block_m=16, block_n=64, block_k=128, num_warps=4, **JOINED)
 
 # (shape, M, format, overrides of QuantMatmulConfig.for_shape)
@@ -55,11 +57,11 @@ CASES = (
     ("gate_up", 16, "w4g128", JOINED),
     ("gate_up", 16, "w4g128", dict(block_n=256, **JOINED)),
     ("gate_up", 16, "w8", JOINED),
-    ("gate_up", 64, "w4g128", {}),
-    ("gate_up", 64, "w4g128", JOINED),
+    ("gate_up", 64, "w4g128", SHIFTS),
+    ("gate_up", 64, "w4g128", dict(dequant_tiles=False, **JOINED)),
     ("gate_up", 64, "w4g128", dict(dequant_tiles=True, **JOINED)),
-    ("gate_up", 256, "w4g128", {}),
-    ("gate_up", 256, "w4g128", JOINED),
+    ("gate_up", 256, "w4g128", SHIFTS),
+    ("gate_up", 256, "w4g128", dict(dequant_tiles=False, **JOINED)),
     ("gate_up", 256, "w4g128", dict(dequant_tiles=True, **JOINED)),
 )
 
