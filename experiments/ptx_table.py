@@ -41,6 +41,9 @@ SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096)}
 JOINED = dict(joined=True, fma=False)
 # the shift-by-shift tensor-core path, whatever the rules pick at that row count
 SHIFTS = dict(joined=False, fma=False, dequant_tiles=False)
+# the 64- and 256-row tiles of the first counts (the rules of 1bf58ad), kept for comparison
+TILES64 = dict(block_m=64, block_n=128, block_k=128, split_k=8, num_warps=4)
+TILES256 = dict(block_m=128, block_n=128, block_k=128, split_k=1, num_warps=8)
 JOINED_ROW = dict(block_m=16, block_n=64, block_k=128, num_warps=4, **JOINED)
 
 # (shape, M, format, overrides of QuantMatmulConfig.for_shape)
@@ -57,12 +60,12 @@ CASES = (
     ("gate_up", 16, "w4g128", JOINED),
     ("gate_up", 16, "w4g128", dict(block_n=256, **JOINED)),
     ("gate_up", 16, "w8", JOINED),
-    ("gate_up", 64, "w4g128", SHIFTS),
-    ("gate_up", 64, "w4g128", dict(dequant_tiles=False, **JOINED)),
-    ("gate_up", 64, "w4g128", dict(dequant_tiles=True, **JOINED)),
-    ("gate_up", 256, "w4g128", SHIFTS),
-    ("gate_up", 256, "w4g128", dict(dequant_tiles=False, **JOINED)),
-    ("gate_up", 256, "w4g128", dict(dequant_tiles=True, **JOINED)),
+    ("gate_up", 64, "w4g128", dict(SHIFTS, **TILES64)),
+    ("gate_up", 64, "w4g128", dict(dequant_tiles=False, **JOINED, **TILES64)),
+    ("gate_up", 64, "w4g128", dict(dequant_tiles=True, **JOINED, **TILES64)),
+    ("gate_up", 256, "w4g128", dict(SHIFTS, **TILES256)),
+    ("gate_up", 256, "w4g128", dict(dequant_tiles=False, **JOINED, **TILES256)),
+    ("gate_up", 256, "w4g128", dict(dequant_tiles=True, **JOINED, **TILES256)),
 )
 
 
