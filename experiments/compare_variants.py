@@ -5,7 +5,9 @@ one short run (the first thing to run on a GPU after them).
   4 bits in groups of 128: the bfloat16 product, the ``for_shape`` default, joined tiles 256
   columns wide (codes as bfloat16 bit patterns), the deepest register tiles and register tiles
   with one K step per program (one row), the register path reading x as given (``raw_x``, on
-  the default, the device's tuning-table tiles and two one-step tiles; one row), joined
+  the default, the device's tuning-table tiles and two one-step tiles; one row), register
+  tiles without a split of K (narrow columns, each program looping over K; with ``raw_x`` the
+  product is then a single kernel; one row), joined
   tiles with ``dequant_tiles``, XLA's dequantize-then-multiply and the streaming Pallas
   dequantize kernel then the bfloat16 product (64 rows and more). µs per
   product over weight copies that overflow the L2 cache, times against bfloat16, % of the
@@ -93,6 +95,14 @@ def quant_variants(M: int, K: int, N: int) -> dict:
         for name in ("default", "tuned", "register 1-step 64x256", "register 1-step 128x512"):
             if name in out and out[name].fma:
                 out[name + " raw x"] = dataclasses.replace(out[name], raw_x=True)
+        # no split of K: narrow column tiles so that the grid still fills the GPU, each
+        # program looping over all of K (the loads pipelined by num_stages); with raw_x the
+        # product is one kernel, no copy of x before it and no sum of partials after it
+        for bn, bk, warps in ((32, 256, 4), (16, 512, 4), (32, 512, 8)):
+            cfg = QuantMatmulConfig(block_m=1, block_n=bn, block_k=bk, split_k=1,
+                                    num_warps=warps, num_stages=3, fma=True)
+            out[f"register no-split {bn}x{bk}"] = cfg
+            out[f"register no-split {bn}x{bk} raw x"] = dataclasses.replace(cfg, raw_x=True)
     if M >= 64:
         out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,

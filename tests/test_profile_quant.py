@@ -161,7 +161,9 @@ def test_compare_variants_runs_every_part(tmp_path):
                                 "128x128", "64x256 runtime magic",
                                 "256x128 runtime magic", "64x256 half pairs",
                                 "256x128 half pairs", "64x256 raw x", "128x512 raw x")),
-        "default half pairs", "default raw x"}
+        "default half pairs", "default raw x",
+        *(f"register no-split {t}{r}" for t in ("32x256", "16x512", "32x512")
+          for r in ("", " raw x"))}
     assert all(r["rel_error"] < 1e-2 for r in quant_rows)
     assert {(r["part"], r["variant"]) for r in rows if r["part"] != "quant"} >= {
         ("flash", "lazy_rescale"), ("decode", "replicated / masked rows"),
