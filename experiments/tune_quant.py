@@ -6,7 +6,7 @@ first the unpacking scheme (register multiply-adds, one product per shift, or on
 tile with the shifts joined), tile sizes and warps with split-K from a rule; then the grid
 size (the best three tiles at every split-K giving 1 to 16 programs per SM, at one row also one
 K step per program), and around the best the register path's ``runtime_magic`` and
-``wrapper_sums`` (or the shift-by-shift path's ``shift_patterns``), the register prefetch of
+``wrapper_sums`` and ``raw_x`` (or the shift-by-shift path's ``shift_patterns``), the register prefetch of
 the next K tile and the pipeline depth. Every candidate is timed with
 ``optgqa_jax.benchmark.timeit_rotating`` over enough independent weight copies to overflow the
 L2 cache; the default config of ``for_shape`` is timed too, so the table shows what tuning
@@ -192,7 +192,7 @@ def markdown(res: dict) -> str:
                  f"{'yes' if t.get('joined') else 'no'}, "
                  f"{'yes' if t.get('dequant_tiles') else 'no'}"
                  + "".join(f"; {k}" for k in ("runtime_magic", "wrapper_sums", "half_pairs",
-                                              "shift_patterns")
+                                              "shift_patterns", "raw_x")
                            if t.get(k)))
         lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "
                      f"{c['bf16_us']:.1f} | "
@@ -306,9 +306,11 @@ def main(argv=None):
         # row, loop-free gate/up tiles: 1536 -> 1312 -> 1216 instructions per 256 codes)
         # shift-by-shift tensor-core path: the codes as bit patterns (sm_90 SASS, the tuned
         # 16-row gate/up tiles: 5.34 -> 3.28 instructions per code)
+        # register path reading x as given (raw_x): no shift-major copy of x per call
         options = ([dataclasses.replace(b, runtime_magic=True),
                     dataclasses.replace(b, wrapper_sums=True),
                     dataclasses.replace(b, runtime_magic=True, wrapper_sums=True)]
+                   + ([dataclasses.replace(b, raw_x=True)] if not b.half_pairs else [])
                    if b.fma else [] if b.joined else [dataclasses.replace(b, shift_patterns=True)])
         for cfg in (options + [dataclasses.replace(b, prefetch=True)]
                     + [dataclasses.replace(b, num_stages=s) for s in (2, 4)
