@@ -137,8 +137,9 @@ class EngineConfig:
         each layer's rows of the stack in place (their first row read at run time). Launching
         a step costs the host about 1.77 µs per argument buffer (H100, jax 0.11.2,
         ``experiments/results/h100/batch1/dispatch_cost_1e1715e.md``); a 4-bit Llama-3-8B
-        step with fused projections takes 18 per layer (4 arrays per projection and 2 norm
-        scales), stacked 18 in all, which is about 1 ms of a batch-1 step that the host's
+        step with fused projections reads 14 weight buffers per layer (codes, scales and zero
+        points of four projections, two norm scales), 448 of its 517, and 14 in all when
+        stacked: an estimated 0.8 ms less launch work in a batch-1 step that the host's
         dispatch bounds. Dense ``QuantizedLinear`` layers with contiguous groups and
         ``PackedBSRLinear`` layers are stacked; float kernels and other layer types stay per
         layer. One device only. Outputs are unchanged. Off by default: not yet timed on a GPU.
