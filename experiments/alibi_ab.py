@@ -39,11 +39,16 @@ from pallas_kernels import (PagedAttentionConfig, alibi_slopes, paged_attention,
 from pallas_kernels import _common as kc  # noqa: E402
 
 # Tiles tried for groups that are not powers of two (masked query rows), beside the defaults:
-# with ALiBi 32- and 64-key blocks with and without the block table read one block ahead;
-# without ALiBi the 64-key blocks with it, and 32-key blocks with it on 2 warps (the best 28/4
-# setting at the engine's shape in group_tiles_ab.py's sweep, H100, c9f6850)
-CANDIDATES = [PagedAttentionConfig(keys_per_block=kpb, prefetch=pf, replicate_queries=True)
-              for kpb, pf in ((64, "none"), (64, "tables"), (32, "tables"))]
+# with ALiBi 32- and 64-key blocks with and without the block table read one block ahead, and
+# 32-key blocks with it on 2 warps; without ALiBi the 64-key blocks with it, and 32-key blocks
+# with it on 2 warps (the best 28/4 setting at the engine's shape in group_tiles_ab.py's sweep,
+# H100, c9f6850). A default that chose 32-key blocks on 2 warps for short contexts (the table's
+# capacity) without ALiBi would need its ALiBi twin measured too: at c9f6850 the ALiBi default
+# was 1.075x that setting at B=32 ctx 2048 in float16.
+CANDIDATES = [PagedAttentionConfig(keys_per_block=kpb, prefetch=pf, replicate_queries=True,
+                                   num_warps=w)
+              for kpb, pf, w in ((64, "none", 4), (64, "tables", 4), (32, "tables", 4),
+                                 (32, "tables", 2))]
 PLAIN_CANDIDATES = [PagedAttentionConfig(keys_per_block=64, prefetch="tables",
                                          replicate_queries=True),
                     PagedAttentionConfig(keys_per_block=32, prefetch="tables", num_warps=2,
