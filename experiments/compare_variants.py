@@ -29,7 +29,7 @@ Usage::
         [--shapes gate_up,down,o,qkv] [--rows 1,16,64,256]
 
 Writes ``compare_variants.{json,md}`` under ``--out`` after every part. ``--small`` shrinks
-every shape (a run on a CPU in interpret mode, for the tests).
+every shape and keeps one setting of each list of register tiles (a run on a CPU in interpret mode, for the tests).
 """
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "o": (4096, 4096),
           "qkv": (4096, 6144)}
 
 
-def quant_variants(M: int, K: int, N: int) -> dict:
+def quant_variants(M: int, K: int, N: int, few: bool = False) -> dict:
     """name -> QuantMatmulConfig (None: XLA's dequantize-then-multiply; "dequantize_kernel":
-    the streaming Pallas dequantize, then the bfloat16 product)."""
+    the streaming Pallas dequantize, then the bfloat16 product). ``few``: of the one-step and
+    no-split register tiles only the first setting of each list, with its options (the
+    ``--small`` runs that check every kind of variant on a CPU)."""
     bm = max(16, C.next_power_of_two(M)) if M <= 64 else 128
     out = {"default": QuantMatmulConfig.for_shape("cuda", M, K, N, 128)}
     out["joined 256"] = with_split(QuantMatmulConfig(
@@ -103,6 +105,10 @@ def quant_variants(M: int, K: int, N: int) -> dict:
                                     num_warps=warps, num_stages=3, fma=True)
             out[f"register no-split {bn}x{bk}"] = cfg
             out[f"register no-split {bn}x{bk} raw x"] = dataclasses.replace(cfg, raw_x=True)
+    if few:
+        out = {k: v for k, v in out.items()
+               if not k.startswith(("register 1-step", "register no-split"))
+               or k.startswith(("register 1-step 64x256", "register no-split 32x256"))}
     if M >= 64:
         out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,
@@ -133,7 +139,7 @@ def part_quant(a, ceiling: float, rows: list) -> None:
             rows.append(dict(part="quant", shape=name, K=K, N=N, M=M, variant="bfloat16",
                              us=t_bf16 * 1e6, vs_bf16=1.0,
                              pct_ceiling=100 * io_bytes(M, K, N) / t_bf16 / ceiling))
-            for variant, cfg in quant_variants(M, K, N).items():
+            for variant, cfg in quant_variants(M, K, N, few=a.small).items():
                 row = dict(part="quant", shape=name, K=K, N=N, M=M, variant=variant,
                            config=dataclasses.asdict(cfg) if isinstance(cfg, QuantMatmulConfig)
                            else None)

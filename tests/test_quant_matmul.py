@@ -189,17 +189,13 @@ def check(out, want, dtype, what):
     (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA4_WSUMS),
     (4, 128, False, False, 2, 384, 24, jnp.bfloat16, FMA2_WSUMS_HALF),
     (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_WSUMS),
-    # x read as given (raw_x): sub-tiles of one group in a K step of 512 (ragged K), per
-    # channel, asym, 8 and 2 bits, wrapper sums, groups smaller than a sub-tile (gathered
-    # scales, zero points on the codes), float16 and float32 x; act-order falls back to the
-    # shift-major copy
+    # x read as given (raw_x): sub-tiles of one group in a K step of 512 (ragged K, split),
+    # per channel in float16 with wrapper sums, 8 bits, 2 bits in groups smaller than a
+    # sub-tile (gathered scales, zero points on the codes)
     (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_RAW),
     (4, -1, False, False, 3, 256, 33, jnp.float16, FMA4_RAW_WSUMS),
     (8, 32, False, False, 5, 192, 24, jnp.bfloat16, FMA4_RAW_WSUMS),
-    (2, 64, True, False, 1, 384, 17, jnp.bfloat16, FMA1_RAW),
-    (4, 16, False, False, 2, 128, 24, jnp.bfloat16, FMA2_RAW_STEP64),
-    (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA1_RAW),
-    (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_RAW_WSUMS),
+    (2, 16, True, False, 2, 128, 24, jnp.bfloat16, FMA2_RAW_STEP64),
     # codes as bit patterns on the shift-by-shift tensor-core path: bfloat16 2/4 bits, float16
     # 2/4/8 bits, asym, per channel, ragged K and N, one-group sub-tiles of a K step of 256,
     # split K; bfloat16 8 bits, float32 x and act-order fall back to the float32 codes
