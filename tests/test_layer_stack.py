@@ -226,3 +226,29 @@ def test_engine_with_stacked_layers_gives_the_same_tokens(async_scheduling):
         og.EngineConfig(stack_layers=1)
     with pytest.raises(ValueError, match="stack_layers=True needs one device"):
         og.EngineConfig(stack_layers=True, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("name,per_layer", [("w4", 14), ("packed_sm", 6)])
+def test_stacked_program_takes_fewer_argument_buffers(name, per_layer):
+    """The claim behind stack_layers, checked on the lowered program (the kernels' route):
+    a layer's weights are `per_layer` buffers the program reads (W4 with fused projections:
+    codes, scales and zero points of four projections and two norm scales, the unread group
+    indices pruned; packed BSR: one array per projection and two norm scales), and stacked
+    they are that many for all layers together."""
+    import re
+
+    cfg = og.ModelConfig.preset("tiny")
+    L = cfg.n_layers
+    params = _formats(cfg, True, (name,))[name]
+    tokens = np.zeros((1, 5), np.int32)
+
+    def forward(p, t):
+        if ls.is_stacked(p):
+            p = ls.layer_views(p, L)
+        return Transformer(cfg, "pallas").apply({"params": p}, t, jnp.arange(5)[None])[0]
+
+    def kept(p):     # the arguments of the lowered main function
+        text = jax.jit(forward).lower(p, tokens).as_text()
+        return re.search(r"func\.func public @main\((.*?)\) ->", text, re.S).group(1).count("%arg")
+
+    assert kept(params) - kept(ls.stack_layers(params, L)) == per_layer * (L - 1)
