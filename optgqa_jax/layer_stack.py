@@ -24,9 +24,9 @@ model expects, with each stacked quantized layer as a :class:`LayerView` (the st
 layer's index); the model's linear layers multiply by it (:func:`layer_matmul`): through the
 kernel's ``layer`` argument where the kernel runs, and through the layer's own slice of the
 stack on the other routes (a jnp dequantization on CPUs, which XLA fuses with the slice). On
-GPUs, products of more than 64 rows (prefill) take the streaming dequantize kernel, which
-receives the slice as a copy: the layer's packed codes, scales and zero points, a quarter of
-the bfloat16 bytes it then writes, once per call. The stacking is meant for decode-bound
+GPUs, products of more than 64 rows (prefill) take the streaming dequantize kernel, whose
+operands are the slice's own buffers, so XLA may copy the layer's packed codes, scales and zero
+points (a quarter of the bfloat16 bytes that kernel writes) once per call; not measured. The stacking is meant for decode-bound
 serving (batch 1 and small batches), where it removes launch work.
 
 ``EngineConfig(stack_layers=True)`` serves a model this way. The stacked arrays are a copy:
