@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import decode_inputs, decode_shapes, rel_err  # noqa: E402
-from optgqa_jax.benchmark import copy_bandwidths, source_commit, timeit  # noqa: E402
-from optgqa_jax.timing import interleaved_rounds  # noqa: E402
+from optgqa_jax.benchmark import timeit  # noqa: E402
+from optgqa_jax.timing import interleaved_rounds, start_gpu_rounds  # noqa: E402
 from pallas_kernels import (PagedAttentionConfig, alibi_slopes, paged_attention,  # noqa: E402
                             paged_attention_reference)
 from pallas_kernels import _common as kc  # noqa: E402
@@ -128,17 +127,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--shape", default="", metavar="TEXT", help="only shapes whose name has TEXT")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    a = p.parse_args()
-    if a.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {a.rounds}")
-    if jax.devices()[0].platform != "gpu":
-        sys.exit(f"this benchmark needs a GPU; jax sees {jax.devices()[0].platform}")
-    os.makedirs(a.out, exist_ok=True)
-    ceiling = max(copy_bandwidths().values())
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                commit=source_commit(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                copy_gbps=ceiling / 1e9, rounds=a.rounds,
-                candidates=[dataclasses.asdict(c) for c in CANDIDATES])
+    a, ceiling, meta = start_gpu_rounds(p)
+    meta["candidates"] = [dataclasses.asdict(c) for c in CANDIDATES]
     rows = []
     for s in decode_shapes()[0]:
         if a.shape not in s.name:

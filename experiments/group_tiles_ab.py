@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import ENGINE_SHAPE, DecodeShape, decode_inputs, rel_err  # noqa: E402
-from optgqa_jax.benchmark import copy_bandwidths, source_commit, timeit  # noqa: E402
-from optgqa_jax.timing import interleaved_rounds  # noqa: E402
+from optgqa_jax.benchmark import timeit  # noqa: E402
+from optgqa_jax.timing import interleaved_rounds, start_gpu_rounds  # noqa: E402
 from pallas_kernels import (PagedAttentionConfig, paged_attention,  # noqa: E402
                             paged_attention_reference)
 from pallas_kernels import _common as kc  # noqa: E402
@@ -57,13 +56,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    a = p.parse_args()
-    if a.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {a.rounds}")
-    if jax.devices()[0].platform != "gpu":
-        sys.exit(f"this benchmark needs a GPU; jax sees {jax.devices()[0].platform}")
-    os.makedirs(a.out, exist_ok=True)
-    ceiling = max(copy_bandwidths().values())
+    a, ceiling, meta = start_gpu_rounds(p)
     dtype = jnp.dtype(a.dtype)
     interpret = kc.backend() == "cpu"
     timers, nbytes, errs = {}, {}, {}
@@ -86,10 +79,7 @@ def main() -> None:
     rows = [dict(variant=n, ms=float(np.median(t)) * 1e3, rounds_ms=[x * 1e3 for x in t],
                  pct_ceiling=pct[n], vs_pow2_rate=pct[n] / pct[base], rel_err=errs[n])
             for n, t in times.items()]
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                commit=source_commit(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                copy_gbps=ceiling / 1e9, rounds=a.rounds, dtype=dtype.name,
-                candidates=[dataclasses.asdict(c) for c in CANDIDATES])
+    meta.update(dtype=dtype.name, candidates=[dataclasses.asdict(c) for c in CANDIDATES])
     with open(os.path.join(a.out, "group_tiles_ab.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = ["# Paged decode at the engine's shape: 28/4 tiles against 32/8, interleaved rounds\n",

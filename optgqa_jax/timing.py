@@ -25,6 +25,27 @@ def source_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
+def start_gpu_rounds(parser) -> tuple:
+    """The start shared by the interleaved-round GPU comparisons (``experiments/alibi_ab.py``,
+    ``group_tiles_ab.py``): parse `parser`'s arguments (it has ``--rounds`` and ``--out``),
+    refuse ``--rounds`` below 1, exit unless jax sees a GPU, make ``--out``, measure the copy
+    ceiling. Returns (args, ceiling in bytes/s, the run's metadata: device, jax, commit, date,
+    copy_gbps, rounds)."""
+    import jax
+
+    a = parser.parse_args()
+    if a.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {a.rounds}")
+    if jax.devices()[0].platform != "gpu":
+        raise SystemExit(f"this benchmark needs a GPU; jax sees {jax.devices()[0].platform}")
+    os.makedirs(a.out, exist_ok=True)
+    ceiling = max(copy_bandwidths().values())
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                commit=source_commit(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                copy_gbps=ceiling / 1e9, rounds=a.rounds)
+    return a, ceiling, meta
+
+
 def copy_bandwidths(nbytes: int = 2 << 30) -> dict:
     """Device-to-device copy bandwidth in bytes/s by several methods (read + written bytes).
 

@@ -96,3 +96,20 @@ def test_profile_bsr_call_checks_every_format_on_the_cpu(tmp_path):
             profile_bsr_call.main(["--interpret", "--shape", bad, "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         profile_bsr_call.main(["--interpret", "--shapes", "qkv,nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("module", [alibi_ab, group_tiles_ab])
+def test_gpu_rounds_scripts_refuse_bad_rounds_and_a_cpu(module, tmp_path, monkeypatch):
+    """timing.start_gpu_rounds, the start of alibi_ab.py and group_tiles_ab.py: --rounds 0 is
+    an argument error, and on a CPU the script exits before measuring anything or writing
+    --out."""
+    out = tmp_path / "out"
+    for argv, code in ((["--rounds", "0"], 2), ([], None)):
+        monkeypatch.setattr(sys, "argv", [module.__name__, "--out", str(out), *argv])
+        with pytest.raises(SystemExit) as e:
+            module.main()
+        if code is not None:
+            assert e.value.code == code
+        else:
+            assert "needs a GPU" in str(e.value.code)
+    assert not out.exists()
