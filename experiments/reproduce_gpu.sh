@@ -13,12 +13,13 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
 # from git, or from OPTGQA_COMMIT where .git is absent. OPTGQA_TEST_WORKERS: pytest workers of
-# the tests step (default 8; pytest-xdist).
+# the tests step (default 8; pytest-xdist); OPTGQA_TEST_FILES: its test files (default: every
+# kernel test file).
 set -u
 out=${1:-experiments/results/latest}
 shift || true
@@ -49,12 +50,12 @@ for step in $steps; do
       # several workers share the GPU (compilation is most of the time), memory taken as needed
       XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
         run gpu_kernel_tests 600 python -m pytest -q -n "${OPTGQA_TEST_WORKERS:-8}" \
-        -p no:cacheprovider tests/test_paged_attention.py tests/test_flash_attention.py \
+        -p no:cacheprovider ${OPTGQA_TEST_FILES:-tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
         tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
         tests/test_bsr_gather_quant_matmul.py tests/test_packed_bsr.py tests/test_layer_stack.py \
         tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py tests/test_sparse.py \
-        tests/test_tuning.py ;;
+        tests/test_tuning.py} ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     decode-alibi)  # every decode shape with the defaults, and five configs each timed with
@@ -214,12 +215,13 @@ for step in $steps; do
         experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w4g128+head+emb \
         --engine-workloads batch1 --out "$out/quant_engine_batch1" ;;
     batch1-stacked)  # the engine's batch-1 decode with EngineConfig.stack_layers off and on
-      # (one argument buffer per weight kind for all layers), W4 g128 and W4 g128 with the LM
-      # head and token table quantized, then W4S50 packed with shift-major codes (off, on, and
-      # off again); then one traced step of W4 g128 stacked, with the host's dispatch time
+      # (one argument buffer per weight kind for all layers): bfloat16, W4 g128 and W4 g128
+      # with the LM head and token table quantized
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_batch1_stacked 560 python \
-        experiments/bench_quant.py --only engine --engine-formats w4g128,w4g128+head+emb \
-        --engine-workloads batch1 --stack-layers both --out "$out/batch1_stacked"
+        experiments/bench_quant.py --only engine --engine-formats bf16,w4g128,w4g128+head+emb \
+        --engine-workloads batch1 --stack-layers both --out "$out/batch1_stacked" ;;
+    batch1-stacked-gqsa)  # W4S50 packed with shift-major codes, stacking off, on, off again;
+      # then one traced step of W4 g128 stacked, with the host's dispatch time
       for run_s in 1_off 2_on 3_off; do
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_batch1_stacked_$run_s" 200 python \
           experiments/gqsa_eval.py --part engine --engine-formats w4g128s50pksm --sequences 1 \
@@ -359,7 +361,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked batch1-stacked-gqsa flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call gqsa-tune-packed" \
