@@ -37,19 +37,18 @@ from pallas_kernels import (PagedAttentionConfig, alibi_slopes, paged_attention,
                             paged_attention_reference)
 from pallas_kernels import _common as kc  # noqa: E402
 
-# Tiles tried for groups that are not powers of two (masked query rows), beside the defaults:
-# with ALiBi 32- and 64-key blocks with and without the block table read one block ahead, and
-# 32-key blocks with it on 2 warps; without ALiBi the 64-key blocks with it, and 32-key blocks
-# with it on 2 warps (the best 28/4 setting at the engine's shape in group_tiles_ab.py's sweep,
-# H100, c9f6850). A default that chose 32-key blocks on 2 warps for short contexts (the table's
-# capacity) without ALiBi would need its ALiBi twin measured too: at c9f6850 the ALiBi default
-# was 1.075x that setting at B=32 ctx 2048 in float16.
+# Tiles tried for groups that are not powers of two (masked query rows), beside the defaults
+# (each skipped where it is the default): with ALiBi 32- and 64-key blocks with and without the
+# block table read one block ahead, and 32-key blocks with it on 2 warps; without ALiBi 64-key
+# blocks with and without it, and 32-key blocks with it on 2 warps (the best 28/4 setting at
+# the engine's shape in group_tiles_ab.py's sweep, H100, c9f6850). The last is the default for
+# tables of at most SHORT_CONTEXT tokens since the rule was added, the 64-key ones above it.
 CANDIDATES = [PagedAttentionConfig(keys_per_block=kpb, prefetch=pf, replicate_queries=True,
                                    num_warps=w)
               for kpb, pf, w in ((64, "none", 4), (64, "tables", 4), (32, "tables", 4),
                                  (32, "tables", 2))]
-PLAIN_CANDIDATES = [PagedAttentionConfig(keys_per_block=64, prefetch="tables",
-                                         replicate_queries=True),
+PLAIN_CANDIDATES = [PagedAttentionConfig(keys_per_block=64, prefetch=pf, replicate_queries=True)
+                    for pf in ("none", "tables")] + [
                     PagedAttentionConfig(keys_per_block=32, prefetch="tables", num_warps=2,
                                          replicate_queries=True)]
 TOLERANCE = 2e-2     # max |out - reference| / max |reference| in 16-bit dtypes
@@ -70,9 +69,14 @@ def shape_rows(s, dtype, rounds: int, ceiling: float) -> list:
     G = s.q_heads // s.kv_heads
     variants = {"no ALiBi, default": (None, None),
                 "ALiBi, default": (slopes, None)}
-    default_alibi = PagedAttentionConfig.for_backend(kc.backend(), alibi=True, group_size=G)
+    # the defaults paged_attention picks for these inputs (the table's capacity bounds the
+    # contexts: PagedAttentionConfig.for_backend(max_context=...))
+    defaults = {alibi: PagedAttentionConfig.for_backend(
+        kc.backend(), alibi=alibi, group_size=G,
+        max_context=args[3].shape[1] * args[1].shape[2]) for alibi in (False, True)}
+    default_alibi = defaults[True]
     if not kc.is_power_of_two(G):
-        default_plain = PagedAttentionConfig.for_backend(kc.backend(), group_size=G)
+        default_plain = defaults[False]
         for cfg in PLAIN_CANDIDATES:
             if cfg != default_plain:
                 variants[f"no ALiBi, {label(cfg)}"] = (None, cfg)
@@ -94,8 +98,7 @@ def shape_rows(s, dtype, rounds: int, ceiling: float) -> list:
     out = []
     for name, ts in times.items():
         med = float(np.median(ts))
-        cfg = variants[name][1] or PagedAttentionConfig.for_backend(
-            kc.backend(), alibi=variants[name][0] is not None, group_size=G)
+        cfg = variants[name][1] or defaults[variants[name][0] is not None]
         out.append(dict(shape=s.name, dtype=jnp.dtype(dtype).name, variant=name,
                         config=label(cfg),
                         ms=med * 1e3, rounds_ms=[t * 1e3 for t in ts],

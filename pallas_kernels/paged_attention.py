@@ -86,10 +86,14 @@ class PagedAttentionConfig:
 
     @classmethod
     def for_backend(cls, backend: str, alibi: bool = False,
-                    group_size: Optional[int] = None) -> "PagedAttentionConfig":
+                    group_size: Optional[int] = None,
+                    max_context: Optional[int] = None) -> "PagedAttentionConfig":
         """Defaults measured on an H100 (``experiments/results/h100/bench_kernels*.md``) and an
         H200 (``experiments/results/h200/quant/compare_variants_*.md``). ``group_size``: query
-        heads per KV head, when known (it picks the key block for masked query rows)."""
+        heads per KV head, when known (it picks the key block for masked query rows).
+        ``max_context``: a static bound on every sequence's length, when known
+        (:func:`paged_attention` passes its block table's capacity, pages × page size); groups
+        that are not powers of two take other tiles up to ``SHORT_CONTEXT`` tokens."""
         if backend == "rocm":
             # 64-wide wavefronts: 4 warps are 256 lanes; one stage keeps LDS use low (64 KB).
             return cls(keys_per_block=64, num_warps=4, num_stages=1)
@@ -116,6 +120,16 @@ class PagedAttentionConfig:
         # B=64 ctx=4096 (0.406 vs 0.403 ms) and beat it by 11% on the engine's decode
         # shape, B=256 with contexts 257-512 (0.174 vs 0.195 ms), where the pad and
         # slice kernels around the call weigh more.
+        short = max_context is not None and max_context <= SHORT_CONTEXT
+        if not pow2_group and short:
+            # Short tables, groups that are not powers of two: 32-key blocks, the block table
+            # read one block ahead, 2 warps, with and without ALiBi. H100, c9f6850
+            # (results/h100/group_tiles_ab_*_c9f6850.md, alibi_ab_28x4_c9f6850.md, 28/4,
+            # medians of interleaved rounds): 4-5% faster than the 64-key default at B=256
+            # ctx 257-512 (0.910 / 0.901 of 32/8's rate against 0.864) and 8-14% at B=32
+            # ctx 2048, but 3-4% slower at B=64 ctx 4096, hence the bound.
+            return cls(keys_per_block=32, num_warps=2, replicate_queries=True,
+                       prefetch="tables")
         if not pow2_group and alibi:
             # ALiBi reads the block table one block ahead. H100, commit de8592f
             # (results/h100/alibi_ab_de8592f.md, 28/4, medians of 5 interleaved rounds, time over
@@ -130,8 +144,8 @@ class PagedAttentionConfig:
             # slower (0.425 against 0.325 ms), so powers of two keep 32-key blocks.
             # H100, c9f6850 (results/h100/alibi_ab_28x4_c9f6850.md, group_tiles_ab_*): 32-key
             # blocks with the table read ahead on 2 warps were 4-5% faster for 28/4 at B=256
-            # ctx 257-512 and 8-14% at B=32 ctx 2048, but 3-4% slower at B=64 ctx 4096; the
-            # tiles are chosen without the contexts, so these stay.
+            # ctx 257-512 and 8-14% at B=32 ctx 2048, but 3-4% slower at B=64 ctx 4096, so
+            # they are taken only for short tables (above).
             return cls(keys_per_block=64, replicate_queries=True)
         return cls(keys_per_block=32, replicate_queries=True)
 
@@ -144,6 +158,9 @@ class PagedAttentionConfig:
 
 
 PREFETCH_MODES = ("none", "tables", "tiles")
+# Block tables of at most this many tokens (pages × page size) count as short contexts in
+# PagedAttentionConfig.for_backend.
+SHORT_CONTEXT = 2048
 
 
 def _paged_decode_kernel(q_ref, k_ref, v_ref, tables_ref, length_ref, slopes_ref, *out_refs,
@@ -404,7 +421,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                              f"holds ({block_tables.shape[1]} pages of {Z} = {capacity} tokens)")
     slopes = C.check_slopes(alibi_slopes, q.shape[1])
     config = config or PagedAttentionConfig.for_backend(
-        C.backend(), alibi=slopes is not None, group_size=q.shape[1] // k_pages.shape[0])
+        C.backend(), alibi=slopes is not None, group_size=q.shape[1] // k_pages.shape[0],
+        max_context=block_tables.shape[1] * Z)
     config.validate()
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from checks import assert_close_to_scale
 from kernel_cases import (INTERPRET, TOLERANCE, attention_np, contiguous_map, gather_sequence,
                           rand, random_block_tables, random_pool)
 from pallas_kernels import alibi_slopes
-from pallas_kernels.paged_attention import (PagedAttentionConfig, paged_attention,
-                                            paged_attention_reference)
+from pallas_kernels.paged_attention import (SHORT_CONTEXT, PagedAttentionConfig,
+                                            paged_attention, paged_attention_reference)
 
 CASES = [
     # dtype, B, N, K, D, page, alibi, splits
@@ -190,3 +191,34 @@ def test_cuda_defaults_pick_key_blocks_by_group_size():
         assert PC.for_backend("cuda", alibi=True, group_size=g) == dataclasses.replace(
             PC.for_backend("cuda", group_size=g), prefetch="tables"), g
     assert PC.for_backend("rocm", group_size=7) == PC.for_backend("rocm")
+    # short block tables (a static bound on the contexts): other groups take 32-key blocks on
+    # 2 warps with the table read ahead, with or without ALiBi; longer ones keep the above
+    short = PC(keys_per_block=32, num_warps=2, replicate_queries=True, prefetch="tables")
+    for g in (3, 7):
+        for alibi in (False, True):
+            for ctx in (1, SHORT_CONTEXT):
+                assert PC.for_backend("cuda", alibi, g, max_context=ctx) == short, (g, ctx)
+            assert PC.for_backend("cuda", alibi, g, SHORT_CONTEXT + 1) == PC.for_backend(
+                "cuda", alibi, g), g
+    for g in (1, 4, 8, None):
+        for alibi in (False, True):
+            assert PC.for_backend("cuda", alibi, g, 512) == PC.for_backend("cuda", alibi, g)
+    assert PC.for_backend("rocm", group_size=7, max_context=512) == PC.for_backend("rocm")
+
+
+def test_default_config_reads_the_table_capacity(monkeypatch):
+    """paged_attention's default config is asked with the block table's capacity (pages x page
+    size) as the context bound."""
+    seen = []
+    original = PagedAttentionConfig.for_backend.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("max_context"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PagedAttentionConfig, "for_backend", classmethod(spy))
+    q = jnp.ones((1, 7, 64), jnp.float32)
+    pages = jnp.ones((1, 4, 16, 64), jnp.float32)
+    jax.eval_shape(lambda q, k, v, t, n: paged_attention(q, k, v, t, n, interpret=True),
+                   q, pages, pages, jnp.zeros((1, 3), jnp.int32), jnp.ones((1,), jnp.int32))
+    assert seen == [48]
