@@ -59,6 +59,8 @@ class BenchConfig:
     kv_memory_bytes: Optional[int] = None  # cap on the pool's bytes (same cap for the MHA twin)
     seq_buckets: Optional[tuple[int, ...]] = (64, 256)
     token_buckets: Optional[tuple[int, ...]] = (1024, 2048)
+    # block tables cut to these context lengths (EngineConfig.context_buckets; None: off)
+    context_buckets: Optional[tuple[int, ...]] = None
     attention_impl: str = "auto"
     seed: int = 0
     hf_batch_size: int = 64
@@ -190,7 +192,8 @@ def run_engine(bc: BenchConfig) -> dict:
         page_size=bc.page_size, num_pages=num_pages, max_num_seqs=bc.max_num_seqs,
         max_num_batched_tokens=bc.max_num_batched_tokens, max_model_len=cfg.max_seq_len,
         attention_impl=bc.attention_impl, seq_buckets=bc.seq_buckets,
-        token_buckets=bc.token_buckets, enable_prefix_caching=False,
+        token_buckets=bc.token_buckets, context_buckets=bc.context_buckets,
+        enable_prefix_caching=False,
         fuse_projections=bc.fuse_projections, async_scheduling=bc.async_scheduling,
         xla_compiler_options=bc.xla_compiler_options,
         command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
@@ -351,7 +354,9 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                 engine=f"max_num_seqs={bc.max_num_seqs}, "
                        f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
                        f"token buckets {', '.join(map(str, bc.token_buckets or ()))}, "
-                       f"page_size={bc.page_size}, attention={bc.attention_impl}"
+                       + (f"context buckets {', '.join(map(str, bc.context_buckets))}, "
+                          if bc.context_buckets else "")
+                       + f"page_size={bc.page_size}, attention={bc.attention_impl}"
                        + (f", KV pool capped at {bc.kv_memory_bytes / 2**30:.3g} GiB"
                           + (" per device" if bc.tensor_parallel_size > 1 else "")
                           if bc.kv_memory_bytes else "")
@@ -412,6 +417,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the quantized layers and norm scales stacked across layers, "
                              "one argument buffer per weight kind (EngineConfig.stack_layers; "
                              "default: off)")
+    parser.add_argument("--context-buckets", default=None, metavar="N,N,...",
+                        help="context lengths (tokens, ascending) that block tables are cut to "
+                             "(EngineConfig.context_buckets; default: off, tables span the "
+                             "model's max_seq_len)")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
                         help="repeatable: an XLA compiler option for the engine's steps, replacing "
                              "the engine's defaults (e.g. xla_gpu_enable_command_buffer=FUSION)")
@@ -484,6 +493,19 @@ def _token_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
     return sizes
 
 
+def _context_buckets(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``--context-buckets`` checked before any work starts (None when not given)."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+        raise SystemExit(f"--context-buckets {text!r}: expected ascending positive token counts")
+    return sizes
+
+
 def config_from_args(args) -> BenchConfig:
     token_buckets = tuple(b for b in BenchConfig.token_buckets if b < args.max_num_batched_tokens)
     token_buckets = _token_buckets(getattr(args, "token_buckets", None),
@@ -506,6 +528,7 @@ def config_from_args(args) -> BenchConfig:
         stack_layers=bool(getattr(args, "stack_layers", False)),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets,
+        context_buckets=_context_buckets(getattr(args, "context_buckets", None)),
         tensor_parallel_size=args.tensor_parallel_size)
 
 
@@ -515,7 +538,7 @@ def _worker_main(argv) -> None:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     d = json.loads(args.config)
-    for key in ("input_range", "output_range", "seq_buckets", "token_buckets"):
+    for key in ("input_range", "output_range", "seq_buckets", "token_buckets", "context_buckets"):
         if d.get(key) is not None:
             d[key] = tuple(d[key])
     bc = BenchConfig(**d)

@@ -105,6 +105,23 @@ def test_no_recompilation_after_warmup(tiny):
         assert eng.runner.step_fn._cache_size() == jit_entries
 
 
+def test_context_buckets_cut_block_tables_without_changing_outputs(tiny):
+    """EngineConfig.context_buckets: each step's block tables span the smallest bucket holding
+    its longest context (pages of 8 tokens: 2, 5, then max_model_len's); tokens unchanged."""
+    with pytest.raises(ValueError, match="context_buckets"):
+        og.EngineConfig(context_buckets=(40, 16))
+    eng = _engine(tiny, context_buckets=(16, 40), max_num_seqs=4)
+    runner = eng.runner
+    assert runner.table_widths == (2, 5, runner.max_pages_per_seq)
+    assert len(runner.buckets()) == 3 * (len(runner.seq_buckets) + len(runner.token_buckets))
+    outs = eng.generate(tiny[2], GREEDY)
+    assert [o.token_ids for o in outs] == tiny[3]
+    short = tiny[2][0][:3]                        # contexts of at most 13 tokens: 2 pages
+    out = eng.generate([short], GREEDY)[0]
+    assert out.token_ids == og.generate_simple(tiny[0], tiny[1], short, GREEDY.max_tokens)
+    assert {sig[2] for sig in runner.signatures} == set(runner.table_widths)
+
+
 def test_greedy_only_warmup(tiny):
     cfg, params, _, _ = tiny
     eng = _engine(tiny, max_num_seqs=2, max_num_batched_tokens=16)

@@ -164,6 +164,12 @@ class EngineConfig:
       token_buckets: token counts that mixed (prefill) steps are padded to;
         None: powers of two from 16 up to max_num_batched_tokens. Fewer buckets
         mean fewer compiled programs and more padding.
+      context_buckets: context lengths in tokens (ascending) that a step's block tables are
+        cut to (``ModelRunner``): a step whose longest context fits in a bucket passes tables
+        of that many tokens' pages, a static bound the decode kernel picks its tiles by
+        (``PagedAttentionConfig.for_backend(max_context=...)``: 28/4-style groups take other
+        tiles up to 2048 tokens). Each bucket is its own set of step programs. None: tables
+        always span ``max_model_len``.
       tensor_parallel_size: devices the model is split over (the first ones of
         ``jax.devices()``): weights by ``optgqa_jax.sharding``'s rules and the KV pool by KV
         heads where those are split; the step is one jitted program that XLA partitions
@@ -189,6 +195,7 @@ class EngineConfig:
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
     token_buckets: Optional[tuple[int, ...]] = None
+    context_buckets: Optional[tuple[int, ...]] = None
     max_logprobs: int = 20
     tensor_parallel_size: int = 1
 
@@ -233,6 +240,12 @@ class EngineConfig:
             object.__setattr__(self, name, v)
             if not v or list(v) != sorted(set(v)) or v[0] < 1 or v[-1] < top:
                 raise ValueError(f"{name} must be ascending positive sizes ending at >= {top}, "
+                                 f"got {v}")
+        if self.context_buckets is not None:
+            v = tuple(int(x) for x in self.context_buckets)
+            object.__setattr__(self, "context_buckets", v)
+            if not v or list(v) != sorted(set(v)) or v[0] < 1:
+                raise ValueError("context_buckets must be ascending positive token counts, "
                                  f"got {v}")
         if self.xla_compiler_options is not None:
             if not isinstance(self.xla_compiler_options, Mapping) or not all(

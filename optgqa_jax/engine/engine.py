@@ -198,7 +198,8 @@ class Engine:
                                   command_buffer_max_tokens=config.command_buffer_max_tokens,
                                   max_logprobs=config.max_logprobs, mesh=mesh,
                                   stable_buffers=config.stable_step_buffers,
-                                  sorted_kv_writes=config.sorted_kv_writes)
+                                  sorted_kv_writes=config.sorted_kv_writes,
+                                  context_buckets=config.context_buckets)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._steps = 0

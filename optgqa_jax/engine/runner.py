@@ -8,10 +8,12 @@ A step packs the scheduled tokens of all sequences along one axis. To keep
 the number of compiled programs small and fixed, shapes are padded to
 buckets: decode-only steps to a power-of-two number of sequences; mixed
 (prefill) steps to a power-of-two token count, with the sequence axis always
-``max_num_seqs`` wide; block tables always span ``max_model_len``. Each bucket
-has a greedy and a sampling program (the host knows which a step needs). So
-at most ``2 * (log2(max_num_seqs) + log2(max_num_batched_tokens) + 2)``
-programs exist, and :meth:`ModelRunner.warmup` compiles all of them up front.
+``max_num_seqs`` wide; block tables span ``max_model_len``, or, with context
+buckets, the smallest bucket that holds the step's longest context (a static
+bound the attention kernels pick their tiles by). Each bucket has a greedy and
+a sampling program (the host knows which a step needs). So at most
+``2 * (log2(max_num_seqs) + log2(max_num_batched_tokens) + 2)`` programs exist
+per table width, and :meth:`ModelRunner.warmup` compiles all of them up front.
 
 A step's inputs travel as one packed int32 buffer (:func:`pack_inputs`). Its
 sampled tokens stay on the device until read, padded to ``max_rows``, so the
@@ -269,6 +271,14 @@ class ModelRunner:
     (see the note above ``_overwrite``). Outputs are unchanged. Off by default: measured, it
     did not make batch-1 decode faster (``EngineConfig.stable_step_buffers``).
 
+    ``context_buckets``: context lengths (tokens, ascending) that a step's block tables are
+    cut to: a step whose longest context (its sequences' lengths after the step) fits in a
+    bucket gets tables of that many tokens' pages, the others of ``max_model_len``'s. The
+    tables' width is a static bound on the contexts: the decode kernel picks its tiles by it
+    (``PagedAttentionConfig.for_backend(max_context=...)``), and the step copies fewer table
+    entries to the device. Each width is its own set of programs. None: one width,
+    ``max_model_len``'s.
+
     ``sorted_kv_writes``: each step's K/V rows are written in ascending slot order with
     unique slots (:func:`sort_kv_writes` on the host, ``kv_layers.PagedBatch.kv_order`` on
     the device), so XLA's scatter may assume sorted, unique indices. Outputs are unchanged.
@@ -279,7 +289,8 @@ class ModelRunner:
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
                  command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
-                 stable_buffers: bool = False, sorted_kv_writes: bool = False):
+                 stable_buffers: bool = False, sorted_kv_writes: bool = False,
+                 context_buckets=None):
         if stable_buffers and mesh is not None:
             raise ValueError("stable_buffers=True needs a single device (mesh=None)")
         self.mesh = mesh
@@ -316,6 +327,10 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
+        # block-table widths (pages), ascending; the last spans max_model_len
+        self.table_widths = tuple(sorted(
+            {-(-int(c) // page_size) for c in (context_buckets or ()) if c < max_model_len}
+            | {self.max_pages_per_seq}))
         self.pool = KVPool.create(cfg, num_pages, page_size)
         if mesh is not None:  # pages split by KV heads where the K/V projections are
             place = lambda i, a: jax.device_put(a, sharding.kv_pages_sharding(cfg, mesh, i))  # noqa: E731
@@ -352,22 +367,26 @@ class ModelRunner:
         """Distinct step programs compiled so far ((bucket, greedy or sampling) pairs seen)."""
         return len(self.signatures)
 
-    def buckets(self) -> list[tuple[bool, int]]:
-        """Every (decode_only, size) bucket the runner can produce."""
-        return [(True, b) for b in self.seq_buckets] + [(False, t) for t in self.token_buckets]
+    def buckets(self) -> list[tuple[bool, int, int]]:
+        """Every (decode_only, size, table width in pages) bucket the runner can produce."""
+        return [(d, n, w) for d, n in ([(True, b) for b in self.seq_buckets]
+                                       + [(False, t) for t in self.token_buckets])
+                for w in self.table_widths]
 
     @staticmethod
     def _fit(n: int, buckets: tuple) -> int:
         return next(b for b in buckets if b >= n)
 
-    def _empty(self, decode_only: bool, size: int) -> StepInputs:
+    def _empty(self, decode_only: bool, size: int, width: Optional[int] = None) -> StepInputs:
+        """All-padding inputs of a bucket; ``width``: block-table pages (default: the widest)."""
         B = size if decode_only else max(self.max_num_seqs, self.seq_buckets[-1])
+        width = self.max_pages_per_seq if width is None else width
         T = size
         drop = self.num_pages * self.page_size  # past the pool: writes are dropped
         return StepInputs(
             tokens=np.zeros(T, np.int32), positions=np.zeros(T, np.int32),
             slot_mapping=np.full(T, drop, np.int32), token_seq=np.zeros(T, np.int32),
-            block_tables=np.zeros((B, self.max_pages_per_seq), np.int32),
+            block_tables=np.zeros((B, width), np.int32),
             context_lens=np.zeros(B, np.int32), cu_q_lens=np.zeros(B + 1, np.int32),
             select=np.zeros(B, np.int32), temperature=np.zeros(B, np.float32),
             top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
@@ -388,7 +407,9 @@ class ModelRunner:
         total = sum(s.num_new for s in scheduled)
         size = (self._fit(len(scheduled), self.seq_buckets) if decode_only
                 else self._fit(total, self.token_buckets))
-        x = self._empty(decode_only, size)
+        longest = max((s.start + s.num_new for s in scheduled), default=0)
+        x = self._empty(decode_only, size,
+                        self._fit(-(-longest // self.page_size), self.table_widths))
         fill = self._fill_decode if decode_only else self._fill_packed
         fill(x, scheduled, tables, from_prev)
         return x, decode_only, size
@@ -415,6 +436,7 @@ class ModelRunner:
                                                                  np.int32)[nxt[inside]]
             x.slot_mapping[t:t + s.num_new] = table[pos // Z] * Z + pos % Z
             x.token_seq[t:t + s.num_new] = b
+            table = table[:x.block_tables.shape[1]]   # pages past the context are not read
             x.block_tables[b, :len(table)] = table
             x.context_lens[b] = s.start + s.num_new
             x.cu_q_lens[b + 1] = t + s.num_new
@@ -433,7 +455,8 @@ class ModelRunner:
         n, Z = len(scheduled), self.page_size
         reqs = [s.request for s in scheduled]
         pos = np.fromiter((s.start for s in scheduled), np.int32, n)
-        rows = [tables[r.request_id] for r in reqs]
+        M = x.block_tables.shape[1]     # pages past the contexts are not read
+        rows = [tables[r.request_id][:M] for r in reqs]
         lens = np.fromiter(map(len, rows), np.int32, n)
         filled = np.arange(x.block_tables.shape[1])[None, :] < lens[:, None]  # [n, M]
         x.block_tables[:n][filled] = np.fromiter(itertools.chain.from_iterable(rows), np.int32,
@@ -502,8 +525,8 @@ class ModelRunner:
         row, padded to [max_rows], and its log-probability outputs (None unless `logprobs` or
         `prompt_logprobs`; see :func:`_step`). ``prev_tokens`` is the previous step's token
         array (the source of ``inputs.token_src``)."""
-        self.signatures.add((decode_only, size, self._stochastic(inputs), logprobs,
-                             prompt_logprobs))
+        self.signatures.add((decode_only, size, inputs.block_tables.shape[1],
+                             self._stochastic(inputs), logprobs, prompt_logprobs))
         args, kwargs = self._args(inputs, decode_only, size, prev_tokens, logprobs,
                                   prompt_logprobs)
         return self._launch(size, args, kwargs)
@@ -536,8 +559,8 @@ class ModelRunner:
         """Compile every bucket with all-padding steps (they write nothing): the greedy
         programs and, with ``sampling``, the sampling ones too (``2 * len(buckets())``
         programs; ``len(buckets())`` without)."""
-        for decode_only, size in self.buckets():
+        for decode_only, size, width in self.buckets():
             for temperature in ((0.0, 1.0) if sampling else (0.0,)):
-                x = self._empty(decode_only, size)
+                x = self._empty(decode_only, size, width)
                 x.temperature[:] = temperature
                 self.run(x, decode_only, size)
