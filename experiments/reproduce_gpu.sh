@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -64,6 +64,25 @@ for step in $steps; do
         --out "$out/alibi" ;;
     decode-alibi-ab)  # ALiBi against without at every decode shape, 5 interleaved rounds
       run alibi_ab 400 python experiments/alibi_ab.py --rounds 5 --out "$out/alibi_ab" ;;
+    decode-short-tables)  # 28/4 with the short-table rule (PagedAttentionConfig.for_backend's
+      # max_context): ALiBi against without and the previous defaults at every 28/4 shape, then
+      # 28/4 against 32/8 at the engine's shape in both dtypes
+      run alibi_ab_28x4 300 python experiments/alibi_ab.py --rounds 5 --shape 28/4 \
+        --out "$out/alibi_ab_28x4"
+      for dt in bfloat16 float16; do
+        run "group_tiles_ab_$dt" 200 python experiments/group_tiles_ab.py --rounds 3 \
+          --dtype "$dt" --out "$out/group_tiles_ab_$dt"
+      done ;;
+    engine-context-buckets)  # the fixed 1000 x 256/256 workload with block tables cut to
+      # 1024 tokens (EngineConfig.context_buckets) and without, alternating
+      for run_i in 1 2; do
+        for cb in none 1024; do
+          flag=(); [ "$cb" != none ] && flag=(--context-buckets "$cb")
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_context_${cb}_$run_i" 240 \
+            python experiments/bench_engine.py "${engine_args[@]}" "${flag[@]}" \
+            --out "$out/engine_context_buckets/${cb}_$run_i"
+        done
+      done ;;
     group-tiles)  # 28/4 tile settings against 32/8 at the engine's decode shape, both dtypes
       for dt in bfloat16 float16; do
         run "group_tiles_ab_$dt" 200 python experiments/group_tiles_ab.py --rounds 3 \
@@ -361,7 +380,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked batch1-stacked-gqsa flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked batch1-stacked-gqsa decode-short-tables engine-context-buckets flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call gqsa-tune-packed" \
