@@ -78,6 +78,12 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     for bad in ("512,1024", "1024,512,2048", "0,2048", "a,2048", ""):
         with pytest.raises(SystemExit, match="--token-buckets"):
             B.config_from_args(parser.parse_args(["--token-buckets", bad]))
+    assert bc.context_buckets is None
+    bc = B.config_from_args(parser.parse_args(["--context-buckets", "1024,2048"]))
+    assert bc.context_buckets == (1024, 2048)
+    for bad in ("2048,1024", "0,512", "a", ""):
+        with pytest.raises(SystemExit, match="--context-buckets"):
+            B.config_from_args(parser.parse_args(["--context-buckets", bad]))
 
 
 def test_tensor_parallel_run_needs_the_devices(fixed_ceiling):
