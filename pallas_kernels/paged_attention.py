@@ -121,13 +121,17 @@ class PagedAttentionConfig:
         # shape, B=256 with contexts 257-512 (0.174 vs 0.195 ms), where the pad and
         # slice kernels around the call weigh more.
         short = max_context is not None and max_context <= SHORT_CONTEXT
-        if not pow2_group and short:
-            # Short tables, groups that are not powers of two: 32-key blocks, the block table
-            # read one block ahead, 2 warps, with and without ALiBi. H100, c9f6850
+        if not pow2_group and short and not alibi:
+            # Short tables, groups that are not powers of two, no ALiBi: 32-key blocks, the
+            # block table read one block ahead, 2 warps. H100, c9f6850
             # (results/h100/group_tiles_ab_*_c9f6850.md, alibi_ab_28x4_c9f6850.md, 28/4,
             # medians of interleaved rounds): 4-5% faster than the 64-key default at B=256
             # ctx 257-512 (0.910 / 0.901 of 32/8's rate against 0.864) and 8-14% at B=32
-            # ctx 2048, but 3-4% slower at B=64 ctx 4096, hence the bound.
+            # ctx 2048, but 3-4% slower at B=64 ctx 4096, hence the bound. Confirmed at 0b38b02
+            # (results/h100/decode_short_tables_0b38b02/): 0.909 / 0.919 of 32/8's rate in 7
+            # rounds. With ALiBi the same tiles were 1.11x the no-ALiBi time at B=256 ctx
+            # 257-512, so ALiBi keeps its own default below (1.03x there, 0.95-0.99x at B=32
+            # ctx 2048).
             return cls(keys_per_block=32, num_warps=2, replicate_queries=True,
                        prefetch="tables")
         if not pow2_group and alibi:

@@ -192,14 +192,15 @@ def test_cuda_defaults_pick_key_blocks_by_group_size():
             PC.for_backend("cuda", group_size=g), prefetch="tables"), g
     assert PC.for_backend("rocm", group_size=7) == PC.for_backend("rocm")
     # short block tables (a static bound on the contexts): other groups take 32-key blocks on
-    # 2 warps with the table read ahead, with or without ALiBi; longer ones keep the above
+    # 2 warps with the table read ahead without ALiBi; longer ones, and ALiBi, keep the above
     short = PC(keys_per_block=32, num_warps=2, replicate_queries=True, prefetch="tables")
     for g in (3, 7):
-        for alibi in (False, True):
-            for ctx in (1, SHORT_CONTEXT):
-                assert PC.for_backend("cuda", alibi, g, max_context=ctx) == short, (g, ctx)
-            assert PC.for_backend("cuda", alibi, g, SHORT_CONTEXT + 1) == PC.for_backend(
-                "cuda", alibi, g), g
+        for ctx in (1, SHORT_CONTEXT):
+            assert PC.for_backend("cuda", False, g, max_context=ctx) == short, (g, ctx)
+            assert PC.for_backend("cuda", True, g, max_context=ctx) == PC.for_backend(
+                "cuda", True, g), (g, ctx)
+        assert PC.for_backend("cuda", False, g, SHORT_CONTEXT + 1) == PC.for_backend(
+            "cuda", False, g), g
     for g in (1, 4, 8, None):
         for alibi in (False, True):
             assert PC.for_backend("cuda", alibi, g, 512) == PC.for_backend("cuda", alibi, g)
