@@ -131,7 +131,8 @@ class PagedAttentionConfig:
             # (results/h100/decode_short_tables_0b38b02/): 0.909 / 0.919 of 32/8's rate in 7
             # rounds. With ALiBi the same tiles were 1.11x the no-ALiBi time at B=256 ctx
             # 257-512, so ALiBi keeps its own default below (1.03x there, 0.95-0.99x at B=32
-            # ctx 2048).
+            # ctx 2048). Only groups of 7 were timed with short tables; 5 (40/8) and 3 (12/4)
+            # take the same rule untimed.
             return cls(keys_per_block=32, num_warps=2, replicate_queries=True,
                        prefetch="tables")
         if not pow2_group and alibi:
