@@ -167,9 +167,9 @@ class EngineConfig:
       context_buckets: context lengths in tokens (ascending) that a step's block tables are
         cut to (``ModelRunner``): a step whose longest context fits in a bucket passes tables
         of that many tokens' pages, a static bound the decode kernel picks its tiles by
-        (``PagedAttentionConfig.for_backend(max_context=...)``: 28/4-style groups take other
-        tiles up to 2048 tokens). Each bucket is its own set of step programs. None: tables
-        always span ``max_model_len``.
+        (``PagedAttentionConfig.for_backend(max_context=...)``: without ALiBi, 28/4-style
+        groups take other tiles up to 2048 tokens). Each bucket is its own set of step
+        programs. None: tables always span ``max_model_len``.
       tensor_parallel_size: devices the model is split over (the first ones of
         ``jax.devices()``): weights by ``optgqa_jax.sharding``'s rules and the KV pool by KV
         heads where those are split; the step is one jitted program that XLA partitions
