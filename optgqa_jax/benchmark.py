@@ -479,8 +479,10 @@ def _quant_spec(spec: Optional[str]) -> Optional[str]:
     return spec
 
 
-def _token_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
-    """``--token-buckets`` checked before any work starts (None when not given)."""
+def _sizes(flag: str, text: Optional[str], top: int = 1,
+           what: str = "") -> Optional[tuple[int, ...]]:
+    """A ``N,N,...`` flag of ascending positive counts, the last >= ``top``, checked before
+    any work starts (None when not given)."""
     if text is None:
         return None
     try:
@@ -488,22 +490,19 @@ def _token_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
     except ValueError:
         sizes = ()
     if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] < top:
-        raise SystemExit(f"--token-buckets {text!r}: expected ascending positive token counts, "
-                         f"the last >= --max-num-batched-tokens ({top})")
+        raise SystemExit(f"{flag} {text!r}: expected ascending positive token counts{what}")
     return sizes
+
+
+def _token_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
+    """``--token-buckets`` checked before any work starts (None when not given)."""
+    return _sizes("--token-buckets", text, top,
+                  f", the last >= --max-num-batched-tokens ({top})")
 
 
 def _context_buckets(text: Optional[str]) -> Optional[tuple[int, ...]]:
     """``--context-buckets`` checked before any work starts (None when not given)."""
-    if text is None:
-        return None
-    try:
-        sizes = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
-        raise SystemExit(f"--context-buckets {text!r}: expected ascending positive token counts")
-    return sizes
+    return _sizes("--context-buckets", text)
 
 
 def config_from_args(args) -> BenchConfig:
