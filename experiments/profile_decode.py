@@ -244,8 +244,9 @@ def override_decode_config(spec: str) -> None:
             changes[name.strip()] = value.strip()  # bare strings such as prefetch=tiles
     original = PagedAttentionConfig.for_backend.__func__
 
-    def patched(cls, backend, alibi=False, group_size=None):
-        return dataclasses.replace(original(cls, backend, alibi, group_size), **changes)
+    def patched(cls, backend, alibi=False, group_size=None, max_context=None):
+        return dataclasses.replace(original(cls, backend, alibi, group_size, max_context),
+                                   **changes)
 
     PagedAttentionConfig.for_backend = classmethod(patched)
 

@@ -66,3 +66,17 @@ def test_host_table_sums_self_time_per_thread():
         assert sum(s for _, s, _, _ in entry["events"]) <= entry["busy_ms_per_step"] * 1e3 * 1.001
     names = [n for e in host.values() for n, *_ in e["events"]]
     assert any("PjitFunction" in n or "Execute" in n for n in names), names
+
+
+def test_decode_config_override_keeps_the_defaults_signature(monkeypatch):
+    """--decode-config patches PagedAttentionConfig.for_backend; paged_attention still calls
+    it with the table's capacity (max_context), and the changed field wins."""
+    from pallas_kernels.paged_attention import PagedAttentionConfig
+
+    monkeypatch.setattr(PagedAttentionConfig, "for_backend", PagedAttentionConfig.for_backend)
+    short = PagedAttentionConfig.for_backend("cuda", False, 7, max_context=512)
+    profile_decode.override_decode_config("num_stages=2")
+    got = PagedAttentionConfig.for_backend("cuda", alibi=False, group_size=7, max_context=512)
+    assert got == short.__class__(**{**short.__dict__, "num_stages": 2})
+    with pytest.raises(SystemExit, match="unknown field"):
+        profile_decode.override_decode_config("blocks=3")
