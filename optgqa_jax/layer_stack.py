@@ -26,8 +26,13 @@ kernel's ``layer`` argument where the kernel runs, and through the layer's own s
 stack on the other routes (a jnp dequantization on CPUs, which XLA fuses with the slice). On
 GPUs, products of more than 64 rows (prefill) take the streaming dequantize kernel, whose
 operands are the slice's own buffers, so XLA may copy the layer's packed codes, scales and zero
-points (a quarter of the bfloat16 bytes that kernel writes) once per call; not measured. The stacking is meant for decode-bound
-serving (batch 1 and small batches), where it removes launch work.
+points (a quarter of the bfloat16 bytes that kernel writes) once per call; not measured. The
+stacking is meant for decode-bound serving (batch 1 and small batches), where it removes launch
+work. Measured on an H100 (0b38b02,
+``experiments/results/h100/batch1/bench_quant_batch1_stacked_0b38b02.md``) the engine's
+batch-1 W4 decode, which runs with command buffers, did not get faster (282 against 291
+tokens/s; 294 against 292 with the LM head and token table quantized): the host replays one
+graph per step there, and the step's time is its kernels'.
 
 ``EngineConfig(stack_layers=True)`` serves a model this way. The stacked arrays are a copy:
 drop other references to the unstacked params to free theirs.
