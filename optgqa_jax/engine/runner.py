@@ -458,7 +458,7 @@ class ModelRunner:
         M = x.block_tables.shape[1]     # pages past the contexts are not read
         rows = [tables[r.request_id][:M] for r in reqs]
         lens = np.fromiter(map(len, rows), np.int32, n)
-        filled = np.arange(x.block_tables.shape[1])[None, :] < lens[:, None]  # [n, M]
+        filled = np.arange(M)[None, :] < lens[:, None]  # [n, M]
         x.block_tables[:n][filled] = np.fromiter(itertools.chain.from_iterable(rows), np.int32,
                                                  int(lens.sum()))
         rowid = np.arange(n, dtype=np.int32)
