@@ -301,9 +301,9 @@ def main():
     ap.add_argument("--stable-buffers", choices=("auto", "on", "off"), default="auto",
                     help="the runner's held input and token buffers (ModelRunner's "
                          "stable_buffers; auto: its default, off)")
-    ap.add_argument("--sorted-kv-writes", action="store_true",
+    ap.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction, default=True,
                     help="write K/V in ascending slot order with unique slots (ModelRunner's "
-                         "sorted_kv_writes; default off, as the engine's)")
+                         "sorted_kv_writes; default on, as the engine's)")
     ap.add_argument("--stack-layers", action="store_true",
                     help="serve the quantized layers and norm scales stacked across layers "
                          "(EngineConfig.stack_layers; default off, as the engine's)")

@@ -105,9 +105,9 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--no-trace", action="store_true", help="time the step only")
-    ap.add_argument("--sorted-kv-writes", action="store_true",
+    ap.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction, default=True,
                     help="write K/V in ascending slot order with unique slots (ModelRunner's "
-                         "sorted_kv_writes; default off, as the engine's)")
+                         "sorted_kv_writes; default on, as the engine's)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     lo, hi = a.context

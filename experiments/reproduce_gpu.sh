@@ -101,8 +101,8 @@ for step in $steps; do
     profile-kv-writes)  # the fixed workload's mean decode step (482 sequences) and mean mixed
       # step, each with the K/V writes as the engine does them and sorted and unique
       # (EngineConfig.sorted_kv_writes): step time and per-op trace
-      for flag in "" --sorted-kv-writes; do
-        tag=${flag:+_sorted}
+      for flag in --no-sorted-kv-writes --sorted-kv-writes; do
+        tag=_sorted; [ "$flag" = --no-sorted-kv-writes ] && tag=""
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "profile_decode_b482$tag" 240 python \
           experiments/profile_decode.py --quick --fuse-projections --batch 482 \
           --context 257 512 $flag --out "$out/profile_kv_writes/decode_b482$tag"

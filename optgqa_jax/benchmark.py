@@ -70,7 +70,7 @@ class BenchConfig:
     command_buffer_max_tokens: int = EngineConfig.command_buffer_max_tokens
     # held step buffers (EngineConfig.stable_step_buffers; None: the engine's default, off)
     stable_step_buffers: Optional[bool] = None
-    # sorted, unique K/V writes (EngineConfig.sorted_kv_writes; None: the engine's default, off)
+    # sorted, unique K/V writes (EngineConfig.sorted_kv_writes; None: the engine's default, on)
     sorted_kv_writes: Optional[bool] = None
     # layer-stacked weights (EngineConfig.stack_layers; None: the engine's default, off)
     stack_layers: Optional[bool] = None
@@ -198,7 +198,8 @@ def run_engine(bc: BenchConfig) -> dict:
         xla_compiler_options=bc.xla_compiler_options,
         command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
         stable_step_buffers=bool(bc.stable_step_buffers),
-        sorted_kv_writes=bool(bc.sorted_kv_writes), stack_layers=bool(bc.stack_layers)))
+        sorted_kv_writes=(EngineConfig.sorted_kv_writes if bc.sorted_kv_writes is None
+                          else bool(bc.sorted_kv_writes)), stack_layers=bool(bc.stack_layers)))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -409,9 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="launch each decode step before the previous one's tokens are read "
                              "(EngineConfig option; default: on)")
     parser.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction,
-                        default=False,
+                        default=EngineConfig.sorted_kv_writes,
                         help="write K/V in ascending slot order with unique slots "
-                             "(EngineConfig.sorted_kv_writes; default: off)")
+                             "(EngineConfig.sorted_kv_writes; default: on)")
     parser.add_argument("--stack-layers", action=argparse.BooleanOptionalAction,
                         default=False,
                         help="serve the quantized layers and norm scales stacked across layers, "
@@ -523,7 +524,7 @@ def config_from_args(args) -> BenchConfig:
         async_scheduling=args.async_scheduling, quantize=_quant_spec(args.quantize),
         xla_compiler_options=_xla_options(args.xla_option),
         command_buffer_max_tokens=args.command_buffer_max_tokens,
-        sorted_kv_writes=bool(getattr(args, "sorted_kv_writes", False)),
+        sorted_kv_writes=bool(getattr(args, "sorted_kv_writes", EngineConfig.sorted_kv_writes)),
         stack_layers=bool(getattr(args, "stack_layers", False)),
         seq_buckets=seq_buckets + (args.max_num_seqs,),
         token_buckets=token_buckets,

@@ -105,7 +105,7 @@ def test_sort_kv_writes_gives_unique_sorted_slots():
 @pytest.mark.parametrize("regime,async_scheduling", [(dict(num_pages=12), True),
                                                      (dict(max_num_seqs=3), False)])
 def test_sorted_kv_writes_give_the_same_tokens(tiny, regime, async_scheduling):
-    """EngineConfig.sorted_kv_writes (off by default): the same greedy tokens as
+    """EngineConfig.sorted_kv_writes (on by default): the same greedy tokens as
     generate_simple and the same sampled tokens as without, in both scheduling modes, with
     preemption and with requests waiting for seats."""
     eng = _engine(tiny, async_scheduling=async_scheduling, sorted_kv_writes=True, **regime)
@@ -114,11 +114,11 @@ def test_sorted_kv_writes_give_the_same_tokens(tiny, regime, async_scheduling):
     assert eng.stats.pages_used == 0
     sampling = og.SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=5)
     on = _engine(tiny, async_scheduling=async_scheduling, sorted_kv_writes=True, **regime)
-    off = _engine(tiny, async_scheduling=async_scheduling, **regime)
+    off = _engine(tiny, async_scheduling=async_scheduling, sorted_kv_writes=False, **regime)
     assert not off.runner.sorted_kv_writes
     assert ([o.token_ids for o in on.generate(tiny[2][:6], sampling)]
             == [o.token_ids for o in off.generate(tiny[2][:6], sampling)])
-    assert not og.EngineConfig().sorted_kv_writes
+    assert og.EngineConfig().sorted_kv_writes
     with pytest.raises(ValueError, match="sorted_kv_writes must be True or False"):
         og.EngineConfig(sorted_kv_writes=1)
 

@@ -129,8 +129,11 @@ class EngineConfig:
         layer's write alone, on an H100 (commit de8592f,
         ``experiments/results/h100/kv_write_bench_de8592f.md``): 43.4 against 57.6 µs for a
         482-token decode step, 49.1 against 86.1 µs for a 3,890-token mixed step (about 0.45
-        and 1.1 ms per Llama-3-8B step). Off by default: the engine has not been timed with it
-        (``reproduce_gpu.sh engine-kv-writes``).
+        and 1.1 ms per Llama-3-8B step). On by default since the engine was timed with it:
+        the 1000 x 256/256 workload at 512 sequences (one H100, commit 0819a03, runs
+        alternating off/on/on-with-context-buckets twice) took 17.8 s against 18.2 s,
+        28,780 and 28,761 against 28,071 and 28,196 total tokens/s, the decode step 21.9
+        against 22.5-22.6 ms (``experiments/results/h100/engine_kv_writes_0819a03/``).
       stack_layers: serve the quantized layers and the norm scales stacked across layers, one
         array per weight kind (``optgqa_jax.layer_stack``): a step then takes one argument
         buffer per stacked array for all layers instead of one per layer, and the kernels read
@@ -193,7 +196,7 @@ class EngineConfig:
     xla_compiler_options: Optional[Mapping[str, Any]] = None
     command_buffer_max_tokens: int = 32
     stable_step_buffers: bool = False
-    sorted_kv_writes: bool = False
+    sorted_kv_writes: bool = True
     stack_layers: bool = False
     async_scheduling: bool = True
     seed: int = 0

@@ -282,14 +282,14 @@ class ModelRunner:
     ``sorted_kv_writes``: each step's K/V rows are written in ascending slot order with
     unique slots (:func:`sort_kv_writes` on the host, ``kv_layers.PagedBatch.kv_order`` on
     the device), so XLA's scatter may assume sorted, unique indices. Outputs are unchanged.
-    Off by default until the engine is timed with it (``EngineConfig.sorted_kv_writes``).
+    On by default, as ``EngineConfig.sorted_kv_writes`` (timed there).
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, impl: str,
                  seq_buckets=None, token_buckets=None, compiler_options=None,
                  command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
-                 stable_buffers: bool = False, sorted_kv_writes: bool = False,
+                 stable_buffers: bool = False, sorted_kv_writes: bool = True,
                  context_buckets=None):
         if stable_buffers and mesh is not None:
             raise ValueError("stable_buffers=True needs a single device (mesh=None)")
