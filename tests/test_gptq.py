@@ -12,6 +12,13 @@ seed hashes the test's id, and Python randomises string hashes per process), and
 grids tie most often: over 150 seeds of each of four symmetric cases (commit fe72110) the
 lowest agreement was 96.69%, and one CI run at fe72110 drew 96.58% (4 bits, groups of 128,
 act-order). The bound sits below that tail; the output-error bound is the strict check.
+Symmetric grids carry a tail in the output-error ratio too: over 100 seeds of every case
+(commit a78bf08) the largest ratio was 1.0068 (groups of 32), 1.0064 (act-order with static
+groups), 1.0045 (8 bits), while every asymmetric case stayed at or below 1.0001 and every
+case's mean at 1.0000 (0.9999-1.0000); one CI run at a78bf08 drew 1.0107 (act-order, static
+groups). So the bound is 1.03 for symmetric grids and 1.002 for asymmetric ones. Skipping
+GPTQ's error feedback altogether (round-to-nearest on the same grid) costs far more on these
+layers: 1.19-2.39x GPTQ's output error over 5 seeds of every symmetric case (a78bf08).
 """
 
 import jax.numpy as jnp
@@ -70,7 +77,7 @@ def test_gptq_matches_float64_reference(rng, bits, group_size, sym, act_order, s
     w_hat = np.asarray(quant.dequantize(ql, jnp.float32))
     assert np.isfinite(w_hat).all()
     ours, theirs = _out_err(x, w, w_hat), _out_err(x, w, r["w_hat"])
-    assert ours <= 1.01 * theirs, (ours, theirs)
+    assert ours <= (1.03 if sym else 1.002) * theirs, (ours, theirs)
     # ... and GPTQ beats round-to-nearest on the layer-output error. Exception: at 2 bits
     # without act-order, GPTQ's error feedback from the planted outlier inputs can make it lose
     # to RTN; the float64 reference loses exactly as much (333.08 vs RTN 309.86 on one seed),
