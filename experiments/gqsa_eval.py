@@ -221,7 +221,7 @@ def accuracy_plot(res: dict, path: str) -> None:
 
 # ----------------------------------------------------------------------------- engine
 ENGINE_FORMATS = ("bf16", "w4g128", "w2g128", "w4g128s30", "w4g128s50", "w4g128s50gm",
-                  "w4g128s50pk", "w4g128s50pksm")
+                  "w4g128s50pk", "w4g128s50pksm", "w4g128s50pksmf")
 
 
 def engine_config(spec: str, seqs: int, xla_options=None,

@@ -38,28 +38,36 @@ DEVICE = "NVIDIA H100 80GB HBM3"      # whose tuning-table tiles are compiled
 
 
 def cases(shapes=SHAPES):
-    """(shape, variant, config, function of x, codes per thread) for each shape: stream codes
-    with code_zeros off and on, then shift-major codes."""
+    """(shape, variant, K, x's dtype, config, function of x, codes per thread) for each shape:
+    stream codes with code_zeros off and on, then shift-major codes with x in bfloat16 and in
+    float32 (x read as given: float32 needs no widening in the kernel), the latter on
+    ``BSRMatmulConfig.for_packed``'s tiles for float32 x (q/k/v's halved)."""
     qc = quant.QuantConfig(bits=4, group_size=128)
     for name, (K, N) in shapes.items():
         b = random_bsr_linear(0, K, N, qc, 0.5, "bfloat16")
         tiles = BSRMatmulConfig.for_shape("cuda", 1, b.nnz, K=K, N=N, bits=4, group_size=128,
                                           row_blocks=b.row_blocks, device=DEVICE)
-        per_thread = tiles.block_t * 128 / (32 * tiles.num_warps)
-        for variant, order, changes in (("stream", "stream", dict(code_zeros=False)),
-                                        ("stream code_zeros", "stream", dict(code_zeros=True)),
-                                        ("shift_major", "shift_major",
-                                         dict(raw_x=True, code_zeros=False))):
+        for variant, order, changes, x_dtype in (
+                ("stream", "stream", dict(code_zeros=False), jnp.bfloat16),
+                ("stream code_zeros", "stream", dict(code_zeros=True), jnp.bfloat16),
+                ("shift_major", "shift_major", dict(raw_x=True, code_zeros=False), jnp.bfloat16),
+                ("shift_major float32 x", "shift_major", dict(raw_x=True, code_zeros=False),
+                 jnp.float32)):
             codes = (b.codes if order == "stream"
                      else reorder_block_words(b.codes, 4, order))
             packed = pack_blocks(codes, b.scales, b.zeros, b.col_idx)
             cfg = dataclasses.replace(tiles, **changes)
-            yield name, variant, K, cfg, (lambda x, cfg=cfg, b=b, packed=packed, N=N, o=order:
-                                          bsr_quant_matmul_packed(
-                                              x, packed, nnz=b.nnz, scale_dtype=b.scales.dtype,
-                                              out_features=N, bits=4, group_size=128,
-                                              row_blocks=b.row_blocks, code_order=o,
-                                              config=cfg)), per_thread
+            if x_dtype == jnp.float32:    # the tiles the packed kernel takes for float32 x
+                cfg = BSRMatmulConfig.for_packed("cuda", 1, b.nnz, K=K, N=N, bits=4,
+                                                 group_size=128, row_blocks=b.row_blocks,
+                                                 device=DEVICE, code_order=order,
+                                                 x_dtype=x_dtype)
+            per_thread = cfg.block_t * 128 / (32 * cfg.num_warps)
+            fn = (lambda x, cfg=cfg, b=b, packed=packed, N=N, o=order:
+                  bsr_quant_matmul_packed(x, packed, nnz=b.nnz, scale_dtype=b.scales.dtype,
+                                          out_features=N, bits=4, group_size=128,
+                                          row_blocks=b.row_blocks, code_order=o, config=cfg))
+            yield name, variant, K, x_dtype, cfg, fn, per_thread
 
 
 def main(argv=None) -> None:
@@ -73,9 +81,9 @@ def main(argv=None) -> None:
     os.makedirs(a.out, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for name, variant, K, cfg, fn, per_thread in cases():
+        for name, variant, K, x_dtype, cfg, fn, per_thread in cases():
             try:
-                r = triton_ir.count_kernel(fn, (jnp.ones((1, K), jnp.bfloat16),),
+                r = triton_ir.count_kernel(fn, (jnp.ones((1, K), x_dtype),),
                                            cfg.num_warps, cfg.num_stages, a.triton_python,
                                            os.path.join(d, f"{name}_{variant}.ttir".replace(
                                                " ", "_")), per_thread)

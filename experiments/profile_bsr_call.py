@@ -17,7 +17,10 @@ each call, on the Llama-3-8B shapes at one row of x, into:
 
 for ``w4g128`` (``quant.matmul``), ``w4g128s50`` (``sparse.bsr_matmul``: the rules' or the
 tuning table's tiles), ``w4g128s50pk`` (``sparse.packed_bsr_matmul``, ``code_zeros``) and
-``w4g128s50pksm`` (packed with shift-major codes: x read as given, no wrapper op).
+``w4g128s50pksm`` (packed with shift-major codes: x read as given, no wrapper op) and
+``w4g128s50pksmf`` (the same with x handed to the kernel in float32; alone, as here, the casts
+of x and of the product are launches of their own, where in a model XLA fuses them into the
+neighbouring ops, so compare its kernel column).
 
 Usage::
 
@@ -49,15 +52,17 @@ from bench_quant import arg_sets  # noqa: E402
 from gqsa_speed import SHAPES  # noqa: E402
 from profile_quant import kernel_share  # noqa: E402
 
-FORMATS = ("w4g128", "w4g128s50", "w4g128s50pk", "w4g128s50pksm")
+FORMATS = ("w4g128", "w4g128s50", "w4g128s50pk", "w4g128s50pksm", "w4g128s50pksmf")
 KERNEL_NAMES = {"w4g128": "optgqa_quant_matmul", "w4g128s50": "optgqa_bsr",
-                "w4g128s50pk": "optgqa_bsr", "w4g128s50pksm": "optgqa_bsr"}
+                "w4g128s50pk": "optgqa_bsr", "w4g128s50pksm": "optgqa_bsr",
+                "w4g128s50pksmf": "optgqa_bsr"}
 
 
 PRODUCTS = {"w4g128": lambda x, w: quant.matmul(x, w, "pallas"),
             "w4g128s50": lambda x, w: sparse.bsr_matmul(x, w, "pallas"),
             "w4g128s50pk": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas"),
-            "w4g128s50pksm": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas")}
+            "w4g128s50pksm": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas"),
+            "w4g128s50pksmf": lambda x, w: sparse.packed_bsr_matmul(x, w, "pallas")}
 
 
 def weights(fmt: str, key, K: int, N: int):
@@ -69,7 +74,8 @@ def weights(fmt: str, key, K: int, N: int):
                           "bfloat16")
     if fmt == "w4g128s50":
         return b
-    return sparse.to_packed_bsr(b, code_order="shift_major" if fmt.endswith("sm") else "stream")
+    return sparse.to_packed_bsr(b, code_order="stream" if fmt.endswith("pk") else "shift_major",
+                                x_dtype="float32" if fmt.endswith("pksmf") else None)
 
 
 def dense_weight(fmt: str, w) -> np.ndarray:

@@ -319,17 +319,18 @@ for step in $steps; do
         --out "$out/batch1" ;;
     gqsa-engine-packed)  # batch-1 decode: dense W4, W4S50 with each layer's arrays packed
       # into one (w4g128s50pk: 256 fewer argument buffers per step), the same with shift-major
-      # codes (w4g128s50pksm: x read as given, no wrapper op per product) and W4S50 as four
+      # codes (w4g128s50pksm: x read as given, no wrapper op per product; pksmf: x handed to
+      # the kernel in float32, the casts fused into the neighbouring ops) and W4S50 as four
       # arrays, two rounds in opposite orders (runs on one machine have differed by 10-40%);
       # then one traced step of each with command buffers on, with the host threads' events
       for round in 1 2; do
-        fmts=w4g128,w4g128s50pk,w4g128s50pksm,w4g128s50
-        [ "$round" = 2 ] && fmts=w4g128s50,w4g128s50pksm,w4g128s50pk,w4g128
+        fmts=w4g128,w4g128s50pk,w4g128s50pksm,w4g128s50pksmf,w4g128s50
+        [ "$round" = 2 ] && fmts=w4g128s50,w4g128s50pksmf,w4g128s50pksm,w4g128s50pk,w4g128
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "gqsa_engine_packed_$round" 400 python \
           experiments/gqsa_eval.py --part engine --engine-formats "$fmts" --sequences 1 \
           --out "$out/gqsa_engine_packed_$round"
       done
-      for fmt in w4g128 w4g128s50pk w4g128s50pksm w4g128s50; do
+      for fmt in w4g128 w4g128s50pk w4g128s50pksm w4g128s50pksmf w4g128s50; do
         run "profile_batch1_host_$fmt" 150 python experiments/profile_decode.py --quick \
           --fuse-projections --batch 1 --context 257 512 --quantize "$fmt" \
           --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \

@@ -157,9 +157,10 @@ def _quantize_random(params, bc: BenchConfig):
     if layout == "gm":
         from optgqa_jax.sparse.group_major import to_group_major_params
         params = to_group_major_params(params)
-    elif layout in ("pk", "pksm"):
+    elif layout in ("pk", "pksm", "pksmf"):
         from optgqa_jax.sparse.packed import to_packed_bsr_params
-        params = to_packed_bsr_params(params, "shift_major" if layout == "pksm" else "stream")
+        params = to_packed_bsr_params(params, "stream" if layout == "pk" else "shift_major",
+                                      "float32" if layout == "pksmf" else None)
     return params
 
 
@@ -440,7 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "w4g128s50 (half of every row's groups removed; w4g128s50gm: "
                              "served in group-major order; w4g128s50pk: each layer's arrays "
                              "packed into one; w4g128s50pksm: packed, each block's codes "
-                             "in shift-major order, x read as given); append +head and/or +emb to "
+                             "in shift-major order, x read as given; w4g128s50pksmf: that with "
+                             "x handed to the kernel in float32); append +head and/or +emb to "
                              "quantize the LM head and the token table too (w4g128+head+emb): "
                              "the speed and memory of a quantized model of the preset")
     parser.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,

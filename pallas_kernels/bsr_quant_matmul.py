@@ -505,7 +505,7 @@ def bsr_quant_matmul_packed(x: jax.Array, packed: jax.Array, *, nnz: int, scale_
         config = BSRMatmulConfig.for_packed(
             backend, M, nnz, K=K, N=int(out_features), bits=bits, group_size=int(group_size),
             row_blocks=int(row_blocks), device=None if backend == "cpu" else C.device_kind(),
-            code_order=code_order)
+            code_order=code_order, x_dtype=x.dtype)
     config.validate()
     if not config.row_aligned:
         raise ValueError("packed blocks run on the whole-rows schedule: "

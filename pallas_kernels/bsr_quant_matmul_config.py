@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 from pallas_kernels import _common as C
 from pallas_kernels import tuning
 from pallas_kernels.quant_matmul_config import tuned_rows
@@ -115,7 +117,7 @@ class BSRMatmulConfig:
     @classmethod
     def for_packed(cls, backend: str, M: int, nnz: int, *, K: int, N: int, bits: int = 4,
                    group_size: int = 128, row_blocks: int, device: Optional[str] = None,
-                   code_order: str = "stream") -> "BSRMatmulConfig":
+                   code_order: str = "stream", x_dtype=None) -> "BSRMatmulConfig":
         """Default tiles of the packed layout (``bsr_quant_matmul_packed``): with ``device``, an
         entry of the ``bsr_quant_matmul_packed`` tuning table for the same key as
         :meth:`for_shape`'s (written by ``experiments/gqsa_eval.py --part speed --table``
@@ -126,7 +128,11 @@ class BSRMatmulConfig:
         ``code_order="shift_major"`` (codes reordered so that x is read as given): the packed
         table's entry for the key with ``code_order`` added, else :meth:`for_shape`'s tiles
         with ``raw_x`` on (and ``code_zeros``, ``index_magic`` off: the zero points go on the
-        codes there already)."""
+        codes there already). With float32 ``x_dtype`` those tiles hold at most
+        ``CODE_ZEROS_MAX_CODES_PER_THREAD`` codes per thread (``block_t`` halved until they
+        do): compiled for sm_90 (Triton 3.9, ``experiments/packed_sass.py``) q/k/v's table
+        tiles (256 codes per thread) took 255 registers with float32 x against 128 with
+        bfloat16 x, and 72 at 64 blocks per program (6.62 SASS per code, against 5.72)."""
         key = tuning_key(M, K, N, bits, group_size, row_blocks)
         if code_order != "stream":
             key["code_order"] = code_order
@@ -137,7 +143,12 @@ class BSRMatmulConfig:
         cfg = cls.for_shape(backend, M, nnz, K=K, N=N, bits=bits, group_size=group_size,
                             row_blocks=row_blocks, device=device)
         if code_order == "shift_major":
-            return dataclasses.replace(cfg, raw_x=True, code_zeros=False, index_magic=False)
+            cfg = dataclasses.replace(cfg, raw_x=True, code_zeros=False, index_magic=False)
+            if x_dtype is not None and np.dtype(x_dtype) == np.dtype(np.float32):
+                while (cfg.block_t > 16 and cfg.block_t * group_size // (32 * cfg.num_warps)
+                       > CODE_ZEROS_MAX_CODES_PER_THREAD):
+                    cfg = dataclasses.replace(cfg, block_t=cfg.block_t // 2)
+            return cfg
         # code_zeros keeps its register use only where a thread holds few codes: compiled for
         # sm_90 (Triton 3.9, results/cpu/gqsa/packed_code_zeros_registers_cf4b963.md) the H100
         # table's tiles took 48 -> 48, 57 -> 78 and 40 -> 48 registers with it at 64 codes per

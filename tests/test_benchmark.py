@@ -198,7 +198,13 @@ def test_packed_run_serves_the_same_bsr_weights_in_one_array(fixed_ceiling):
     sm = B._quantize_random(params, B.BenchConfig(quantize="w4g32s50pksm", **TINY_RUN))
     layer = sm["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
     assert sparse.is_packed_bsr(layer) and layer.code_order == "shift_major"
+    assert layer.x_dtype is None
     assert B.params_nbytes(sm) == r["param_bytes"]
+    # w4g32s50pksmf: the same, with x handed to the batch-1 kernel in float32
+    assert parse_serving_spec("w4g32s50pksmf")[1:] == (0.5, "pksmf")
+    smf = B._quantize_random(params, B.BenchConfig(quantize="w4g32s50pksmf", **TINY_RUN))
+    layer = smf["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
+    assert layer.code_order == "shift_major" and layer.x_dtype == "float32"
 
 
 def test_quantized_table_and_head_run(fixed_ceiling):

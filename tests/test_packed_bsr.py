@@ -53,11 +53,14 @@ def test_conversion_is_exact(scale_dtype, order):
     assert back.row_blocks == b.row_blocks and back.group_size == b.group_size
 
 
-@pytest.mark.parametrize("M,order", [(1, "stream"), (3, "stream"), (1, "shift_major"),
-                                     (3, "shift_major")])
-def test_product_matches_the_bsr_weight(M, order):
+@pytest.mark.parametrize("M,order,x_dtype", [(1, "stream", None), (3, "stream", None),
+                                             (1, "shift_major", None), (3, "shift_major", None),
+                                             (1, "shift_major", "float32")])
+def test_product_matches_the_bsr_weight(M, order, x_dtype):
+    """x_dtype="float32": the kernel gets x in float32, the product comes back in x's dtype."""
     b = bsr_layer(K=256, N=40, sparsity=0.25)
-    p = sparse.to_packed_bsr(b, code_order=order)
+    p = sparse.to_packed_bsr(b, code_order=order, x_dtype=x_dtype)
+    assert p.x_dtype == x_dtype
     x = jax.random.normal(jax.random.PRNGKey(int(np.random.default_rng().integers(1 << 30))),
                           (M, 256)).astype(jnp.bfloat16)
     want = np.asarray(x.astype(jnp.float32) @ sparse.dequantize_bsr(b, jnp.float32), np.float64)
@@ -73,12 +76,13 @@ def test_product_matches_the_bsr_weight(M, order):
     assert y3.shape == (M, 1, 40)
 
 
-@pytest.mark.parametrize("order", ["stream", "shift_major"])
-def test_model_on_the_packed_layout_matches_bsr(order):
+# shift-major codes with bfloat16 x are covered per product (test_product_matches_the_bsr_weight)
+@pytest.mark.parametrize("order,x_dtype", [("stream", None), ("shift_major", "float32")])
+def test_model_on_the_packed_layout_matches_bsr(order, x_dtype):
     cfg = og.ModelConfig.preset("tiny")
     bsr = random_sparsify(og.init_params(cfg, jax.random.PRNGKey(4)), quant.parse_spec("w4g32"),
                           0.5, seed=4)
-    pk = sparse.to_packed_bsr_params(bsr, code_order=order)
+    pk = sparse.to_packed_bsr_params(bsr, code_order=order, x_dtype=x_dtype)
     from optgqa_jax.model import is_quantized
     leaves = jax.tree_util.tree_leaves(pk, is_leaf=is_quantized)
     assert any(sparse.is_packed_bsr(l) for l in leaves)
@@ -118,6 +122,10 @@ def test_layers_that_cannot_be_packed_are_kept_or_refused(tmp_path):
         sparse.packed_bsr_matmul(jnp.zeros((1, 127)), p)
     with pytest.raises(ValueError, match="code_order='natural' must be one of"):
         sparse.to_packed_bsr(b, code_order="natural")
+    with pytest.raises(ValueError, match="x_dtype='float16' must be one of"):
+        sparse.to_packed_bsr(b, code_order="shift_major", x_dtype="float16")
+    with pytest.raises(ValueError, match="x_dtype='float32' needs code_order='shift_major'"):
+        sparse.to_packed_bsr(b, x_dtype="float32")
     cfg = og.ModelConfig.preset("tiny")
     pk = sparse.to_packed_bsr_params(random_sparsify(
         og.init_params(cfg, jax.random.PRNGKey(0)), quant.parse_spec("w4g32"), 0.5))
@@ -149,4 +157,11 @@ def test_packed_default_keeps_code_zeros_off_for_tiles_of_many_codes_per_thread(
         got = BSRMatmulConfig.for_packed("cuda", 1, 6144 * 16, K=4096, N=6144, row_blocks=16,
                                          device="GPU X")
         assert got == dataclasses.replace(tiles, code_zeros=cz)
+        # shift-major codes: raw_x; with float32 x at most 128 codes per thread (wide: 256
+        # took 255 registers in sm_90 SASS), so block_t halves there
+        for x_dtype, block_t in ((jnp.bfloat16, 128), (jnp.float32, 64 if tiles is wide else 128)):
+            sm = BSRMatmulConfig.for_packed("cuda", 1, 6144 * 16, K=4096, N=6144, row_blocks=16,
+                                            device="GPU X", code_order="shift_major",
+                                            x_dtype=x_dtype)
+            assert sm == dataclasses.replace(tiles, raw_x=True, block_t=block_t), (x_dtype, sm)
     assert bc.CODE_ZEROS_MAX_CODES_PER_THREAD == 128

@@ -296,13 +296,17 @@ def test_bsr_quant_matmul_lowers_through_triton(M, bits, gs, magic, raw, row_blo
 
 
 # bsr_quant_matmul_packed: x [M, K], one int32 array [nnz + 2 R, Wg] (pack_blocks).
-# code_order "shift_major": the same array with each block's codes reordered, x as given.
-@pytest.mark.parametrize("M,bits,gs,sdtype,loop,order", [
-    (1, 4, 128, jnp.float16, 1, "stream"), (4, 8, 64, jnp.bfloat16, 1, "stream"),
-    (1, 4, 128, jnp.bfloat16, 4, "stream"), (1, 4, 128, jnp.float16, 1, "shift_major"),
-    (3, 2, 64, jnp.bfloat16, 2, "shift_major")])
+# code_order "shift_major": the same array with each block's codes reordered, x as given
+# (bfloat16, or float32 as PackedBSRLinear(x_dtype="float32") hands it over).
+@pytest.mark.parametrize("M,bits,gs,sdtype,loop,order,xdtype", [
+    (1, 4, 128, jnp.float16, 1, "stream", jnp.bfloat16),
+    (4, 8, 64, jnp.bfloat16, 1, "stream", jnp.bfloat16),
+    (1, 4, 128, jnp.bfloat16, 4, "stream", jnp.bfloat16),
+    (1, 4, 128, jnp.float16, 1, "shift_major", jnp.bfloat16),
+    (1, 4, 128, jnp.float16, 1, "shift_major", jnp.float32),
+    (3, 2, 64, jnp.bfloat16, 2, "shift_major", jnp.bfloat16)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
-def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop, order,
+def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop, order, xdtype,
                                                        platform):
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
     from pallas_kernels.bsr_quant_matmul_config import BSRMatmulConfig
@@ -310,7 +314,8 @@ def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop
     nnz, Wg = N * R, gs * bits // 32
     cfg = dataclasses.replace(BSRMatmulConfig.for_packed(platform, M, nnz, K=K, N=N, bits=bits,
                                                          group_size=gs, row_blocks=R,
-                                                         code_order=order), row_loop=loop)
+                                                         code_order=order, x_dtype=xdtype),
+                              row_loop=loop)
 
     def f(x, packed):
         return bsr_quant_matmul_packed(x, packed, nnz=nnz, scale_dtype=sdtype, out_features=N,
@@ -318,7 +323,7 @@ def test_bsr_quant_matmul_packed_lowers_through_triton(M, bits, gs, sdtype, loop
                                        config=cfg)
 
     rows = nnz + 2 * (-(-nnz // Wg))
-    module = export_for(platform, f, S((M, K), jnp.bfloat16), S((rows, Wg), jnp.int32))
+    module = export_for(platform, f, S((M, K), xdtype), S((rows, Wg), jnp.int32))
     assert module.count(TRITON_CALL) == 1
 
 

@@ -18,12 +18,21 @@ not shardable. :func:`unpack_bsr` gives the BSR layer back.
 ``code_order="shift_major"`` (:func:`to_packed_bsr`) also reorders each block's codes so that
 the batch-1 kernel reads x as given: no per-call copy of x in the kernel's order, so a product
 is one launch instead of two; the other routes reorder the codes back inside the program.
+With ``x_dtype="float32"`` as well the batch-1 route hands the kernel x cast to float32 (a
+cast XLA fuses into the op that produces x: the norm before q/k/v and gate/up, the gated
+activation before down) and casts the product back: the kernel then multiplies without
+widening x's bfloat16 halves. Compiled for sm_90 without a GPU (Triton 3.9,
+``experiments/packed_sass.py``, ``results/cpu/gqsa/packed_sass_f32x_*.md``) that took the
+shift-major kernel from 7.62 to 6.75 SASS instructions per code on gate/up (stream order with
+the wrapper's copy: 6.62), 9.50 to 7.75 on o (7.75), 13.38 to 11.88 on down (11.38).
 
 Axis legend: K input features, N output features, nnz stored blocks, Wg words per block,
 R = ceil(nnz / Wg) rows of metadata each.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.struct
 import jax
@@ -35,6 +44,9 @@ from optgqa_jax.sparse.bsr import (BSRQuantizedLinear, KERNEL_MAX_ROWS, bsr_matm
 from pallas_kernels import _common as C
 from pallas_kernels.bsr_quant_matmul import PACKED_SCALE_DTYPES
 from pallas_kernels.quant_codes import CODE_ORDERS, reorder_block_words
+
+# what the batch-1 kernel may be handed x as (None: x's own dtype); see to_packed_bsr
+X_DTYPES = (None, "float32")
 
 
 def pack_blocks(codes, scales, zeros, col_idx) -> jax.Array:
@@ -97,6 +109,7 @@ class PackedBSRLinear:
     nnz: int = flax.struct.field(pytree_node=False, default=0)
     scale_dtype: str = flax.struct.field(pytree_node=False, default="float16")
     code_order: str = flax.struct.field(pytree_node=False, default="stream")
+    x_dtype: Optional[str] = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -123,7 +136,7 @@ def can_pack(b: BSRQuantizedLinear) -> bool:
 
 
 def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr",
-                  code_order: str = "stream") -> PackedBSRLinear:
+                  code_order: str = "stream", x_dtype: Optional[str] = None) -> PackedBSRLinear:
     """Pack a BSR layer's block arrays into one (once per layer; see the module docstring).
 
     ``code_order``: ``"stream"`` keeps each block's codes as the BSR layer stores them;
@@ -131,13 +144,22 @@ def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr",
     word w's shift p holds the group's input row ``p Wg + w``) so that the batch-1 kernel
     reads x as given, with no reordered copy of x made per call (one launch fewer); the other
     routes put the codes back in stream order inside the program (:func:`unpack_bsr`).
+    ``x_dtype``: None (the kernel reads x in its own dtype) or ``"float32"`` (shift-major
+    codes only: the batch-1 route casts x to float32 for the kernel and the product back to
+    x's dtype, so the kernel does not widen x; see the module docstring).
 
     Raises:
       ValueError: `b` is not a valid BSR layer, its rows keep different numbers of blocks, its
-        scales are not 16-bit floats, or ``code_order`` is not one of ``CODE_ORDERS``.
+        scales are not 16-bit floats, ``code_order`` is not one of ``CODE_ORDERS``, or
+        ``x_dtype`` is not None or "float32" (or is "float32" with stream-order codes).
     """
     if code_order not in CODE_ORDERS:
         raise ValueError(f"code_order={code_order!r} must be one of {CODE_ORDERS}")
+    if x_dtype not in X_DTYPES:
+        raise ValueError(f"x_dtype={x_dtype!r} must be one of {X_DTYPES}")
+    if x_dtype is not None and code_order != "shift_major":
+        raise ValueError(f"x_dtype={x_dtype!r} needs code_order='shift_major' (stream-order "
+                         "codes run on the wrapper's float32 copy of x already)")
     if not is_bsr(b):
         raise ValueError(f"{name} must be a BSRQuantizedLinear, got {type(b).__name__}")
     check_bsr(b, name)
@@ -153,16 +175,17 @@ def to_packed_bsr(b: BSRQuantizedLinear, name: str = "bsr",
                            b.row_ids, in_features=b.in_features, bits=b.bits,
                            group_size=b.group_size, sym=b.sym, dtype=b.dtype,
                            row_blocks=b.row_blocks, nnz=int(b.nnz),
-                           scale_dtype=jnp.dtype(b.scales.dtype).name, code_order=code_order)
+                           scale_dtype=jnp.dtype(b.scales.dtype).name, code_order=code_order,
+                           x_dtype=x_dtype)
 
 
-def to_packed_bsr_params(params, code_order: str = "stream"):
+def to_packed_bsr_params(params, code_order: str = "stream", x_dtype: Optional[str] = None):
     """`params` with every BSR kernel that :func:`can_pack` takes replaced by its
-    :func:`to_packed_bsr` layout (concrete params; host side; ``code_order`` as there). Other
-    leaves are unchanged."""
+    :func:`to_packed_bsr` layout (concrete params; host side; ``code_order`` and ``x_dtype``
+    as there). Other leaves are unchanged."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_bsr)[0]
     name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
-    converted = {name(p): to_packed_bsr(l, name(p), code_order) for p, l in flat
+    converted = {name(p): to_packed_bsr(l, name(p), code_order, x_dtype) for p, l in flat
                  if can_pack(l)}
     return jax.tree_util.tree_map_with_path(lambda p, l: converted.get(name(p), l), params,
                                             is_leaf=is_bsr)
@@ -188,7 +211,8 @@ def packed_bsr_matmul(x: jax.Array, p: PackedBSRLinear, impl: str = "auto",
     :func:`~optgqa_jax.sparse.bsr_matmul` on :func:`unpack_bsr` elsewhere (same ``impl``).
     ``layer``: None, or the layer's index when `p`'s arrays stack several layers
     (``optgqa_jax.layer_stack``): the kernel reads that layer's rows in place; the other
-    routes use the layer's slice."""
+    routes use the layer's slice. A layer packed with ``x_dtype="float32"`` gives the kernel
+    x cast to float32 and casts the product back to x's dtype."""
     from pallas_kernels import _common as kc
     from pallas_kernels.bsr_quant_matmul import bsr_quant_matmul_packed
     stack = None
@@ -200,9 +224,10 @@ def packed_bsr_matmul(x: jax.Array, p: PackedBSRLinear, impl: str = "auto",
     if how != "pallas":
         return bsr_matmul(x, unpack_bsr(p), impl)
     lead = x.shape[:-1]
-    y = bsr_quant_matmul_packed(x.reshape(-1, K), (p if stack is None else stack).packed,
+    x2 = x.reshape(-1, K) if p.x_dtype is None else x.reshape(-1, K).astype(p.x_dtype)
+    y = bsr_quant_matmul_packed(x2, (p if stack is None else stack).packed,
                                 nnz=p.nnz, layer=layer,
                                 scale_dtype=p.scale_dtype, out_features=N, bits=p.bits,
                                 group_size=p.group_size, row_blocks=p.row_blocks,
                                 code_order=p.code_order, interpret=kc.backend() == "cpu")
-    return y.reshape(*lead, N)
+    return y.astype(x.dtype).reshape(*lead, N)

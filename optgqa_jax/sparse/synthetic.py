@@ -42,7 +42,7 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
     return qc, s
 
 
-SERVING_LAYOUTS = ("", "gm", "pk", "pksm")
+SERVING_LAYOUTS = ("", "gm", "pk", "pksm", "pksmf")
 
 
 def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
@@ -51,7 +51,8 @@ def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
     (``sparse.to_group_major_params``), ``pk`` (``"w4g128s50pk"``) with each layer's arrays
     packed into one (``sparse.to_packed_bsr_params``), ``pksm`` the same with each block's
     codes in shift-major order (``code_order="shift_major"``: the batch-1 kernel reads x as
-    given). Returns (QuantConfig, sparsity or None,
+    given), ``pksmf`` that with x handed to the batch-1 kernel in float32
+    (``x_dtype="float32"``). Returns (QuantConfig, sparsity or None,
     layout: one of :data:`SERVING_LAYOUTS`, "" for the BSR layers as they are).
 
     Raises:
