@@ -4,8 +4,9 @@ linear shapes, with the BSR kernels' tile searches (the ``--part speed`` of
 
 Rows per shape and row count of x: ``bf16``; ``w4g128`` and ``w2g128`` (dense kernel);
 ``w4g128sNN`` (``bsr_quant_matmul``: its best tiles at one row, with each option tried on
-them, and the block-list schedule); at one row ``w4g128sNN packed`` and ``w4g128sNN packed sm`` (the packed layout's
-kernel on stream-order and shift-major codes, each with its own tile search,
+them, and the block-list schedule); at one row ``w4g128sNN packed``, ``w4g128sNN packed sm``
+and ``w4g128sNN packed sm f32`` (the packed layout's kernel on stream-order and shift-major
+codes, the latter with bfloat16 and with float32 x, each with its own tile search,
 :func:`packed_row`); at more than one row the repacked routes
 (scatter and gather) and the block-map kernel (``bsr_gather_quant_matmul``, a few tile settings); and the
 group-major kernel unless turned off. Times are µs per product with the weights rotated past
@@ -225,9 +226,10 @@ def speed_rows(ceiling: float, rows, out: list, save, shapes=None, sparsities=(0
                     rules_us=round(t_default * 1e6, 2),
                     source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])
             if searched and b.row_blocks > 0:   # the batch-1 serving layout (packed arrays)
-                for order in ("stream", "shift_major"):
+                for order, x_dtype in (("stream", None), ("shift_major", None),
+                                       ("shift_major", "float32")):
                     packed_row(add, T, sets, want, rel_err, M, K, N, s, cfg, dense_case,
-                               confirm_rounds, table, order)
+                               confirm_rounds, table, order, x_dtype)
             if M > 1:              # what the engine runs at 2-64 rows: the kept codes repacked
                 # into the dense layout on the device, then the dense W4 kernel
                 f = lambda x, b: sparse.bsr_matmul(x, b, impl="repack")  # noqa: E731
@@ -258,19 +260,22 @@ def packed_table_path(table: str) -> str:
 
 def packed_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float, best_cfg,
                dense_case, confirm_rounds: int, table: Optional[str],
-               code_order: str = "stream") -> None:
+               code_order: str = "stream", x_dtype: Optional[str] = None) -> None:
     """The same layers packed into one array each (``sparse.to_packed_bsr`` with
     ``code_order``), on ``bsr_quant_matmul_packed``: its default tiles
     (``BSRMatmulConfig.for_packed``), the four-array search's best tiles, and 12
     blocks-per-program and warp settings, each with ``code_zeros`` (stream codes) or ``raw_x``
     (shift-major codes: x read as given); the best (confirmed in interleaved rounds with
-    `confirm_rounds`) is one row (``packed``, or ``packed sm`` for shift-major codes), and with
-    `table` it goes into the packed tuning table (:func:`packed_table_path`) when it beats the
-    default tiles."""
-    psets = [(x, sparse.to_packed_bsr(b, code_order=code_order)) for x, b in sets]
+    `confirm_rounds`) is one row (``packed``, or ``packed sm`` for shift-major codes, ``packed
+    sm f32`` with ``x_dtype="float32"``: x handed to the kernel in float32, as a model does,
+    the cast not timed since a model fuses it into x's producer), and with `table` it goes
+    into the packed tuning table (:func:`packed_table_path`) when it beats the default tiles."""
+    psets = [(x if x_dtype is None else x.astype(x_dtype),
+              sparse.to_packed_bsr(b, code_order=code_order, x_dtype=x_dtype)) for x, b in sets]
     p0 = psets[0][1]
     default = BSRMatmulConfig.for_packed("cuda", M, p0.nnz, K=K, N=N, row_blocks=p0.row_blocks,
-                                         device=kc.device_kind(), code_order=code_order)
+                                         device=kc.device_kind(), code_order=code_order,
+                                         x_dtype=x_dtype)
     how = (dict(code_zeros=True) if code_order == "stream"
            else dict(raw_x=True, code_zeros=False, index_magic=False, runtime_magic=False))
 
@@ -300,7 +305,8 @@ def packed_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float, be
                                           confirm_rounds)
         t_default = confirm["rules_us"] / 1e6
     x = psets[0][0]
-    label = "packed" if code_order == "stream" else "packed sm"
+    label = ("packed" if code_order == "stream"
+             else "packed sm" + (" f32" if x_dtype == "float32" else ""))
     add(f"w4g128s{round(100 * s)} {label}", t, p0.nbytes, rel_err(jax.jit(f)(x, p0), want),
         config=dataclasses.asdict(cfg), default_us=t_default * 1e6, tried=tried,
         confirm=confirm)
@@ -308,7 +314,8 @@ def packed_row(add, T, sets, want, rel_err, M: int, K: int, N: int, s: float, be
         tuning.write_entries(packed_table_path(table), PACKED_KERNEL, [dict(
             device=kc.device_kind(),
             key=dict(bsr_tuning_key(M, K, N, 4, 128, p0.row_blocks),
-                     **({} if code_order == "stream" else dict(code_order=code_order))),
+                     **({} if code_order == "stream" else dict(code_order=code_order)),
+                     **({} if x_dtype is None else dict(x_dtype=x_dtype))),
             config=dataclasses.asdict(cfg), us=round(t * 1e6, 2),
             default_us=round(t_default * 1e6, 2),
             source=f"experiments/gqsa_eval.py --part speed, commit {source_commit()}")])

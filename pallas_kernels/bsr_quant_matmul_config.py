@@ -126,7 +126,8 @@ class BSRMatmulConfig:
         holds at most ``CODE_ZEROS_MAX_CODES_PER_THREAD`` codes.
 
         ``code_order="shift_major"`` (codes reordered so that x is read as given): the packed
-        table's entry for the key with ``code_order`` added, else :meth:`for_shape`'s tiles
+        table's entry for the key with ``code_order`` added (and ``x_dtype: "float32"`` for
+        float32 x), else :meth:`for_shape`'s tiles
         with ``raw_x`` on (and ``code_zeros``, ``index_magic`` off: the zero points go on the
         codes there already). With float32 ``x_dtype`` those tiles hold at most
         ``CODE_ZEROS_MAX_CODES_PER_THREAD`` codes per thread (``block_t`` halved until they
@@ -134,8 +135,11 @@ class BSRMatmulConfig:
         tiles (256 codes per thread) took 255 registers with float32 x against 128 with
         bfloat16 x, and 72 at 64 blocks per program (6.62 SASS per code, against 5.72)."""
         key = tuning_key(M, K, N, bits, group_size, row_blocks)
+        float32_x = x_dtype is not None and np.dtype(x_dtype) == np.dtype(np.float32)
         if code_order != "stream":
             key["code_order"] = code_order
+            if float32_x:          # shift-major codes on float32 x: entries of their own
+                key["x_dtype"] = "float32"
         if device is not None:
             cfg = tuning.tuned_config(PACKED_KERNEL, cls, device, key)
             if cfg is not None:
@@ -144,7 +148,7 @@ class BSRMatmulConfig:
                             row_blocks=row_blocks, device=device)
         if code_order == "shift_major":
             cfg = dataclasses.replace(cfg, raw_x=True, code_zeros=False, index_magic=False)
-            if x_dtype is not None and np.dtype(x_dtype) == np.dtype(np.float32):
+            if float32_x:
                 while (cfg.block_t > 16 and cfg.block_t * group_size // (32 * cfg.num_warps)
                        > CODE_ZEROS_MAX_CODES_PER_THREAD):
                     cfg = dataclasses.replace(cfg, block_t=cfg.block_t // 2)

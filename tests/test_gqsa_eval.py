@@ -209,14 +209,17 @@ def test_dispatch_cost_writes_its_tables(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("order", ["stream", "shift_major"])
-def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkeypatch, order):
+@pytest.mark.parametrize("order,x_dtype", [("stream", None), ("shift_major", None),
+                                           ("shift_major", "float32")])
+def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkeypatch, order,
+                                                               x_dtype):
     """gqsa_speed.packed_row on a fake timer and real small layers (interpret mode): the layers
     are packed in the code order asked, every candidate is tried once (with code_zeros on
     stream codes, reading x as given on shift-major ones), the fastest is the row (its product
     checked against float64), and it goes into the packed table beside the four-array one
     (shift-major codes under a key with code_order), which BSRMatmulConfig.for_packed then
-    reads for that device, key and order only."""
+    reads for that device, key and order only; with float32 x (x_dtype) the layers and x are
+    float32-x ones and the entry's key says so."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -244,7 +247,8 @@ def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkey
         cfg = f.__defaults__[0]
         seen.append(cfg)
         assert s[0][1].packed.dtype == jnp.int32        # the packed layers are timed
-        assert s[0][1].code_order == order
+        assert s[0][1].code_order == order and s[0][1].x_dtype == x_dtype
+        assert s[0][0].dtype == jnp.dtype(x_dtype or jnp.bfloat16)
         return (5.0 if cfg == winner else 9.0 + len(seen) * 0.01) * 1e-6
 
     rows = []
@@ -255,19 +259,23 @@ def test_packed_row_searches_its_own_tiles_and_files_the_winner(tmp_path, monkey
     table = tmp_path / "bsr_quant_matmul.json"
     best4 = BSRMatmulConfig(block_t=128, block_m=1, num_warps=2, num_stages=2)
     gqsa_speed.packed_row(add, T, sets, want, rel_err, 1, K, N, 0.5, best4, None, 0, str(table),
-                          code_order=order)
+                          code_order=order, x_dtype=x_dtype)
     assert len(seen) == len(set(seen)) and winner in seen
     assert all(c.raw_x == (order == "shift_major") for c in seen)
     assert seen[1] == replace(best4, **how)
     (row,) = rows
-    label = "packed" if order == "stream" else "packed sm"
+    label = ("packed" if order == "stream" else "packed sm" + (" f32" if x_dtype else ""))
     assert row["format"] == f"w4g128s50 {label}" and row["us"] == 5.0 and row["rel_err"] < 1e-2
     assert row["config"] == gqsa_speed.dataclasses.asdict(winner)
     packed_table = tmp_path / "bsr_quant_matmul_packed.json"
     assert packed_table.exists() and not table.exists()
     monkeypatch.setenv("OPTGQA_TUNING", str(tmp_path))
     kw = dict(K=K, N=N, row_blocks=b.row_blocks, device=kc.device_kind())
-    assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=order, **kw) == winner
+    assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=order, x_dtype=x_dtype,
+                                      **kw) == winner
+    if order == "shift_major":      # the other x dtype has no entry
+        assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=order,
+                                          x_dtype=None if x_dtype else "float32", **kw) != winner
     other_order = "shift_major" if order == "stream" else "stream"
     assert BSRMatmulConfig.for_packed("cuda", 1, b.nnz, code_order=other_order, **kw) != winner
     # another shape: no entry, the four-array tiles with code_zeros (stream) or raw_x
