@@ -149,8 +149,8 @@ class BSRMatmulConfig:
         if code_order == "shift_major":
             cfg = dataclasses.replace(cfg, raw_x=True, code_zeros=False, index_magic=False)
             if float32_x:
-                while (cfg.block_t > 16 and cfg.block_t * group_size // (32 * cfg.num_warps)
-                       > CODE_ZEROS_MAX_CODES_PER_THREAD):
+                while (cfg.block_t > 16
+                       and cfg.codes_per_thread(group_size) > CODE_ZEROS_MAX_CODES_PER_THREAD):
                     cfg = dataclasses.replace(cfg, block_t=cfg.block_t // 2)
             return cfg
         # code_zeros keeps its register use only where a thread holds few codes: compiled for
@@ -158,9 +158,14 @@ class BSRMatmulConfig:
         # table's tiles took 48 -> 48, 57 -> 78 and 40 -> 48 registers with it at 64 codes per
         # thread (gate/up, down, o), but 158 -> 255 at q/k/v's 256, where the packed kernel
         # then ran 10.6 against the four arrays' 7.7 us (H100, 2132c41, profile_bsr_call)
-        if cfg.block_t * group_size // (32 * cfg.num_warps) <= CODE_ZEROS_MAX_CODES_PER_THREAD:
+        if cfg.codes_per_thread(group_size) <= CODE_ZEROS_MAX_CODES_PER_THREAD:
             cfg = dataclasses.replace(cfg, code_zeros=True)
         return cfg
+
+    def codes_per_thread(self, group_size: int) -> int:
+        """Codes one thread holds per step at one row: ``block_t * group_size`` codes over
+        ``32 * num_warps`` threads."""
+        return self.block_t * group_size // (32 * self.num_warps)
 
     def validate(self) -> None:
         C.validate_tuning(self, ("block_t",))
