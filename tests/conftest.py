@@ -10,8 +10,25 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_backend_optimization_level=0").strip()
 
+import atexit
+import shutil
+import tempfile
+
+import jax
 import numpy as np
 import pytest
+
+# The suite compiles many programs more than once: _release_compiled_programs drops every
+# module's programs, and later modules build the same small models and kernels again. A
+# compilation cache on disk, fresh for each test process (each pytest-xdist worker its own,
+# so no two processes write one file; subprocesses started by tests do not inherit it) and
+# removed at exit, serves those repeats: on four model-level test files it cut the wall time
+# by 7% and the CPU time by 9% (2:45 -> 2:34, commit 66546b7).
+_XLA_CACHE = tempfile.mkdtemp(prefix="optgqa-test-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -56,6 +56,7 @@ def test_host_table_sums_self_time_per_thread():
 
     f = jax.jit(lambda a: jnp.sin(a) @ a)
     a = jax.random.normal(jax.random.PRNGKey(0), (32, 32))
+    f(a).block_until_ready()   # compiled (or read from a compilation cache) outside the trace
     host = {}
     profile_decode.traced_ops(lambda: f(a), steps=3, host=host)
     assert host, "no host thread in the trace"
