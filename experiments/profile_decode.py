@@ -168,6 +168,10 @@ def op_markdown(meta: dict) -> list[str]:
                   f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
                   "| op | µs per step | calls per step |", "| --- | --- | --- |"]
         lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} |" for n, us, c in rows]
+    if meta.get("gemms"):
+        lines += ["", "## Matrix products in the compiled step", "",
+                  "| calls | instruction (names dropped) |", "| ---: | --- |"]
+        lines += [f"| {n} | `{t}` |" for n, t in meta["gemms"]]
     for name, entry in meta.get("host", {}).items():
         lines += ["", f"## {name} (host)", "",
                   f"Busy {entry['busy_ms_per_step']:.2f} ms per step.", "",
@@ -199,6 +203,34 @@ def hlo_summary(hlo: str) -> dict:
     return dict(entry_instructions=sum(ops.values()), entry_ops=dict(ops.most_common(20)),
                 command_buffer_calls=entry.count("command_buffer"),
                 command_buffer_computations=len(re.findall(r"\n%?command_buffer\S*\s", hlo)))
+
+
+def gemm_calls(hlo: str, width: int = 400) -> list:
+    """The compiled step's matrix products as ``[count, text]``, most frequent first: every
+    instruction of the optimised HLO that calls cuBLAS (``custom_call_target`` naming a gemm
+    or matmul) or is a ``dot``, written as ``result_shape op(operand shapes)`` with layouts
+    (e.g. ``bf16[482,4096]{1,0}``) and the first `width` characters of the line's attributes
+    (metadata dropped), so the 32 layers' calls of one product count as one."""
+    import re
+
+    inst = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=\s*(.+?)\s+([a-z][\w-]*)\((.*)$")
+    shapes, calls = {}, []
+    for line in hlo.splitlines():
+        m = inst.match(line)
+        if not m:
+            continue
+        name, shape, op, rest = m.groups()
+        shapes[name] = shape
+        if op == "dot" or (op == "custom-call" and re.search(
+                r'custom_call_target="[^"]*(gemm|matmul)', rest, re.I)):
+            calls.append((shape, op, rest))
+    found = collections.Counter()
+    for shape, op, rest in calls:
+        args, _, attrs = rest.partition(")")
+        args = ", ".join(shapes.get(a.strip().lstrip("%"), a.strip()) for a in args.split(","))
+        attrs = re.sub(r",?\s*metadata=\{[^}]*\}", "", attrs).strip(", ")
+        found[f"{shape} {op}({args}) {attrs}"[:width]] += 1
+    return [[n, t] for t, n in found.most_common()]
 
 
 def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
@@ -440,6 +472,7 @@ def main():
                 meta["check_pool_sum"] = float(jnp.sum(jnp.abs(leaf.astype(jnp.float32))))
                 hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
+                meta["gemms"] = gemm_calls(hlo)
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:
                     f.write(hlo)
@@ -495,7 +528,7 @@ def write_report(out_dir: str, stem: str, title: str, meta: dict, results: dict,
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
     lines = [f"# {title}", ""] + [f"- {k}: {v}" for k, v in meta.items()
-                                  if k not in ("ops", "timeline", "host", "check_tokens")]
+                                  if k not in ("ops", "timeline", "host", "check_tokens", "gemms")]
     lines += [""] + table + op_markdown(meta)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
-from profile_decode import device_seconds, traced_ops, write_report  # noqa: E402
+from profile_decode import device_seconds, gemm_calls, traced_ops, write_report  # noqa: E402
 
 
 def linear_flops_per_token(cfg) -> int:
@@ -171,6 +171,8 @@ def main(argv=None) -> None:
     print(json.dumps(results, indent=1), flush=True)
     if not a.no_trace:
         meta["ops"], meta["timeline"] = traced_ops(step, steps=3)
+    # the products' shapes and layouts as compiled (which operand layout each GEMM got)
+    meta["gemms"] = gemm_calls(runner.lower(inputs, False, size).compile().as_text())
     table = ["| what | value |", "| --- | ---: |"]
     table += [f"| {k} | {v:,.2f} |" for k, v in results.items()]
     write_report(a.out, "profile_mixed", "Mixed-step profile", meta, results, table)

@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -336,6 +336,9 @@ for step in $steps; do
           --xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL \
           --xla-option xla_gpu_ftz=true --out "$out/profile_batch1_host_$fmt"
       done ;;
+    product-probe)  # the layer's bfloat16 products at 482 and 4096 rows by weight layout, with
+      # the GEMM kernel each ran (the o projection ran at ~470 TFLOP/s in the engine's steps)
+      run product_probe 300 python experiments/product_probe.py --out "$out/product_probe" ;;
     profile-bsr-call)  # one batch-1 product per Llama-3-8B shape, dense W4 against W4S50
       # (four arrays, packed, packed with shift-major codes): per-call time split by a device trace into the main kernel,
       # the wrapper's other ops and the GPU's idle time

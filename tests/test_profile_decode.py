@@ -81,3 +81,28 @@ def test_decode_config_override_keeps_the_defaults_signature(monkeypatch):
     assert got == short.__class__(**{**short.__dict__, "num_stages": 2})
     with pytest.raises(SystemExit, match="unknown field"):
         profile_decode.override_decode_config("blocks=3")
+
+
+def test_gemm_calls_lists_each_product_once_with_operand_layouts():
+    """A compiled program with three products of one form and one of another: two entries,
+    counted, with the operands' shapes and layouts in place of their names; a cuBLAS call in
+    GPU form (operand defined after its use, metadata dropped) is read the same way."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng()
+    m, k = (int(v) for v in rng.integers(2, 9, 2))
+    f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v + jnp.tanh(x @ v) @ w.T)
+    x, w = jnp.ones((m, k)), jnp.ones((k, k))
+    got = profile_decode.gemm_calls(f.lower(x, w, w + 1).compile().as_text())
+    assert sorted(n for n, _ in got) == [1, 3], got
+    for _, text in got:
+        assert text.startswith(f"f32[{m},{k}]") and f"f32[{k},{k}]" in text and "%" not in text
+    gpu = ('  %cc.5 = (bf16[482,4096]{1,0}, s8[64]{0}) custom-call(%b.1, %p.2), '
+           'custom_call_target="__cublas$gemm", backend_config={"a":1}, metadata={op_name="o"}\n'
+           '  %b.1 = bf16[482,4096]{1,0} bitcast(%y)\n'
+           '  %p.2 = bf16[4096,4096]{0,1} parameter(3)\n'
+           '  %f.3 = bf16[482,4096]{1,0} fusion(%b.1), kind=kLoop, calls=%g\n')
+    assert profile_decode.gemm_calls(gpu) == [[1, (
+        '(bf16[482,4096]{1,0}, s8[64]{0}) custom-call(bf16[482,4096]{1,0}, '
+        'bf16[4096,4096]{0,1}) custom_call_target="__cublas$gemm", backend_config={"a":1}')]]
