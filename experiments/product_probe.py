@@ -17,14 +17,19 @@ M, as:
 * ``kn+res`` / ``nk+res``: ``r + x @ W`` (the residual add that follows o and down);
 * ``kn/pad``: x padded to a multiple of 128 rows (M not a multiple of 128 only).
 
-Every variant's product is checked against ``kn``'s; each is timed with
+With ``--xla-option NAME=VALUE`` (repeatable) every variant is timed a second time compiled
+with those options, e.g. ``xla_gpu_triton_gemm_any=true`` (XLA may then pick, by autotuning,
+a Triton GEMM over cuBLAS for a plain dot).
+
+Every variant's product is checked against a float32 reference; each is timed with
 ``timing.timeit_rotating`` over weight sets that overflow the L2 cache, and its GEMM kernel's
 name is read from a device trace of the same program. Reported: µs per product, TFLOP/s, and
 the rate over gate/up ``kn``'s at the same M.
 
 Usage::
 
-    python experiments/product_probe.py [--rows 482,4096] [--sets 4] [--out DIR]
+    python experiments/product_probe.py [--rows 482,512,4096] [--sets 4]
+        [--xla-option NAME=VALUE ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import timing  # noqa: E402
+from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
 
 # name -> (K, N): the Llama-3-8B layer's products with fused q/k/v and gate/up
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -102,12 +108,12 @@ def check(variant: str, args, tol: float = 2e-2) -> float:
     return err
 
 
-def gemm_kernel(variant: str, sets: list) -> str:
+def gemm_kernel(variant: str, sets: list, options=None) -> str:
     """Name of the longest-running kernel in a device trace of `variant` over `sets`."""
     sys.path.insert(0, os.path.dirname(__file__))
     import profile_decode
 
-    many = jax.jit(lambda s: [product(variant, *a) for a in s])
+    many = jax.jit(lambda s: [product(variant, *a) for a in s], compiler_options=options)
     jax.block_until_ready(many(sets))
     tables, _ = profile_decode.traced_ops(lambda: many(sets), steps=2)
     ops = [op for rows in tables.values() for op in rows if not op[0].startswith("Memcpy")]
@@ -116,10 +122,17 @@ def gemm_kernel(variant: str, sets: list) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default="482,4096", help="comma-separated row counts M")
+    p.add_argument("--rows", default="482,512,4096", help="comma-separated row counts M")
     p.add_argument("--sets", type=int, default=4, help="weight sets rotated per timed program")
+    p.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="also time every variant compiled with these XLA options")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args()
+    try:
+        extra = parse_xla_options(a.xla_option)
+    except ValueError as e:
+        p.error(f"--xla-option: {e}")
+    option_sets = [None] + ([extra] if extra else [])
     try:
         rows_list = [int(v) for v in a.rows.split(",")]
     except ValueError:
@@ -133,20 +146,30 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 commit=timing.source_commit(),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sets=a.sets)
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sets=a.sets,
+                xla_options=extra)
     results = []
     for M in rows_list:
         for name, (K, N) in SHAPES.items():
             for variant in variants_for(M):
                 sets = arg_sets(M, K, N, variant, a.sets, seed=len(results))
                 err = check(variant, sets[0])
-                t = timing.timeit_rotating(lambda *args: product(variant, *args), sets)
-                kernel = gemm_kernel(variant, sets)
-                row = dict(rows=M, shape=name, K=K, N=N, variant=variant, us=t * 1e6,
-                           tflops=2 * M * K * N / t / 1e12, rel_err=err, kernel=kernel)
-                results.append(row)
-                print(f"M={M} {name} {variant}: {row['us']:.1f} us, {row['tflops']:.0f} TFLOP/s "
-                      f"({kernel})", flush=True)
+                for opts in option_sets:
+                    label = variant + (" [options]" if opts else "")
+                    try:
+                        t = timing.timeit_rotating(lambda *args: product(variant, *args), sets,
+                                                   compiler_options=opts)
+                        kernel = gemm_kernel(variant, sets, opts)
+                    except Exception as e:  # an option this XLA does not know: say so, go on
+                        if not opts:
+                            raise
+                        print(f"M={M} {name} {label}: failed: {e}", flush=True)
+                        t, kernel = float("nan"), f"failed: {type(e).__name__}"
+                    row = dict(rows=M, shape=name, K=K, N=N, variant=label, us=t * 1e6,
+                               tflops=2 * M * K * N / t / 1e12, rel_err=err, kernel=kernel)
+                    results.append(row)
+                    print(f"M={M} {name} {label}: {row['us']:.1f} us, {row['tflops']:.0f} "
+                          f"TFLOP/s ({kernel})", flush=True)
                 del sets
     for r in results:
         ref = next(q for q in results if q["rows"] == r["rows"] and q["shape"] == "gate_up"
@@ -157,7 +180,8 @@ def main() -> None:
     lines = ["# The layer's bfloat16 products by weight layout\n",
              f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}, "
              f"{meta['date']}; `timeit_rotating` over {a.sets} weight sets; rate over gate/up "
-             "`kn`'s at the same rows.\n",
+             "`kn`'s at the same rows" + (f"; `[options]`: compiled with {extra}" if extra
+                                          else "") + ".\n",
              "| rows | product | K × N | variant | µs | TFLOP/s | × gate/up rate | kernel |",
              "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
     lines += [f"| {r['rows']} | {r['shape']} | {r['K']} × {r['N']} | {r['variant']} | "

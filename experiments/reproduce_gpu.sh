@@ -338,7 +338,10 @@ for step in $steps; do
       done ;;
     product-probe)  # the layer's bfloat16 products at 482 and 4096 rows by weight layout, with
       # the GEMM kernel each ran (the o projection ran at ~470 TFLOP/s in the engine's steps)
-      run product_probe 300 python experiments/product_probe.py --out "$out/product_probe" ;;
+      # (each variant also compiled with xla_gpu_triton_gemm_any: XLA's autotuner may then
+      # take a Triton GEMM over cuBLAS for a plain dot)
+      run product_probe 500 python experiments/product_probe.py \
+        --xla-option xla_gpu_triton_gemm_any=true --out "$out/product_probe" ;;
     profile-bsr-call)  # one batch-1 product per Llama-3-8B shape, dense W4 against W4S50
       # (four arrays, packed, packed with shift-major codes): per-call time split by a device trace into the main kernel,
       # the wrapper's other ops and the GPU's idle time
