@@ -8,8 +8,10 @@ one short run (the first thing to run on a GPU after them).
   the default, the device's tuning-table tiles and two one-step tiles; one row), register
   tiles without a split of K (narrow columns, each program looping over K; with ``raw_x`` the
   product is then a single kernel; one row), joined
-  tiles with ``dequant_tiles``, XLA's dequantize-then-multiply and the streaming Pallas
-  dequantize kernel then the bfloat16 product (64 rows and more). µs per
+  tiles with ``dequant_tiles`` (64 rows and more; from 256 rows also whole 256-row tiles, 128
+  and 64 columns wide, with and without a split of K, and on 2 stages), XLA's
+  dequantize-then-multiply and the streaming Pallas dequantize kernel then the bfloat16
+  product (64 rows and more). µs per
   product over weight copies that overflow the L2 cache, times against bfloat16, % of the
   copy ceiling and the relative error against the bfloat16 product of the dequantized weight.
 * ``flash``: causal flash attention, B=4 T=4096 GQA 32/8 D=128, default tiles against
@@ -113,6 +115,25 @@ def quant_variants(M: int, K: int, N: int, few: bool = False) -> dict:
         out["joined dequant_tiles"] = with_split(QuantMatmulConfig(
             block_m=bm, block_n=128, block_k=128, num_warps=8, num_stages=3, joined=True,
             dequant_tiles=True), M, K, N)
+    if M >= 256:
+        # Whole 256-row tiles: each weight tile dequantized once per 256 rows instead of twice
+        # (128-row tiles). Compiled for sm_90 by the triton package without a GPU
+        # (experiments/triton_ir.py, gate/up, 256 rows): 256 x 128 x 128 on 8 warps takes 234
+        # registers, no spill, 16 HGMMA and 521 SASS instructions per K step (8.1 per code);
+        # 256 x 64 takes 128 registers (11.0 per code). An estimate from those counts (4
+        # schedulers per SM, one instruction each per cycle; about 4,300 bfloat16 FLOP per
+        # cycle per SM): about 1,000 issue cycles of dequantization per K step against about
+        # 2,000 of tensor-core work for the 256 x 128 tile, so, if the two overlap, near the
+        # bfloat16 rate. Untimed until this comparison runs.
+        for bn in (128, 64):
+            cfg = QuantMatmulConfig(block_m=256, block_n=bn, block_k=128, num_warps=8,
+                                    num_stages=3, joined=True, dequant_tiles=True)
+            out[f"joined dequant_tiles 256x{bn}"] = with_split(cfg, M, K, N)
+            if out[f"joined dequant_tiles 256x{bn}"].split_k != 1:
+                out[f"joined dequant_tiles 256x{bn} no split"] = cfg
+        out["joined dequant_tiles 256x128 2 stages"] = dataclasses.replace(
+            out["joined dequant_tiles 256x128"], num_stages=2)
+    if M >= 64:
         out["dequantize (XLA)"] = None
         out["dequantize kernel"] = "dequantize_kernel"
     return out

@@ -93,7 +93,10 @@ def _joined(M, group_size):
     # its per-output correction disappears, which costs block_m * block_n per sub-tile.
     joined_bk = [bk for bk in (128, 256, 64)
                  if group_size == -1 or group_size % bk == 0 or bk % group_size == 0]
-    bms = (max(16, 1 << (M - 1).bit_length()),) if M <= 64 else (64, 128)
+    # from 256 rows whole 256-row tiles first: each weight tile dequantized once per 256 rows
+    # (compare_variants.py notes their sm_90 register and instruction counts)
+    bms = ((max(16, 1 << (M - 1).bit_length()),) if M <= 64
+           else (256, 128, 64) if M >= 256 else (64, 128))
     dequant = (True, False) if M >= 32 else (False,)
     for bm, bn, bk, warps in itertools.product(bms, (256, 128, 64), joined_bk, (4, 8)):
         for dq in dequant:

@@ -223,3 +223,33 @@ def test_flash_sass_writes_a_row_per_config(tmp_path):
     for bad in ("1,256,5,2", "1,100,4,2", "1,256,4"):
         with pytest.raises(SystemExit):
             mod.main(["--shape", bad, "--out", str(tmp_path)])
+
+
+def test_compare_variants_whole_256_row_tiles_match_float64():
+    """From 256 rows compare_variants adds whole 256-row dequant_tiles tiles (128 and 64
+    columns, with and without a split of K, 2 stages); each computes x @ dequant(W) in
+    interpret mode at an odd row count against a float64 reference."""
+    import jax
+    from optgqa_jax import quant
+    from pallas_kernels.quant_matmul import quant_matmul
+
+    mod = _load("compare_variants")
+    assert not any("256x" in k for k in mod.quant_variants(128, 4096, 28672))
+    v = {k: c for k, c in mod.quant_variants(256, 4096, 28672).items() if "256x" in k}
+    assert set(v) == {"joined dequant_tiles 256x128", "joined dequant_tiles 256x128 no split",
+                      "joined dequant_tiles 256x64", "joined dequant_tiles 256x128 2 stages"}
+    assert v["joined dequant_tiles 256x128"].split_k > 1 and all(
+        c.block_m == 256 and c.dequant_tiles for c in v.values())
+    rng = np.random.default_rng()
+    M, K, N = int(rng.integers(257, 320)), 384, 192
+    qc = quant.parse_spec("w4g128")
+    q = quant.synthetic.random_quantized_linear(jax.random.PRNGKey(int(rng.integers(1 << 30))),
+                                                K, N, qc, "bfloat16")
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    ref = np.asarray(x, np.float64) @ np.asarray(quant.dequantize(q, jnp.float32), np.float64)
+    for name, cfg in v.items():
+        cfg = dataclasses.replace(cfg, split_k=min(cfg.split_k, 3))   # K has 3 steps of 128
+        y = np.asarray(quant_matmul(x, q.qweight, q.scales, q.zeros, bits=4, group_size=128,
+                                    config=cfg, interpret=True), np.float64)
+        err = np.abs(y - ref).max() / np.abs(ref).max()
+        assert np.isfinite(err) and err < 1e-2, (name, err)
