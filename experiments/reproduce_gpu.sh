@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, variants-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -230,6 +230,13 @@ for step in $steps; do
       # bfloat16
       run compare_variants_256 560 python experiments/compare_variants.py --parts quant \
         --rows 256,512 --out "$out/variants_256" ;;
+    quant-tune-256)  # the tile search at 256 and 512 rows (the four shapes, W4 g128), timing the
+      # dequantize route too; tiles that beat it are written to OPTGQA_QUANT_TABLE (default
+      # OUT/quant/quant_matmul.json), which quant.matmul then takes above 64 rows (pass the
+      # file as OPTGQA_TUNING to the engine run that follows)
+      run tune_quant_256 560 python experiments/tune_quant.py --rows 256,512 --formats w4g128 \
+        --case-budget-s 60 --budget-s 540 --confirm-rounds 3 \
+        --table "${OPTGQA_QUANT_TABLE:-$out/quant/quant_matmul.json}" --out "$out/quant_tune_256" ;;
     variants-decode)  # decode: ALiBi under the plain default's config, the tile sweep
       run compare_variants_decode 400 python experiments/compare_variants.py \
         --parts decode,decode_tiles --out "$out/variants_decode" ;;

@@ -13,9 +13,13 @@ L2 cache; the default config of ``for_shape`` is timed too, so the table shows w
 would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
 With ``--confirm-rounds N`` each case's three best tiles, the rules' tiles and the bfloat16
 product are timed again in N interleaved rounds, and the case reports (and tables) the
-medians of those rounds. With ``--table`` the cases whose best tiles beat the rules by more than 2% are merged into a
+medians of those rounds. Above ``quant.linear.KERNEL_MAX_ROWS`` rows the route
+``quant.matmul`` takes there (the streaming dequantize kernel, then the float product) is
+timed too (``dequantize_us``). With ``--table`` the cases whose best tiles beat the rules by
+more than 2% (and, above ``KERNEL_MAX_ROWS`` rows, that route by more than 2%) are merged into a
 tuning table (``pallas_kernels.tuning``), which ``QuantMatmulConfig.for_shape`` then reads on
-that device kind: ``pallas_kernels/tuning/quant_matmul.json`` is the packaged one.
+that device kind (and ``quant.matmul`` for its route above ``KERNEL_MAX_ROWS`` rows):
+``pallas_kernels/tuning/quant_matmul.json`` is the packaged one.
 
 Usage::
 
@@ -43,7 +47,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import benchmark as B  # noqa: E402
 from optgqa_jax import quant  # noqa: E402
 from optgqa_jax.timing import confirm_finalists  # noqa: E402
+from optgqa_jax.quant.linear import KERNEL_MAX_ROWS  # noqa: E402
 from pallas_kernels import compiler_options  # noqa: E402
+from pallas_kernels import dequant as kdq  # noqa: E402
 from pallas_kernels import tuning  # noqa: E402
 from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul,  # noqa: E402
                                          tuning_key)
@@ -56,10 +62,12 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
 def cases():
     """(shape, M, format) in priority order (qkv last: it resembles o)."""
     for M, fmt in ((1, "w4g128"), (16, "w4g128"), (1, "w8"), (16, "w8"), (64, "w4g128"),
-                   (2048, "w4g128"), (256, "w4g128"), (1, "w4"), (16, "w8g128")):
+                   (2048, "w4g128"), (256, "w4g128"), (512, "w4g128"), (1, "w4"),
+                   (16, "w8g128")):
         for shape in ("gate_up", "o", "down"):
             yield shape, M, fmt
-    for M, fmt in ((1, "w4g128"), (16, "w4g128"), (2048, "w4g128")):
+    for M, fmt in ((1, "w4g128"), (16, "w4g128"), (2048, "w4g128"), (256, "w4g128"),
+                   (512, "w4g128")):
         yield "qkv", M, fmt
 
 
@@ -161,17 +169,27 @@ def confirm_case(case: dict, default, T, matmul_fn, sets, bf16_sets, rounds: int
 
 def table_entries(res: dict, source: str) -> list:
     """Tuning-table entries (``pallas_kernels.tuning``) of the cases whose best tiles beat the
-    rules' default by more than 2% (elsewhere the rules stay)."""
+    rules' default by more than 2% (elsewhere the rules stay). Above ``KERNEL_MAX_ROWS`` rows,
+    where ``quant.matmul`` takes the streaming dequantize + float product unless the table
+    says otherwise, only cases whose best tiles also beat that route (``dequantize_us``,
+    timed in the same run) by more than 2%; their entries carry ``dequantize_us``, which
+    ``quant_matmul_config.fused_measured_faster`` reads."""
     out = []
     for c in res["cases"]:
         d, b = c["default"]["us"], c["best"]
         if not b["us"] < float("inf") or (d is not None and b["us"] > 0.98 * d):
             continue
+        dq = c.get("dequantize_us")
+        if c["M"] > KERNEL_MAX_ROWS and not (dq is not None and b["us"] < 0.98 * dq):
+            continue
         qc = quant.parse_spec(c["format"])
-        out.append(dict(device=res["device"],
-                        key=tuning_key(c["M"], c["K"], c["N"], qc.bits, qc.group_size),
-                        config=b["config"], us=round(b["us"], 2), rules_us=d and round(d, 2),
-                        bf16_us=round(c["bf16_us"], 2), commit=res["commit"], source=source))
+        entry = dict(device=res["device"],
+                     key=tuning_key(c["M"], c["K"], c["N"], qc.bits, qc.group_size),
+                     config=b["config"], us=round(b["us"], 2), rules_us=d and round(d, 2),
+                     bf16_us=round(c["bf16_us"], 2), commit=res["commit"], source=source)
+        if dq is not None:
+            entry["dequantize_us"] = round(dq, 2)
+        out.append(entry)
     return out
 
 
@@ -275,6 +293,12 @@ def main(argv=None):
             return t
 
         t_case = time.perf_counter()
+        if M > KERNEL_MAX_ROWS and kdq.supported(qc.bits, qc.group_size):
+            # the route quant.matmul takes here unless the table holds faster fused tiles
+            case["dequantize_us"] = 1e6 * B.timeit_rotating(
+                lambda x, q, s, z: jnp.dot(x, kdq.dequantize_packed(
+                    q, s, z, bits=qc.bits, group_size=qc.group_size, K=K, dtype=x.dtype)),
+                sets, compiler_options=opts)
         default = QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size)   # the rules
         t_def = time_cfg(default)
         case["default"] = dict(config=dataclasses.asdict(default),

@@ -182,13 +182,13 @@ class QuantMatmulConfig:
                              "paths always take x's sums from the wrapper); set fma=True")
 
 
-TUNED_ROWS = (1, 16, 64, 256, 2048)
+TUNED_ROWS = (1, 16, 64, 256, 512, 2048)
 
 
 def tuned_rows(M: int) -> int:
     """The row count of the tuning-table entry that stands for M rows: 1 for one row (the
-    register path's own tiles), else the smallest of 16, 64, 256, 2048 that is >= M (2048
-    above it)."""
+    register path's own tiles), else the smallest of 16, 64, 256, 512, 2048 that is >= M
+    (2048 above it)."""
     if M <= 1:
         return 1
     return next((r for r in TUNED_ROWS[1:] if M <= r), TUNED_ROWS[-1])
@@ -198,3 +198,22 @@ def tuning_key(M: int, K: int, N: int, bits: int, group_size: int) -> dict:
     """The key of a tuning-table entry (:mod:`pallas_kernels.tuning`)."""
     return dict(bits=int(bits), group_size=int(group_size), K=int(K), N=int(N),
                 M=tuned_rows(M))
+
+
+def fused_measured_faster(device: Optional[str], M: int, K: int, N: int, bits: int,
+                          group_size: int) -> bool:
+    """Whether the tuning table holds, for `device` and this shape's row bucket, fused-kernel
+    tiles timed faster than the streaming dequantize + float product (the entry's ``us``
+    below its ``dequantize_us``, both measured by ``experiments/tune_quant.py`` in one run).
+
+    ``optgqa_jax.quant.matmul`` runs the fused kernel above ``KERNEL_MAX_ROWS`` rows only
+    where this holds; without such an entry (no table, another device, an entry without
+    ``dequantize_us``) it keeps the dequantize route there."""
+    if device is None:
+        return False
+    e = tuning.lookup_entry("quant_matmul", device, tuning_key(M, K, N, bits, group_size))
+    if e is None:
+        return False
+    us, dq = e.get("us"), e.get("dequantize_us")
+    return (isinstance(us, (int, float)) and isinstance(dq, (int, float))
+            and 0 < us < dq)

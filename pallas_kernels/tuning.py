@@ -92,13 +92,19 @@ def load_table(path: str, kernel: Optional[str] = None) -> list[dict]:
     return data["entries"]
 
 
-def lookup(kernel: str, device: str, key: dict) -> Optional[dict]:
-    """The tuned config (a dict of the config's fields) for ``device`` and ``key``, or None."""
+def lookup_entry(kernel: str, device: str, key: dict) -> Optional[dict]:
+    """The whole table entry (config, times, provenance) for ``device`` and ``key``, or None."""
     for path in table_paths(kernel):
         for e in load_table(path, kernel):
             if e["device"] == device and e["key"] == key:
-                return dict(e["config"])
+                return dict(e)
     return None
+
+
+def lookup(kernel: str, device: str, key: dict) -> Optional[dict]:
+    """The tuned config (a dict of the config's fields) for ``device`` and ``key``, or None."""
+    e = lookup_entry(kernel, device, key)
+    return None if e is None else dict(e["config"])
 
 
 def tuned_config(kernel: str, cls, device: str, key: dict):

@@ -31,8 +31,9 @@ def table(tmp_path, monkeypatch):
 
 
 def test_rows_buckets():
-    assert [tuned_rows(m) for m in (0, 1, 2, 16, 17, 64, 65, 256, 257, 2048, 5000)] == \
-        [1, 1, 16, 16, 64, 64, 256, 256, 2048, 2048, 2048]
+    assert [tuned_rows(m) for m in (0, 1, 2, 16, 17, 64, 65, 256, 257, 512, 513, 2048,
+                                    5000)] == \
+        [1, 1, 16, 16, 64, 64, 256, 256, 512, 512, 2048, 2048, 2048]
     assert set(tuned_rows(m) for m in range(1, 3000)) == set(TUNED_ROWS)
 
 
@@ -219,3 +220,85 @@ def test_tune_quant_confirm_case_uses_interleaved_medians():
     assert order[:5] == ["bf16", a, b, c, rules] and len(order) == 15 and d not in order
     assert case["confirm"]["rounds"] == 3
     assert [s["us"] for s in case["confirm"]["settings"]][0] == pytest.approx([36, 35, 50])
+
+
+BIG = QuantMatmulConfig(block_m=256, block_n=128, block_k=128, split_k=2, num_warps=8,
+                        joined=True, dequant_tiles=True)
+
+
+def test_fused_measured_faster_reads_the_entry_times(tmp_path, monkeypatch):
+    """Above 64 rows the fused kernel is taken only where the row bucket's entry was timed
+    faster than the dequantize route in the same run."""
+    from pallas_kernels.quant_matmul_config import fused_measured_faster
+    path = str(tmp_path / "quant_matmul.json")
+    big = dataclasses.asdict(BIG)
+    tuning.write_entries(path, "quant_matmul", [
+        dict(device=DEV, key=tuning_key(512, 4096, 28672, 4, 128), config=big, us=150.0,
+             dequantize_us=190.0),
+        dict(device=DEV, key=tuning_key(256, 4096, 28672, 4, 128), config=big, us=200.0,
+             dequantize_us=190.0),
+        dict(device=DEV, key=tuning_key(256, 4096, 4096, 4, 128), config=big, us=20.0)])
+    monkeypatch.setenv(tuning.ENV, path)
+    assert fused_measured_faster(DEV, 300, 4096, 28672, 4, 128)        # bucket 512: faster
+    assert fused_measured_faster(DEV, 512, 4096, 28672, 4, 128)
+    assert not fused_measured_faster(DEV, 513, 4096, 28672, 4, 128)    # bucket 2048: none
+    assert not fused_measured_faster(DEV, 200, 4096, 28672, 4, 128)    # slower than the route
+    assert not fused_measured_faster(DEV, 200, 4096, 4096, 4, 128)     # no route time
+    assert not fused_measured_faster("Other GPU", 300, 4096, 28672, 4, 128)
+    assert not fused_measured_faster(None, 300, 4096, 28672, 4, 128)
+    assert not fused_measured_faster(DEV, 300, 4096, 28672, 8, 128)
+    # the tiles themselves come from the same entry
+    assert QuantMatmulConfig.for_shape("cuda", 300, 4096, 28672, 128, device=DEV) == BIG
+
+
+def test_quant_matmul_auto_route_above_64_rows_follows_the_table(tmp_path, monkeypatch):
+    """quant.matmul(impl="auto") on a (pretended) GPU: at 300 rows the dequantize kernel and
+    the float product, unless the table's 512-row bucket holds fused tiles timed faster."""
+    import jax
+    import jax.numpy as jnp
+    from optgqa_jax import quant
+    kdq = sys.modules["pallas_kernels.dequant"]         # the modules (the package's names of
+    kqm = sys.modules["pallas_kernels.quant_matmul"]    # the same spelling are functions)
+    from pallas_kernels import _common as kc
+
+    K, N, M = 256, 128, 300
+    ql = quant.synthetic.random_quantized_linear(jax.random.PRNGKey(0), K, N,
+                                                 quant.parse_spec("w4g128"), "bfloat16")
+    x = jnp.ones((M, K), jnp.bfloat16)
+    called = []
+    monkeypatch.setattr(kc, "backend", lambda: "cuda")
+    monkeypatch.setattr(kc, "device_kind", lambda: DEV)
+    monkeypatch.setattr(kqm, "quant_matmul", lambda x, *a, **k: called.append("fused")
+                        or jnp.zeros((x.shape[0], N), x.dtype))
+    monkeypatch.setattr(kdq, "dequantize_packed", lambda *a, **k: called.append("dequantize")
+                        or jnp.zeros((K, N), jnp.bfloat16))
+    path = str(tmp_path / "quant_matmul.json")
+    tuning.write_entries(path, "quant_matmul", [])
+    monkeypatch.setenv(tuning.ENV, path)
+    quant.matmul(x, ql)
+    assert called == ["dequantize"]                       # no entry (the packaged table: none
+    #                                                       for this device)
+    tuning.write_entries(path, "quant_matmul", [dict(
+        device=DEV, key=tuning_key(M, K, N, 4, 128), config=dataclasses.asdict(BIG),
+        us=10.0, dequantize_us=12.0)])
+    quant.matmul(x, ql)
+    assert called == ["dequantize", "fused"]
+    quant.matmul(x[:64], ql)                              # up to 64 rows: always fused
+    assert called[-1] == "fused"
+
+
+def test_tune_quant_entries_above_64_rows_need_the_dequantize_route_beaten():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import tune_quant as T
+    big = dataclasses.asdict(BIG)
+    case = lambda M, best, dq: dict(M=M, K=4096, N=28672, format="w4g128", bf16_us=100.0,  # noqa: E731
+                                    default=dict(us=300.0), best=dict(us=best, config=big),
+                                    **({} if dq is None else dict(dequantize_us=dq)))
+    res = dict(device=DEV, commit="abc1234", cases=[
+        case(256, 150.0, 180.0),      # beats the route: tabled with its time
+        case(512, 178.0, 180.0),      # within 2% of the route: not tabled
+        case(2048, 150.0, None),      # the route not timed: not tabled
+        case(64, 150.0, None)])       # 64 rows: the route does not matter
+    entries = T.table_entries(res, "test")
+    assert [e["key"]["M"] for e in entries] == [256, 64]
+    assert entries[0]["dequantize_us"] == 180.0 and "dequantize_us" not in entries[1]

@@ -126,12 +126,14 @@ def lookup_columns(ql: QuantizedLinear, ids: jax.Array, dtype=None) -> jax.Array
 MATMUL_IMPLS = ("auto", "pallas", "dequantize", "dequantize_kernel")
 
 
-# impl="auto" runs the fused kernel up to this many rows of x and "dequantize_kernel" above. On
-# an H200 (jax 0.11.2, commit bfc3e84, experiments/results/h200/quant/bench_quant_bfc3e84.md),
-# 4 bits in groups of 128: at 64 rows the fused kernel beat the Pallas dequantize + bfloat16
-# product on all four Llama-3-8B shapes (gate/up 98.5 against 151.6 µs), at 256 rows it lost on
-# all four (gate/up 273.5 against 182.6; q/k/v 64.8 against 48.9). XLA's dequantize-then-multiply
-# was slower than both at 64 and 256 rows. 65-255 rows are not measured.
+# impl="auto" runs the fused kernel up to this many rows of x and "dequantize_kernel" above,
+# unless the device's tuning table holds fused tiles measured faster than that route for the
+# shape's row bucket (quant_matmul_config.fused_measured_faster). On an H200 (jax 0.11.2,
+# commit bfc3e84, experiments/results/h200/quant/bench_quant_bfc3e84.md), 4 bits in groups of
+# 128: at 64 rows the fused kernel beat the Pallas dequantize + bfloat16 product on all four
+# Llama-3-8B shapes (gate/up 98.5 against 151.6 µs), at 256 rows it lost on all four (gate/up
+# 273.5 against 182.6; q/k/v 64.8 against 48.9). XLA's dequantize-then-multiply was slower than
+# both at 64 and 256 rows. 65-255 rows are not measured.
 KERNEL_MAX_ROWS = 64
 
 
@@ -154,8 +156,11 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None
       product (cuBLAS on NVIDIA);
     * ``"auto"`` (default): on GPUs with bfloat16/float16 x and 2-, 4- or 8-bit codes, the
       fused kernel up to ``KERNEL_MAX_ROWS`` rows of x (decode) and ``"dequantize_kernel"``
-      above (prefill), where the layer's format allows it; ``"dequantize"`` everywhere else
-      (CPUs, float32, 3 bits).
+      above (prefill), where the layer's format allows it; above ``KERNEL_MAX_ROWS`` rows the
+      fused kernel too where the device's tuning table has tiles for the shape's row bucket
+      that were timed faster than the dequantize route
+      (``pallas_kernels.quant_matmul_config.fused_measured_faster``); ``"dequantize"``
+      everywhere else (CPUs, float32, 3 bits).
 
     Raises:
       ValueError: an unknown ``impl``; ``"pallas"`` with 3-bit codes; ``"dequantize_kernel"``
@@ -170,13 +175,15 @@ def matmul(x: jax.Array, ql: QuantizedLinear, impl: str = "auto", out_dtype=None
     from pallas_kernels import _common as kc
     from pallas_kernels import dequant as kdq
     from pallas_kernels.quant_matmul import KERNEL_BITS, quant_matmul
+    from pallas_kernels.quant_matmul_config import fused_measured_faster
     # the streaming dequantize kernel takes rows stored in group order, in groups it can tile
     dequant_kernel_ok = ql.groups_contiguous and kdq.supported(ql.bits, ql.group_size)
     if impl == "auto":
         rows = int(np.prod(x.shape[:-1]))
         gpu_format = (kc.backend() != "cpu" and ql.bits in KERNEL_BITS
                       and jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-        if gpu_format and rows <= KERNEL_MAX_ROWS:
+        if gpu_format and (rows <= KERNEL_MAX_ROWS or fused_measured_faster(
+                kc.device_kind(), rows, ql.shape[0], ql.shape[1], ql.bits, ql.group_size)):
             impl = "pallas"
         elif gpu_format and dequant_kernel_ok:
             impl = "dequantize_kernel"
