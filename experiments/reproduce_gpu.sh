@@ -351,7 +351,7 @@ for step in $steps; do
       done ;;
     product-probe)  # the layer's bfloat16 products at 482 and 4096 rows by weight layout, with
       # the GEMM kernel each ran (the o projection ran at ~470 TFLOP/s in the engine's steps)
-      # (each variant also compiled with xla_gpu_triton_gemm_any: XLA's autotuner may then
+      # (kn also compiled with xla_gpu_triton_gemm_any: XLA's autotuner may then
       # take a Triton GEMM over cuBLAS for a plain dot)
       run product_probe 500 python experiments/product_probe.py \
         --xla-option xla_gpu_triton_gemm_any=true --out "$out/product_probe" ;;
