@@ -376,8 +376,8 @@ def test_model_on_the_kernel_matches_dequantized_params(bits, act_order, fused):
     assert np.isfinite(got).all()
     assert np.abs(got - want).max() / np.abs(want).max() < 2e-2
     prompt = [int(t) for t in tokens[0, :5]]
-    assert (og.generate_simple(cfg, qp, prompt, 5, attention_impl="pallas")
-            == og.generate_simple(cfg, floats, prompt, 5, attention_impl="reference"))
+    assert (og.generate_simple(cfg, qp, prompt, 3, attention_impl="pallas")
+            == og.generate_simple(cfg, floats, prompt, 3, attention_impl="reference"))
 
 
 def test_sorted_act_order_layer_is_the_same_product():
