@@ -47,6 +47,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import timing  # noqa: E402
 from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+import profile_decode  # noqa: E402  (its trace reader)
 
 # name -> (K, N): the Llama-3-8B layer's products with fused q/k/v and gate/up
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -111,9 +113,6 @@ def check(variant: str, args, tol: float = 2e-2, rows: int = 64) -> float:
 
 def gemm_kernel(variant: str, sets: list, options=None) -> str:
     """Name of the longest-running kernel in a device trace of `variant` over `sets`."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    import profile_decode
-
     many = jax.jit(lambda s: [product(variant, *a) for a in s], compiler_options=options)
     jax.block_until_ready(many(sets))
     tables, _ = profile_decode.traced_ops(lambda: many(sets), steps=2)
