@@ -120,6 +120,31 @@ def gemm_kernel(variant: str, sets: list, options=None) -> str:
     return max(ops, key=lambda op: op[1])[0] if ops else "?"
 
 
+def write(results: list, meta: dict, out: str) -> str:
+    """Write the rows timed so far as JSON + markdown under `out`; returns the markdown."""
+    for r in results:
+        ref = next((q for q in results if q["rows"] == r["rows"] and q["shape"] == "gate_up"
+                    and q["variant"] == "kn"), None)
+        r["vs_gate_up"] = r["tflops"] / ref["tflops"] if ref else float("nan")
+    with open(os.path.join(out, "product_probe.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=results), f, indent=1)
+    extra = meta["xla_options"]
+    lines = ["# The layer's bfloat16 products by weight layout\n",
+             f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}, "
+             f"{meta['date']}; `timeit_rotating` over {meta['sets']} weight sets; rate over "
+             "gate/up `kn`'s at the same rows" + (f"; `[options]`: compiled with {extra}"
+                                                  if extra else "") + ".\n",
+             "| rows | product | K × N | variant | µs | TFLOP/s | × gate/up rate | kernel |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['rows']} | {r['shape']} | {r['K']} × {r['N']} | {r['variant']} | "
+              f"{r['us']:.1f} | {r['tflops']:.0f} | {r['vs_gate_up']:.2f} | "
+              f"`{r['kernel'][:60]}` |" for r in results]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "product_probe.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="482,512,4096", help="comma-separated row counts M")
@@ -172,25 +197,8 @@ def main() -> None:
                     print(f"M={M} {name} {label}: {row['us']:.1f} us, {row['tflops']:.0f} "
                           f"TFLOP/s ({kernel})", flush=True)
                 del sets
-    for r in results:
-        ref = next(q for q in results if q["rows"] == r["rows"] and q["shape"] == "gate_up"
-                   and q["variant"] == "kn")
-        r["vs_gate_up"] = r["tflops"] / ref["tflops"]
-    with open(os.path.join(a.out, "product_probe.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=results), f, indent=1)
-    lines = ["# The layer's bfloat16 products by weight layout\n",
-             f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}, "
-             f"{meta['date']}; `timeit_rotating` over {a.sets} weight sets; rate over gate/up "
-             "`kn`'s at the same rows" + (f"; `[options]`: compiled with {extra}" if extra
-                                          else "") + ".\n",
-             "| rows | product | K × N | variant | µs | TFLOP/s | × gate/up rate | kernel |",
-             "| ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['rows']} | {r['shape']} | {r['K']} × {r['N']} | {r['variant']} | "
-              f"{r['us']:.1f} | {r['tflops']:.0f} | {r['vs_gate_up']:.2f} | "
-              f"`{r['kernel'][:60]}` |" for r in results]
-    with open(os.path.join(a.out, "product_probe.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write(results, meta, a.out)  # what is timed so far survives a time limit
+    print(write(results, meta, a.out))
 
 
 if __name__ == "__main__":
