@@ -12,10 +12,17 @@ This script times each product of the Llama-3-8B layer -- q/k/v ``[4096, 6144]``
 ``[4096, 4096]``, gate/up ``[4096, 28672]``, down ``[14336, 4096]`` -- at each ``--rows`` count
 M, as:
 
-* ``kn``: ``x @ W``, W stored ``[K, N]`` (the model's layout);
+* ``kn``: ``x @ W`` with a bfloat16 result, W stored ``[K, N]`` (the model's product);
+* ``kn/f32``: the same product asked for in float32 and rounded to bfloat16 after it (XLA
+  may then fuse it as a Triton GEMM where it calls cuBLAS for ``kn``);
 * ``nk``: ``x @ W_t.T``, W stored transposed ``[N, K]``;
 * ``kn+res`` / ``nk+res``: ``r + x @ W`` (the residual add that follows o and down);
 * ``kn/pad``: x padded to a multiple of 128 rows (M not a multiple of 128 only).
+
+Every variant accumulates in float32 (cuBLAS and XLA's Triton GEMMs both do for bfloat16
+inputs) and returns bfloat16. Up to 5b427eb ``kn``, ``nk`` and ``kn/pad`` were the float32
+forms (``kn/f32``'s), so ``results/h100/step_gemms_5b427eb/product_probe_5b427eb.md`` shows
+those under the plain names.
 
 With ``--xla-option NAME=VALUE`` (repeatable) the ``kn`` variant is timed a second time
 compiled with those options, e.g. ``xla_gpu_triton_gemm_any=true`` (XLA may then pick, by autotuning,
@@ -53,11 +60,11 @@ import profile_decode  # noqa: E402  (its trace reader)
 # name -> (K, N): the Llama-3-8B layer's products with fused q/k/v and gate/up
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
-VARIANTS = ("kn", "nk", "kn+res", "nk+res", "kn/pad")
+VARIANTS = ("kn", "kn/f32", "nk", "kn+res", "nk+res", "kn/pad")
 
 
 def product(variant: str, x, w, r=None):
-    """``x @ W`` (plus ``r`` for the ``+res`` variants), float32 accumulation, x's dtype out.
+    """``x @ W`` (plus ``r`` for the ``+res`` variants) in x's dtype.
 
     x [M, K]; w [K, N] for the ``kn`` variants, [N, K] (W transposed) for the ``nk`` ones;
     r [M, N] or None."""
@@ -67,14 +74,13 @@ def product(variant: str, x, w, r=None):
         raise ValueError(f"variant {variant!r} needs the residual r")
     M = x.shape[0]
     if variant == "kn/pad":
-        xp = jnp.pad(x, ((0, -M % 128), (0, 0)))
-        y = jnp.dot(xp, w, preferred_element_type=jnp.float32)[:M]
+        y = jnp.dot(jnp.pad(x, ((0, -M % 128), (0, 0))), w)[:M]
+    elif variant == "kn/f32":
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     elif variant.startswith("nk"):
-        y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
     else:
-        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    y = y.astype(x.dtype)
+        y = jnp.dot(x, w)
     return r + y if variant.endswith("+res") else y
 
 

@@ -20,6 +20,8 @@ def test_every_variant_matches_numpy(variant):
     assert len(sets) == 2 and len(sets[0]) == (3 if variant.endswith("+res") else 2)
     w = sets[0][1]
     assert w.shape == ((N, K) if variant.startswith("nk") else (K, N))
+    y = product_probe.product(variant, *sets[0])
+    assert y.shape == (M, N) and y.dtype == np.dtype("bfloat16")   # every form ends in bf16
     err = product_probe.check(variant, sets[1])
     assert 0 < err <= 2e-2       # bfloat16 output: never exact, never far
     assert 0 < product_probe.check(variant, sets[0], rows=max(1, M // 2)) <= 2e-2
@@ -35,7 +37,7 @@ def test_check_catches_a_wrong_product(monkeypatch):
 def test_padding_only_for_rows_not_a_multiple_of_128():
     assert "kn/pad" in product_probe.variants_for(482)
     assert "kn/pad" not in product_probe.variants_for(4096)
-    assert product_probe.variants_for(256)[:4] == ("kn", "nk", "kn+res", "nk+res")
+    assert product_probe.variants_for(256) == ("kn", "kn/f32", "nk", "kn+res", "nk+res")
 
 
 def test_bad_variant_and_missing_residual_are_refused():
