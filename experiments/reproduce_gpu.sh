@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -355,6 +355,22 @@ for step in $steps; do
       # take a Triton GEMM over cuBLAS for a plain dot)
       run product_probe 500 python experiments/product_probe.py \
         --xla-option xla_gpu_triton_gemm_any=true --out "$out/product_probe" ;;
+    step-gemms)  # the products in the engine's steps (results/h100/step_gemms_5b427eb): the
+      # o projection alone both ways, then the mixed step and the 1000 x 256/256 run at 512
+      # sequences with the model unchanged and with o as a float32-out (Triton) dot
+      run o_proj_iso 120 python experiments/o_proj_f32_probe.py iso
+      mixed=(--fuse-projections --prompts 14 --prompt-len 256 --decodes 370 --context 257 512
+             --tokens 4096)
+      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
+              --max-num-batched-tokens 4096)
+      for v in unchanged o_f32; do
+        p=(); [ "$v" = o_f32 ] && p=(--patch)
+        run "mixed_o_$v" 150 python experiments/o_proj_f32_probe.py "${p[@]}" mixed -- \
+          "${mixed[@]}" --out "$out/mixed_o_$v"
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_o_$v" 300 python \
+          experiments/o_proj_f32_probe.py "${p[@]}" engine -- "${engine[@]}" \
+          --out "$out/engine_o_$v"
+      done ;;
     profile-bsr-call)  # one batch-1 product per Llama-3-8B shape, dense W4 against W4S50
       # (four arrays, packed, packed with shift-major codes): per-call time split by a device trace into the main kernel,
       # the wrapper's other ops and the GPU's idle time
@@ -400,7 +416,7 @@ for step in $steps; do
         --bqpo-steps 50 --e2e-steps 50 --runs float,w4,w4s50,w4s50+both,w4s30,w4s30+both,2:4,w4+2:4,w4+2:4+both,w2g128,w2g128+both,w4+both,w4s50+bqpo,w4s50+e2e,w2g64,w2g64+both \
         --out "$out/gqsa_reference" ;;
     *) echo "unknown step $step (tests variants kernels profile engine engine-sync engine-graphs" \
-            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked batch1-stacked-gqsa decode-short-tables engine-context-buckets flash-mqa profile-decode512 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
+            "engine-seqs engine-512 gqsa-reference decode-alibi decode-alibi-ab group-tiles kv-write profile-kv-writes engine-kv-writes batch1-stacked batch1-stacked-gqsa decode-short-tables engine-context-buckets flash-mqa profile-decode512 product-probe step-gemms variants-256 quant-tune-256 variants-one-row variants-decode quant-engine-batch1 profile-batch1 profile-batch1-sparse batch1-graphs" \
             "reference grouping mfu quant-diagnose quant-tune quant-tune-decode quant-profile quant-sweep" \
             "quant-kernels quant-kernels-decode quant-engine-throughput" \
             "quant-engine gqsa-speed gqsa-tune gqsa-engine gqsa-engine-s50 gqsa-accuracy profile-bsr-call gqsa-tune-packed" \
