@@ -124,7 +124,10 @@ def quant_variants(M: int, K: int, N: int, few: bool = False) -> dict:
         # schedulers per SM, one instruction each per cycle; about 4,300 bfloat16 FLOP per
         # cycle per SM): about 1,000 issue cycles of dequantization per K step against about
         # 2,000 of tensor-core work for the 256 x 128 tile, so, if the two overlap, near the
-        # bfloat16 rate. Untimed until this comparison runs.
+        # bfloat16 rate. Timed on an H100 at 5b427eb (results/h100/quant/
+        # compare_variants_256_5b427eb.md) they lost: 256 x 64 and 256 x 128 on 2 stages ran
+        # slower than the Pallas dequantize + bfloat16 route, and 256 x 128 on 3 stages asks
+        # for more shared memory than a block may have (about 240 KB against 227 KB).
         for bn in (128, 64):
             cfg = QuantMatmulConfig(block_m=256, block_n=bn, block_k=128, num_warps=8,
                                     num_stages=3, joined=True, dequant_tiles=True)

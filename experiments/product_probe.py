@@ -6,7 +6,10 @@ cuBLAS kernel ran 32 calls in 1.12 ms, about 460 TFLOP/s, while q/k/v and down r
 790 and gate/up at 710; at 4,096 rows (a mixed step, ``profile_mixed_fixed_aee3517.md``) about
 490 against 750-830, on a kernel of another layout (``..._NNN`` where the others were
 ``..._NNT``). Brought to the others' rate it would take about 0.2 s from each of the two kinds
-of step in the 1000 x 256/256 run, most of the 0.55 s that 30,000 tokens/s still needs.
+of step in the 1000 x 256/256 run, most of the 0.55 s that 30,000 tokens/s still needed. (Run
+at 5b427eb, ``results/h100/step_gemms_5b427eb/``: alone, o runs at the others' rate; the
+decode step's o did too, and the mixed step's slow o is cuBLAS's algorithm choice in that
+compile, see ``o_proj_f32_probe.py``.)
 
 This script times each product of the Llama-3-8B layer -- q/k/v ``[4096, 6144]``, o
 ``[4096, 4096]``, gate/up ``[4096, 28672]``, down ``[14336, 4096]`` -- at each ``--rows`` count
