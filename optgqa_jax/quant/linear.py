@@ -133,7 +133,10 @@ MATMUL_IMPLS = ("auto", "pallas", "dequantize", "dequantize_kernel")
 # 128: at 64 rows the fused kernel beat the Pallas dequantize + bfloat16 product on all four
 # Llama-3-8B shapes (gate/up 98.5 against 151.6 µs), at 256 rows it lost on all four (gate/up
 # 273.5 against 182.6; q/k/v 64.8 against 48.9). XLA's dequantize-then-multiply was slower than
-# both at 64 and 256 rows. 65-255 rows are not measured.
+# both at 64 and 256 rows. On an H100 (commit 5b427eb, experiments/results/h100/quant/
+# tune_quant_256_5b427eb.md) a tile search at 256 and 512 rows found fused tiles faster than the
+# dequantize route for one shape only, down (14336 x 4096) at 256 rows (94.7 against 114.9 µs);
+# that entry is in the packaged table. Rows between the buckets are not measured.
 KERNEL_MAX_ROWS = 64
 
 
