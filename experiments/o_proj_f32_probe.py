@@ -11,7 +11,8 @@ This script runs another experiment script with the model's products of a ``[409
 weight at ``--min-rows`` rows or more (only the o projection of the Llama-3-8B shape) written
 that way, by handing ``optgqa_jax.model`` a ``jax.numpy`` whose ``dot`` does so; every other
 product is unchanged. Without ``--patch`` it runs the script as it is, for the same-call
-baseline. ``iso`` times the o product alone at 1,024, 2,048 and 4,096 rows both ways.
+baseline. ``iso`` times the o product alone at 1,024, 2,048 and 4,096 rows both ways
+(and with the residual add), with ``product_probe``'s variants.
 
 Usage (one NVIDIA GPU)::
 
@@ -27,7 +28,6 @@ import os
 import runpy
 import sys
 
-import jax
 import jax.numpy as jnp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,22 +64,17 @@ def patch_model(min_rows: int = 1024) -> None:
 
 
 def time_isolated() -> None:
+    """The o product alone at 1,024-4,096 rows in the model's form, as a float32-out dot and
+    with the residual add (``product_probe``'s ``kn``, ``kn/f32`` and ``kn+res``)."""
+    sys.path.insert(0, HERE)
+    import product_probe
     from optgqa_jax import timing
-    ways = {"bf16 out": lambda x, w: jnp.dot(x, w),
-            "f32 out, rounded": lambda x, w: jnp.dot(
-                x, w, preferred_element_type=jnp.float32).astype(x.dtype),
-            "bf16 out + residual": lambda x, w, r: r + jnp.dot(x, w)}
     for rows in (1024, 2048, 4096):
-        for name, fn in ways.items():
-            sets = []
-            for i in range(4):
-                k1, k2, k3 = jax.random.split(jax.random.PRNGKey(rows + i), 3)
-                s = (jax.random.normal(k1, (rows, 4096), jnp.bfloat16),
-                     (jax.random.normal(k2, (4096, 4096)) / 64).astype(jnp.bfloat16))
-                sets.append(s + (jax.random.normal(k3, (rows, 4096), jnp.bfloat16),)
-                            if "residual" in name else s)
-            t = timing.timeit_rotating(fn, sets)
-            print(f"o rows={rows} {name}: {t * 1e6:.1f} us, "
+        for variant in ("kn", "kn/f32", "kn+res"):
+            sets = product_probe.arg_sets(rows, 4096, 4096, variant, 4, seed=rows)
+            t = timing.timeit_rotating(
+                lambda *args, v=variant: product_probe.product(v, *args), sets)
+            print(f"o rows={rows} {variant}: {t * 1e6:.1f} us, "
                   f"{2 * rows * 4096 * 4096 / t / 1e12:.0f} TFLOP/s", flush=True)
 
 
