@@ -28,7 +28,7 @@ one short run (the first thing to run on a GPU after them).
 Usage::
 
     python experiments/compare_variants.py [--parts quant,flash,decode,decode_tiles] [--out DIR]
-        [--shapes gate_up,down,o,qkv] [--rows 1,16,64,256]
+        [--shapes gate_up,down,o,qkv] [--rows 1,16,64,256] [--variant NAME ...]
 
 Writes ``compare_variants.{json,md}`` under ``--out`` after every part. ``--small`` shrinks
 every shape and keeps one setting of each list of register tiles (a run on a CPU in interpret mode, for the tests).
@@ -163,7 +163,7 @@ def part_quant(a, ceiling: float, rows: list) -> None:
             rows.append(dict(part="quant", shape=name, K=K, N=N, M=M, variant="bfloat16",
                              us=t_bf16 * 1e6, vs_bf16=1.0,
                              pct_ceiling=100 * io_bytes(M, K, N) / t_bf16 / ceiling))
-            for variant, cfg in quant_variants(M, K, N, few=a.small).items():
+            for variant, cfg in chosen(a, quant_variants(M, K, N, few=a.small)).items():
                 row = dict(part="quant", shape=name, K=K, N=N, M=M, variant=variant,
                            config=dataclasses.asdict(cfg) if isinstance(cfg, QuantMatmulConfig)
                            else None)
@@ -186,6 +186,13 @@ def part_quant(a, ceiling: float, rows: list) -> None:
                 print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
 
 
+def chosen(a, variants: dict) -> dict:
+    """The variants ``--variant`` names (all when none is named)."""
+    if not a.variant:
+        return variants
+    return {name: cfg for name, cfg in variants.items() if name in a.variant}
+
+
 def part_flash(a, ceiling: float, rows: list) -> None:
     Bz, T, N, K, D = (4, 4096, 32, 8, 128) if not a.small else (1, 64, 4, 2, 64)
     ks = jax.random.split(jax.random.PRNGKey(1), 3)
@@ -198,8 +205,8 @@ def part_flash(a, ceiling: float, rows: list) -> None:
     for alibi in (False, True):
         sl = alibi_slopes(N) if alibi else None
         ref = None
-        for variant, cfg in (("default", base),
-                             ("lazy_rescale", dataclasses.replace(base, lazy_rescale=True))):
+        for variant, cfg in chosen(a, {"default": base, "lazy_rescale": dataclasses.replace(
+                base, lazy_rescale=True)}).items():
             if interpret:
                 cfg = dataclasses.replace(cfg, block_q=16, block_k=16)
             fn = jax.jit(lambda q, k, v, cfg=cfg, sl=sl: flash_attention(
@@ -250,7 +257,7 @@ def _time_decode(a, ceiling, rows, part, batch, N, K, ctx, lo, alibi, variants) 
     args = _decode_inputs(jax.random.PRNGKey(batch + N), batch, N, K, ctx, lo)
     kv_bytes = 2 * int(jnp.sum(args[4])) * K * 128 * 2
     sl = alibi_slopes(N) if alibi else None
-    for variant, cfg in variants.items():
+    for variant, cfg in chosen(a, variants).items():
         fn = jax.jit(lambda q, k, v, t, l, cfg=cfg, sl=sl: paged_attention(
             q, k, v, t, l, alibi_slopes=sl, config=cfg, interpret=interpret),
             compiler_options=compiler_options())
@@ -273,22 +280,28 @@ def part_decode(a, ceiling: float, rows: list) -> None:
     if a.small:
         cases = [(2, 28, 4, 64, None, False), (2, 28, 4, 64, None, True)]
     for batch, N, K, ctx, lo, alibi in cases:
-        padded = dataclasses.replace(PagedAttentionConfig.for_backend("cuda", alibi=alibi),
-                                     replicate_queries=False)
-        variants = {"padded in XLA": padded, "replicated / masked rows":
-                    dataclasses.replace(padded, replicate_queries=True)}
-        if alibi:   # the ALiBi default's neighbours (issue: within 5% of no ALiBi)
-            variants.update({
-                # the no-ALiBi default's config (masked rows, key blocks for the group size):
-                # compiled for sm_90, ALiBi adds 5% to its loop's static SASS (324 -> 339)
-                "no-ALiBi default config": PagedAttentionConfig.for_backend(
-                    "cuda", group_size=N // K),
-                "padded, 64-key blocks": dataclasses.replace(padded, keys_per_block=64),
-                "padded, 16-key blocks": dataclasses.replace(padded, keys_per_block=16),
-                "padded, prefetch tables": dataclasses.replace(padded, prefetch="tables"),
-                "padded, target_programs 1024": dataclasses.replace(padded,
-                                                                    target_programs=1024)})
-        _time_decode(a, ceiling, rows, "decode", batch, N, K, ctx, lo, alibi, variants)
+        _time_decode(a, ceiling, rows, "decode", batch, N, K, ctx, lo, alibi,
+                     decode_variants(N, K, alibi))
+
+
+def decode_variants(N: int, K: int, alibi: bool) -> dict:
+    """name -> PagedAttentionConfig for the decode part at one head layout."""
+    padded = dataclasses.replace(PagedAttentionConfig.for_backend("cuda", alibi=alibi),
+                                 replicate_queries=False)
+    variants = {"padded in XLA": padded, "replicated / masked rows":
+                dataclasses.replace(padded, replicate_queries=True)}
+    if alibi:   # the ALiBi default's neighbours (issue: within 5% of no ALiBi)
+        variants.update({
+            # the no-ALiBi default's config (masked rows, key blocks for the group size):
+            # compiled for sm_90, ALiBi adds 5% to its loop's static SASS (324 -> 339)
+            "no-ALiBi default config": PagedAttentionConfig.for_backend(
+                "cuda", group_size=N // K),
+            "padded, 64-key blocks": dataclasses.replace(padded, keys_per_block=64),
+            "padded, 16-key blocks": dataclasses.replace(padded, keys_per_block=16),
+            "padded, prefetch tables": dataclasses.replace(padded, prefetch="tables"),
+            "padded, target_programs 1024": dataclasses.replace(padded,
+                                                                target_programs=1024)})
+    return variants
 
 
 def part_decode_tiles(a, ceiling: float, rows: list) -> None:
@@ -299,19 +312,35 @@ def part_decode_tiles(a, ceiling: float, rows: list) -> None:
     if a.small:
         cases = [(2, 28, 4, 64)]
     for batch, N, K, ctx in cases:
-        d = PagedAttentionConfig.for_backend("cuda", group_size=N // K)
-        _time_decode(a, ceiling, rows, "decode_tiles", batch, N, K, ctx, None, False, {
-            "default": d,
-            "target_programs 256": dataclasses.replace(d, target_programs=256),
-            "target_programs 1024": dataclasses.replace(d, target_programs=1024),
-            "target_programs 2048": dataclasses.replace(d, target_programs=2048),
-            "32-key blocks": dataclasses.replace(d, keys_per_block=32),
-            "64-key blocks": dataclasses.replace(d, keys_per_block=64),
-            "128-key blocks": dataclasses.replace(d, keys_per_block=128),
-            "prefetch tables": dataclasses.replace(d, prefetch="tables"),
-            "prefetch tiles": dataclasses.replace(d, prefetch="tiles"),
-            "8 warps": dataclasses.replace(d, num_warps=8),
-            "2 stages": dataclasses.replace(d, num_stages=2)})
+        _time_decode(a, ceiling, rows, "decode_tiles", batch, N, K, ctx, None, False,
+                     decode_tile_variants(N, K))
+
+
+def decode_tile_variants(N: int, K: int) -> dict:
+    """name -> PagedAttentionConfig: the CUDA default for the group size and its neighbours."""
+    d = PagedAttentionConfig.for_backend("cuda", group_size=N // K)
+    return {
+        "default": d,
+        "target_programs 256": dataclasses.replace(d, target_programs=256),
+        "target_programs 1024": dataclasses.replace(d, target_programs=1024),
+        "target_programs 2048": dataclasses.replace(d, target_programs=2048),
+        "32-key blocks": dataclasses.replace(d, keys_per_block=32),
+        "64-key blocks": dataclasses.replace(d, keys_per_block=64),
+        "128-key blocks": dataclasses.replace(d, keys_per_block=128),
+        "prefetch tables": dataclasses.replace(d, prefetch="tables"),
+        "prefetch tiles": dataclasses.replace(d, prefetch="tiles"),
+        "8 warps": dataclasses.replace(d, num_warps=8),
+        "2 stages": dataclasses.replace(d, num_stages=2)}
+
+
+def variant_names() -> set:
+    """Every variant name any part can run (what ``--variant`` may name)."""
+    names = {"default", "lazy_rescale"}
+    for M in (1, 16, 64, 256, 2048):
+        names |= set(quant_variants(M, 4096, 4096))
+    for alibi in (False, True):
+        names |= set(decode_variants(32, 8, alibi))
+    return names | set(decode_tile_variants(28, 4))
 
 
 PARTS = {"quant": part_quant, "flash": part_flash, "decode": part_decode,
@@ -360,6 +389,10 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="1,16,64,256")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--variant", action="append", default=[],
+                   help="run this variant (its name as in the tables; repeat the option for "
+                        "several; default: every variant of each part; the baselines "
+                        "bfloat16 and cuDNN always run)")
     p.add_argument("--small", action="store_true", help="tiny shapes (interpret mode on a CPU)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "variants"))
@@ -367,6 +400,9 @@ def main(argv=None) -> None:
     unknown = [x for x in a.parts.split(",") if x not in PARTS]
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {sorted(PARTS)}")
+    unknown = sorted(set(a.variant) - variant_names())
+    if unknown:
+        raise SystemExit(f"--variant: unknown {unknown}; choose from {sorted(variant_names())}")
     os.makedirs(a.out, exist_ok=True)
     ceiling = B.copy_bandwidth(8 << 20 if a.small else 2 << 30)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,

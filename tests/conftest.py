@@ -4,11 +4,34 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA compiling small CPU programs (interpret-mode kernels above
-# all). LLVM's optimisation passes are most of that and buy nothing for programs run a few
-# times: level 0 cut the CPU time of the heaviest tests by a quarter. Subprocesses inherit it.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_backend_optimization_level=0").strip()
+# all); the programs run a few times each, so compile speed is what counts. Two XLA options:
+# - LLVM optimisation level 0: cut the CPU time of the heaviest tests by a quarter.
+# - the older elemental emitters instead of XLA:CPU's MLIR fusion emitters: on a script that
+#   builds a quantized tiny model and runs forward, generate_simple (both on the kernels) and the
+#   engine, 31-34 s of CPU time against 39-46 s, with the same outputs (three runs each).
+# XLA aborts a process whose XLA_FLAGS name an option it does not know, so an option is added
+# only after a throwaway interpreter accepted it. The first process to load this file decides;
+# the xdist workers and every subprocess a test starts inherit the result through XLA_FLAGS.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def _xla_accepts(flag: str) -> bool:
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                       capture_output=True, timeout=300)
+    return r.returncode == 0
+
+
+if os.environ.get("OPTGQA_TEST_XLA_FLAGS_SET") != "1":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    _new = [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in _flags]
+    if _new and not _xla_accepts(" ".join(_new)):       # one probe when all are known
+        _new = [f for f in _new if _xla_accepts(f)]
+    _flags = " ".join([_flags, *_new]).strip()
+    os.environ["XLA_FLAGS"] = _flags
+    os.environ["OPTGQA_TEST_XLA_FLAGS_SET"] = "1"
 
 import atexit
 import shutil
@@ -31,23 +54,40 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:          # no procfs: count nothing, clear after every module
+        return -1
+
+
+# Clear once the process holds this many memory mappings (Linux's default limit is 65,530).
+MAX_MAPPINGS = int(os.environ.get("OPTGQA_TEST_MAX_MAPPINGS", 30000))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop jax's compiled programs after each test module.
+    """Drop jax's compiled programs after a test module when the process holds many of them.
 
     Every XLA CPU executable keeps a few memory mappings; the whole suite compiles thousands
     of programs (interpret-mode kernels above all), and without this the process crossed
     Linux's limit of 65,530 mappings (vm.max_map_count) and crashed with a segmentation fault
-    inside XLA after ~500 tests. Module-scoped fixtures that hold arrays keep working: only
+    inside XLA after ~500 tests. Clearing after every module cost time instead: the next
+    module traced and lowered again every program it shared with the last (the disk cache
+    above serves only the compile). So the caches go once the process holds
+    ``MAX_MAPPINGS`` mappings. Module-scoped fixtures that hold arrays keep working: only
     compiled programs and tracing caches are dropped.
     """
     yield
-    import gc
+    n = _memory_mappings()
+    if n < 0 or n > MAX_MAPPINGS:
+        import gc
 
-    import jax
+        import jax
 
-    jax.clear_caches()
-    gc.collect()
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture

@@ -143,33 +143,50 @@ def test_bench_quant_tables_from_rows(tmp_path):
 
 
 def test_compare_variants_runs_every_part(tmp_path):
-    """experiments/compare_variants.py on tiny shapes (interpret mode): every variant of every
-    part runs, the quantized variants agree with the dequantized product, and the tables are
-    written."""
+    """experiments/compare_variants.py on tiny shapes (interpret mode): every part runs the
+    variants the --variant options name (one of each kind; each config option's kernel path is checked
+    against float64 in test_quant_matmul / test_paged_attention / test_flash_attention), the
+    quantized ones agree with the dequantized product, the tables are written, and --small
+    lists one setting of each list of register tiles with each of its options."""
     mod = _load("compare_variants")
+    pick = ["default", "register 1-step 64x256 half pairs", "register no-split 32x256 raw x",
+            "joined dequant_tiles", "dequantize (XLA)", "dequantize kernel", "lazy_rescale",
+            "replicated / masked rows", "padded, 16-key blocks", "64-key blocks"]
     mod.main(["--small", "--rows", "1,64", "--shapes", "gate_up", "--iters", "1",
               "--trials", "1", "--parts", "quant,flash,decode,decode_tiles",
-              "--out", str(tmp_path)])
+              *(arg for name in pick for arg in ("--variant", name)), "--out", str(tmp_path)])
     res = json.loads((tmp_path / "compare_variants.json").read_text())
     rows = res["rows"]
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
     quant_rows = [r for r in rows if r["part"] == "quant" and r["variant"] != "bfloat16"]
+    assert {(r["M"], r["variant"]) for r in quant_rows} == {
+        (1, "default"), (1, "register 1-step 64x256 half pairs"),
+        (1, "register no-split 32x256 raw x"), (64, "default"), (64, "joined dequant_tiles"),
+        (64, "dequantize (XLA)"), (64, "dequantize kernel")}
+    assert all(r["rel_error"] < 1e-2 for r in quant_rows)
+    assert {(r["part"], r["variant"], r.get("alibi")) for r in rows if r["part"] != "quant"} == {
+        ("flash", "default", False), ("flash", "lazy_rescale", False),
+        ("flash", "default", True), ("flash", "lazy_rescale", True),
+        ("decode", "replicated / masked rows", False), ("decode", "replicated / masked rows", True),
+        ("decode", "padded, 16-key blocks", True),
+        ("decode_tiles", "default", False), ("decode_tiles", "64-key blocks", False)}
+    md = (tmp_path / "compare_variants.md").read_text()
+    assert "## quant_matmul" in md and "## flash" in md and "## decode" in md
     # --small: one setting of each list of register tiles, with each of its options
-    assert {r["variant"] for r in quant_rows} == {
-        "default", "joined 256", "register deep", "joined dequant_tiles", "dequantize (XLA)",
-        "dequantize kernel", *(f"register 1-step 64x256{o}" for o in
-                               ("", " runtime magic", " half pairs", " raw x")),
+    small = set(mod.quant_variants(1, 512, 384, few=True)) | set(mod.quant_variants(
+        64, 512, 384, few=True))
+    assert small == {
+        "default", "joined 256", "register deep", "joined dequant_tiles",
+        *(f"register 1-step 64x256{o}" for o in ("", " runtime magic", " half pairs", " raw x")),
         "default half pairs", "default raw x", "register no-split 32x256",
-        "register no-split 32x256 raw x"}
+        "register no-split 32x256 raw x", "dequantize (XLA)", "dequantize kernel"}
     full = set(mod.quant_variants(1, 4096, 4096))     # a GPU run: every setting
     assert {"register 1-step 128x512 raw x", "register no-split 32x512 raw x",
             "register 1-step 256x128 half pairs"} <= full
-    assert all(r["rel_error"] < 1e-2 for r in quant_rows)
-    assert {(r["part"], r["variant"]) for r in rows if r["part"] != "quant"} >= {
-        ("flash", "lazy_rescale"), ("decode", "replicated / masked rows"),
-        ("decode_tiles", "target_programs 1024"), ("decode_tiles", "64-key blocks")}
-    md = (tmp_path / "compare_variants.md").read_text()
-    assert "## quant_matmul" in md and "## flash" in md and "## decode" in md
+    assert set(pick) <= mod.variant_names()
+    with pytest.raises(SystemExit, match="--variant: unknown"):
+        mod.main(["--small", "--variant", "default", "--variant", "no such tile", "--out",
+                  str(tmp_path)])
 
 
 def test_code_math_probe_kernels_match_float64(tmp_path):

@@ -359,7 +359,9 @@ def test_model_on_the_kernel_matches_dequantized_params(bits, act_order, fused):
     import optgqa_jax as og
     from optgqa_jax import quant
 
-    cfg = og.ModelConfig.preset("tiny").replace(dtype="bfloat16")
+    # one layer: each projection and the attention run once per program (the kernels'
+    # interpret-mode compile is most of this test's time)
+    cfg = og.ModelConfig.preset("tiny").replace(dtype="bfloat16", n_layers=1)
     params = og.init_params(cfg, jax.random.PRNGKey(bits))
     rng = np.random.default_rng(bits)
     windows = rng.integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)

@@ -217,10 +217,11 @@ def test_bad_input_raises_clear_errors():
 def test_pruned_model_as_bsr_runs_everywhere():
     """Whole-model GQSA (GPTQ on pruned layers), BSR params: the same logits as the dense
     pruned params, through forward (jnp products, and the BSR Pallas kernel in interpret mode
-    for one token), generate_simple and the engine."""
+    for one token), generate_simple and the engine. (One layer: seven pruned layers, and
+    every path compiles half the program of the two-layer preset.)"""
     import jax
     import optgqa_jax as og
-    cfg = og.ModelConfig.preset("tiny")
+    cfg = og.ModelConfig.preset("tiny").replace(n_layers=1)
     params = og.init_params(cfg, jax.random.PRNGKey(3))
     windows = np.random.default_rng(3).integers(0, cfg.vocab_size, (8, 48)).astype(np.int32)
     qc, sc = QuantConfig(bits=4, group_size=32), SparsityConfig(0.5, scope="layer")
