@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax.train import TrainConfig, train  # noqa: E402
 
-cfg = og.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+cfg = og.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
                      head_dim=8, ffn_dim=48)
 params = og.init_params(cfg, jax.random.PRNGKey(0))
 tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (4, 8), 0, cfg.vocab_size))

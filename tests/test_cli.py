@@ -44,5 +44,7 @@ def test_errors_exit_with_code_2(argv, message, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_generate_default_model(capsys):
-    assert main(["generate", "--max-tokens", "6", "The capital of France is"]) == 0
+    # one token: the engine compiles only its prefill program for the 30-layer model (the
+    # decode steps of the CLI are covered on the tiny presets above)
+    assert main(["generate", "--max-tokens", "1", "The capital of France is"]) == 0
     assert "Paris" in capsys.readouterr().out

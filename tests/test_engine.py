@@ -219,6 +219,8 @@ def test_engine_config_validation():
 
 @pytest.mark.slow
 def test_smollm2_engine_matches_generate_simple(smollm2):
+    """The pretrained model through the engine and through generate_simple: the same greedy
+    tokens and text for three prompts, and "Paris" after "The capital of France is"."""
     cfg, params, tok = smollm2
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     eng = og.Engine(cfg, params, og.EngineConfig(num_pages=64, max_num_seqs=4,

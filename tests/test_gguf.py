@@ -55,11 +55,8 @@ def test_tokenizer_round_trip_and_specials(smollm2):
     assert tok.eos_id == 2 and tok.vocab_size == 49152
 
 
-def test_paris(smollm2):
-    cfg, params, tok = smollm2
-    out = og.generate_simple(cfg, params, tok.encode("The capital of France is"), 8,
-                             eos_id=tok.eos_id)
-    assert "Paris" in tok.decode(out)
+# Greedy "Paris" from generate_simple on these weights: test_engine.py's
+# test_smollm2_engine_matches_generate_simple (and the CLI's default model in test_cli.py).
 
 
 def test_perplexity_of_english_paragraph(smollm2):
@@ -74,6 +71,11 @@ def test_perplexity_of_english_paragraph(smollm2):
 
 def test_cache_path_matches_full_pass_on_real_weights(smollm2):
     cfg, params, tok = smollm2
+    # the first 4 of the 30 pretrained blocks (then the final norm and the tied head): real
+    # weights through both paths, a seventh of the compile
+    cfg = cfg.replace(n_layers=4)
+    params = {k: v for k, v in params.items()
+              if not k.startswith("layer_") or int(k.split("_")[1]) < cfg.n_layers}
     ids = np.asarray([tok.encode("Grouped-query attention shares keys and values")], np.int32)
     full = og.forward(cfg, params, ids)
     cache = og.KVCache.zeros(cfg, 1, 64)
