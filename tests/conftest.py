@@ -12,7 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA aborts a process whose XLA_FLAGS name an option it does not know, so an option is added
 # only after a throwaway interpreter accepted it. The first process to load this file decides;
 # the xdist workers and every subprocess a test starts inherit the result through XLA_FLAGS.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_cpu_use_fusion_emitters=false")
 
 
 def _xla_accepts(flag: str) -> bool:

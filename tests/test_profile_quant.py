@@ -144,10 +144,11 @@ def test_bench_quant_tables_from_rows(tmp_path):
 
 def test_compare_variants_runs_every_part(tmp_path):
     """experiments/compare_variants.py on tiny shapes (interpret mode): every part runs the
-    variants the --variant options name (one of each kind; each config option's kernel path is checked
-    against float64 in test_quant_matmul / test_paged_attention / test_flash_attention), the
-    quantized ones agree with the dequantized product, the tables are written, and --small
-    lists one setting of each list of register tiles with each of its options."""
+    variants the --variant options name (one of each kind; each config option's kernel path is
+    checked against float64 in test_quant_matmul / test_paged_attention /
+    test_flash_attention), the quantized ones agree with the dequantized product, the tables
+    are written, and --small lists one setting of each list of register tiles with each of its
+    options."""
     mod = _load("compare_variants")
     pick = ["default", "register 1-step 64x256 half pairs", "register no-split 32x256 raw x",
             "joined dequant_tiles", "dequantize (XLA)", "dequantize kernel", "lazy_rescale",
