@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -355,6 +355,29 @@ for step in $steps; do
       # take a Triton GEMM over cuBLAS for a plain dot)
       run product_probe 500 python experiments/product_probe.py \
         --xla-option xla_gpu_triton_gemm_any=true --out "$out/product_probe" ;;
+    prefill-tiles)  # the ragged prefill kernel on the fixed workload's mean mixed step (14
+      # prompts of 256 beside 370 skipped decode rows, 512 sequences, 4096 rows): the default,
+      # an older tree's kernel (OPTGQA_OLD_TREE: a checkout's root), the prompts alone, cuDNN on
+      # them, and a sweep of tiles with and without group_heads
+      old=(${OPTGQA_OLD_TREE:+--old-tree "$OPTGQA_OLD_TREE"})
+      run prefill_tiles 420 python experiments/prefill_tiles.py --quick "${old[@]}" \
+        --out "$out/prefill_tiles" ;;
+    engine-ab)  # the 1000 x 256/256 run at 512 sequences, an older tree (OPTGQA_OLD_TREE, run
+      # from its root) and this one taking turns, twice; this tree with and without its
+      # default sequence buckets
+      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
+              --max-num-batched-tokens 4096)
+      abs=$(cd "$out" && pwd)
+      for i in 1 2; do
+        if [ -n "${OPTGQA_OLD_TREE:-}" ]; then
+          (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+            "engine_ab_old_$i" 240 python experiments/bench_engine.py "${engine[@]}" \
+            --out "$abs/engine_ab_old_$i")
+        fi
+        b=(); [ "$i" = 1 ] && b=(--seq-buckets 64,256,512)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_ab_new_$i" 240 python \
+          experiments/bench_engine.py "${engine[@]}" "${b[@]}" --out "$out/engine_ab_new_$i"
+      done ;;
     step-gemms)  # the products in the engine's steps (results/h100/step_gemms_5b427eb): the
       # o projection alone both ways, then the mixed step and the 1000 x 256/256 run at 512
       # sequences with the model unchanged and with o as a float32-out (Triton) dot

@@ -126,7 +126,8 @@ def replay(bc: B.BenchConfig, progress: bool = True) -> dict:
                        [s.num_tokens for s in mixed],
                        bins=np.linspace(0, bc.max_num_batched_tokens, 9))[0].tolist()
                    if mixed else []),
-        mixed_tokens=[s.num_tokens for s in mixed])
+        mixed_tokens=[s.num_tokens for s in mixed],
+        decode_seqs=[s.num_tokens for s in decode])
 
 
 def markdown(r: dict, what_if: dict) -> str:

@@ -57,6 +57,7 @@ class BenchConfig:
     page_size: int = 16
     kv_tokens: Optional[int] = None
     kv_memory_bytes: Optional[int] = None  # cap on the pool's bytes (same cap for the MHA twin)
+    # decode-step sequence buckets below max_num_seqs (which is always one); see seq_buckets_for
     seq_buckets: Optional[tuple[int, ...]] = (64, 256)
     token_buckets: Optional[tuple[int, ...]] = (1024, 2048)
     # block tables cut to these context lengths (EngineConfig.context_buckets; None: off)
@@ -355,6 +356,7 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                          f"output {bc.output_range or bc.output_len}, EOS ignored",
                 engine=f"max_num_seqs={bc.max_num_seqs}, "
                        f"max_num_batched_tokens={bc.max_num_batched_tokens}, "
+                       f"sequence buckets {', '.join(map(str, bc.seq_buckets or ()))}, "
                        f"token buckets {', '.join(map(str, bc.token_buckets or ()))}, "
                        + (f"context buckets {', '.join(map(str, bc.context_buckets))}, "
                           if bc.context_buckets else "")
@@ -430,6 +432,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token counts mixed (prefill) steps are padded to, ascending, the "
                              "last >= --max-num-batched-tokens (EngineConfig option; default: "
                              "1024, 2048 and --max-num-batched-tokens)")
+    parser.add_argument("--seq-buckets", default=None, metavar="N,N,...",
+                        help="sequence counts decode steps are padded to, ascending, the last "
+                             ">= --max-num-seqs (EngineConfig option; default: 64 and 256 below "
+                             "--max-num-seqs, then 3/4, 7/8, 15/16 and 31/32 of it where those "
+                             "are multiples of 8 above 256, and --max-num-seqs itself)")
     parser.add_argument("--command-buffer-max-tokens", type=int,
                         default=d.command_buffer_max_tokens, metavar="N",
                         help="steps of at most N tokens are compiled with XLA command buffers "
@@ -483,7 +490,7 @@ def _quant_spec(spec: Optional[str]) -> Optional[str]:
 
 
 def _sizes(flag: str, text: Optional[str], top: int = 1,
-           what: str = "") -> Optional[tuple[int, ...]]:
+           what: str = "", unit: str = "token counts") -> Optional[tuple[int, ...]]:
     """A ``N,N,...`` flag of ascending positive counts, the last >= ``top``, checked before
     any work starts (None when not given)."""
     if text is None:
@@ -493,8 +500,31 @@ def _sizes(flag: str, text: Optional[str], top: int = 1,
     except ValueError:
         sizes = ()
     if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] < top:
-        raise SystemExit(f"{flag} {text!r}: expected ascending positive token counts{what}")
+        raise SystemExit(f"{flag} {text!r}: expected ascending positive {unit}{what}")
     return sizes
+
+
+def seq_buckets_for(max_num_seqs: int) -> tuple[int, ...]:
+    """The benchmark's decode-step sequence buckets for ``max_num_seqs`` S: 64 and 256 where
+    below S, then 3/4, 7/8, 15/16 and 31/32 of S (those that are multiples of 8 above 256),
+    and S.
+
+    Near S a step padded to the next power of two wastes whole rows of every matrix product,
+    which at hundreds of rows are bound by the tensor cores: the 1000 x 256/256 workload's
+    second wave decodes 488 sequences for 221 steps (``experiments/schedule_replay.py``),
+    padded to 512 without the buckets near the top.
+    """
+    S = max_num_seqs
+    near = {n for n in (S * 3 // 4, S * 7 // 8, S * 15 // 16, S * 31 // 32)
+            if n > 256 and n % 8 == 0}
+    below = {b for b in BenchConfig.seq_buckets if b < max_num_seqs}
+    return tuple(sorted((below | near) - {S})) + (S,)
+
+
+def _seq_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
+    """``--seq-buckets`` checked before any work starts (None when not given)."""
+    return _sizes("--seq-buckets", text, top, f", the last >= --max-num-seqs ({top})",
+                  unit="sequence counts")
 
 
 def _token_buckets(text: Optional[str], top: int) -> Optional[tuple[int, ...]]:
@@ -513,7 +543,8 @@ def config_from_args(args) -> BenchConfig:
     token_buckets = _token_buckets(getattr(args, "token_buckets", None),
                                    args.max_num_batched_tokens) or (
         token_buckets + (args.max_num_batched_tokens,))
-    seq_buckets = tuple(b for b in BenchConfig.seq_buckets if b < args.max_num_seqs)
+    seq_buckets = (_seq_buckets(getattr(args, "seq_buckets", None), args.max_num_seqs)
+                   or seq_buckets_for(args.max_num_seqs))
     return BenchConfig(
         model=args.model, num_requests=args.num_requests, input_len=args.input_len,
         output_len=args.output_len,
@@ -528,7 +559,7 @@ def config_from_args(args) -> BenchConfig:
         command_buffer_max_tokens=args.command_buffer_max_tokens,
         sorted_kv_writes=bool(getattr(args, "sorted_kv_writes", EngineConfig.sorted_kv_writes)),
         stack_layers=bool(getattr(args, "stack_layers", False)),
-        seq_buckets=seq_buckets + (args.max_num_seqs,),
+        seq_buckets=seq_buckets,
         token_buckets=token_buckets,
         context_buckets=_context_buckets(getattr(args, "context_buckets", None)),
         tensor_parallel_size=args.tensor_parallel_size)

@@ -57,6 +57,10 @@ class PagedPrefillConfig:
     keys_per_block: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    # one program per KV head and tile, its G query heads stacked into block_q * G rows, so each
+    # page is read once per group rather than once per query head (power-of-two G only; other
+    # groups take one program per query head)
+    group_heads: bool = False
 
     @classmethod
     def for_backend(cls, backend: str) -> "PagedPrefillConfig":
@@ -72,8 +76,9 @@ def _paged_prefill_kernel(tile_ref, q_ref, k_ref, v_ref, tables_ref, bounds_ref,
                           slope_ref, o_ref, *, block_q: int, page_size: int, pages_per_block: int,
                           sm_scale: float, use_alibi: bool):
     # tile_ref [2] (this tile's sequence b, its first new-token index within b); q_ref, o_ref
-    # [T_padded, D] (this head); k_ref, v_ref [P, Z, D]; tables_ref [B, M_padded]; bounds_ref
-    # [B, 2] (start, end of each sequence's rows); ctx_ref [B]; slope_ref [1].
+    # [T, Hb, D] (this program's Hb query heads: one, or a KV head's whole group); k_ref, v_ref
+    # [P, Z, D]; tables_ref [B, M_padded]; bounds_ref [B, 2] (start, end of each sequence's
+    # rows); ctx_ref [B]; slope_ref [Hb]. The tile's rows are (token, head) pairs, token-major.
     b = tile_ref[0]
     first = tile_ref[1]
     row_start = bounds_ref[b, 0]
@@ -83,15 +88,23 @@ def _paged_prefill_kernel(tile_ref, q_ref, k_ref, v_ref, tables_ref, bounds_ref,
     @pl.when(first < n_new)   # tiles past the last sequence's exit at once
     def _():
         rows = pl.ds(row_start + first, block_q)
-        q = q_ref[rows, :]
-        D = q.shape[-1]
+        _, Hb, D = q_ref.shape
         t = first + jnp.arange(block_q)
+        ok = (t < n_new)[:, None, None]
+        # rows past this sequence's end (past the array's end for the last one) read as
+        # zeros and are never stored
+        q = plgpu.load(q_ref.at[rows, :, :], mask=jnp.broadcast_to(ok, (block_q, Hb, D)),
+                       other=0.0).reshape(block_q * Hb, D)            # [block_q * Hb, D]
+        t = first + jnp.arange(block_q * Hb) // Hb                      # each row's token
         q_pos = context - n_new + t  # absolute positions of this tile's queries
         block_k = pages_per_block * page_size
         last_pos = context - n_new + jnp.minimum(n_new, first + block_q) - 1
         num_blocks = C.cdiv(last_pos + 1, block_k)
         scale = sm_scale * C.LOG2E
-        slope = slope_ref[0] if use_alibi else None
+        slope = None
+        if use_alibi:   # a scalar, or each row's head's slope [rows, 1]
+            slope = slope_ref[0] if Hb == 1 else jnp.broadcast_to(
+                slope_ref[...][None, :], (block_q, Hb)).reshape(block_q * Hb)[:, None]
 
         def body(i, carry):
             acc, m, l = carry
@@ -105,12 +118,14 @@ def _paged_prefill_kernel(tile_ref, q_ref, k_ref, v_ref, tables_ref, bounds_ref,
             s = jnp.where(k_pos[None, :] <= q_pos[:, None], s, C.MASK_VALUE)
             return C.online_softmax_step(acc, m, l, s, v)
 
-        carry = (jnp.zeros((block_q, D), jnp.float32),
-                 jnp.full((block_q,), C.MASK_VALUE, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+        R = block_q * Hb
+        carry = (jnp.zeros((R, D), jnp.float32),
+                 jnp.full((R,), C.MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32))
         acc, _, l = jax.lax.fori_loop(0, num_blocks, body, carry)
         out = (acc / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
         # rows past this sequence's end belong to the next sequence: mask them out
-        plgpu.store(o_ref.at[rows, :], out, mask=(t < n_new)[:, None])
+        plgpu.store(o_ref.at[rows, :, :], out.reshape(block_q, Hb, D),
+                    mask=jnp.broadcast_to(ok, (block_q, Hb, D)))
 
 
 def num_tiles(T: int, B: int, max_q_len: int, block_q: int) -> int:
@@ -157,35 +172,37 @@ def _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens, s
         pages_per_block = C.cdiv(16, Z)
     padded_pages = C.cdiv(M, pages_per_block) * pages_per_block
     tables = jnp.pad(block_tables, ((0, 0), (0, padded_pages - M)))
-    # block_q spare rows so that a tile starting inside the last sequence stays in bounds
-    qp = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))
     bounds = jnp.stack([cu_q_lens[:-1], cu_q_lens[1:]], axis=1)  # [B, 2]
+    # Hb query heads per program: a KV head's whole group, or one
+    Hb = G if config.group_heads and G > 1 and C.is_power_of_two(G) else 1
+    if Hb > 1:
+        block_q = max(1, block_q // Hb)   # block_q * Hb rows of (token, head) per tile
     n_tiles = num_tiles(T, B, max_q_len, block_q)
     tiles = tile_map(cu_q_lens, block_q, n_tiles, skip_single)   # [n_tiles, 2]
     kernel = functools.partial(_paged_prefill_kernel, block_q=block_q, page_size=Z,
                                pages_per_block=pages_per_block, sm_scale=sm_scale,
                                use_alibi=use_alibi)
     full = lambda a: pl.BlockSpec(a.shape, lambda j, h: (0,) * a.ndim)  # noqa: E731
-    out = pl.pallas_call(
+    kv_head = (lambda h: h) if Hb > 1 else (lambda h: h // G)
+    return pl.pallas_call(
         kernel,
-        grid=(n_tiles, N),
+        grid=(n_tiles, N // Hb),
         in_specs=[
             pl.BlockSpec((None, 2), lambda j, h: (j, 0)),                        # tile
-            pl.BlockSpec((T + block_q, None, D), lambda j, h: (0, h, 0)),         # q
-            pl.BlockSpec((None, P, Z, D), lambda j, h: (h // G, 0, 0, 0)),        # k_pages
-            pl.BlockSpec((None, P, Z, D), lambda j, h: (h // G, 0, 0, 0)),        # v_pages
+            pl.BlockSpec((T, Hb, D), lambda j, h: (0, h, 0)),                     # q
+            pl.BlockSpec((None, P, Z, D), lambda j, h: (kv_head(h), 0, 0, 0)),    # k_pages
+            pl.BlockSpec((None, P, Z, D), lambda j, h: (kv_head(h), 0, 0, 0)),    # v_pages
             full(tables), full(bounds), full(context_lens),
-            pl.BlockSpec((None, 1), lambda j, h: (h, 0)),                         # slopes
+            pl.BlockSpec((None, Hb), lambda j, h: (h, 0)),                        # slopes
         ],
-        out_specs=pl.BlockSpec((T + block_q, None, D), lambda j, h: (0, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((T + block_q, N, D), q.dtype),
+        out_specs=pl.BlockSpec((T, Hb, D), lambda j, h: (0, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((T, N, D), q.dtype),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name="optgqa_paged_prefill",
-    )(tiles, qp, k_pages, v_pages, tables, bounds, context_lens,
-      (slopes * C.LOG2E).reshape(N, 1))
-    return out[:T]
+    )(tiles, q, k_pages, v_pages, tables, bounds, context_lens,
+      (slopes * C.LOG2E).reshape(N // Hb, Hb))
 
 
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,

@@ -78,6 +78,16 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     for bad in ("512,1024", "1024,512,2048", "0,2048", "a,2048", ""):
         with pytest.raises(SystemExit, match="--token-buckets"):
             B.config_from_args(parser.parse_args(["--token-buckets", bad]))
+    assert bc.seq_buckets == (64, 256)                      # default --max-num-seqs 256
+    bc = B.config_from_args(parser.parse_args(["--max-num-seqs", "512"]))
+    assert bc.seq_buckets == (64, 256, 384, 448, 480, 496, 512)
+    assert B.seq_buckets_for(1) == (1,) and B.seq_buckets_for(300) == (64, 256, 300)
+    bc = B.config_from_args(parser.parse_args(["--max-num-seqs", "512",
+                                               "--seq-buckets", "64,256,512"]))
+    assert bc.seq_buckets == (64, 256, 512)
+    for bad in ("64,256", "256,64,512", "0,512", "a,512", ""):
+        with pytest.raises(SystemExit, match="--seq-buckets .*sequence counts"):
+            B.config_from_args(parser.parse_args(["--max-num-seqs", "512", "--seq-buckets", bad]))
     assert bc.context_buckets is None
     bc = B.config_from_args(parser.parse_args(["--context-buckets", "1024,2048"]))
     assert bc.context_buckets == (1024, 2048)

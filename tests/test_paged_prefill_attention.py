@@ -60,6 +60,18 @@ def test_matches_float64_reference(rng, dtype, N, K, D, Z, alibi, new, ctx):
     _check(rng, dtype, N, K, D, Z, alibi, new, ctx)
 
 
+GROUPED = PagedPrefillConfig(block_q=32, keys_per_block=16, group_heads=True)
+
+
+@pytest.mark.parametrize("dtype,N,K,D,Z,alibi,new,ctx", CASES + [
+    (jnp.float32, 16, 2, 64, 8, True, [3, 21, 1], [30, 21, 9]),         # G = 8: 4 tokens a tile
+    (jnp.bfloat16, 6, 2, 64, 16, True, [18, 2], [18, 40]),              # G = 3: one head a program
+])
+def test_grouped_heads_match_float64_reference(rng, dtype, N, K, D, Z, alibi, new, ctx):
+    """``group_heads``: a KV head's query heads share a program (power-of-two groups)."""
+    _check(rng, dtype, N, K, D, Z, alibi, new, ctx, config=GROUPED)
+
+
 def test_random_ragged_batches(rng):
     for _ in range(2):
         B = int(rng.integers(1, 4))

@@ -30,6 +30,7 @@ DENSE = (S((2, 100, 12, 64), jnp.float16), S((2, 100, 4, 64), jnp.float16),
 RAGGED = (S((100, 12, 64), jnp.bfloat16), S((4, 64, 16, 64), jnp.bfloat16),
           S((4, 64, 16, 64), jnp.bfloat16), S((3, 16), jnp.int32), S((4,), jnp.int32),
           S((3,), jnp.int32))
+RAGGED_G4 = (S((100, 16, 64), jnp.bfloat16),) + RAGGED[1:]  # 16 query heads over 4
 
 ENTRY_POINTS = {
     "paged_attention": (lambda alibi, cfg: lambda *a: paged_attention(
@@ -56,6 +57,9 @@ ENTRY_POINTS = {
     "paged_prefill_attention_skip_single": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
         *a, max_q_len=64, alibi_slopes=alibi, config=cfg, skip_single=True), RAGGED,
         PagedPrefillConfig),
+    "paged_prefill_attention_group_heads": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
+        *a, max_q_len=64, alibi_slopes=alibi, config=dataclasses.replace(cfg, group_heads=True),
+        skip_single=True), RAGGED_G4, PagedPrefillConfig),
 }
 
 
