@@ -118,8 +118,8 @@ def rel_err(out, ref) -> float:
 def sweep_configs(quick: bool) -> list[PagedPrefillConfig]:
     out = []
     for grouped in (False, True):
-        for bq in ((64, 128) if not grouped else (32, 64, 128)):
-            for kpb in (32, 64, 128):
+        for bq in ((64, 128) if quick or not grouped else (32, 64, 128)):
+            for kpb in ((64, 128) if quick else (32, 64, 128)):
                 for w in (4, 8):
                     for st in ((1, 2) if quick else (1, 2, 3)):
                         out.append(PagedPrefillConfig(block_q=bq, keys_per_block=kpb,
@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seqs", type=int, default=512, help="sequences of the step (max_num_seqs)")
     ap.add_argument("--tokens", type=int, default=4096, help="rows of the step (token bucket)")
     ap.add_argument("--old-tree", default=None, metavar="DIR")
-    ap.add_argument("--quick", action="store_true", help="fewer stages in the sweep")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller sweep: block_q 64/128, keys_per_block 64/128, stages 1/2")
     ap.add_argument("--max-configs", type=int, default=None, help="the sweep's first N only")
     ap.add_argument("--interpret", action="store_true",
                     help="Pallas interpret mode (a smoke test on the CPU; times mean nothing)")
