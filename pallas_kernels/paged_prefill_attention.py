@@ -22,7 +22,12 @@ one row of tiles per sequence as long as the longest (at 4096 tokens over
 512 sequences that was 32,768 tiles per head, almost all of them exiting at
 once). A program takes one tile for one query head (tiles past the last
 exit at once), then streams its sequence's pages in blocks of whole pages
-with an online float32 softmax, stopping at the tile's last query position. ALiBi is applied in-kernel. Decode is the special case
+with an online float32 softmax, stopping at the tile's last query position.
+With ``group_heads`` a program takes a tile for a KV head's whole query-head
+group instead (grid ``(tiles, K)``, rows are (token, head) pairs), so each
+page is read once per group. q is read with masked loads and the output
+written with masked stores, so neither is padded or copied. ALiBi is applied
+in-kernel. Decode is the special case
 n_b = 1, but ``paged_attention`` is faster for it because it shares each page
 across the query-head group.
 
@@ -51,7 +56,12 @@ from pallas_kernels.paged_attention import check_paged_inputs
 
 @dataclasses.dataclass(frozen=True)
 class PagedPrefillConfig:
-    """Tuning knobs of :func:`paged_prefill_attention` (powers of two)."""
+    """Tuning knobs of :func:`paged_prefill_attention` (powers of two).
+
+    ``block_q`` is the query rows of one program's tile: new tokens of one query head, or with
+    ``group_heads`` (and a power-of-two group size G) ``block_q / G`` new tokens of each of a
+    KV head's G query heads. ``keys_per_block`` keys (whole pages) per step of the key loop.
+    """
 
     block_q: int = 64
     keys_per_block: int = 64
