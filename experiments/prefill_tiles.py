@@ -134,6 +134,42 @@ def label(cfg) -> str:
             f"s={cfg.num_stages}{g}")
 
 
+def write(a, rows, T, tables, flop, quiet=False) -> None:
+    """prefill_tiles.{json,md} of the rows so far (rewritten after every row, so a run cut by
+    a time limit keeps what it measured)."""
+    L, N, D = a.prompt_len, a.heads, a.head_dim
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                commit=source_commit(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                shape=dict(heads=N, kv_heads=a.kv_heads, head_dim=D, page_size=a.page_size,
+                           prompts=a.prompts, prompt_len=L, decodes=a.decodes,
+                           context=list(a.context), seqs=int(tables.shape[0]), tokens=T),
+                flop=flop, old_tree=a.old_tree)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "prefill_tiles.json"), "w") as f:
+        json.dump(dict(meta, rows=rows), f, indent=1)
+    base = next((r["us"] for r in rows if r["impl"] == "default" and "us" in r), None)
+    lines = ["# Ragged prefill on a mixed step's shape", "",
+             f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}, "
+             f"{meta['date']}. {a.prompts} prompts of {L} new tokens beside {a.decodes} decode "
+             f"rows (skipped), {meta['shape']['seqs']} sequences, {T} rows, "
+             f"{N}/{a.kv_heads} heads, D={D}, pages of {a.page_size}. TFLOP/s of the prompts' "
+             "causal products.", "",
+             "| impl | config | µs | TFLOP/s | × default | rel. error |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "us" in r:
+            lines.append(f"| {r['impl']} | {r['note']} | {r['us']:.1f} | {r['tflops']:.0f} | "
+                         f"{base / r['us'] if base else float('nan'):.2f} | "
+                         f"{r['rel_err']:.1e} |")
+        else:
+            lines.append(f"| {r['impl']} | {r['note']} | — | — | — | {r.get('error', '')} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, "prefill_tiles.md"), "w") as f:
+        f.write(text)
+    if not quiet:
+        print(text)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", type=int, default=32)
@@ -182,6 +218,7 @@ def main(argv=None) -> None:
         print(f"  {name} {note}: {row.get('us', float('nan')):.1f} us "
               f"{row.get('error', '')[:80]} ({row['wall_s']:.1f} s)", flush=True)
         rows.append(row)
+        write(a, rows, T, tables, flop, quiet=True)
 
     engine = (q, kp, vp, tables, cu, ctx)
     prompt_rows = lambda o: o[r0:r1]  # noqa: E731
@@ -208,35 +245,7 @@ def main(argv=None) -> None:
             lambda o: o.reshape(-1, N, D))
     for cfg in sweep_configs(a.quick)[:a.max_configs]:
         record("sweep", mk(paged_prefill_attention, cfg, T), engine, prompt_rows, label(cfg))
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                commit=source_commit(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                shape=dict(heads=N, kv_heads=a.kv_heads, head_dim=D, page_size=a.page_size,
-                           prompts=a.prompts, prompt_len=L, decodes=a.decodes,
-                           context=list(a.context), seqs=int(tables.shape[0]), tokens=T),
-                flop=flop, old_tree=a.old_tree)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "prefill_tiles.json"), "w") as f:
-        json.dump(dict(meta, rows=rows), f, indent=1)
-    base = next((r["us"] for r in rows if r["impl"] == "default" and "us" in r), None)
-    lines = ["# Ragged prefill on a mixed step's shape", "",
-             f"Device {meta['device']}, jax {meta['jax']}, commit {meta['commit']}, "
-             f"{meta['date']}. {a.prompts} prompts of {L} new tokens beside {a.decodes} decode "
-             f"rows (skipped), {meta['shape']['seqs']} sequences, {T} rows, "
-             f"{N}/{a.kv_heads} heads, D={D}, pages of {a.page_size}. TFLOP/s of the prompts' "
-             "causal products.", "",
-             "| impl | config | µs | TFLOP/s | × default | rel. error |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        if "us" in r:
-            lines.append(f"| {r['impl']} | {r['note']} | {r['us']:.1f} | {r['tflops']:.0f} | "
-                         f"{base / r['us'] if base else float('nan'):.2f} | "
-                         f"{r['rel_err']:.1e} |")
-        else:
-            lines.append(f"| {r['impl']} | {r['note']} | — | — | — | {r.get('error', '')} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, "prefill_tiles.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write(a, rows, T, tables, flop)
 
 
 if __name__ == "__main__":
