@@ -125,13 +125,18 @@ def sweep_configs(quick: bool) -> list[PagedPrefillConfig]:
                         out.append(PagedPrefillConfig(block_q=bq, keys_per_block=kpb,
                                                       num_warps=w, num_stages=st,
                                                       group_heads=grouped))
+    # a few programs per head looping over the real tiles, on the defaults' tiles and grouped
+    for grouped in (False, True):
+        for n in (16, 64, 256):
+            out.append(PagedPrefillConfig(group_heads=grouped, tile_programs=n))
     return out
 
 
 def label(cfg) -> str:
     g = " grouped" if getattr(cfg, "group_heads", False) else ""
+    n = getattr(cfg, "tile_programs", 0)
     return (f"bq={cfg.block_q} kpb={cfg.keys_per_block} w={cfg.num_warps} "
-            f"s={cfg.num_stages}{g}")
+            f"s={cfg.num_stages}{g}" + (f" programs={n}" if n else ""))
 
 
 def write(a, rows, T, tables, flop, quiet=False) -> None:

@@ -71,6 +71,9 @@ class PagedPrefillConfig:
     # page is read once per group rather than once per query head (power-of-two G only; other
     # groups take one program per query head)
     group_heads: bool = False
+    # 0: one program per tile of the static tile axis (tiles past the last real one exit at
+    # once); N > 0: at most N programs per head, each looping over every N-th real tile
+    tile_programs: int = 0
 
     @classmethod
     def for_backend(cls, backend: str) -> "PagedPrefillConfig":
@@ -80,17 +83,38 @@ class PagedPrefillConfig:
 
     def validate(self) -> None:
         C.validate_tuning(self, ("block_q", "keys_per_block"))
+        if not (isinstance(self.tile_programs, int) and self.tile_programs >= 0):
+            raise ValueError(f"tile_programs={self.tile_programs!r} must be an int >= 0")
 
 
 def _paged_prefill_kernel(tile_ref, q_ref, k_ref, v_ref, tables_ref, bounds_ref, ctx_ref,
-                          slope_ref, o_ref, *, block_q: int, page_size: int, pages_per_block: int,
-                          sm_scale: float, use_alibi: bool):
+                          slope_ref, o_ref, **kw):
     # tile_ref [2] (this tile's sequence b, its first new-token index within b); q_ref, o_ref
     # [T, Hb, D] (this program's Hb query heads: one, or a KV head's whole group); k_ref, v_ref
     # [P, Z, D]; tables_ref [B, M_padded]; bounds_ref [B, 2] (start, end of each sequence's
     # rows); ctx_ref [B]; slope_ref [Hb]. The tile's rows are (token, head) pairs, token-major.
-    b = tile_ref[0]
-    first = tile_ref[1]
+    _tile(tile_ref[0], tile_ref[1], q_ref, k_ref, v_ref, tables_ref, bounds_ref, ctx_ref,
+          slope_ref, o_ref, **kw)
+
+
+def _paged_prefill_loop_kernel(count_ref, tiles_ref, q_ref, k_ref, v_ref, tables_ref, bounds_ref,
+                               ctx_ref, slope_ref, o_ref, **kw):
+    # tile_programs: program j takes tiles j, j + programs, ... below count_ref[0] (the real
+    # tiles); tiles_ref [n_tiles, 2] the whole tile map; the rest as in _paged_prefill_kernel
+    j, programs = pl.program_id(0), pl.num_programs(0)
+
+    def step(i, carry):
+        tile = j + i * programs
+        _tile(tiles_ref[tile, 0], tiles_ref[tile, 1], q_ref, k_ref, v_ref, tables_ref,
+              bounds_ref, ctx_ref, slope_ref, o_ref, **kw)
+        return carry
+
+    jax.lax.fori_loop(0, (count_ref[0] - j + programs - 1) // programs, step, 0)
+
+
+def _tile(b, first, q_ref, k_ref, v_ref, tables_ref, bounds_ref, ctx_ref, slope_ref, o_ref, *,
+          block_q: int, page_size: int, pages_per_block: int, sm_scale: float, use_alibi: bool):
+    """One tile: ``block_q`` new tokens of sequence ``b`` from its token ``first``."""
     row_start = bounds_ref[b, 0]
     n_new = bounds_ref[b, 1] - row_start
     context = ctx_ref[b]
@@ -189,16 +213,23 @@ def _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens, s
         block_q = max(1, block_q // Hb)   # block_q * Hb rows of (token, head) per tile
     n_tiles = num_tiles(T, B, max_q_len, block_q)
     tiles = tile_map(cu_q_lens, block_q, n_tiles, skip_single)   # [n_tiles, 2]
-    kernel = functools.partial(_paged_prefill_kernel, block_q=block_q, page_size=Z,
-                               pages_per_block=pages_per_block, sm_scale=sm_scale,
-                               use_alibi=use_alibi)
+    kw = dict(block_q=block_q, page_size=Z, pages_per_block=pages_per_block, sm_scale=sm_scale,
+              use_alibi=use_alibi)
     full = lambda a: pl.BlockSpec(a.shape, lambda j, h: (0,) * a.ndim)  # noqa: E731
     kv_head = (lambda h: h) if Hb > 1 else (lambda h: h // G)
+    if config.tile_programs:   # a few programs per head, each looping over real tiles
+        programs = min(n_tiles, config.tile_programs)
+        count = jnp.sum(tiles[:, 1] < jnp.iinfo(jnp.int32).max, dtype=jnp.int32).reshape(1)
+        kernel = functools.partial(_paged_prefill_loop_kernel, **kw)
+        lead, lead_specs = (count, tiles), [full(count), full(tiles)]
+    else:
+        programs = n_tiles
+        kernel = functools.partial(_paged_prefill_kernel, **kw)
+        lead, lead_specs = (tiles,), [pl.BlockSpec((None, 2), lambda j, h: (j, 0))]  # tile
     return pl.pallas_call(
         kernel,
-        grid=(n_tiles, N // Hb),
-        in_specs=[
-            pl.BlockSpec((None, 2), lambda j, h: (j, 0)),                        # tile
+        grid=(programs, N // Hb),
+        in_specs=lead_specs + [
             pl.BlockSpec((T, Hb, D), lambda j, h: (0, h, 0)),                     # q
             pl.BlockSpec((None, P, Z, D), lambda j, h: (kv_head(h), 0, 0, 0)),    # k_pages
             pl.BlockSpec((None, P, Z, D), lambda j, h: (kv_head(h), 0, 0, 0)),    # v_pages
@@ -211,7 +242,7 @@ def _paged_prefill(q, k_pages, v_pages, block_tables, cu_q_lens, context_lens, s
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         name="optgqa_paged_prefill",
-    )(tiles, q, k_pages, v_pages, tables, bounds, context_lens,
+    )(*lead, q, k_pages, v_pages, tables, bounds, context_lens,
       (slopes * C.LOG2E).reshape(N // Hb, Hb))
 
 

@@ -1,5 +1,7 @@
 """paged_prefill_attention (ragged, packed) against a float64 numpy reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,18 @@ GROUPED = PagedPrefillConfig(block_q=32, keys_per_block=16, group_heads=True)
 def test_grouped_heads_match_float64_reference(rng, dtype, N, K, D, Z, alibi, new, ctx):
     """``group_heads``: a KV head's query heads share a program (power-of-two groups)."""
     _check(rng, dtype, N, K, D, Z, alibi, new, ctx, config=GROUPED)
+
+
+LOOPED = [dataclasses.replace(SMALL, tile_programs=3),
+          dataclasses.replace(GROUPED, tile_programs=2)]
+
+
+@pytest.mark.parametrize("config", LOOPED, ids=["per-head", "grouped"])
+@pytest.mark.parametrize("dtype,N,K,D,Z,alibi,new,ctx", [CASES[0], CASES[3]])
+def test_tile_programs_loop_over_every_real_tile(rng, config, dtype, N, K, D, Z, alibi, new,
+                                                 ctx):
+    """``tile_programs``: fewer programs than tiles, each looping over every N-th real one."""
+    _check(rng, dtype, N, K, D, Z, alibi, new, ctx, config=config)
 
 
 def test_random_ragged_batches(rng):

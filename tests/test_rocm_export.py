@@ -60,6 +60,10 @@ ENTRY_POINTS = {
     "paged_prefill_attention_group_heads": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
         *a, max_q_len=64, alibi_slopes=alibi, config=dataclasses.replace(cfg, group_heads=True),
         skip_single=True), RAGGED_G4, PagedPrefillConfig),
+    "paged_prefill_attention_tile_programs": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
+        *a, max_q_len=64, alibi_slopes=alibi, config=dataclasses.replace(
+            cfg, group_heads=True, tile_programs=4), skip_single=True), RAGGED_G4,
+        PagedPrefillConfig),
 }
 
 
