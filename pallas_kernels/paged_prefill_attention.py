@@ -26,8 +26,11 @@ with an online float32 softmax, stopping at the tile's last query position.
 With ``group_heads`` a program takes a tile for a KV head's whole query-head
 group instead (grid ``(tiles, K)``, rows are (token, head) pairs), so each
 page is read once per group. q is read with masked loads and the output
-written with masked stores, so neither is padded or copied. ALiBi is applied
-in-kernel. Decode is the special case
+written with masked stores, so neither is padded or copied. With
+``tile_programs`` the grid has that many programs per head instead of one per
+tile, each looping over every ``tile_programs``-th real tile (the static tile
+axis is sized for the worst case, and a mixed step's real tiles are often a
+tenth of it). ALiBi is applied in-kernel. Decode is the special case
 n_b = 1, but ``paged_attention`` is faster for it because it shares each page
 across the query-head group.
 
