@@ -363,8 +363,8 @@ for step in $steps; do
       run prefill_tiles 420 python experiments/prefill_tiles.py --quick "${old[@]}" \
         --out "$out/prefill_tiles" ;;
     engine-ab)  # the 1000 x 256/256 run at 512 sequences, an older tree (OPTGQA_OLD_TREE, run
-      # from its root) and this one taking turns, twice; this tree with and without its
-      # default sequence buckets
+      # from its root) and this one taking turns, twice; this tree with its default sequence
+      # buckets, then with the old ones (64, 256, 512)
       engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
               --max-num-batched-tokens 4096)
       abs=$(cd "$out" && pwd)
@@ -374,7 +374,7 @@ for step in $steps; do
             "engine_ab_old_$i" 240 python experiments/bench_engine.py "${engine[@]}" \
             --out "$abs/engine_ab_old_$i")
         fi
-        b=(); [ "$i" = 1 ] && b=(--seq-buckets 64,256,512)
+        b=(); [ "$i" = 2 ] && b=(--seq-buckets 64,256,512)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_ab_new_$i" 240 python \
           experiments/bench_engine.py "${engine[@]}" "${b[@]}" --out "$out/engine_ab_new_$i"
       done ;;
