@@ -116,8 +116,11 @@ def rel_err(out, ref) -> float:
 
 
 def sweep_configs(quick: bool) -> list[PagedPrefillConfig]:
-    out = []
-    for grouped in (False, True):
+    # first a few programs per head looping over the real tiles, on the defaults' tiles and
+    # grouped; then tiles, grouped first
+    out = [PagedPrefillConfig(group_heads=grouped, tile_programs=n)
+           for grouped in (False, True) for n in (16, 64, 256)]
+    for grouped in (True, False):
         for bq in ((64, 128) if quick or not grouped else (32, 64, 128)):
             for kpb in ((64, 128) if quick else (32, 64, 128)):
                 for w in (4, 8):
@@ -125,10 +128,6 @@ def sweep_configs(quick: bool) -> list[PagedPrefillConfig]:
                         out.append(PagedPrefillConfig(block_q=bq, keys_per_block=kpb,
                                                       num_warps=w, num_stages=st,
                                                       group_heads=grouped))
-    # a few programs per head looping over the real tiles, on the defaults' tiles and grouped
-    for grouped in (False, True):
-        for n in (16, 64, 256):
-            out.append(PagedPrefillConfig(group_heads=grouped, tile_programs=n))
     return out
 
 
