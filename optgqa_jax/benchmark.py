@@ -57,7 +57,8 @@ class BenchConfig:
     page_size: int = 16
     kv_tokens: Optional[int] = None
     kv_memory_bytes: Optional[int] = None  # cap on the pool's bytes (same cap for the MHA twin)
-    # decode-step sequence buckets below max_num_seqs (which is always one); see seq_buckets_for
+    # decode-step sequence buckets (EngineConfig.seq_buckets; the CLI's come from
+    # seq_buckets_for(max_num_seqs) unless --seq-buckets is given)
     seq_buckets: Optional[tuple[int, ...]] = (64, 256)
     token_buckets: Optional[tuple[int, ...]] = (1024, 2048)
     # block tables cut to these context lengths (EngineConfig.context_buckets; None: off)
@@ -517,7 +518,7 @@ def seq_buckets_for(max_num_seqs: int) -> tuple[int, ...]:
     S = max_num_seqs
     near = {n for n in (S * 3 // 4, S * 7 // 8, S * 15 // 16, S * 31 // 32)
             if n > 256 and n % 8 == 0}
-    below = {b for b in BenchConfig.seq_buckets if b < max_num_seqs}
+    below = {b for b in (64, 256) if b < S}
     return tuple(sorted((below | near) - {S})) + (S,)
 
 
