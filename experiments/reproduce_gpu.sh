@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-page-size, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -378,6 +378,18 @@ for step in $steps; do
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_ab_new_$i" 240 python \
           experiments/bench_engine.py "${engine[@]}" "${b[@]}" --out "$out/engine_ab_new_$i"
       done ;;
+    engine-random-ab)  # the random-length run at 512 sequences (inputs 32-1024, outputs
+      # 32-512), an older tree (OPTGQA_OLD_TREE, run from its root) and then this one
+      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
+              --max-num-batched-tokens 4096 --input-range 32 1024 --output-range 32 512)
+      abs=$(cd "$out" && pwd)
+      if [ -n "${OPTGQA_OLD_TREE:-}" ]; then
+        (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+          engine_random_old 200 python experiments/bench_engine.py "${engine[@]}" \
+          --out "$abs/engine_random_old")
+      fi
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run engine_random_new 200 python \
+        experiments/bench_engine.py "${engine[@]}" --out "$out/engine_random_new" ;;
     engine-page-size)  # the 1000 x 256/256 run at 512 sequences with pages of 16 and of 32
       # tokens, in turns, twice (the decode kernel reads K/V one page of one head at a time:
       # 4 KB at 16 tokens, 8 KB at 32)
