@@ -44,6 +44,10 @@ run() {  # run NAME SECONDS CMD...: one step, its output in OUT/NAME.log
   echo "   exit $?; log: $out/$name.log"
 }
 
+# the engine benchmarks' 512-sequence setting (issue 13's fixed and random workloads)
+ENGINE512=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
+           --max-num-batched-tokens 4096)
+
 for step in $steps; do
   case $step in
     tests)  # every kernel test, compiled for the GPU
@@ -166,8 +170,7 @@ for step in $steps; do
       for run_i in 1 2; do
         for flag in --no-sorted-kv-writes --sorted-kv-writes; do
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_kv_writes${flag#--}_$run_i" 240 \
-            python experiments/bench_engine.py --model llama3-8b --max-num-seqs 512 \
-            --kv-memory-gib 48 --fuse-projections --max-num-batched-tokens 4096 "$flag" \
+            python experiments/bench_engine.py "${ENGINE512[@]}" "$flag" \
             --out "$out/engine_kv_writes/${flag#--}_$run_i"
         done
       done ;;
@@ -189,8 +192,7 @@ for step in $steps; do
       for w in fixed random; do
         r=(); [ "$w" = random ] && r=(--input-range 32 1024 --output-range 32 512)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_${w}_seqs512" 300 python \
-          experiments/bench_engine.py --model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 \
-          --fuse-projections --max-num-batched-tokens 4096 "${r[@]}" \
+          experiments/bench_engine.py "${ENGINE512[@]}" "${r[@]}" \
           --out "$out/engine_${w}_seqs512"
       done ;;
     profile-mixed)  # one mixed (prefill) step as the engine benchmarks run them at 512
@@ -206,8 +208,7 @@ for step in $steps; do
     engine-buckets)  # the random-length workload at 512 sequences with token buckets every 512
       # (schedule_replay.py: its mixed steps' padding 19% -> 8%)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_engine_random_buckets512 300 python \
-        experiments/bench_engine.py --model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 \
-        --fuse-projections --max-num-batched-tokens 4096 --input-range 32 1024 \
+        experiments/bench_engine.py "${ENGINE512[@]}" --input-range 32 1024 \
         --output-range 32 512 --token-buckets 512,1024,1536,2048,2560,3072,3584,4096 \
         --out "$out/engine_random_buckets512" ;;
     grouping)  # the grouping ablation on the RoPE reference model and SmolLM2 (needs reference)
@@ -365,8 +366,7 @@ for step in $steps; do
     engine-ab)  # the 1000 x 256/256 run at 512 sequences, an older tree (OPTGQA_OLD_TREE, run
       # from its root) and this one taking turns, twice; this tree with its default sequence
       # buckets, then with the old ones (64, 256, 512)
-      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
-              --max-num-batched-tokens 4096)
+      engine=("${ENGINE512[@]}")
       abs=$(cd "$out" && pwd)
       for i in 1 2; do
         if [ -n "${OPTGQA_OLD_TREE:-}" ]; then
@@ -380,8 +380,7 @@ for step in $steps; do
       done ;;
     engine-random-ab)  # the random-length run at 512 sequences (inputs 32-1024, outputs
       # 32-512), an older tree (OPTGQA_OLD_TREE, run from its root) and then this one
-      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
-              --max-num-batched-tokens 4096 --input-range 32 1024 --output-range 32 512)
+      engine=("${ENGINE512[@]}" --input-range 32 1024 --output-range 32 512)
       abs=$(cd "$out" && pwd)
       if [ -n "${OPTGQA_OLD_TREE:-}" ]; then
         (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
@@ -393,8 +392,7 @@ for step in $steps; do
     engine-page-size)  # the 1000 x 256/256 run at 512 sequences with pages of 16 and of 32
       # tokens, in turns, twice (the decode kernel reads K/V one page of one head at a time:
       # 4 KB at 16 tokens, 8 KB at 32)
-      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
-              --max-num-batched-tokens 4096)
+      engine=("${ENGINE512[@]}")
       for i in 1 2; do
         for z in 16 32; do
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_page${z}_$i" 240 python \
@@ -408,8 +406,7 @@ for step in $steps; do
       run o_proj_iso 120 python experiments/o_proj_f32_probe.py iso
       mixed=(--fuse-projections --prompts 14 --prompt-len 256 --decodes 370 --context 257 512
              --tokens 4096)
-      engine=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
-              --max-num-batched-tokens 4096)
+      engine=("${ENGINE512[@]}")
       for v in unchanged o_f32; do
         p=(); [ "$v" = o_f32 ] && p=(--patch)
         run "mixed_o_$v" 150 python experiments/o_proj_f32_probe.py "${p[@]}" mixed -- \
