@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -389,6 +389,19 @@ for step in $steps; do
       fi
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run engine_random_new 200 python \
         experiments/bench_engine.py "${engine[@]}" --out "$out/engine_random_new" ;;
+    engine-token-budget)  # the 1000 x 256/256 run at 512 sequences with 4096-token steps (as
+      # in every run so far) and with 8192 (half as many mixed steps, each with ~30 prompts
+      # beside the decode rows; buckets every 2048 so that a 4096-token step is not padded to
+      # 8192), in turns, twice (argparse: the later --max-num-batched-tokens wins)
+      for i in 1 2; do
+        for t in 4096 8192; do
+          b=(--max-num-batched-tokens "$t")
+          [ "$t" = 8192 ] && b+=(--token-buckets 1024,2048,4096,6144,8192)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_tokens${t}_$i" 240 python \
+            experiments/bench_engine.py "${ENGINE512[@]}" "${b[@]}" \
+            --out "$out/engine_tokens${t}_$i"
+        done
+      done ;;
     engine-page-size)  # the 1000 x 256/256 run at 512 sequences with pages of 16 and of 32
       # tokens, in turns, twice (the decode kernel reads K/V one page of one head at a time:
       # 4 KB at 16 tokens, 8 KB at 32)
