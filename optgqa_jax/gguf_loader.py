@@ -1,7 +1,8 @@
 """Load llama.cpp GGUF files (Llama architecture) and the bundled SmolLM2 model.
 
 Quantized tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to float32
-with the ``gguf`` package. llama.cpp's converter permutes the rows of the Q
+with the ``gguf`` package; the file's metadata and tensor table are read by
+:mod:`optgqa_jax.gguf_reader`. llama.cpp's converter permutes the rows of the Q
 and K projections from Hugging Face's half-split rotary layout into an
 interleaved one; :func:`unpermute_rotary_rows` undoes it so the weights work
 with our (Hugging Face convention) RoPE.
@@ -16,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from optgqa_jax.config import ModelConfig
+from optgqa_jax.gguf_reader import read_gguf
 from optgqa_jax.tokenizer import BPETokenizer, bpe_from_gguf_vocab
 from optgqa_jax.weights import params_from_hf_tensors
 
@@ -56,11 +58,6 @@ def _hf_name(gguf_name: str) -> Optional[str]:
     return None
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def load_gguf(path: str, *, dtype: str = "float32", max_seq_len: Optional[int] = None
               ) -> tuple[ModelConfig, dict, BPETokenizer]:
     """Load a Llama-architecture GGUF file.
@@ -82,28 +79,27 @@ def load_gguf(path: str, *, dtype: str = "float32", max_seq_len: Optional[int] =
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/struct errors on garbage
+        meta, tensors = read_gguf(path)
+    except ValueError as e:
         raise ValueError(f"{path!r} could not be read as a GGUF file: {e}") from e
-    arch = _field(reader, "general.architecture")
+    arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r} in {path!r}; only 'llama'")
-    tensors = {t.name: t for t in reader.tensors}
-    n_heads = int(_field(reader, "llama.attention.head_count"))
-    n_kv_heads = int(_field(reader, "llama.attention.head_count_kv", n_heads))
-    d_model = int(_field(reader, "llama.embedding_length"))
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    head_dim = int(_field(reader, "llama.attention.key_length",
-                          _field(reader, "llama.rope.dimension_count", d_model // n_heads)))
+    n_heads = int(meta.get("llama.attention.head_count"))
+    n_kv_heads = int(meta.get("llama.attention.head_count_kv", n_heads))
+    d_model = int(meta.get("llama.embedding_length"))
+    tokens = list(meta.get("tokenizer.ggml.tokens"))
+    head_dim = int(meta.get("llama.attention.key_length",
+                          meta.get("llama.rope.dimension_count", d_model // n_heads)))
     cfg = ModelConfig(
-        vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))), d_model=d_model,
-        n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,
+        vocab_size=int(meta.get("llama.vocab_size", len(tokens))), d_model=d_model,
+        n_layers=int(meta.get("llama.block_count")), n_heads=n_heads,
         n_kv_heads=n_kv_heads, head_dim=head_dim,
-        ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        position="rope", rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        ffn_dim=int(meta.get("llama.feed_forward_length")),
+        norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        position="rope", rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         tie_embeddings="output.weight" not in tensors, dtype=dtype,
-        max_seq_len=int(max_seq_len or _field(reader, "llama.context_length", 2048)))
+        max_seq_len=int(max_seq_len or meta.get("llama.context_length", 2048)))
 
     hf_to_gguf = {}
     for name in tensors:
@@ -113,7 +109,8 @@ def load_gguf(path: str, *, dtype: str = "float32", max_seq_len: Optional[int] =
 
     def get(hf_name: str) -> np.ndarray:
         t = tensors[hf_to_gguf[hf_name]]
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = np.asarray(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)),
+                       dtype=np.float32)
         if hf_name.endswith("q_proj.weight"):
             w = unpermute_rotary_rows(w, n_heads)
         elif hf_name.endswith("k_proj.weight"):
@@ -123,19 +120,19 @@ def load_gguf(path: str, *, dtype: str = "float32", max_seq_len: Optional[int] =
     params = params_from_hf_tensors(cfg, get, lambda k: k in hf_to_gguf)
 
     def opt_int(key):
-        value = _field(reader, key)
+        value = meta.get(key)
         return None if value is None else int(value)
 
     tokenizer = bpe_from_gguf_vocab(
-        tokens, list(_field(reader, "tokenizer.ggml.merges", [])),
-        list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))),
-        pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+        tokens, list(meta.get("tokenizer.ggml.merges", [])),
+        list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens))),
+        pre=str(meta.get("tokenizer.ggml.pre", "default")),
         bos_id=opt_int("tokenizer.ggml.bos_token_id"), eos_id=opt_int("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        chat_template=_field(reader, "tokenizer.chat_template"))
-    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=meta.get("tokenizer.chat_template"))
+    if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model "
-                         f"{_field(reader, 'tokenizer.ggml.model')!r}; only 'gpt2' (byte-level BPE)")
+                         f"{meta.get('tokenizer.ggml.model')!r}; only 'gpt2' (byte-level BPE)")
     return cfg, params, tokenizer
 
 

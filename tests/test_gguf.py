@@ -5,6 +5,7 @@ import pytest
 
 import optgqa_jax as og
 from optgqa_jax.gguf_loader import pretrained_path, unpermute_rotary_rows
+from optgqa_jax.gguf_reader import read_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +98,82 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_pretrained_path_points_into_package():
     assert pretrained_path("smollm2-135m").endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _write_gguf(path, rng):
+    """A small GGUF file with every metadata value type and plain and quantized tensors of
+    odd sizes, written by the gguf package."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", int(rng.integers(0, 256)))
+    w.add_int8("t.i8", int(rng.integers(-128, 0)))
+    w.add_uint16("t.u16", int(rng.integers(256, 2**16)))
+    w.add_int16("t.i16", int(rng.integers(-2**15, 0)))
+    w.add_uint32("t.u32", int(rng.integers(2**16, 2**32)))
+    w.add_int32("t.i32", int(rng.integers(-2**31, 0)))
+    w.add_float32("t.f32", float(rng.standard_normal()))
+    w.add_bool("t.bool", bool(rng.integers(0, 2)))
+    w.add_string("t.str", "héllo wörld")
+    w.add_uint64("t.u64", int(rng.integers(2**33, 2**62)))
+    w.add_int64("t.i64", -int(rng.integers(2**33, 2**62)))
+    w.add_float64("t.f64", float(rng.standard_normal()))
+    w.add_array("t.ints", [int(i) for i in rng.integers(-9, 9, 5)])
+    w.add_array("t.strs", ["a", "", "Ġthe", "日本"])
+    w.add_array("t.floats", [float(x) for x in rng.standard_normal(3)])
+    w.add_tensor("w.f32", rng.standard_normal((3, 5)).astype(np.float32))
+    w.add_tensor("w.f16", rng.standard_normal((7,)).astype(np.float16))
+    for name, kind in (("w.q8", "Q8_0"), ("w.q4", "Q4_1")):
+        qt = gguf.GGMLQuantizationType[kind]
+        w.add_tensor(name, gguf.quants.quantize(rng.standard_normal((3, 64)).astype(np.float32),
+                                                qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_reader_matches_the_gguf_package(tmp_path, rng):
+    """read_gguf against gguf.GGUFReader on a file with every value type: the same metadata
+    (values and Python types), the same tensors (type, shape, bytes) and the same floats
+    after dequantization."""
+    import gguf
+
+    path = tmp_path / "all.gguf"
+    _write_gguf(path, rng)
+    meta, tensors = read_gguf(str(path))
+    ref = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert set(meta) == set(fields) and len(meta) == 16
+    for key, want in fields.items():
+        assert meta[key] == want and type(meta[key]) is type(want), key
+    assert list(tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        got = tensors[t.name]
+        assert got.tensor_type == int(t.tensor_type), t.name
+        assert got.shape == tuple(reversed(t.shape.tolist())), t.name
+        assert got.data.dtype == t.data.dtype and got.data.shape == t.data.shape, t.name
+        np.testing.assert_array_equal(got.data, t.data, err_msg=t.name)
+        deq = gguf.quants.dequantize(got.data, gguf.GGMLQuantizationType(got.tensor_type))
+        assert deq.shape == got.shape and np.isfinite(deq).all(), t.name
+
+
+def test_reader_rejects_malformed_files(tmp_path, rng):
+    good = tmp_path / "good.gguf"
+    _write_gguf(good, rng)
+    raw = good.read_bytes()
+    cases = {"empty": b"", "magic": b"GGUG" + raw[4:],
+             "version 1": raw[:4] + (1).to_bytes(4, "little") + raw[8:],
+             "big-endian": raw[:4] + (3).to_bytes(4, "big") + raw[8:]}
+    # the last tensor's last byte (the file may end in alignment padding after it)
+    last = read_gguf(str(good))[1]["w.q4"].data.tobytes()
+    end = raw.rfind(last) + len(last)
+    for cut in (10, 30, len(raw) // 3, end - 1):  # inside the header, metadata, data
+        cases[f"cut at {cut}"] = raw[:cut]
+    for what, data in cases.items():
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match="GGUF|empty|end of the file"):
+            read_gguf(str(bad))
+        with pytest.raises(ValueError, match="could not be read as a GGUF file"):
+            og.load_gguf(str(bad))
