@@ -7,7 +7,7 @@ layout with ``struct`` over a read-only memory map (strings decoded once, numeri
 one ``np.frombuffer`` each) and hands tensors out as views of the map in the shapes the
 ``gguf`` package's dequantizers take, so :mod:`optgqa_jax.gguf_loader` keeps using
 ``gguf.quants.dequantize`` for the numbers. On the same CPU this reader takes 0.06 s for the
-SmolLM2 file and the whole load 2.0 s (commit of this module, 2026-12-07).
+SmolLM2 file and the whole load 2.0 s (2026-12-07, 31972dd).
 
 Layout (GGUF v2/v3): magic ``GGUF``, version u32, tensor count u64, metadata count u64; each
 metadata entry a string key, a u32 value type and the value (strings and arrays carry a u64
