@@ -90,7 +90,7 @@ def load_gguf(path: str, *, dtype: str = "float32", max_seq_len: Optional[int] =
     d_model = int(meta.get("llama.embedding_length"))
     tokens = list(meta.get("tokenizer.ggml.tokens"))
     head_dim = int(meta.get("llama.attention.key_length",
-                          meta.get("llama.rope.dimension_count", d_model // n_heads)))
+                            meta.get("llama.rope.dimension_count", d_model // n_heads)))
     cfg = ModelConfig(
         vocab_size=int(meta.get("llama.vocab_size", len(tokens))), d_model=d_model,
         n_layers=int(meta.get("llama.block_count")), n_heads=n_heads,
@@ -109,8 +109,7 @@ def load_gguf(path: str, *, dtype: str = "float32", max_seq_len: Optional[int] =
 
     def get(hf_name: str) -> np.ndarray:
         t = tensors[hf_to_gguf[hf_name]]
-        w = np.asarray(gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type)),
-                       dtype=np.float32)
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if hf_name.endswith("q_proj.weight"):
             w = unpermute_rotary_rows(w, n_heads)
         elif hf_name.endswith("k_proj.weight"):

@@ -40,13 +40,13 @@ class GGUFTensor:
 
     Attributes:
       name: the tensor's GGUF name (e.g. ``blk.0.attn_q.weight``).
-      tensor_type: the ggml type number (``gguf.GGMLQuantizationType`` value).
+      tensor_type: the ggml type (a ``gguf.GGMLQuantizationType``, an ``IntEnum``).
       shape: the logical shape, outermost first (numpy order).
       data: a read-only view of the file: the numbers for plain types, else uint8 rows of
         whole blocks, shaped as ``gguf.quants.dequantize`` takes them.
     """
     name: str
-    tensor_type: int
+    tensor_type: Any
     shape: tuple[int, ...]
     data: np.ndarray
 
@@ -129,13 +129,14 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
         start = -(-c.at // align) * align
         tensors = {}
         for name, shape, kind, offset in infos:
+            try:
+                ggml_type = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                raise ValueError(f"tensor {name!r} has unknown ggml type {kind}") from None
             if kind in _PLAIN:
                 dtype, row = np.dtype(_PLAIN[kind]), shape
             else:
-                try:
-                    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-                except ValueError:
-                    raise ValueError(f"tensor {name!r} has unknown ggml type {kind}") from None
+                block, size = gguf.GGML_QUANT_SIZES[ggml_type]
                 if not shape or shape[-1] % block:
                     raise ValueError(f"tensor {name!r} of shape {shape}: its rows are not "
                                      f"whole blocks of {block}")
@@ -145,7 +146,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
             if at + count * dtype.itemsize > len(buf):
                 raise ValueError(f"tensor {name!r} runs past the end of the file")
             data = np.frombuffer(buf, dtype, count, at).reshape(row)
-            tensors[name] = GGUFTensor(name, kind, shape, data)
+            tensors[name] = GGUFTensor(name, ggml_type, shape, data)
         return meta, tensors
     except UnicodeDecodeError as e:
         raise ValueError(f"a metadata string is not UTF-8: {e}") from None
