@@ -7,7 +7,7 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
-# quant-tune-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
+# quant-tune-decode, quant-descend-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
@@ -303,6 +303,13 @@ for step in $steps; do
       # packaged one, read by QuantMatmulConfig.for_shape on the same device kind)
       run tune_quant_decode 600 python experiments/tune_quant.py --rows "${OPTGQA_TUNE_ROWS:-1,16,64}" \
         --formats w4g128 --budget-s 540 --case-budget-s "${OPTGQA_TUNE_CASE_S:-35}" --confirm-rounds 3 \
+        --table "${OPTGQA_TUNE_TABLE:-$out/quant/quant_matmul.json}" --out "$out/quant" ;;
+    quant-descend-decode)  # from this device's tuning-table tiles (and the rules'), a descent
+      # to faster neighbours at 1 and 16 rows (W4 g128, the four shapes; tune_quant --descend);
+      # the cases that beat the rules go into OPTGQA_TUNE_TABLE (default OUT/quant/quant_matmul.json)
+      run tune_quant_descend 600 python experiments/tune_quant.py --descend \
+        --rows "${OPTGQA_TUNE_ROWS:-1,16}" --formats w4g128 --budget-s 500 \
+        --case-budget-s "${OPTGQA_TUNE_CASE_S:-50}" --confirm-rounds 3 \
         --table "${OPTGQA_TUNE_TABLE:-$out/quant/quant_matmul.json}" --out "$out/quant" ;;
     quant-kernels-decode)  # W4 g128 against bfloat16 and XLA at 1, 16, 64 and 256 rows, with
       # the tiles quant_matmul takes on this device (tuning table where it has an entry)

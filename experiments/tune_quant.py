@@ -13,7 +13,10 @@ L2 cache; the default config of ``for_shape`` is timed too, so the table shows w
 would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
 With ``--confirm-rounds N`` each case's three best tiles, the rules' tiles and the bfloat16
 product are timed again in N interleaved rounds, and the case reports (and tables) the
-medians of those rounds. Above ``quant.linear.KERNEL_MAX_ROWS`` rows the route
+medians of those rounds. With ``--descend`` the first two stages give way to a descent from
+this device's tuning-table tiles and the rules' tiles to faster neighbours (each option of the
+path flipped, split-K and ``block_n`` halved and doubled, warps and stages;
+:func:`descent_moves`), for re-tuning a table after new options are added. Above ``quant.linear.KERNEL_MAX_ROWS`` rows the route
 ``quant.matmul`` takes there (the streaming dequantize kernel, then the float product) is
 timed too (``dequantize_us``). With ``--table`` the cases whose best tiles beat the rules by
 more than 2% (and, above ``KERNEL_MAX_ROWS`` rows, that route by more than 2%) are merged into a
@@ -25,7 +28,7 @@ Usage::
 
     python experiments/tune_quant.py [--budget-s 400] [--rows 1,16] [--formats w4g128,w8]
                                      [--shapes gate_up,down] [--table PATH]
-                                     [--confirm-rounds 3]
+                                     [--confirm-rounds 3] [--descend]
                                      [--out experiments/results/quant]
 """
 
@@ -144,6 +147,70 @@ def split_variants(cfg, M, K, N, sms=132):
     return [dataclasses.replace(cfg, split_k=s) for s in sorted(splits) if s != cfg.split_k]
 
 
+def descent_moves(cfg: QuantMatmulConfig, K: int, N: int) -> list:
+    """The neighbours of `cfg` that ``--descend`` tries: each option of its path flipped
+    (register path: ``runtime_magic``, ``wrapper_sums``, ``half_pairs``, ``raw_x`` and the
+    register ``prefetch``, where ``half_pairs`` and ``raw_x`` exclude each other, so turning one
+    on turns the other off; shift-by-shift path: ``shift_patterns``), then ``split_k`` and
+    ``block_n`` halved and doubled, the other warp count (4 or 8) and every other pipeline
+    depth from 1 to 4. Only settings that pass ``QuantMatmulConfig.validate`` and keep at least
+    one K step per split; options first, since they change the instructions per code."""
+    R = dataclasses.replace
+    flips = []
+    if cfg.fma:
+        for f in ("runtime_magic", "wrapper_sums", "half_pairs", "raw_x", "prefetch"):
+            on = not getattr(cfg, f)
+            extra = ({"raw_x": False} if f == "half_pairs" and on else
+                     {"half_pairs": False} if f == "raw_x" and on else {})
+            flips.append(R(cfg, **{f: on}, **extra))
+    elif not cfg.joined:
+        flips.append(R(cfg, shift_patterns=not cfg.shift_patterns))
+    grid = [R(cfg, split_k=cfg.split_k * 2), R(cfg, split_k=cfg.split_k // 2),
+            R(cfg, block_n=cfg.block_n * 2), R(cfg, block_n=cfg.block_n // 2),
+            R(cfg, num_warps=12 - cfg.num_warps if cfg.num_warps in (4, 8) else 4)]
+    grid += [R(cfg, num_stages=s) for s in (1, 2, 3, 4) if s != cfg.num_stages]
+    out = []
+    for c in flips + grid:
+        try:
+            c.validate()
+        except ValueError:
+            continue
+        if c.split_k < 1 or c.split_k * c.block_k > max(K, c.block_k) or c.block_n > max(N, 16):
+            continue
+        if c != cfg and c not in out:
+            out.append(c)
+    return out
+
+
+def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: float = 0.02):
+    """First-improvement descent from the fastest of `seeds`: time `cfg`'s
+    :func:`descent_moves` in turn and move to the first that is faster by more than
+    `min_gain`, until no neighbour is (or `deadline`, ``time.perf_counter()`` seconds,
+    passes). ``time_cfg(cfg)`` returns seconds or None for a failed config; each config is
+    timed once. Returns (seconds, config) of the best found."""
+    seen, best = {}, None
+    for c in seeds:
+        if c not in seen:
+            seen[c] = time_cfg(c)
+            if seen[c] is not None and (best is None or seen[c] < best[0]):
+                best = (seen[c], c)
+    if best is None:
+        return float("inf"), seeds[0]
+    moved = True
+    while moved and time.perf_counter() < deadline:
+        moved = False
+        for c in descent_moves(best[1], K, N):
+            if time.perf_counter() >= deadline:
+                break
+            if c in seen:
+                continue
+            seen[c] = t = time_cfg(c)
+            if t is not None and t < (1 - min_gain) * best[0]:
+                best, moved = (t, c), True
+                break
+    return best
+
+
 def confirm_case(case: dict, default, T, matmul_fn, sets, bf16_sets, rounds: int,
                  finalists: int = 3):
     """Time the `finalists` fastest distinct tiles of ``case["tried"]``, the rules' tiles
@@ -240,6 +307,11 @@ def main(argv=None):
     p.add_argument("--confirm-rounds", type=int, default=0, metavar="N",
                    help="time each case's three best tiles, the rules' tiles and the bfloat16 "
                         "product again in N interleaved rounds; report and table the medians")
+    p.add_argument("--descend", action="store_true",
+                   help="instead of the full search, start each case from this device's "
+                        "tuning-table tiles and the rules' tiles and move to faster "
+                        "neighbours (options flipped, split-K, block_n, warps, stages; "
+                        "descent_moves) within --case-budget-s")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
     if a.confirm_rounds < 0:
@@ -304,7 +376,12 @@ def main(argv=None):
         case["default"] = dict(config=dataclasses.asdict(default),
                                us=None if t_def is None else t_def * 1e6)
         timed = [] if t_def is None else [(t_def, default)]
-        for cfg in candidates(M, K, qc.bits, qc.group_size):
+        if a.descend:   # from this device's table entry and the rules, to better neighbours
+            seeds = [QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size,
+                                                 bits=qc.bits, device=res["device"]), default]
+            best = descend(seeds, lambda c: t_def if c == default else time_cfg(c), K, N,
+                           t_case + a.case_budget_s)
+        for cfg in ([] if a.descend else candidates(M, K, qc.bits, qc.group_size)):
             if time.perf_counter() - t_case > a.case_budget_s * 0.5:
                 break
             cfg = with_split(cfg, M, K, N)
@@ -316,7 +393,7 @@ def main(argv=None):
         # three tiles are timed at every split_k that gives 1 to 16 programs per SM, then the
         # best of all with prefetch and other pipeline depths.
         timed.sort(key=lambda tc: tc[0])
-        tops = [c for _, c in timed[:3]]
+        tops = [] if a.descend else [c for _, c in timed[:3]]
         for cfg in [c2 for c in tops for c2 in split_variants(c, M, K, N)]:
             if time.perf_counter() - t_case > a.case_budget_s * 0.85:
                 break
@@ -326,7 +403,8 @@ def main(argv=None):
             if t is not None:
                 timed.append((t, cfg))
         timed.sort(key=lambda tc: tc[0])
-        best = timed[0] if timed else (float("inf"), default)
+        if not a.descend:
+            best = timed[0] if timed else (float("inf"), default)
         b = best[1]
         # register path: 2^23's pattern from memory (a loop-free program otherwise spends two
         # logic instructions per code on it) and x's sums from the wrapper (sm_90 SASS at one
@@ -339,7 +417,7 @@ def main(argv=None):
                     dataclasses.replace(b, runtime_magic=True, wrapper_sums=True)]
                    + ([dataclasses.replace(b, raw_x=True)] if not b.half_pairs else [])
                    if b.fma else [] if b.joined else [dataclasses.replace(b, shift_patterns=True)])
-        for cfg in (options + [dataclasses.replace(b, prefetch=True)]
+        for cfg in ([] if a.descend else options + [dataclasses.replace(b, prefetch=True)]
                     + [dataclasses.replace(b, num_stages=s) for s in (2, 4)
                        if s != b.num_stages]):
             if time.perf_counter() - t_case > a.case_budget_s:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -288,6 +289,46 @@ def test_quant_matmul_auto_route_above_64_rows_follows_the_table(tmp_path, monke
     assert called == ["dequantize", "fused"]
     quant.matmul(x[:64], ql)                              # up to 64 rows: always fused
     assert called[-1] == "fused"
+
+
+def test_tune_quant_descent_moves_and_descend():
+    """descent_moves: the register path's options flipped (half_pairs and raw_x exclusive),
+    split/block_n halved and doubled within the shape, only valid configs; descend walks to
+    the first neighbour faster by more than 2% until none is, timing each config once."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import tune_quant as T
+    R = dataclasses.replace
+    reg = QuantMatmulConfig(block_m=1, block_n=64, block_k=512, split_k=8, num_warps=4,
+                            num_stages=4, fma=True, raw_x=True)
+    moves = T.descent_moves(reg, 4096, 28672)
+    assert R(reg, raw_x=False, half_pairs=True) in moves      # half_pairs turns raw_x off
+    assert R(reg, runtime_magic=True) in moves and R(reg, raw_x=False) in moves
+    assert R(reg, split_k=4) in moves and R(reg, block_n=128) in moves
+    assert R(reg, split_k=16) not in moves          # 16 x 512 rows > K = 4096
+    assert R(reg, num_warps=8) in moves and R(reg, num_stages=1) in moves
+    assert reg not in moves and len(set(moves)) == len(moves)
+    for c in moves:
+        c.validate()
+    tc = QuantMatmulConfig(block_m=16, block_n=128, block_k=128, split_k=4)
+    tmoves = T.descent_moves(tc, 4096, 28672)
+    assert R(tc, shift_patterns=True) in tmoves
+    assert not any(c.fma or c.runtime_magic for c in tmoves)
+    # descent on a fake cost: runtime_magic saves 20%, then split 4 another 10%; a failing
+    # config (None) is skipped; 1% gains do not move
+    calls = []
+
+    def cost(c):
+        calls.append(c)
+        if c.num_warps == 8:
+            return None
+        t = 40.0 * (0.8 if c.runtime_magic else 1.0) * (0.9 if c.split_k == 4 else 1.0)
+        return (t * (0.99 if c.num_stages == 1 else 1.0)) * 1e-6
+    t, best = T.descend([reg, R(reg, block_n=32)], cost, 4096, 28672, time.perf_counter() + 60)
+    assert best == R(reg, runtime_magic=True, split_k=4) and t == pytest.approx(28.8e-6)
+    assert len(calls) == len(set(calls))
+    # a deadline already past: the best seed, no moves
+    t, best = T.descend([reg], cost, 4096, 28672, time.perf_counter() - 1)
+    assert best == reg and t == pytest.approx(40e-6)
 
 
 def test_tune_quant_entries_above_64_rows_need_the_dequantize_route_beaten():
