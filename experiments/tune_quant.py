@@ -147,14 +147,16 @@ def split_variants(cfg, M, K, N, sms=132):
     return [dataclasses.replace(cfg, split_k=s) for s in sorted(splits) if s != cfg.split_k]
 
 
-def descent_moves(cfg: QuantMatmulConfig, K: int, N: int) -> list:
+def descent_moves(cfg: QuantMatmulConfig, K: int, N: int, bits: int = 4) -> list:
     """The neighbours of `cfg` that ``--descend`` tries: each option of its path flipped
     (register path: ``runtime_magic``, ``wrapper_sums``, ``half_pairs``, ``raw_x`` and the
     register ``prefetch``, where ``half_pairs`` and ``raw_x`` exclude each other, so turning one
     on turns the other off; shift-by-shift path: ``shift_patterns``), then ``split_k`` and
-    ``block_n`` halved and doubled, the other warp count (4 or 8) and every other pipeline
-    depth from 1 to 4. Only settings that pass ``QuantMatmulConfig.validate`` and keep at least
-    one K step per split; options first, since they change the instructions per code."""
+    ``block_n`` halved and doubled, ``block_k`` halved (at least 16 codes per shift) and
+    doubled (with ``split_k`` halved where the splits would otherwise outgrow K), the other
+    warp count (4 or 8) and every other pipeline depth from 1 to 4. Only settings that pass
+    ``QuantMatmulConfig.validate`` and keep at least one K step per split; options first,
+    since they change the instructions per code."""
     R = dataclasses.replace
     flips = []
     if cfg.fma:
@@ -167,7 +169,11 @@ def descent_moves(cfg: QuantMatmulConfig, K: int, N: int) -> list:
         flips.append(R(cfg, shift_patterns=not cfg.shift_patterns))
     grid = [R(cfg, split_k=cfg.split_k * 2), R(cfg, split_k=cfg.split_k // 2),
             R(cfg, block_n=cfg.block_n * 2), R(cfg, block_n=cfg.block_n // 2),
-            R(cfg, num_warps=12 - cfg.num_warps if cfg.num_warps in (4, 8) else 4)]
+            R(cfg, block_k=cfg.block_k * 2, split_k=(
+                cfg.split_k if cfg.split_k * cfg.block_k * 2 <= K else max(1, cfg.split_k // 2)))]
+    if cfg.block_k // 2 >= 16 * (32 // bits):
+        grid.append(R(cfg, block_k=cfg.block_k // 2))
+    grid += [R(cfg, num_warps=12 - cfg.num_warps if cfg.num_warps in (4, 8) else 4)]
     grid += [R(cfg, num_stages=s) for s in (1, 2, 3, 4) if s != cfg.num_stages]
     out = []
     for c in flips + grid:
@@ -182,7 +188,8 @@ def descent_moves(cfg: QuantMatmulConfig, K: int, N: int) -> list:
     return out
 
 
-def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: float = 0.02):
+def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: float = 0.02,
+            bits: int = 4):
     """First-improvement descent from the fastest of `seeds`: time `cfg`'s
     :func:`descent_moves` in turn and move to the first that is faster by more than
     `min_gain`, until no neighbour is (or `deadline`, ``time.perf_counter()`` seconds,
@@ -199,7 +206,7 @@ def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: fl
     moved = True
     while moved and time.perf_counter() < deadline:
         moved = False
-        for c in descent_moves(best[1], K, N):
+        for c in descent_moves(best[1], K, N, bits):
             if time.perf_counter() >= deadline:
                 break
             if c in seen:
@@ -380,7 +387,7 @@ def main(argv=None):
             seeds = [QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size,
                                                  bits=qc.bits, device=res["device"]), default]
             best = descend(seeds, lambda c: t_def if c == default else time_cfg(c), K, N,
-                           t_case + a.case_budget_s)
+                           t_case + a.case_budget_s, bits=qc.bits)
         for cfg in ([] if a.descend else candidates(M, K, qc.bits, qc.group_size)):
             if time.perf_counter() - t_case > a.case_budget_s * 0.5:
                 break

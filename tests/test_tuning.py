@@ -306,6 +306,8 @@ def test_tune_quant_descent_moves_and_descend():
     assert R(reg, split_k=4) in moves and R(reg, block_n=128) in moves
     assert R(reg, split_k=16) not in moves          # 16 x 512 rows > K = 4096
     assert R(reg, num_warps=8) in moves and R(reg, num_stages=1) in moves
+    assert R(reg, block_k=256) in moves and R(reg, block_k=1024, split_k=4) in moves
+    assert not any(c.block_k < 128 for c in T.descent_moves(R(reg, block_k=128), 4096, 28672))
     assert reg not in moves and len(set(moves)) == len(moves)
     for c in moves:
         c.validate()
