@@ -188,13 +188,31 @@ def descent_moves(cfg: QuantMatmulConfig, K: int, N: int, bits: int = 4) -> list
     return out
 
 
+def flag_combinations(cfg: QuantMatmulConfig) -> list:
+    """`cfg`'s tiles under every valid combination of its path's options (register path:
+    ``runtime_magic``, ``wrapper_sums``, ``prefetch`` each on or off, with at most one of
+    ``half_pairs`` and ``raw_x``; shift-by-shift path: ``shift_patterns`` on or off)."""
+    R = dataclasses.replace
+    if cfg.fma:
+        out = [R(cfg, runtime_magic=rm, wrapper_sums=ws, prefetch=pf, half_pairs=hp, raw_x=rx)
+               for rm, ws, pf in itertools.product((False, True), repeat=3)
+               for hp, rx in ((False, False), (True, False), (False, True))]
+    elif not cfg.joined:
+        out = [R(cfg, shift_patterns=sp) for sp in (False, True)]
+    else:
+        out = [cfg]
+    return out
+
+
 def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: float = 0.02,
             bits: int = 4):
     """First-improvement descent from the fastest of `seeds`: time `cfg`'s
     :func:`descent_moves` in turn and move to the first that is faster by more than
-    `min_gain`, until no neighbour is (or `deadline`, ``time.perf_counter()`` seconds,
-    passes). ``time_cfg(cfg)`` returns seconds or None for a failed config; each config is
-    timed once. Returns (seconds, config) of the best found."""
+    `min_gain`, until no neighbour is; then every :func:`flag_combinations` of the best tiles
+    (options that pay only together), and, if one is faster by more than `min_gain`, the
+    descent goes on from it. Stops when `deadline` (``time.perf_counter()`` seconds) passes.
+    ``time_cfg(cfg)`` returns seconds or None for a failed config; each config is timed once.
+    Returns (seconds, config) of the best found."""
     seen, best = {}, None
     for c in seeds:
         if c not in seen:
@@ -203,18 +221,25 @@ def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: fl
                 best = (seen[c], c)
     if best is None:
         return float("inf"), seeds[0]
-    moved = True
-    while moved and time.perf_counter() < deadline:
-        moved = False
-        for c in descent_moves(best[1], K, N, bits):
+
+    def first_better(configs):
+        for c in configs:
             if time.perf_counter() >= deadline:
-                break
+                return None
             if c in seen:
                 continue
             seen[c] = t = time_cfg(c)
             if t is not None and t < (1 - min_gain) * best[0]:
-                best, moved = (t, c), True
+                return t, c
+        return None
+
+    while time.perf_counter() < deadline:
+        step = first_better(descent_moves(best[1], K, N, bits))
+        if step is None:
+            step = first_better(flag_combinations(best[1]))
+            if step is None:
                 break
+        best = step
     return best
 
 

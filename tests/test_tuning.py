@@ -328,6 +328,16 @@ def test_tune_quant_descent_moves_and_descend():
     t, best = T.descend([reg, R(reg, block_n=32)], cost, 4096, 28672, time.perf_counter() + 60)
     assert best == R(reg, runtime_magic=True, split_k=4) and t == pytest.approx(28.8e-6)
     assert len(calls) == len(set(calls))
+    # options that pay only together: the neighbours (one flip each) find nothing, the
+    # combinations of the best tiles' flags find runtime_magic + wrapper_sums
+    both = lambda c: 1e-6 * (30.0 if c.runtime_magic and c.wrapper_sums else 40.0)  # noqa: E731
+    t, best = T.descend([reg], both, 4096, 28672, time.perf_counter() + 60)
+    assert best.runtime_magic and best.wrapper_sums and t == pytest.approx(30e-6)
+    assert R(best, runtime_magic=False, wrapper_sums=False, raw_x=True) == reg   # same tiles
+    combos = T.flag_combinations(reg)
+    assert len(combos) == 24 == len(set(combos)) and reg in combos
+    assert not any(c.half_pairs and c.raw_x for c in combos)
+    assert T.flag_combinations(tc) == [tc, R(tc, shift_patterns=True)]
     # a deadline already past: the best seed, no moves
     t, best = T.descend([reg], cost, 4096, 28672, time.perf_counter() - 1)
     assert best == reg and t == pytest.approx(40e-6)
