@@ -13,10 +13,12 @@ L2 cache; the default config of ``for_shape`` is timed too, so the table shows w
 would gain. Cases run in priority order under a time budget; the JSON is rewritten after each.
 With ``--confirm-rounds N`` each case's three best tiles, the rules' tiles and the bfloat16
 product are timed again in N interleaved rounds, and the case reports (and tables) the
-medians of those rounds. With ``--descend`` the first two stages give way to a descent from
-this device's tuning-table tiles and the rules' tiles to faster neighbours (each option of the
-path flipped, split-K and ``block_n`` halved and doubled, warps and stages;
-:func:`descent_moves`), for re-tuning a table after new options are added. Above ``quant.linear.KERNEL_MAX_ROWS`` rows the route
+medians of those rounds. With ``--descend`` a descent takes the search's place: from this
+device's tuning-table tiles and the rules' tiles to faster neighbours (each option of the path
+flipped, split-K, ``block_n`` and ``block_k`` halved and doubled, warps and stages;
+:func:`descent_moves`), then every combination of the best tiles' options
+(:func:`descend`), for re-tuning a table after new options are added. Above
+``quant.linear.KERNEL_MAX_ROWS`` rows the route
 ``quant.matmul`` takes there (the streaming dequantize kernel, then the float product) is
 timed too (``dequantize_us``). With ``--table`` the cases whose best tiles beat the rules by
 more than 2% (and, above ``KERNEL_MAX_ROWS`` rows, that route by more than 2%) are merged into a
@@ -243,6 +245,60 @@ def descend(seeds: list, time_cfg, K: int, N: int, deadline: float, min_gain: fl
     return best
 
 
+def full_search(M, K, N, qc, default, t_def, time_cfg, elapsed, budget_s):
+    """The full search of one case: (seconds, config) of the best found. Stage 1 times
+    :func:`candidates` (split-K from :func:`with_split`) for half of `budget_s`; stage 2 the
+    best three at every :func:`split_variants`; then around the best its path's options,
+    the register prefetch and other pipeline depths. ``time_cfg(cfg)`` returns seconds or None
+    (a failed config); ``elapsed()`` the case's seconds so far; `default` (the rules' tiles)
+    was timed already (`t_def`, None if it failed)."""
+    timed = [] if t_def is None else [(t_def, default)]
+    for cfg in candidates(M, K, qc.bits, qc.group_size):
+        if elapsed() > budget_s * 0.5:
+            break
+        cfg = with_split(cfg, M, K, N)
+        t = time_cfg(cfg)
+        if t is not None:
+            timed.append((t, cfg))
+    # Second stage: the grid size. A decode-sized product has few programs per SM, each
+    # with a long K loop, so how many loads are in flight decides its speed: the best
+    # three tiles are timed at every split_k that gives 1 to 16 programs per SM, then the
+    # best of all with prefetch and other pipeline depths.
+    timed.sort(key=lambda tc: tc[0])
+    tops = [c for _, c in timed[:3]]
+    for cfg in [c2 for c in tops for c2 in split_variants(c, M, K, N)]:
+        if elapsed() > budget_s * 0.85:
+            break
+        if any(c == cfg for _, c in timed):
+            continue
+        t = time_cfg(cfg)
+        if t is not None:
+            timed.append((t, cfg))
+    timed.sort(key=lambda tc: tc[0])
+    best = timed[0] if timed else (float("inf"), default)
+    b = best[1]
+    # register path: 2^23's pattern from memory (a loop-free program otherwise spends two
+    # logic instructions per code on it) and x's sums from the wrapper (sm_90 SASS at one
+    # row, loop-free gate/up tiles: 1536 -> 1312 -> 1216 instructions per 256 codes)
+    # shift-by-shift tensor-core path: the codes as bit patterns (sm_90 SASS, the tuned
+    # 16-row gate/up tiles: 5.34 -> 3.28 instructions per code)
+    # register path reading x as given (raw_x): no shift-major copy of x per call
+    options = ([dataclasses.replace(b, runtime_magic=True),
+                dataclasses.replace(b, wrapper_sums=True),
+                dataclasses.replace(b, runtime_magic=True, wrapper_sums=True)]
+               + ([dataclasses.replace(b, raw_x=True)] if not b.half_pairs else [])
+               if b.fma else [] if b.joined else [dataclasses.replace(b, shift_patterns=True)])
+    for cfg in (options + [dataclasses.replace(b, prefetch=True)]
+                + [dataclasses.replace(b, num_stages=s) for s in (2, 4)
+                   if s != b.num_stages]):
+        if elapsed() > budget_s:
+            break
+        t = time_cfg(cfg)
+        if t is not None and t < best[0]:
+            best = (t, cfg)
+    return best
+
+
 def confirm_case(case: dict, default, T, matmul_fn, sets, bf16_sets, rounds: int,
                  finalists: int = 3):
     """Time the `finalists` fastest distinct tiles of ``case["tried"]``, the rules' tiles
@@ -342,8 +398,9 @@ def main(argv=None):
     p.add_argument("--descend", action="store_true",
                    help="instead of the full search, start each case from this device's "
                         "tuning-table tiles and the rules' tiles and move to faster "
-                        "neighbours (options flipped, split-K, block_n, warps, stages; "
-                        "descent_moves) within --case-budget-s")
+                        "neighbours (options flipped, split-K, block_n, block_k, warps, "
+                        "stages; then every combination of the best tiles' options) within "
+                        "--case-budget-s")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quant"))
     a = p.parse_args(argv)
     if a.confirm_rounds < 0:
@@ -407,58 +464,16 @@ def main(argv=None):
         t_def = time_cfg(default)
         case["default"] = dict(config=dataclasses.asdict(default),
                                us=None if t_def is None else t_def * 1e6)
-        timed = [] if t_def is None else [(t_def, default)]
         if a.descend:   # from this device's table entry and the rules, to better neighbours
             seeds = [QuantMatmulConfig.for_shape("cuda", M, K, N, qc.group_size,
                                                  bits=qc.bits, device=res["device"]), default]
             best = descend(seeds, lambda c: t_def if c == default else time_cfg(c), K, N,
                            t_case + a.case_budget_s, bits=qc.bits)
-        for cfg in ([] if a.descend else candidates(M, K, qc.bits, qc.group_size)):
-            if time.perf_counter() - t_case > a.case_budget_s * 0.5:
-                break
-            cfg = with_split(cfg, M, K, N)
-            t = time_cfg(cfg)
-            if t is not None:
-                timed.append((t, cfg))
-        # Second stage: the grid size. A decode-sized product has few programs per SM, each
-        # with a long K loop, so how many loads are in flight decides its speed: the best
-        # three tiles are timed at every split_k that gives 1 to 16 programs per SM, then the
-        # best of all with prefetch and other pipeline depths.
-        timed.sort(key=lambda tc: tc[0])
-        tops = [] if a.descend else [c for _, c in timed[:3]]
-        for cfg in [c2 for c in tops for c2 in split_variants(c, M, K, N)]:
-            if time.perf_counter() - t_case > a.case_budget_s * 0.85:
-                break
-            if any(c == cfg for _, c in timed):
-                continue
-            t = time_cfg(cfg)
-            if t is not None:
-                timed.append((t, cfg))
-        timed.sort(key=lambda tc: tc[0])
-        if not a.descend:
-            best = timed[0] if timed else (float("inf"), default)
-        b = best[1]
-        # register path: 2^23's pattern from memory (a loop-free program otherwise spends two
-        # logic instructions per code on it) and x's sums from the wrapper (sm_90 SASS at one
-        # row, loop-free gate/up tiles: 1536 -> 1312 -> 1216 instructions per 256 codes)
-        # shift-by-shift tensor-core path: the codes as bit patterns (sm_90 SASS, the tuned
-        # 16-row gate/up tiles: 5.34 -> 3.28 instructions per code)
-        # register path reading x as given (raw_x): no shift-major copy of x per call
-        options = ([dataclasses.replace(b, runtime_magic=True),
-                    dataclasses.replace(b, wrapper_sums=True),
-                    dataclasses.replace(b, runtime_magic=True, wrapper_sums=True)]
-                   + ([dataclasses.replace(b, raw_x=True)] if not b.half_pairs else [])
-                   if b.fma else [] if b.joined else [dataclasses.replace(b, shift_patterns=True)])
-        for cfg in ([] if a.descend else options + [dataclasses.replace(b, prefetch=True)]
-                    + [dataclasses.replace(b, num_stages=s) for s in (2, 4)
-                       if s != b.num_stages]):
-            if time.perf_counter() - t_case > a.case_budget_s:
-                break
-            t = time_cfg(cfg)
-            if t is not None and t < best[0]:
-                best = (t, cfg)
+        else:
+            best = full_search(M, K, N, qc, default, t_def, time_cfg,
+                               lambda: time.perf_counter() - t_case, a.case_budget_s)
         t, b = best
-        if a.confirm_rounds and timed:
+        if a.confirm_rounds and any(r.get("us") is not None for r in case["tried"]):
             # single timings of one setting move by up to 2x between calls on the small
             # products: the three best settings, the rules' tiles and bfloat16 timed again in
             # turn; the case then reports medians of these rounds
