@@ -151,9 +151,10 @@ def split_variants(cfg, M, K, N, sms=132):
 
 def descent_moves(cfg: QuantMatmulConfig, K: int, N: int, bits: int = 4) -> list:
     """The neighbours of `cfg` that ``--descend`` tries: each option of its path flipped
-    (register path: ``runtime_magic``, ``wrapper_sums``, ``half_pairs``, ``raw_x`` and the
-    register ``prefetch``, where ``half_pairs`` and ``raw_x`` exclude each other, so turning one
-    on turns the other off; shift-by-shift path: ``shift_patterns``), then ``split_k`` and
+    (register path: ``runtime_magic``, ``wrapper_sums``, ``kernel_sums``, ``half_pairs``,
+    ``raw_x`` and the register ``prefetch``, where ``half_pairs`` and ``raw_x`` exclude each
+    other, as do the two sums options, so turning one on turns the other off; shift-by-shift
+    path: ``shift_patterns``), then ``split_k`` and
     ``block_n`` halved and doubled, ``block_k`` halved (at least 16 codes per shift) and
     doubled (with ``split_k`` halved where the splits would otherwise outgrow K), the other
     warp count (4 or 8) and every other pipeline depth from 1 to 4. Only settings that pass
@@ -162,10 +163,12 @@ def descent_moves(cfg: QuantMatmulConfig, K: int, N: int, bits: int = 4) -> list
     R = dataclasses.replace
     flips = []
     if cfg.fma:
-        for f in ("runtime_magic", "wrapper_sums", "half_pairs", "raw_x", "prefetch"):
+        exclusive = {"half_pairs": "raw_x", "raw_x": "half_pairs",
+                     "wrapper_sums": "kernel_sums", "kernel_sums": "wrapper_sums"}
+        for f in ("runtime_magic", "wrapper_sums", "kernel_sums", "half_pairs", "raw_x",
+                  "prefetch"):
             on = not getattr(cfg, f)
-            extra = ({"raw_x": False} if f == "half_pairs" and on else
-                     {"half_pairs": False} if f == "raw_x" and on else {})
+            extra = {exclusive[f]: False} if on and f in exclusive else {}
             flips.append(R(cfg, **{f: on}, **extra))
     elif not cfg.joined:
         flips.append(R(cfg, shift_patterns=not cfg.shift_patterns))
@@ -192,13 +195,16 @@ def descent_moves(cfg: QuantMatmulConfig, K: int, N: int, bits: int = 4) -> list
 
 def flag_combinations(cfg: QuantMatmulConfig) -> list:
     """`cfg`'s tiles under every valid combination of its path's options (register path:
-    ``runtime_magic``, ``wrapper_sums``, ``prefetch`` each on or off, with at most one of
-    ``half_pairs`` and ``raw_x``; shift-by-shift path: ``shift_patterns`` on or off)."""
+    ``runtime_magic`` and ``prefetch`` each on or off, with at most one of ``wrapper_sums``
+    and ``kernel_sums`` and at most one of ``half_pairs`` and ``raw_x``; shift-by-shift path:
+    ``shift_patterns`` on or off)."""
     R = dataclasses.replace
+    one_of = ((False, False), (True, False), (False, True))
     if cfg.fma:
-        out = [R(cfg, runtime_magic=rm, wrapper_sums=ws, prefetch=pf, half_pairs=hp, raw_x=rx)
-               for rm, ws, pf in itertools.product((False, True), repeat=3)
-               for hp, rx in ((False, False), (True, False), (False, True))]
+        out = [R(cfg, runtime_magic=rm, prefetch=pf, wrapper_sums=ws, kernel_sums=ks,
+                 half_pairs=hp, raw_x=rx)
+               for rm, pf in itertools.product((False, True), repeat=2)
+               for ws, ks in one_of for hp, rx in one_of]
     elif not cfg.joined:
         out = [R(cfg, shift_patterns=sp) for sp in (False, True)]
     else:
@@ -367,7 +373,7 @@ def markdown(res: dict) -> str:
                  f"{'yes' if t.get('prefetch') else 'no'}, "
                  f"{'yes' if t.get('joined') else 'no'}, "
                  f"{'yes' if t.get('dequant_tiles') else 'no'}"
-                 + "".join(f"; {k}" for k in ("runtime_magic", "wrapper_sums", "half_pairs",
+                 + "".join(f"; {k}" for k in ("runtime_magic", "wrapper_sums", "kernel_sums", "half_pairs",
                                               "shift_patterns", "raw_x")
                            if t.get(k)))
         lines.append(f"| {c['shape']} {c['K']}×{c['N']} | {c['M']} | {c['format']} | "

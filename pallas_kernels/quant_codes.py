@@ -65,7 +65,18 @@ def code_floats(words, words_hi, bits: int, p: int, magic=None):
 def exact_magic(bits: int, p: int) -> int:
     """The float32 bit pattern of ``2^(23 - s)`` for shift p (s its bit offset,
     :func:`shift_offsets`): the pattern :func:`code_floats_exact` puts the code under."""
-    return (127 + 23 - shift_offsets(bits)[p][1]) << 23
+    return exact_magic_at(shift_offsets(bits)[p][1])
+
+
+def exact_magic_at(s: int) -> int:
+    """The float32 bit pattern of ``2^(23 - s)``: :func:`exact_magic` of a bit offset s."""
+    return (127 + 23 - s) << 23
+
+
+def exact_offsets(bits: int) -> list[int]:
+    """The distinct bit offsets s of :func:`shift_offsets`, ascending: one
+    :func:`exact_magic_at` pattern each (4 bits: 0, 4, 8, 12)."""
+    return sorted({s for _, s in shift_offsets(bits)})
 
 
 def code_floats_exact(words, words_hi, bits: int, p: int, magic=None):

@@ -72,7 +72,7 @@ from pallas_kernels import _common as C
 from pallas_kernels.quant_matmul_config import (QuantMatmulConfig, TUNED_ROWS,  # noqa: F401
                                                 tuned_rows, tuning_key)
 from pallas_kernels.quant_codes import (TWO23_BITS, code_floats, code_floats_exact,  # noqa: F401
-                                        code_pattern,
+                                        code_pattern, exact_magic_at, exact_offsets,
                                         join_shifts, pair_major, pair_pattern, pattern_codes,
                                         shift_major, shift_offsets, shift_scales, unpack_codes)
 
@@ -87,10 +87,13 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
                  dequant_tiles: bool = False, runtime_magic: bool = False,
                  half: bool = False, wrapper_sums: bool = False, shift_pc: bool = False,
-                 stacked: bool = False, raw_x: bool = False):
+                 stacked: bool = False, raw_x: bool = False, kernel_sums: bool = False):
     """The kernel body. ``stacked``: qweight, scales and zeros hold several layers' rows one
     after another, and this call's layer starts at the word row ``magic_ref[2]`` and the group
-    row ``magic_ref[3]`` (read at run time, so that every layer runs the same kernel)."""
+    row ``magic_ref[3]`` (read at run time, so that every layer runs the same kernel).
+    ``magic_ref``: int32 [2^23's pattern, float16 pairs' exponent bits, first word row, first
+    group row, then with ``raw_x`` the pattern of :func:`exact_magic` for every distinct bit
+    offset of :func:`exact_offsets`], the patterns read only with ``runtime_magic``."""
     P = 32 // bits
     bias = 0.0 if pattern is None else pattern[1]     # codes as bias + code (joined, shift_pc)
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
@@ -98,6 +101,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     Pk = tile_k // P                        # words per sub-tile = rows per shift
     gs = K if group_size == -1 else group_size
     offsets = [s for _, s in shift_offsets(bits)]
+    exact_offs = exact_offsets(bits)
     # One group per sub-tile (contiguous groups that the sub-tiles do not straddle): the
     # (q - z) 2^s are small integers times powers of two, exact in bfloat16/float16, so the
     # products take them as they are and the group's per-column scale multiplies the partial
@@ -112,13 +116,20 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
     # row of x, subtracted once at the end. On the register path a code then costs one
     # and-or, one subtraction of 2^23 and one multiply-add.
     fold_zeros = per_tile
-    wx = fma and fold_zeros and wrapper_sums     # register path with x's sums from the wrapper
+    # kernel_sums: the same per-row correction, with x's sum over each sub-tile taken in the
+    # kernel from the x it reads (no reduce in the wrapper): the [Pk] sums of x per word row
+    # are added up once per sub-tile, and the [Pk, bn] correction per word row disappears.
+    wx = fma and fold_zeros and (wrapper_sums or kernel_sums)   # one correction per row of x
+    kx = wx and kernel_sums                   # ... with x's sums taken in the kernel
     word_groups = not use_gidx and gs % P == 0     # the P rows of a word share a group
     mask_n, mask_k = N % block_n != 0, K % block_k != 0
 
     def kernel(x_ref, qw_ref, s_ref, z_ref, gidx_ref, xs_ref, magic_ref, o_ref):
         pid_n, pid_s = pl.program_id(1), pl.program_id(2)
         magic = magic_ref[0] if runtime_magic else None    # 2^23's bit pattern, or a constant
+        # raw_x: each distinct bit offset's exponent pattern (exact_magic), or the constants
+        exact = ([magic_ref[4 + j] for j in range(len(exact_offs))]
+                 if runtime_magic and raw_x else None)
         pair_magic = magic_ref[1] if runtime_magic else None   # float16 pairs' exponent bits
         # stacked layers: this layer's first word row and first group row in the arrays
         w_row0, g_row0 = (magic_ref[2], magic_ref[3]) if stacked else (0, 0)
@@ -192,7 +203,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                      for _ in range(block_m if fma else 1)]
             # register path, sums of x in the kernel: zx[m] [Pk], per word row the sum of x
             # over its P input rows (the zero points' share)
-            zx = [jnp.zeros((Pk,), jnp.float32) for _ in range(block_m if fma and not wx else 0)]
+            zx = [jnp.zeros((Pk,), jnp.float32)
+                  for _ in range(block_m if fma and (kx or not wx) else 0)]
             if shift_pc:    # shift-by-shift tensor-core path, codes as bit patterns bias + code
                 x0 = x_ref[:, pl.ds(k0, Pk)]
                 pc = pattern_codes(words, bits, x0.dtype)                 # P x [Pk, bn]
@@ -209,7 +221,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     part = jnp.zeros((Pk, block_n), jnp.float16)   # sum over the word's codes
                     for p in range(P):
                         xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)]                     # [Pk] f16
-                        if not wx:
+                        if kx or not wx:
                             zx[m] += xm.astype(jnp.float32)
                         part = part + xm[:, None] * q16[p]
                     parts[m] += part.astype(jnp.float32)
@@ -222,7 +234,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                     s = load_rows(s_ref, g, w_ok).astype(jnp.float32)
                     z = load_rows(z_ref, g, w_ok).astype(jnp.float32)
                 if raw_x:     # 2^(23 - s_p) + code: the float holds the code itself
-                    f = code_floats_exact(words, words_hi, bits, p)
+                    f = code_floats_exact(words, words_hi, bits, p, None if exact is None
+                                          else exact[exact_offs.index(offsets[p])])
                     base = float(2 ** (23 - offsets[p]))
                     w = f - base if fold_zeros else f - (base + z)     # code, or code - z
                 else:
@@ -239,11 +252,11 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                             cols = k0 + p + P * jnp.arange(Pk)
                             xm = plgpu.load(x_ref.at[jnp.full((Pk,), m, jnp.int32), cols]
                                             ).astype(jnp.float32)                  # [Pk]
-                            if fold_zeros and not wx:
+                            if fold_zeros and (kx or not wx):
                                 zx[m] += xm
                         else:
                             xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)
-                            if fold_zeros and not wx:   # xm carries 2^-s_p: undo it, exactly
+                            if fold_zeros and (kx or not wx):   # xm carries 2^-s_p: undo it
                                 zx[m] += xm * float(2 ** offsets[p])
                         parts[m] += xm[:, None] * w
                 else:
@@ -260,7 +273,8 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 zs = z * s    # corrections: x's sum over the sub-tile times z s
                 t = k0 // tile_k
                 return (tuple(a + q * s for a, q in zip(acc[:block_m], parts))
-                        + tuple(c + xs_ref[pl.ds(m, 1), pl.ds(t, 1)] * zs
+                        + tuple(c + (jnp.sum(zx[m]) if kx
+                                     else xs_ref[pl.ds(m, 1), pl.ds(t, 1)]) * zs
                                 for m, c in enumerate(acc[block_m:])))
             return tuple(a + (q * s if per_tile else q) for a, q in zip(acc, parts))
 
@@ -397,10 +411,14 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
                           dequant_tiles=joined and config.dequant_tiles,
                           runtime_magic=config.runtime_magic, half=half,
                           wrapper_sums=config.wrapper_sums, shift_pc=shift_pc,
-                          stacked=rows0 is not None, raw_x=raw_x)
-    magic = jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32)
-    if rows0 is not None:   # [2^23, float16 pairs' exponents, first word row, first group row]
-        magic = jnp.concatenate([magic, rows0.astype(jnp.int32)])
+                          stacked=rows0 is not None, raw_x=raw_x,
+                          kernel_sums=config.kernel_sums)
+    # [2^23, float16 pairs' exponents, first word row, first group row (stacked layers), the
+    # exact patterns of raw_x's bit offsets]
+    magic = jnp.concatenate([
+        jnp.array([TWO23_BITS, pair_pattern(jnp.float16, bits)], jnp.int32),
+        jnp.zeros((2,), jnp.int32) if rows0 is None else rows0.astype(jnp.int32),
+        jnp.array([exact_magic_at(s) for s in exact_offsets(bits)], jnp.int32)])
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
     if split:
         out_shape = jax.ShapeDtypeStruct((split_k, Mp, Np), jnp.float32)

@@ -81,6 +81,14 @@ class QuantMatmulConfig:
         once per K step for all ``block_n`` columns. The wrapper then makes no shift-major,
         scaled copy of x (one launch fewer per product at one row). Contiguous groups or one
         per column (no ``g_idx``), not with ``half_pairs``. Not yet timed on a GPU.
+      kernel_sums: the register path corrects the zero points once per row of x at the end,
+        as with ``wrapper_sums``, but sums x over each sub-tile in the kernel from the x it
+        reads, so the wrapper makes no reduce of x. With ``raw_x`` (no shift-major copy of x)
+        the product is then the kernel plus, with ``split_k > 1``, the sum of its partials:
+        on an H100 (commit 6ef0601, ``experiments/results/h100/gqsa/profile_bsr_call_6ef0601.md``)
+        the one-row gate/up product with ``runtime_magic`` and ``wrapper_sums`` took 29.0 µs
+        in its kernel and 4.5 µs in the wrapper's other ops. Excludes ``wrapper_sums``. Not
+        yet timed on a GPU.
     """
 
     block_m: int = 16
@@ -98,6 +106,7 @@ class QuantMatmulConfig:
     wrapper_sums: bool = False
     shift_patterns: bool = False
     raw_x: bool = False
+    kernel_sums: bool = False
 
     @classmethod
     def for_shape(cls, backend: str, M: int, K: int, N: int, group_size: int = -1, *,
@@ -180,6 +189,10 @@ class QuantMatmulConfig:
         if self.wrapper_sums and not self.fma:
             raise ValueError("wrapper_sums is an option of the register path (the tensor-core "
                              "paths always take x's sums from the wrapper); set fma=True")
+        if self.kernel_sums and (not self.fma or self.wrapper_sums):
+            raise ValueError("kernel_sums is an option of the register path that excludes "
+                             "wrapper_sums (x's sums come from the kernel or from the "
+                             "wrapper); set fma=True and wrapper_sums=False")
 
 
 TUNED_ROWS = (1, 16, 64, 256, 512, 2048)

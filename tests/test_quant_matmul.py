@@ -75,6 +75,15 @@ FMA4_RAW_WSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, num_warps
                                    num_stages=1, fma=True, raw_x=True, wrapper_sums=True)
 FMA2_RAW_STEP64 = QuantMatmulConfig(block_m=2, block_n=16, block_k=64, num_warps=4,
                                     num_stages=1, fma=True, raw_x=True)
+# The register path with x's sub-tile sums taken in the kernel (kernel_sums): no reduce of x
+# in the wrapper, one correction per row of x; with raw_x no copy of x either.
+FMA1_KSUMS_RAW_MAGIC = QuantMatmulConfig(block_m=1, block_n=32, block_k=512, split_k=2,
+                                         num_warps=4, num_stages=1, fma=True, raw_x=True,
+                                         runtime_magic=True, kernel_sums=True)
+FMA4_KSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, split_k=2, num_warps=4,
+                               num_stages=1, fma=True, kernel_sums=True)
+FMA2_KSUMS_HALF = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, num_warps=4,
+                                    num_stages=1, fma=True, half_pairs=True, kernel_sums=True)
 # The shift-by-shift tensor-core path with bit-pattern codes (shift_patterns).
 DOT_PATTERNS = QuantMatmulConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=1,
                                  shift_patterns=True)
@@ -196,6 +205,17 @@ def check(out, want, dtype, what):
     (4, -1, False, False, 3, 256, 33, jnp.float16, FMA4_RAW_WSUMS),
     (8, 32, False, False, 5, 192, 24, jnp.bfloat16, FMA4_RAW_WSUMS),
     (2, 16, True, False, 2, 128, 24, jnp.bfloat16, FMA2_RAW_STEP64),
+    # x's sub-tile sums taken in the kernel: x as given, sub-tiles of one group in a K step of
+    # 512 (ragged K, split), asym and sym, per channel in float16, 8 and 2 bits, float16
+    # pairs, float32 x; act-order and groups smaller than a sub-tile keep the gathered path
+    (4, 128, False, False, 1, 640, 40, jnp.bfloat16, FMA1_KSUMS_RAW_MAGIC),
+    (2, 64, True, False, 1, 384, 17, jnp.bfloat16, FMA1_KSUMS_RAW_MAGIC),
+    (4, -1, False, False, 3, 256, 33, jnp.float16, FMA4_KSUMS),
+    (8, 32, False, False, 5, 192, 24, jnp.bfloat16, FMA4_KSUMS),
+    (4, 64, False, True, 2, 256, 16, jnp.bfloat16, FMA4_KSUMS),
+    (4, 128, False, False, 2, 384, 24, jnp.bfloat16, FMA2_KSUMS_HALF),
+    (4, 32, False, False, 3, 128, 40, jnp.float32, FMA4_KSUMS),
+    (2, 16, True, False, 1, 128, 24, jnp.bfloat16, FMA1_KSUMS_RAW_MAGIC),
     # codes as bit patterns on the shift-by-shift tensor-core path: bfloat16 2/4 bits, float16
     # 2/4/8 bits, asym, per channel, ragged K and N, one-group sub-tiles of a K step of 256,
     # split K; bfloat16 8 bits, float32 x and act-order fall back to the float32 codes
@@ -328,6 +348,9 @@ def _good():
     (lambda a, kw: kw.update(config=QuantMatmulConfig(runtime_magic=True)), "runtime_magic"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(wrapper_sums=True)), "wrapper_sums"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(raw_x=True)), "raw_x"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(kernel_sums=True)), "kernel_sums"),
+    (lambda a, kw: kw.update(config=QuantMatmulConfig(block_m=1, fma=True, wrapper_sums=True,
+                                                      kernel_sums=True)), "kernel_sums"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(block_m=1, fma=True, half_pairs=True,
                                                       raw_x=True)), "raw_x"),
     (lambda a, kw: kw.update(config=QuantMatmulConfig(fma=True, block_m=1,
@@ -576,3 +599,8 @@ def test_register_path_sums_x_itself():
     assert "stablehlo.reduce" in hlo(dot)
     # wrapper_sums: the register path takes the wrapper's sums instead
     assert "stablehlo.reduce" in hlo(dataclasses.replace(fma, wrapper_sums=True))
+    # kernel_sums: one correction per row as with wrapper_sums, the sums from the kernel; with
+    # raw_x the wrapper neither reduces nor reorders x (no transpose of it)
+    assert "stablehlo.reduce" not in hlo(dataclasses.replace(fma, kernel_sums=True))
+    raw = hlo(dataclasses.replace(fma, kernel_sums=True, raw_x=True))
+    assert "stablehlo.reduce" not in raw and "stablehlo.transpose" not in raw

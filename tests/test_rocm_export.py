@@ -246,18 +246,20 @@ def test_quant_matmul_joined_lowers_through_triton(bits, group_size, dtype, dequ
     assert module.count(TRITON_CALL) == 1
 
 
-@pytest.mark.parametrize("half_pairs,wrapper_sums", [(False, False), (True, False),
-                                                     (False, True)])
+@pytest.mark.parametrize("half_pairs,wrapper_sums,kernel_sums,raw_x", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (False, False, True, True), (True, False, True, False)])
 @pytest.mark.parametrize("platform", ["rocm", "cuda"])
 def test_quant_matmul_one_step_runtime_magic_lowers_through_triton(half_pairs, wrapper_sums,
-                                                                   platform):
+                                                                   kernel_sums, raw_x, platform):
     """One K step per program with 2^23's bit pattern read from memory (register path), in
-    float32 or in float16 pairs, with x's sums taken in the kernel or from the wrapper."""
+    float32 or in float16 pairs, with x's sums summed per word row in the kernel, from the
+    wrapper, or per sub-tile in the kernel (kernel_sums, also with x read as given)."""
     from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
     K, N = 512, 384
     cfg = QuantMatmulConfig(block_m=1, block_n=64, block_k=256, split_k=K // 256, num_warps=8,
                             num_stages=1, fma=True, runtime_magic=True, half_pairs=half_pairs,
-                            wrapper_sums=wrapper_sums)
+                            wrapper_sums=wrapper_sums, kernel_sums=kernel_sums, raw_x=raw_x)
 
     def f(x, q, s, z, g):
         return quant_matmul(x, q, s, z, bits=4, group_size=128, config=cfg)

@@ -303,6 +303,9 @@ def test_tune_quant_descent_moves_and_descend():
     moves = T.descent_moves(reg, 4096, 28672)
     assert R(reg, raw_x=False, half_pairs=True) in moves      # half_pairs turns raw_x off
     assert R(reg, runtime_magic=True) in moves and R(reg, raw_x=False) in moves
+    assert R(reg, kernel_sums=True) in moves
+    assert R(reg, wrapper_sums=True, kernel_sums=False) in T.descent_moves(
+        R(reg, kernel_sums=True), 4096, 28672)                  # the sums options exclusive
     assert R(reg, split_k=4) in moves and R(reg, block_n=128) in moves
     assert R(reg, split_k=16) not in moves          # 16 x 512 rows > K = 4096
     assert R(reg, num_warps=8) in moves and R(reg, num_stages=1) in moves
@@ -335,8 +338,8 @@ def test_tune_quant_descent_moves_and_descend():
     assert best.runtime_magic and best.wrapper_sums and t == pytest.approx(30e-6)
     assert R(best, runtime_magic=False, wrapper_sums=False, raw_x=True) == reg   # same tiles
     combos = T.flag_combinations(reg)
-    assert len(combos) == 24 == len(set(combos)) and reg in combos
-    assert not any(c.half_pairs and c.raw_x for c in combos)
+    assert len(combos) == 36 == len(set(combos)) and reg in combos
+    assert not any(c.half_pairs and c.raw_x or c.wrapper_sums and c.kernel_sums for c in combos)
     assert T.flag_combinations(tc) == [tc, R(tc, shift_patterns=True)]
     # a deadline already past: the best seed, no moves
     t, best = T.descend([reg], cost, 4096, 28672, time.perf_counter() - 1)
