@@ -73,6 +73,9 @@ FMA1_RAW = QuantMatmulConfig(block_m=1, block_n=32, block_k=512, split_k=2, num_
                              num_stages=1, fma=True, raw_x=True)
 FMA4_RAW_WSUMS = QuantMatmulConfig(block_m=4, block_n=16, block_k=128, num_warps=4,
                                    num_stages=1, fma=True, raw_x=True, wrapper_sums=True)
+# x as given with the exponent patterns of its bit offsets read at run time (runtime_magic)
+FMA2_RAW_MAGIC = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, split_k=2, num_warps=4,
+                                   num_stages=1, fma=True, raw_x=True, runtime_magic=True)
 FMA2_RAW_STEP64 = QuantMatmulConfig(block_m=2, block_n=16, block_k=64, num_warps=4,
                                     num_stages=1, fma=True, raw_x=True)
 # The register path with x's sub-tile sums taken in the kernel (kernel_sums): no reduce of x
@@ -205,6 +208,9 @@ def check(out, want, dtype, what):
     (4, -1, False, False, 3, 256, 33, jnp.float16, FMA4_RAW_WSUMS),
     (8, 32, False, False, 5, 192, 24, jnp.bfloat16, FMA4_RAW_WSUMS),
     (2, 16, True, False, 2, 128, 24, jnp.bfloat16, FMA2_RAW_STEP64),
+    (4, 128, False, False, 2, 640, 40, jnp.bfloat16, FMA2_RAW_MAGIC),   # 4 exact patterns
+    (2, 128, True, False, 1, 384, 24, jnp.float16, FMA2_RAW_MAGIC),     # 8 patterns
+    (8, -1, False, False, 3, 256, 17, jnp.bfloat16, FMA2_RAW_MAGIC),    # 2 patterns
     # x's sub-tile sums taken in the kernel: x as given, sub-tiles of one group in a K step of
     # 512 (ragged K, split), asym and sym, per channel in float16, 8 and 2 bits, float16
     # pairs, float32 x; act-order and groups smaller than a sub-tile keep the gathered path
