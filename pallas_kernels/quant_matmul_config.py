@@ -46,7 +46,10 @@ class QuantMatmulConfig:
         instead of taking it as a constant. In programs without a K loop (``split_k = K /
         block_k``) the compiler otherwise spends two logic instructions per code (sm_90 SASS
         from the ``triton`` package, ``experiments/results/cpu/quant/README.md``); in a loop
-        it keeps the constant in a register anyway. Not yet timed on a GPU.
+        it keeps the constant in a register anyway. With ``raw_x`` the exponent patterns of
+        its bit offsets (``quant_codes.exact_offsets``) are read the same way (since commit
+        76d624d: 1600 -> 1384 SASS per thread on the one-row gate/up tiles). Timed on an H100
+        (25acf15, ce2b6bd) it is part of the one-row gate/up entry (with ``wrapper_sums``).
       half_pairs: the register path multiplies in float16, two codes per instruction: each
         and-or turns two codes of a word into the float16 patterns ``1024 + code`` of one
         32-bit register (``pattern_codes``), 1024 is subtracted, the products with float16 x
