@@ -83,7 +83,9 @@ class QuantMatmulConfig:
         x's columns ``k0 + P w + p`` (stride P) and widens them to float32 in the kernel,
         once per K step for all ``block_n`` columns. The wrapper then makes no shift-major,
         scaled copy of x (one launch fewer per product at one row). Contiguous groups or one
-        per column (no ``g_idx``), not with ``half_pairs``. Not yet timed on a GPU.
+        per column (no ``g_idx``), not with ``half_pairs``. Timed on an H100 at 5531bf0
+        (``experiments/results/h100/quant/compare_variants_one_row_5531bf0.md``); the H100
+        table's one-row entries for o, down and q/k/v take it.
       kernel_sums: the register path corrects the zero points once per row of x at the end,
         as with ``wrapper_sums``, but sums x over each sub-tile in the kernel from the x it
         reads, so the wrapper makes no reduce of x. With ``raw_x`` (no shift-major copy of x)
