@@ -7,7 +7,7 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
-# quant-tune-decode, quant-descend-decode, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
+# quant-tune-decode, quant-descend-decode, quant-batch1-wrapperless, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
@@ -311,6 +311,23 @@ for step in $steps; do
         --rows "${OPTGQA_TUNE_ROWS:-1,16}" --formats w4g128 --budget-s 500 \
         --case-budget-s "${OPTGQA_TUNE_CASE_S:-50}" --confirm-rounds 3 \
         --table "${OPTGQA_TUNE_TABLE:-$out/quant/quant_matmul.json}" --out "$out/quant" ;;
+    quant-batch1-wrapperless)  # engine batch-1 decode, W4 g128 on the packaged table against
+      # the same tiles reading x as given with x's sums taken in the kernel (raw_x, kernel_sums,
+      # runtime_magic: one launch per one-row product besides the split sum, instead of three;
+      # results/h100/quant/tables_wrapperless, written by experiments/table_variant.py), in
+      # turns, twice; bfloat16 once
+      alt=${OPTGQA_VARIANT_TABLE:-$PWD/experiments/results/h100/quant/tables_wrapperless}
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run batch1_wrapperless_bf16 200 python \
+        experiments/bench_quant.py --only engine --engine-formats bf16 --engine-workloads batch1 \
+        --out "$out/batch1_wrapperless/bf16"
+      for i in 1 2; do
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "batch1_wrapperless_packaged_$i" 200 python \
+          experiments/bench_quant.py --only engine --engine-formats w4g128 \
+          --engine-workloads batch1 --out "$out/batch1_wrapperless/packaged_$i"
+        OPTGQA_TUNING=$alt XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+          "batch1_wrapperless_variant_$i" 200 python experiments/bench_quant.py --only engine \
+          --engine-formats w4g128 --engine-workloads batch1 --out "$out/batch1_wrapperless/variant_$i"
+      done ;;
     quant-kernels-decode)  # W4 g128 against bfloat16 and XLA at 1, 16, 64 and 256 rows, with
       # the tiles quant_matmul takes on this device (tuning table where it has an entry)
       run bench_quant_kernels_decode 600 python experiments/bench_quant.py --only kernels \

@@ -361,3 +361,41 @@ def test_tune_quant_entries_above_64_rows_need_the_dequantize_route_beaten():
     entries = T.table_entries(res, "test")
     assert [e["key"]["M"] for e in entries] == [256, 64]
     assert entries[0]["dequantize_us"] == 180.0 and "dequantize_us" not in entries[1]
+
+
+def test_table_variant_sets_options_on_chosen_entries(tmp_path, monkeypatch):
+    """experiments/table_variant.py: the entries of one device and row bucket, options set and
+    validated, written as a table that OPTGQA_TUNING puts before the packaged one."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import table_variant as V
+    assert V.parse_settings(["raw_x=true", "wrapper_sums=False", "num_stages=2"]) == dict(
+        raw_x=True, wrapper_sums=False, num_stages=2)
+    for bad in ("raw_x", "=1", "raw_x=maybe"):
+        with pytest.raises(ValueError, match="--set"):
+            V.parse_settings([bad])
+    key1, key16 = tuning_key(1, 4096, 28672, 4, 128), tuning_key(16, 4096, 28672, 4, 128)
+    one = dataclasses.replace(TUNED, runtime_magic=True, wrapper_sums=True)
+    table = tmp_path / "quant_matmul.json"
+    table.write_text(json.dumps(dict(kernel="quant_matmul", entries=[
+        dict(device=DEV, key=key1, config=dataclasses.asdict(one), us=34.4, source="s"),
+        dict(device=DEV, key=key16, config=dataclasses.asdict(TUNED), us=50.0),
+        dict(device="Other GPU", key=key1, config=dataclasses.asdict(one))])))
+    out = tmp_path / "variant" / "quant_matmul.json"
+    V.main(["--table", str(table), "--device", DEV, "--rows", "1", "--set", "raw_x=true",
+            "kernel_sums=true", "wrapper_sums=false", "--out", str(out)])
+    entries = json.loads(out.read_text())["entries"]
+    assert len(entries) == 1 and entries[0]["key"] == key1 and "us" not in entries[0]
+    want = dataclasses.replace(one, raw_x=True, kernel_sums=True, wrapper_sums=False)
+    monkeypatch.setenv(tuning.ENV, str(out.parent))
+    assert QuantMatmulConfig.for_shape("cuda", 1, 4096, 28672, 128, device=DEV) == want
+    # an invalid combination, an unknown field, or no matching entry: an error, no file
+    with pytest.raises(SystemExit):
+        V.main(["--table", str(table), "--device", DEV, "--set", "kernel_sums=true",
+                "--out", str(tmp_path / "bad.json")])          # with wrapper_sums still on
+    with pytest.raises(SystemExit):
+        V.main(["--table", str(table), "--device", DEV, "--set", "warp_size=64",
+                "--out", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit):
+        V.main(["--table", str(table), "--device", "No GPU", "--set", "raw_x=true",
+                "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
