@@ -5,11 +5,12 @@ the tiles the packaged table already holds.
 Usage::
 
     python experiments/table_variant.py --table pallas_kernels/tuning/quant_matmul.json \\
-        --device "NVIDIA H100 80GB HBM3" --rows 1 \\
+        --device "NVIDIA H100 80GB HBM3" --rows 1 --shapes 4096x28672 \\
         --set raw_x=true kernel_sums=true wrapper_sums=false runtime_magic=true \\
         --out experiments/results/h100/quant/tables_wrapperless/quant_matmul.json
 
-Only the entries of ``--device`` whose key has ``M`` in ``--rows`` are kept and changed; every
+Only the entries of ``--device`` whose key has ``M`` in ``--rows`` (and, with ``--shapes``,
+``K x N`` among them) are kept and changed; every
 changed config must pass the kernel config's ``validate`` (``--kernel`` names it: the table's
 ``kernel`` field), and each entry records what was set (``variant``) in place of its timing.
 """
@@ -46,9 +47,11 @@ def parse_settings(items) -> dict:
     return out
 
 
-def variant_entries(entries: list, device: str, rows: set, settings: dict, cls) -> list:
-    """The entries of `device` with ``key["M"]`` in `rows`, their configs updated with
-    `settings` and checked by ``cls(**config).validate()``; timing fields dropped."""
+def variant_entries(entries: list, device: str, rows: set, settings: dict, cls,
+                    shapes=None) -> list:
+    """The entries of `device` with ``key["M"]`` in `rows` (and ``(K, N)`` in `shapes` unless
+    None), their configs updated with `settings` and checked by
+    ``cls(**config).validate()``; timing fields dropped."""
     fields = set(cls.__dataclass_fields__)
     unknown = set(settings) - fields
     if unknown:
@@ -56,6 +59,8 @@ def variant_entries(entries: list, device: str, rows: set, settings: dict, cls) 
     out = []
     for e in entries:
         if e["device"] != device or e["key"].get("M") not in rows:
+            continue
+        if shapes is not None and (e["key"].get("K"), e["key"].get("N")) not in shapes:
             continue
         config = dict(e["config"], **settings)
         try:
@@ -75,6 +80,9 @@ def main(argv=None):
     p.add_argument("--table", required=True)
     p.add_argument("--device", required=True)
     p.add_argument("--rows", default="1", help="comma-separated row buckets M of the keys")
+    p.add_argument("--shapes", default=None,
+                   help="comma-separated KxN of the keys to change (default: all), e.g. "
+                        "4096x28672")
     p.add_argument("--set", nargs="+", required=True, metavar="NAME=VALUE")
     p.add_argument("--out", required=True, help="the variant table's path")
     a = p.parse_args(argv)
@@ -85,9 +93,14 @@ def main(argv=None):
     module, name = CONFIGS[kernel]
     cls = getattr(__import__(module, fromlist=[name]), name)
     try:
+        shapes = None if a.shapes is None else {
+            tuple(int(v) for v in kn.lower().split("x")) for kn in a.shapes.split(",")}
+    except ValueError:
+        p.error(f"--shapes {a.shapes!r}: expected KxN[,KxN...], e.g. 4096x28672")
+    try:
         entries = variant_entries(tuning.load_table(a.table, kernel), a.device,
                                   {int(r) for r in a.rows.split(",")}, parse_settings(a.set),
-                                  cls)
+                                  cls, shapes)
     except ValueError as e:
         p.error(str(e))
     if os.path.exists(a.out):

@@ -399,3 +399,10 @@ def test_table_variant_sets_options_on_chosen_entries(tmp_path, monkeypatch):
         V.main(["--table", str(table), "--device", "No GPU", "--set", "raw_x=true",
                 "--out", str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists()
+    # --shapes: only the entries of those K x N
+    with pytest.raises(SystemExit):
+        V.main(["--table", str(table), "--device", DEV, "--shapes", "4096x4096",
+                "--set", "raw_x=true", "--out", str(tmp_path / "bad.json")])
+    V.main(["--table", str(table), "--device", DEV, "--rows", "1,16", "--shapes", "4096x28672",
+            "--set", "num_stages=2", "--out", str(tmp_path / "s.json")])
+    assert len(json.loads((tmp_path / "s.json").read_text())["entries"]) == 2
