@@ -56,7 +56,7 @@ for step in $steps; do
         run gpu_kernel_tests 600 python -m pytest -q -n "${OPTGQA_TEST_WORKERS:-8}" \
         -p no:cacheprovider ${OPTGQA_TEST_FILES:-tests/test_paged_attention.py tests/test_flash_attention.py \
         tests/test_paged_prefill_attention.py tests/test_attention_dispatch.py \
-        tests/test_quant_matmul.py tests/test_bsr_quant_matmul.py \
+        tests/test_quant_matmul.py tests/test_quant_matmul_options.py tests/test_bsr_quant_matmul.py \
         tests/test_bsr_gather_quant_matmul.py tests/test_packed_bsr.py tests/test_layer_stack.py \
         tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py tests/test_sparse.py \
         tests/test_tuning.py} ;;

@@ -108,11 +108,12 @@ def smollm2():
 
 # The heaviest test files, heaviest first (test-seconds of a --durations=0 run on the 2-core CI
 # machine's twin: test_sharding 206 incl. a 164 s subprocess, test_quant_matmul 212,
-# test_engine 138, test_sparse 105). `make test` hands whole files to its two pytest-xdist
+# test_engine 138, test_sparse 105; test_quant_matmul's register-path options have since moved
+# to test_quant_matmul_options). `make test` hands whole files to its two pytest-xdist
 # workers in collection order (--dist loadfile), so a heavy file collected late can leave one
 # worker running it alone at the end; starting with them (longest job first) keeps both busy.
 _HEAVY_FILES_FIRST = ("test_sharding.py", "test_quant_matmul.py", "test_engine.py",
-                      "test_sparse.py")
+                      "test_sparse.py", "test_quant_matmul_options.py")
 
 
 def pytest_collection_modifyitems(config, items):
