@@ -1,12 +1,14 @@
 """Shared cases of the dequantizing matmul's tests: random GPTQ-packed layers with their
 float64 reference output (``make_case``), and the check of an output against it (``check``,
-relative max error of the output's scale within ``TOL`` of the activation dtype; never NaN)."""
+relative max error of the output's scale within ``TOL`` of the activation dtype; never NaN),
+and both together on the kernel and the jnp reference (``check_kernel``)."""
 
 import numpy as np
 
 import jax.numpy as jnp
 
 from optgqa_jax.quant.packing import pack
+from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_reference
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float16: 1e-2, jnp.float32: 1e-5}
 
@@ -39,3 +41,16 @@ def check(out, want, dtype, what):
     scale = max(np.abs(want).max(), 1e-6)
     err = np.abs(out - want).max() / scale
     assert err <= TOL[dtype], f"{what}: relative error {err:.2e} > {TOL[dtype]}"
+
+
+def check_kernel(bits, group_size, sym, act_order, M, K, N, dtype, config, interpret):
+    """One random case (seeded by its shape) through ``quant_matmul`` with `config` and through
+    ``quant_matmul_reference``, each checked against float64; the kernel's output in x's dtype."""
+    seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
+    args, g_idx, want = make_case(seed, M, K, N, bits, group_size, sym, act_order, dtype)
+    out = quant_matmul(*args, bits=bits, group_size=group_size, g_idx=g_idx, interpret=interpret,
+                       config=config)
+    assert out.dtype == jnp.dtype(dtype)
+    check(out, want, dtype, f"w{bits} g{group_size} M={M} K={K} N={N}")
+    ref = quant_matmul_reference(*args, bits=bits, group_size=group_size, g_idx=g_idx)
+    check(ref, want, dtype, "jnp reference")

@@ -17,7 +17,7 @@ from optgqa_jax.quant.packing import pack
 from pallas_kernels.quant_matmul import (QuantMatmulConfig, quant_matmul, quant_matmul_reference,
                                          unpack_codes)
 from kernel_cases import INTERPRET  # compiled on a GPU, interpret mode on the CPU
-from quant_cases import check, make_case
+from quant_cases import check, check_kernel, make_case
 
 SMALL = QuantMatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
 WIDE_K = QuantMatmulConfig(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=1)
@@ -132,14 +132,7 @@ JOINED_DQ_SPLITK = QuantMatmulConfig(block_m=32, block_n=32, block_k=128, split_
     (4, 64, False, True, 5, 128, 16, jnp.bfloat16, JOINED_DQ),
 ])
 def test_kernel_matches_float64(bits, group_size, sym, act_order, M, K, N, dtype, config):
-    seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
-    args, g_idx, want = make_case(seed, M, K, N, bits, group_size, sym, act_order, dtype)
-    out = quant_matmul(*args, bits=bits, group_size=group_size, g_idx=g_idx, interpret=INTERPRET,
-                       config=config)
-    assert out.dtype == jnp.dtype(dtype)
-    check(out, want, dtype, f"w{bits} g{group_size} M={M} K={K} N={N}")
-    ref = quant_matmul_reference(*args, bits=bits, group_size=group_size, g_idx=g_idx)
-    check(ref, want, dtype, "jnp reference")
+    check_kernel(bits, group_size, sym, act_order, M, K, N, dtype, config, INTERPRET)
 
 
 def test_kernel_inside_jit_with_outlier_rows():

@@ -13,9 +13,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul, quant_matmul_reference
+from pallas_kernels.quant_matmul import QuantMatmulConfig, quant_matmul
 from kernel_cases import INTERPRET  # compiled on a GPU, interpret mode on the CPU
-from quant_cases import check, make_case
+from quant_cases import check_kernel, make_case
 
 # One K step per program (loop-free), 2^23's pattern read from memory.
 FMA1_ONE_STEP_MAGIC = QuantMatmulConfig(block_m=1, block_n=16, block_k=256, split_k=64,
@@ -105,14 +105,7 @@ FMA2_KSUMS_HALF = QuantMatmulConfig(block_m=2, block_n=16, block_k=256, num_warp
 ])
 def test_register_options_match_float64(bits, group_size, sym, act_order, M, K, N, dtype,
                                          config):
-    seed = hash((bits, group_size, sym, act_order, M, K, N)) % 2 ** 31
-    args, g_idx, want = make_case(seed, M, K, N, bits, group_size, sym, act_order, dtype)
-    out = quant_matmul(*args, bits=bits, group_size=group_size, g_idx=g_idx, interpret=INTERPRET,
-                       config=config)
-    assert out.dtype == jnp.dtype(dtype)
-    check(out, want, dtype, f"w{bits} g{group_size} M={M} K={K} N={N}")
-    ref = quant_matmul_reference(*args, bits=bits, group_size=group_size, g_idx=g_idx)
-    check(ref, want, dtype, "jnp reference")
+    check_kernel(bits, group_size, sym, act_order, M, K, N, dtype, config, INTERPRET)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
