@@ -76,6 +76,8 @@ class BenchConfig:
     sorted_kv_writes: Optional[bool] = None
     # layer-stacked weights (EngineConfig.stack_layers; None: the engine's default, off)
     stack_layers: Optional[bool] = None
+    # projections whose float kernels are served stored [D_out, D_in] (EngineConfig.output_major)
+    output_major: tuple[str, ...] = ()
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -179,6 +181,9 @@ def run_engine(bc: BenchConfig) -> dict:
     tp = bc.tensor_parallel_size
     t0 = time.perf_counter()
     params = random_params(cfg, bc)
+    if bc.output_major:   # transposed here, so that the untransposed kernels are freed
+        from optgqa_jax.weight_layout import output_major_params
+        params = output_major_params(params, bc.output_major)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth(bc.copy_bytes) * tp   # tp devices' combined ceiling
@@ -202,7 +207,8 @@ def run_engine(bc: BenchConfig) -> dict:
         command_buffer_max_tokens=bc.command_buffer_max_tokens, tensor_parallel_size=tp,
         stable_step_buffers=bool(bc.stable_step_buffers),
         sorted_kv_writes=(EngineConfig.sorted_kv_writes if bc.sorted_kv_writes is None
-                          else bool(bc.sorted_kv_writes)), stack_layers=bool(bc.stack_layers)))
+                          else bool(bc.sorted_kv_writes)), stack_layers=bool(bc.stack_layers),
+        output_major=tuple(bc.output_major)))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -370,6 +376,8 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                           if bc.tensor_parallel_size > 1 else "")
                        + (", fused q/k/v and gate/up" if bc.fuse_projections
                           else ", separate q/k/v and gate/up")
+                       + (f", stored [D_out, D_in]: {', '.join(bc.output_major)}"
+                          if bc.output_major else "")
                        + (", asynchronous scheduling" if bc.async_scheduling
                           else ", synchronous scheduling")
                        + (f", XLA options {bc.xla_compiler_options}"
@@ -422,6 +430,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the quantized layers and norm scales stacked across layers, "
                              "one argument buffer per weight kind (EngineConfig.stack_layers; "
                              "default: off)")
+    parser.add_argument("--output-major", default="", metavar="NAME,NAME,...",
+                        help="projections (e.g. gate_up_proj,qkv_proj) whose float kernels are "
+                             "served stored [D_out, D_in] (EngineConfig.output_major; default: "
+                             "none)")
     parser.add_argument("--context-buckets", default=None, metavar="N,N,...",
                         help="context lengths (tokens, ascending) that block tables are cut to "
                              "(EngineConfig.context_buckets; default: off, tables span the "
@@ -560,6 +572,7 @@ def config_from_args(args) -> BenchConfig:
         command_buffer_max_tokens=args.command_buffer_max_tokens,
         sorted_kv_writes=bool(getattr(args, "sorted_kv_writes", EngineConfig.sorted_kv_writes)),
         stack_layers=bool(getattr(args, "stack_layers", False)),
+        output_major=tuple(n for n in getattr(args, "output_major", "").split(",") if n),
         seq_buckets=seq_buckets,
         token_buckets=token_buckets,
         context_buckets=_context_buckets(getattr(args, "context_buckets", None)),
@@ -572,7 +585,8 @@ def _worker_main(argv) -> None:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     d = json.loads(args.config)
-    for key in ("input_range", "output_range", "seq_buckets", "token_buckets", "context_buckets"):
+    for key in ("input_range", "output_range", "seq_buckets", "token_buckets", "context_buckets",
+                "output_major"):
         if d.get(key) is not None:
             d[key] = tuple(d[key])
     bc = BenchConfig(**d)

@@ -41,6 +41,8 @@ from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
 from optgqa_jax.sparse.group_major import (dequantize_group_major, group_major_matmul,
                                            is_group_major)
 from optgqa_jax.sparse.packed import is_packed_bsr, packed_bsr_matmul, unpack_bsr
+from optgqa_jax.weight_layout import is_output_major
+from optgqa_jax.weight_layout import matmul as output_major_matmul
 
 
 def is_quantized(x) -> bool:
@@ -48,6 +50,12 @@ def is_quantized(x) -> bool:
     ``optgqa_jax.sparse.BSRQuantizedLinear`` or its serving layout
     ``optgqa_jax.sparse.GroupMajorLinear`` (used as ``is_leaf`` in tree maps)."""
     return _is_dense_quantized(x) or is_bsr(x) or is_group_major(x) or is_packed_bsr(x)
+
+
+def _is_kernel_leaf(x) -> bool:
+    """A kernel that parameter checks read whole (its ``shape`` the logical [D_in, D_out]):
+    a quantized kernel or an output-major float one (``optgqa_jax.weight_layout``)."""
+    return is_quantized(x) or is_output_major(x)
 
 
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -89,7 +97,9 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """``x @ kernel`` without bias; the kernel may be a float array or a ``QuantizedLinear``.
+    """``x @ kernel`` without bias; the kernel may be a float array, a ``QuantizedLinear`` (or
+    a group-sparse layout of ``optgqa_jax.sparse``) or an ``OutputMajorKernel`` (the float
+    kernel stored transposed, ``optgqa_jax.weight_layout``).
 
     A quantized kernel runs through ``optgqa_jax.quant.matmul``: the dequantizing Pallas
     kernel on GPUs (``impl`` "auto" or "pallas"), a dequantize-then-multiply elsewhere. Two
@@ -120,6 +130,8 @@ class Linear(nn.Module):
             y = layer_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
             y = _quantized_product(x, kernel, _QUANT_IMPL[self.impl], self.scope.path)
+        elif is_output_major(kernel):    # stored [D_out, D_in] (optgqa_jax.weight_layout)
+            y = output_major_matmul(x, kernel)
         else:
             y = jnp.dot(x, kernel.astype(self.dtype))
         return self.perturb("out", y)
@@ -355,7 +367,7 @@ def check_params_match(cfg: ModelConfig, params: dict, what: str = "params") -> 
 
     flat_exp = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
     flat_got = {name(k): v for k, v in
-                jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]}
+                jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_kernel_leaf)[0]}
     problems = []
     for key in sorted(set(flat_exp) | set(flat_got)):
         if key not in flat_got:
@@ -407,7 +419,7 @@ def _check_params_fast(cfg: ModelConfig, params) -> None:
     """Cheap structural check on every call; the detailed report only on mismatch."""
     treedef, expected = _expected_leaves(cfg, is_fused(params))
     leaves, got_def = jax.tree_util.tree_flatten(_logical_embedding(params),
-                                                 is_leaf=is_quantized)
+                                                 is_leaf=_is_kernel_leaf)
     if got_def != treedef or tuple((_shape(x), jnp.dtype(x.dtype)) for x in leaves) != expected:
         check_params_match(cfg, params)
         raise ValueError("params do not match the config (tree structure differs)")

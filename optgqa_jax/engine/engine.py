@@ -31,6 +31,7 @@ from optgqa_jax.engine.config import EngineConfig, SamplingParams
 from optgqa_jax.engine.runner import ModelRunner, page_bytes
 from optgqa_jax.engine.scheduler import Request, Scheduler, Status
 from optgqa_jax.fused import fuse_projections, is_fused
+from optgqa_jax.weight_layout import output_major_params
 from optgqa_jax.layer_stack import stack_layers
 from optgqa_jax.model import check_params_match
 from optgqa_jax.quant.linear import prepare_for_kernels
@@ -174,6 +175,8 @@ class Engine:
             mesh = sharding.make_mesh(1, config.tensor_parallel_size)
         if config.fuse_projections and not is_fused(params):
             params = fuse_projections(cfg, params)
+        if config.output_major:  # chosen float kernels stored [D_out, D_in] (weight_layout)
+            params = output_major_params(params, config.output_major)
         if backend() != "cpu":  # act-order rows sorted once, for the quantized matmul kernel
             params = prepare_for_kernels(params)
         if config.stack_layers:  # one argument buffer per weight kind (layer_stack)
