@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -424,6 +424,17 @@ for step in $steps; do
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_tokens${t}_$i" 240 python \
             experiments/bench_engine.py "${ENGINE512[@]}" "${b[@]}" \
             --out "$out/engine_tokens${t}_$i"
+        done
+      done ;;
+    engine-output-major)  # the 1000 x 256/256 run at 512 sequences with every float kernel
+      # stored [D_in, D_out] (as in every run so far) and with the fused gate/up and q/k/v
+      # stored [D_out, D_in] (EngineConfig.output_major), in turns, twice
+      for i in 1 2; do
+        for v in kn nk; do
+          b=()
+          [ "$v" = nk ] && b=(--output-major gate_up_proj,qkv_proj)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
+            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
         done
       done ;;
     engine-page-size)  # the 1000 x 256/256 run at 512 sequences with pages of 16 and of 32
