@@ -427,12 +427,14 @@ for step in $steps; do
         done
       done ;;
     engine-output-major)  # the 1000 x 256/256 run at 512 sequences with every float kernel
-      # stored [D_in, D_out] (as in every run so far) and with the fused gate/up and q/k/v
-      # stored [D_out, D_in] (EngineConfig.output_major), in turns, twice
+      # stored [D_in, D_out] (kn, as in every run so far), with the fused gate/up and q/k/v
+      # stored [D_out, D_in] (nk; EngineConfig.output_major) and with the LM head too (nkh),
+      # in turns, twice
       for i in 1 2; do
-        for v in kn nk; do
+        for v in kn nk nkh; do
           b=()
           [ "$v" = nk ] && b=(--output-major gate_up_proj,qkv_proj)
+          [ "$v" = nkh ] && b=(--output-major gate_up_proj,qkv_proj,lm_head)
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
             experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
         done

@@ -277,6 +277,9 @@ class Transformer(nn.Module):
             if _is_dense_quantized(w):
                 logits = _quantized_product(x, w, _QUANT_IMPL[self.impl], ("lm_head",),
                                             jnp.float32)
+            elif is_output_major(w):     # stored [V, D] (optgqa_jax.weight_layout)
+                logits = jnp.einsum("BTD,VD->BTV", x, w.kernel_t.astype(dt),
+                                    preferred_element_type=jnp.float32)
             else:
                 if is_bsr(w):
                     w = dequantize_bsr(w)

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-# the projections of a layer (unfused and fused names) that may be stored output-major
+# the projections of a layer (unfused and fused names) and the untied LM head (``lm_head``
+# [D, V], a top-level leaf) that may be stored output-major
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
-               "gate_up_proj", "down_proj")
+               "gate_up_proj", "down_proj", "lm_head")
 
 
 @jax.tree_util.register_dataclass
@@ -95,18 +96,28 @@ def check_projection_names(names: Sequence[str], what: str = "output_major") -> 
     return names
 
 
+def _is_float_array(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def output_major_params(params: dict, names: Sequence[str]) -> dict:
     """A copy of the model's `params` with the float kernels of the projections in `names`
-    (e.g. ``("gate_up_proj",)``, in every layer) stored output-major. Quantized kernels and
+    (e.g. ``("gate_up_proj",)``, in every layer; ``"lm_head"``: the untied head) stored
+    output-major. Quantized kernels and
     projections not named are kept as they are (shared, not copied).
 
     Raises:
       ValueError: a name outside :data:`PROJECTIONS`, or a named projection that no layer of
-        `params` has as a float kernel (e.g. ``"gate_up_proj"`` on unfused params).
+        `params` has as a float kernel (e.g. ``"gate_up_proj"`` on unfused params, or
+        ``"lm_head"`` with tied embeddings).
     """
     names = check_projection_names(names)
     found = set()
     out = dict(params)
+    head = params.get("lm_head")
+    if "lm_head" in names and (is_output_major(head) or _is_float_array(head)):
+        out["lm_head"] = head if is_output_major(head) else to_output_major(head)
+        found.add("lm_head")
     for key, layer in params.items():
         if not key.startswith("layer_"):
             continue
@@ -117,8 +128,7 @@ def output_major_params(params: dict, names: Sequence[str]) -> dict:
                 kernel = mods.get(n, {}).get("kernel")
                 if is_output_major(kernel):
                     found.add(n)
-                elif isinstance(kernel, jax.Array) and jnp.issubdtype(kernel.dtype,
-                                                                      jnp.floating):
+                elif _is_float_array(kernel):
                     mods[n] = {**mods[n], "kernel": to_output_major(kernel)}
                     found.add(n)
             if part in layer:

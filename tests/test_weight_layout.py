@@ -58,7 +58,8 @@ def test_params_transform_keeps_the_model(rng):
 
 
 def test_engine_serves_the_same_tokens(rng):
-    cfg = og.ModelConfig.preset("tiny")
+    cfg = og.ModelConfig.preset("tiny")          # untied: an lm_head leaf
+    assert not cfg.tie_embeddings
     params = og.init_params(cfg, jax.random.PRNGKey(3))
     prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, size=n)] for n in (1, 9, 30)]
     ref = [og.generate_simple(cfg, params, p, GREEDY.max_tokens) for p in prompts]
@@ -66,8 +67,9 @@ def test_engine_serves_the_same_tokens(rng):
         eng = og.Engine(cfg, params, og.EngineConfig(
             page_size=8, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
             attention_impl="reference", fuse_projections=True, async_scheduling=async_scheduling,
-            output_major=("gate_up_proj", "qkv_proj", "o_proj")))
+            output_major=("gate_up_proj", "qkv_proj", "o_proj", "lm_head")))
         assert isinstance(eng.params["layer_0"]["attn"]["qkv_proj"]["kernel"], OutputMajorKernel)
+        assert is_output_major(eng.params["lm_head"])
         assert not is_output_major(params["layer_0"]["attn"]["q_proj"]["kernel"])
         assert [o.token_ids for o in eng.generate(prompts, GREEDY)] == ref
 
@@ -91,5 +93,8 @@ def test_unsupported_combinations_are_rejected():
     params = og.init_params(cfg, jax.random.PRNGKey(0))      # unfused: no gate_up_proj
     with pytest.raises(ValueError, match=r"no layer has a float kernel for \['gate_up_proj'\]"):
         output_major_params(params, ("gate_up_proj",))
+    tied = cfg.replace(tie_embeddings=True)
+    with pytest.raises(ValueError, match=r"\['lm_head'\]"):    # tied: no lm_head leaf
+        output_major_params(og.init_params(tied, jax.random.PRNGKey(0)), ("lm_head",))
     with pytest.raises(ValueError, match="2-D float array"):
         to_output_major(jnp.zeros((4, 4), jnp.int32))
