@@ -67,7 +67,7 @@ def to_output_major(kernel: jax.Array) -> OutputMajorKernel:
         raise ValueError(f"an output-major kernel is made from a 2-D float array [D_in, D_out], "
                          f"got {type(kernel).__name__} "
                          f"{getattr(kernel, 'shape', '')} {getattr(kernel, 'dtype', '')}")
-    return OutputMajorKernel(jnp.asarray(kernel).T.copy())
+    return OutputMajorKernel(jnp.asarray(kernel).T)
 
 
 def matmul(x: jax.Array, kernel: OutputMajorKernel) -> jax.Array:
