@@ -3,7 +3,8 @@
 ``pallas_kernels.quant_matmul`` reads 4-bit weights at about a quarter of the copy bandwidth at
 one row, and 4- and 8-bit layers take the same time (``experiments/results/h200/quant/``). This
 script splits that time, for one weight format and the tiles ``QuantMatmulConfig.for_shape``
-picks (or ``--config``), on each Llama-3-8B linear shape:
+picks on the device (its tuning-table entry, else the rules; ``--config`` overrides), on each
+Llama-3-8B linear shape:
 
 * ``bf16``: the bfloat16 product ``x @ w`` (the peer);
 * ``load``: a kernel with the same grid, tiles, warps and stages that only loads the packed
@@ -179,7 +180,10 @@ def kernel_share(fn, sets, name_part: str, opts) -> dict:
 def profile_case(shape: str, K: int, N: int, M: int, fmt: str, overrides: dict, ceiling: float,
                  interpret: bool) -> dict:
     qc = quant.parse_spec(fmt)
-    cfg = QuantMatmulConfig.for_shape("cpu" if interpret else "cuda", M, K, N, qc.group_size)
+    # the tiles quant.matmul takes on this device: its tuning-table entry, else the rules
+    cfg = QuantMatmulConfig.for_shape("cpu" if interpret else "cuda", M, K, N, qc.group_size,
+                                      bits=qc.bits,
+                                      device=None if interpret else jax.devices()[0].device_kind)
     cfg = dataclasses.replace(cfg, **overrides)
     cfg = dataclasses.replace(cfg, block_m=min(cfg.block_m, max(M, 1 if cfg.fma else 16)))
     opts = {} if interpret else compiler_options()
