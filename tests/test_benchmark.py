@@ -88,12 +88,26 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     for bad in ("64,256", "256,64,512", "0,512", "a,512", ""):
         with pytest.raises(SystemExit, match="--seq-buckets .*sequence counts"):
             B.config_from_args(parser.parse_args(["--max-num-seqs", "512", "--seq-buckets", bad]))
+    assert bc.output_major == ()
+    bc = B.config_from_args(parser.parse_args(["--output-major", "gate_up_proj,qkv_proj"]))
+    assert bc.output_major == ("gate_up_proj", "qkv_proj")
     assert bc.context_buckets is None
     bc = B.config_from_args(parser.parse_args(["--context-buckets", "1024,2048"]))
     assert bc.context_buckets == (1024, 2048)
     for bad in ("2048,1024", "0,512", "a", ""):
         with pytest.raises(SystemExit, match="--context-buckets"):
             B.config_from_args(parser.parse_args(["--context-buckets", bad]))
+
+
+def test_output_major_run_serves_the_transposed_kernels(fixed_ceiling):
+    common = dict(model="tiny", num_requests=3, input_len=9, output_len=4, max_num_seqs=4,
+                  seq_buckets=(4,), token_buckets=(64,), max_num_batched_tokens=64)
+    r = B.run_engine(B.BenchConfig(output_major=("gate_up_proj", "lm_head"), **common))
+    base = B.run_engine(B.BenchConfig(**common))
+    assert r["output_tokens"] == base["output_tokens"] == 12
+    assert r["param_bytes"] == base["param_bytes"]      # the same weights, transposed
+    with pytest.raises(ValueError, match="not a projection"):
+        B.run_engine(B.BenchConfig(output_major=("gate_up",), **common))
 
 
 def test_tensor_parallel_run_needs_the_devices(fixed_ceiling):
