@@ -11,14 +11,16 @@ as in the engine's step:
 * ``current``: padding tokens at one shared slot past the pool, no index hints;
 * ``unique``: each padding token at its own slot past the pool, ``unique_indices=True``;
 * ``unique+sorted``: the same with the real tokens' slots in ascending order and
-  ``indices_are_sorted=True`` (an upper bound: the engine's slots are not sorted);
+  ``indices_are_sorted=True`` (the engine's write since 6ec419d, ``EngineConfig.sorted_kv_writes``);
+* ``pallas``: ``pallas_kernels.kv_write`` (one Triton launch writing the rows in place,
+  ``EngineConfig.kv_write_kernel``), on the unique slots in token order;
 
 for a decode step (482 tokens) and a mixed step (4096 tokens, 5% padding). Reported: µs per
 write of K and V for one layer, and GB/s of the K/V bytes written.
 
 Usage::
 
-    python experiments/kv_write_bench.py [--slots 786432] [--out DIR]
+    python experiments/kv_write_bench.py [--slots 786432] [--variants current,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def write(pages_k, pages_v, slots, k, v, *, unique: bool, ordered: bool):
             pages_v.at[:, slots].set(jnp.moveaxis(v, 1, 0), **kw))
 
 
+def write_kernel(pages_k, pages_v, slots, k, v):
+    """The same write by ``pallas_kernels.kv_write`` (slots past the pool dropped)."""
+    from pallas_kernels.kv_write import kv_write
+    return kv_write(k, v, slots, pages_k, pages_v)
+
+
+VARIANTS = ("current", "unique", "unique+sorted", "pallas")
+
+
 def step_slots(rng, S: int, T: int, real: int, variant: str) -> np.ndarray:
     """int32 [T]: `real` distinct pool slots, then padding per `variant`."""
     slots = rng.choice(S, real, replace=False).astype(np.int32)
@@ -60,7 +71,8 @@ def step_slots(rng, S: int, T: int, real: int, variant: str) -> np.ndarray:
 def time_variant(S: int, T: int, real: int, variant: str, iters: int = 50) -> float:
     """Seconds per (K, V) write of one layer, the pool donated and rewritten `iters` times."""
     rng = np.random.default_rng(T)
-    f = jax.jit(functools.partial(write, unique=variant != "current",
+    f = jax.jit(write_kernel if variant == "pallas" else
+                functools.partial(write, unique=variant != "current",
                                   ordered=variant == "unique+sorted"), donate_argnums=(0, 1))
     pk = jnp.zeros((K, S, H), jnp.bfloat16)
     pv = jnp.zeros((K, S, H), jnp.bfloat16)
@@ -86,8 +98,13 @@ def time_variant(S: int, T: int, real: int, variant: str, iters: int = 50) -> fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--slots", type=int, default=786432, help="pool slots per layer")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args()
+    variants = a.variants.split(",")
+    if not variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants must name some of {VARIANTS}, got {a.variants!r}")
     if a.slots < 4096:
         p.error(f"--slots must be >= 4096, got {a.slots}")
     os.makedirs(a.out, exist_ok=True)
@@ -96,7 +113,7 @@ def main() -> None:
                 slots=a.slots, kv_heads=K, head_dim=H)
     rows = []
     for name, T, real in (("decode step", 512, 482), ("mixed step", 4096, 3890)):
-        for variant in ("current", "unique", "unique+sorted"):
+        for variant in variants:
             t = time_variant(a.slots, T, real, variant)
             nbytes = 2 * real * K * H * 2
             rows.append(dict(step=name, tokens=T, real=real, variant=variant, us=t * 1e6,

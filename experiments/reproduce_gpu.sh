@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-kv-write-kernel, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -59,7 +59,7 @@ for step in $steps; do
         tests/test_quant_matmul.py tests/test_quant_matmul_options.py tests/test_bsr_quant_matmul.py \
         tests/test_bsr_gather_quant_matmul.py tests/test_packed_bsr.py tests/test_layer_stack.py \
         tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py tests/test_sparse.py \
-        tests/test_tuning.py} ;;
+        tests/test_tuning.py tests/test_kv_write.py} ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     decode-alibi)  # every decode shape with the defaults, and five configs each timed with
@@ -441,6 +441,20 @@ for step in $steps; do
           [ "$v" = nkh ] && b=(--output-major gate_up_proj,qkv_proj,lm_head)
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
             experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
+        done
+      done ;;
+    engine-kv-write-kernel)  # one layer's K/V write alone (XLA's scatter against
+      # pallas_kernels.kv_write), then the 1000 x 256/256 run at 512 sequences with the scatter
+      # and with the kernel (EngineConfig.kv_write_kernel), in turns, twice
+      run kv_write_bench 150 python experiments/kv_write_bench.py \
+        --variants unique+sorted,pallas --out "$out/kv_write_kernel"
+      for i in 1 2; do
+        for v in scatter kernel; do
+          b=()
+          [ "$v" = kernel ] && b=(--kv-write-kernel)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_kv_${v}_$i" 240 python \
+            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} \
+            --out "$out/engine_kv_${v}_$i"
         done
       done ;;
     engine-page-size)  # the 1000 x 256/256 run at 512 sequences with pages of 16 and of 32

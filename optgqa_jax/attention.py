@@ -86,6 +86,12 @@ def _use_pallas(impl: str, head_dim: int) -> bool:
     return kernel_common.backend() != "cpu" and head_dim in kernel_common.SUPPORTED_HEAD_DIMS
 
 
+def runs_pallas_kernels(impl: str, head_dim: int) -> bool:
+    """Whether attention with this ``impl`` and head dim runs the Pallas kernels (on a GPU
+    under "auto", anywhere under "pallas"; interpret mode on a CPU)."""
+    return _use_pallas(impl, head_dim)
+
+
 def _run_grouped(fn, q, kv_head_map, alibi_slopes, num_kv_heads: int, head_axis: int = 2):
     """Call ``fn(q, slopes)`` with the query heads laid out in contiguous equal groups
     (:func:`_group_layout`), and map its output back to the model's head order."""

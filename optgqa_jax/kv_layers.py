@@ -26,6 +26,9 @@ import jax.numpy as jnp
 
 from optgqa_jax import sharding
 from optgqa_jax.attention import cached_attention, paged_batch_attention
+from optgqa_jax.attention import runs_pallas_kernels
+from pallas_kernels._common import backend as kernel_backend
+from pallas_kernels.kv_write import kv_write
 
 
 class ContiguousLayerKV(NamedTuple):
@@ -67,6 +70,9 @@ class PagedBatch(NamedTuple):
         and unique. On an H100 (commit de8592f, ``results/h100/kv_write_bench_de8592f.md``,
         one layer of the Llama-3-8B pool) that write took 43.4 against 57.6 µs for a
         482-token decode step and 49.1 against 86.1 µs for a 3,890-token mixed step.
+      write_kernel: static; write the K/V rows with ``pallas_kernels.kv_write`` (in place,
+        one launch per layer) where the attention runs its Pallas kernels (``impl`` "pallas",
+        or "auto" on a GPU), else with the scatter.
 
     """
 
@@ -78,6 +84,7 @@ class PagedBatch(NamedTuple):
     max_q_len: int
     decode_only: bool
     kv_order: Optional[jax.Array] = None
+    write_kernel: bool = False
 
 
 class PagedLayerKV(NamedTuple):
@@ -93,13 +100,18 @@ class PagedLayerKV(NamedTuple):
         K, P, Z, H = self.k_pages.shape
         slots, order = self.batch.slot_mapping, self.batch.kv_order
         k_rows, v_rows, hints = k[0], v[0], {}                 # [T, K, H]
-        if order is not None:   # sorted, unique slots (see PagedBatch)
-            slots, k_rows, v_rows = slots[order], k_rows[order], v_rows[order]
-            hints = dict(indices_are_sorted=True, unique_indices=True)
-        flat_k = self.k_pages.reshape(K, P * Z, H).at[:, slots].set(
-            jnp.moveaxis(k_rows, 1, 0), mode="drop", **hints)  # [K, P*Z, H]
-        flat_v = self.v_pages.reshape(K, P * Z, H).at[:, slots].set(
-            jnp.moveaxis(v_rows, 1, 0), mode="drop", **hints)
+        flat_k, flat_v = (self.k_pages.reshape(K, P * Z, H),
+                          self.v_pages.reshape(K, P * Z, H))    # [K, P*Z, H]
+        if (self.batch.write_kernel and runs_pallas_kernels(impl, H)
+                and sharding.current_kernel_mesh() is None):     # in place, one launch
+            flat_k, flat_v = kv_write(k_rows, v_rows, slots, flat_k, flat_v,
+                                      interpret=kernel_backend() == "cpu")
+        else:
+            if order is not None:   # sorted, unique slots (see PagedBatch)
+                slots, k_rows, v_rows = slots[order], k_rows[order], v_rows[order]
+                hints = dict(indices_are_sorted=True, unique_indices=True)
+            flat_k = flat_k.at[:, slots].set(jnp.moveaxis(k_rows, 1, 0), mode="drop", **hints)
+            flat_v = flat_v.at[:, slots].set(jnp.moveaxis(v_rows, 1, 0), mode="drop", **hints)
         k_pages, v_pages = flat_k.reshape(K, P, Z, H), flat_v.reshape(K, P, Z, H)
         out = paged_batch_attention(q[0], k_pages, v_pages, self.batch, positions[0],
                                     kv_head_map=kv_head_map, alibi_slopes=alibi_slopes,

@@ -91,6 +91,8 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert bc.output_major == ()
     bc = B.config_from_args(parser.parse_args(["--output-major", "gate_up_proj,qkv_proj"]))
     assert bc.output_major == ("gate_up_proj", "qkv_proj")
+    assert not bc.kv_write_kernel
+    assert B.config_from_args(parser.parse_args(["--kv-write-kernel"])).kv_write_kernel
     assert bc.context_buckets is None
     bc = B.config_from_args(parser.parse_args(["--context-buckets", "1024,2048"]))
     assert bc.context_buckets == (1024, 2048)

@@ -470,3 +470,28 @@ def test_prefix_sharing_within_one_batch_under_preemption(tiny, async_scheduling
     assert [o.token_ids for o in outs] == ref
     assert eng.stats.preemptions > 0 and eng.stats.prefix_hits >= 5 * 16
     assert eng.stats.pages_used == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_kv_write_kernel_serves_the_same_tokens(tiny, async_scheduling, monkeypatch):
+    """K/V rows written by pallas_kernels.kv_write (interpret mode on the CPU) on the Pallas
+    path: the same greedy tokens, with chunked prefill, padding tokens and preemption."""
+    from optgqa_jax import kv_layers
+    calls = []
+    real = kv_layers.kv_write
+    monkeypatch.setattr(kv_layers, "kv_write", lambda *a, **k: calls.append(1) or real(*a, **k))
+    jax.clear_caches()                # steps traced by earlier tests would skip the counter
+    eng = _engine(tiny, attention_impl="pallas", kv_write_kernel=True, num_pages=7,
+                  max_num_batched_tokens=32, async_scheduling=async_scheduling)
+    assert eng.runner.kv_write_kernel
+    outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
+    assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
+    assert eng.stats.preemptions > 0
+    assert calls                      # traced through the kernel, not the scatter
+
+
+def test_kv_write_kernel_needs_one_device():
+    with pytest.raises(ValueError, match="kv_write_kernel=True needs one device"):
+        og.EngineConfig(kv_write_kernel=True, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="kv_write_kernel must be True or False"):
+        og.EngineConfig(kv_write_kernel=1)

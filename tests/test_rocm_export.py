@@ -399,3 +399,20 @@ def test_dequantize_kernel_lowers_through_triton(K, N, bits, gs, platform):
         return dequantize_packed(q, s, z, bits=bits, group_size=gs, K=K)
 
     assert export_for(platform, f, *args).count(TRITON_CALL) == 1
+
+
+# kv_write: rows [T, K, H], slots [T], pools [K, S, H] aliased to the outputs.
+@pytest.mark.parametrize("T,K,H,block_t", [(482, 8, 128, 16), (1, 1, 64, 16), (37, 3, 128, 4)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_kv_write_lowers_through_triton(T, K, H, block_t, platform):
+    """The in-place K/V write (pallas_kernels.kv_write): one Triton call, its pools aliased to
+    its outputs."""
+    from pallas_kernels.kv_write import KVWriteConfig, kv_write
+    rows = S((T, K, H), jnp.bfloat16)
+    pools = S((K, 4096, H), jnp.bfloat16)
+
+    def f(k, v, slots, kp, vp):
+        return kv_write(k, v, slots, kp, vp, config=KVWriteConfig(block_t=block_t))
+
+    text = export_for(platform, f, rows, rows, S((T,), jnp.int32), pools, pools)
+    assert text.count(TRITON_CALL) == 1

@@ -202,6 +202,7 @@ class Engine:
                                   max_logprobs=config.max_logprobs, mesh=mesh,
                                   stable_buffers=config.stable_step_buffers,
                                   sorted_kv_writes=config.sorted_kv_writes,
+                                  kv_write_kernel=config.kv_write_kernel,
                                   context_buckets=config.context_buckets)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
