@@ -119,6 +119,9 @@ def check_kv_write_inputs(k_rows, v_rows, slots, k_pages, v_pages) -> None:
         raise ValueError(f"slots must have shape [T]=({T},), got {tuple(slots.shape)}")
     if not C.is_power_of_two(H):
         raise ValueError(f"head dim H={H} must be a power of two")
+    if k_pages.size >= 2 ** 31:   # the kernel's element offsets are int32
+        raise ValueError(f"k_pages has {k_pages.size:,} elements; the kernel addresses at most "
+                         f"2^31 - 1 per pool (split the pool or use the scatter)")
 
 
 def kv_write(k_rows: jax.Array, v_rows: jax.Array, slots: jax.Array, k_pages: jax.Array,

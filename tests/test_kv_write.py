@@ -1,6 +1,7 @@
 """pallas_kernels.kv_write against the scatter it replaces (interpret mode on a CPU, compiled
 on a GPU), and its errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,6 +62,14 @@ def test_bad_input_is_refused_before_launch(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         kv_write(args["k"], args["v"], args["slots"], args["kp"], args["vp"], interpret=INTERPRET)
+
+
+def test_pools_past_int32_offsets_are_refused():
+    big = jax.ShapeDtypeStruct((16, 2 ** 20, 128), jnp.bfloat16)      # 2^31 elements
+    rows = jax.ShapeDtypeStruct((4, 16, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="2\\^31 - 1 per pool"):
+        jax.eval_shape(lambda k, v, s, kp, vp: kv_write(k, v, s, kp, vp), rows, rows,
+                       jax.ShapeDtypeStruct((4,), jnp.int32), big, big)
 
 
 @pytest.mark.parametrize("cfg,match", [(KVWriteConfig(block_t=6), "block_t=6"),
