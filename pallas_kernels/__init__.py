@@ -38,6 +38,7 @@ from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConf
                                                 bsr_gm_quant_matmul, group_major_blocks)
 from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig, bsr_gather_quant_matmul,
                                                     bsr_gather_quant_matmul_reference)
+from pallas_kernels.kv_write import KVWriteConfig, kv_write, kv_write_reference
 
 __all__ = [
     "alibi_slopes", "alibi_slopes_np", "compiler_options",
@@ -48,4 +49,5 @@ __all__ = [
     "BSRMatmulConfig", "bsr_quant_matmul", "bsr_quant_matmul_reference",
     "GroupMajorBlocks", "GroupMajorConfig", "bsr_gm_quant_matmul", "group_major_blocks",
     "BSRGatherConfig", "bsr_gather_quant_matmul", "bsr_gather_quant_matmul_reference",
+    "KVWriteConfig", "kv_write", "kv_write_reference",
 ]
