@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from optgqa_jax import sharding
-from optgqa_jax.attention import cached_attention, paged_batch_attention
-from optgqa_jax.attention import runs_pallas_kernels
+from optgqa_jax.attention import cached_attention, paged_batch_attention, runs_pallas_kernels
 from pallas_kernels._common import backend as kernel_backend
 from pallas_kernels.kv_write import kv_write
 
