@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-kv-write-kernel, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-kv-write-kernel, profile-kv-write-kernel, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -194,6 +194,15 @@ for step in $steps; do
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "bench_engine_${w}_seqs512" 300 python \
           experiments/bench_engine.py "${ENGINE512[@]}" "${r[@]}" \
           --out "$out/engine_${w}_seqs512"
+      done ;;
+    profile-kv-write-kernel)  # the fixed workload's mean mixed step (4096 tokens) with the
+      # K/V written by XLA's scatter and by pallas_kernels.kv_write: step time and per-op trace
+      for v in scatter kernel; do
+        b=()
+        [ "$v" = kernel ] && b=(--kv-write-kernel)
+        run "profile_mixed_kv_$v" 240 python experiments/profile_mixed.py --fuse-projections \
+          --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
+          ${b[@]+"${b[@]}"} --out "$out/profile_kv_write_kernel/mixed_$v"
       done ;;
     profile-mixed)  # one mixed (prefill) step as the engine benchmarks run them at 512
       # sequences (experiments/schedule_replay.py: the fixed workload's mean mixed step is ~14
