@@ -7,7 +7,7 @@
 # grouping mfu quant-diagnose quant-tune quant-profile quant-sweep quant-kernels quant-engine gqsa-speed
 # gqsa-engine gqsa-accuracy gqsa-reference (default: all, in that order), and the shorter
 # variants-one-row, variants-decode, quant-engine-batch1 (parts of variants and quant-engine),
-# quant-profile-16, quant-tune-decode, quant-descend-decode, quant-batch1-wrapperless, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
+# quant-profile-16, quant-wl-probe, quant-tune-decode, quant-descend-decode, quant-batch1-wrapperless, quant-kernels-decode (decode-sized parts of quant-tune and quant-kernels),
 # quant-engine-throughput (part of quant-engine), gqsa-tune, gqsa-engine-s50 (W4S50 parts of
 # gqsa-speed and gqsa-engine), gqsa-engine-tables (batch-1 W4S50 under several BSR tables),
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
@@ -307,6 +307,11 @@ for step in $steps; do
       # table's tiles (shift-by-shift tensor-core path): what the 16-row kernel is bound by
       run profile_quant_16 300 python experiments/profile_quant.py --rows 16 \
         --shapes gate_up,down --out "$out/quant_profile16" ;;
+    quant-wl-probe)  # the weights-left W4 kernel (pallas_kernels.quant_matmul_wl) against
+      # bfloat16 and quant.matmul's route at 16, 1, 64 and 256 rows, a small grid of its tiles
+      run quant_wl_probe "${OPTGQA_WL_LIMIT_S:-420}" python experiments/quant_wl_probe.py \
+        --rows "${OPTGQA_WL_ROWS:-16,1,64,256}" --budget-s "${OPTGQA_WL_BUDGET_S:-380}" \
+        --out "$out/quant_wl" ;;
     quant-sweep)  # how fast each tile setting streams the codes, kernel layout and tile-contiguous
       run profile_quant_sweep 400 python experiments/profile_quant.py --sweep-load \
         --shapes gate_up,o --out "$out/quant" ;;

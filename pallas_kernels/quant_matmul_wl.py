@@ -1,0 +1,265 @@
+"""Dequantizing matmul with the weights as the left operand: ``y^T = dequant(W)^T x^T``.
+
+``pallas_kernels.quant_matmul`` multiplies ``x`` [M, K] by the dequantized weight tile
+[K, N]: on Hopper the tensor-core instruction (wgmma) takes its right operand from shared
+memory, so every dequantized tile makes a round trip through shared memory before the
+product, and the instruction's 64-row minimum on the left operand is filled by M's few rows
+(16 rows pad to 64). Here the product is turned over, as the fast CUDA 4-bit kernels do: the
+weight tile, dequantized in registers, is the instruction's *left* operand (which wgmma reads
+from registers), laid ``[block_n, K-tile]``, and ``x^T`` [K-tile, M] is the right operand,
+streamed into shared memory by Triton's pipelined copies. The N axis fills the 64-row side;
+M is the instruction's narrow side (8 to 256).
+
+Weight layout: the GPTQ words transposed once at load time, ``qweight_t`` int32 [N, K / P]
+(``qweight.T``: P = 32 / bits codes per word along K, the same words), so that a program
+reads its ``[block_n, block_k / P]`` words as rows; ``scales`` [G, N] and ``zeros`` uint8
+[G, N] stay in the GPTQ layout. ``W[k, n] = scales[g, n] (code[k, n] - zeros[g, n])``,
+``g = k // group_size`` (contiguous groups; act-order checkpoints are sorted at load time).
+
+Kernel design: grid ``(N / block_n, Mp / block_m, split_k)``. Each program walks its share
+of K in tiles of ``block_k = 16 P`` rows (128 at 4 bits, 256 at 2 bits; 64 at 8 bits for
+float16 x), one group or less. Shift p of the tile's words holds input rows ``P w + p``; its
+codes become the 16-bit floats ``bias + code`` as bit patterns two at a time
+(:func:`pallas_kernels.quant_codes.pattern_codes`: one shift and one and-or per pair of
+codes, no int-to-float conversion) and multiply x's matching rows, which the wrapper puts in
+that shift-major order once per call (``x^T`` is small next to the weight). The tile's
+product is scaled once per column by its group's scale, and the zero point and the patterns'
+bias leave the per-code work: ``sum_k x_k (q_k - z) s = s (sum_k x_k (bias + q_k)) - (z +
+bias) s sum_k x_k``, with x's sums over each tile taken by the wrapper. With ``split_k > 1``
+each split writes a float32 partial and the wrapper adds them.
+
+Supported: 4 bits (bfloat16 or float16 x), 2 bits (bfloat16 or float16), 8 bits (float16
+only: bfloat16 cannot hold ``bias + code`` exactly for 8-bit codes); group size a multiple of
+``block_k`` or -1 (one group per column); K a multiple of ``block_k``; any N and M. Other
+formats raise ``ValueError`` before launch (use ``pallas_kernels.quant_matmul``).
+
+Axis legend: M rows of x (tokens), Mp M padded to whole ``block_m`` tiles, K input features,
+N output features, G groups, P codes per int32 word.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _common as C
+from pallas_kernels.quant_codes import code_pattern, pattern_codes, shift_major
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsLeftConfig:
+    """Tuning knobs of :func:`quant_matmul_wl`.
+
+    Attributes:
+      block_n: output features per program (the product's 64-row side; a power of two >= 64).
+      block_m: most rows of x per program (a power of two >= 16); M is padded to
+        ``min(block_m, next power of two of M)`` and whole tiles of it.
+      split_k: K splits (float32 partials added by the wrapper); more programs for short N.
+      num_warps, num_stages: Triton launch parameters (4 warps = one warp group).
+    """
+
+    block_n: int = 128
+    block_m: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def validate(self) -> None:
+        for name, low in (("block_n", 64), ("block_m", 16)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= low and C.is_power_of_two(v)):
+                raise ValueError(f"{name}={v!r} must be a power of two >= {low}")
+        if not (isinstance(self.split_k, int) and self.split_k >= 1):
+            raise ValueError(f"split_k={self.split_k!r} must be an int >= 1")
+        if self.num_warps not in (4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps!r} must be 4, 8 or 16 (whole warp "
+                             "groups)")
+        if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
+            raise ValueError(f"num_stages={self.num_stages!r} must be an int in [1, 8]")
+
+
+def tile_rows(bits: int) -> int:
+    """Rows of one K tile: 16 per shift (the instruction's depth) times P codes per word."""
+    return 16 * (32 // bits)
+
+
+def check_wl_inputs(x, qweight_t, scales, zeros, *, bits: int, group_size: int) -> None:
+    """Raise ValueError (naming the argument) unless the arguments form a product that
+    :func:`quant_matmul_wl` runs."""
+    C.check_rank("x", x, 2, "[M, K]")
+    C.check_rank("qweight_t", qweight_t, 2, "[N, K / P]")
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x must be bfloat16 or float16, got {x.dtype}")
+    if bits not in (2, 4, 8) or code_pattern(x.dtype, bits) is None:
+        raise ValueError(f"bits={bits!r} with {x.dtype} x is not supported here (2 or 4 bits, "
+                         "or 8 bits with float16 x); use pallas_kernels.quant_matmul")
+    C.check_int32("qweight_t", qweight_t)
+    M, K = x.shape
+    N, W = qweight_t.shape
+    P, bk = 32 // bits, tile_rows(bits)
+    if W * P != K:
+        raise ValueError(f"qweight_t must be [N, K / P] = [N, {K // P}] for x's K={K} at "
+                         f"{bits} bits, got {tuple(qweight_t.shape)}")
+    if K % bk:
+        raise ValueError(f"K={K} must be a multiple of {bk} (the kernel's K tile at {bits} bits)")
+    if group_size != -1 and (group_size <= 0 or group_size % bk or K % group_size):
+        raise ValueError(f"group_size={group_size!r} must be -1 or a multiple of {bk} that "
+                         f"divides K={K}")
+    G = 1 if group_size == -1 else K // group_size
+    for name, a in (("scales", scales), ("zeros", zeros)):
+        if tuple(a.shape) != (G, N):
+            raise ValueError(f"{name} must be [G, N] = [{G}, {N}], got {tuple(a.shape)}")
+
+
+def _make_kernel(*, bits: int, dtype, block_n: int, block_m: int, block_k: int, gs: int,
+                 tiles_per_split: int, tiles: int, mask_n: bool, N: int, partial: bool):
+    P = 32 // bits
+    Pk = block_k // P
+    bias = code_pattern(dtype, bits)[1]
+
+    def kernel(xt_ref, qt_ref, s_ref, z_ref, xs_ref, o_ref):
+        # xt_ref [K, Mp] x^T shift-major per tile; qt_ref [N, K / P] int32; s_ref, z_ref
+        # [G, N]; xs_ref [K / block_k, Mp] float32 x's sums per tile; o_ref [block_m, block_n]
+        n0 = pl.program_id(0) * block_n
+        m0 = pl.program_id(1) * block_m
+        t_first = pl.program_id(2) * tiles_per_split
+        count = jnp.minimum(tiles_per_split, tiles - t_first)
+        cols = n0 + jnp.arange(block_n)                                     # [bn]
+        n_ok = cols < N
+
+        def body(i, acc):
+            t = t_first + i
+            k0 = t * block_k
+            rows = jnp.broadcast_to(cols[:, None], (block_n, Pk))
+            wcol = jnp.broadcast_to((k0 // P + jnp.arange(Pk))[None, :], (block_n, Pk))
+            words = (plgpu.load(qt_ref.at[rows, wcol],
+                                mask=jnp.broadcast_to(n_ok[:, None], (block_n, Pk)), other=0)
+                     if mask_n else qt_ref[pl.ds(n0, block_n), pl.ds(k0 // P, Pk)])
+            pc = pattern_codes(words, bits, dtype)                  # P x [bn, Pk]: bias + code
+            part = jnp.zeros((block_n, block_m), jnp.float32)
+            for p in range(P):
+                xp = xt_ref[pl.ds(k0 + p * Pk, Pk), pl.ds(m0, block_m)]     # [Pk, bm]
+                part += C.dot(pc[p], xp)
+            g = k0 // gs
+            if mask_n:
+                s = plgpu.load(s_ref.at[g, cols], mask=n_ok, other=0).astype(jnp.float32)
+                z = plgpu.load(z_ref.at[g, cols], mask=n_ok, other=0).astype(jnp.float32)
+            else:
+                s = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)         # [bn]
+                z = z_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
+            xs = xs_ref[pl.ds(t, 1), pl.ds(m0, block_m)]                     # [1, bm]
+            return acc + part * s[:, None] - ((z + bias) * s)[:, None] * xs
+
+        acc = jax.lax.fori_loop(0, count, body, jnp.zeros((block_n, block_m), jnp.float32))
+        out = acc.T                                                          # [bm, bn]
+        if mask_n:
+            r = jnp.broadcast_to(jnp.arange(block_m)[:, None], (block_m, block_n))
+            c = jnp.broadcast_to(cols[None, :], (block_m, block_n))
+            ok = jnp.broadcast_to(n_ok[None, :], (block_m, block_n))
+            dst = o_ref.at[r, c - n0] if not partial else o_ref.at[r, c - n0]
+            plgpu.store(dst, out.astype(o_ref.dtype), mask=ok)
+        else:
+            o_ref[...] = out.astype(o_ref.dtype)
+
+    return kernel
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "config", "interpret"))
+def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
+                     config: WeightsLeftConfig, interpret: bool):
+    M, K = x.shape
+    N = qweight_t.shape[0]
+    bk = tile_rows(bits)
+    gs = K if group_size == -1 else group_size
+    block_m = min(config.block_m, max(16, C.next_power_of_two(M)))
+    Mp = C.cdiv(M, block_m) * block_m
+    tiles = K // bk
+    split = min(config.split_k, tiles)
+    per = C.cdiv(tiles, split)
+    split = C.cdiv(tiles, per)                  # no empty splits
+    block_n = config.block_n
+    xp = jnp.zeros((Mp, K), x.dtype).at[:M].set(x)
+    xt = shift_major(xp, bk, bits).T                                          # [K, Mp]
+    xs = xp.astype(jnp.float32).reshape(Mp, tiles, bk).sum(-1).T              # [tiles, Mp]
+    partial = split > 1
+    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s, n=a.ndim: (0,) * n)  # noqa: E731
+    if partial:
+        out_shape = jax.ShapeDtypeStruct((split, Mp, N), jnp.float32)
+        out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, j, i))
+    else:
+        out_shape = jax.ShapeDtypeStruct((Mp, N), x.dtype)
+        out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (j, i))
+    args = (xt, qweight_t, scales, zeros, xs)
+    y = pl.pallas_call(
+        _make_kernel(bits=bits, dtype=x.dtype, block_n=block_n, block_m=block_m, block_k=bk,
+                     gs=gs, tiles_per_split=per, tiles=tiles, mask_n=N % block_n != 0, N=N,
+                     partial=partial),
+        grid=(C.cdiv(N, block_n), Mp // block_m, split),
+        in_specs=[whole(a) for a in args],
+        out_specs=out_spec,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        name="optgqa_quant_matmul_wl",
+    )(*args)
+    if partial:
+        y = y.sum(0)
+    return y[:M].astype(x.dtype)
+
+
+def quant_matmul_wl(x: jax.Array, qweight_t: jax.Array, scales: jax.Array, zeros: jax.Array,
+                    *, bits: int, group_size: int, config: Optional[WeightsLeftConfig] = None,
+                    interpret: bool = False) -> jax.Array:
+    """``x @ dequant(W)`` with the weight words stored transposed (module docstring).
+
+    Args:
+      x: [M, K] bfloat16 or float16.
+      qweight_t: int32 [N, K / P], the GPTQ ``qweight`` transposed (:func:`transpose_words`).
+      scales: [G, N] any float dtype; zeros: [G, N] integer zero points (GPTQ layout).
+      bits: 2 or 4 (8 with float16 x). group_size: a multiple of ``16 * 32 / bits`` or -1.
+      config: tuning knobs (default :class:`WeightsLeftConfig`).
+      interpret: Pallas interpret mode (CPU testing).
+
+    Returns:
+      [M, N] in x's dtype, float32 accumulation.
+
+    Raises:
+      ValueError: a format or shape this kernel does not run, before any launch.
+    """
+    check_wl_inputs(x, qweight_t, scales, zeros, bits=bits, group_size=group_size)
+    config = config or WeightsLeftConfig()
+    config.validate()
+    if x.shape[0] == 0:
+        return jnp.zeros((0, qweight_t.shape[0]), x.dtype)
+    return _quant_matmul_wl(x, qweight_t, scales, zeros, bits=bits, group_size=group_size,
+                            config=config, interpret=interpret)
+
+
+def transpose_words(qweight: jax.Array) -> jax.Array:
+    """The kernel's weight layout from the GPTQ one: int32 [K / P, N] -> [N, K / P] (the
+    same words; done once at load time)."""
+    return jnp.asarray(qweight).T.copy() if isinstance(qweight, np.ndarray) else qweight.T
+
+
+def quant_matmul_wl_reference(x, qweight_t, scales, zeros, *, bits: int, group_size: int):
+    """Pure-jnp float32 reference: unpack the codes, dequantize, multiply."""
+    check_wl_inputs(x, qweight_t, scales, zeros, bits=bits, group_size=group_size)
+    K = x.shape[1]
+    P, mask = 32 // bits, (1 << bits) - 1
+    words = jnp.asarray(qweight_t).T                                          # [K / P, N]
+    codes = jnp.stack([(words >> (bits * p)) & mask for p in range(P)], 1)    # [K/P, P, N]
+    q = codes.reshape(K, -1).astype(jnp.float32)
+    gs = K if group_size == -1 else group_size
+    s = jnp.repeat(scales.astype(jnp.float32), gs, 0)
+    z = jnp.repeat(zeros.astype(jnp.float32), gs, 0)
+    w = (q - z) * s
+    y = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
