@@ -119,7 +119,7 @@ def check_wl_inputs(x, qweight_t, scales, zeros, *, bits: int, group_size: int) 
 
 
 def _make_kernel(*, bits: int, dtype, block_n: int, block_m: int, block_k: int, gs: int,
-                 tiles_per_split: int, tiles: int, mask_n: bool, N: int, partial: bool):
+                 tiles_per_split: int, tiles: int, mask_n: bool, N: int):
     P = 32 // bits
     Pk = block_k // P
     bias = code_pattern(dtype, bits)[1]
@@ -163,8 +163,7 @@ def _make_kernel(*, bits: int, dtype, block_n: int, block_m: int, block_k: int, 
             r = jnp.broadcast_to(jnp.arange(block_m)[:, None], (block_m, block_n))
             c = jnp.broadcast_to(cols[None, :], (block_m, block_n))
             ok = jnp.broadcast_to(n_ok[None, :], (block_m, block_n))
-            dst = o_ref.at[r, c - n0] if not partial else o_ref.at[r, c - n0]
-            plgpu.store(dst, out.astype(o_ref.dtype), mask=ok)
+            plgpu.store(o_ref.at[r, c - n0], out.astype(o_ref.dtype), mask=ok)
         else:
             o_ref[...] = out.astype(o_ref.dtype)
 
@@ -199,8 +198,7 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
     args = (xt, qweight_t, scales, zeros, xs)
     y = pl.pallas_call(
         _make_kernel(bits=bits, dtype=x.dtype, block_n=block_n, block_m=block_m, block_k=bk,
-                     gs=gs, tiles_per_split=per, tiles=tiles, mask_n=N % block_n != 0, N=N,
-                     partial=partial),
+                     gs=gs, tiles_per_split=per, tiles=tiles, mask_n=N % block_n != 0, N=N),
         grid=(C.cdiv(N, block_n), Mp // block_m, split),
         in_specs=[whole(a) for a in args],
         out_specs=out_spec,

@@ -416,3 +416,20 @@ def test_kv_write_lowers_through_triton(T, K, H, block_t, platform):
 
     text = export_for(platform, f, rows, rows, S((T,), jnp.int32), pools, pools)
     assert text.count(TRITON_CALL) == 1
+
+
+# quant_matmul_wl: x [M, K], the GPTQ words transposed [N, K / P], scales and zeros [G, N].
+@pytest.mark.parametrize("M,K,N,split", [(1, 4096, 28672, 1), (16, 14336, 4096, 8),
+                                         (3, 256, 200, 2)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_quant_matmul_wl_lowers_through_triton(M, K, N, split, platform):
+    """The weights-left W4 product: one Triton call (and XLA ops around it)."""
+    from pallas_kernels.quant_matmul_wl import WeightsLeftConfig, quant_matmul_wl
+
+    def f(x, qt, s, z):
+        return quant_matmul_wl(x, qt, s, z, bits=4, group_size=128,
+                               config=WeightsLeftConfig(block_n=64, split_k=split))
+
+    text = export_for(platform, f, S((M, K), jnp.bfloat16), S((N, K // 8), jnp.int32),
+                      S((K // 128, N), jnp.float16), S((K // 128, N), jnp.uint8))
+    assert text.count(TRITON_CALL) == 1
