@@ -52,8 +52,9 @@ def candidates(M: int, K: int, N: int) -> list[WeightsLeftConfig]:
             split = 1
             while progs * split < 264 and split < 16 and (K // 128) % (split * 2) == 0:
                 split *= 2
-            out.append(WeightsLeftConfig(block_n=bn, block_m=bm, split_k=split,
-                                         num_warps=warps, num_stages=stages))
+            for pairs in ((True, False) if (bn, warps) == (128, 4) else (True,)):
+                out.append(WeightsLeftConfig(block_n=bn, block_m=bm, split_k=split,
+                                             num_warps=warps, num_stages=stages, pairs=pairs))
     return out
 
 
@@ -126,7 +127,7 @@ def main() -> None:
           f"{a.format}; copy ceiling {meta['copy_gbps']:.0f} GB/s; µs per call "
           "(`timeit_rotating`, weights rotating past the L2 cache).", "",
           "| shape | M | bf16 µs | quant.matmul µs (× bf16) | weights-left µs (× bf16) | % of copy "
-          "| rel. err | tiles (bn, bm, split, warps, stages) |",
+          "| rel. err | tiles (bn, bm, split, warps, stages, pairs) |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         c = r["config"]
@@ -134,7 +135,7 @@ def main() -> None:
                   f"({r['current_vs_bf16']:.2f}×) | {r['wl_us']:.1f} ({r['wl_vs_bf16']:.2f}×) | "
                   f"{r['wl_copy_pct']:.0f}% | {r['rel_err']:.1e}{' NaN' if r['nan'] else ''} | "
                   f"{c['block_n']}, {c['block_m']}, {c['split_k']}, {c['num_warps']}, "
-                  f"{c['num_stages']} |")
+                  f"{c['num_stages']}, {c['pairs']} |")
     with open(os.path.join(a.out, "quant_wl_probe.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

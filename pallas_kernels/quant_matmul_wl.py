@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
-from pallas_kernels.quant_codes import code_pattern, pattern_codes, shift_major
+from pallas_kernels.quant_codes import code_pattern, pair_pattern, pattern_codes, shift_major
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,10 @@ class WeightsLeftConfig:
         ``min(block_m, next power of two of M)`` and whole tiles of it.
       split_k: K splits (float32 partials added by the wrapper); more programs for short N.
       num_warps, num_stages: Triton launch parameters (4 warps = one warp group).
+      pairs: build the left operand two codes per int32 (shifts j and j + P/2 of a word as
+        neighbours along K, :func:`pair_shift_major`), P/2 products of depth 32 per tile;
+        False: one 16-bit array per shift (:func:`pallas_kernels.quant_codes.pattern_codes`),
+        P products of depth 16.
     """
 
     block_n: int = 128
@@ -70,6 +74,7 @@ class WeightsLeftConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    pairs: bool = True
 
     def validate(self) -> None:
         for name, low in (("block_n", 64), ("block_m", 16)):
@@ -83,6 +88,18 @@ class WeightsLeftConfig:
                              "groups)")
         if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
             raise ValueError(f"num_stages={self.num_stages!r} must be an int in [1, 8]")
+
+
+def pair_shift_major(a, block_k: int, bits: int, axis: int = -1):
+    """Reorder `a`'s K axis (a multiple of block_k) tile by tile for the ``pairs`` operand:
+    tile position ``j 2 Pk + 2 w + h`` holds input row ``P w + j + h P / 2`` (Pk = block_k / P
+    words; shift j in an int32's low half, shift j + P/2 in its high half)."""
+    P = 32 // bits
+    a = jnp.moveaxis(a, axis, -1)
+    lead, K = a.shape[:-1], a.shape[-1]
+    a = a.reshape(*lead, K // block_k, block_k // P, 2, P // 2)               # [.., t, w, h, j]
+    a = jnp.moveaxis(a, -1, -3).reshape(*lead, K)                            # [.., t, j, w, h]
+    return jnp.moveaxis(a, -1, axis)
 
 
 def tile_rows(bits: int) -> int:
@@ -119,10 +136,12 @@ def check_wl_inputs(x, qweight_t, scales, zeros, *, bits: int, group_size: int) 
 
 
 def _make_kernel(*, bits: int, dtype, block_n: int, block_m: int, block_k: int, gs: int,
-                 tiles_per_split: int, tiles: int, mask_n: bool, N: int):
+                 tiles_per_split: int, tiles: int, mask_n: bool, N: int, pairs: bool):
     P = 32 // bits
     Pk = block_k // P
     bias = code_pattern(dtype, bits)[1]
+    pair_mask = ((1 << bits) - 1) * 0x10001
+    pair_magic = pair_pattern(dtype, bits)
 
     def kernel(xt_ref, qt_ref, s_ref, z_ref, xs_ref, o_ref):
         # xt_ref [K, Mp] x^T shift-major per tile; qt_ref [N, K / P] int32; s_ref, z_ref
@@ -142,11 +161,21 @@ def _make_kernel(*, bits: int, dtype, block_n: int, block_m: int, block_k: int, 
             words = (plgpu.load(qt_ref.at[rows, wcol],
                                 mask=jnp.broadcast_to(n_ok[:, None], (block_n, Pk)), other=0)
                      if mask_n else qt_ref[pl.ds(n0, block_n), pl.ds(k0 // P, Pk)])
-            pc = pattern_codes(words, bits, dtype)                  # P x [bn, Pk]: bias + code
             part = jnp.zeros((block_n, block_m), jnp.float32)
-            for p in range(P):
-                xp = xt_ref[pl.ds(k0 + p * Pk, Pk), pl.ds(m0, block_m)]     # [Pk, bm]
-                part += C.dot(pc[p], xp)
+            if pairs:     # one int32 = two neighbours along K: shifts j and j + P/2 of a word
+                for j in range(P // 2):
+                    two = ((words >> (bits * j)) & pair_mask) | pair_magic      # [bn, Pk]
+                    lo = jax.lax.bitcast_convert_type(two.astype(jnp.int16), dtype)
+                    hi = jax.lax.bitcast_convert_type(
+                        jax.lax.shift_right_logical(two, 16).astype(jnp.int16), dtype)
+                    a = jnp.stack([lo, hi], axis=-1).reshape(block_n, 2 * Pk)    # [bn, 2Pk]
+                    xp = xt_ref[pl.ds(k0 + j * 2 * Pk, 2 * Pk), pl.ds(m0, block_m)]
+                    part += C.dot(a, xp)
+            else:
+                pc = pattern_codes(words, bits, dtype)              # P x [bn, Pk]: bias + code
+                for p in range(P):
+                    xp = xt_ref[pl.ds(k0 + p * Pk, Pk), pl.ds(m0, block_m)]     # [Pk, bm]
+                    part += C.dot(pc[p], xp)
             g = k0 // gs
             if mask_n:
                 s = plgpu.load(s_ref.at[g, cols], mask=n_ok, other=0).astype(jnp.float32)
@@ -185,7 +214,8 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
     split = C.cdiv(tiles, per)                  # no empty splits
     block_n = config.block_n
     xp = jnp.zeros((Mp, K), x.dtype).at[:M].set(x)
-    xt = shift_major(xp, bk, bits).T                                          # [K, Mp]
+    xt = (pair_shift_major(xp, bk, bits) if config.pairs
+          else shift_major(xp, bk, bits)).T                                   # [K, Mp]
     xs = xp.astype(jnp.float32).reshape(Mp, tiles, bk).sum(-1).T              # [tiles, Mp]
     partial = split > 1
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s, n=a.ndim: (0,) * n)  # noqa: E731
@@ -198,7 +228,8 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
     args = (xt, qweight_t, scales, zeros, xs)
     y = pl.pallas_call(
         _make_kernel(bits=bits, dtype=x.dtype, block_n=block_n, block_m=block_m, block_k=bk,
-                     gs=gs, tiles_per_split=per, tiles=tiles, mask_n=N % block_n != 0, N=N),
+                     gs=gs, tiles_per_split=per, tiles=tiles, mask_n=N % block_n != 0, N=N,
+                     pairs=config.pairs),
         grid=(C.cdiv(N, block_n), Mp // block_m, split),
         in_specs=[whole(a) for a in args],
         out_specs=out_spec,

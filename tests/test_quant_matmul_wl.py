@@ -28,6 +28,9 @@ from quant_cases import check, make_case
      WeightsLeftConfig(block_n=64, block_m=16, split_k=2)),
     (5, 512, 96, 2, 256, False, jnp.bfloat16, WeightsLeftConfig(block_n=64)),
     (5, 256, 128, 8, 64, False, jnp.float16, WeightsLeftConfig(block_n=64, split_k=2)),
+    (7, 384, 136, 4, 128, False, jnp.bfloat16,            # one 16-bit array per shift
+     WeightsLeftConfig(block_n=64, split_k=2, pairs=False)),
+    (9, 512, 64, 2, 256, False, jnp.float16, WeightsLeftConfig(block_n=64, pairs=False)),
 ])
 def test_matches_float64(M, K, N, bits, gs, sym, dtype, cfg):
     (x, qweight, scales, zeros), _, want = make_case(M * 31 + K + bits, M, K, N, bits, gs,
@@ -89,6 +92,16 @@ def test_bad_config_is_refused(cfg, match):
     with pytest.raises(ValueError, match=match):
         quant_matmul_wl(args.pop("x"), args.pop("qweight_t"), args.pop("scales"),
                         args.pop("zeros"), config=cfg, interpret=INTERPRET, **args)
+
+
+def test_pair_shift_major_order():
+    """Tile position j 2 Pk + 2 w + h holds row P w + j + h P / 2 (4 bits: P = 8, Pk = 16)."""
+    from pallas_kernels.quant_matmul_wl import pair_shift_major
+    rows = np.asarray(pair_shift_major(jnp.arange(256), 128, 4))
+    j, w, h = np.meshgrid(np.arange(4), np.arange(16), np.arange(2), indexing="ij")
+    want = (8 * w + j + 4 * h).reshape(-1)
+    np.testing.assert_array_equal(rows[:128], want)
+    np.testing.assert_array_equal(rows[128:], want + 128)
 
 
 def test_transpose_words_keeps_the_words():
