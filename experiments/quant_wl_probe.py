@@ -45,7 +45,7 @@ def candidates(M: int, K: int, N: int) -> list[WeightsLeftConfig]:
     Mp = max(16, 1 << (M - 1).bit_length())
     out = []
     for (bn, warps), stages in itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (2, 3)):
-        for bm in ([Mp] if Mp <= 64 else [64, 128, 256]):
+        for bm in ([Mp] if Mp <= 64 else [128, 256]):
             if bn * bm // (32 * warps) > 128:       # float32 accumulator registers per thread
                 continue
             progs = -(-N // bn) * (Mp // bm)
