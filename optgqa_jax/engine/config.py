@@ -128,7 +128,7 @@ class EngineConfig:
       sorted_kv_writes: write each step's K/V rows into the pool in ascending slot order,
         padding tokens at distinct slots past the pool, with the scatter told its indices are
         sorted and unique (``ModelRunner``'s ``sorted_kv_writes``). Outputs are unchanged. One
-        layer's write alone, on an H100 (commit de8592f,
+        layer's write alone as a jitted call (its dispatch included), on an H100 (commit de8592f,
         ``experiments/results/h100/kv_write_bench_de8592f.md``): 43.4 against 57.6 µs for a
         482-token decode step, 49.1 against 86.1 µs for a 3,890-token mixed step (about 0.45
         and 1.1 ms per Llama-3-8B step). On by default since the engine was timed with it:
@@ -184,10 +184,11 @@ class EngineConfig:
       kv_write_kernel: write each step's K/V rows into the pool with
         ``pallas_kernels.kv_write`` (one Triton launch per layer, the pool updated in place)
         instead of XLA's scatter, wherever the attention runs its Pallas kernels (on GPUs
-        with ``attention_impl`` "auto" or "pallas"). Outputs are unchanged. The scatter took
-        43.4 µs per layer for a 482-token decode step on an H100 (de8592f, sorted and unique
-        indices: 46 GB/s for 2 MB), about 1.4 ms of a Llama-3-8B decode step. Off by default
-        until timed in the engine. One device only.
+        with ``attention_impl`` "auto" or "pallas"). Outputs are unchanged. Timed on an H100
+        (commit ecc39b2, the 1000 x 256/256 workload at 512 sequences, in turns with the
+        scatter, twice): 29,102 and 29,232 against 29,266 and 29,109 tokens/s, no difference
+        beyond the spread (``experiments/results/h100/engine_kv_write_kernel_ecc39b2/``). Off
+        by default. One device only.
       output_major: names of projections (``optgqa_jax.weight_layout.PROJECTIONS``, e.g.
         ``("gate_up_proj", "qkv_proj")`` with fused projections) whose float kernels the
         engine serves stored transposed, ``[D_out, D_in]`` (``weight_layout.OutputMajorKernel``;
