@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -40,8 +41,15 @@ SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144),
           "o": (4096, 4096)}
 
 
-def candidates(M: int, K: int, N: int) -> list[WeightsLeftConfig]:
-    """The tiles tried at M rows: enough programs to fill ~132 SMs about twice."""
+def candidates(M: int, K: int, N: int, quick: bool = False) -> list[WeightsLeftConfig]:
+    """The tiles tried at M rows: enough programs to fill ~132 SMs about twice. ``quick``:
+    the rules' tiles (``WeightsLeftConfig.for_shape``) with and without ``pairs``, 64- and
+    256-wide N tiles."""
+    if quick:
+        base = WeightsLeftConfig.for_shape("cuda", M, K, N)
+        return [base, dataclasses.replace(base, pairs=False),
+                dataclasses.replace(base, block_n=64, num_warps=4),
+                dataclasses.replace(base, block_n=256, num_warps=8)]
     Mp = max(16, 1 << (M - 1).bit_length())
     out = []
     for (bn, warps), stages in itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (2, 3)):
@@ -64,6 +72,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="gate_up,down,qkv,o")
     ap.add_argument("--format", default="w4g128")
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--quick", action="store_true", help="four tiles per case (candidates)")
     ap.add_argument("--out", default="experiments/results/latest/quant_wl")
     a = ap.parse_args()
     if jax.devices()[0].platform != "gpu":
@@ -94,7 +103,7 @@ def main() -> None:
         t_cur = T(lambda x, ql: quant.matmul(x, ql), qs)
         wl = [(x, (transpose_words(ql.qweight), ql.scales, ql.zeros)) for x, ql in qs]
         best = None
-        for cfg in candidates(M, K, N):
+        for cfg in candidates(M, K, N, a.quick):
             if time.time() > t_end:
                 break
             try:

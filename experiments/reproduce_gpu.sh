@@ -311,6 +311,7 @@ for step in $steps; do
       # bfloat16 and quant.matmul's route at 16, 1, 64 and 256 rows, a small grid of its tiles
       run quant_wl_probe "${OPTGQA_WL_LIMIT_S:-420}" python experiments/quant_wl_probe.py \
         --rows "${OPTGQA_WL_ROWS:-16,1,64,256}" --budget-s "${OPTGQA_WL_BUDGET_S:-380}" \
+        --shapes "${OPTGQA_WL_SHAPES:-gate_up,down,qkv,o}" ${OPTGQA_WL_QUICK:+--quick} \
         --out "$out/quant_wl" ;;
     quant-sweep)  # how fast each tile setting streams the codes, kernel layout and tile-contiguous
       run profile_quant_sweep 400 python experiments/profile_quant.py --sweep-load \

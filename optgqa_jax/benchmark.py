@@ -166,6 +166,8 @@ def _quantize_random(params, bc: BenchConfig):
     if layout == "gm":
         from optgqa_jax.sparse.group_major import to_group_major_params
         params = to_group_major_params(params)
+    elif layout == "wl":
+        params = quant.to_weights_left_params(params)
     elif layout in ("pk", "pksm", "pksmf"):
         from optgqa_jax.sparse.packed import to_packed_bsr_params
         params = to_packed_bsr_params(params, "stream" if layout == "pk" else "shift_major",

@@ -175,7 +175,12 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
     from optgqa_jax.sparse.bsr import check_bsr, is_bsr
     from optgqa_jax.sparse.group_major import is_group_major
     from optgqa_jax.sparse.packed import is_packed_bsr
+    from optgqa_jax.quant.weights_left import is_weights_left
     for name, leaf in list(flat.items()):
+        if is_weights_left(leaf):
+            raise ValueError(f"{name} is a WeightsLeftLinear, a runtime layout that checkpoints "
+                             "do not store: save the QuantizedLinear params and convert them "
+                             "after loading (quant.to_weights_left_params)")
         if is_group_major(leaf):
             raise ValueError(f"{name} is a GroupMajorLinear, a runtime layout that checkpoints "
                              "do not store: save the BSR params and convert them after loading "

@@ -35,6 +35,7 @@ from optgqa_jax.layer_stack import is_layer_view, layer_matmul
 from optgqa_jax.quant.linear import is_quantized as _is_dense_quantized
 from optgqa_jax.quant.linear import lookup_columns
 from optgqa_jax.quant.linear import matmul as quant_matmul
+from optgqa_jax.quant.weights_left import is_weights_left, weights_left_matmul
 from optgqa_jax.rope import apply_rope
 from pallas_kernels.alibi import alibi_slopes
 from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
@@ -48,8 +49,10 @@ from optgqa_jax.weight_layout import matmul as output_major_matmul
 def is_quantized(x) -> bool:
     """Whether a kernel leaf is quantized: a dense ``QuantizedLinear``, a group-sparse
     ``optgqa_jax.sparse.BSRQuantizedLinear`` or its serving layout
-    ``optgqa_jax.sparse.GroupMajorLinear`` (used as ``is_leaf`` in tree maps)."""
-    return _is_dense_quantized(x) or is_bsr(x) or is_group_major(x) or is_packed_bsr(x)
+    ``optgqa_jax.sparse.GroupMajorLinear``, or the dense one's weights-left layout
+    ``optgqa_jax.quant.WeightsLeftLinear`` (used as ``is_leaf`` in tree maps)."""
+    return (_is_dense_quantized(x) or is_bsr(x) or is_group_major(x) or is_packed_bsr(x)
+            or is_weights_left(x))
 
 
 def _is_kernel_leaf(x) -> bool:
@@ -128,6 +131,8 @@ class Linear(nn.Module):
             y = packed_bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_layer_view(kernel):      # one layer of a stacked layer (layer_stack)
             y = layer_matmul(x, kernel, _QUANT_IMPL[self.impl])
+        elif is_weights_left(kernel):    # words stored transposed (quant.weights_left)
+            y = weights_left_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_quantized(kernel):
             y = _quantized_product(x, kernel, _QUANT_IMPL[self.impl], self.scope.path)
         elif is_output_major(kernel):    # stored [D_out, D_in] (optgqa_jax.weight_layout)
@@ -277,6 +282,8 @@ class Transformer(nn.Module):
             if _is_dense_quantized(w):
                 logits = _quantized_product(x, w, _QUANT_IMPL[self.impl], ("lm_head",),
                                             jnp.float32)
+            elif is_weights_left(w):
+                logits = weights_left_matmul(x, w, _QUANT_IMPL[self.impl], jnp.float32)
             elif is_output_major(w):     # stored [V, D] (optgqa_jax.weight_layout)
                 logits = jnp.einsum("BTD,VD->BTV", x, w.kernel_t.astype(dt),
                                     preferred_element_type=jnp.float32)

@@ -76,6 +76,23 @@ class WeightsLeftConfig:
     num_stages: int = 3
     pairs: bool = True
 
+    @classmethod
+    def for_shape(cls, backend: str, M: int, K: int, N: int) -> "WeightsLeftConfig":
+        """Tiles for x [M, K] times [K, N] on `backend` (rules; no tuning table yet): up to
+        64 rows one x tile of M padded to a power of two (at least 16) and 4 warps, above that
+        128-row tiles on 8 warps; K split until the grid holds about two programs per SM of
+        an H100 (264)."""
+        del backend   # the same rules everywhere until measured otherwise
+        Mp = max(16, C.next_power_of_two(max(M, 1)))
+        block_m, warps = (Mp, 4) if Mp <= 64 else (128, 8)
+        block_n = 128
+        programs = C.cdiv(N, block_n) * C.cdiv(M, block_m)
+        tiles, split = K // tile_rows(4), 1
+        while programs * split < 264 and split * 2 <= max(tiles, 1) and split < 16:
+            split *= 2
+        return cls(block_n=block_n, block_m=block_m, split_k=split, num_warps=warps,
+                   num_stages=3 if block_m <= 64 else 2)
+
     def validate(self) -> None:
         for name, low in (("block_n", 64), ("block_m", 16)):
             v = getattr(self, name)
@@ -199,9 +216,10 @@ def _make_kernel(*, bits: int, dtype, block_n: int, block_m: int, block_k: int, 
     return kernel
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "config", "interpret",
+                                             "out_dtype"))
 def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
-                     config: WeightsLeftConfig, interpret: bool):
+                     config: WeightsLeftConfig, interpret: bool, out_dtype):
     M, K = x.shape
     N = qweight_t.shape[0]
     bk = tile_rows(bits)
@@ -223,7 +241,7 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
         out_shape = jax.ShapeDtypeStruct((split, Mp, N), jnp.float32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, j, i))
     else:
-        out_shape = jax.ShapeDtypeStruct((Mp, N), x.dtype)
+        out_shape = jax.ShapeDtypeStruct((Mp, N), out_dtype)
         out_spec = pl.BlockSpec((block_m, block_n), lambda i, j, s: (j, i))
     args = (xt, qweight_t, scales, zeros, xs)
     y = pl.pallas_call(
@@ -241,12 +259,12 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
     )(*args)
     if partial:
         y = y.sum(0)
-    return y[:M].astype(x.dtype)
+    return y[:M].astype(out_dtype)
 
 
 def quant_matmul_wl(x: jax.Array, qweight_t: jax.Array, scales: jax.Array, zeros: jax.Array,
                     *, bits: int, group_size: int, config: Optional[WeightsLeftConfig] = None,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, out_dtype=None) -> jax.Array:
     """``x @ dequant(W)`` with the weight words stored transposed (module docstring).
 
     Args:
@@ -256,9 +274,10 @@ def quant_matmul_wl(x: jax.Array, qweight_t: jax.Array, scales: jax.Array, zeros
       bits: 2 or 4 (8 with float16 x). group_size: a multiple of ``16 * 32 / bits`` or -1.
       config: tuning knobs (default :class:`WeightsLeftConfig`).
       interpret: Pallas interpret mode (CPU testing).
+      out_dtype: the output's dtype (default x's; float32 gives the unrounded sums).
 
     Returns:
-      [M, N] in x's dtype, float32 accumulation.
+      [M, N] in ``out_dtype``, float32 accumulation.
 
     Raises:
       ValueError: a format or shape this kernel does not run, before any launch.
@@ -266,10 +285,11 @@ def quant_matmul_wl(x: jax.Array, qweight_t: jax.Array, scales: jax.Array, zeros
     check_wl_inputs(x, qweight_t, scales, zeros, bits=bits, group_size=group_size)
     config = config or WeightsLeftConfig()
     config.validate()
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
     if x.shape[0] == 0:
-        return jnp.zeros((0, qweight_t.shape[0]), x.dtype)
+        return jnp.zeros((0, qweight_t.shape[0]), out_dtype)
     return _quant_matmul_wl(x, qweight_t, scales, zeros, bits=bits, group_size=group_size,
-                            config=config, interpret=interpret)
+                            config=config, interpret=interpret, out_dtype=out_dtype)
 
 
 def transpose_words(qweight: jax.Array) -> jax.Array:

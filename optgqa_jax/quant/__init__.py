@@ -24,3 +24,9 @@ __all__ += ["export_hf_gptq"]
 from optgqa_jax.quant.synthetic import parse_spec, random_quantize  # noqa: E402
 
 __all__ += ["parse_spec", "random_quantize"]
+from optgqa_jax.quant.weights_left import (WeightsLeftLinear, is_weights_left,  # noqa: E402
+                                           to_weights_left, to_weights_left_params,
+                                           weights_left_matmul)
+
+__all__ += ["WeightsLeftLinear", "is_weights_left", "to_weights_left", "to_weights_left_params",
+            "weights_left_matmul"]

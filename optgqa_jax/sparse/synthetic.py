@@ -42,7 +42,9 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
     return qc, s
 
 
-SERVING_LAYOUTS = ("", "gm", "pk", "pksm", "pksmf")
+SERVING_LAYOUTS = ("", "gm", "pk", "pksm", "pksmf", "wl")
+# layouts of group-sparse layers; "wl" is the dense layers' (quant.to_weights_left_params)
+SPARSE_LAYOUTS = ("gm", "pk", "pksm", "pksmf")
 
 
 def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
@@ -52,21 +54,25 @@ def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
     packed into one (``sparse.to_packed_bsr_params``), ``pksm`` the same with each block's
     codes in shift-major order (``code_order="shift_major"``: the batch-1 kernel reads x as
     given), ``pksmf`` that with x handed to the batch-1 kernel in float32
-    (``x_dtype="float32"``). Returns (QuantConfig, sparsity or None,
-    layout: one of :data:`SERVING_LAYOUTS`, "" for the BSR layers as they are).
+    (``x_dtype="float32"``); ``wl`` (``"w4g128wl"``, dense only) serves the dense layers
+    with their words transposed for the weights-left kernel (``quant.to_weights_left_params``).
+    Returns (QuantConfig, sparsity or None, layout: one of :data:`SERVING_LAYOUTS`, "" for
+    the layers as they are).
 
     Raises:
-      ValueError: as :func:`parse_sparse_spec`, or a layout suffix on a spec without group
-        sparsity.
+      ValueError: as :func:`parse_sparse_spec`, a group-sparse layout suffix on a spec
+        without group sparsity, or ``wl`` on one with it.
     """
     if not isinstance(spec, str):
         return (*parse_sparse_spec(spec), "")     # raises: not a spec
     base, plus, extras = spec.partition("+")
     layout = next((s for s in SERVING_LAYOUTS if s and base.endswith(s)), "")
     qc, sparsity = parse_sparse_spec(base[:len(base) - len(layout)] + plus + extras)
-    if layout and sparsity is None:
+    if layout in SPARSE_LAYOUTS and sparsity is None:
         raise ValueError(f"{spec!r}: the {layout!r} layout needs group sparsity "
                          f"(e.g. w4g128s50{layout})")
+    if layout == "wl" and sparsity is not None:
+        raise ValueError(f"{spec!r}: the 'wl' layout is for dense layers (e.g. w4g128wl)")
     return qc, sparsity, layout
 
 
