@@ -10,6 +10,16 @@ from registers), laid ``[block_n, K-tile]``, and ``x^T`` [K-tile, M] is the righ
 streamed into shared memory by Triton's pipelined copies. The N axis fills the 64-row side;
 M is the instruction's narrow side (8 to 256).
 
+Measured (H100, jax 0.11.2, commit 114cfd3, the rules' tiles of
+:meth:`WeightsLeftConfig.for_shape` with and without ``pairs``,
+``experiments/results/h100/quant/quant_wl_probe_114cfd3.md``): slower than
+``pallas_kernels.quant_matmul`` with its tuned tiles at 1 and 16 rows (gate/up 62.4 and
+64.6 us against 35.0 and 52.6), a little faster at 64 rows on gate/up, q/k/v and o (gate/up
+78.0 against 85.5 us, 1.05x the bfloat16 product), 1.4-1.9x slower at 256 rows. So
+``optgqa_jax.quant.matmul`` does not use it; it serves layers converted with
+``optgqa_jax.quant.to_weights_left_params`` (``optgqa bench --quantize w4g128wl``). Its own
+tile search has not run.
+
 Weight layout: the GPTQ words transposed once at load time, ``qweight_t`` int32 [N, K / P]
 (``qweight.T``: P = 32 / bits codes per word along K, the same words), so that a program
 reads its ``[block_n, block_k / P]`` words as rows; ``scales`` [G, N] and ``zeros`` uint8

@@ -9,6 +9,10 @@ once per layer (the same words, scales and zero points: no byte is added) and
 :func:`to_weights_left_params` does it for every layer the kernel takes; the model then
 multiplies with :func:`weights_left_matmul`.
 
+An option for experiments, not the default: on an H100 (commit 114cfd3) the kernel on its
+rules' tiles was slower than ``quant.matmul``'s at 1 and 16 rows and a little faster at 64
+(``experiments/results/h100/quant/quant_wl_probe_114cfd3.md``).
+
 It is a runtime layout, like ``optgqa_jax.sparse.GroupMajorLinear``: checkpoints store the
 GPTQ form (convert after loading), and it is not shardable. Layers the kernel does not take
 (3 or 8 bits with bfloat16 activations, group sizes below ``16 * 32 / bits``, act-order rows
