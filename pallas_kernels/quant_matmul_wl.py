@@ -18,7 +18,11 @@ Measured (H100, jax 0.11.2, commit 114cfd3, the rules' tiles of
 78.0 against 85.5 us, 1.05x the bfloat16 product), 1.4-1.9x slower at 256 rows. So
 ``optgqa_jax.quant.matmul`` does not use it; it serves layers converted with
 ``optgqa_jax.quant.to_weights_left_params`` (``optgqa bench --quantize w4g128wl``). Its own
-tile search has not run.
+tile search has not run. A likely reason, read in the sm_90 TTGIR that Triton 3.9 makes of
+the kernel on a CPU: every ``warp_group_dot`` whose left operand is in registers is followed by
+a wait for it (``pendings = 0``), even with one accumulator per shift, so in a warp group
+the next shift's codes are built only after the previous product finished; the dequantization
+and the tensor cores overlap only across programs.
 
 Weight layout: the GPTQ words transposed once at load time, ``qweight_t`` int32 [N, K / P]
 (``qweight.T``: P = 32 / bits codes per word along K, the same words), so that a program
