@@ -95,7 +95,9 @@ class WeightsLeftConfig:
         """Tiles for x [M, K] times [K, N] on `backend` (rules; no tuning table yet): up to
         64 rows one x tile of M padded to a power of two (at least 16) and 4 warps, above that
         128-row tiles on 8 warps; K split until the grid holds about two programs per SM of
-        an H100 (264)."""
+        an H100 (264); ``pairs`` off up to 64 rows, where the fastest of the four tiles an
+        H100 probe tried had it off in all 12 cases (commit 114cfd3,
+        ``experiments/results/h100/quant/quant_wl_probe_114cfd3.md``)."""
         del backend   # the same rules everywhere until measured otherwise
         Mp = max(16, C.next_power_of_two(max(M, 1)))
         block_m, warps = (Mp, 4) if Mp <= 64 else (128, 8)
@@ -105,7 +107,7 @@ class WeightsLeftConfig:
         while programs * split < 264 and split * 2 <= max(tiles, 1) and split < 16:
             split *= 2
         return cls(block_n=block_n, block_m=block_m, split_k=split, num_warps=warps,
-                   num_stages=3 if block_m <= 64 else 2)
+                   num_stages=3 if block_m <= 64 else 2, pairs=block_m > 64)
 
     def validate(self) -> None:
         for name, low in (("block_n", 64), ("block_m", 16)):

@@ -109,3 +109,13 @@ def test_transpose_words_keeps_the_words():
     np.testing.assert_array_equal(np.asarray(transpose_words(q)), q.T)
     np.testing.assert_array_equal(np.asarray(transpose_words(jnp.asarray(q))), q.T)
     assert jax.eval_shape(transpose_words, jax.ShapeDtypeStruct((3, 4), jnp.int32)).shape == (4, 3)
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 64, 65, 256, 2048])
+@pytest.mark.parametrize("K,N", [(4096, 28672), (14336, 4096), (256, 64)])
+def test_rules_give_valid_tiles(M, K, N):
+    cfg = WeightsLeftConfig.for_shape("cuda", M, K, N)
+    cfg.validate()
+    assert cfg.block_m <= max(16, 1 << (M - 1).bit_length())
+    assert cfg.split_k <= max(1, K // 128) and cfg.pairs == (cfg.block_m > 64)
+    assert cfg.block_n * cfg.block_m // (32 * cfg.num_warps) <= 128   # accumulator registers
