@@ -135,8 +135,8 @@ def main() -> None:
           f"{meta['device']}, jax {meta['jax']}, commit {meta['commit']}, {meta['date']}; "
           f"{a.format}; copy ceiling {meta['copy_gbps']:.0f} GB/s; µs per call "
           "(`timeit_rotating`, weights rotating past the L2 cache).", "",
-          "| shape | M | bf16 µs | quant.matmul µs (× bf16) | weights-left µs (× bf16) | % of copy "
-          "| rel. err | tiles (bn, bm, split, warps, stages, pairs) |",
+          "| shape | M | bf16 µs | quant.matmul µs (× bf16) | weights-left µs (× bf16) "
+          "| % of copy | rel. err | tiles (bn, bm, split, warps, stages, pairs) |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         c = r["config"]

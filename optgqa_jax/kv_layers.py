@@ -67,8 +67,9 @@ class PagedBatch(NamedTuple):
         at distinct slots past the pool, :func:`optgqa_jax.engine.runner.sort_kv_writes`):
         the rows are written in that order, with the scatter told its indices are sorted
         and unique. On an H100 (commit de8592f, ``results/h100/kv_write_bench_de8592f.md``,
-        one layer of the Llama-3-8B pool, one jitted call each, dispatch included) that write took 43.4 against 57.6 µs for a
-        482-token decode step and 49.1 against 86.1 µs for a 3,890-token mixed step.
+        one layer of the Llama-3-8B pool, one jitted call each, dispatch included) that
+        write took 43.4 against 57.6 µs for a 482-token decode step and 49.1 against 86.1 µs
+        for a 3,890-token mixed step.
       write_kernel: static; write the K/V rows with ``pallas_kernels.kv_write`` (in place,
         one launch per layer) where the attention runs its Pallas kernels (``impl`` "pallas",
         or "auto" on a GPU), else with the scatter.
