@@ -14,8 +14,9 @@ Here program ``(i, k)`` takes tokens ``[i Bt, (i + 1) Bt)`` of KV head ``k``: it
 per row at head dim 128 in bfloat16 (a grid of ``ceil(T / Bt) K`` programs: 248 for a
 482-token step of 8 KV heads at ``Bt = 16``). The pools are aliased to the outputs
 (``input_output_aliases``), so only the written rows move; under ``jax.jit`` with the pools
-donated, as the engine's step donates them, XLA updates them in place. Slots outside ``[0, S)`` (the engine's padding tokens) are
-not written, as the scatter's ``mode="drop"`` does.
+donated, as the engine's step donates them, XLA updates them in place. Slots outside
+``[0, S)`` (the engine's padding tokens) are not written, as the scatter's ``mode="drop"``
+does.
 
 Axis legend: T tokens of the step, K KV heads, H head dim, S = P Z pool slots (P pages of Z
 tokens), Bt tokens per program.
