@@ -200,7 +200,7 @@ def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
     Raises:
       ValueError: the mesh lacks the ``data``/``model`` axes, `cfg` cannot be split over
         the model axis (:func:`check_tensor_parallel`), or `params` hold group-sparse (BSR)
-        layers, which have no partition rules yet.
+        layers or ``quant.WeightsLeftLinear`` ones, which have no partition rules.
     """
     from optgqa_jax.sparse.bsr import is_bsr
     from optgqa_jax.sparse.group_major import is_group_major
@@ -211,6 +211,12 @@ def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
         raise ValueError(f"params hold {len(bsr)} group-sparse (BSR) layers, which cannot be "
                          "sharded yet; serve them on one device, or shard the dense pruned "
                          "params (sparse.to_dense) instead")
+    from optgqa_jax.quant.weights_left import is_weights_left
+    wl = [l for l in jax.tree_util.tree_leaves(params, is_leaf=is_weights_left)
+          if is_weights_left(l)]
+    if wl:
+        raise ValueError(f"params hold {len(wl)} WeightsLeftLinear layers (a one-device "
+                         "runtime layout); shard the QuantizedLinear params instead")
     if tuple(mesh.axis_names) != (DATA, MODEL):
         raise ValueError(f"mesh axes must be ({DATA!r}, {MODEL!r}) (make_mesh builds one), got "
                          f"{tuple(mesh.axis_names)}")

@@ -142,3 +142,10 @@ def test_checkpoints_refuse_the_runtime_layout(tmp_path, bf16_model):
     cfg, _, wl = bf16_model
     with pytest.raises(ValueError, match="WeightsLeftLinear, a runtime layout"):
         og.save_checkpoint(str(tmp_path / "ck"), cfg, wl)
+
+
+def test_sharding_refuses_the_runtime_layout(bf16_model):
+    from optgqa_jax import sharding
+    cfg, _, wl = bf16_model
+    with pytest.raises(ValueError, match="WeightsLeftLinear layers"):
+        sharding.partition_specs(cfg, wl, sharding.make_mesh(1, 1))
