@@ -59,12 +59,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as C
-from pallas_kernels.quant_codes import code_pattern, pair_pattern, pattern_codes, shift_major
+from pallas_kernels.quant_codes import (code_pattern, pair_pattern, pattern_codes, shift_major,
+                                        unpack_codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,17 +311,14 @@ def quant_matmul_wl(x: jax.Array, qweight_t: jax.Array, scales: jax.Array, zeros
 def transpose_words(qweight: jax.Array) -> jax.Array:
     """The kernel's weight layout from the GPTQ one: int32 [K / P, N] -> [N, K / P] (the
     same words; done once at load time)."""
-    return jnp.asarray(qweight).T.copy() if isinstance(qweight, np.ndarray) else qweight.T
+    return jnp.asarray(qweight).T
 
 
 def quant_matmul_wl_reference(x, qweight_t, scales, zeros, *, bits: int, group_size: int):
     """Pure-jnp float32 reference: unpack the codes, dequantize, multiply."""
     check_wl_inputs(x, qweight_t, scales, zeros, bits=bits, group_size=group_size)
     K = x.shape[1]
-    P, mask = 32 // bits, (1 << bits) - 1
-    words = jnp.asarray(qweight_t).T                                          # [K / P, N]
-    codes = jnp.stack([(words >> (bits * p)) & mask for p in range(P)], 1)    # [K/P, P, N]
-    q = codes.reshape(K, -1).astype(jnp.float32)
+    q = unpack_codes(jnp.asarray(qweight_t).T, bits, K).astype(jnp.float32)  # [K, N]
     gs = K if group_size == -1 else group_size
     s = jnp.repeat(scales.astype(jnp.float32), gs, 0)
     z = jnp.repeat(zeros.astype(jnp.float32), gs, 0)

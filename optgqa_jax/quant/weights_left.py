@@ -98,7 +98,8 @@ def to_weights_left(ql: QuantizedLinear, name: str = "layer") -> WeightsLeftLine
     reason = unsupported_reason(ql)
     if reason is not None:
         raise ValueError(f"{name}: the weights-left kernel does not take {reason}")
-    return WeightsLeftLinear(qweight_t=jnp.asarray(ql.qweight).T, scales=ql.scales,
+    from pallas_kernels.quant_matmul_wl import transpose_words
+    return WeightsLeftLinear(qweight_t=transpose_words(ql.qweight), scales=ql.scales,
                              zeros=ql.zeros, perm=ql.perm, bits=ql.bits,
                              group_size=ql.group_size, sym=ql.sym, dtype=ql.dtype)
 
@@ -118,10 +119,9 @@ def to_weights_left_params(params):
 
 def dequantize_weights_left(w: WeightsLeftLinear, dtype=None) -> jax.Array:
     """The float weight [K, N] in logical row order (jnp; traceable)."""
+    from pallas_kernels.quant_codes import unpack_codes
     K, N = w.shape
-    P, mask = 32 // w.bits, (1 << w.bits) - 1
-    words = w.qweight_t.T                                                     # [K / P, N]
-    codes = jnp.stack([(words >> (w.bits * p)) & mask for p in range(P)], 1).reshape(K, N)
+    codes = unpack_codes(w.qweight_t.T, w.bits, K)                           # [K, N] stored rows
     gs = K if w.group_size == -1 else w.group_size
     s = jnp.repeat(w.scales.astype(jnp.float32), gs, 0)
     z = jnp.repeat(w.zeros.astype(jnp.float32), gs, 0)
