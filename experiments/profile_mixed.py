@@ -175,7 +175,11 @@ def main(argv=None) -> None:
     if not a.no_trace:
         meta["ops"], meta["timeline"] = traced_ops(step, steps=3)
     # the products' shapes and layouts as compiled (which operand layout each GEMM got)
-    meta["gemms"] = gemm_calls(runner.lower(inputs, False, size).compile().as_text())
+    hlo = runner.lower(inputs, False, size).compile().as_text()
+    meta["gemms"] = gemm_calls(hlo)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "step_hlo.txt"), "w") as f:   # to name the trace's fusions
+        f.write(hlo)
     table = ["| what | value |", "| --- | ---: |"]
     table += [f"| {k} | {v:,.2f} |" for k, v in results.items()]
     write_report(a.out, "profile_mixed", "Mixed-step profile", meta, results, table)

@@ -195,11 +195,15 @@ for step in $steps; do
           experiments/bench_engine.py "${ENGINE512[@]}" "${r[@]}" \
           --out "$out/engine_${w}_seqs512"
       done ;;
-    profile-kv-write-kernel)  # the fixed workload's mean mixed step (4096 tokens) with the
-      # K/V written by XLA's scatter and by pallas_kernels.kv_write: step time and per-op trace
+    profile-kv-write-kernel)  # the fixed workload's mean mixed step (4096 tokens) and its
+      # 482-sequence decode step with the K/V written by XLA's scatter and by
+      # pallas_kernels.kv_write: step time, per-op trace and the compiled HLO (step_hlo.txt)
       for v in scatter kernel; do
         b=()
         [ "$v" = kernel ] && b=(--kv-write-kernel)
+        run "profile_decode_kv_$v" 200 python experiments/profile_decode.py --quick \
+          --fuse-projections --batch 482 ${b[@]+"${b[@]}"} \
+          --out "$out/profile_kv_write_kernel/decode_$v"
         run "profile_mixed_kv_$v" 240 python experiments/profile_mixed.py --fuse-projections \
           --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
           ${b[@]+"${b[@]}"} --out "$out/profile_kv_write_kernel/mixed_$v"
