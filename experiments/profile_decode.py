@@ -339,6 +339,9 @@ def main():
     ap.add_argument("--kv-write-kernel", action="store_true",
                     help="write the step's K/V rows with pallas_kernels.kv_write "
                          "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
+    ap.add_argument("--rope-kv-write", action="store_true",
+                    help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
+                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
     ap.add_argument("--stack-layers", action="store_true",
                     help="serve the quantized layers and norm scales stacked across layers "
                          "(EngineConfig.stack_layers; default off, as the engine's)")
@@ -427,12 +430,14 @@ def main():
                                  args.stable_buffers],
                              sorted_kv_writes=args.sorted_kv_writes,
                              kv_write_kernel=args.kv_write_kernel,
+                             rope_kv_write=args.rope_kv_write,
                              compiler_options=(
                                  parse_xla_options(args.xla_option) if args.xla_option else None))
         meta["compiler_options"] = runner.compiler_options
         meta["stable_buffers"] = runner.stable_buffers
         meta["sorted_kv_writes"] = runner.sorted_kv_writes
         meta["kv_write_kernel"] = runner.kv_write_kernel
+        meta["rope_kv_write"] = runner.rope_kv_write
         meta["stack_layers"] = bool(args.stack_layers)
         meta["param_buffers"] = dict(per_layer=param_buffers, served=argument_buffers(params))
         meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")

@@ -111,6 +111,9 @@ def main(argv=None) -> None:
     ap.add_argument("--kv-write-kernel", action="store_true",
                     help="write the step's K/V rows with pallas_kernels.kv_write "
                          "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
+    ap.add_argument("--rope-kv-write", action="store_true",
+                    help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
+                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     lo, hi = a.context
@@ -145,7 +148,8 @@ def main(argv=None) -> None:
                          page_size=Z, max_num_seqs=seqs, max_num_batched_tokens=size,
                          max_model_len=cfg.max_seq_len, impl=a.impl, seq_buckets=(seqs,),
                          token_buckets=(size,), compiler_options=options,
-                         sorted_kv_writes=a.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel)
+                         sorted_kv_writes=a.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel,
+                         rope_kv_write=a.rope_kv_write)
     inputs, real, _ = mixed_inputs(runner, rng, prompts=a.prompts, prompt_len=a.prompt_len,
                                    decode_contexts=contexts, size=size)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -154,6 +158,7 @@ def main(argv=None) -> None:
                 prompt_len=a.prompt_len, decodes=a.decodes, context=[lo, hi], real_tokens=real,
                 padded_tokens=size, page_size=Z, impl=a.impl,
                 sorted_kv_writes=runner.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel,
+                rope_kv_write=a.rope_kv_write,
                 compiler_options=runner.options_for(size))
 
     def step():

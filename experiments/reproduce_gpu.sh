@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-kv-write-kernel, profile-kv-write-kernel, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -207,6 +207,39 @@ for step in $steps; do
         run "profile_mixed_kv_$v" 240 python experiments/profile_mixed.py --fuse-projections \
           --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
           ${b[@]+"${b[@]}"} --out "$out/profile_kv_write_kernel/mixed_$v"
+      done ;;
+    rope-kv-write)  # pallas_kernels.rope_kv_write compiled (its tests), then the 482-sequence
+      # decode step and the fixed workload's mean mixed step with the rotations and K/V
+      # writes as XLA ops (the default) and as the one kernel (EngineConfig.rope_kv_write), in
+      # turns, twice each: step time, per-op trace, compiled HLO
+      JAX_DEFAULT_MATMUL_PRECISION=highest run rope_kv_write_tests 120 python -m pytest -q \
+        -p no:cacheprovider tests/test_rope_kv_write.py
+      for i in 1 2; do
+        for v in xla kernel; do
+          b=()
+          [ "$v" = kernel ] && b=(--rope-kv-write)
+          run "profile_decode_rope_${v}_$i" 150 python experiments/profile_decode.py --quick \
+            --fuse-projections --batch 482 ${b[@]+"${b[@]}"} \
+            --out "$out/rope_kv_write/decode_${v}_$i"
+        done
+      done
+      for v in xla kernel; do
+        b=()
+        [ "$v" = kernel ] && b=(--rope-kv-write)
+        run "profile_mixed_rope_$v" 180 python experiments/profile_mixed.py --fuse-projections \
+          --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
+          ${b[@]+"${b[@]}"} --out "$out/rope_kv_write/mixed_$v"
+      done ;;
+    engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
+      # K/V writes as XLA ops and as pallas_kernels.rope_kv_write, in turns, twice
+      for i in 1 2; do
+        for v in xla kernel; do
+          b=()
+          [ "$v" = kernel ] && b=(--rope-kv-write)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_rope_${v}_$i" 240 python \
+            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} \
+            --out "$out/engine_rope_${v}_$i"
+        done
       done ;;
     profile-mixed)  # one mixed (prefill) step as the engine benchmarks run them at 512
       # sequences (experiments/schedule_replay.py: the fixed workload's mean mixed step is ~14

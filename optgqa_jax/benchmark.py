@@ -83,6 +83,8 @@ class BenchConfig:
     output_major: tuple[str, ...] = ()
     # K/V rows written by pallas_kernels.kv_write (EngineConfig.kv_write_kernel)
     kv_write_kernel: bool = False
+    # queries and keys rotated and K/V written by one kernel (EngineConfig.rope_kv_write)
+    rope_kv_write: bool = False
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -215,7 +217,8 @@ def run_engine(bc: BenchConfig) -> dict:
         stable_step_buffers=bool(bc.stable_step_buffers),
         sorted_kv_writes=(EngineConfig.sorted_kv_writes if bc.sorted_kv_writes is None
                           else bool(bc.sorted_kv_writes)), stack_layers=bool(bc.stack_layers),
-        output_major=tuple(bc.output_major), kv_write_kernel=bool(bc.kv_write_kernel)))
+        output_major=tuple(bc.output_major), kv_write_kernel=bool(bc.kv_write_kernel),
+        rope_kv_write=bool(bc.rope_kv_write)))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -386,6 +389,8 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        + (f", stored [D_out, D_in]: {', '.join(bc.output_major)}"
                           if bc.output_major else "")
                        + (", K/V written by the Pallas kernel" if bc.kv_write_kernel else "")
+                       + (", RoPE and K/V write in one Pallas kernel" if bc.rope_kv_write
+                          else "")
                        + (", asynchronous scheduling" if bc.async_scheduling
                           else ", synchronous scheduling")
                        + (f", XLA options {bc.xla_compiler_options}"
@@ -443,6 +448,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write each step's K/V rows with the Pallas kernel "
                              "pallas_kernels.kv_write instead of XLA's scatter "
                              "(EngineConfig.kv_write_kernel; default: off)")
+    parser.add_argument("--rope-kv-write", action=argparse.BooleanOptionalAction,
+                        default=False,
+                        help="rotate queries and keys and write K/V with one Pallas kernel per "
+                             "layer (pallas_kernels.rope_kv_write; RoPE models with fused "
+                             "projections; EngineConfig.rope_kv_write; default: off)")
     parser.add_argument("--output-major", default="", metavar="NAME,NAME,...",
                         help="projections (e.g. gate_up_proj,qkv_proj) whose float kernels are "
                              "served stored [D_out, D_in] (EngineConfig.output_major; default: "
@@ -515,6 +525,7 @@ def config_from_args(args) -> BenchConfig:
         stack_layers=bool(getattr(args, "stack_layers", False)),
         output_major=tuple(n for n in getattr(args, "output_major", "").split(",") if n),
         kv_write_kernel=bool(getattr(args, "kv_write_kernel", False)),
+        rope_kv_write=bool(getattr(args, "rope_kv_write", False)),
         seq_buckets=seq_buckets,
         token_buckets=token_buckets,
         context_buckets=_context_buckets(getattr(args, "context_buckets", None)),

@@ -28,6 +28,7 @@ from optgqa_jax import sharding
 from optgqa_jax.attention import cached_attention, paged_batch_attention, runs_pallas_kernels
 from pallas_kernels._common import backend as kernel_backend
 from pallas_kernels.kv_write import kv_write
+from pallas_kernels.rope_kv_write import rope_kv_write
 
 
 class ContiguousLayerKV(NamedTuple):
@@ -73,6 +74,10 @@ class PagedBatch(NamedTuple):
       write_kernel: static; write the K/V rows with ``pallas_kernels.kv_write`` (in place,
         one launch per layer) where the attention runs its Pallas kernels (``impl`` "pallas",
         or "auto" on a GPU), else with the scatter.
+      rope_write: static; on RoPE layers with fused q/k/v projections the model hands the
+        projection's output to :meth:`PagedLayerKV.attend_qkv`, which rotates the queries
+        and keys and writes K/V with ``pallas_kernels.rope_kv_write`` (one launch) where the
+        attention runs its Pallas kernels (see :meth:`PagedLayerKV.takes_qkv`).
 
     """
 
@@ -85,6 +90,7 @@ class PagedBatch(NamedTuple):
     decode_only: bool
     kv_order: Optional[jax.Array] = None
     write_kernel: bool = False
+    rope_write: bool = False
 
 
 class PagedLayerKV(NamedTuple):
@@ -117,4 +123,27 @@ class PagedLayerKV(NamedTuple):
                                     kv_head_map=kv_head_map, alibi_slopes=alibi_slopes,
                                     impl=impl,
                                     mesh=sharding.current_kernel_mesh())  # [T, N, H]
+        return out[None], PagedLayerKV(k_pages, v_pages, self.batch)
+
+    def takes_qkv(self, impl: str, head_dim: int) -> bool:
+        """Whether :meth:`attend_qkv` applies: ``PagedBatch.rope_write`` is on and the
+        attention runs its Pallas kernels on one device."""
+        return bool(self.batch.rope_write and runs_pallas_kernels(impl, head_dim)
+                    and sharding.current_kernel_mesh() is None)
+
+    def attend_qkv(self, qkv, positions, *, n_heads: int, theta: float,
+                   kv_head_map: Sequence[int], impl: str):
+        """:meth:`attend` from the fused projection's output before the rotation: qkv
+        [1, T, (N + 2K) H] (query, key, value heads), positions [1, T]. The queries and keys
+        are rotated (RoPE base ``theta``) and K/V written into the pool by one
+        ``pallas_kernels.rope_kv_write`` launch. Returns ([1, T, N, H], updated)."""
+        K, P, Z, H = self.k_pages.shape
+        q, flat_k, flat_v = rope_kv_write(
+            qkv[0], positions[0].astype(jnp.int32), self.batch.slot_mapping,
+            self.k_pages.reshape(K, P * Z, H), self.v_pages.reshape(K, P * Z, H),
+            n_heads=n_heads, theta=theta, interpret=kernel_backend() == "cpu")
+        k_pages, v_pages = flat_k.reshape(K, P, Z, H), flat_v.reshape(K, P, Z, H)
+        out = paged_batch_attention(q, k_pages, v_pages, self.batch, positions[0],
+                                    kv_head_map=kv_head_map, alibi_slopes=None, impl=impl,
+                                    mesh=None)  # [T, N, H]
         return out[None], PagedLayerKV(k_pages, v_pages, self.batch)

@@ -173,8 +173,17 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         B, T, _ = x.shape
         N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_map = cfg.layer_kv_head_map(self.layer)
         if self.has_variable("params", "qkv_proj"):  # fused layout (optgqa_jax.fused)
             qkv = _dense((N + 2 * K) * H, "qkv_proj", dt, self.impl)(x)
+            if (cfg.position == "rope" and layer_kv is not None
+                    and getattr(layer_kv, "takes_qkv", lambda *a: False)(self.impl, H)):
+                # rotation and K/V write in one kernel (EngineConfig.rope_kv_write)
+                out, layer_kv = layer_kv.attend_qkv(qkv, positions, n_heads=N,
+                                                    theta=cfg.rope_theta, kv_head_map=kv_map,
+                                                    impl=self.impl)  # [B, T, N, H]
+                out = _dense(cfg.d_model, "o_proj", dt, self.impl)(out.reshape(B, T, N * H))
+                return out, layer_kv
             q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
         else:
             q = _dense(N * H, "q_proj", dt, self.impl)(x)
@@ -189,7 +198,6 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, cfg.rope_theta)
         elif cfg.position == "alibi":
             slopes = alibi_slopes(N)
-        kv_map = cfg.layer_kv_head_map(self.layer)
         if layer_kv is None:
             out = attention(q, k, v, positions, kv_head_map=kv_map, alibi_slopes=slopes,
                             impl=self.impl)  # [B, T, N, H]

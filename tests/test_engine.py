@@ -490,6 +490,33 @@ def test_kv_write_kernel_serves_the_same_tokens(tiny, async_scheduling, monkeypa
     assert calls                      # traced through the kernel, not the scatter
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_rope_kv_write_serves_the_same_tokens(tiny, async_scheduling, monkeypatch):
+    """Queries and keys rotated and K/V written by pallas_kernels.rope_kv_write (interpret mode
+    on the CPU) on the Pallas path with fused projections: the same greedy tokens, with
+    chunked prefill, padding tokens and preemption."""
+    from optgqa_jax import kv_layers
+    calls = []
+    real = kv_layers.rope_kv_write
+    monkeypatch.setattr(kv_layers, "rope_kv_write",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    jax.clear_caches()                # steps traced by earlier tests would skip the counter
+    eng = _engine(tiny, attention_impl="pallas", rope_kv_write=True, fuse_projections=True,
+                  num_pages=7, max_num_batched_tokens=32, async_scheduling=async_scheduling)
+    assert eng.runner.rope_kv_write
+    outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
+    assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
+    assert eng.stats.preemptions > 0
+    assert calls                      # traced through the kernel, not the rotations + scatter
+
+
+def test_rope_kv_write_option_is_checked():
+    with pytest.raises(ValueError, match="rope_kv_write=True needs one device"):
+        og.EngineConfig(rope_kv_write=True, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="rope_kv_write must be True or False"):
+        og.EngineConfig(rope_kv_write="yes")
+
+
 def test_kv_write_kernel_needs_one_device():
     with pytest.raises(ValueError, match="kv_write_kernel=True needs one device"):
         og.EngineConfig(kv_write_kernel=True, tensor_parallel_size=2)

@@ -418,6 +418,24 @@ def test_kv_write_lowers_through_triton(T, K, H, block_t, platform):
     assert text.count(TRITON_CALL) == 1
 
 
+# rope_kv_write: qkv [T, (N + 2K) H], positions and slots [T], pools [K, S, H] aliased.
+@pytest.mark.parametrize("T,N,K,H,block_t", [(482, 32, 8, 128, 16), (1, 1, 1, 64, 16),
+                                             (37, 7, 3, 128, 4)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_rope_kv_write_lowers_through_triton(T, N, K, H, block_t, platform):
+    """Rotation and K/V write in one kernel (pallas_kernels.rope_kv_write): one Triton call."""
+    from pallas_kernels.rope_kv_write import RopeKVWriteConfig, rope_kv_write
+    pools = S((K, 4096, H), jnp.bfloat16)
+
+    def f(qkv, pos, slots, kp, vp):
+        return rope_kv_write(qkv, pos, slots, kp, vp, n_heads=N, theta=500000.0,
+                             config=RopeKVWriteConfig(block_t=block_t))
+
+    text = export_for(platform, f, S((T, (N + 2 * K) * H), jnp.bfloat16), S((T,), jnp.int32),
+                      S((T,), jnp.int32), pools, pools)
+    assert text.count(TRITON_CALL) == 1
+
+
 # quant_matmul_wl: x [M, K], the GPTQ words transposed [N, K / P], scales and zeros [G, N].
 @pytest.mark.parametrize("M,K,N,split", [(1, 4096, 28672, 1), (16, 14336, 4096, 8),
                                          (3, 256, 200, 2)])

@@ -189,6 +189,14 @@ class EngineConfig:
         scatter, twice): 29,102 and 29,232 against 29,266 and 29,109 tokens/s, no difference
         beyond the spread (``experiments/results/h100/engine_kv_write_kernel_ecc39b2/``). Off
         by default. One device only.
+      rope_kv_write: on RoPE models with fused q/k/v projections (``optgqa_jax.fused``),
+        rotate the queries and keys and write the K/V rows into the pool with
+        ``pallas_kernels.rope_kv_write``: one Triton launch per layer straight from the
+        projection's output, in place of the queries' and keys' rotations and the two
+        scatters, wherever the attention runs its Pallas kernels. Outputs are those of the
+        model's own rotation (the same frequencies and float32 arithmetic; tested equal in
+        interpret mode). Other layers and models write as ``kv_write_kernel`` says. Off by
+        default. One device only.
       output_major: names of projections (``optgqa_jax.weight_layout.PROJECTIONS``, e.g.
         ``("gate_up_proj", "qkv_proj")`` with fused projections) whose float kernels the
         engine serves stored transposed, ``[D_out, D_in]`` (``weight_layout.OutputMajorKernel``;
@@ -219,6 +227,7 @@ class EngineConfig:
     stack_layers: bool = False
     output_major: tuple[str, ...] = ()
     kv_write_kernel: bool = False
+    rope_kv_write: bool = False
     async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
@@ -261,6 +270,11 @@ class EngineConfig:
                              f"{self.kv_write_kernel!r}")
         if self.kv_write_kernel and self.tensor_parallel_size > 1:
             raise ValueError("kv_write_kernel=True needs one device (tensor_parallel_size=1): "
+                             "the pool is split by KV heads over the devices there")
+        if not isinstance(self.rope_kv_write, (bool, np.bool_)):
+            raise ValueError(f"rope_kv_write must be True or False, got {self.rope_kv_write!r}")
+        if self.rope_kv_write and self.tensor_parallel_size > 1:
+            raise ValueError("rope_kv_write=True needs one device (tensor_parallel_size=1): "
                              "the pool is split by KV heads over the devices there")
         object.__setattr__(self, "output_major", check_projection_names(self.output_major))
         if self.output_major and (self.tensor_parallel_size > 1 or self.stack_layers):

@@ -192,7 +192,8 @@ _snapshot = jax.jit(lambda tokens: tokens + 0)                  # a copy the hos
 def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_tokens: jax.Array,
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
                  stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False,
-                 mesh=None, sorted_kv_writes: bool = False, kv_write_kernel: bool = False):
+                 mesh=None, sorted_kv_writes: bool = False, kv_write_kernel: bool = False,
+                 rope_kv_write: bool = False):
     """The jitted step: unpack the inputs, take ids still on the device from `prev_tokens`
     (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R],
     with the log-probability outputs (or None) of :func:`_step`."""
@@ -204,7 +205,8 @@ def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_to
                                       stochastic=stochastic, logprobs_k=logprobs_k,
                                       prompt_logprobs=prompt_logprobs, mesh=mesh,
                                       sorted_kv_writes=sorted_kv_writes,
-                                      kv_write_kernel=kv_write_kernel)
+                                      kv_write_kernel=kv_write_kernel,
+                                      rope_kv_write=rope_kv_write)
     padded = jnp.zeros(prev_tokens.shape, jnp.int32).at[:next_tokens.shape[0]].set(next_tokens)
     return padded, pool, extras
 
@@ -219,7 +221,7 @@ def _top(logp: jax.Array, ids: jax.Array, k: int):
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
           decode_only: bool, stochastic: bool, logprobs_k: int = -1,
           prompt_logprobs: bool = False, mesh=None, sorted_kv_writes: bool = False,
-          kv_write_kernel: bool = False):
+          kv_write_kernel: bool = False, rope_kv_write: bool = False):
     """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool,
     extras). ``logprobs_k >= 1`` adds the sampled tokens' log-probabilities and top-k
     (``extras["sample"]``: [B], [B, k], [B, k]); ``prompt_logprobs`` computes the logits of
@@ -229,10 +231,13 @@ def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: s
     tensor-parallel mesh (static), on which the attention kernels run per device.
     ``sorted_kv_writes`` (static): write K/V in ``inputs.kv_order`` (:func:`sort_kv_writes`).
     ``kv_write_kernel`` (static): write them with ``pallas_kernels.kv_write`` where the
-    attention runs its Pallas kernels (``kv_layers.PagedBatch.write_kernel``)."""
+    attention runs its Pallas kernels (``kv_layers.PagedBatch.write_kernel``).
+    ``rope_kv_write`` (static): on RoPE layers with fused q/k/v, rotate and write with
+    ``pallas_kernels.rope_kv_write`` (``kv_layers.PagedBatch.rope_write``)."""
     batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
                        inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only,
-                       inputs.kv_order if sorted_kv_writes else None, kv_write_kernel)
+                       inputs.kv_order if sorted_kv_writes else None, kv_write_kernel,
+                       rope_kv_write)
     layers = [PagedLayerKV(pool.k[i], pool.v[i], batch) for i in range(cfg.n_layers)]
     if is_stacked(params):   # EngineConfig.stack_layers: the per-layer tree, stacks read in place
         params = layer_views(params, cfg.n_layers)
@@ -290,7 +295,9 @@ class ModelRunner:
 
     ``kv_write_kernel``: the K/V rows are written by ``pallas_kernels.kv_write`` (in place,
     one Triton launch per layer) instead of XLA's scatter, wherever the attention runs its
-    Pallas kernels; as ``EngineConfig.kv_write_kernel``.
+    Pallas kernels; as ``EngineConfig.kv_write_kernel``. ``rope_kv_write``: on RoPE layers
+    with fused q/k/v, the rotations and the write are one ``pallas_kernels.rope_kv_write``
+    launch per layer; as ``EngineConfig.rope_kv_write``.
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
@@ -298,7 +305,8 @@ class ModelRunner:
                  seq_buckets=None, token_buckets=None, compiler_options=None,
                  command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
                  stable_buffers: bool = False, sorted_kv_writes: bool = True,
-                 context_buckets=None, kv_write_kernel: bool = False):
+                 context_buckets=None, kv_write_kernel: bool = False,
+                 rope_kv_write: bool = False):
         if stable_buffers and mesh is not None:
             raise ValueError("stable_buffers=True needs a single device (mesh=None)")
         self.mesh = mesh
@@ -323,12 +331,13 @@ class ModelRunner:
         self.stable_buffers = bool(stable_buffers)
         self.sorted_kv_writes = bool(sorted_kv_writes)
         self.kv_write_kernel = bool(kv_write_kernel)
+        self.rope_kv_write = bool(rope_kv_write)
         donated = ("pool", "prev_tokens") if self.stable_buffers else ("pool",)
         jit = lambda opts: jax.jit(  # noqa: E731
             _packed_step, donate_argnames=donated,
             static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
                              "logprobs_k", "prompt_logprobs", "mesh", "sorted_kv_writes",
-                             "kv_write_kernel"),
+                             "kv_write_kernel", "rope_kv_write"),
             compiler_options=opts or None)
         self.step_fn = jit(self.compiler_options)
         self.small_step_fn = (self.step_fn if self.small_compiler_options == self.compiler_options
@@ -527,7 +536,8 @@ class ModelRunner:
                      logprobs_k=self.logprobs_k if logprobs or prompt_logprobs else -1,
                      prompt_logprobs=prompt_logprobs, mesh=self.mesh,
                      sorted_kv_writes=self.sorted_kv_writes,
-                     kv_write_kernel=self.kv_write_kernel))
+                     kv_write_kernel=self.kv_write_kernel,
+                     rope_kv_write=self.rope_kv_write))
 
     def dispatch(self, inputs: StepInputs, decode_only: bool, size: int,
                  prev_tokens: Optional[jax.Array] = None, *, logprobs: bool = False,
