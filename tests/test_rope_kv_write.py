@@ -1,7 +1,6 @@
 """pallas_kernels.rope_kv_write against a float64 rotation and the model's own rotation and
 scatter (interpret mode on a CPU, compiled on a GPU), and its errors."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
