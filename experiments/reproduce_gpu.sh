@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -491,6 +491,19 @@ for step in $steps; do
           b=()
           [ "$v" = nk ] && b=(--output-major gate_up_proj,qkv_proj)
           [ "$v" = nkh ] && b=(--output-major gate_up_proj,qkv_proj,lm_head)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
+            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
+        done
+      done ;;
+    engine-output-major-all)  # the 1000 x 256/256 run at 512 sequences with the o and down
+      # projections stored [D_out, D_in] as well (nko: gate/up, q/k/v, o; nkod: and down),
+      # against gate/up and q/k/v only (nk) and none (kn), in turns, twice
+      for i in 1 2; do
+        for v in nko nkod kn nk; do
+          b=()
+          [ "$v" = nk ] && b=(--output-major gate_up_proj,qkv_proj)
+          [ "$v" = nko ] && b=(--output-major gate_up_proj,qkv_proj,o_proj)
+          [ "$v" = nkod ] && b=(--output-major gate_up_proj,qkv_proj,o_proj,down_proj)
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
             experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
         done
