@@ -339,6 +339,9 @@ def main():
     ap.add_argument("--kv-write-kernel", action="store_true",
                     help="write the step's K/V rows with pallas_kernels.kv_write "
                          "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
+    ap.add_argument("--add-norm-kernel", action="store_true",
+                    help="residual adds and norms as pallas_kernels.add_rms_norm "
+                         "(EngineConfig.add_norm_kernel)")
     ap.add_argument("--rope-kv-write", action="store_true",
                     help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
                          "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
@@ -431,6 +434,7 @@ def main():
                              sorted_kv_writes=args.sorted_kv_writes,
                              kv_write_kernel=args.kv_write_kernel,
                              rope_kv_write=args.rope_kv_write,
+                             add_norm_kernel=args.add_norm_kernel,
                              compiler_options=(
                                  parse_xla_options(args.xla_option) if args.xla_option else None))
         meta["compiler_options"] = runner.compiler_options
@@ -438,6 +442,7 @@ def main():
         meta["sorted_kv_writes"] = runner.sorted_kv_writes
         meta["kv_write_kernel"] = runner.kv_write_kernel
         meta["rope_kv_write"] = runner.rope_kv_write
+        meta["add_norm_kernel"] = runner.add_norm_kernel
         meta["stack_layers"] = bool(args.stack_layers)
         meta["param_buffers"] = dict(per_layer=param_buffers, served=argument_buffers(params))
         meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")

@@ -111,6 +111,9 @@ def main(argv=None) -> None:
     ap.add_argument("--kv-write-kernel", action="store_true",
                     help="write the step's K/V rows with pallas_kernels.kv_write "
                          "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
+    ap.add_argument("--add-norm-kernel", action="store_true",
+                    help="residual adds and norms as pallas_kernels.add_rms_norm "
+                         "(EngineConfig.add_norm_kernel)")
     ap.add_argument("--rope-kv-write", action="store_true",
                     help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
                          "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
@@ -149,7 +152,7 @@ def main(argv=None) -> None:
                          max_model_len=cfg.max_seq_len, impl=a.impl, seq_buckets=(seqs,),
                          token_buckets=(size,), compiler_options=options,
                          sorted_kv_writes=a.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel,
-                         rope_kv_write=a.rope_kv_write)
+                         rope_kv_write=a.rope_kv_write, add_norm_kernel=a.add_norm_kernel)
     inputs, real, _ = mixed_inputs(runner, rng, prompts=a.prompts, prompt_len=a.prompt_len,
                                    decode_contexts=contexts, size=size)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -158,7 +161,7 @@ def main(argv=None) -> None:
                 prompt_len=a.prompt_len, decodes=a.decodes, context=[lo, hi], real_tokens=real,
                 padded_tokens=size, page_size=Z, impl=a.impl,
                 sorted_kv_writes=runner.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel,
-                rope_kv_write=a.rope_kv_write,
+                rope_kv_write=a.rope_kv_write, add_norm_kernel=a.add_norm_kernel,
                 compiler_options=runner.options_for(size))
 
     def step():

@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -229,6 +229,31 @@ for step in $steps; do
         run "profile_mixed_rope_$v" 180 python experiments/profile_mixed.py --fuse-projections \
           --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
           ${b[@]+"${b[@]}"} --out "$out/rope_kv_write/mixed_$v"
+      done ;;
+    add-norm-kernel)  # pallas_kernels.add_rms_norm and rope_kv_write compiled (their tests);
+      # the 482-sequence decode step and the fixed workload's mean mixed step with XLA's adds
+      # and norms and with the kernel (EngineConfig.add_norm_kernel); then the 1000 x 256/256
+      # run at 512 sequences with gate/up and q/k/v stored [D_out, D_in] (nk) alone, with the
+      # add-norm kernel (an) and with it and rope_kv_write (anr), in turns, twice
+      JAX_DEFAULT_MATMUL_PRECISION=highest run add_norm_tests 150 python -m pytest -q \
+        -p no:cacheprovider tests/test_add_rms_norm.py tests/test_rope_kv_write.py
+      for v in xla kernel; do
+        b=()
+        [ "$v" = kernel ] && b=(--add-norm-kernel)
+        run "profile_decode_norm_$v" 150 python experiments/profile_decode.py --quick \
+          --fuse-projections --batch 482 ${b[@]+"${b[@]}"} --out "$out/add_norm/decode_$v"
+        run "profile_mixed_norm_$v" 180 python experiments/profile_mixed.py --fuse-projections \
+          --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
+          ${b[@]+"${b[@]}"} --out "$out/add_norm/mixed_$v"
+      done
+      for i in 1 2; do
+        for v in an nk anr; do
+          b=(--output-major gate_up_proj,qkv_proj)
+          [ "$v" = an ] && b+=(--add-norm-kernel)
+          [ "$v" = anr ] && b+=(--add-norm-kernel --rope-kv-write)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
+            experiments/bench_engine.py "${ENGINE512[@]}" "${b[@]}" --out "$out/engine_${v}_$i"
+        done
       done ;;
     engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
       # K/V writes as XLA ops and as pallas_kernels.rope_kv_write, in turns, twice

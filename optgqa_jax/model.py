@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optgqa_jax.attention import attention, check_attention_impl
+from optgqa_jax.attention import attention, check_attention_impl, runs_pallas_kernels
 from optgqa_jax import sharding
 from optgqa_jax.config import ModelConfig
 from optgqa_jax.fused import fuse_layers, is_fused
@@ -37,6 +37,8 @@ from optgqa_jax.quant.linear import lookup_columns
 from optgqa_jax.quant.linear import matmul as quant_matmul
 from optgqa_jax.quant.weights_left import is_weights_left, weights_left_matmul
 from optgqa_jax.rope import apply_rope
+from pallas_kernels._common import backend as kernel_backend
+from pallas_kernels.add_rms_norm import add_rms_norm
 from pallas_kernels.alibi import alibi_slopes
 from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
 from optgqa_jax.sparse.group_major import (dequantize_group_major, group_major_matmul,
@@ -92,8 +94,16 @@ class RMSNorm(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """x [..., D] -> the normalized x. With ``residual`` (x's shape): ``(x + residual,
+        the normalized sum)`` from one Pallas kernel (``pallas_kernels.add_rms_norm``; interpret
+        mode on a CPU), the same arithmetic."""
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        if residual is not None:
+            D = x.shape[-1]
+            s, y = add_rms_norm(x.reshape(-1, D), residual.reshape(-1, D), scale, eps=self.eps,
+                                interpret=kernel_backend() == "cpu")
+            return s.reshape(x.shape), y.reshape(x.shape)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale * normed.astype(self.dtype)
@@ -226,18 +236,38 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder layer: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``.
+
+    With ``add_norm`` the residual adds run inside the norms' kernel
+    (``pallas_kernels.add_rms_norm``): the block takes the previous block's MLP output as
+    ``pending`` (not yet added to ``x``; None for the first block) and returns
+    ``(x, layer_kv, pending)`` with its own MLP output pending, so each add and the norm after
+    it are one launch. The caller adds the last block's pending output."""
+
     cfg: ModelConfig
     layer: int
     impl: str = "auto"
+    add_norm: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, layer_kv=None):
+    def __call__(self, x, positions, layer_kv=None, pending=None):
         cfg = self.cfg
+        attn_norm = RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")
+        mlp_norm = RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")
+        mlp = MLP(cfg, self.impl, name="mlp")
+        if self.add_norm:
+            if pending is None:
+                n = attn_norm(x)
+            else:
+                x, n = attn_norm(x, pending)                # x + pending, and its norm
+            h, layer_kv = Attention(cfg, self.layer, self.impl, name="attn")(n, positions,
+                                                                              layer_kv)
+            x, n = mlp_norm(x, h)
+            return x, layer_kv, mlp(n)
         h, layer_kv = Attention(cfg, self.layer, self.impl, name="attn")(
-            RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="attn_norm")(x), positions, layer_kv)
+            attn_norm(x), positions, layer_kv)
         x = x + h
-        x = x + MLP(cfg, self.impl, name="mlp")(
-            RMSNorm(cfg.norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
+        x = x + mlp(mlp_norm(x))
         return x, layer_kv
 
 
@@ -245,10 +275,14 @@ class Transformer(nn.Module):
     """The whole decoder: tokens [B, T] -> float32 logits [B, T, V].
 
     ``impl`` selects the attention implementation (see ``optgqa_jax.attention``).
+    ``add_norm_kernel``: where the attention runs its Pallas kernels on one device, each
+    residual add and the norm after it run as one ``pallas_kernels.add_rms_norm`` launch
+    (``Block.add_norm``; the engine's ``EngineConfig.add_norm_kernel``).
     """
 
     cfg: ModelConfig
     impl: str = "auto"
+    add_norm_kernel: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, kv: Optional[Sequence] = None, select=None):
@@ -268,10 +302,19 @@ class Transformer(nn.Module):
             x = embed(tokens)  # [B, T, D]
             table = embed.embedding  # [V, D]
         new_kv = []
+        add_norm = bool(self.add_norm_kernel and runs_pallas_kernels(self.impl, cfg.head_dim)
+                        and sharding.current_kernel_mesh() is None)
+        pending = None       # with add_norm: the last block's MLP output, not yet added to x
         for i in range(cfg.n_layers):
-            x, layer_kv = Block(cfg, i, self.impl, name=f"layer_{i}")(
-                x, positions, None if kv is None else kv[i])
+            block = Block(cfg, i, self.impl, add_norm, name=f"layer_{i}")
+            if add_norm:
+                x, layer_kv, pending = block(x, positions, None if kv is None else kv[i],
+                                             pending)
+            else:
+                x, layer_kv = block(x, positions, None if kv is None else kv[i])
             new_kv.append(layer_kv)
+        if pending is not None:
+            x = x + pending
         if select is not None:
             x = jnp.take_along_axis(x, select[..., None], axis=1)  # [B, R, D]
         x = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x)

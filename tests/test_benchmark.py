@@ -95,6 +95,8 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert B.config_from_args(parser.parse_args(["--kv-write-kernel"])).kv_write_kernel
     assert not bc.rope_kv_write
     assert B.config_from_args(parser.parse_args(["--rope-kv-write"])).rope_kv_write
+    assert not bc.add_norm_kernel
+    assert B.config_from_args(parser.parse_args(["--add-norm-kernel"])).add_norm_kernel
     assert bc.context_buckets is None
     bc = B.config_from_args(parser.parse_args(["--context-buckets", "1024,2048"]))
     assert bc.context_buckets == (1024, 2048)

@@ -510,6 +510,31 @@ def test_rope_kv_write_serves_the_same_tokens(tiny, async_scheduling, monkeypatc
     assert calls                      # traced through the kernel, not the rotations + scatter
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_add_norm_kernel_serves_the_same_tokens(tiny, async_scheduling, monkeypatch):
+    """Residual adds and norms by pallas_kernels.add_rms_norm (interpret mode on the CPU) on
+    the Pallas path: the same greedy tokens, with chunked prefill and preemption."""
+    from optgqa_jax import model
+    calls = []
+    real = model.add_rms_norm
+    monkeypatch.setattr(model, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    jax.clear_caches()                # steps traced by earlier tests would skip the counter
+    eng = _engine(tiny, attention_impl="pallas", add_norm_kernel=True, num_pages=7,
+                  max_num_batched_tokens=32, async_scheduling=async_scheduling)
+    assert eng.runner.add_norm_kernel
+    outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
+    assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
+    assert eng.stats.preemptions > 0
+    assert calls
+
+
+def test_add_norm_kernel_option_is_checked():
+    with pytest.raises(ValueError, match="add_norm_kernel=True needs one device"):
+        og.EngineConfig(add_norm_kernel=True, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="add_norm_kernel must be True or False"):
+        og.EngineConfig(add_norm_kernel=1)
+
+
 def test_rope_kv_write_option_is_checked():
     with pytest.raises(ValueError, match="rope_kv_write=True needs one device"):
         og.EngineConfig(rope_kv_write=True, tensor_parallel_size=2)

@@ -418,6 +418,21 @@ def test_kv_write_lowers_through_triton(T, K, H, block_t, platform):
     assert text.count(TRITON_CALL) == 1
 
 
+# add_rms_norm: x, h [T, D], scale [D] -> (x + h, its norm).
+@pytest.mark.parametrize("T,D,block_t", [(482, 4096, 2), (1, 576, 4), (37, 96, 8)])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_add_rms_norm_lowers_through_triton(T, D, block_t, platform):
+    """Residual add and RMS norm in one kernel (pallas_kernels.add_rms_norm): one Triton call."""
+    from pallas_kernels.add_rms_norm import AddRMSNormConfig, add_rms_norm
+
+    def f(x, h, w):
+        return add_rms_norm(x, h, w, eps=1e-5, config=AddRMSNormConfig(block_t=block_t))
+
+    text = export_for(platform, f, S((T, D), jnp.bfloat16), S((T, D), jnp.bfloat16),
+                      S((D,), jnp.bfloat16))
+    assert text.count(TRITON_CALL) == 1
+
+
 # rope_kv_write: qkv [T, (N + 2K) H], positions and slots [T], pools [K, S, H] aliased.
 @pytest.mark.parametrize("T,N,K,H,block_t", [(482, 32, 8, 128, 16), (1, 1, 1, 64, 16),
                                              (37, 7, 3, 128, 4)])

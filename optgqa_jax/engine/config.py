@@ -197,6 +197,11 @@ class EngineConfig:
         model's own rotation (the same frequencies and float32 arithmetic; tested equal in
         interpret mode). Other layers and models write as ``kv_write_kernel`` says. Off by
         default. One device only.
+      add_norm_kernel: run each residual add and the RMS norm after it as one
+        ``pallas_kernels.add_rms_norm`` launch (``optgqa_jax.model.Transformer``'s
+        ``add_norm_kernel``) wherever the attention runs its Pallas kernels, in place of XLA's
+        two or three kernels per site. The same arithmetic; only the order of the norm's
+        float32 sum of squares differs. Off by default. One device only.
       output_major: names of projections (``optgqa_jax.weight_layout.PROJECTIONS``, e.g.
         ``("gate_up_proj", "qkv_proj")`` with fused projections) whose float kernels the
         engine serves stored transposed, ``[D_out, D_in]`` (``weight_layout.OutputMajorKernel``;
@@ -228,6 +233,7 @@ class EngineConfig:
     output_major: tuple[str, ...] = ()
     kv_write_kernel: bool = False
     rope_kv_write: bool = False
+    add_norm_kernel: bool = False
     async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
@@ -276,6 +282,11 @@ class EngineConfig:
         if self.rope_kv_write and self.tensor_parallel_size > 1:
             raise ValueError("rope_kv_write=True needs one device (tensor_parallel_size=1): "
                              "the pool is split by KV heads over the devices there")
+        if not isinstance(self.add_norm_kernel, (bool, np.bool_)):
+            raise ValueError(f"add_norm_kernel must be True or False, got "
+                             f"{self.add_norm_kernel!r}")
+        if self.add_norm_kernel and self.tensor_parallel_size > 1:
+            raise ValueError("add_norm_kernel=True needs one device (tensor_parallel_size=1)")
         object.__setattr__(self, "output_major", check_projection_names(self.output_major))
         if self.output_major and (self.tensor_parallel_size > 1 or self.stack_layers):
             raise ValueError(f"output_major={self.output_major} needs one device "

@@ -193,7 +193,7 @@ def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_to
                  *, layout: tuple, impl: str, max_q_len: int, decode_only: bool,
                  stochastic: bool, logprobs_k: int = -1, prompt_logprobs: bool = False,
                  mesh=None, sorted_kv_writes: bool = False, kv_write_kernel: bool = False,
-                 rope_kv_write: bool = False):
+                 rope_kv_write: bool = False, add_norm_kernel: bool = False):
     """The jitted step: unpack the inputs, take ids still on the device from `prev_tokens`
     (the previous step's output, [R]), run :func:`_step`; tokens come back padded to [R],
     with the log-probability outputs (or None) of :func:`_step`."""
@@ -206,7 +206,8 @@ def _packed_step(cfg: ModelConfig, params, pool: KVPool, buf: jax.Array, prev_to
                                       prompt_logprobs=prompt_logprobs, mesh=mesh,
                                       sorted_kv_writes=sorted_kv_writes,
                                       kv_write_kernel=kv_write_kernel,
-                                      rope_kv_write=rope_kv_write)
+                                      rope_kv_write=rope_kv_write,
+                                      add_norm_kernel=add_norm_kernel)
     padded = jnp.zeros(prev_tokens.shape, jnp.int32).at[:next_tokens.shape[0]].set(next_tokens)
     return padded, pool, extras
 
@@ -221,7 +222,8 @@ def _top(logp: jax.Array, ids: jax.Array, k: int):
 def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: str, max_q_len: int,
           decode_only: bool, stochastic: bool, logprobs_k: int = -1,
           prompt_logprobs: bool = False, mesh=None, sorted_kv_writes: bool = False,
-          kv_write_kernel: bool = False, rope_kv_write: bool = False):
+          kv_write_kernel: bool = False, rope_kv_write: bool = False,
+          add_norm_kernel: bool = False):
     """One engine step (traced inside the runner's jit): returns (next tokens [B], new pool,
     extras). ``logprobs_k >= 1`` adds the sampled tokens' log-probabilities and top-k
     (``extras["sample"]``: [B], [B, k], [B, k]); ``prompt_logprobs`` computes the logits of
@@ -233,7 +235,9 @@ def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: s
     ``kv_write_kernel`` (static): write them with ``pallas_kernels.kv_write`` where the
     attention runs its Pallas kernels (``kv_layers.PagedBatch.write_kernel``).
     ``rope_kv_write`` (static): on RoPE layers with fused q/k/v, rotate and write with
-    ``pallas_kernels.rope_kv_write`` (``kv_layers.PagedBatch.rope_write``)."""
+    ``pallas_kernels.rope_kv_write`` (``kv_layers.PagedBatch.rope_write``).
+    ``add_norm_kernel`` (static): residual adds and norms as ``pallas_kernels.add_rms_norm``
+    (``model.Transformer``'s ``add_norm_kernel``)."""
     batch = PagedBatch(inputs.slot_mapping, inputs.token_seq, inputs.block_tables,
                        inputs.context_lens, inputs.cu_q_lens, max_q_len, decode_only,
                        inputs.kv_order if sorted_kv_writes else None, kv_write_kernel,
@@ -244,7 +248,7 @@ def _step(cfg: ModelConfig, params, pool: KVPool, inputs: StepInputs, *, impl: s
     select = None if prompt_logprobs else inputs.select[None]
     specs = None if mesh is None else sharding.partition_specs(cfg, params, mesh)
     with sharding.kernel_mesh(mesh, specs):   # the Pallas kernels run per device on the mesh
-        logits, layers = Transformer(cfg, impl).apply(
+        logits, layers = Transformer(cfg, impl, add_norm_kernel).apply(
             {"params": params}, inputs.tokens[None], inputs.positions[None], layers,
             select=select)  # [1, B, V], or [1, T, V] for prompt log-probabilities
     all_logits = logits[0]
@@ -297,7 +301,9 @@ class ModelRunner:
     one Triton launch per layer) instead of XLA's scatter, wherever the attention runs its
     Pallas kernels; as ``EngineConfig.kv_write_kernel``. ``rope_kv_write``: on RoPE layers
     with fused q/k/v, the rotations and the write are one ``pallas_kernels.rope_kv_write``
-    launch per layer; as ``EngineConfig.rope_kv_write``.
+    launch per layer; as ``EngineConfig.rope_kv_write``. ``add_norm_kernel``: each residual
+    add and the norm after it are one ``pallas_kernels.add_rms_norm`` launch; as
+    ``EngineConfig.add_norm_kernel``.
     """
 
     def __init__(self, cfg: ModelConfig, params, *, num_pages: int, page_size: int,
@@ -306,7 +312,7 @@ class ModelRunner:
                  command_buffer_max_tokens: int = 0, max_logprobs: int = 20, mesh=None,
                  stable_buffers: bool = False, sorted_kv_writes: bool = True,
                  context_buckets=None, kv_write_kernel: bool = False,
-                 rope_kv_write: bool = False):
+                 rope_kv_write: bool = False, add_norm_kernel: bool = False):
         if stable_buffers and mesh is not None:
             raise ValueError("stable_buffers=True needs a single device (mesh=None)")
         self.mesh = mesh
@@ -332,12 +338,13 @@ class ModelRunner:
         self.sorted_kv_writes = bool(sorted_kv_writes)
         self.kv_write_kernel = bool(kv_write_kernel)
         self.rope_kv_write = bool(rope_kv_write)
+        self.add_norm_kernel = bool(add_norm_kernel)
         donated = ("pool", "prev_tokens") if self.stable_buffers else ("pool",)
         jit = lambda opts: jax.jit(  # noqa: E731
             _packed_step, donate_argnames=donated,
             static_argnames=("cfg", "layout", "impl", "max_q_len", "decode_only", "stochastic",
                              "logprobs_k", "prompt_logprobs", "mesh", "sorted_kv_writes",
-                             "kv_write_kernel", "rope_kv_write"),
+                             "kv_write_kernel", "rope_kv_write", "add_norm_kernel"),
             compiler_options=opts or None)
         self.step_fn = jit(self.compiler_options)
         self.small_step_fn = (self.step_fn if self.small_compiler_options == self.compiler_options
@@ -537,7 +544,8 @@ class ModelRunner:
                      prompt_logprobs=prompt_logprobs, mesh=self.mesh,
                      sorted_kv_writes=self.sorted_kv_writes,
                      kv_write_kernel=self.kv_write_kernel,
-                     rope_kv_write=self.rope_kv_write))
+                     rope_kv_write=self.rope_kv_write,
+                     add_norm_kernel=self.add_norm_kernel))
 
     def dispatch(self, inputs: StepInputs, decode_only: bool, size: int,
                  prev_tokens: Optional[jax.Array] = None, *, logprobs: bool = False,
