@@ -12,6 +12,12 @@ rounded to x's dtype; its mean square and ``rsqrt`` in float32; the normalized r
 x's dtype before the scale multiplies it (the product rounded to x's dtype again). Only the
 order of the mean square's float32 additions differs from XLA's.
 
+Measured on an H100 (commit ce1ed36, ``experiments/results/h100/engine_add_norm_ce1ed36/``,
+Llama-3-8B shape): 5.0 µs per launch at 482 rows against 613 µs per decode step for XLA's
+adds and norms (314 µs with the kernel), 43.7 µs at 4,096 rows (about the copy bandwidth);
+with ``pallas_kernels.rope_kv_write`` as well the 1000 x 256/256 engine run was 1.3-1.6%
+faster (``EngineConfig.add_norm_kernel``, off by default).
+
 Axis legend: T rows (tokens), D features, Bt rows per program.
 """
 

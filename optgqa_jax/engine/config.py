@@ -195,13 +195,18 @@ class EngineConfig:
         projection's output, in place of the queries' and keys' rotations and the two
         scatters, wherever the attention runs its Pallas kernels. Outputs are those of the
         model's own rotation (the same frequencies and float32 arithmetic; tested equal in
-        interpret mode). Other layers and models write as ``kv_write_kernel`` says. Off by
-        default. One device only.
+        interpret mode). Other layers and models write as ``kv_write_kernel`` says. Timed on
+        an H100 with ``add_norm_kernel`` (commit ce1ed36, the 1000 x 256/256 workload at 512
+        sequences, gate/up and q/k/v ``output_major``, in turns, twice): 29,442 and 29,573
+        against 29,067 and 29,094 tokens/s without either
+        (``experiments/results/h100/engine_add_norm_ce1ed36/``). Off by default (the other
+        workloads and tables not yet rerun with it). One device only.
       add_norm_kernel: run each residual add and the RMS norm after it as one
         ``pallas_kernels.add_rms_norm`` launch (``optgqa_jax.model.Transformer``'s
         ``add_norm_kernel``) wherever the attention runs its Pallas kernels, in place of XLA's
         two or three kernels per site. The same arithmetic; only the order of the norm's
-        float32 sum of squares differs. Off by default. One device only.
+        float32 sum of squares differs. Timed with ``rope_kv_write`` (above): alone, 29,182
+        and 29,209 tokens/s in the same runs. Off by default. One device only.
       output_major: names of projections (``optgqa_jax.weight_layout.PROJECTIONS``, e.g.
         ``("gate_up_proj", "qkv_proj")`` with fused projections) whose float kernels the
         engine serves stored transposed, ``[D_out, D_in]`` (``weight_layout.OutputMajorKernel``;
