@@ -39,6 +39,9 @@ from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConf
 from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig, bsr_gather_quant_matmul,
                                                     bsr_gather_quant_matmul_reference)
 from pallas_kernels.kv_write import KVWriteConfig, kv_write, kv_write_reference
+from pallas_kernels.rope_kv_write import (RopeKVWriteConfig, rope_kv_write,
+                                          rope_kv_write_reference)
+from pallas_kernels.add_rms_norm import AddRMSNormConfig, add_rms_norm, add_rms_norm_reference
 
 __all__ = [
     "alibi_slopes", "alibi_slopes_np", "compiler_options",
@@ -50,4 +53,6 @@ __all__ = [
     "GroupMajorBlocks", "GroupMajorConfig", "bsr_gm_quant_matmul", "group_major_blocks",
     "BSRGatherConfig", "bsr_gather_quant_matmul", "bsr_gather_quant_matmul_reference",
     "KVWriteConfig", "kv_write", "kv_write_reference",
+    "RopeKVWriteConfig", "rope_kv_write", "rope_kv_write_reference",
+    "AddRMSNormConfig", "add_rms_norm", "add_rms_norm_reference",
 ]
