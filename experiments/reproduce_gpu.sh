@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -254,6 +254,24 @@ for step in $steps; do
           [ "$v" = anr ] && b+=(--add-norm-kernel --rope-kv-write)
           XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
             experiments/bench_engine.py "${ENGINE512[@]}" "${b[@]}" --out "$out/engine_${v}_$i"
+        done
+      done ;;
+    engine-fast-options)  # the fixed (1000 x 256/256) and random-length workloads at 512
+      # sequences with the engine's defaults and with gate/up and q/k/v stored [D_out, D_in]
+      # plus the add-norm and RoPE/K-V-write kernels (the fastest setting of ce1ed36), in
+      # turns, twice: whether those options should become the defaults
+      fast=(--output-major gate_up_proj,qkv_proj --add-norm-kernel --rope-kv-write)
+      for i in 1 2; do
+        for w in fixed random; do
+          wl=()
+          [ "$w" = random ] && wl=(--input-range 32 1024 --output-range 32 512)
+          for v in default fast; do
+            b=()
+            [ "$v" = fast ] && b=("${fast[@]}")
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${w}_${v}_$i" 200 python \
+              experiments/bench_engine.py "${ENGINE512[@]}" ${wl[@]+"${wl[@]}"} \
+              ${b[@]+"${b[@]}"} --out "$out/engine_${w}_${v}_$i"
+          done
         done
       done ;;
     engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
