@@ -48,6 +48,11 @@ class ContiguousLayerKV(NamedTuple):
                                alibi_slopes=alibi_slopes, impl=impl)
         return out, ContiguousLayerKV(new_k, new_v)
 
+    def takes_qkv(self, impl: str, head_dim: int) -> bool:
+        """Never: this cache takes rotated q, k, v (``PagedLayerKV.attend_qkv`` is the
+        engine's fused path)."""
+        return False
+
 
 class PagedBatch(NamedTuple):
     """The packed tokens of one serving step and where their sequences live in the pool.

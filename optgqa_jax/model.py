@@ -187,7 +187,7 @@ class Attention(nn.Module):
         if self.has_variable("params", "qkv_proj"):  # fused layout (optgqa_jax.fused)
             qkv = _dense((N + 2 * K) * H, "qkv_proj", dt, self.impl)(x)
             if (cfg.position == "rope" and layer_kv is not None
-                    and getattr(layer_kv, "takes_qkv", lambda *a: False)(self.impl, H)):
+                    and layer_kv.takes_qkv(self.impl, H)):
                 # rotation and K/V write in one kernel (EngineConfig.rope_kv_write)
                 out, layer_kv = layer_kv.attend_qkv(qkv, positions, n_heads=N,
                                                     theta=cfg.rope_theta, kv_head_map=kv_map,
