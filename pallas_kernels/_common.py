@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -122,6 +123,30 @@ def validate_tuning(config, block_fields: tuple[str, ...], minimum_block: int = 
         raise ValueError(f"num_warps={config.num_warps} must be in [1, 16]")
     if config.num_stages < 1:
         raise ValueError(f"num_stages={config.num_stages} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlockConfig:
+    """Tuning knobs of the kernels that stream whole rows, ``block_t`` rows per program
+    (``kv_write``, ``rope_kv_write``, ``add_rms_norm``; each subclasses it with its default).
+
+    Attributes:
+      block_t: rows (tokens) per program (a power of two >= 1).
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_t: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def validate(self) -> None:
+        if not (isinstance(self.block_t, int) and self.block_t >= 1
+                and is_power_of_two(self.block_t)):
+            raise ValueError(f"block_t={self.block_t!r} must be a power of two >= 1")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps!r} must be 1, 2, 4, 8 or 16")
+        if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
+            raise ValueError(f"num_stages={self.num_stages!r} must be an int in [1, 8]")
 
 
 def online_softmax_step(acc, m, l, s, v):

@@ -37,26 +37,9 @@ from pallas_kernels import _common as C
 
 
 @dataclasses.dataclass(frozen=True)
-class KVWriteConfig:
-    """Tuning knobs of :func:`kv_write`.
-
-    Attributes:
-      block_t: tokens per program (a power of two >= 1).
-      num_warps, num_stages: Triton launch parameters.
-    """
-
-    block_t: int = 16
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def validate(self) -> None:
-        if not (isinstance(self.block_t, int) and self.block_t >= 1
-                and C.is_power_of_two(self.block_t)):
-            raise ValueError(f"block_t={self.block_t!r} must be a power of two >= 1")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps={self.num_warps!r} must be 1, 2, 4, 8 or 16")
-        if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
-            raise ValueError(f"num_stages={self.num_stages!r} must be an int in [1, 8]")
+class KVWriteConfig(C.RowBlockConfig):
+    """Tuning knobs of :func:`kv_write` (``block_t`` tokens per program; see
+    ``_common.RowBlockConfig``)."""
 
 
 def _make_kernel(*, T: int, H: int, S: int, block_t: int):
