@@ -10,13 +10,16 @@ takes tokens ``[i Bt, (i + 1) Bt)`` and head ``j`` of the ``N + 2K`` heads of ``
 rotates query and key heads (Hugging Face's half-split convention, as
 :func:`optgqa_jax.rope.apply_rope`: ``[x1 cos - x2 sin, x2 cos + x1 sin]`` with angle
 ``position * inv_freq[i]``, in float32) and stores query heads to the output ``q`` and key
-and value heads at ``pages[k, slots[t], :]``. The pools are aliased to the outputs
+and value heads at ``pages[k, slots[t], :]``. The cosines and sines come in as float32
+tables ``[T, H/2]`` (:func:`rotation_tables`) that XLA computes as the model does; every
+layer's call asks for the same tables, and XLA computes them once per step. The pools are aliased to the outputs
 (``input_output_aliases``), so only the written rows move; under ``jax.jit`` with the pools
 donated, as the engine's step donates them, XLA updates them in place. Slots outside
 ``[0, S)`` (the engine's padding tokens) are not written, as the scatter's ``mode="drop"``.
 
 Measured on an H100 (commit 2ecf242, ``experiments/results/h100/rope_kv_write_2ecf242/``,
-Llama-3-8B shape): 6.8 µs per layer in a 482-sequence decode step against 7.5 µs for XLA's
+Llama-3-8B shape), when the kernel still computed its cosines and sines itself (for every
+head: about 60 instructions per element, most of the kernel's work): 6.8 µs per layer in a 482-sequence decode step against 7.5 µs for XLA's
 rotation and two scatters (the decode step 21.88-21.91 against 21.95 ms), 47 µs at 4,096
 tokens against 38.5. With ``pallas_kernels.add_rms_norm`` as well the 1000 x 256/256 engine
 run was 1.3-1.6% faster (``experiments/results/h100/engine_add_norm_ce1ed36/``;
@@ -49,7 +52,7 @@ class RopeKVWriteConfig(C.RowBlockConfig):
 def _make_kernel(*, T: int, N: int, K: int, H: int, S: int, block_t: int):
     h2 = H // 2
 
-    def kernel(qkv_ref, pos_ref, slots_ref, inv_ref, kp_in, vp_in, q_ref, kp_ref, vp_ref):
+    def kernel(qkv_ref, cos_ref, sin_ref, slots_ref, kp_in, vp_in, q_ref, kp_ref, vp_ref):
         del kp_in, vp_in        # aliased to kp_ref, vp_ref: the rows not written stay as they are
         j = pl.program_id(1)                                   # head of qkv: q, then k, then v
         t = pl.program_id(0) * block_t + jnp.arange(block_t)   # [Bt] tokens
@@ -61,9 +64,8 @@ def _make_kernel(*, T: int, N: int, K: int, H: int, S: int, block_t: int):
         x1 = plgpu.load(qkv_ref.at[rows, j * H + cols], mask=in_ok, other=0)  # [Bt, H/2]
         x2 = plgpu.load(qkv_ref.at[rows, j * H + h2 + cols], mask=in_ok, other=0)
         # the rotation, for query and key heads (value heads keep x1, x2)
-        pos = plgpu.load(pos_ref.at[t], mask=t_ok, other=0).astype(jnp.float32)  # [Bt]
-        angle = pos[:, None] * inv_ref[...][None, :]                          # [Bt, H/2]
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        cos = plgpu.load(cos_ref.at[rows, cols], mask=in_ok, other=0)        # [Bt, H/2] f32
+        sin = plgpu.load(sin_ref.at[rows, cols], mask=in_ok, other=0)
         a, b = x1.astype(jnp.float32), x2.astype(jnp.float32)
         rot = j < N + K
         y1 = jnp.where(rot, a * cos - b * sin, a)
@@ -91,13 +93,13 @@ def _make_kernel(*, T: int, N: int, K: int, H: int, S: int, block_t: int):
 
 @functools.partial(jax.jit, static_argnames=("n_heads", "interpret", "config"),
                    donate_argnums=(4, 5))
-def _rope_kv_write(qkv, positions, slots, inv_freq, k_pages, v_pages, *, n_heads: int,
+def _rope_kv_write(qkv, cos, sin, slots, k_pages, v_pages, *, n_heads: int,
                    interpret: bool, config: RopeKVWriteConfig):
     T = qkv.shape[0]
     K, S, H = k_pages.shape
     N = n_heads
     block_t = int(min(config.block_t, C.next_power_of_two(T)))
-    args = (qkv, positions, slots, inv_freq, k_pages, v_pages)
+    args = (qkv, cos, sin, slots, k_pages, v_pages)
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, n=a.ndim: (0,) * n)  # noqa: E731
     q_shape = jax.ShapeDtypeStruct((T, N * H), qkv.dtype)
     q, k_pages, v_pages = pl.pallas_call(
@@ -122,12 +124,19 @@ def inv_freq(head_dim: int, theta: float) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
+def rotation_tables(positions, head_dim: int, theta: float):
+    """float32 (cos, sin) [T, H/2] of the angles ``position * inv_freq``, computed by XLA as
+    the model computes them (one table per step: every layer's call computes the same one, and
+    XLA keeps one copy)."""
+    angle = positions.astype(jnp.float32)[:, None] * inv_freq(head_dim, theta)  # [T, H/2]
+    return jnp.cos(angle), jnp.sin(angle)
+
+
 def _rotate(x, positions, theta: float):
     """x [T, heads, H] rotated by ``positions`` [T] in float32, as the model rotates (the
     reference's rotation)."""
-    H = x.shape[-1]
-    angle = positions.astype(jnp.float32)[:, None] * inv_freq(H, theta)       # [T, H/2]
-    cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]             # [T, 1, H/2]
+    cos, sin = rotation_tables(positions, x.shape[-1], theta)
+    cos, sin = cos[:, None], sin[:, None]                                   # [T, 1, H/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
@@ -191,8 +200,9 @@ def rope_kv_write(qkv: jax.Array, positions: jax.Array, slots: jax.Array, k_page
     T, H = qkv.shape[0], k_pages.shape[2]
     if T == 0:
         return jnp.zeros((0, n_heads, H), qkv.dtype), k_pages, v_pages
-    return _rope_kv_write(qkv, positions, slots, inv_freq(H, theta), k_pages, v_pages,
-                          n_heads=n_heads, interpret=interpret, config=config)
+    cos, sin = rotation_tables(positions, H, theta)
+    return _rope_kv_write(qkv, cos, sin, slots, k_pages, v_pages, n_heads=n_heads,
+                          interpret=interpret, config=config)
 
 
 def rope_kv_write_reference(qkv, positions, slots, k_pages, v_pages, *, n_heads: int,
