@@ -399,7 +399,10 @@ def mixed_step_attention(q, k_pages, v_pages, tables, context_lens, cu_q_lens, s
     dec = pk.paged_attention(q[last], k_pages, v_pages, tables,
                              jnp.where(single, context_lens, 0), alibi_slopes=slopes,
                              sm_scale=sm_scale, interpret=interpret)    # [B, N, H]
-    return out.at[jnp.where(single, last, T)].set(dec.astype(out.dtype), mode="drop")
+    # each decode row at its own row; every other sequence at its own index past the rows
+    # (dropped), so the indices are unique and XLA's scatter may write without atomics
+    rows = jnp.where(single, last, T + jnp.arange(single.shape[0]))
+    return out.at[rows].set(dec.astype(out.dtype), mode="drop", unique_indices=True)
 
 
 def kernel_shard_plan(mesh, N: int, K: int,
