@@ -38,6 +38,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -156,6 +157,25 @@ def host_table(trace_dir: str, steps: int, top: int = 20, lines_kept: int = 4) -
             for busy, key, rows in found[:lines_kept]}
 
 
+def op_sources(hlo: str, names) -> dict:
+    """Where each traced op comes from: for the trace's kernel names (``fusion_1454``; the
+    compiled HLO's ``fusion.1454``), the JAX operation XLA recorded for that instruction
+    (``metadata={op_name=...}``), shortened to its last three path parts with layer numbers
+    as ``layer_*`` (e.g. ``layer_*/mlp_norm/mul``). Names without an instruction are left out."""
+    wanted = {re.sub(r"_(\d+)$", r".\1", n): n for n in names}
+    wanted.update({n: n for n in names})
+    found = {}
+    for m in re.finditer(r"^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"", hlo,
+                         re.M):
+        name, op = m.group(1), m.group(2)
+        key = wanted.get(name)
+        if key is None or key in found:
+            continue
+        path = re.sub(r"layer_\d+", "layer_*", op.split(")/", 1)[-1])
+        found[key] = "/".join(path.split("/")[-3:])
+    return found
+
+
 def op_markdown(meta: dict) -> list[str]:
     """Markdown lines of ``meta["ops"]`` / ``meta["timeline"]`` (from :func:`op_table`): per
     GPU stream, the step's span, busy and idle time, and its largest ops."""
@@ -166,8 +186,11 @@ def op_markdown(meta: dict) -> list[str]:
                   f"Per step: span {tl['span_ms_per_step']:.2f} ms, kernels busy "
                   f"{tl['busy_ms_per_step']:.2f} ms, idle between kernels "
                   f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
-                  "| op | µs per step | calls per step |", "| --- | --- | --- |"]
-        lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} |" for n, us, c in rows]
+                  "| op | µs per step | calls per step | source (first instruction of that name) |",
+                  "| --- | --- | --- | --- |"]
+        src = meta.get("op_sources", {})
+        lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} | {src.get(n, '')[:90]} |"
+                  for n, us, c in rows]
     if meta.get("gemms"):
         lines += ["", "## Matrix products in the compiled step", "",
                   "| calls | instruction (names dropped) |", "| ---: | --- |"]
@@ -487,6 +510,8 @@ def main():
                 meta["check_pool_sum"] = float(jnp.sum(jnp.abs(leaf.astype(jnp.float32))))
                 hlo = runner.lower(inputs, True, B).compile().as_text()
                 meta["hlo"] = hlo_summary(hlo)
+                meta["op_sources"] = op_sources(
+                    hlo, {n for rows in meta["ops"].values() for n, _, _ in rows})
                 meta["gemms"] = gemm_calls(hlo)
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, "step_hlo.txt"), "w") as f:

@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
-from profile_decode import device_seconds, gemm_calls, traced_ops, write_report  # noqa: E402
+from profile_decode import (device_seconds, gemm_calls, op_sources, traced_ops,  # noqa: E402
+                            write_report)
 
 
 def linear_flops_per_token(cfg) -> int:
@@ -185,6 +186,8 @@ def main(argv=None) -> None:
     # the products' shapes and layouts as compiled (which operand layout each GEMM got)
     hlo = runner.lower(inputs, False, size).compile().as_text()
     meta["gemms"] = gemm_calls(hlo)
+    meta["op_sources"] = op_sources(
+        hlo, {n for rows in meta.get("ops", {}).values() for n, _, _ in rows})
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "step_hlo.txt"), "w") as f:   # to name the trace's fusions
         f.write(hlo)

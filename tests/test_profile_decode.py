@@ -106,3 +106,27 @@ def test_gemm_calls_lists_each_product_once_with_operand_layouts():
     assert profile_decode.gemm_calls(gpu) == [[1, (
         '(bf16[482,4096]{1,0}, s8[64]{0}) custom-call(bf16[482,4096]{1,0}, '
         'bf16[4096,4096]{0,1}) custom_call_target="__cublas$gemm", backend_config={"a":1}')]]
+
+
+def test_op_sources_name_the_traced_fusions():
+    """Trace names (``loop_add_fusion_29``) are matched to the compiled HLO's instructions
+    (``loop_add_fusion.29``) and named by the JAX operation they came from."""
+    hlo = "\n".join([
+        '  %loop_add_fusion.29 = bf16[1,4,8]{2,1,0} fusion(%a, %b), kind=kLoop, '
+        'calls=%fused_add.29, metadata={op_name="jit(_packed_step)/Transformer/layer_3/add" '
+        'source_file="m.py"}',
+        '  %fusion.1454 = bf16[4,8]{1,0} fusion(%c), kind=kLoop, calls=%f, '
+        'metadata={op_name="jit(_packed_step)/Transformer/layer_0/attn_norm/mul"}',
+        '  %fusion.7 = bf16[4,8]{1,0} fusion(%c), kind=kLoop, calls=%g',
+    ])
+    got = profile_decode.op_sources(hlo, {"loop_add_fusion_29", "fusion_1454", "fusion_7",
+                                          "optgqa_paged_decode"})
+    assert got == {"loop_add_fusion_29": "Transformer/layer_*/add",
+                   "fusion_1454": "layer_*/attn_norm/mul"}
+    lines = profile_decode.op_markdown(dict(
+        ops={"gpu": [("fusion_1454", 241.0, 65.0), ("optgqa_paged_decode", 9.0, 32.0)]},
+        timeline={"gpu": dict(span_ms_per_step=1.0, busy_ms_per_step=0.9,
+                              idle_ms_per_step=0.1, kernels_per_step=97)},
+        op_sources=got))
+    assert "| fusion_1454 | 241 | 65 | layer_*/attn_norm/mul |" in lines
+    assert "| optgqa_paged_decode | 9 | 32 |  |" in lines
