@@ -49,6 +49,34 @@ def test_mask_removes_the_lowest_scores():
                                          [False, True]])
 
 
+@pytest.mark.parametrize("scope", ["row", "layer"])
+@pytest.mark.parametrize("b", [2, 4, 5])
+def test_row_blocks_share_one_mask_chosen_by_summed_scores(scope, b):
+    """SparsityConfig(row_block=b): features [j b, (j + 1) b) keep the same groups (the last
+    block narrower where b does not divide N), ranked by the block's summed scores; with
+    scope="row" every feature keeps exactly G - round(sparsity G)."""
+    rng = np.random.default_rng(b + len(scope))
+    G, N, sparsity = 8, 13, 0.5
+    scores = rng.standard_normal((G, N)) ** 2
+    keep = np.asarray(sparse.group_mask(scores, SparsityConfig(sparsity, scope=scope,
+                                                               row_block=b)))
+    for j in range(0, N, b):
+        block = keep[:, j:j + b]
+        assert (block == block[:, :1]).all()                          # one mask per block
+        summed = scores[:, j:j + b].sum(axis=1)
+        if scope == "row":
+            kept = np.sort(np.argsort(summed, kind="stable")[round(sparsity * G):])
+            np.testing.assert_array_equal(np.flatnonzero(block[:, 0]), kept)
+    if scope == "row":
+        assert (keep.sum(axis=0) == G - round(sparsity * G)).all()
+    else:
+        nb = -(-N // b)
+        assert keep[:, ::b].sum() == G * nb - round(sparsity * G * nb)
+    assert SparsityConfig(0.5, row_block=b).tag() == f"s50rb{b}"
+    with pytest.raises(ValueError, match="row_block=0 must be a positive int"):
+        SparsityConfig(0.5, row_block=0)
+
+
 def test_hessian_score_matches_float64():
     K, N, gs = 64, 7, 16
     w, X = layer(1, K, N, dead=2)

@@ -25,12 +25,19 @@ class SparsityConfig:
         (``||w_g||^2``).
       scope: ``"row"`` (the same count per output feature: balanced rows) or ``"layer"``.
       damp: relative dampening of H before inversion, ``damp * mean(diag H)`` (as GPTQ).
+      row_block: output features that share one mask (1: each feature its own, GQSA's
+        pattern). With ``row_block = b`` the features ``[j b, (j + 1) b)`` keep the same
+        groups, chosen by the sum of their scores (the last block may be narrower): the
+        pattern a kernel can multiply as dense ``[group_size, b]`` tiles, each sharing one
+        slice of x, where per-feature masks make every kept group gather its own slice.
+        ``scope="row"`` keeps the same count in every block, so in every feature.
     """
 
     sparsity: float = 0.5
     score: str = "hessian"
     scope: str = "row"
     damp: float = 0.01
+    row_block: int = 1
 
     def __post_init__(self):
         s = self.sparsity
@@ -43,13 +50,17 @@ class SparsityConfig:
             raise ValueError(f"scope={self.scope!r} must be one of {SCOPES}")
         if not self.damp >= 0:
             raise ValueError(f"damp={self.damp!r} must be >= 0")
+        rb = self.row_block
+        if isinstance(rb, bool) or not isinstance(rb, int) or rb < 1:
+            raise ValueError(f"row_block={rb!r} must be a positive int")
 
     def pruned_count(self, groups: int) -> int:
         """How many of `groups` groups are removed: ``round(sparsity * groups)``."""
         return int(round(self.sparsity * groups))
 
     def tag(self) -> str:
-        return f"s{round(100 * self.sparsity)}"
+        rb = f"rb{self.row_block}" if self.row_block > 1 else ""
+        return f"s{round(100 * self.sparsity)}{rb}"
 
 
 @dataclasses.dataclass(frozen=True)

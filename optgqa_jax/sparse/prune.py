@@ -20,7 +20,9 @@ and :func:`optgqa_jax.sparse.to_bsr` drops them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,9 +107,16 @@ def group_scores(w, H=None, *, group_size: int, score: str = "hessian",
 def group_mask(scores, sc: SparsityConfig) -> jax.Array:
     """bool [G, N] kept groups: the lowest-scoring ``round(sparsity * count)`` are removed, per
     output feature (``scope="row"``: every column keeps the same number) or over the layer.
-    Ties keep the earlier group (a stable sort)."""
+    Ties keep the earlier group (a stable sort). With ``sc.row_block = b > 1`` the features
+    are taken in blocks of b that share one mask, ranked by the sum of their scores."""
     scores = jnp.asarray(scores, jnp.float32)
     G, N = scores.shape
+    b = sc.row_block
+    if b > 1:   # one mask per block of b features: rank the blocks' summed scores
+        nb = -(-N // b)
+        summed = jnp.pad(scores, ((0, 0), (0, nb * b - N))).reshape(G, nb, b).sum(axis=2)
+        block_keep = group_mask(summed, dataclasses.replace(sc, row_block=1))   # [G, nb]
+        return jnp.repeat(block_keep, b, axis=1)[:, :N]
     if sc.scope == "row":
         n_pruned = sc.pruned_count(G)
         rank = jnp.argsort(jnp.argsort(scores, axis=0, stable=True), axis=0, stable=True)
