@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optgqa_jax import timing  # noqa: E402
 from optgqa_jax.engine.runner import parse_xla_options  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
-import profile_decode  # noqa: E402  (its trace reader)
+import step_trace  # noqa: E402  (the trace reader)
 
 # name -> (K, N): the Llama-3-8B layer's products with fused q/k/v and gate/up
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
@@ -124,7 +124,7 @@ def gemm_kernel(variant: str, sets: list, options=None) -> str:
     """Name of the longest-running kernel in a device trace of `variant` over `sets`."""
     many = jax.jit(lambda s: [product(variant, *a) for a in s], compiler_options=options)
     jax.block_until_ready(many(sets))
-    tables, _ = profile_decode.traced_ops(lambda: many(sets), steps=2)
+    tables, _ = step_trace.traced_ops(lambda: many(sets), steps=2)
     ops = [op for rows in tables.values() for op in rows if not op[0].startswith("Memcpy")]
     return max(ops, key=lambda op: op[1])[0] if ops else "?"
 

@@ -35,14 +35,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
-import re
 import sys
-import tempfile
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +51,33 @@ from optgqa_jax.benchmark import copy_bandwidths  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
 from optgqa_jax.layer_stack import argument_buffers, stack_layers  # noqa: E402
 from pallas_kernels import PagedAttentionConfig, paged_attention  # noqa: E402
+# the trace and HLO readers (profile_mixed.py takes them from here too)
+from step_trace import (gemm_calls, hlo_summary, op_markdown, op_sources,  # noqa: E402
+                        traced_ops)
+
+
+def add_step_options(ap) -> None:
+    """The engine step's write and fusion options (``ModelRunner``'s keywords of the same
+    names), shared by this script and ``profile_mixed.py``; :func:`step_options` reads them."""
+    ap.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction, default=True,
+                    help="write K/V in ascending slot order with unique slots (ModelRunner's "
+                         "sorted_kv_writes; default on, as the engine's)")
+    ap.add_argument("--kv-write-kernel", action="store_true",
+                    help="write the step's K/V rows with pallas_kernels.kv_write "
+                         "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
+    ap.add_argument("--add-norm-kernel", action="store_true",
+                    help="residual adds and norms as pallas_kernels.add_rms_norm "
+                         "(EngineConfig.add_norm_kernel)")
+    ap.add_argument("--rope-kv-write", action="store_true",
+                    help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
+                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
+
+
+def step_options(args) -> dict:
+    """``ModelRunner`` keywords from :func:`add_step_options`' flags (also recorded in the
+    report's meta)."""
+    return dict(sorted_kv_writes=args.sorted_kv_writes, kv_write_kernel=args.kv_write_kernel,
+                rope_kv_write=args.rope_kv_write, add_norm_kernel=args.add_norm_kernel)
 
 
 def device_seconds(fn, iters: int = 10, trials: int = 5) -> float:
@@ -68,192 +91,6 @@ def device_seconds(fn, iters: int = 10, trials: int = 5) -> float:
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / iters)
     return float(np.median(times))
-
-
-def op_table(trace_dir: str, steps: int, top: int = 25):
-    """Per-op device time (µs per step) and call counts, plus the GPU's busy and idle time.
-
-    Reads the trace's GPU planes; a line's idle time is its span minus the
-    union of its events, i.e. the gaps between kernels.
-    """
-    from jax.profiler import ProfileData
-
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return {}, {}
-    data = ProfileData.from_file(files[0])
-    tables, timeline = {}, {}
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            events = sorted(((ev.start_ns, ev.end_ns, ev.name) for ev in line.events))
-            if not events:
-                continue
-            totals, counts = collections.Counter(), collections.Counter()
-            busy, cursor = 0.0, events[0][0]
-            for start, end, name in events:
-                totals[name] += end - start
-                counts[name] += 1
-                busy += max(0.0, end - max(start, cursor))
-                cursor = max(cursor, end)
-            key = f"{plane.name} | {line.name}"
-            tables[key] = [(name, ns / steps / 1e3, counts[name] / steps)
-                           for name, ns in totals.most_common(top)]
-            span = events[-1][1] - events[0][0]
-            timeline[key] = dict(span_ms_per_step=span / steps / 1e6,
-                                 busy_ms_per_step=busy / steps / 1e6,
-                                 idle_ms_per_step=(span - busy) / steps / 1e6,
-                                 kernels_per_step=len(events) / steps)
-    return tables, timeline
-
-
-def host_table(trace_dir: str, steps: int, top: int = 20, lines_kept: int = 4) -> dict:
-    """Where the host's time goes: per host thread of the trace, its busy time and its events
-    by self time (an event's duration less that of the events nested in it), per step.
-
-    The host threads' events are XLA's and PJRT's own annotations (the jitted call's argument
-    handling, the executable's launch, each thunk or command buffer it runs); with a batch-1
-    step whose kernels are short, the host's launch can take longer than the GPU's work.
-    Returns ``{"<plane> | <thread>": {"busy_ms_per_step": ..., "events": [(name, self µs per
-    step, inclusive µs per step, calls per step), ...]}}`` for the ``lines_kept`` busiest
-    threads.
-    """
-    from jax.profiler import ProfileData
-
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return {}
-    data = ProfileData.from_file(files[0])
-    found = []
-    for plane in data.planes:
-        if not plane.name.startswith("/host:"):
-            continue
-        for line in plane.lines:
-            events = sorted(((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name)
-                             for ev in line.events), key=lambda e: (e[0], -e[1]))
-            if not events:
-                continue
-            incl, self_ns, counts = (collections.Counter(), collections.Counter(),
-                                     collections.Counter())
-            stack, busy, cursor = [], 0.0, events[0][0]
-            for start, end, name in events:
-                while stack and stack[-1][0] <= start:   # close events that ended before
-                    stack.pop()
-                if stack:                                  # nested: not the parent's own time
-                    self_ns[stack[-1][1]] -= end - start
-                else:
-                    busy += max(0.0, end - max(start, cursor))
-                    cursor = max(cursor, end)
-                incl[name] += end - start
-                self_ns[name] += end - start
-                counts[name] += 1
-                stack.append((end, name))
-            rows = [(name, ns / steps / 1e3, incl[name] / steps / 1e3, counts[name] / steps)
-                    for name, ns in self_ns.most_common(top)]
-            found.append((busy, f"{plane.name} | {line.name}", rows))
-    found.sort(key=lambda f: -f[0])
-    return {key: dict(busy_ms_per_step=busy / steps / 1e6, events=rows)
-            for busy, key, rows in found[:lines_kept]}
-
-
-def op_sources(hlo: str, names) -> dict:
-    """Where each traced op comes from: for the trace's kernel names (``fusion_1454``; the
-    compiled HLO's ``fusion.1454``), the JAX operation XLA recorded for that instruction
-    (``metadata={op_name=...}``), shortened to its last three path parts with layer numbers
-    as ``layer_*`` (e.g. ``layer_*/mlp_norm/mul``). Names without an instruction are left out."""
-    wanted = {re.sub(r"_(\d+)$", r".\1", n): n for n in names}
-    wanted.update({n: n for n in names})
-    found = {}
-    for m in re.finditer(r"^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"", hlo,
-                         re.M):
-        name, op = m.group(1), m.group(2)
-        key = wanted.get(name)
-        if key is None or key in found:
-            continue
-        path = re.sub(r"layer_\d+", "layer_*", op.split(")/", 1)[-1])
-        found[key] = "/".join(path.split("/")[-3:])
-    return found
-
-
-def op_markdown(meta: dict) -> list[str]:
-    """Markdown lines of ``meta["ops"]`` / ``meta["timeline"]`` (from :func:`op_table`): per
-    GPU stream, the step's span, busy and idle time, and its largest ops."""
-    lines = []
-    for name, rows in meta.get("ops", {}).items():
-        tl = meta["timeline"][name]
-        lines += ["", f"## {name}", "",
-                  f"Per step: span {tl['span_ms_per_step']:.2f} ms, kernels busy "
-                  f"{tl['busy_ms_per_step']:.2f} ms, idle between kernels "
-                  f"{tl['idle_ms_per_step']:.2f} ms, {tl['kernels_per_step']:.0f} kernels.", "",
-                  "| op | µs per step | calls per step | source (first instruction of that name) |",
-                  "| --- | --- | --- | --- |"]
-        src = meta.get("op_sources", {})
-        lines += [f"| {n[:100]} | {us:,.0f} | {c:.0f} | {src.get(n, '')[:90]} |"
-                  for n, us, c in rows]
-    if meta.get("gemms"):
-        lines += ["", "## Matrix products in the compiled step", "",
-                  "| calls | instruction (names dropped) |", "| ---: | --- |"]
-        lines += [f"| {n} | `{t}` |" for n, t in meta["gemms"]]
-    for name, entry in meta.get("host", {}).items():
-        lines += ["", f"## {name} (host)", "",
-                  f"Busy {entry['busy_ms_per_step']:.2f} ms per step.", "",
-                  "| event | self µs per step | inclusive µs per step | calls per step |",
-                  "| --- | ---: | ---: | ---: |"]
-        lines += [f"| {n[:100]} | {s:,.0f} | {i:,.0f} | {c:.1f} |"
-                  for n, s, i, c in entry["events"]]
-    return lines
-
-
-def hlo_summary(hlo: str) -> dict:
-    """What the compiled step's entry computation launches, from its optimised HLO text.
-
-    On GPUs, older XLA versions wrapped runs of kernels into command buffers (CUDA
-    graphs) as calls to computations named ``command_buffer*``, counted here. With
-    jax 0.11.2 the optimised HLO text shows none even with command buffers on (H100,
-    commit 2807e86: the GPU's idle time per step fell from 9.2 to 3.4 ms while this
-    read 0); the trace's idle time is the reliable sign.
-    """
-    import re
-
-    entry = hlo[hlo.find("\nENTRY"):]
-    entry = entry[:entry.find("\n}")]
-    ops = collections.Counter()
-    for line in entry.splitlines()[1:]:
-        m = re.search(r"=\s*\S+\s+([a-z][\w-]*)\(", line)
-        if m:
-            ops[m.group(1)] += 1
-    return dict(entry_instructions=sum(ops.values()), entry_ops=dict(ops.most_common(20)),
-                command_buffer_calls=entry.count("command_buffer"),
-                command_buffer_computations=len(re.findall(r"\n%?command_buffer\S*\s", hlo)))
-
-
-def gemm_calls(hlo: str, width: int = 400) -> list:
-    """The compiled step's matrix products as ``[count, text]``, most frequent first: every
-    instruction of the optimised HLO that calls cuBLAS (``custom_call_target`` naming a gemm
-    or matmul) or is a ``dot``, written as ``result_shape op(operand shapes)`` with layouts
-    (e.g. ``bf16[482,4096]{1,0}``) and the first `width` characters of the line's attributes
-    (metadata dropped), so the 32 layers' calls of one product count as one."""
-    import re
-
-    inst = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=\s*(.+?)\s+([a-z][\w-]*)\((.*)$")
-    shapes, calls = {}, []
-    for line in hlo.splitlines():
-        m = inst.match(line)
-        if not m:
-            continue
-        name, shape, op, rest = m.groups()
-        shapes[name] = shape
-        if op == "dot" or (op == "custom-call" and re.search(
-                r'custom_call_target="[^"]*(gemm|matmul)', rest, re.I)):
-            calls.append((shape, op, rest))
-    found = collections.Counter()
-    for shape, op, rest in calls:
-        args, _, attrs = rest.partition(")")
-        args = ", ".join(shapes.get(a.strip().lstrip("%"), a.strip()) for a in args.split(","))
-        attrs = re.sub(r",?\s*metadata=\{[^}]*\}", "", attrs).strip(", ")
-        found[f"{shape} {op}({args}) {attrs}"[:width]] += 1
-    return [[n, t] for t, n in found.most_common()]
 
 
 def synchronous_step(runner, inputs, B: int, trials: int = 30) -> dict:
@@ -356,18 +193,7 @@ def main():
     ap.add_argument("--stable-buffers", choices=("auto", "on", "off"), default="auto",
                     help="the runner's held input and token buffers (ModelRunner's "
                          "stable_buffers; auto: its default, off)")
-    ap.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction, default=True,
-                    help="write K/V in ascending slot order with unique slots (ModelRunner's "
-                         "sorted_kv_writes; default on, as the engine's)")
-    ap.add_argument("--kv-write-kernel", action="store_true",
-                    help="write the step's K/V rows with pallas_kernels.kv_write "
-                         "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
-    ap.add_argument("--add-norm-kernel", action="store_true",
-                    help="residual adds and norms as pallas_kernels.add_rms_norm "
-                         "(EngineConfig.add_norm_kernel)")
-    ap.add_argument("--rope-kv-write", action="store_true",
-                    help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
-                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
+    add_step_options(ap)
     ap.add_argument("--stack-layers", action="store_true",
                     help="serve the quantized layers and norm scales stacked across layers "
                          "(EngineConfig.stack_layers; default off, as the engine's)")
@@ -454,18 +280,12 @@ def main():
                              seq_buckets=(B,), token_buckets=(B,),
                              stable_buffers={"auto": False, "on": True, "off": False}[
                                  args.stable_buffers],
-                             sorted_kv_writes=args.sorted_kv_writes,
-                             kv_write_kernel=args.kv_write_kernel,
-                             rope_kv_write=args.rope_kv_write,
-                             add_norm_kernel=args.add_norm_kernel,
+                             **step_options(args),
                              compiler_options=(
                                  parse_xla_options(args.xla_option) if args.xla_option else None))
         meta["compiler_options"] = runner.compiler_options
         meta["stable_buffers"] = runner.stable_buffers
-        meta["sorted_kv_writes"] = runner.sorted_kv_writes
-        meta["kv_write_kernel"] = runner.kv_write_kernel
-        meta["rope_kv_write"] = runner.rope_kv_write
-        meta["add_norm_kernel"] = runner.add_norm_kernel
+        meta.update(step_options(args))
         meta["stack_layers"] = bool(args.stack_layers)
         meta["param_buffers"] = dict(per_layer=param_buffers, served=argument_buffers(params))
         meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
@@ -544,20 +364,6 @@ def write(out_dir: str, meta: dict, results: dict) -> None:
     table += [f"| {k} | {v['ms']:.2f} | {v['bytes'] / 1e9:.1f} | {100 * v['mbu']:.0f}% |"
               for k, v in results.items()]
     write_report(out_dir, "profile_decode", "Decode-step profile", meta, results, table)
-
-
-def traced_ops(step, steps: int, host: Optional[dict] = None):
-    """Run ``step()`` ``steps`` times under ``jax.profiler`` and return :func:`op_table`'s
-    per-op table and timeline for one step; with ``host`` (a dict), fill it with
-    :func:`host_table`'s summary of the same trace."""
-    trace_dir = tempfile.mkdtemp()
-    with jax.profiler.trace(trace_dir):
-        for _ in range(steps):
-            out = step()
-        jax.block_until_ready(out)
-    if host is not None:
-        host.update(host_table(trace_dir, steps=steps))
-    return op_table(trace_dir, steps=steps)
 
 
 def write_report(out_dir: str, stem: str, title: str, meta: dict, results: dict,

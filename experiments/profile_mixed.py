@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import optgqa_jax as og  # noqa: E402
 from optgqa_jax import benchmark as bench  # noqa: E402
 from optgqa_jax.engine.runner import ModelRunner, parse_xla_options  # noqa: E402
-from profile_decode import (device_seconds, gemm_calls, op_sources, traced_ops,  # noqa: E402
-                            write_report)
+from profile_decode import (add_step_options, device_seconds, gemm_calls,  # noqa: E402
+                            op_sources, step_options, traced_ops, write_report)
 
 
 def linear_flops_per_token(cfg) -> int:
@@ -106,18 +106,7 @@ def main(argv=None) -> None:
     ap.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference"])
     ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--no-trace", action="store_true", help="time the step only")
-    ap.add_argument("--sorted-kv-writes", action=argparse.BooleanOptionalAction, default=True,
-                    help="write K/V in ascending slot order with unique slots (ModelRunner's "
-                         "sorted_kv_writes; default on, as the engine's)")
-    ap.add_argument("--kv-write-kernel", action="store_true",
-                    help="write the step's K/V rows with pallas_kernels.kv_write "
-                         "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
-    ap.add_argument("--add-norm-kernel", action="store_true",
-                    help="residual adds and norms as pallas_kernels.add_rms_norm "
-                         "(EngineConfig.add_norm_kernel)")
-    ap.add_argument("--rope-kv-write", action="store_true",
-                    help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
-                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
+    add_step_options(ap)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     lo, hi = a.context
@@ -152,8 +141,7 @@ def main(argv=None) -> None:
                          page_size=Z, max_num_seqs=seqs, max_num_batched_tokens=size,
                          max_model_len=cfg.max_seq_len, impl=a.impl, seq_buckets=(seqs,),
                          token_buckets=(size,), compiler_options=options,
-                         sorted_kv_writes=a.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel,
-                         rope_kv_write=a.rope_kv_write, add_norm_kernel=a.add_norm_kernel)
+                         **step_options(a))
     inputs, real, _ = mixed_inputs(runner, rng, prompts=a.prompts, prompt_len=a.prompt_len,
                                    decode_contexts=contexts, size=size)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -161,8 +149,7 @@ def main(argv=None) -> None:
                 quantize=a.quantize, fused_projections=a.fuse_projections, prompts=a.prompts,
                 prompt_len=a.prompt_len, decodes=a.decodes, context=[lo, hi], real_tokens=real,
                 padded_tokens=size, page_size=Z, impl=a.impl,
-                sorted_kv_writes=runner.sorted_kv_writes, kv_write_kernel=a.kv_write_kernel,
-                rope_kv_write=a.rope_kv_write, add_norm_kernel=a.add_norm_kernel,
+                **step_options(a),
                 compiler_options=runner.options_for(size))
 
     def step():

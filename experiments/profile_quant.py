@@ -60,7 +60,7 @@ from pallas_kernels import compiler_options  # noqa: E402
 from pallas_kernels.quant_matmul import (QuantMatmulConfig, code_floats,  # noqa: E402
                                          quant_matmul)
 from bench_quant import arg_sets, io_bytes  # noqa: E402
-from profile_decode import op_table  # noqa: E402
+from step_trace import op_table  # noqa: E402
 from tune_quant import SHAPES  # noqa: E402
 
 RUNGS = ("load", "unpack", "unpack+x")

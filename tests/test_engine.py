@@ -473,55 +473,25 @@ def test_prefix_sharing_within_one_batch_under_preemption(tiny, async_scheduling
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_kv_write_kernel_serves_the_same_tokens(tiny, async_scheduling, monkeypatch):
-    """K/V rows written by pallas_kernels.kv_write (interpret mode on the CPU) on the Pallas
-    path: the same greedy tokens, with chunked prefill, padding tokens and preemption."""
-    from optgqa_jax import kv_layers
+@pytest.mark.parametrize("option,module,kernel,fused", [
+    ("kv_write_kernel", "kv_layers", "kv_write", False),       # the K/V write, in place
+    ("rope_kv_write", "kv_layers", "rope_kv_write", True),     # RoPE + K/V write, one launch
+    ("add_norm_kernel", "model", "add_rms_norm", False),       # residual add + RMS norm
+])
+def test_step_kernels_serve_the_same_tokens(tiny, async_scheduling, monkeypatch, option,
+                                            module, kernel, fused):
+    """The engine step's optional kernels (interpret mode on the CPU) on the Pallas path: the
+    same greedy tokens, with chunked prefill, padding tokens and preemption, and the kernel
+    traced in place of the XLA ops."""
+    import importlib
+    mod = importlib.import_module(f"optgqa_jax.{module}")
     calls = []
-    real = kv_layers.kv_write
-    monkeypatch.setattr(kv_layers, "kv_write", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(mod, kernel)
+    monkeypatch.setattr(mod, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
     jax.clear_caches()                # steps traced by earlier tests would skip the counter
-    eng = _engine(tiny, attention_impl="pallas", kv_write_kernel=True, num_pages=7,
-                  max_num_batched_tokens=32, async_scheduling=async_scheduling)
-    assert eng.runner.kv_write_kernel
-    outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
-    assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
-    assert eng.stats.preemptions > 0
-    assert calls                      # traced through the kernel, not the scatter
-
-
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_rope_kv_write_serves_the_same_tokens(tiny, async_scheduling, monkeypatch):
-    """Queries and keys rotated and K/V written by pallas_kernels.rope_kv_write (interpret mode
-    on the CPU) on the Pallas path with fused projections: the same greedy tokens, with
-    chunked prefill, padding tokens and preemption."""
-    from optgqa_jax import kv_layers
-    calls = []
-    real = kv_layers.rope_kv_write
-    monkeypatch.setattr(kv_layers, "rope_kv_write",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    jax.clear_caches()                # steps traced by earlier tests would skip the counter
-    eng = _engine(tiny, attention_impl="pallas", rope_kv_write=True, fuse_projections=True,
-                  num_pages=7, max_num_batched_tokens=32, async_scheduling=async_scheduling)
-    assert eng.runner.rope_kv_write
-    outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
-    assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
-    assert eng.stats.preemptions > 0
-    assert calls                      # traced through the kernel, not the rotations + scatter
-
-
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_add_norm_kernel_serves_the_same_tokens(tiny, async_scheduling, monkeypatch):
-    """Residual adds and norms by pallas_kernels.add_rms_norm (interpret mode on the CPU) on
-    the Pallas path: the same greedy tokens, with chunked prefill and preemption."""
-    from optgqa_jax import model
-    calls = []
-    real = model.add_rms_norm
-    monkeypatch.setattr(model, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    jax.clear_caches()                # steps traced by earlier tests would skip the counter
-    eng = _engine(tiny, attention_impl="pallas", add_norm_kernel=True, num_pages=7,
-                  max_num_batched_tokens=32, async_scheduling=async_scheduling)
-    assert eng.runner.add_norm_kernel
+    eng = _engine(tiny, attention_impl="pallas", num_pages=7, max_num_batched_tokens=32,
+                  async_scheduling=async_scheduling, fuse_projections=fused, **{option: True})
+    assert getattr(eng.runner, option)
     outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
     assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
     assert eng.stats.preemptions > 0
