@@ -48,6 +48,23 @@ run() {  # run NAME SECONDS CMD...: one step, its output in OUT/NAME.log
 ENGINE512=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projections
            --max-num-batched-tokens 4096)
 
+# engine_turns PREFIX ROUNDS LABEL=FLAGS ...: bench_engine.py at the 512-sequence setting once
+# per LABEL with its extra FLAGS (split on spaces; may be empty), in turns, ROUNDS times; run
+# i of LABEL writes OUT/PREFIX_LABEL_i{.log,/}
+engine_turns() {
+  local prefix=$1 rounds=$2 i spec label flags
+  shift 2
+  for i in $(seq "$rounds"); do
+    for spec in "$@"; do
+      label=${spec%%=*}
+      read -r -a flags <<< "${spec#*=}"
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "${prefix}_${label}_$i" 240 python \
+        experiments/bench_engine.py "${ENGINE512[@]}" ${flags[@]+"${flags[@]}"} \
+        --out "$out/${prefix}_${label}_$i"
+    done
+  done
+}
+
 for step in $steps; do
   case $step in
     tests)  # every kernel test, compiled for the GPU
@@ -247,44 +264,20 @@ for step in $steps; do
           --prompts 14 --prompt-len 256 --decodes 370 --context 257 512 --tokens 4096 \
           ${b[@]+"${b[@]}"} --out "$out/add_norm/mixed_$v"
       done
-      for i in 1 2; do
-        for v in an nk anr; do
-          b=(--output-major gate_up_proj,qkv_proj)
-          [ "$v" = an ] && b+=(--add-norm-kernel)
-          [ "$v" = anr ] && b+=(--add-norm-kernel --rope-kv-write)
-          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
-            experiments/bench_engine.py "${ENGINE512[@]}" "${b[@]}" --out "$out/engine_${v}_$i"
-        done
-      done ;;
+      nk="--output-major gate_up_proj,qkv_proj"
+      engine_turns engine 2 "an=$nk --add-norm-kernel" "nk=$nk" \
+        "anr=$nk --add-norm-kernel --rope-kv-write" ;;
     engine-fast-options)  # the fixed (1000 x 256/256) and random-length workloads at 512
       # sequences with the engine's defaults and with gate/up and q/k/v stored [D_out, D_in]
       # plus the add-norm and RoPE/K-V-write kernels (the fastest setting of ce1ed36), in
       # turns, twice: whether those options should become the defaults
-      fast=(--output-major gate_up_proj,qkv_proj --add-norm-kernel --rope-kv-write)
-      for i in 1 2; do
-        for w in fixed random; do
-          wl=()
-          [ "$w" = random ] && wl=(--input-range 32 1024 --output-range 32 512)
-          for v in default fast; do
-            b=()
-            [ "$v" = fast ] && b=("${fast[@]}")
-            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${w}_${v}_$i" 200 python \
-              experiments/bench_engine.py "${ENGINE512[@]}" ${wl[@]+"${wl[@]}"} \
-              ${b[@]+"${b[@]}"} --out "$out/engine_${w}_${v}_$i"
-          done
-        done
-      done ;;
+      fast="--output-major gate_up_proj,qkv_proj --add-norm-kernel --rope-kv-write"
+      random="--input-range 32 1024 --output-range 32 512"
+      engine_turns engine 2 "fixed_default=" "fixed_fast=$fast" "random_default=$random" \
+        "random_fast=$random $fast" ;;
     engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
       # K/V writes as XLA ops and as pallas_kernels.rope_kv_write, in turns, twice
-      for i in 1 2; do
-        for v in xla kernel; do
-          b=()
-          [ "$v" = kernel ] && b=(--rope-kv-write)
-          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_rope_${v}_$i" 240 python \
-            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} \
-            --out "$out/engine_rope_${v}_$i"
-        done
-      done ;;
+      engine_turns engine_rope 2 "xla=" "kernel=--rope-kv-write" ;;
     profile-mixed)  # one mixed (prefill) step as the engine benchmarks run them at 512
       # sequences (experiments/schedule_replay.py: the fixed workload's mean mixed step is ~14
       # prompts of 256 + ~370 decodes; the random one's ~3 prompt chunks of ~550 + ~450
@@ -530,42 +523,20 @@ for step in $steps; do
       # stored [D_in, D_out] (kn, as in every run so far), with the fused gate/up and q/k/v
       # stored [D_out, D_in] (nk; EngineConfig.output_major) and with the LM head too (nkh),
       # in turns, twice
-      for i in 1 2; do
-        for v in kn nk nkh; do
-          b=()
-          [ "$v" = nk ] && b=(--output-major gate_up_proj,qkv_proj)
-          [ "$v" = nkh ] && b=(--output-major gate_up_proj,qkv_proj,lm_head)
-          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
-            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
-        done
-      done ;;
+      engine_turns engine 2 "kn=" "nk=--output-major gate_up_proj,qkv_proj" \
+        "nkh=--output-major gate_up_proj,qkv_proj,lm_head" ;;
     engine-output-major-all)  # the 1000 x 256/256 run at 512 sequences with the o and down
       # projections stored [D_out, D_in] as well (nko: gate/up, q/k/v, o; nkod: and down),
       # against gate/up and q/k/v only (nk) and none (kn), in turns, twice
-      for i in 1 2; do
-        for v in nko nkod kn nk; do
-          b=()
-          [ "$v" = nk ] && b=(--output-major gate_up_proj,qkv_proj)
-          [ "$v" = nko ] && b=(--output-major gate_up_proj,qkv_proj,o_proj)
-          [ "$v" = nkod ] && b=(--output-major gate_up_proj,qkv_proj,o_proj,down_proj)
-          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_${v}_$i" 240 python \
-            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} --out "$out/engine_${v}_$i"
-        done
-      done ;;
+      engine_turns engine 2 "nko=--output-major gate_up_proj,qkv_proj,o_proj" \
+        "nkod=--output-major gate_up_proj,qkv_proj,o_proj,down_proj" "kn=" \
+        "nk=--output-major gate_up_proj,qkv_proj" ;;
     engine-kv-write-kernel)  # one layer's K/V write alone (XLA's scatter against
       # pallas_kernels.kv_write), then the 1000 x 256/256 run at 512 sequences with the scatter
       # and with the kernel (EngineConfig.kv_write_kernel), in turns, twice
       run kv_write_bench 150 python experiments/kv_write_bench.py \
         --variants unique+sorted,pallas --out "$out/kv_write_kernel"
-      for i in 1 2; do
-        for v in scatter kernel; do
-          b=()
-          [ "$v" = kernel ] && b=(--kv-write-kernel)
-          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "engine_kv_${v}_$i" 240 python \
-            experiments/bench_engine.py "${ENGINE512[@]}" ${b[@]+"${b[@]}"} \
-            --out "$out/engine_kv_${v}_$i"
-        done
-      done ;;
+      engine_turns engine_kv 2 "scatter=" "kernel=--kv-write-kernel" ;;
     engine-page-size)  # the 1000 x 256/256 run at 512 sequences with pages of 16 and of 32
       # tokens, in turns, twice (the decode kernel reads K/V one page of one head at a time:
       # 4 KB at 16 tokens, 8 KB at 32)

@@ -125,6 +125,13 @@ def validate_tuning(config, block_fields: tuple[str, ...], minimum_block: int = 
         raise ValueError(f"num_stages={config.num_stages} must be >= 1")
 
 
+def whole_block(a):
+    """A ``pl.BlockSpec`` handing every program the whole of array ``a`` (the kernel indexes
+    it itself), for a grid of any rank."""
+    from jax.experimental import pallas as pl
+    return pl.BlockSpec(a.shape, lambda *ids: (0,) * a.ndim)
+
+
 @dataclasses.dataclass(frozen=True)
 class RowBlockConfig:
     """Tuning knobs of the kernels that stream whole rows, ``block_t`` rows per program

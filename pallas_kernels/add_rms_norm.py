@@ -71,13 +71,12 @@ def _make_kernel(*, T: int, D: int, block_t: int, eps: float):
 def _add_rms_norm(x, h, scale, *, eps: float, interpret: bool, config: AddRMSNormConfig):
     T, D = x.shape
     block_t = int(min(config.block_t, C.next_power_of_two(T)))
-    whole = lambda a: pl.BlockSpec(a.shape, lambda i, n=a.ndim: (0,) * n)  # noqa: E731
     out = jax.ShapeDtypeStruct((T, D), x.dtype)
     return pl.pallas_call(
         _make_kernel(T=T, D=D, block_t=block_t, eps=eps),
         grid=(C.cdiv(T, block_t),),
-        in_specs=[whole(x), whole(h), whole(scale)],
-        out_specs=[whole(out), whole(out)],
+        in_specs=[C.whole_block(x), C.whole_block(h), C.whole_block(scale)],
+        out_specs=[C.whole_block(out), C.whole_block(out)],
         out_shape=[out, out],
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,

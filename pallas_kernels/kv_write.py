@@ -70,12 +70,11 @@ def _kv_write(k_rows, v_rows, slots, k_pages, v_pages, *, interpret: bool,
     S = k_pages.shape[1]
     block_t = int(min(config.block_t, C.next_power_of_two(T)))
     args = (k_rows.reshape(T, K * H), v_rows.reshape(T, K * H), slots, k_pages, v_pages)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, n=a.ndim: (0,) * n)  # noqa: E731
     return pl.pallas_call(
         _make_kernel(T=T, H=H, S=S, block_t=block_t),
         grid=(C.cdiv(T, block_t), K),
-        in_specs=[whole(a) for a in args],
-        out_specs=[whole(k_pages), whole(v_pages)],
+        in_specs=[C.whole_block(a) for a in args],
+        out_specs=[C.whole_block(k_pages), C.whole_block(v_pages)],
         out_shape=[jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)],
         input_output_aliases={3: 0, 4: 1},

@@ -252,7 +252,6 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
           else shift_major(xp, bk, bits)).T                                   # [K, Mp]
     xs = xp.astype(jnp.float32).reshape(Mp, tiles, bk).sum(-1).T              # [tiles, Mp]
     partial = split > 1
-    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s, n=a.ndim: (0,) * n)  # noqa: E731
     if partial:
         out_shape = jax.ShapeDtypeStruct((split, Mp, N), jnp.float32)
         out_spec = pl.BlockSpec((None, block_m, block_n), lambda i, j, s: (s, j, i))
@@ -265,7 +264,7 @@ def _quant_matmul_wl(x, qweight_t, scales, zeros, *, bits: int, group_size: int,
                      gs=gs, tiles_per_split=per, tiles=tiles, mask_n=N % block_n != 0, N=N,
                      pairs=config.pairs),
         grid=(C.cdiv(N, block_n), Mp // block_m, split),
-        in_specs=[whole(a) for a in args],
+        in_specs=[C.whole_block(a) for a in args],
         out_specs=out_spec,
         out_shape=out_shape,
         interpret=interpret,

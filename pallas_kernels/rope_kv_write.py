@@ -100,13 +100,12 @@ def _rope_kv_write(qkv, cos, sin, slots, k_pages, v_pages, *, n_heads: int,
     N = n_heads
     block_t = int(min(config.block_t, C.next_power_of_two(T)))
     args = (qkv, cos, sin, slots, k_pages, v_pages)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, n=a.ndim: (0,) * n)  # noqa: E731
     q_shape = jax.ShapeDtypeStruct((T, N * H), qkv.dtype)
     q, k_pages, v_pages = pl.pallas_call(
         _make_kernel(T=T, N=N, K=K, H=H, S=S, block_t=block_t),
         grid=(C.cdiv(T, block_t), N + 2 * K),
-        in_specs=[whole(a) for a in args],
-        out_specs=[whole(q_shape), whole(k_pages), whole(v_pages)],
+        in_specs=[C.whole_block(a) for a in args],
+        out_specs=[C.whole_block(q_shape), C.whole_block(k_pages), C.whole_block(v_pages)],
         out_shape=[q_shape, jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)],
         input_output_aliases={4: 1, 5: 2},
