@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -50,14 +50,24 @@ ENGINE512=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projec
 
 # engine_turns PREFIX ROUNDS LABEL=FLAGS ...: bench_engine.py at the 512-sequence setting once
 # per LABEL with its extra FLAGS (split on spaces; may be empty), in turns, ROUNDS times; run
-# i of LABEL writes OUT/PREFIX_LABEL_i{.log,/}
+# i of LABEL writes OUT/PREFIX_LABEL_i{.log,/}. OPTGQA_ROUNDS (e.g. "2") runs only those
+# rounds, so one comparison can be spread over several calls. A LABEL starting with "old"
+# runs the older tree at OPTGQA_OLD_TREE (from its root) and is skipped where that is unset.
 engine_turns() {
-  local prefix=$1 rounds=$2 i spec label flags
+  local prefix=$1 rounds=$2 i spec label flags abs
   shift 2
-  for i in $(seq "$rounds"); do
+  abs=$(cd "$out" && pwd)
+  for i in ${OPTGQA_ROUNDS:-$(seq "$rounds")}; do
     for spec in "$@"; do
       label=${spec%%=*}
       read -r -a flags <<< "${spec#*=}"
+      if [[ $label == old* ]]; then
+        [ -n "${OPTGQA_OLD_TREE:-}" ] || continue
+        (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+          "${prefix}_${label}_$i" 240 python experiments/bench_engine.py "${ENGINE512[@]}" \
+          ${flags[@]+"${flags[@]}"} --out "$abs/${prefix}_${label}_$i")
+        continue
+      fi
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "${prefix}_${label}_$i" 240 python \
         experiments/bench_engine.py "${ENGINE512[@]}" ${flags[@]+"${flags[@]}"} \
         --out "$out/${prefix}_${label}_$i"
@@ -275,6 +285,14 @@ for step in $steps; do
       random="--input-range 32 1024 --output-range 32 512"
       engine_turns engine 2 "fixed_default=" "fixed_fast=$fast" "random_default=$random" \
         "random_fast=$random $fast" ;;
+    engine-defaults-ab)  # the fixed (1000 x 256/256) and random-length workloads at 512
+      # sequences: an older tree (OPTGQA_OLD_TREE) with its defaults, this tree with its
+      # defaults, and this tree with gate/up and q/k/v stored [D_out, D_in] plus the add-norm
+      # and RoPE/K-V-write kernels, in turns, twice (OPTGQA_ROUNDS picks rounds)
+      fast="--output-major gate_up_proj,qkv_proj --add-norm-kernel --rope-kv-write"
+      random="--input-range 32 1024 --output-range 32 512"
+      engine_turns engine 2 "fixed_old=" "fixed_default=" "fixed_fast=$fast" \
+        "random_old=$random" "random_default=$random" "random_fast=$random $fast" ;;
     engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
       # K/V writes as XLA ops and as pallas_kernels.rope_kv_write, in turns, twice
       engine_turns engine_rope 2 "xla=" "kernel=--rope-kv-write" ;;
