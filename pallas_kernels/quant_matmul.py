@@ -87,13 +87,19 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                  tile_k: Optional[int] = None, pattern: Optional[tuple[int, float]] = None,
                  dequant_tiles: bool = False, runtime_magic: bool = False,
                  half: bool = False, wrapper_sums: bool = False, shift_pc: bool = False,
-                 stacked: bool = False, raw_x: bool = False, kernel_sums: bool = False):
+                 stacked: bool = False, raw_x: bool = False, kernel_sums: bool = False,
+                 row_block: int = 0):
     """The kernel body. ``stacked``: qweight, scales and zeros hold several layers' rows one
     after another, and this call's layer starts at the word row ``magic_ref[2]`` and the group
     row ``magic_ref[3]`` (read at run time, so that every layer runs the same kernel).
     ``magic_ref``: int32 [2^23's pattern, float16 pairs' exponent bits, first word row, first
     group row, then with ``raw_x`` the pattern of :func:`exact_magic` for every distinct bit
-    offset of :func:`exact_offsets`], the patterns read only with ``runtime_magic``."""
+    offset of :func:`exact_offsets`], the patterns read only with ``runtime_magic``.
+    ``row_block`` (> 0: :mod:`pallas_kernels.row_block_quant_matmul`): the weight holds only
+    the kept groups of every block of ``row_block`` output features (``K`` = the kept rows of
+    one block), ``gidx_ref`` int32 [N / row_block * K / group_size] each block's kept groups,
+    and a sub-tile of weight rows ``k0`` reads x at its block's kept group; ``block_n``
+    divides ``row_block``."""
     P = 32 // bits
     bias = 0.0 if pattern is None else pattern[1]     # codes as bias + code (joined, shift_pc)
     tile_k = block_k if tile_k is None else tile_k   # rows per sub-tile (one group, or block_k)
@@ -138,6 +144,15 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
         n_ok = cols < N
         k_begin = pid_s * k_per_split
         steps = jnp.minimum(k_per_split, Kp - k_begin) // block_k   # whole K steps
+        if row_block:
+            R = K // gs                                 # kept groups per row block
+            map0 = (n0 // row_block) * R                # this block's entries in gidx_ref
+
+        def x_col(k0):     # x's column of weight row k0 (row blocks: at the kept group)
+            if not row_block:
+                return k0
+            r = jnp.minimum(k0 // gs, R - 1)            # (sub-tiles past K: weights masked)
+            return gidx_ref[map0 + r] * gs + (k0 - r * gs)
 
         def load_rows(ref, rows, ok):                             # [len(rows), bn] gather
             shape = (rows.shape[0], block_n)
@@ -163,6 +178,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
 
         def sub_tile(k0, words, acc):      # rows [k0, k0 + tile_k): add their products to acc
             wrows = k0 // P + jnp.arange(Pk)                      # [Pk] word rows of the tile
+            xk0 = x_col(k0)                                       # x's matching column
             w_ok = wrows < K // P
             words_hi = words >> 16                # the upper codes, shifted once per word
             if per_tile:
@@ -179,7 +195,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             # parts: one [bm, bn] partial product, or (fma) per row of x one [Pk, bn] array of
             # products not yet summed over K (the sum over Pk waits until after the K loop)
             if joined:        # the codes of every shift, rejoined in natural row order: one dot
-                x = x_ref[:, pl.ds(k0, tile_k)]                           # [bm, tk] natural
+                x = x_ref[:, pl.ds(xk0, tile_k)]                          # [bm, tk] natural
                 if pattern is None:
                     mask = (1 << bits) - 1
                     shifted = [((words >> (bits * p)) & mask).astype(jnp.float32)
@@ -198,7 +214,7 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 # zero points (and the patterns' bias): x's sums over the sub-tile's rows
                 # [bm, 1] times (z + bias) s
                 return (acc[0] + part * s
-                        - xs_ref[:, pl.ds(k0 // tile_k, 1)] * ((z + bias) * s),)
+                        - xs_ref[:, pl.ds(xk0 // tile_k, 1)] * ((z + bias) * s),)
             parts = [jnp.zeros((Pk if fma else block_m, block_n), jnp.float32)
                      for _ in range(block_m if fma else 1)]
             # register path, sums of x in the kernel: zx[m] [Pk], per word row the sum of x
@@ -206,21 +222,21 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
             zx = [jnp.zeros((Pk,), jnp.float32)
                   for _ in range(block_m if fma and (kx or not wx) else 0)]
             if shift_pc:    # shift-by-shift tensor-core path, codes as bit patterns bias + code
-                x0 = x_ref[:, pl.ds(k0, Pk)]
+                x0 = x_ref[:, pl.ds(xk0, Pk)]
                 pc = pattern_codes(words, bits, x0.dtype)                 # P x [Pk, bn]
                 for p in range(P):
-                    x = x0 if p == 0 else x_ref[:, pl.ds(k0 + p * Pk, Pk)]   # [bm, Pk] unscaled
+                    x = x0 if p == 0 else x_ref[:, pl.ds(xk0 + p * Pk, Pk)]  # [bm, Pk] unscaled
                     parts[0] += C.dot(x, pc[p])
                 # zero points and the patterns' bias: x's sums [bm, 1] times (z + bias) s
                 return (acc[0] + parts[0] * s
-                        - xs_ref[:, pl.ds(k0 // tile_k, 1)] * ((z + bias) * s),)
+                        - xs_ref[:, pl.ds(xk0 // tile_k, 1)] * ((z + bias) * s),)
             if half:    # float16 pairs: codes exact as 1024 + code, x (scaled, |x| <= 1) float16
                 pc = pattern_codes(words, bits, jnp.float16, pair_magic)   # P x [Pk, bn]
                 q16 = [c - jnp.float16(1024.0) for c in pc]               # the codes, exact
                 for m in range(block_m):
                     part = jnp.zeros((Pk, block_n), jnp.float16)   # sum over the word's codes
                     for p in range(P):
-                        xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)]                     # [Pk] f16
+                        xm = x_ref[m, pl.ds(xk0 + p * Pk, Pk)]                    # [Pk] f16
                         if kx or not wx:
                             zx[m] += xm.astype(jnp.float32)
                         part = part + xm[:, None] * q16[p]
@@ -249,29 +265,29 @@ def _make_kernel(*, N: int, bits: int, group_size: int, K: int, Kp: int, k_per_s
                 if fma:
                     for m in range(block_m):
                         if raw_x:     # x as given: columns k0 + P w + p, stride P
-                            cols = k0 + p + P * jnp.arange(Pk)
+                            cols = xk0 + p + P * jnp.arange(Pk)
                             xm = plgpu.load(x_ref.at[jnp.full((Pk,), m, jnp.int32), cols]
                                             ).astype(jnp.float32)                  # [Pk]
                             if fold_zeros and (kx or not wx):
                                 zx[m] += xm
                         else:
-                            xm = x_ref[m, pl.ds(k0 + p * Pk, Pk)].astype(jnp.float32)
+                            xm = x_ref[m, pl.ds(xk0 + p * Pk, Pk)].astype(jnp.float32)
                             if fold_zeros and (kx or not wx):   # xm carries 2^-s_p: undo it
                                 zx[m] += xm * float(2 ** offsets[p])
                         parts[m] += xm[:, None] * w
                 else:
-                    x = x_ref[:, pl.ds(k0 + p * Pk, Pk)]                  # [bm, Pk]
+                    x = x_ref[:, pl.ds(xk0 + p * Pk, Pk)]                 # [bm, Pk]
                     part = C.dot(x, w.astype(x.dtype))
                     parts[0] += part * (2.0 ** -offsets[p]) if scale_parts else part
             if fold_zeros and not fma:    # x's sums over the sub-tile's rows [bm, 1] times z s
-                return (acc[0] + parts[0] * s - xs_ref[:, pl.ds(k0 // tile_k, 1)] * (z * s),)
+                return (acc[0] + parts[0] * s - xs_ref[:, pl.ds(xk0 // tile_k, 1)] * (z * s),)
             if fold_zeros and not wx:    # per word row: s (sum x q 2^s 2^-s) - z s (sum x)
                 zs = z * s
                 return tuple(a + q * s - zxm[:, None] * zs
                              for a, q, zxm in zip(acc, parts, zx))
             if fold_zeros:    # acc: block_m [Pk, bn] sums of x q, then block_m [1, bn]
                 zs = z * s    # corrections: x's sum over the sub-tile times z s
-                t = k0 // tile_k
+                t = xk0 // tile_k
                 return (tuple(a + q * s for a, q in zip(acc[:block_m], parts))
                         + tuple(c + (jnp.sum(zx[m]) if kx
                                      else xs_ref[pl.ds(m, 1), pl.ds(t, 1)]) * zs
@@ -339,17 +355,23 @@ def k_tiles(config: QuantMatmulConfig, K: int, bits: int, group_size: int,
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "use_gidx", "interpret",
-                                             "config", "out_dtype"))
+                                             "config", "out_dtype", "row_block"))
 def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_size, use_gidx,
-                  interpret, config, out_dtype=None):
+                  interpret, config, out_dtype=None, row_block=0):
     """``rows0``: None, or int32 [2] for stacked layers (``qweight`` [L * K P / 32, N],
-    ``scales``/``zeros`` [L * G, N]): the layer's first word row and first group row."""
+    ``scales``/``zeros`` [L * G, N]): the layer's first word row and first group row.
+    ``row_block`` > 0: ``qweight`` holds the kept groups of each block of ``row_block`` output
+    features and ``g_idx`` is int32 [N / row_block * R] their groups in x (see
+    :mod:`pallas_kernels.row_block_quant_matmul`)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    M, K = x.shape
+    M, Kx = x.shape                  # Kx: x's features; K: the weight's rows
     N = qweight.shape[1]
     P = 32 // bits
+    K = qweight.shape[0] * P if row_block else Kx
     block_m = int(min(config.block_m, max(1 if config.fma else 16, C.next_power_of_two(M))))
     block_n = int(min(config.block_n, max(16, C.next_power_of_two(N))))
+    if row_block:                    # a program's columns lie in one row block
+        block_n = min(block_n, row_block)
     block_k, tile_k, joined = k_tiles(config, K, bits, group_size, use_gidx)
     Kp = C.cdiv(K, block_k) * block_k
     split_k = int(max(1, min(config.split_k, Kp // block_k)))
@@ -358,8 +380,10 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
     split = split_k > 1
     Mp, Np = C.cdiv(M, block_m) * block_m, C.cdiv(N, block_n) * block_n   # whole tiles
     # x (small next to the weight) is padded with zero rows/columns and put in the kernel's
-    # shift-major K order once per call; the weight is read in place.
-    xp = jnp.pad(x, ((0, Mp - M), (0, Kp - K)))
+    # shift-major K order once per call; the weight is read in place. (Row blocks: x keeps
+    # its own K, whole groups, each sub-tile inside one group.)
+    Kxp = C.cdiv(Kx, tile_k) * tile_k if row_block else Kp
+    xp = jnp.pad(x, ((0, Mp - M), (0, Kxp - Kx)))
     # zero points leave the codes (see _make_kernel): the tensor-core paths (and the register
     # path with wrapper_sums) take x's sums over every sub-tile (of the float16 x it
     # multiplies, on the float16-pairs path)
@@ -367,7 +391,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
     needs_xs = ((not config.fma or config.wrapper_sums) and not use_gidx
                 and (group_size == -1 or gs % tile_k == 0)
                 and not (joined and config.dequant_tiles))
-    T = Kp // tile_k                                                # sub-tiles along K
+    T = Kxp // tile_k                                               # sub-tiles along x's K
     xs = (xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1) if needs_xs
           else jnp.zeros((1, 1), jnp.float32))                      # [Mp, T] or unused
     # shift-by-shift tensor-core path with bit-pattern codes (shift_patterns): where a sub-tile
@@ -399,9 +423,12 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
             xs = xp.astype(jnp.float32).reshape(Mp, T, tile_k).sum(-1)
     elif not scale_parts and not joined and not shift_pc and not raw_x:
         xp = xp.astype(jnp.float32 if config.fma else x.dtype)
-        xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kp), xp.dtype)
-    gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), tile_k, bits) if use_gidx
-            else jnp.zeros((1,), jnp.int32))
+        xp = xp * jnp.asarray(shift_scales(bits, tile_k, Kxp), xp.dtype)
+    if row_block:
+        gidx = g_idx                 # the row blocks' kept groups
+    else:
+        gidx = (shift_major(jnp.pad(g_idx, (0, Kp - K)), tile_k, bits) if use_gidx
+                else jnp.zeros((1,), jnp.int32))
     kernel = _make_kernel(N=N, bits=bits, group_size=group_size, K=K, Kp=Kp,
                           k_per_split=k_per_split, block_m=block_m, block_n=block_n,
                           block_k=block_k, use_gidx=use_gidx, fma=config.fma,
@@ -412,7 +439,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
                           runtime_magic=config.runtime_magic, half=half,
                           wrapper_sums=config.wrapper_sums, shift_pc=shift_pc,
                           stacked=rows0 is not None, raw_x=raw_x,
-                          kernel_sums=config.kernel_sums)
+                          kernel_sums=config.kernel_sums, row_block=row_block)
     # [2^23, float16 pairs' exponents, first word row, first group row (stacked layers), the
     # exact patterns of raw_x's bit offsets]
     magic = jnp.concatenate([
@@ -429,7 +456,7 @@ def _quant_matmul(x, qweight, scales, zeros, g_idx, rows0=None, *, bits, group_s
     out = pl.pallas_call(
         kernel,
         grid=(Mp // block_m, Np // block_n, split_k),
-        in_specs=[pl.BlockSpec((block_m, Kp), lambda i, j, s: (i, 0)), full(qweight),
+        in_specs=[pl.BlockSpec((block_m, Kxp), lambda i, j, s: (i, 0)), full(qweight),
                   full(scales), full(zeros), full(gidx),
                   pl.BlockSpec((block_m, T), lambda i, j, s: (i, 0)) if needs_xs
                   else full(xs), full(magic)],

@@ -9,7 +9,9 @@
 * :mod:`~optgqa_jax.sparse.group_major` — the BSR blocks reordered by group, the serving
   layout of the group-major decode kernel;
 * :mod:`~optgqa_jax.sparse.packed` — a row-scope BSR layer's arrays packed into one, the
-  serving layout with one argument buffer per layer.
+  serving layout with one argument buffer per layer;
+* :mod:`~optgqa_jax.sparse.row_block` — layers whose blocks of output features share one
+  mask, as compacted dense blocks multiplied by the dense W4 kernel.
 """
 
 from optgqa_jax.sparse.config import NMSparsity, SparsityConfig
@@ -39,3 +41,9 @@ from optgqa_jax.sparse.packed import (PackedBSRLinear, is_packed_bsr,  # noqa: E
 
 __all__ += ["PackedBSRLinear", "is_packed_bsr", "packed_bsr_matmul", "to_packed_bsr",
             "to_packed_bsr_params", "unpack_bsr"]
+from optgqa_jax.sparse.row_block import (RowBlockQuantizedLinear,  # noqa: E402
+                                         dequantize_row_block, is_row_block, row_block_matmul,
+                                         row_block_to_dense, to_row_block, to_row_block_params)
+
+__all__ += ["RowBlockQuantizedLinear", "dequantize_row_block", "is_row_block",
+            "row_block_matmul", "row_block_to_dense", "to_row_block", "to_row_block_params"]

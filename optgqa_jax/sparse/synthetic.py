@@ -99,6 +99,32 @@ def random_bsr_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig, sparsit
                        dtype=jnp.dtype(dtype).name)
 
 
+def random_row_block_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig,
+                            sparsity: float, row_block: int, dtype: str, std: float = 0.02):
+    """A :class:`~optgqa_jax.sparse.row_block.RowBlockQuantizedLinear` with uniform random
+    codes, ``round(sparsity * G)`` groups removed from every block of `row_block` output
+    features (at random places), built on the host."""
+    from optgqa_jax.sparse.row_block import RowBlockQuantizedLinear
+    rng = np.random.default_rng(seed)
+    gs = qc.group_size
+    if gs < 1 or d_in % gs:
+        raise ValueError(f"group_size={gs} must divide D_in={d_in}")
+    if row_block < 1 or d_out % row_block:
+        raise ValueError(f"row_block={row_block} must divide D_out={d_out}")
+    G, W = d_in // gs, gs * qc.bits // 32
+    kept = G - int(round(sparsity * G))
+    gmap = np.sort(np.argsort(rng.random((d_out // row_block, G)), axis=1)[:, :kept], axis=1)
+    levels = 2 ** qc.bits
+    qweight = rng.integers(-2 ** 31, 2 ** 31, (kept * W, d_out), dtype=np.int64).astype(np.int32)
+    scale = std * np.sqrt(12.0) / levels
+    scales = (scale * rng.uniform(0.8, 1.2, (kept, d_out))).astype(qc.scale_dtype)
+    return RowBlockQuantizedLinear(
+        qweight=jnp.asarray(qweight), scales=jnp.asarray(scales),
+        zeros=jnp.full((kept, d_out), levels // 2, jnp.uint8),
+        group_map=jnp.asarray(gmap.astype(np.int32)), in_features=d_in, bits=qc.bits,
+        group_size=gs, sym=qc.sym, dtype=jnp.dtype(dtype).name, row_block=int(row_block))
+
+
 def random_sparsify(params: dict, qc: QuantConfig, sparsity: float, seed: int = 0,
                     dtype=None) -> dict:
     """`params` with every linear kernel replaced by a random BSR layer (norms kept; the
