@@ -466,3 +466,29 @@ def test_quant_matmul_wl_lowers_through_triton(M, K, N, split, platform):
     text = export_for(platform, f, S((M, K), jnp.bfloat16), S((N, K // 8), jnp.int32),
                       S((K // 128, N), jnp.float16), S((K // 128, N), jnp.uint8))
     assert text.count(TRITON_CALL) == 1
+
+
+# row_block_quant_matmul: x [M, K], qweight int32 [R gs b / 32, N], scales/zeros [R, N],
+# group_map int32 [N / B, R] (the dense kernel over each block's kept groups).
+@pytest.mark.parametrize("M,config", [
+    (1, dict(block_m=1, block_n=64, block_k=512, split_k=4, fma=True, runtime_magic=True,
+             wrapper_sums=True, raw_x=True)),
+    (1, dict(block_m=1, block_n=32, block_k=256, split_k=2, fma=True)),
+    (16, dict(block_m=16, block_n=32, block_k=128, split_k=2)),
+    (16, dict(block_m=16, block_n=64, block_k=128, joined=True)),
+])
+@pytest.mark.parametrize("platform", ["rocm", "cuda"])
+def test_row_block_quant_matmul_lowers_through_triton(M, config, platform):
+    from pallas_kernels.quant_matmul import QuantMatmulConfig
+    from pallas_kernels.row_block_quant_matmul import row_block_quant_matmul
+    K, N, R, B = 2048, 512, 8, 64
+    cfg = QuantMatmulConfig(num_warps=4, num_stages=2, **config)
+
+    def f(x, qw, s, z, gmap):
+        return row_block_quant_matmul(x, qw, s, z, gmap, bits=4, group_size=128, row_block=B,
+                                      config=cfg)
+
+    args = (S((M, K), jnp.bfloat16), S((R * 16, N), jnp.int32), S((R, N), jnp.float16),
+            S((R, N), jnp.uint8), S((N // B, R), jnp.int32))
+    module = export_for(platform, f, *args)
+    assert module.count(TRITON_CALL) == 1
