@@ -75,8 +75,9 @@ RUNS = ("float", "2:4", "w4", "w4+bqpo", "w4+e2e", "w4+both", "w4+2:4", "w4+2:4+
         "w2g64", "w2g64+both", "w2g128", "w2g128+both")
 # more runs, only when named in --runs: W4S50 with one mask per block of 4, 8 or 16 output
 # features (SparsityConfig.row_block), the pattern a dense-tile kernel could read
-EXTRA_RUNS = ("w4s50rb4", "w4s50rb8", "w4s50rb16", "w4s50rb4+both", "w4s50rb8+both",
-              "w4s50rb16+both")
+EXTRA_RUNS = ("w4s50rb4", "w4s50rb8", "w4s50rb16", "w4s50rb32", "w4s50rb64",
+              "w4s50rb4+both", "w4s50rb8+both", "w4s50rb16+both", "w4s50rb32+both",
+              "w4s50rb64+both")
 CALIBRATION = {"": (False, False), "+bqpo": (True, False), "+e2e": (False, True),
                "+both": (True, True)}
 
@@ -97,7 +98,7 @@ def parse_run(run: str, group_size: int):
              "w4s30": (QuantConfig(bits=4, group_size=group_size), sparse.SparsityConfig(0.3)),
              "w4s50": (QuantConfig(bits=4, group_size=group_size), sparse.SparsityConfig(0.5)),
              **{f"w4s50rb{b}": (QuantConfig(bits=4, group_size=group_size),
-                                sparse.SparsityConfig(0.5, row_block=b)) for b in (4, 8, 16)},
+                                sparse.SparsityConfig(0.5, row_block=b)) for b in (4, 8, 16, 32, 64)},
              "w2g64": (QuantConfig(bits=2, group_size=64), None),
              "w2g128": (QuantConfig(bits=2, group_size=128), None)}
     if base not in table or (suffix and table[base][0] is None):

@@ -175,6 +175,7 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
     from optgqa_jax.sparse.bsr import check_bsr, is_bsr
     from optgqa_jax.sparse.group_major import is_group_major
     from optgqa_jax.sparse.packed import is_packed_bsr
+    from optgqa_jax.sparse.row_block import is_row_block
     from optgqa_jax.quant.weights_left import is_weights_left
     for name, leaf in list(flat.items()):
         if is_weights_left(leaf):
@@ -189,6 +190,10 @@ def save_checkpoint(path: str, cfg: ModelConfig, params: dict, *, overwrite: boo
             raise ValueError(f"{name} is a PackedBSRLinear, a runtime layout that checkpoints "
                              "do not store: save the BSR params and convert them after loading "
                              "(sparse.to_packed_bsr_params)")
+        if is_row_block(leaf):
+            raise ValueError(f"{name} is a RowBlockQuantizedLinear, a runtime layout that "
+                             "checkpoints do not store: save the BSR params and convert them "
+                             "after loading (sparse.to_row_block_params)")
         if is_bsr(leaf):
             check_bsr(leaf, name)
             layers[name] = _bsr_metadata(leaf)

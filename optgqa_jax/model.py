@@ -44,6 +44,7 @@ from optgqa_jax.sparse.bsr import bsr_matmul, dequantize_bsr, is_bsr
 from optgqa_jax.sparse.group_major import (dequantize_group_major, group_major_matmul,
                                            is_group_major)
 from optgqa_jax.sparse.packed import is_packed_bsr, packed_bsr_matmul, unpack_bsr
+from optgqa_jax.sparse.row_block import dequantize_row_block, is_row_block, row_block_matmul
 from optgqa_jax.weight_layout import is_output_major
 from optgqa_jax.weight_layout import matmul as output_major_matmul
 
@@ -51,10 +52,11 @@ from optgqa_jax.weight_layout import matmul as output_major_matmul
 def is_quantized(x) -> bool:
     """Whether a kernel leaf is quantized: a dense ``QuantizedLinear``, a group-sparse
     ``optgqa_jax.sparse.BSRQuantizedLinear`` or its serving layout
-    ``optgqa_jax.sparse.GroupMajorLinear``, or the dense one's weights-left layout
+    ``optgqa_jax.sparse.GroupMajorLinear``, its row-block form
+    ``optgqa_jax.sparse.RowBlockQuantizedLinear``, or the dense one's weights-left layout
     ``optgqa_jax.quant.WeightsLeftLinear`` (used as ``is_leaf`` in tree maps)."""
     return (_is_dense_quantized(x) or is_bsr(x) or is_group_major(x) or is_packed_bsr(x)
-            or is_weights_left(x))
+            or is_row_block(x) or is_weights_left(x))
 
 
 def _is_kernel_leaf(x) -> bool:
@@ -139,6 +141,8 @@ class Linear(nn.Module):
             y = group_major_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_packed_bsr(kernel):
             y = packed_bsr_matmul(x, kernel, _QUANT_IMPL[self.impl])
+        elif is_row_block(kernel):       # blocks of features share one mask (sparse.row_block)
+            y = row_block_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_layer_view(kernel):      # one layer of a stacked layer (layer_stack)
             y = layer_matmul(x, kernel, _QUANT_IMPL[self.impl])
         elif is_weights_left(kernel):    # words stored transposed (quant.weights_left)
@@ -345,6 +349,8 @@ class Transformer(nn.Module):
                     w = dequantize_group_major(w)
                 elif is_packed_bsr(w):
                     w = dequantize_bsr(unpack_bsr(w))
+                elif is_row_block(w):
+                    w = dequantize_row_block(w)
                 logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)
 

@@ -205,7 +205,9 @@ def partition_specs(cfg: ModelConfig, params, mesh: Mesh, fsdp: bool = False):
     from optgqa_jax.sparse.bsr import is_bsr
     from optgqa_jax.sparse.group_major import is_group_major
     from optgqa_jax.sparse.packed import is_packed_bsr
-    sparse_leaf = lambda l: is_bsr(l) or is_group_major(l) or is_packed_bsr(l)  # noqa: E731
+    from optgqa_jax.sparse.row_block import is_row_block
+    sparse_leaf = lambda l: (is_bsr(l) or is_group_major(l) or is_packed_bsr(l)  # noqa: E731
+                             or is_row_block(l))
     bsr = [l for l in jax.tree_util.tree_leaves(params, is_leaf=sparse_leaf) if sparse_leaf(l)]
     if bsr:
         raise ValueError(f"params hold {len(bsr)} group-sparse (BSR) layers, which cannot be "

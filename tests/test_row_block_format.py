@@ -56,14 +56,15 @@ def test_product_routes_match_the_float_weight(impl):
     assert_close_to_scale(y, want, 1e-5, impl)
 
 
-def test_params_converter_replaces_pruned_layers():
-    ql, keep = pruned_layer(5)
-    w = ql.qweight
-    dense_pruned = sparse.row_block_to_dense(sparse.to_row_block(ql, 16, keep))
-    params = {"layers": {"mlp": {"kernel": dense_pruned}}, "norm": jnp.ones(3)}
+def test_params_converter_replaces_bsr_layers():
+    ql, keep = pruned_layer(5, N=64)
+    b = sparse.to_bsr(ql, keep)
+    params = {"layers": {"mlp": {"kernel": b}, "attn": {"kernel": ql}}, "norm": jnp.ones(3)}
     out = sparse.to_row_block_params(params, 16)
     assert sparse.is_row_block(out["layers"]["mlp"]["kernel"])
-    assert out["norm"] is params["norm"] and w is ql.qweight
+    assert out["layers"]["attn"]["kernel"].qweight is ql.qweight and out["norm"] is params["norm"]
+    with pytest.raises(ValueError, match="layers/mlp/kernel: the features of block 0"):
+        sparse.to_row_block_params(params, 32)      # masks shared by 16, not by 32
 
 
 @pytest.mark.parametrize("what,match", [
@@ -90,3 +91,36 @@ def test_bad_layers_are_refused(what, match):
         ql = jnp.zeros((128, 48))
     with pytest.raises(ValueError, match=match):
         sparse.to_row_block(ql, block, keep, name="layers/0/mlp")
+
+
+def test_row_block_model_runs_everywhere():
+    """Whole-model W4S50 with masks shared by blocks of 16 features (GPTQ on the pruned
+    layers), BSR params converted to row blocks: the same logits as the dense pruned params
+    through forward (jnp products, and the row-block kernel in interpret mode for one token),
+    generate_simple and the engine."""
+    import optgqa_jax as og
+    cfg = og.ModelConfig.preset("tiny").replace(n_layers=1)
+    params = og.init_params(cfg, jax.random.PRNGKey(7))
+    windows = np.random.default_rng(7).integers(0, cfg.vocab_size, (8, 48)).astype(np.int32)
+    qc, sc = quant.QuantConfig(bits=4, group_size=32), SparsityConfig(0.5, row_block=16)
+    _, dense, _ = og.quantize(cfg, params, windows, qc, sparsity=sc, progress=False)
+    rb = sparse.to_row_block_params(sparse.to_bsr_params(dense), 16)
+    k = rb["layer_0"]["mlp"]["gate_proj"]["kernel"]
+    assert sparse.is_row_block(k) and k.density == 0.5
+    a = og.forward(cfg, dense, windows[:2])
+    np.testing.assert_allclose(np.asarray(og.forward(cfg, rb, windows[:2])), np.asarray(a),
+                               rtol=1e-4, atol=1e-4)
+    one = windows[:1, :1]
+    np.testing.assert_allclose(np.asarray(og.forward(cfg, rb, one, attention_impl="pallas")),
+                               np.asarray(og.forward(cfg, dense, one)), rtol=1e-4, atol=1e-4)
+    prompt = [int(t) for t in windows[3, :5]]
+    expected = og.generate_simple(cfg, dense, prompt, 5)
+    assert og.generate_simple(cfg, rb, prompt, 5) == expected
+    engine = og.Engine(cfg, rb, og.EngineConfig(max_model_len=64, max_num_seqs=2,
+                                                num_pages=64))
+    got = engine.generate([prompt], og.SamplingParams(max_tokens=5, temperature=0.0,
+                                                      ignore_eos=True))
+    assert got[0].token_ids == expected
+    with pytest.raises(ValueError, match="RowBlockQuantizedLinear, a runtime layout"):
+        from optgqa_jax.checkpoint import save_checkpoint
+        save_checkpoint("/nonexistent/never-written", cfg, rb)

@@ -207,16 +207,15 @@ def row_block_matmul(x: jax.Array, rb: RowBlockQuantizedLinear, impl: str = "aut
 
 
 def to_row_block_params(params, row_block: int):
-    """`params` with every BSR kernel (and every dense ``QuantizedLinear`` with pruned groups,
-    i.e. groups that dequantize to all zeros) replaced by its :func:`to_row_block` layout
-    (concrete params; host side). Other leaves are unchanged.
+    """`params` with every BSR kernel (``sparse.to_bsr_params``' output) replaced by its
+    :func:`to_row_block` layout (concrete params; host side). Other leaves are unchanged.
 
     Raises:
       ValueError: naming the layer, where its mask is not shared by blocks of `row_block`.
     """
-    leaf = lambda l: is_bsr(l) or isinstance(l, QuantizedLinear)  # noqa: E731
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=leaf)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_bsr)[0]
     name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
-    converted = {name(p): to_row_block(l, row_block, name=name(p)) for p, l in flat if leaf(l)}
+    converted = {name(p): to_row_block(l, row_block, name=name(p)) for p, l in flat
+                 if is_bsr(l)}
     return jax.tree_util.tree_map_with_path(lambda p, l: converted.get(name(p), l), params,
-                                            is_leaf=leaf)
+                                            is_leaf=is_bsr)
