@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -449,6 +449,13 @@ for step in $steps; do
     quant-engine)  # the engine on the Llama-3-8B shape: bfloat16, W4 g128, W8
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run bench_quant_engine 600 python \
         experiments/bench_quant.py --only engine --out "$out/quant_engine" ;;
+    row-block-speed)  # W4S50 with masks shared by blocks of 16, 32 and 64 output features
+      # (pallas_kernels.row_block_quant_matmul) against dense W4 g128 and bfloat16 at one row:
+      # a small tile search, then the best and dense W4 in interleaved rounds
+      JAX_DEFAULT_MATMUL_PRECISION=highest run row_block_tests 150 python -m pytest -q \
+        -p no:cacheprovider tests/test_row_block_quant_matmul.py
+      run row_block_speed 300 python experiments/row_block_speed.py --rows 1 \
+        --blocks 16,32,64 --rounds 3 --out "$out/row_block" ;;
     gqsa-speed)  # BSR W4S30/S50 against dense W4/W2 and bfloat16, per layer
       run gqsa_speed 600 python experiments/gqsa_eval.py --part speed --out "$out/gqsa" ;;
     gqsa-tune)  # W4S50 per layer at 1 and 16 rows: the BSR tile search at one row (whole-row
