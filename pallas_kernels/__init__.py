@@ -14,7 +14,8 @@ backends alike; on CPU pass ``interpret=True``.
   row-major order; :func:`bsr_gm_quant_matmul` — over blocks reordered by group
   (:func:`group_major_blocks`), x read once per program; :func:`bsr_gather_quant_matmul` —
   a few rows of x on the dense kernel's tensor-core tiles, the kept blocks read through a
-  dense block map (batched decode).
+  dense block map (batched decode); :func:`row_block_quant_matmul` — group-sparse weights whose
+  blocks of output features share one mask, on the dense kernel's tiles.
 * :func:`alibi_slopes` — per-head ALiBi slopes.
 * :func:`compiler_options` — XLA options for the ``jax.jit`` that calls the kernels
   (on CUDA: flush float32 denormals, a few percent faster).
@@ -38,6 +39,8 @@ from pallas_kernels.bsr_gm_quant_matmul import (GroupMajorBlocks, GroupMajorConf
                                                 bsr_gm_quant_matmul, group_major_blocks)
 from pallas_kernels.bsr_gather_quant_matmul import (BSRGatherConfig, bsr_gather_quant_matmul,
                                                     bsr_gather_quant_matmul_reference)
+from pallas_kernels.row_block_quant_matmul import (row_block_quant_matmul,
+                                                   row_block_quant_matmul_reference)
 from pallas_kernels.kv_write import KVWriteConfig, kv_write, kv_write_reference
 from pallas_kernels.rope_kv_write import (RopeKVWriteConfig, rope_kv_write,
                                           rope_kv_write_reference)
@@ -52,6 +55,7 @@ __all__ = [
     "BSRMatmulConfig", "bsr_quant_matmul", "bsr_quant_matmul_reference",
     "GroupMajorBlocks", "GroupMajorConfig", "bsr_gm_quant_matmul", "group_major_blocks",
     "BSRGatherConfig", "bsr_gather_quant_matmul", "bsr_gather_quant_matmul_reference",
+    "row_block_quant_matmul", "row_block_quant_matmul_reference",
     "KVWriteConfig", "kv_write", "kv_write_reference",
     "RopeKVWriteConfig", "rope_kv_write", "rope_kv_write_reference",
     "AddRMSNormConfig", "add_rms_norm", "add_rms_norm_reference",
