@@ -6,7 +6,7 @@ shapes (``results/h100/gqsa/``). Here every block of ``B`` output features share
 groups (``SparsityConfig(row_block=B)``), and the product is the dense W4 kernel over the
 kept rows (``pallas_kernels.row_block_quant_matmul``). For each shape, row count and block
 size: a small tile search around the dense kernel's own tiles for the full K (``block_n``
-capped at B; split K and K steps varied), then the search's best few and dense W4 timed again
+capped at B; split K, K steps and warps varied), then the search's best two and dense W4 timed again
 in interleaved rounds; the ratio is the best row-block median over dense W4's median of the
 same rounds. µs per product with the weights rotated past the L2 cache
 (``bench_quant.arg_sets``); relative error against the float32 product of the dequantized
@@ -46,19 +46,19 @@ SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144),
 
 def candidates(M: int, K: int, N: int, B_: int) -> list:
     """The rules' tiles for the compacted product, then the dense kernel's tiles for the full
-    K with block_n capped at the block, split K at 1/4, 1/2 and 1x its value and K steps at
-    1/2 and 1x (each at most what the kept rows allow)."""
+    K with block_n capped at the block, split K at 1/2 and 1x its value, K steps at 1/2 and
+    1x, and 2 warps beside its own (small column tiles leave 4-8 warps little to do)."""
     rules = QuantMatmulConfig.for_shape("cuda", M, K // 2, N, 128, bits=4,
                                         device=kc.device_kind())
     dense = QuantMatmulConfig.for_shape("cuda", M, K, N, 128, bits=4, device=kc.device_kind())
     out = [dataclasses.replace(rules, block_n=min(rules.block_n, B_))]
-    for split in sorted({max(1, dense.split_k // 4), max(1, dense.split_k // 2),
-                         dense.split_k}):
+    for split in sorted({max(1, dense.split_k // 2), dense.split_k}):
         for bk in sorted({max(128, dense.block_k // 2), dense.block_k}):
-            cfg = dataclasses.replace(dense, block_n=min(dense.block_n, B_), split_k=split,
-                                      block_k=bk)
-            if cfg not in out:
-                out.append(cfg)
+            for nw in sorted({2, dense.num_warps}):
+                cfg = dataclasses.replace(dense, block_n=min(dense.block_n, B_), split_k=split,
+                                          block_k=bk, num_warps=nw)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
@@ -148,7 +148,8 @@ def main() -> None:
                     continue
                 cfgs, times, dense_times, medians = confirm_finalists(
                     tried, QuantMatmulConfig, None,
-                    lambda cfg: T(make_f(cfg), rsets), lambda: T(f_dense, dsets), a.rounds)
+                    lambda cfg: T(make_f(cfg), rsets), lambda: T(f_dense, dsets), a.rounds,
+                    finalists=2)
                 best = min(medians, key=medians.get)
                 t = medians[best]
                 t_dense_c = float(np.median(dense_times))
