@@ -47,14 +47,16 @@ SHAPES = {"gate_up": (4096, 28672), "down": (14336, 4096), "qkv": (4096, 6144),
 def candidates(M: int, K: int, N: int, B_: int) -> list:
     """The rules' tiles for the compacted product, then the dense kernel's tiles for the full
     K with block_n capped at the block, split K at 1/2 and 1x its value, K steps at 1/2 and
-    1x, and 2 warps beside its own (small column tiles leave 4-8 warps little to do)."""
+    1x, and 2 warps beside its own (small column tiles leave 4-8 warps little to do; 1 warp
+    too for blocks of 16, whose sm_90 SASS per code is then the dense kernel's:
+    ``row_block_sass.py``)."""
     rules = QuantMatmulConfig.for_shape("cuda", M, K // 2, N, 128, bits=4,
                                         device=kc.device_kind())
     dense = QuantMatmulConfig.for_shape("cuda", M, K, N, 128, bits=4, device=kc.device_kind())
     out = [dataclasses.replace(rules, block_n=min(rules.block_n, B_))]
     for split in sorted({max(1, dense.split_k // 2), dense.split_k}):
         for bk in sorted({max(128, dense.block_k // 2), dense.block_k}):
-            for nw in sorted({2, dense.num_warps}):
+            for nw in sorted({2, dense.num_warps} | ({1} if B_ <= 16 else set())):
                 cfg = dataclasses.replace(dense, block_n=min(dense.block_n, B_), split_k=split,
                                           block_k=bk, num_warps=nw)
                 if cfg not in out:
