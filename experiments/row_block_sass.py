@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     commit = source_commit()
     with open(os.path.join(a.out, f"row_block_sass_{commit}.json"), "w") as f:
         json.dump(dict(device_tiles=DEVICE, commit=commit, rows=rows), f, indent=1)
-    lines = [f"# Row-block W4S50 against dense W4 in sm_90 SASS (no GPU)\n",
+    lines = ["# Row-block W4S50 against dense W4 in sm_90 SASS (no GPU)\n",
              f"Commit {commit}; Triton's compiler on a CPU (not XLA's: read as a close guide); "
              f"tiles: the {DEVICE} table's one-row entry for the full K, `block_n` capped at "
              "the block. Per code: the whole kernel's SASS over one K step's codes per thread.\n",
