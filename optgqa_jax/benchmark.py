@@ -165,8 +165,9 @@ def _quantize_random(params, bc: BenchConfig):
     from optgqa_jax import quant
     from optgqa_jax.sparse.synthetic import parse_serving_spec, random_sparsify
     qc, sparsity, layout = parse_serving_spec(bc.quantize)
+    row_block = int(layout[2:]) if layout.startswith("rb") else None
     params = (quant.random_quantize(params, qc, seed=bc.seed) if sparsity is None
-              else random_sparsify(params, qc, sparsity, seed=bc.seed))
+              else random_sparsify(params, qc, sparsity, seed=bc.seed, row_block=row_block))
     if layout == "gm":
         from optgqa_jax.sparse.group_major import to_group_major_params
         params = to_group_major_params(params)

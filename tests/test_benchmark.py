@@ -235,6 +235,14 @@ def test_packed_run_serves_the_same_bsr_weights_in_one_array(fixed_ceiling):
     smf = B._quantize_random(params, B.BenchConfig(quantize="w4g32s50pksmf", **TINY_RUN))
     layer = smf["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
     assert layer.code_order == "shift_major" and layer.x_dtype == "float32"
+    # w4g32s50rb16: one mask per block of 16 output features, served as row-block layers
+    assert parse_serving_spec("w4g32s50rb16")[1:] == (0.5, "rb16")
+    rb = B.run_engine(B.BenchConfig(quantize="w4g32s50rb16", **TINY_RUN))
+    assert rb["output_tokens"] == 12 and rb["model"] == "tiny w4g32s50rb16"
+    rbp = B._quantize_random(params, B.BenchConfig(quantize="w4g32s50rb16", **TINY_RUN))
+    layer = rbp["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
+    assert sparse.is_row_block(layer) and layer.row_block == 16 and layer.density == 0.5
+    assert rb["param_bytes"] == B.params_nbytes(rbp)
 
 
 def test_quantized_table_and_head_run(fixed_ceiling):

@@ -42,9 +42,9 @@ def parse_sparse_spec(spec: str) -> tuple[QuantConfig, Optional[float]]:
     return qc, s
 
 
-SERVING_LAYOUTS = ("", "gm", "pk", "pksm", "pksmf", "wl")
+SERVING_LAYOUTS = ("", "gm", "pk", "pksm", "pksmf", "rb16", "rb32", "rb64", "wl")
 # layouts of group-sparse layers; "wl" is the dense layers' (quant.to_weights_left_params)
-SPARSE_LAYOUTS = ("gm", "pk", "pksm", "pksmf")
+SPARSE_LAYOUTS = ("gm", "pk", "pksm", "pksmf", "rb16", "rb32", "rb64")
 
 
 def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
@@ -54,7 +54,9 @@ def parse_serving_spec(spec: str) -> tuple[QuantConfig, Optional[float], str]:
     packed into one (``sparse.to_packed_bsr_params``), ``pksm`` the same with each block's
     codes in shift-major order (``code_order="shift_major"``: the batch-1 kernel reads x as
     given), ``pksmf`` that with x handed to the batch-1 kernel in float32
-    (``x_dtype="float32"``); ``wl`` (``"w4g128wl"``, dense only) serves the dense layers
+    (``x_dtype="float32"``); ``rbB`` (``"w4g128s50rb16"``, B = 16, 32 or 64) prunes with one
+    mask per block of B output features and serves the layers as
+    ``sparse.RowBlockQuantizedLinear``; ``wl`` (``"w4g128wl"``, dense only) serves the dense layers
     with their words transposed for the weights-left kernel (``quant.to_weights_left_params``).
     Returns (QuantConfig, sparsity or None, layout: one of :data:`SERVING_LAYOUTS`, "" for
     the layers as they are).
@@ -126,12 +128,18 @@ def random_row_block_linear(seed: int, d_in: int, d_out: int, qc: QuantConfig,
 
 
 def random_sparsify(params: dict, qc: QuantConfig, sparsity: float, seed: int = 0,
-                    dtype=None) -> dict:
+                    dtype=None, row_block: Optional[int] = None) -> dict:
     """`params` with every linear kernel replaced by a random BSR layer (norms kept; the
-    embeddings and the LM head kept, or dense-quantized as ``qc`` asks). Raises ValueError
-    for params without linear kernels."""
+    embeddings and the LM head kept, or dense-quantized as ``qc`` asks); with `row_block`,
+    by a random :class:`~optgqa_jax.sparse.row_block.RowBlockQuantizedLinear` with one mask
+    per block of that many output features. Raises ValueError for params without linear
+    kernels."""
     from optgqa_jax.quant.synthetic import random_quantize_table_and_head
-    out = replace_linear_kernels(
-        params, lambda i, name, leaf: random_bsr_linear(
-            seed * 100003 + i, *leaf.shape, qc, sparsity, dtype or leaf.dtype), what="sparsify")
+    if row_block is None:
+        make = lambda i, name, leaf: random_bsr_linear(  # noqa: E731
+            seed * 100003 + i, *leaf.shape, qc, sparsity, dtype or leaf.dtype)
+    else:
+        make = lambda i, name, leaf: random_row_block_linear(  # noqa: E731
+            seed * 100003 + i, *leaf.shape, qc, sparsity, row_block, dtype or leaf.dtype)
+    out = replace_linear_kernels(params, make, what="sparsify")
     return random_quantize_table_and_head(out, qc, seed, dtype)
