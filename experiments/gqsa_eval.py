@@ -77,7 +77,10 @@ RUNS = ("float", "2:4", "w4", "w4+bqpo", "w4+e2e", "w4+both", "w4+2:4", "w4+2:4+
 # features (SparsityConfig.row_block), the pattern a dense-tile kernel could read
 EXTRA_RUNS = ("w4s50rb4", "w4s50rb8", "w4s50rb16", "w4s50rb32", "w4s50rb64",
               "w4s50rb4+both", "w4s50rb8+both", "w4s50rb16+both", "w4s50rb32+both",
-              "w4s50rb64+both")
+              "w4s50rb64+both", "w4s50rb16r", "w4s50rb32r", "w4s50rb16r+both",
+              "w4s50rb32r+both")
+# runs whose base ends in "r": the MLP's hidden features reordered first
+# (sparse.reorder.reorder_mlp_for_row_blocks; the float model unchanged)
 CALIBRATION = {"": (False, False), "+bqpo": (True, False), "+e2e": (False, True),
                "+both": (True, True)}
 
@@ -99,6 +102,8 @@ def parse_run(run: str, group_size: int):
              "w4s50": (QuantConfig(bits=4, group_size=group_size), sparse.SparsityConfig(0.5)),
              **{f"w4s50rb{b}": (QuantConfig(bits=4, group_size=group_size),
                                 sparse.SparsityConfig(0.5, row_block=b)) for b in (4, 8, 16, 32, 64)},
+             **{f"w4s50rb{b}r": (QuantConfig(bits=4, group_size=group_size),
+                                 sparse.SparsityConfig(0.5, row_block=b)) for b in (16, 32)},
              "w2g64": (QuantConfig(bits=2, group_size=64), None),
              "w2g128": (QuantConfig(bits=2, group_size=128), None)}
     if base not in table or (suffix and table[base][0] is None):
@@ -159,13 +164,19 @@ def accuracy(a) -> None:
         base, suffix, qc, sp = parse_run(run, a.group_size)
         t0 = time.perf_counter()
         record = dict(run=run, base=base, calibration=suffix.lstrip("+") or "none")
+        reordered = base.endswith("r")
+        float_params = params
+        if reordered:
+            from optgqa_jax.sparse.reorder import reorder_mlp_for_row_blocks
+            float_params = reorder_mlp_for_row_blocks(cfg, params, group_size=a.group_size,
+                                                      sparsity=sp.sparsity)[0]
         try:
             if base not in compressed:
                 if qc is None:
                     compressed[base] = (params if sp is None
                                         else sparse.prune_nm_params(params, sp), None)
                 else:
-                    _, qp, rep = quantize(cfg, params, calib, qc, sparsity=sp,
+                    _, qp, rep = quantize(cfg, float_params, calib, qc, sparsity=sp,
                                           batch_size=a.batch_size, progress=True)
                     compressed[base] = (qp, rep.seconds)
             p, quant_s = compressed[base]
@@ -175,7 +186,7 @@ def accuracy(a) -> None:
                 cc = CalibrationConfig(bqpo=bq, e2e=e2, bqpo_steps=a.bqpo_steps,
                                        e2e_steps=a.e2e_steps, e2e_lr=a.e2e_lr,
                                        val_fraction=a.val_fraction, batch_size=a.batch_size)
-                p, crep = calibrate(cfg, params, p, calib, cc, progress=True)
+                p, crep = calibrate(cfg, float_params, p, calib, cc, progress=True)
                 record["calibration_report"] = crep
             record["perplexity"] = windows_perplexity(cfg, p, test, batch_size=a.batch_size,
                                                       progress=True)

@@ -11,7 +11,9 @@
 * :mod:`~optgqa_jax.sparse.packed` — a row-scope BSR layer's arrays packed into one, the
   serving layout with one argument buffer per layer;
 * :mod:`~optgqa_jax.sparse.row_block` — layers whose blocks of output features share one
-  mask, as compacted dense blocks multiplied by the dense W4 kernel.
+  mask, as compacted dense blocks multiplied by the dense W4 kernel;
+* :mod:`~optgqa_jax.sparse.reorder` — the MLP's hidden features reordered (an exact identity
+  of the model) so that such shared masks cost less.
 """
 
 from optgqa_jax.sparse.config import NMSparsity, SparsityConfig
@@ -47,3 +49,6 @@ from optgqa_jax.sparse.row_block import (RowBlockQuantizedLinear,  # noqa: E402
 
 __all__ += ["RowBlockQuantizedLinear", "dequantize_row_block", "is_row_block",
             "row_block_matmul", "row_block_to_dense", "to_row_block", "to_row_block_params"]
+from optgqa_jax.sparse.reorder import reorder_mlp_for_row_blocks, row_block_order  # noqa: E402
+
+__all__ += ["reorder_mlp_for_row_blocks", "row_block_order"]
