@@ -14,7 +14,6 @@ Writes ``packed_sass_registers.json`` under ``--out`` and prints one line per ca
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -71,24 +70,14 @@ def cases(shapes=SHAPES):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--triton-python", default=sys.executable,
-                   help="a Python with the triton package (its ptxas and cuobjdump)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu",
-                                                  "gqsa"))
-    a = p.parse_args(argv)
     import triton_ir
-    os.makedirs(a.out, exist_ok=True)
+    a = triton_ir.sass_table_args(__doc__.split("\n\n")[0], argv)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, variant, K, x_dtype, cfg, fn, per_thread in cases():
-            try:
-                r = triton_ir.count_kernel(fn, (jnp.ones((1, K), x_dtype),),
-                                           cfg.num_warps, cfg.num_stages, a.triton_python,
-                                           os.path.join(d, f"{name}_{variant}.ttir".replace(
-                                               " ", "_")), per_thread)
-            except Exception as e:  # noqa: BLE001  (no triton package: an error row)
-                r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            r = triton_ir.try_count_kernel(
+                fn, (jnp.ones((1, K), x_dtype),), cfg, a.triton_python,
+                os.path.join(d, f"{name}_{variant}.ttir".replace(" ", "_")), per_thread)
             rows.append(dict(r, shape=name, variant=variant, config=dataclasses.asdict(cfg),
                              codes_per_thread=per_thread))
             print(name, variant,

@@ -10,7 +10,6 @@ over ``block_k * block_n / threads``) and registers.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -53,25 +52,15 @@ def cases(blocks=(16, 32, 64)):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--triton-python", default=sys.executable,
-                   help="a Python with the triton package (its ptxas and cuobjdump)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu",
-                                                  "gqsa"))
-    a = p.parse_args(argv)
     import triton_ir
-    os.makedirs(a.out, exist_ok=True)
+    a = triton_ir.sass_table_args(__doc__.split("\n\n")[0], argv)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, K, fmt, cfg, fn in cases():
             per_thread = cfg.block_k * cfg.block_n / (32 * cfg.num_warps)
-            try:
-                r = triton_ir.count_kernel(fn, (jnp.ones((1, K), jnp.bfloat16),),
-                                           cfg.num_warps, cfg.num_stages, a.triton_python,
-                                           os.path.join(d, f"{name}_{fmt}_{cfg.num_warps}.ttir"),
-                                           per_thread)
-            except Exception as e:  # noqa: BLE001  (no triton package: an error row)
-                r = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            r = triton_ir.try_count_kernel(
+                fn, (jnp.ones((1, K), jnp.bfloat16),), cfg, a.triton_python,
+                os.path.join(d, f"{name}_{fmt}_{cfg.num_warps}.ttir"), per_thread)
             rows.append(dict(r, shape=name, format=fmt, config=dataclasses.asdict(cfg)))
             print(name, fmt, f"block_n {cfg.block_n} warps {cfg.num_warps}:",
                   r.get("error") or f"SASS {r['sass']}, {r['sass_per_code']:.2f} per code, "

@@ -136,6 +136,29 @@ def count_kernel(fn, args, num_warps: int, num_stages: int, python: str, path: s
                 codes_per_thread=codes_per_thread)
 
 
+def try_count_kernel(fn, args, cfg, python: str, path: str, codes_per_thread: float) -> dict:
+    """:func:`count_kernel` with ``cfg``'s warps and stages, or ``{"error": ...}`` where it
+    fails (no triton package, a module Triton refuses): one row of a SASS table."""
+    try:
+        return count_kernel(fn, args, cfg.num_warps, cfg.num_stages, python, path,
+                            codes_per_thread)
+    except Exception as e:  # noqa: BLE001
+        return dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def sass_table_args(description: str, argv=None) -> argparse.Namespace:
+    """The options of the SASS-table scripts (``packed_sass.py``, ``row_block_sass.py``):
+    ``--triton-python`` and ``--out`` (default ``results/cpu/gqsa``, made if missing)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--triton-python", default=sys.executable,
+                   help="a Python with the triton package (its ptxas and cuobjdump)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cpu",
+                                                  "gqsa"))
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    return a
+
+
 def summarize(ttgir: str, ptx: str, sass: str = "", res: str = "") -> dict:
     """Counts that explain a Triton kernel's cost: layouts and shared memory (TTGIR), the
     PTX and (given ``cuobjdump`` output) SASS instruction mix of each loop, registers."""
