@@ -30,7 +30,11 @@ class SparsityConfig:
         groups, chosen by the sum of their scores (the last block may be narrower): the
         pattern a kernel can multiply as dense ``[group_size, b]`` tiles, each sharing one
         slice of x, where per-feature masks make every kept group gather its own slice.
-        ``scope="row"`` keeps the same count in every block, so in every feature.
+        ``scope="row"`` keeps the same count in every block, so in every feature. Such
+        layers serve as ``sparse.RowBlockQuantizedLinear`` (``sparse.to_row_block_params``),
+        multiplied by the dense W4 kernel over each block's kept groups;
+        ``sparse.reorder_mlp_for_row_blocks`` first puts MLP features that want the same
+        groups into one block.
     """
 
     sparsity: float = 0.5
