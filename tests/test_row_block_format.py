@@ -124,3 +124,15 @@ def test_row_block_model_runs_everywhere():
     with pytest.raises(ValueError, match="RowBlockQuantizedLinear, a runtime layout"):
         from optgqa_jax.checkpoint import save_checkpoint
         save_checkpoint("/nonexistent/never-written", cfg, rb)
+
+
+def test_row_block_params_are_refused_by_the_partition_rules():
+    import optgqa_jax as og
+    from optgqa_jax import sharding
+    from optgqa_jax.sparse.synthetic import random_sparsify
+    cfg = og.ModelConfig.preset("tiny")
+    params = random_sparsify(og.init_params(cfg, jax.random.PRNGKey(0)), QC, 0.5,
+                             row_block=16)
+    assert sparse.is_row_block(params["layer_0"]["mlp"]["gate_proj"]["kernel"])
+    with pytest.raises(ValueError, match="group-sparse"):
+        sharding.partition_specs(cfg, params, sharding.make_mesh(1, 1))
