@@ -87,7 +87,7 @@ for step in $steps; do
         tests/test_bsr_gather_quant_matmul.py tests/test_packed_bsr.py tests/test_layer_stack.py \
         tests/test_bsr_gm_quant_matmul.py tests/test_dequant_kernel.py tests/test_sparse.py \
         tests/test_tuning.py tests/test_kv_write.py tests/test_rope_kv_write.py \
-        tests/test_add_rms_norm.py} ;;
+        tests/test_add_rms_norm.py tests/test_row_block_quant_matmul.py} ;;
     kernels)  # the kernel table: all shapes, peers, ALiBi on and off
       run bench_kernels 600 python experiments/bench_kernels.py --out "$out" ;;
     decode-alibi)  # every decode shape with the defaults, and five configs each timed with
