@@ -36,7 +36,8 @@ from optgqa_jax.sparse.bsr import (dequantized_product, is_bsr, kept_mask, to_de
                                    use_sparse_kernel)
 
 # impl="auto" runs the kernel up to this many rows of x (the dense W4 kernel's decode range,
-# optgqa_jax.quant.matmul) and dequantizes above.
+# optgqa_jax.quant.matmul) and dequantizes above. Timed at one row only (H100, 534d50c,
+# results/h100/gqsa/row_block_speed_534d50c.md); the 16-row bound is the dense kernel's.
 ROW_BLOCK_KERNEL_MAX_ROWS = 16
 
 
