@@ -100,7 +100,9 @@ def check_slopes(alibi_slopes, num_q_heads: int):
 
 
 def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """Whether `x` holds values that checks may read (not a tracer, not a shape-only
+    ``jax.ShapeDtypeStruct``)."""
+    return not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
 
 
 def dot(a, b):

@@ -119,6 +119,17 @@ def test_quant_matmul_lowers_through_triton(M, bits, group_size, act_order, plat
     assert module.count(TRITON_CALL) == 1
 
 
+def test_quant_matmul_checks_take_the_abstract_arguments_of_an_export():
+    """pallas_kernels.quant_matmul_checks runs on the ShapeDtypeStructs an export traces with:
+    it passes good ones and refuses a bad shape before any lowering starts."""
+    from pallas_kernels.quant_matmul_checks import check_quant_inputs
+    x, q, s, z, g = _quant_args(3, 512, 384, 4, 128)
+    check_quant_inputs(x, q, s, z, None, 4, 128)
+    check_quant_inputs(x, q, s, z, g, 4, 128)
+    with pytest.raises(ValueError, match="qweight has 63 rows"):
+        check_quant_inputs(x, S((63, 384), jnp.int32), s, z, None, 4, 128)
+
+
 # The register path reading x as given (QuantMatmulConfig.raw_x): one custom call, no reorder.
 @pytest.mark.parametrize("M,bits,group_size,split_k", [(1, 4, 128, 2), (4, 8, -1, 1),
                                                        (2, 2, 64, 4)])
