@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on CPU; every random input is drawn fresh from a per-test seed."""
 
 import os
+import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most of the suite's time is XLA compiling small CPU programs (interpret-mode kernels above
@@ -93,8 +94,9 @@ def _release_compiled_programs():
 
 @pytest.fixture
 def rng(request):
-    """A numpy Generator seeded from the test's name (fresh per test, reproducible on rerun)."""
-    seed = abs(hash(request.node.nodeid)) % (2**32)
+    """A numpy Generator seeded from the test's name (fresh per test, reproducible on rerun:
+    a CRC of the name, since Python's own string hash changes with every process)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
 
 
