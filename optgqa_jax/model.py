@@ -59,6 +59,12 @@ def is_quantized(x) -> bool:
             or is_row_block(x) or is_weights_left(x))
 
 
+# (is it, its float weight) of each group-sparse layout (the LM head's dequantized product)
+_SPARSE_DEQUANTIZE = ((is_bsr, dequantize_bsr), (is_group_major, dequantize_group_major),
+                      (is_packed_bsr, lambda w: dequantize_bsr(unpack_bsr(w))),
+                      (is_row_block, dequantize_row_block))
+
+
 def _is_kernel_leaf(x) -> bool:
     """A kernel that parameter checks read whole (its ``shape`` the logical [D_in, D_out]):
     a quantized kernel or an output-major float one (``optgqa_jax.weight_layout``)."""
@@ -342,15 +348,8 @@ class Transformer(nn.Module):
             elif is_output_major(w):     # stored [V, D] (optgqa_jax.weight_layout)
                 logits = jnp.einsum("BTD,VD->BTV", x, w.kernel_t.astype(dt),
                                     preferred_element_type=jnp.float32)
-            else:
-                if is_bsr(w):
-                    w = dequantize_bsr(w)
-                elif is_group_major(w):
-                    w = dequantize_group_major(w)
-                elif is_packed_bsr(w):
-                    w = dequantize_bsr(unpack_bsr(w))
-                elif is_row_block(w):
-                    w = dequantize_row_block(w)
+            else:    # float, or a group-sparse layout made float here
+                w = next((deq(w) for test, deq in _SPARSE_DEQUANTIZE if test(w)), w)
                 logits = jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), None if kv is None else tuple(new_kv)
 

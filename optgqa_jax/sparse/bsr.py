@@ -189,8 +189,27 @@ def to_bsr(ql: QuantizedLinear, keep=None, name: str = "layer") -> BSRQuantizedL
     if ql.perm is not None or not bool(contiguous_groups(ql.g_idx, gs)):
         raise ValueError(f"{name}: BSR needs contiguous groups (g_idx = i // group_size, no "
                          "act-order)")
-    G = K // gs
     scales, zeros = np.asarray(ql.scales), np.asarray(ql.zeros)               # [G, N]
+    keep = kept_groups(ql, keep, name)
+    kt = keep.T                                                              # [N, G]
+    n_idx, g_idx = np.nonzero(kt)                                            # row-major order
+    words = _group_words(ql)[n_idx, g_idx]                                   # [nnz, W]
+    row_ptr = np.concatenate([[0], np.cumsum(kt.sum(axis=1))]).astype(np.int32)
+    return from_arrays(words.astype(np.int32), scales.T[n_idx, g_idx], zeros.T[n_idx, g_idx],
+                       g_idx.astype(np.int32), row_ptr, in_features=K, bits=ql.bits,
+                       group_size=gs, sym=ql.sym, dtype=ql.dtype, name=name)
+
+
+def kept_groups(ql: QuantizedLinear, keep=None, name: str = "layer") -> np.ndarray:
+    """bool [G, N]: `keep` checked, or by default the groups of `ql` (contiguous groups of
+    ``ql.group_size``) whose dequantized weights are not all zero.
+
+    Raises:
+      ValueError: `keep` is not bool [G, N].
+    """
+    K, N = ql.shape
+    gs = ql.group_size
+    G = K // gs
     if keep is None:
         from optgqa_jax.quant.linear import dequantize
         w = np.asarray(dequantize(ql, jnp.float32)).reshape(G, gs, N)
@@ -199,13 +218,7 @@ def to_bsr(ql: QuantizedLinear, keep=None, name: str = "layer") -> BSRQuantizedL
     if keep.dtype != np.bool_ or keep.shape != (G, N):
         raise ValueError(f"{name}: keep must be bool [G, N] = [{G}, {N}], got {keep.dtype} "
                          f"{keep.shape}")
-    kt = keep.T                                                              # [N, G]
-    n_idx, g_idx = np.nonzero(kt)                                            # row-major order
-    words = _group_words(ql)[n_idx, g_idx]                                   # [nnz, W]
-    row_ptr = np.concatenate([[0], np.cumsum(kt.sum(axis=1))]).astype(np.int32)
-    return from_arrays(words.astype(np.int32), scales.T[n_idx, g_idx], zeros.T[n_idx, g_idx],
-                       g_idx.astype(np.int32), row_ptr, in_features=K, bits=ql.bits,
-                       group_size=gs, sym=ql.sym, dtype=ql.dtype, name=name)
+    return keep
 
 
 def kept_mask(b: BSRQuantizedLinear) -> np.ndarray:

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optgqa_jax.quant.linear import QuantizedLinear, contiguous_groups
-from optgqa_jax.sparse.bsr import (dequantized_product, is_bsr, kept_mask, to_dense,
-                                   use_sparse_kernel)
+from optgqa_jax.sparse.bsr import (dequantized_product, is_bsr, kept_groups, kept_mask,
+                                   to_dense, use_sparse_kernel)
 
 # impl="auto" runs the kernel up to this many rows of x (the dense W4 kernel's decode range,
 # optgqa_jax.quant.matmul) and dequantizes above. Timed at one row only (H100, 534d50c,
@@ -122,14 +122,7 @@ def to_row_block(layer, row_block: int, keep=None, name: str = "layer"
         raise ValueError(f"{name}: row_block={row_block!r} must be a positive int dividing "
                          f"D_out={N}")
     G, W, B = K // gs, gs * bits // 32, int(row_block)
-    if keep is None:
-        from optgqa_jax.quant.linear import dequantize
-        w = np.asarray(dequantize(layer, jnp.float32)).reshape(G, gs, N)
-        keep = (w != 0).any(axis=1)
-    keep = np.asarray(keep)
-    if keep.dtype != np.bool_ or keep.shape != (G, N):
-        raise ValueError(f"{name}: keep must be bool [G, N] = [{G}, {N}], got {keep.dtype} "
-                         f"{keep.shape}")
+    keep = kept_groups(layer, keep, name)
     blocks = keep.reshape(G, N // B, B)
     if not (blocks == blocks[:, :, :1]).all():
         j = int(np.nonzero((blocks != blocks[:, :, :1]).any(axis=(0, 2)))[0][0])
