@@ -158,6 +158,34 @@ class RowBlockConfig:
             raise ValueError(f"num_stages={self.num_stages!r} must be an int in [1, 8]")
 
 
+def redirect_idle_lanes(ok, src, dst):
+    """Inside a kernel that scatters rows: point the lanes that must not write at the write of
+    the block's first lane that does (same source row, same destination row).
+
+    A masked store on a GPU stores nothing from its masked lanes, but Pallas' interpret mode
+    emulates it by writing the old value back; a masked lane aimed at a row that a live lane
+    of the same store writes then races it, and the stale value can win. With every idle lane
+    repeating a live lane's write, all writes to one row carry the same value, on any backend.
+
+    Args:
+      ok: bool [B] lanes that write.
+      src: int32 [B] source row of each lane (a valid index on every lane).
+      dst: int32 [B] destination row of each lane (valid where ``ok``).
+
+    Returns:
+      (src [B], dst [B], write): the redirected rows and a scalar bool, whether the block writes
+      at all (store with mask ``write`` on every lane; with no live lane the rows are 0 and
+      nothing is stored).
+    """
+    n = ok.shape[0]
+    lane = jnp.arange(n)
+    first = jnp.min(jnp.where(ok, lane, n))                     # n when no lane writes
+    pick = lane == first
+    src0 = jnp.sum(jnp.where(pick, src, 0))
+    dst0 = jnp.sum(jnp.where(pick, dst, 0))
+    return jnp.where(ok, src, src0), jnp.where(ok, dst, dst0), first < n
+
+
 def online_softmax_step(acc, m, l, s, v):
     """One FlashAttention running-softmax update (inside kernels).
 

@@ -16,7 +16,9 @@ per row at head dim 128 in bfloat16 (a grid of ``ceil(T / Bt) K`` programs: 248 
 (``input_output_aliases``), so only the written rows move; under ``jax.jit`` with the pools
 donated, as the engine's step donates them, XLA updates them in place. Slots outside
 ``[0, S)`` (the engine's padding tokens) are not written, as the scatter's ``mode="drop"``
-does.
+does: their lanes repeat the write of the block's first token that writes
+(``_common.redirect_idle_lanes``), so that no masked lane aims at a written row (Pallas'
+interpret mode emulates a masked store by writing the old value back).
 
 Axis legend: T tokens of the step, K KV heads, H head dim, S = P Z pool slots (P pages of Z
 tokens), Bt tokens per program.
@@ -47,18 +49,18 @@ def _make_kernel(*, T: int, H: int, S: int, block_t: int):
         del kp_in, vp_in        # aliased to kp_ref, vp_ref: the rows not written stay as they are
         kk = pl.program_id(1)                                                # KV head
         t = pl.program_id(0) * block_t + jnp.arange(block_t)                 # [Bt] tokens
-        t_ok = t < T
-        slot = plgpu.load(slots_ref.at[t], mask=t_ok, other=-1)              # [Bt]
-        ok = t_ok & (slot >= 0) & (slot < S)                                 # [Bt]
+        t = jnp.minimum(t, T - 1)           # lanes past T repeat token T - 1 (the same write)
+        slot = plgpu.load(slots_ref.at[t])                                   # [Bt]
+        ok = (slot >= 0) & (slot < S)                                        # [Bt]
+        src, dst, write = C.redirect_idle_lanes(ok, t, slot)
         shape = (block_t, H)
         cols = jnp.broadcast_to(jnp.arange(H)[None, :], shape)               # [Bt, H]
-        rows = jnp.broadcast_to(jnp.where(t_ok, t, 0)[:, None], shape)
-        dst_rows = jnp.broadcast_to(jnp.where(ok, slot, 0)[:, None], shape)
-        for src, dst in ((k_ref, kp_ref), (v_ref, vp_ref)):
-            vals = plgpu.load(src.at[rows, kk * H + cols],
-                              mask=jnp.broadcast_to(t_ok[:, None], shape), other=0)
-            plgpu.store(dst.at[kk, dst_rows, cols], vals.astype(dst.dtype),
-                        mask=jnp.broadcast_to(ok[:, None], shape))
+        rows = jnp.broadcast_to(src[:, None], shape)
+        dst_rows = jnp.broadcast_to(dst[:, None], shape)
+        mask = jnp.broadcast_to(write, shape)
+        for src_ref, dst_ref in ((k_ref, kp_ref), (v_ref, vp_ref)):
+            vals = plgpu.load(src_ref.at[rows, kk * H + cols])
+            plgpu.store(dst_ref.at[kk, dst_rows, cols], vals.astype(dst_ref.dtype), mask=mask)
 
     return kernel
 

@@ -15,7 +15,11 @@ tables ``[T, H/2]`` (:func:`rotation_tables`) that XLA computes as the model doe
 layer's call asks for the same tables, and XLA computes them once per step. The pools are aliased to the outputs
 (``input_output_aliases``), so only the written rows move; under ``jax.jit`` with the pools
 donated, as the engine's step donates them, XLA updates them in place. Slots outside
-``[0, S)`` (the engine's padding tokens) are not written, as the scatter's ``mode="drop"``.
+``[0, S)`` (the engine's padding tokens) are not written, as the scatter's ``mode="drop"``:
+the lanes of key and value heads that hold such tokens repeat the write of the block's first
+token that writes (``_common.redirect_idle_lanes``), and lanes past T repeat token T - 1, so
+that no masked lane aims at a written row (Pallas' interpret mode emulates a masked store by
+writing the old value back).
 
 Measured on an H100 (commit 2ecf242, ``experiments/results/h100/rope_kv_write_2ecf242/``,
 Llama-3-8B shape), when the kernel still computed its cosines and sines itself (for every
@@ -56,35 +60,36 @@ def _make_kernel(*, T: int, N: int, K: int, H: int, S: int, block_t: int):
         del kp_in, vp_in        # aliased to kp_ref, vp_ref: the rows not written stay as they are
         j = pl.program_id(1)                                   # head of qkv: q, then k, then v
         t = pl.program_id(0) * block_t + jnp.arange(block_t)   # [Bt] tokens
-        t_ok = t < T
+        t = jnp.minimum(t, T - 1)        # lanes past T repeat token T - 1 (the same writes)
+        slot = plgpu.load(slots_ref.at[t])                                   # [Bt]
+        s_ok = (slot >= 0) & (slot < S)
+        # key and value heads read the rows they write: lanes of tokens that are not written
+        # repeat the block's first written token (no masked lane aims at a written row)
+        src, dst, write = C.redirect_idle_lanes(s_ok, t, slot)
+        is_q = j < N
         shape = (block_t, h2)
-        rows = jnp.broadcast_to(jnp.where(t_ok, t, 0)[:, None], shape)        # [Bt, H/2]
+        rows = jnp.broadcast_to(jnp.where(is_q, t, src)[:, None], shape)    # [Bt, H/2]
         cols = jnp.broadcast_to(jnp.arange(h2)[None, :], shape)
-        in_ok = jnp.broadcast_to(t_ok[:, None], shape)
-        x1 = plgpu.load(qkv_ref.at[rows, j * H + cols], mask=in_ok, other=0)  # [Bt, H/2]
-        x2 = plgpu.load(qkv_ref.at[rows, j * H + h2 + cols], mask=in_ok, other=0)
+        x1 = plgpu.load(qkv_ref.at[rows, j * H + cols])                       # [Bt, H/2]
+        x2 = plgpu.load(qkv_ref.at[rows, j * H + h2 + cols])
         # the rotation, for query and key heads (value heads keep x1, x2)
-        cos = plgpu.load(cos_ref.at[rows, cols], mask=in_ok, other=0)        # [Bt, H/2] f32
-        sin = plgpu.load(sin_ref.at[rows, cols], mask=in_ok, other=0)
+        cos = plgpu.load(cos_ref.at[rows, cols])                              # [Bt, H/2] f32
+        sin = plgpu.load(sin_ref.at[rows, cols])
         a, b = x1.astype(jnp.float32), x2.astype(jnp.float32)
         rot = j < N + K
         y1 = jnp.where(rot, a * cos - b * sin, a)
         y2 = jnp.where(rot, b * cos + a * sin, b)
         # query heads: q[t, j, :]
-        is_q = j < N
         qj = jnp.minimum(j, N - 1)
-        q_ok = in_ok & is_q
+        q_ok = jnp.broadcast_to(is_q, shape)
         plgpu.store(q_ref.at[rows, qj * H + cols], y1.astype(q_ref.dtype), mask=q_ok)
         plgpu.store(q_ref.at[rows, qj * H + h2 + cols], y2.astype(q_ref.dtype), mask=q_ok)
         # key and value heads: pages[k, slots[t], :]
-        slot = plgpu.load(slots_ref.at[t], mask=t_ok, other=-1)              # [Bt]
-        s_ok = t_ok & (slot >= 0) & (slot < S)
-        dst = jnp.broadcast_to(jnp.where(s_ok, slot, 0)[:, None], shape)
+        dst = jnp.broadcast_to(dst[:, None], shape)
         kv = jnp.clip(j - N, 0, 2 * K - 1)
         kk = jnp.where(kv < K, kv, kv - K)                                   # KV head
-        w_ok = jnp.broadcast_to(s_ok[:, None], shape)
         for dst_ref, mine in ((kp_ref, (j >= N) & (j < N + K)), (vp_ref, j >= N + K)):
-            ok = w_ok & mine
+            ok = jnp.broadcast_to(write & mine, shape)
             plgpu.store(dst_ref.at[kk, dst, cols], y1.astype(dst_ref.dtype), mask=ok)
             plgpu.store(dst_ref.at[kk, dst, h2 + cols], y2.astype(dst_ref.dtype), mask=ok)
 

@@ -41,6 +41,25 @@ def test_matches_the_scatter(rng, T, K, H, S, block_t, pad, dtype):
     assert not np.isnan(np.asarray(got_k, np.float32)).any()
 
 
+@pytest.mark.parametrize("slots", [
+    [-1, 0, 9, 5, -3, 2],       # padding after the token that writes slot 0, lanes past T
+    [4, 7, 1, 0],               # slot 0 last, lanes past T repeat it
+    [-2, 50, -1],               # nothing written
+])
+def test_padding_beside_slot_zero(rng, slots):
+    """Lanes that do not write (padding slots, lanes past T) share a block with the token that
+    writes slot 0: the written row must be the token's (in interpret mode a masked lane aimed
+    at row 0 used to write the old row back over it)."""
+    T, K, H, S = len(slots), 2, 16, 8
+    k, v, _, kp, vp = _case(rng, T, K, H, S, jnp.bfloat16, 0)
+    slots = jnp.asarray(slots, jnp.int32)
+    ref_k, ref_v = (np.asarray(a) for a in kv_write_reference(k, v, slots, kp, vp))
+    got_k, got_v = kv_write(k, v, slots, jnp.array(kp), jnp.array(vp), interpret=INTERPRET,
+                            config=KVWriteConfig(block_t=8))
+    np.testing.assert_array_equal(np.asarray(got_k), ref_k)
+    np.testing.assert_array_equal(np.asarray(got_v), ref_v)
+
+
 def test_no_tokens_leaves_the_pools(rng):
     k, v, slots, kp, vp = _case(rng, 0, 2, 16, 8, jnp.bfloat16, 0)
     got_k, got_v = kv_write(k, v, slots, kp, vp, interpret=INTERPRET)

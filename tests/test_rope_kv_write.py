@@ -88,6 +88,27 @@ def test_reference_rotates_as_the_model(rng):
                                   np.asarray(rope_inv_freq(H, 500000.0)))
 
 
+@pytest.mark.parametrize("slots", [
+    [-1, 0, 9, 5, -3, 2],       # padding after the token that writes slot 0, lanes past T
+    [4, 7, 1, 0],               # slot 0 last, lanes past T repeat it
+    [-2, 50, -1],               # nothing written
+])
+def test_padding_beside_slot_zero(rng, slots):
+    """Lanes that do not write (padding slots, lanes past T) share a block with the token that
+    writes slot 0 (and with token 0's query rows): the written rows must be the tokens' (in
+    interpret mode a masked lane aimed at row 0 used to write the old row back over it)."""
+    T, N, K, H, S = len(slots), 3, 2, 16, 8
+    qkv, pos, _, kp, vp = _case(rng, T, N, K, H, S, jnp.bfloat16, 0)
+    slots = jnp.asarray(slots, jnp.int32)
+    want = rope_kv_write_reference(qkv, pos, slots, kp, vp, n_heads=N, theta=THETA)
+    got = rope_kv_write(qkv, pos, slots, jnp.array(kp), jnp.array(vp), n_heads=N, theta=THETA,
+                        interpret=INTERPRET, config=RopeKVWriteConfig(block_t=8))
+    ulp = float(jnp.finfo(jnp.bfloat16).eps)   # a GPU's cos/sin may round differently
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=2 * ulp, atol=2 * ulp)
+
+
 def test_no_tokens(rng):
     qkv, pos, slots, kp, vp = _case(rng, 0, 2, 1, 16, 8, jnp.bfloat16, 0)
     q, got_k, got_v = rope_kv_write(qkv, pos, slots, kp, vp, n_heads=2, theta=THETA,
