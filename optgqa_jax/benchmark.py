@@ -142,11 +142,20 @@ def random_params(cfg, bc: BenchConfig):
 
     key = jax.random.PRNGKey(bc.seed)
     init = lambda: og.init_params(cfg, key, fused=bc.fuse_projections)  # noqa: E731
-    if bc.quantize and bc.tensor_parallel_size == 1:
-        # The linear layers drawn quantized from the abstract tree: no float copy of them
-        # ever exists, so init is quick and the run's peak memory is the quantized model's.
+    if bc.tensor_parallel_size == 1 and (bc.quantize or bc.output_major):
+        # Drawn from the abstract tree in their final form. Quantized layers: no float copy
+        # of them ever exists, so init is quick and the run's peak memory is the quantized
+        # model's. Output-major kernels: drawn transposed, not transposed after drawing, which
+        # left the freed kernels' memory in holes of one kernel each (the random-length run
+        # at 512 sequences, ee1407e on an H100, then ran out of memory at warmup asking for
+        # 1018 MiB at once).
         from optgqa_jax.model import abstract_params, init_abstract_leaves
-        tree = _quantize_random(abstract_params(cfg, bc.fuse_projections), bc)
+        from optgqa_jax.weight_layout import output_major_params
+        tree = abstract_params(cfg, bc.fuse_projections)
+        if bc.quantize:
+            tree = _quantize_random(tree, bc)
+        if bc.output_major:
+            tree = output_major_params(tree, bc.output_major)
         return init_abstract_leaves(tree, key)
     if bc.tensor_parallel_size > 1:
         from optgqa_jax import sharding
@@ -193,9 +202,6 @@ def run_engine(bc: BenchConfig) -> dict:
     tp = bc.tensor_parallel_size
     t0 = time.perf_counter()
     params = random_params(cfg, bc)
-    if bc.output_major:   # transposed here, so that the untransposed kernels are freed
-        from optgqa_jax.weight_layout import output_major_params
-        params = output_major_params(params, bc.output_major)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
     ceiling = copy_bandwidth(bc.copy_bytes) * tp   # tp devices' combined ceiling

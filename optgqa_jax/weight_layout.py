@@ -57,7 +57,9 @@ def is_output_major(x) -> bool:
 
 
 def to_output_major(kernel: jax.Array) -> OutputMajorKernel:
-    """The output-major form of a float kernel [D_in, D_out] (a new, transposed array).
+    """The output-major form of a float kernel [D_in, D_out] (a new, transposed array; for a
+    shape-only ``jax.ShapeDtypeStruct``, the transposed shape, so that an abstract tree such
+    as ``model.abstract_params`` can be drawn output-major from the start).
 
     Raises:
       ValueError: `kernel` is not a 2-D float array.
@@ -67,6 +69,8 @@ def to_output_major(kernel: jax.Array) -> OutputMajorKernel:
         raise ValueError(f"an output-major kernel is made from a 2-D float array [D_in, D_out], "
                          f"got {type(kernel).__name__} "
                          f"{getattr(kernel, 'shape', '')} {getattr(kernel, 'dtype', '')}")
+    if isinstance(kernel, jax.ShapeDtypeStruct):
+        return OutputMajorKernel(jax.ShapeDtypeStruct(kernel.shape[::-1], kernel.dtype))
     return OutputMajorKernel(jnp.asarray(kernel).T)
 
 
@@ -97,7 +101,8 @@ def check_projection_names(names: Sequence[str], what: str = "output_major") -> 
 
 
 def _is_float_array(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jnp.issubdtype(x.dtype,
+                                                                             jnp.floating)
 
 
 def output_major_params(params: dict, names: Sequence[str]) -> dict:
