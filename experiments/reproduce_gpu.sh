@@ -52,7 +52,8 @@ ENGINE512=(--model llama3-8b --max-num-seqs 512 --kv-memory-gib 48 --fuse-projec
 # per LABEL with its extra FLAGS (split on spaces; may be empty), in turns, ROUNDS times; run
 # i of LABEL writes OUT/PREFIX_LABEL_i{.log,/}. OPTGQA_ROUNDS (e.g. "2") runs only those
 # rounds, so one comparison can be spread over several calls. A LABEL starting with "old"
-# runs the older tree at OPTGQA_OLD_TREE (from its root) and is skipped where that is unset.
+# runs the older tree at OPTGQA_OLD_TREE (from its root; its results name the commit
+# OPTGQA_OLD_COMMIT) and is skipped where that is unset.
 engine_turns() {
   local prefix=$1 rounds=$2 i spec label flags abs
   shift 2
@@ -63,7 +64,8 @@ engine_turns() {
       read -r -a flags <<< "${spec#*=}"
       if [[ $label == old* ]]; then
         [ -n "${OPTGQA_OLD_TREE:-}" ] || continue
-        (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+        (cd "$OPTGQA_OLD_TREE" && out=$abs && OPTGQA_COMMIT=${OPTGQA_OLD_COMMIT:-older-tree} \
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
           "${prefix}_${label}_$i" 240 python experiments/bench_engine.py "${ENGINE512[@]}" \
           ${flags[@]+"${flags[@]}"} --out "$abs/${prefix}_${label}_$i")
         continue
@@ -512,7 +514,8 @@ for step in $steps; do
       abs=$(cd "$out" && pwd)
       for i in 1 2; do
         if [ -n "${OPTGQA_OLD_TREE:-}" ]; then
-          (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+          (cd "$OPTGQA_OLD_TREE" && out=$abs && OPTGQA_COMMIT=${OPTGQA_OLD_COMMIT:-older-tree} \
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
             "engine_ab_old_$i" 240 python experiments/bench_engine.py "${engine[@]}" \
             --out "$abs/engine_ab_old_$i")
         fi
@@ -525,7 +528,8 @@ for step in $steps; do
       engine=("${ENGINE512[@]}" --input-range 32 1024 --output-range 32 512)
       abs=$(cd "$out" && pwd)
       if [ -n "${OPTGQA_OLD_TREE:-}" ]; then
-        (cd "$OPTGQA_OLD_TREE" && out=$abs && XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
+        (cd "$OPTGQA_OLD_TREE" && out=$abs && OPTGQA_COMMIT=${OPTGQA_OLD_COMMIT:-older-tree} \
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run \
           engine_random_old 200 python experiments/bench_engine.py "${engine[@]}" \
           --out "$abs/engine_random_old")
       fi
