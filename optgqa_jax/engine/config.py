@@ -213,7 +213,14 @@ class EngineConfig:
         a copy, the caller's params stay as they are). The function is the same; cuBLAS picks
         its algorithms for the other operand layout, which alone ran the fused gate/up
         product 2-5% faster on an H100 (``weight_layout``'s docstring). Quantized kernels keep
-        their layout. Empty (off) by default. One device only, without ``stack_layers``.
+        their layout. The copies are made when the engine starts; the caller's untransposed
+        kernels, once freed, leave holes of one kernel each in device memory, which beside a
+        pool sized to fill the rest can be too fragmented for XLA's autotuning at warmup
+        (``optgqa bench`` draws its random kernels transposed instead). With the add-norm and
+        RoPE/K-V-write kernels (ee1407e, H100, 1000 x 256/256 at 512 sequences, in turns,
+        twice): 30,168 and 30,201 tokens/s against 29,684 and 29,619 with the defaults
+        (``experiments/results/h100/engine_defaults_ab_ee1407e/``). Empty (off) by default.
+        One device only, without ``stack_layers``.
       tensor_parallel_size: devices the model is split over (the first ones of
         ``jax.devices()``): weights by ``optgqa_jax.sharding``'s rules and the KV pool by KV
         heads where those are split; the step is one jitted program that XLA partitions
