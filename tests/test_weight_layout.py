@@ -57,6 +57,22 @@ def test_params_transform_keeps_the_model(rng):
         om["layer_1"]["mlp"]["gate_up_proj"]["kernel"]
 
 
+def test_abstract_params_are_drawn_output_major():
+    """An abstract tree made output-major and drawn holds transposed kernels that pass the
+    checks, with no untransposed copy made (the benchmark's random models)."""
+    from optgqa_jax.model import abstract_params, init_abstract_leaves
+    cfg = og.ModelConfig.preset("tiny")
+    tree = output_major_params(abstract_params(cfg, fused=True), ("gate_up_proj", "qkv_proj"))
+    k = tree["layer_0"]["mlp"]["gate_up_proj"]["kernel"]
+    assert is_output_major(k) and isinstance(k.kernel_t, jax.ShapeDtypeStruct)
+    assert k.kernel_t.shape == (2 * cfg.ffn_dim, cfg.d_model)
+    params = init_abstract_leaves(tree, jax.random.PRNGKey(0))
+    got = params["layer_0"]["attn"]["qkv_proj"]["kernel"]
+    assert is_output_major(got) and isinstance(got.kernel_t, jax.Array)
+    assert float(jnp.std(got.kernel_t.astype(jnp.float32))) > 0.01    # drawn, not zeros
+    check_params_match(cfg, params)
+
+
 def test_engine_serves_the_same_tokens(rng):
     cfg = og.ModelConfig.preset("tiny")          # untied: an lm_head leaf
     assert not cfg.tie_embeddings
