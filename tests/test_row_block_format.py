@@ -11,7 +11,7 @@ from optgqa_jax import quant, sparse
 from optgqa_jax.quant.synthetic import random_quantized_linear
 from optgqa_jax.sparse import SparsityConfig
 from optgqa_jax.sparse.synthetic import random_row_block_linear
-from checks import assert_close_to_scale
+from checks import assert_close_to_scale, assert_serves_as
 
 QC = quant.QuantConfig(bits=4, group_size=32)
 
@@ -107,20 +107,7 @@ def test_row_block_model_runs_everywhere():
     rb = sparse.to_row_block_params(sparse.to_bsr_params(dense), 16)
     k = rb["layer_0"]["mlp"]["gate_proj"]["kernel"]
     assert sparse.is_row_block(k) and k.density == 0.5
-    a = og.forward(cfg, dense, windows[:2])
-    np.testing.assert_allclose(np.asarray(og.forward(cfg, rb, windows[:2])), np.asarray(a),
-                               rtol=1e-4, atol=1e-4)
-    one = windows[:1, :1]
-    np.testing.assert_allclose(np.asarray(og.forward(cfg, rb, one, attention_impl="pallas")),
-                               np.asarray(og.forward(cfg, dense, one)), rtol=1e-4, atol=1e-4)
-    prompt = [int(t) for t in windows[3, :5]]
-    expected = og.generate_simple(cfg, dense, prompt, 5)
-    assert og.generate_simple(cfg, rb, prompt, 5) == expected
-    engine = og.Engine(cfg, rb, og.EngineConfig(max_model_len=64, max_num_seqs=2,
-                                                num_pages=64))
-    got = engine.generate([prompt], og.SamplingParams(max_tokens=5, temperature=0.0,
-                                                      ignore_eos=True))
-    assert got[0].token_ids == expected
+    assert_serves_as(cfg, dense, rb, windows)
     with pytest.raises(ValueError, match="RowBlockQuantizedLinear, a runtime layout"):
         from optgqa_jax.checkpoint import save_checkpoint
         save_checkpoint("/nonexistent/never-written", cfg, rb)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from optgqa_jax import quant, sparse
 from optgqa_jax.quant import QuantConfig
 from optgqa_jax.sparse import SparsityConfig
+from checks import assert_serves_as
 
 
 def layer(seed, K, N, n=384, dead=0):
@@ -266,20 +267,7 @@ def test_pruned_model_as_bsr_runs_everywhere():
                if sparse.is_bsr(l)) * 2 == sum(
         l.num_groups * l.shape[1] for l in jax.tree_util.tree_leaves(bsr, is_leaf=sparse.is_bsr)
         if sparse.is_bsr(l))                                   # half of all groups kept
-    a = og.forward(cfg, dense, windows[:2])
-    b = og.forward(cfg, bsr, windows[:2])
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
-    one = windows[:1, :1]
-    np.testing.assert_allclose(np.asarray(og.forward(cfg, bsr, one, attention_impl="pallas")),
-                               np.asarray(og.forward(cfg, dense, one)), rtol=1e-4, atol=1e-4)
-    prompt = [int(t) for t in windows[3, :5]]
-    expected = og.generate_simple(cfg, dense, prompt, 5)
-    assert og.generate_simple(cfg, bsr, prompt, 5) == expected
-    engine = og.Engine(cfg, bsr, og.EngineConfig(max_model_len=64, max_num_seqs=2,
-                                                 num_pages=64))   # small on any device
-    got = engine.generate([prompt], og.SamplingParams(max_tokens=5, temperature=0.0,
-                                                      ignore_eos=True))
-    assert got[0].token_ids == expected
+    assert_serves_as(cfg, dense, bsr, windows)
     with pytest.raises(ValueError, match="learn_scales"):
         og.quantize(cfg, params, windows, QuantConfig(bits=4, group_size=32, learn_scales=True),
                     sparsity=sc, progress=False)
