@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -295,6 +295,15 @@ for step in $steps; do
       random="--input-range 32 1024 --output-range 32 512"
       engine_turns engine 2 "fixed_old=" "fixed_default=" "fixed_fast=$fast" \
         "random_old=$random" "random_default=$random" "random_fast=$random $fast" ;;
+    engine-small-op-defaults)  # the fixed (1000 x 256/256) and random-length workloads at
+      # 512 sequences: the defaults, the add-norm and RoPE/K-V-write kernels (anr: no memory
+      # cost, the candidates for defaults), and those with gate/up and q/k/v stored
+      # [D_out, D_in] (fast), in turns, twice (OPTGQA_ROUNDS picks rounds)
+      anr="--add-norm-kernel --rope-kv-write"
+      fast="--output-major gate_up_proj,qkv_proj $anr"
+      random="--input-range 32 1024 --output-range 32 512"
+      engine_turns engine 2 "fixed_default=" "fixed_anr=$anr" "fixed_fast=$fast" \
+        "random_default=$random" "random_anr=$random $anr" "random_fast=$random $fast" ;;
     engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
       # K/V writes as XLA ops and as pallas_kernels.rope_kv_write, in turns, twice
       engine_turns engine_rope 2 "xla=" "kernel=--rope-kv-write" ;;
