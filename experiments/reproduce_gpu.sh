@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, flash-triton-peer, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -295,6 +295,12 @@ for step in $steps; do
       random="--input-range 32 1024 --output-range 32 512"
       engine_turns engine 2 "fixed_old=" "fixed_default=" "fixed_fast=$fast" \
         "random_old=$random" "random_default=$random" "random_fast=$random $fast" ;;
+    flash-triton-peer)  # causal flash attention at B=4 T=4096 GQA 32/8 and MHA: a native
+      # Triton kernel (experiments/flash_triton_kernel.py; plain loads, TMA descriptors, warp
+      # specialization) against cuDNN (JAX's and PyTorch's), PyTorch's flash backend and
+      # pallas_kernels.flash_attention, in interleaved rounds: how close Triton gets to cuDNN
+      run flash_triton_peer 300 python experiments/flash_triton_peer.py --rounds 3 \
+        --out "$out" ;;
     engine-small-op-defaults)  # the fixed (1000 x 256/256) and random-length workloads at
       # 512 sequences: the defaults, the add-norm and RoPE/K-V-write kernels (anr: no memory
       # cost, the candidates for defaults), and those with gate/up and q/k/v stored
