@@ -102,8 +102,9 @@ def sass_row(name: str, sass: str, res: str, shared) -> dict:
     from triton_ir import sass_op_counts
     ops = sass_op_counts(sass)
     reg = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
     row = dict(name=name, sass=sum(ops.values()), registers=int(reg.group(1)) if reg else None,
-               shared_bytes=shared)
+               stack_bytes=int(stack.group(1)) if stack else None, shared_bytes=shared)
     row.update({op: ops.get(op, 0) for op in SASS_OPS})
     return row
 
@@ -304,7 +305,12 @@ def write(rows, meta, a, name: str) -> None:
     lines.append(", ".join(f"{k} {v}" for k, v in meta.items()) + ".")
     lines.append("")
     if a.sass_only:
-        cols = ["name", "sass", "registers", "shared_bytes"] + list(SASS_OPS)
+        lines.append("Static SASS instruction counts by opcode (not times), sm_90, causal, "
+                     "bfloat16, GQA 32/8, head dim 128; registers and spilled (stack) bytes "
+                     "per thread from cuobjdump; shared bytes: Triton's allocation for the "
+                     "native kernel, the static part only for the Pallas one.")
+        lines.append("")
+        cols = ["name", "sass", "registers", "stack_bytes", "shared_bytes"] + list(SASS_OPS)
     else:
         lines.append(f"Median of {a.rounds} interleaved rounds; `x cuDNN` is JAX's cuDNN "
                      f"time over the row's (above 1: faster). Error: max |out - float32 "
