@@ -123,19 +123,21 @@ def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k:
         v = v_ref[pl.ds(j * block_k, block_k), :]
         s = C.dot(q, k.T)  # raw scores [block_q, block_k]
         k_pos = j * block_k + jnp.arange(block_k)
-        if masked:
-            valid = k_pos[None, :] < seq_k
+        valid = None          # None: nothing to mask (the key padding check only where
+        if masked:            # seq_k leaves a partial tile)
+            valid = k_pos[None, :] < seq_k if seq_k % block_k else None
             if causal:
-                valid = valid & (k_pos[None, :] <= q_pos[:, None])
+                below = k_pos[None, :] <= q_pos[:, None]
+                valid = below if valid is None else valid & below
         if use_alibi:
             s = s * scale + (slope * k_pos.astype(jnp.float32)[None, :] + row_bias[:, None])
-            if masked:
+            if valid is not None:
                 s = jnp.where(valid, s, C.MASK_VALUE)
             m_tile = s.max(axis=-1)
         else:
             # Scale after the row max and inside the exponent: one FMA per score
             # (scale > 0 keeps the max where it was).
-            if masked:
+            if valid is not None:
                 s = jnp.where(valid, s, C.MASK_VALUE)
             m_tile = s.max(axis=-1) * scale
         m_new = jnp.maximum(m, m_tile)

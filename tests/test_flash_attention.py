@@ -23,6 +23,7 @@ CASES = [
     (jnp.bfloat16, 1, 33, 50, 8, 1, 64, False, True),    # MQA, not causal
     (jnp.float32, 2, 1, 1, 6, 3, 128, True, True),       # length 1
     (jnp.float32, 1, 1, 23, 5, 1, 64, True, False),      # single query against a prefix
+    (jnp.float32, 1, 32, 64, 4, 2, 64, False, False),    # not causal, whole key tiles
 ]
 
 
