@@ -107,15 +107,18 @@ DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages
     PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
 
 FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st,
-                                    heavy_first=heavy)
-               for bq, bk, w, st, heavy in (
+                                    heavy_first=heavy, prefetch_scores=pf)
+               for bq, bk, w, st, heavy, pf in [
+                   (128, 64, 8, 3, True, True), (128, 128, 8, 2, True, True),
+                   (128, 64, 8, 4, True, True), (128, 32, 8, 4, True, True)] + [
+                   c + (False,) for c in (
                    (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
                    (128, 128, 8, 4, False), (128, 128, 4, 3, False), (128, 64, 4, 3, False),
                    (128, 64, 4, 4, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False),
                    (128, 32, 4, 4, False), (64, 64, 4, 3, False), (64, 128, 4, 3, False),
                    (256, 64, 8, 3, False), (256, 64, 8, 3, True), (256, 128, 8, 2, False),
                    (256, 32, 8, 4, False), (256, 64, 8, 2, False), (256, 64, 16, 3, False),
-                   (256, 128, 16, 2, False), (128, 128, 16, 3, False), (128, 64, 8, 2, False))]
+                   (256, 128, 16, 2, False), (128, 128, 16, 3, False), (128, 64, 8, 2, False))]]
 
 
 def decode_inputs(s: DecodeShape, dtype, key):
@@ -294,7 +297,7 @@ def bench_flash(B, T, N, K, D, sweep: bool, rows=None, on_row=None):
                     record("optgqa-sweep", alibi, fn, (q, k, v), ref,
                            note=f"bq={cfg.block_q} bk={cfg.block_k} w={cfg.num_warps} "
                                 f"st={cfg.num_stages}{' heavy' if cfg.heavy_first else ''}"
-                                f"{label}")
+                                f"{' prefetch' if cfg.prefetch_scores else ''}{label}")
         record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
             q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
         record("xla", alibi, xla, (q, k, v))

@@ -58,6 +58,20 @@ CONFIGS = ((256, 64, 8, 3, True, False, False), (128, 64, 4, 3, True, False, Fal
 RTOL = 2e-2      # max error over the output's scale, bfloat16 inputs and output
 
 
+def _pallas_configs():
+    """pallas_kernels.flash_attention tiles timed beside its default: 128-query tiles with
+    and without ``prefetch_scores`` (the next tile's scores under this tile's softmax)."""
+    from pallas_kernels.flash_attention import FlashAttentionConfig
+    return [FlashAttentionConfig(block_q=128, block_k=bk, num_warps=8, num_stages=st,
+                                 heavy_first=True, prefetch_scores=pf)
+            for bk, st in ((64, 3), (128, 2)) for pf in (False, True)]
+
+
+def pallas_name(c) -> str:
+    return (f"optgqa pallas {c.block_q}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+            f"{' heavy' if c.heavy_first else ''}{' prefetch' if c.prefetch_scores else ''}")
+
+
 def config_name(c) -> str:
     bm, bn, w, st, heavy, desc, ws = c
     return (f"triton {bm}x{bn} w{w} s{st}{' heavy' if heavy else ''}"
@@ -106,7 +120,38 @@ def sass_row(name: str, sass: str, res: str, shared) -> dict:
     row = dict(name=name, sass=sum(ops.values()), registers=int(reg.group(1)) if reg else None,
                stack_bytes=int(stack.group(1)) if stack else None, shared_bytes=shared)
     row.update({op: ops.get(op, 0) for op in SASS_OPS})
+    row["first_loop"] = first_loop_sequence(sass)
     return row
+
+
+def first_loop_sequence(sass: str) -> str:
+    """The order of the first loop's tensor-core products (HGMMA), waits for them
+    (WARPGROUP.DEPBAR) and exponentials (MUFU), runs counted: e.g. ``HGMMA x8, DEPBAR x1,
+    MUFU x34`` waits for the scores before any exponential; HGMMA runs between MUFU runs
+    before the wait mean a product in flight under the exponentials."""
+    lines = sass.split("\n")
+
+    def addr(line):
+        m = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        return int(m.group(1), 16) if m else None
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA 0x([0-9a-f]+)", line)
+        if m and addr(line) is not None and int(m.group(1), 16) < addr(line):
+            start = next(j for j, x in enumerate(lines) if addr(x) == int(m.group(1), 16))
+            seq = []
+            for x in lines[start:i + 1]:
+                op = re.search(r"\*/\s+(?:@!?U?P\d\s+)?([A-Z0-9_.]+)", x)
+                op = op.group(1) if op else ""
+                key = ("DEPBAR" if op.startswith("WARPGROUP.DEPBAR") else
+                       op.split(".")[0] if op.startswith(("HGMMA", "MUFU")) else None)
+                if key is None:
+                    continue
+                if seq and seq[-1][0] == key:
+                    seq[-1][1] += 1
+                else:
+                    seq.append([key, 1])
+            return ", ".join(f"{k} x{n}" for k, n in seq)
+    return ""
 
 
 def sass_main(a) -> list:
@@ -121,19 +166,20 @@ def sass_main(a) -> list:
     cfg = FlashAttentionConfig.for_backend("cuda", D, Hk)
     q = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, T, Hk, D), jnp.bfloat16)
-    try:
-        path = os.path.join(tmp, "pallas_flash.ttir")
-        with open(path, "w") as f:
-            f.write(capture_ttir(lambda q, k, v: flash_attention(q, k, v, causal=True),
-                                 q, kv, kv)[0])
-        out = compile_ttir(path, cfg.num_warps, cfg.num_stages, a.triton_python)
-        smem = re.search(r"SHARED:(\d+)", out["res"])
-        rows.append(sass_row(f"pallas_kernels.flash_attention {cfg.block_q}x{cfg.block_k} "
-                             f"w{cfg.num_warps} s{cfg.num_stages}"
-                             f"{' heavy' if cfg.heavy_first else ''}", out["sass"], out["res"],
-                             int(smem.group(1)) if smem else None))
-    except Exception as e:  # noqa: BLE001
-        rows.append(dict(name="pallas_kernels.flash_attention", error=str(e)[:300]))
+    for c in [cfg] + _pallas_configs():
+        name = pallas_name(c).replace("optgqa pallas", "pallas_kernels.flash_attention")
+        try:
+            path = os.path.join(tmp, "pallas_flash.ttir")
+            with open(path, "w") as f:
+                f.write(capture_ttir(lambda q, k, v, c=c: flash_attention(q, k, v, causal=True,
+                                                                           config=c),
+                                     q, kv, kv)[0])
+            out = compile_ttir(path, c.num_warps, c.num_stages, a.triton_python)
+            smem = re.search(r"SHARED:(\d+)", out["res"])
+            rows.append(sass_row(name, out["sass"], out["res"],
+                                 int(smem.group(1)) if smem else None))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(name=name, error=str(e)[:300]))
     for c in CONFIGS:
         bm, bn, w, st, heavy, desc, ws = c
         args = json.dumps([H, H // Hk, D, bm, bn, w, st, heavy, desc, ws,
@@ -202,6 +248,7 @@ def gpu_main(a) -> tuple[list, dict]:
     from optgqa_jax.timing import interleaved_rounds, timeit
     from pallas_kernels import compiler_options
     from pallas_kernels.flash_attention import flash_attention
+    PALLAS_CONFIGS = _pallas_configs()
 
     try:   # global scratch for the tensor descriptors
         triton.set_allocator(lambda size, align, stream: torch.empty(
@@ -268,6 +315,10 @@ def gpu_main(a) -> tuple[list, dict]:
             "optgqa pallas": jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True),
                                      compiler_options=compiler_options("cuda")),
         }
+        for c in PALLAS_CONFIGS:   # the tiles that prefetch_scores pairs with, on and off
+            jax_fns[pallas_name(c)] = jax.jit(
+                lambda q, k, v, c=c: flash_attention(q, k, v, causal=True, config=c),
+                compiler_options=compiler_options("cuda"))
         for label, fn in jax_fns.items():
             try:
                 out = torch.from_numpy(np.asarray(fn(jq, jk, jv)[0], np.float32)).cuda()
@@ -275,7 +326,9 @@ def gpu_main(a) -> tuple[list, dict]:
                 timers[label] = lambda fn=fn: timeit(fn, jq, jk, jv)
             except Exception as e:  # noqa: BLE001
                 notes[label] = f"failed: {type(e).__name__}: {str(e)[:160]}"
-        notes.setdefault("optgqa pallas", "jit with pallas_kernels.compiler_options()")
+        for label in jax_fns:
+            if label != "jax cudnn":
+                notes.setdefault(label, "jit with pallas_kernels.compiler_options()")
 
         times = interleaved_rounds(timers, a.rounds)
         base = float(np.median(times["jax cudnn"])) if "jax cudnn" in times else None
@@ -308,9 +361,12 @@ def write(rows, meta, a, name: str) -> None:
         lines.append("Static SASS instruction counts by opcode (not times), sm_90, causal, "
                      "bfloat16, GQA 32/8, head dim 128; registers and spilled (stack) bytes "
                      "per thread from cuobjdump; shared bytes: Triton's allocation for the "
-                     "native kernel, the static part only for the Pallas one.")
+                     "native kernel, the static part only for the Pallas one. first_loop: the "
+                     "order of products (HGMMA), waits for them (DEPBAR) and exponentials "
+                     "(MUFU) in the first (unmasked) loop.")
         lines.append("")
-        cols = ["name", "sass", "registers", "stack_bytes", "shared_bytes"] + list(SASS_OPS)
+        cols = (["name", "sass", "registers", "stack_bytes", "shared_bytes"] + list(SASS_OPS)
+                + ["first_loop"])
     else:
         lines.append(f"Median of {a.rounds} interleaved rounds; `x cuDNN` is JAX's cuDNN "
                      f"time over the row's (above 1: faster). Error: max |out - float32 "

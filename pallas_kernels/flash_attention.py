@@ -58,6 +58,12 @@ class FlashAttentionConfig:
         K tiles (with 64-key tiles and D = 128 the rescale is twice the score work).
         Timed slower on an H100 (``bench_kernels_aee3517.md``: 1.355 against 1.203 ms
         at B=4 T=4096 GQA 32/8), so not a default.
+      prefetch_scores: compute the next K tile's scores ``q k^T`` before this tile's softmax
+        and carry them into the next step, so that the tensor cores' asynchronous product
+        can run under the softmax's exponentials (FlashAttention-3's overlap within a
+        warpgroup, written in the source). One score tile more lives in registers (pair it
+        with 128-query tiles), and the last step computes one tile it does not use. Not yet
+        timed; off by default.
     """
 
     block_q: int = 128
@@ -67,6 +73,7 @@ class FlashAttentionConfig:
     heavy_first: bool = False
     heads_fastest: bool = False
     lazy_rescale: bool = False
+    prefetch_scores: bool = False
 
     @classmethod
     def for_backend(cls, backend: str, head_dim: int = 128,
@@ -97,7 +104,7 @@ class FlashAttentionConfig:
 
 def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k: int, offset: int,
                   causal: bool, sm_scale: float, use_alibi: bool, q_block_of,
-                  lazy_rescale: bool = False):
+                  lazy_rescale: bool = False, prefetch_scores: bool = False):
     # q_ref [block_q, D]; k_ref, v_ref [S_padded, D]; slope_ref [1] (times log2 e); o_ref [block_q, D]
     q_block = q_block_of(pl.program_id(2))
     q = q_ref[...]
@@ -117,11 +124,17 @@ def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k:
     if use_alibi:
         row_bias = -slope * q_pos.astype(jnp.float32)  # ALiBi = slope * j + row_bias, hoisted
 
+    def scores(j):  # raw scores [block_q, block_k] of K tile j
+        return C.dot(q, k_ref[pl.ds(j * block_k, block_k), :].T)
+
     def tile(j, carry, masked: bool):
-        acc, m, l = carry  # m is kept in scaled log2 units
-        k = k_ref[pl.ds(j * block_k, block_k), :]
+        if prefetch_scores:   # this tile's scores came with the carry; the next one's now
+            acc, m, l, s = carry
+            s_next = scores(jnp.minimum(j + 1, num_tiles - 1))
+        else:
+            acc, m, l = carry  # m is kept in scaled log2 units
+            s = scores(j)
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = C.dot(q, k.T)  # raw scores [block_q, block_k]
         k_pos = j * block_k + jnp.arange(block_k)
         valid = None          # None: nothing to mask (the key padding check only where
         if masked:            # seq_k leaves a partial tile)
@@ -152,13 +165,13 @@ def _flash_kernel(q_ref, k_ref, v_ref, slope_ref, o_ref, *, block_k: int, seq_k:
         p = jnp.exp2(s - m_new[:, None] if use_alibi else s * scale - m_new[:, None])
         l = l + p.sum(axis=-1)
         acc = acc + C.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return (acc, m_new, l) + ((s_next,) if prefetch_scores else ())
 
     carry = (jnp.zeros((block_q, D), jnp.float32), jnp.full((block_q,), C.MASK_VALUE, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
+             jnp.zeros((block_q,), jnp.float32)) + ((scores(0),) if prefetch_scores else ())
     carry = jax.lax.fori_loop(0, full_tiles, functools.partial(tile, masked=False), carry)
     carry = jax.lax.fori_loop(full_tiles, num_tiles, functools.partial(tile, masked=True), carry)
-    acc, _, l = carry
+    acc, _, l = carry[:3]
     o_ref[...] = (acc / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
 
 
@@ -183,7 +196,8 @@ def _flash_attention(q, k, v, slopes, *, causal, sm_scale, interpret, config, us
 
     kernel = functools.partial(_flash_kernel, block_k=block_k, seq_k=S, offset=S - T,
                                causal=causal, sm_scale=sm_scale, use_alibi=use_alibi,
-                               q_block_of=q_block_of, lazy_rescale=config.lazy_rescale)
+                               q_block_of=q_block_of, lazy_rescale=config.lazy_rescale,
+                               prefetch_scores=config.prefetch_scores)
     if config.heads_fastest:  # program_id(0) varies fastest in the launch order
         grid, bh = (N, B, nq), (lambda x, y: (y, x))
     else:

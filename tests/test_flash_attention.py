@@ -1,5 +1,6 @@
 """flash_attention (dense prefill) against a float64 numpy reference; interpret mode on CPU."""
 
+import dataclasses
 import functools
 
 import jax
@@ -87,6 +88,20 @@ def test_lazy_rescale_matches_float64(rng, dtype, causal, alibi, growth):
                        slopes, causal=causal)
     assert_close_to_scale(np.asarray(out.astype(jnp.float32), np.float64)[0], ref,
                           TOLERANCE[dtype], what="lazy rescale")
+
+
+PREFETCH = FlashAttentionConfig(block_q=16, block_k=16, num_warps=4, num_stages=1,
+                                prefetch_scores=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_prefetched_scores_match_float64(rng, case, lazy):
+    """prefetch_scores carries the next K tile's scores through the loop: the same attention
+    on every case (one key tile, partial tiles, not causal, ALiBi), alone and with
+    lazy_rescale."""
+    cfg = dataclasses.replace(PREFETCH, lazy_rescale=lazy)
+    _check(rng, *case, config=cfg)
 
 
 def test_lazy_rescale_branches_in_the_kernel(rng):

@@ -52,6 +52,9 @@ ENTRY_POINTS = {
     "flash_attention_lazy_rescale": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, lazy_rescale=True)), DENSE,
         FlashAttentionConfig),
+    "flash_attention_prefetch_scores": (lambda alibi, cfg: lambda *a: flash_attention(
+        *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, prefetch_scores=True)),
+        DENSE, FlashAttentionConfig),
     "paged_prefill_attention": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
         *a, max_q_len=64, alibi_slopes=alibi, config=cfg), RAGGED, PagedPrefillConfig),
     "paged_prefill_attention_skip_single": (lambda alibi, cfg: lambda *a: paged_prefill_attention(
