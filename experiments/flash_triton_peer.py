@@ -292,11 +292,16 @@ def gpu_main(a) -> tuple[list, dict]:
             except Exception as e:  # noqa: BLE001
                 notes[name] = f"failed: {type(e).__name__}: {str(e)[:160]}"
 
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         kr = k.repeat_interleave(H // Hk, 1)
         vr = v.repeat_interleave(H // Hk, 1)
-        for label, backend in (("torch sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
-                               ("torch sdpa flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            backends = (("torch sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
+                        ("torch sdpa flash", SDPBackend.FLASH_ATTENTION))
+        except (ImportError, AttributeError) as e:   # an older PyTorch
+            backends = ()
+            notes["torch sdpa"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+        for label, backend in backends:
             def sdpa(backend=backend):
                 with sdpa_kernel(backend):
                     return torch.nn.functional.scaled_dot_product_attention(
