@@ -143,7 +143,7 @@ def _tile(b, first, q_ref, k_ref, v_ref, tables_ref, bounds_ref, ctx_ref, slope_
             slope = slope_ref[0] if Hb == 1 else jnp.broadcast_to(
                 slope_ref[...][None, :], (block_q, Hb)).reshape(block_q * Hb)[:, None]
 
-        def body(i, carry):
+        def body(i, carry, masked: bool):
             acc, m, l = carry
             pages = tables_ref[b, pl.ds(i * pages_per_block, pages_per_block)]
             k = k_ref[pages].reshape(block_k, D)
@@ -152,13 +152,18 @@ def _tile(b, first, q_ref, k_ref, v_ref, tables_ref, bounds_ref, ctx_ref, slope_
             k_pos = i * block_k + jnp.arange(block_k)
             if use_alibi:
                 s = s + slope * (k_pos[None, :] - q_pos[:, None]).astype(jnp.float32)
-            s = jnp.where(k_pos[None, :] <= q_pos[:, None], s, C.MASK_VALUE)
+            if masked:
+                s = jnp.where(k_pos[None, :] <= q_pos[:, None], s, C.MASK_VALUE)
             return C.online_softmax_step(acc, m, l, s, v)
 
         R = block_q * Hb
         carry = (jnp.zeros((R, D), jnp.float32),
                  jnp.full((R,), C.MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32))
-        acc, _, l = jax.lax.fori_loop(0, num_blocks, body, carry)
+        # key blocks wholly at or before the tile's first query need no causal mask
+        full = jnp.minimum((context - n_new + first + 1) // block_k, num_blocks)
+        carry = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+        acc, _, l = jax.lax.fori_loop(full, num_blocks, functools.partial(body, masked=True),
+                                      carry)
         out = (acc / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
         # rows past this sequence's end belong to the next sequence: mask them out
         plgpu.store(o_ref.at[rows, :, :], out.reshape(block_q, Hb, D),
