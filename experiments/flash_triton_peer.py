@@ -129,29 +129,22 @@ def first_loop_sequence(sass: str) -> str:
     (WARPGROUP.DEPBAR) and exponentials (MUFU), runs counted: e.g. ``HGMMA x8, DEPBAR x1,
     MUFU x34`` waits for the scores before any exponential; HGMMA runs between MUFU runs
     before the wait mean a product in flight under the exponentials."""
-    lines = sass.split("\n")
-
-    def addr(line):
-        m = re.search(r"/\*([0-9a-f]{4,})\*/", line)
-        return int(m.group(1), 16) if m else None
-    for i, line in enumerate(lines):
-        m = re.search(r"\bBRA 0x([0-9a-f]+)", line)
-        if m and addr(line) is not None and int(m.group(1), 16) < addr(line):
-            start = next(j for j, x in enumerate(lines) if addr(x) == int(m.group(1), 16))
-            seq = []
-            for x in lines[start:i + 1]:
-                op = re.search(r"\*/\s+(?:@!?U?P\d\s+)?([A-Z0-9_.]+)", x)
-                op = op.group(1) if op else ""
-                key = ("DEPBAR" if op.startswith("WARPGROUP.DEPBAR") else
-                       op.split(".")[0] if op.startswith(("HGMMA", "MUFU")) else None)
-                if key is None:
-                    continue
-                if seq and seq[-1][0] == key:
-                    seq[-1][1] += 1
-                else:
-                    seq.append([key, 1])
-            return ", ".join(f"{k} x{n}" for k, n in seq)
-    return ""
+    from ptx_mix import sass_instructions, sass_loops
+    loops = sass_loops(sass)
+    if not loops:
+        return ""
+    lo, hi = loops[0]["start"], loops[0]["end"]
+    seq = []
+    for addr, op, _ in sass_instructions(sass):
+        key = ("DEPBAR" if op.startswith("WARPGROUP.DEPBAR") else
+               op.split(".")[0] if op.startswith(("HGMMA", "MUFU")) else None)
+        if key is None or not lo <= addr <= hi:
+            continue
+        if seq and seq[-1][0] == key:
+            seq[-1][1] += 1
+        else:
+            seq.append([key, 1])
+    return ", ".join(f"{k} x{n}" for k, n in seq)
 
 
 def sass_main(a) -> list:
