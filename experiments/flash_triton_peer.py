@@ -59,12 +59,17 @@ RTOL = 2e-2      # max error over the output's scale, bfloat16 inputs and output
 
 
 def _pallas_configs():
-    """pallas_kernels.flash_attention tiles timed beside its default: 128-query tiles with
-    and without ``prefetch_scores`` (the next tile's scores under this tile's softmax)."""
+    """pallas_kernels.flash_attention tiles timed beside its default (256 x 64, 8 warps, 3
+    stages at D = 128 on CUDA; timed again here under its tile name): 128-query tiles with
+    and without ``prefetch_scores`` (the next tile's scores under this tile's softmax), and
+    256-query tiles with fewer stages or 32-key tiles."""
     from pallas_kernels.flash_attention import FlashAttentionConfig
-    return [FlashAttentionConfig(block_q=128, block_k=bk, num_warps=8, num_stages=st,
+    q128 = [FlashAttentionConfig(block_q=128, block_k=bk, num_warps=8, num_stages=st,
                                  heavy_first=True, prefetch_scores=pf)
             for bk, st in ((64, 3), (128, 2)) for pf in (False, True)]
+    q256 = [FlashAttentionConfig(block_q=256, block_k=bk, num_warps=8, num_stages=st,
+                                 heavy_first=True) for bk, st in ((64, 3), (64, 2), (32, 3))]
+    return q128 + q256
 
 
 def pallas_name(c) -> str:
@@ -313,7 +318,7 @@ def gpu_main(a) -> tuple[list, dict]:
             "optgqa pallas": jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True),
                                      compiler_options=compiler_options("cuda")),
         }
-        for c in PALLAS_CONFIGS:   # the tiles that prefetch_scores pairs with, on and off
+        for c in PALLAS_CONFIGS:   # other tiles, prefetch_scores on and off
             jax_fns[pallas_name(c)] = jax.jit(
                 lambda q, k, v, c=c: flash_attention(q, k, v, causal=True, config=c),
                 compiler_options=compiler_options("cuda"))
