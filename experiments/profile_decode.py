@@ -65,12 +65,14 @@ def add_step_options(ap) -> None:
     ap.add_argument("--kv-write-kernel", action="store_true",
                     help="write the step's K/V rows with pallas_kernels.kv_write "
                          "(EngineConfig.kv_write_kernel) instead of XLA's scatter")
-    ap.add_argument("--add-norm-kernel", action="store_true",
+    ap.add_argument("--add-norm-kernel", action=argparse.BooleanOptionalAction, default=True,
                     help="residual adds and norms as pallas_kernels.add_rms_norm "
-                         "(EngineConfig.add_norm_kernel)")
-    ap.add_argument("--rope-kv-write", action="store_true",
+                         "(EngineConfig.add_norm_kernel; default on, as the engine's on one "
+                         "device)")
+    ap.add_argument("--rope-kv-write", action=argparse.BooleanOptionalAction, default=True,
                     help="rotate queries and keys and write K/V with pallas_kernels.rope_kv_write "
-                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections)")
+                         "(EngineConfig.rope_kv_write; RoPE models, --fuse-projections; default "
+                         "on, as the engine's on one device)")
 
 
 def step_options(args) -> dict:

@@ -83,10 +83,12 @@ class BenchConfig:
     output_major: tuple[str, ...] = ()
     # K/V rows written by pallas_kernels.kv_write (EngineConfig.kv_write_kernel)
     kv_write_kernel: bool = False
-    # queries and keys rotated and K/V written by one kernel (EngineConfig.rope_kv_write)
-    rope_kv_write: bool = False
-    # residual adds and norms by one kernel per site (EngineConfig.add_norm_kernel)
-    add_norm_kernel: bool = False
+    # queries and keys rotated and K/V written by one kernel (EngineConfig.rope_kv_write;
+    # None: the engine's default, on with one device)
+    rope_kv_write: Optional[bool] = None
+    # residual adds and norms by one kernel per site (EngineConfig.add_norm_kernel; None: the
+    # engine's default, on with one device)
+    add_norm_kernel: Optional[bool] = None
     mha_twin: bool = False  # run the preset's MHA twin (n_kv_heads = n_heads)
     fuse_projections: bool = True  # serve from fused q/k/v and gate/up weights
     # e.g. "w4g128": random GPTQ-format weights (quant.synthetic); "w4g128s50": random BSR
@@ -227,7 +229,7 @@ def run_engine(bc: BenchConfig) -> dict:
         sorted_kv_writes=(EngineConfig.sorted_kv_writes if bc.sorted_kv_writes is None
                           else bool(bc.sorted_kv_writes)), stack_layers=bool(bc.stack_layers),
         output_major=tuple(bc.output_major), kv_write_kernel=bool(bc.kv_write_kernel),
-        rope_kv_write=bool(bc.rope_kv_write), add_norm_kernel=bool(bc.add_norm_kernel)))
+        rope_kv_write=bc.rope_kv_write, add_norm_kernel=bc.add_norm_kernel))
     t0 = time.perf_counter()
     engine.warmup(sampling=False)   # every request below is greedy
     warmup_s = time.perf_counter() - t0
@@ -376,6 +378,9 @@ def run_suite(bc: BenchConfig, *, compare_mha: bool, hf_requests: int, out_dir: 
 
 def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
     device = next((r["device"] for r in runs if "device" in r), "unknown")
+    # the one-device options as the engine resolved them (None: on with one device)
+    engine_cfg = EngineConfig(rope_kv_write=bc.rope_kv_write, add_norm_kernel=bc.add_norm_kernel,
+                              tensor_parallel_size=bc.tensor_parallel_size)
     meta = dict(device=device, jax=next((r["jax"] for r in runs if "jax" in r), "unknown"),
                 commit=commit,
                 workload=f"{bc.num_requests} requests, input {bc.input_range or bc.input_len}, "
@@ -398,10 +403,10 @@ def _write(bc: BenchConfig, runs: list[dict], out_dir: str, commit: str) -> str:
                        + (f", stored [D_out, D_in]: {', '.join(bc.output_major)}"
                           if bc.output_major else "")
                        + (", K/V written by the Pallas kernel" if bc.kv_write_kernel else "")
-                       + (", RoPE and K/V write in one Pallas kernel" if bc.rope_kv_write
-                          else "")
+                       + (", RoPE and K/V write in one Pallas kernel"
+                          if engine_cfg.use_rope_kv_write else "")
                        + (", residual adds and norms in one Pallas kernel"
-                          if bc.add_norm_kernel else "")
+                          if engine_cfg.use_add_norm_kernel else "")
                        + (", asynchronous scheduling" if bc.async_scheduling
                           else ", synchronous scheduling")
                        + (f", XLA options {bc.xla_compiler_options}"
@@ -460,15 +465,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pallas_kernels.kv_write instead of XLA's scatter "
                              "(EngineConfig.kv_write_kernel; default: off)")
     parser.add_argument("--rope-kv-write", action=argparse.BooleanOptionalAction,
-                        default=False,
+                        default=None,
                         help="rotate queries and keys and write K/V with one Pallas kernel per "
                              "layer (pallas_kernels.rope_kv_write; RoPE models with fused "
-                             "projections; EngineConfig.rope_kv_write; default: off)")
+                             "projections; EngineConfig.rope_kv_write; default: on with one "
+                             "device)")
     parser.add_argument("--add-norm-kernel", action=argparse.BooleanOptionalAction,
-                        default=False,
+                        default=None,
                         help="run each residual add and the RMS norm after it as one Pallas "
                              "kernel (pallas_kernels.add_rms_norm; EngineConfig.add_norm_kernel; "
-                             "default: off)")
+                             "default: on with one device)")
     parser.add_argument("--output-major", default="", metavar="NAME,NAME,...",
                         help="projections (e.g. gate_up_proj,qkv_proj) whose float kernels are "
                              "served stored [D_out, D_in] (EngineConfig.output_major; default: "
@@ -541,8 +547,8 @@ def config_from_args(args) -> BenchConfig:
         stack_layers=bool(getattr(args, "stack_layers", False)),
         output_major=tuple(n for n in getattr(args, "output_major", "").split(",") if n),
         kv_write_kernel=bool(getattr(args, "kv_write_kernel", False)),
-        rope_kv_write=bool(getattr(args, "rope_kv_write", False)),
-        add_norm_kernel=bool(getattr(args, "add_norm_kernel", False)),
+        rope_kv_write=getattr(args, "rope_kv_write", None),
+        add_norm_kernel=getattr(args, "add_norm_kernel", None),
         seq_buckets=seq_buckets,
         token_buckets=token_buckets,
         context_buckets=_context_buckets(getattr(args, "context_buckets", None)),

@@ -16,7 +16,9 @@ Measured on an H100 (commit ce1ed36, ``experiments/results/h100/engine_add_norm_
 Llama-3-8B shape): 5.0 µs per launch at 482 rows against 613 µs per decode step for XLA's
 adds and norms (314 µs with the kernel), 43.7 µs at 4,096 rows (about the copy bandwidth);
 with ``pallas_kernels.rope_kv_write`` as well the 1000 x 256/256 engine run was 1.3-1.6%
-faster (``EngineConfig.add_norm_kernel``, off by default).
+faster; at commit 0878888 (``experiments/results/h100/engine_small_op_defaults_0878888/``)
+1.3-1.7% on that workload and 1.0-2.2% on random lengths, so ``EngineConfig.add_norm_kernel``
+is on by default with one device.
 
 Axis legend: T rows (tokens), D features, Bt rows per program.
 """

@@ -27,7 +27,9 @@ head: about 60 instructions per element, most of the kernel's work): 6.8 µs per
 rotation and two scatters (the decode step 21.88-21.91 against 21.95 ms), 47 µs at 4,096
 tokens against 38.5. With ``pallas_kernels.add_rms_norm`` as well the 1000 x 256/256 engine
 run was 1.3-1.6% faster (``experiments/results/h100/engine_add_norm_ce1ed36/``;
-``EngineConfig.rope_kv_write``, off by default).
+at commit 0878888 1.3-1.7%, and 1.0-2.2% on random lengths
+(``experiments/results/h100/engine_small_op_defaults_0878888/``), so
+``EngineConfig.rope_kv_write`` is on by default with one device).
 
 Axis legend: T tokens of the step, N query heads, K KV heads, H head dim, S = P Z pool slots
 (P pages of Z tokens), Bt tokens per program.

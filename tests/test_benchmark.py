@@ -93,10 +93,12 @@ def test_command_line_defaults_match_the_engine(fixed_ceiling):
     assert bc.output_major == ("gate_up_proj", "qkv_proj")
     assert not bc.kv_write_kernel
     assert B.config_from_args(parser.parse_args(["--kv-write-kernel"])).kv_write_kernel
-    assert not bc.rope_kv_write
-    assert B.config_from_args(parser.parse_args(["--rope-kv-write"])).rope_kv_write
-    assert not bc.add_norm_kernel
-    assert B.config_from_args(parser.parse_args(["--add-norm-kernel"])).add_norm_kernel
+    for name in ("rope_kv_write", "add_norm_kernel"):   # None: the engine's default
+        flag = "--" + name.replace("_", "-")
+        assert getattr(bc, name) is None
+        assert getattr(B.config_from_args(parser.parse_args([flag])), name) is True
+        no = "--no-" + name.replace("_", "-")
+        assert getattr(B.config_from_args(parser.parse_args([no])), name) is False
     assert bc.context_buckets is None
     bc = B.config_from_args(parser.parse_args(["--context-buckets", "1024,2048"]))
     assert bc.context_buckets == (1024, 2048)

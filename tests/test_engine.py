@@ -490,7 +490,9 @@ def test_step_kernels_serve_the_same_tokens(tiny, async_scheduling, monkeypatch,
     monkeypatch.setattr(mod, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
     jax.clear_caches()                # steps traced by earlier tests would skip the counter
     eng = _engine(tiny, attention_impl="pallas", num_pages=7, max_num_batched_tokens=32,
-                  async_scheduling=async_scheduling, fuse_projections=fused, **{option: True})
+                  async_scheduling=async_scheduling, fuse_projections=fused,
+                  **{o: o == option for o in ("kv_write_kernel", "rope_kv_write",
+                                              "add_norm_kernel")})
     assert getattr(eng.runner, option)
     outs = eng.generate(tiny[2][:6], og.SamplingParams(temperature=0.0, max_tokens=4))
     assert [o.token_ids for o in outs] == [r[:4] for r in tiny[3][:6]]
@@ -501,15 +503,29 @@ def test_step_kernels_serve_the_same_tokens(tiny, async_scheduling, monkeypatch,
 def test_add_norm_kernel_option_is_checked():
     with pytest.raises(ValueError, match="add_norm_kernel=True needs one device"):
         og.EngineConfig(add_norm_kernel=True, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="add_norm_kernel must be True or False"):
+    with pytest.raises(ValueError, match="add_norm_kernel must be None, True or False"):
         og.EngineConfig(add_norm_kernel=1)
 
 
 def test_rope_kv_write_option_is_checked():
     with pytest.raises(ValueError, match="rope_kv_write=True needs one device"):
         og.EngineConfig(rope_kv_write=True, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="rope_kv_write must be True or False"):
+    with pytest.raises(ValueError, match="rope_kv_write must be None, True or False"):
         og.EngineConfig(rope_kv_write="yes")
+
+
+@pytest.mark.parametrize("name", ["rope_kv_write", "add_norm_kernel"])
+def test_one_device_kernels_default_on_one_device(tiny, name):
+    """None (the default) turns the option on with one device and off with several; an
+    explicit setting is kept."""
+    use = "use_" + name
+    assert getattr(og.EngineConfig(), name) is None
+    assert getattr(og.EngineConfig(), use) is True
+    assert getattr(og.EngineConfig(tensor_parallel_size=2), use) is False
+    assert getattr(og.EngineConfig(**{name: False}), use) is False
+    assert getattr(og.EngineConfig(**{name: True}), use) is True
+    assert getattr(_engine(tiny).runner, name) is True             # the engine passes it on
+    assert getattr(_engine(tiny, **{name: False}).runner, name) is False
 
 
 def test_kv_write_kernel_needs_one_device():

@@ -195,18 +195,22 @@ class EngineConfig:
         projection's output, in place of the queries' and keys' rotations and the two
         scatters, wherever the attention runs its Pallas kernels. Outputs are those of the
         model's own rotation (the same frequencies and float32 arithmetic; tested equal in
-        interpret mode). Other layers and models write as ``kv_write_kernel`` says. Timed on
-        an H100 with ``add_norm_kernel`` (commit ce1ed36, the 1000 x 256/256 workload at 512
-        sequences, gate/up and q/k/v ``output_major``, in turns, twice): 29,442 and 29,573
-        against 29,067 and 29,094 tokens/s without either
-        (``experiments/results/h100/engine_add_norm_ce1ed36/``). Off by default (the other
-        workloads and tables not yet rerun with it). One device only.
+        interpret mode). Other layers and models write as ``kv_write_kernel`` says. None (the
+        default): on with one device (``tensor_parallel_size=1``), off with several (the pool
+        is split by KV heads there); True with several devices is an error. See
+        ``add_norm_kernel`` for the measurement behind the default; read the setting that
+        applies with :attr:`use_rope_kv_write`.
       add_norm_kernel: run each residual add and the RMS norm after it as one
         ``pallas_kernels.add_rms_norm`` launch (``optgqa_jax.model.Transformer``'s
         ``add_norm_kernel``) wherever the attention runs its Pallas kernels, in place of XLA's
         two or three kernels per site. The same arithmetic; only the order of the norm's
-        float32 sum of squares differs. Timed with ``rope_kv_write`` (above): alone, 29,182
-        and 29,209 tokens/s in the same runs. Off by default. One device only.
+        float32 sum of squares differs. None (the default): on with one device, off with
+        several; True with several devices is an error (:attr:`use_add_norm_kernel`). Timed
+        together with ``rope_kv_write`` on an H100 (commit 0878888, Llama-3-8B shape, 512
+        sequences, in turns with both off, twice;
+        ``experiments/results/h100/engine_small_op_defaults_0878888/``): the 1000 x 256/256
+        workload 29,900 and 29,789 tokens/s against 29,386 and 29,405, the random-length one
+        24,226 and 24,046 against 23,711 and 23,805.
       output_major: names of projections (``optgqa_jax.weight_layout.PROJECTIONS``, e.g.
         ``("gate_up_proj", "qkv_proj")`` with fused projections) whose float kernels the
         engine serves stored transposed, ``[D_out, D_in]`` (``weight_layout.OutputMajorKernel``;
@@ -217,10 +221,13 @@ class EngineConfig:
         kernels, once freed, leave holes of one kernel each in device memory, which beside a
         pool sized to fill the rest can be too fragmented for XLA's autotuning at warmup
         (``optgqa bench`` draws its random kernels transposed instead). With the add-norm and
-        RoPE/K-V-write kernels (ee1407e, H100, 1000 x 256/256 at 512 sequences, in turns,
-        twice): 30,168 and 30,201 tokens/s against 29,684 and 29,619 with the defaults
-        (``experiments/results/h100/engine_defaults_ab_ee1407e/``). Empty (off) by default.
-        One device only, without ``stack_layers``.
+        RoPE/K-V-write kernels, gate/up and q/k/v (H100, 512 sequences, in turns, twice):
+        30,168 and 30,201 tokens/s against 29,684 and 29,619 with neither on the 1000 x
+        256/256 workload at ee1407e (``experiments/results/h100/engine_defaults_ab_ee1407e/``);
+        at 0878888 29,944 and 29,946 against 29,900 and 29,789 with those kernels alone, and
+        on the random-length workload 23,963 and 23,995 against 24,226 and 24,046
+        (``experiments/results/h100/engine_small_op_defaults_0878888/``): no gain beyond the
+        spread, so empty (off) by default. One device only, without ``stack_layers``.
       tensor_parallel_size: devices the model is split over (the first ones of
         ``jax.devices()``): weights by ``optgqa_jax.sharding``'s rules and the KV pool by KV
         heads where those are split; the step is one jitted program that XLA partitions
@@ -244,8 +251,8 @@ class EngineConfig:
     stack_layers: bool = False
     output_major: tuple[str, ...] = ()
     kv_write_kernel: bool = False
-    rope_kv_write: bool = False
-    add_norm_kernel: bool = False
+    rope_kv_write: Optional[bool] = None
+    add_norm_kernel: Optional[bool] = None
     async_scheduling: bool = True
     seed: int = 0
     seq_buckets: Optional[tuple[int, ...]] = None
@@ -289,13 +296,15 @@ class EngineConfig:
         if self.kv_write_kernel and self.tensor_parallel_size > 1:
             raise ValueError("kv_write_kernel=True needs one device (tensor_parallel_size=1): "
                              "the pool is split by KV heads over the devices there")
-        if not isinstance(self.rope_kv_write, (bool, np.bool_)):
-            raise ValueError(f"rope_kv_write must be True or False, got {self.rope_kv_write!r}")
+        if not (self.rope_kv_write is None or isinstance(self.rope_kv_write, (bool, np.bool_))):
+            raise ValueError(f"rope_kv_write must be None, True or False, got "
+                             f"{self.rope_kv_write!r}")
         if self.rope_kv_write and self.tensor_parallel_size > 1:
             raise ValueError("rope_kv_write=True needs one device (tensor_parallel_size=1): "
                              "the pool is split by KV heads over the devices there")
-        if not isinstance(self.add_norm_kernel, (bool, np.bool_)):
-            raise ValueError(f"add_norm_kernel must be True or False, got "
+        if not (self.add_norm_kernel is None
+                or isinstance(self.add_norm_kernel, (bool, np.bool_))):
+            raise ValueError(f"add_norm_kernel must be None, True or False, got "
                              f"{self.add_norm_kernel!r}")
         if self.add_norm_kernel and self.tensor_parallel_size > 1:
             raise ValueError("add_norm_kernel=True needs one device (tensor_parallel_size=1)")
@@ -339,3 +348,22 @@ class EngineConfig:
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(f"attention_impl must be 'auto', 'pallas' or 'reference', got "
                              f"{self.attention_impl!r}")
+
+    @property
+    def use_rope_kv_write(self) -> bool:
+        """Whether the engine rotates and writes K/V with ``pallas_kernels.rope_kv_write``
+        (where the model and attention allow it): ``rope_kv_write``, or, where that is None,
+        whether the model runs on one device."""
+        return _on_one_device(self.rope_kv_write, self.tensor_parallel_size)
+
+    @property
+    def use_add_norm_kernel(self) -> bool:
+        """Whether residual adds and norms run as ``pallas_kernels.add_rms_norm`` (where the
+        attention runs its Pallas kernels): ``add_norm_kernel``, or, where that is None,
+        whether the model runs on one device."""
+        return _on_one_device(self.add_norm_kernel, self.tensor_parallel_size)
+
+
+def _on_one_device(setting: Optional[bool], tensor_parallel_size: int) -> bool:
+    """A one-device option's value: the setting where given, else on with one device."""
+    return tensor_parallel_size == 1 if setting is None else bool(setting)

@@ -203,8 +203,8 @@ class Engine:
                                   stable_buffers=config.stable_step_buffers,
                                   sorted_kv_writes=config.sorted_kv_writes,
                                   kv_write_kernel=config.kv_write_kernel,
-                                  rope_kv_write=config.rope_kv_write,
-                                  add_norm_kernel=config.add_norm_kernel,
+                                  rope_kv_write=config.use_rope_kv_write,
+                                  add_norm_kernel=config.use_add_norm_kernel,
                                   context_buckets=config.context_buckets)
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
