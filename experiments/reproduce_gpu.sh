@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, flash-triton-peer, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, engine-batch1-small-ops, flash-triton-peer, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -310,6 +310,20 @@ for step in $steps; do
       random="--input-range 32 1024 --output-range 32 512"
       engine_turns engine 2 "fixed_default=" "fixed_anr=$anr" "fixed_fast=$fast" \
         "random_default=$random" "random_anr=$random $anr" "random_fast=$random $fast" ;;
+    engine-batch1-small-ops)  # batch-1 decode (one 256-token prompt, 256 tokens out) in
+      # bfloat16 and W4 g128 with the add-norm and RoPE/K-V-write kernels on (the defaults
+      # with one device since b8f4dc1) and off, in turns
+      b1=(--model llama3-8b --num-requests 1 --max-num-seqs 1 --seq-buckets 1
+          --max-num-batched-tokens 256 --token-buckets 256 --kv-memory-gib 48 --fuse-projections)
+      for fmt in bf16 w4g128; do
+        q=(); [ "$fmt" = bf16 ] || q=(--quantize "$fmt")
+        for ops in on off; do
+          k=(); [ "$ops" = on ] || k=(--no-add-norm-kernel --no-rope-kv-write)
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 run "batch1_${fmt}_ops_$ops" 200 python \
+            experiments/bench_engine.py "${b1[@]}" ${q[@]+"${q[@]}"} ${k[@]+"${k[@]}"} \
+            --out "$out/batch1_${fmt}_ops_$ops"
+        done
+      done ;;
     engine-rope-kv-write)  # the 1000 x 256/256 run at 512 sequences with the rotations and
       # K/V writes as XLA ops and as pallas_kernels.rope_kv_write, in turns, twice
       engine_turns engine_rope 2 "xla=" "kernel=--rope-kv-write" ;;
