@@ -131,6 +131,7 @@ class ModelConfig:
 
     @property
     def jnp_dtype(self):
+        """The parameters' and activations' dtype as a ``jnp.dtype``."""
         return jnp.dtype(self.dtype)
 
     def layer_kv_head_map(self, layer: int) -> tuple[int, ...]:
@@ -168,6 +169,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict (``kv_head_map`` as lists)."""
         d = dataclasses.asdict(self)
         if d["kv_head_map"] is not None:
             d["kv_head_map"] = [list(layer) for layer in d["kv_head_map"]]
@@ -175,6 +177,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """A config from :meth:`to_dict`'s dict; unknown keys raise ``ValueError``."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
@@ -182,10 +185,12 @@ class ModelConfig:
         return cls(**d)
 
     def to_json(self) -> str:
+        """The config as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
+        """A config from :meth:`to_json`'s text."""
         return cls.from_dict(json.loads(text))
 
     # ---------------------------------------------------------------- presets

@@ -69,6 +69,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
+        """An empty cache: K and V of shape [L, K, B, max_len, H] in the model's dtype."""
         shape = (cfg.n_layers, cfg.n_kv_heads, batch_size, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
 

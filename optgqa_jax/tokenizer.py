@@ -18,12 +18,18 @@ from tokenizers import decoders, models, pre_tokenizers
 
 
 class Tokenizer(Protocol):
+    """What the models' loaders return and the engine and CLI use: ``encode`` text to ids,
+    ``decode`` ids to text, ``eos_id`` (None where the vocabulary has none) and
+    ``vocab_size``. :class:`ByteTokenizer` and :class:`BPETokenizer` implement it."""
+
     eos_id: Optional[int]
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ``ids``."""
 
 
 class ByteTokenizer:
@@ -34,6 +40,7 @@ class ByteTokenizer:
     vocab_size = 258
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """The UTF-8 bytes of ``text`` as ids, after ``bos_id`` where ``add_bos``."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids = list(text.encode("utf-8"))
@@ -61,6 +68,7 @@ class BPETokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Token ids in the vocabulary, added tokens included."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
@@ -73,6 +81,7 @@ class BPETokenizer:
         return cls(tok, eos_id=eos_id)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens; BOS first where ``add_bos``)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -81,6 +90,7 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``; special tokens dropped unless ``skip_special_tokens=False``."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, user_message: str) -> str:

@@ -150,6 +150,7 @@ class TrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
+        """Sequences per gradient-accumulation step (``batch_size // grad_accum``)."""
         return self.batch_size // self.grad_accum
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -157,6 +158,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
 

@@ -96,6 +96,7 @@ class BSRGatherConfig:
         return cfg
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on tiles or ``split_k`` the kernel cannot take."""
         C.validate_tuning(self, ("block_m", "block_n"))
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")

@@ -135,6 +135,7 @@ class GroupMajorConfig:
         return dataclasses.replace(cfg, num_stages=1) if backend == "rocm" else cfg
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on tiles the kernel cannot take."""
         C.validate_tuning(self, ("block_m",), minimum_block=1)
         if self.block_m > 16:
             raise ValueError(f"block_m={self.block_m}: at most 16 rows of x per program")

@@ -168,6 +168,7 @@ class BSRMatmulConfig:
         return self.block_t * group_size // (32 * self.num_warps)
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on tiles or option combinations the kernel cannot take."""
         C.validate_tuning(self, ("block_t",))
         C.validate_tuning(self, ("block_m", "row_loop"), minimum_block=1)
         if self.block_m > 16:

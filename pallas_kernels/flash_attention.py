@@ -102,6 +102,8 @@ class FlashAttentionConfig:
         return cls(block_q=256, block_k=64, num_warps=8, num_stages=3, heavy_first=True)
 
     def validate(self) -> None:
+        """Raise ``ValueError`` where a tile is not a power of two >= 16, ``num_warps`` is
+        outside [1, 16] or ``num_stages`` below 1."""
         C.validate_tuning(self, ("block_q", "block_k"))
 
 

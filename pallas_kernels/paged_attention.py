@@ -155,6 +155,7 @@ class PagedAttentionConfig:
         return cls(keys_per_block=32, replicate_queries=True)
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on tiles, ``num_splits`` or ``prefetch`` the kernel cannot take."""
         C.validate_tuning(self, ("keys_per_block",), minimum_block=1)
         if self.num_splits is not None and not C.is_power_of_two(self.num_splits):
             raise ValueError(f"num_splits={self.num_splits} must be a power of two")

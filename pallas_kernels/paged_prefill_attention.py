@@ -80,11 +80,13 @@ class PagedPrefillConfig:
 
     @classmethod
     def for_backend(cls, backend: str) -> "PagedPrefillConfig":
+        """Default tiles for a backend ("cuda", "rocm", "cpu"): smaller on ROCm (64 KB of LDS)."""
         if backend == "rocm":
             return cls(block_q=64, keys_per_block=64, num_warps=4, num_stages=1)
         return cls()
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on tiles or ``tile_programs`` the kernel cannot take."""
         C.validate_tuning(self, ("block_q", "keys_per_block"))
         if not (isinstance(self.tile_programs, int) and self.tile_programs >= 0):
             raise ValueError(f"tile_programs={self.tile_programs!r} must be an int >= 0")

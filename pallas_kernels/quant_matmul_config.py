@@ -171,6 +171,7 @@ class QuantMatmulConfig:
         return cfg
 
     def validate(self) -> None:
+        """Raise ``ValueError`` on tiles or option combinations the kernel cannot take."""
         C.validate_tuning(self, ("block_n", "block_k"))
         C.validate_tuning(self, ("block_m",), minimum_block=1 if self.fma else 16)
         if self.fma and self.block_m > 16:

@@ -54,10 +54,12 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
+        """Blocks in the free queue (cached blocks that may be evicted included)."""
         return len(self.free_queue)
 
     @property
     def num_used(self) -> int:
+        """Blocks held by requests (not in the free queue)."""
         return self.num_blocks - len(self.free_queue)
 
     def allocate(self) -> int:
@@ -73,6 +75,8 @@ class BlockPool:
         return block
 
     def lookup(self, block_hash: int) -> Optional[int]:
+        """The block id cached under ``block_hash``, or None (always None with prefix
+        caching off)."""
         return self.cached.get(block_hash) if self.enable_prefix_caching else None
 
     def acquire(self, block: int) -> None:
@@ -119,6 +123,7 @@ class KVCacheManager:
         self.prefix_hits = 0  # of which found cached
 
     def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that ``num_tokens`` tokens occupy (rounded up)."""
         return -(-num_tokens // self.block_size)
 
     def cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
@@ -194,4 +199,5 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks in the pool's free queue (:attr:`BlockPool.num_free`)."""
         return self.pool.num_free

@@ -118,6 +118,20 @@ class StepRecord:
 
 @dataclasses.dataclass
 class EngineStats:
+    """Counters of an :class:`Engine` (``engine.stats``, a snapshot).
+
+    Attributes:
+      num_pages, pages_used, pages_free, page_size: the KV pool's pages (``page_size`` tokens
+        each), those held by requests and those free (cached prefix pages included).
+      prefix_queries, prefix_hits: prompt tokens looked up in the prefix cache, and of those
+        the tokens found cached (their K/V not computed again).
+      evictions: cached pages taken for new contents.
+      preemptions: requests stopped to free pages (resumed later, outputs unchanged).
+      steps: steps run; compiles: distinct step programs compiled so far.
+      speculative_steps: steps launched before the previous step's tokens were read
+        (``EngineConfig.async_scheduling``).
+    """
+
     num_pages: int
     pages_used: int
     pages_free: int
@@ -132,6 +146,7 @@ class EngineStats:
 
     @property
     def prefix_hit_rate(self) -> float:
+        """Prefix-cache hits over queries (0.0 before any query)."""
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
 
@@ -571,6 +586,8 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
+        """A snapshot of the pool, prefix cache, scheduler and compile counters
+        (:class:`EngineStats`)."""
         pool = self.kv.pool
         return EngineStats(num_pages=self.num_pages, pages_used=pool.num_used,
                            pages_free=pool.num_free, page_size=self.config.page_size,

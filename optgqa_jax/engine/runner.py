@@ -51,6 +51,7 @@ class KVPool(NamedTuple):
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> "KVPool":
+        """A zeroed pool: per layer, K and V pages of shape [K, P, Z, H] in the model's dtype."""
         shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
         zeros = lambda: jnp.zeros(shape, cfg.jnp_dtype)  # noqa: E731
         return cls(tuple(zeros() for _ in range(cfg.n_layers)),

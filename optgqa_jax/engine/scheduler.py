@@ -68,6 +68,7 @@ class Request:
 
     @property
     def all_ids(self) -> list[int]:
+        """The prompt's ids followed by the tokens generated so far."""
         return self.prompt_ids + self.output_ids
 
     def token_at(self, position: int) -> int:
@@ -77,6 +78,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
 
 
@@ -107,6 +109,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
         return bool(self.waiting or self.running)
 
     def _preempt(self, request: Request) -> None:

@@ -109,13 +109,16 @@ class QuantConfig:
         return QuantConfig(**{name: getattr(self, name) for name in keep})
 
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The config as indented JSON with sorted keys."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        """A config from :meth:`to_dict`'s dict; unknown keys raise ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -117,6 +117,7 @@ class HessianAccumulator:
 
     @property
     def H(self) -> jax.Array:
+        """The Hessian ``2 X^T X / n`` of the rows added so far; ``ValueError`` before any."""
         if self.n == 0:
             raise ValueError(f"no rows of {self.name} were added to the Hessian accumulator")
         return self._sum * (2.0 / self.n)

@@ -57,6 +57,7 @@ class QuantizedLinear:
 
     @property
     def num_groups(self) -> int:
+        """Quantization groups along the input features (rows of ``scales``)."""
         return self.scales.shape[0]
 
     @property

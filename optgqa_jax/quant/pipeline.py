@@ -67,10 +67,12 @@ class QuantReport:
     calibration_shape: tuple = ()
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict."""
         return {"qc": self.qc.to_dict(), "method": self.method, "layers": self.layers,
                 "seconds": self.seconds, "calibration_shape": list(self.calibration_shape)}
 
     def mean_error(self) -> float:
+        """The mean of the layers' errors (NaN with no layers)."""
         return float(np.mean([l["error"] for l in self.layers])) if self.layers else float("nan")
 
 

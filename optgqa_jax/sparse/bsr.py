@@ -60,6 +60,7 @@ class BSRQuantizedLinear:
 
     @property
     def num_groups(self) -> int:
+        """Quantization groups per output row of the dense layer (``in_features // group_size``)."""
         return self.in_features // self.group_size
 
     @property

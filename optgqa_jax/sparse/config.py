@@ -63,6 +63,7 @@ class SparsityConfig:
         return int(round(self.sparsity * groups))
 
     def tag(self) -> str:
+        """A short name for file names and tables, e.g. ``"s50"`` or ``"s50rb16"``."""
         rb = f"rb{self.row_block}" if self.row_block > 1 else ""
         return f"s{round(100 * self.sparsity)}{rb}"
 
@@ -88,4 +89,5 @@ class NMSparsity:
             raise ValueError(f"n={self.n} must be smaller than m={self.m}")
 
     def tag(self) -> str:
+        """A short name for file names and tables, e.g. ``"2:4"``."""
         return f"{self.n}:{self.m}"
