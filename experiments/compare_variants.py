@@ -136,6 +136,16 @@ def quant_variants(M: int, K: int, N: int, few: bool = False) -> dict:
                 out[f"joined dequant_tiles 256x{bn} no split"] = cfg
         out["joined dequant_tiles 256x128 2 stages"] = dataclasses.replace(
             out["joined dequant_tiles 256x128"], num_stages=2)
+        # Smaller tiles, several blocks per SM: at 128 x 128 on 8 warps one block fills an
+        # SM's registers, so its dequantization and its products take turns. In sm_90 SASS
+        # (experiments/quant_occupancy_sass.py, results/cpu/quant/quant_occupancy_sass_*.md)
+        # 64 x 128 fits 2 blocks per SM, 64 x 64 3 (3 stages) or 4 (2 stages), at 7.3-7.6
+        # instructions per code as before, each weight tile dequantized 4 times at 256 rows.
+        for bm_, bn_, warps, stages in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 8, 3),
+                                        (64, 64, 4, 3), (64, 64, 4, 2)):
+            out[f"joined dequant_tiles {bm_}x{bn_} w{warps} s{stages}"] = with_split(
+                QuantMatmulConfig(block_m=bm_, block_n=bn_, block_k=128, num_warps=warps,
+                                  num_stages=stages, joined=True, dequant_tiles=True), M, K, N)
     if M >= 64:
         out["dequantize (XLA)"] = None
         out["dequantize kernel"] = "dequantize_kernel"

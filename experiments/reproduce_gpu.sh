@@ -13,7 +13,7 @@
 # gqsa-engine-gathered (16 sequences on the block-map kernel), profile-bsr-call, gqsa-tune-packed, gqsa-engine-packed (batch-1 W4S50
 # packed into one array per layer, against dense W4 and the four-array layout),
 # profile-batch1, profile-batch1-sparse, batch1-graphs, profile-mixed, engine-buckets, engine-512, decode-alibi,
-# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, engine-batch1-small-ops, flash-triton-peer, row-block-speed, variants-256, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
+# decode-alibi-ab, group-tiles, kv-write, profile-kv-writes, engine-kv-writes, batch1-stacked, batch1-stacked-gqsa, decode-short-tables, engine-context-buckets, flash-mqa, profile-decode512, product-probe, step-gemms, prefill-tiles, engine-ab, engine-random-ab, engine-page-size, engine-token-budget, engine-output-major, engine-output-major-all, engine-kv-write-kernel, profile-kv-write-kernel, rope-kv-write, engine-rope-kv-write, add-norm-kernel, engine-fast-options, engine-defaults-ab, engine-small-op-defaults, engine-batch1-small-ops, flash-triton-peer, row-block-speed, variants-256, variants-256-occupancy, quant-tune-256 and dispatch-cost; sharding-8b and sharding-70b need two GPUs
 # (machine kind nvidia-h200-x2) and are not in the default list. Each step writes its JSON/markdown (and logs) under OUT_DIR (default
 # experiments/results/latest) and runs under its own time limit, so one slow step cannot eat
 # the others; with OPTGQA_DEADLINE (epoch seconds) set, no step runs past it. The commit is read
@@ -357,6 +357,17 @@ for step in $steps; do
       # runtime_magic, half_pairs) on the four Llama-3-8B shapes
       run compare_variants_one_row 400 python experiments/compare_variants.py --parts quant \
         --rows 1 --out "$out/variants_one_row" ;;
+    variants-256-occupancy)  # the quantized products at 256 rows: the 128 x 128 dequant_tiles
+      # tiles (one block per SM) against 64-row tiles that fit 2-4 blocks per SM
+      # (experiments/quant_occupancy_sass.py), the streaming dequantize + bfloat16 route and
+      # bfloat16
+      occ=()
+      for v in "joined dequant_tiles" "joined dequant_tiles 64x128 w4 s3" \
+          "joined dequant_tiles 64x128 w4 s2" "joined dequant_tiles 64x128 w8 s3" \
+          "joined dequant_tiles 64x64 w4 s3" "joined dequant_tiles 64x64 w4 s2" \
+          "dequantize kernel" default; do occ+=(--variant "$v"); done
+      run compare_variants_256_occupancy 560 python experiments/compare_variants.py \
+        --parts quant --rows 256 "${occ[@]}" --out "$out/variants_256_occupancy" ;;
     variants-256)  # the quantized products at 256 and 512 rows (the engine's decode buckets
       # of the throughput workload): whole 256-row dequant_tiles tiles against the 128-row
       # ones, the streaming dequantize + bfloat16 route that quant.matmul takes there, and

@@ -82,6 +82,7 @@ k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=warps, num_stages=stages))
 for ext in ("ttgir", "ptx"):
     open(path[:-5] + "." + ext, "w").write(k.asm[ext])
+open(path[:-5] + ".shared", "w").write(str(k.metadata.shared))   # dynamic shared memory, bytes
 open(path[:-5] + ".cubin", "wb").write(k.asm["cubin"])
 import os, subprocess
 import triton.backends.nvidia as nv
@@ -96,7 +97,8 @@ def compile_ttir(path: str, num_warps: int, num_stages: int, python: str) -> dic
     """Compile a .ttir file for sm_90 with the triton package of interpreter `python` (in its
     own process: Triton's MLIR and jaxlib's do not share one). No GPU is needed.
     Returns {'ttgir', 'ptx', 'sass', 'res'} texts (SASS and resource usage from the
-    package's ``cuobjdump``; empty where it failed); raises ImportError without triton."""
+    package's ``cuobjdump``; empty where it failed) and 'shared' (the dynamic shared memory
+    a block asks for, bytes); raises ImportError without triton."""
     probe = subprocess.run([python, "-c", "import triton"], capture_output=True)
     if probe.returncode:
         raise ImportError(f"{python} has no triton package")
@@ -105,7 +107,9 @@ def compile_ttir(path: str, num_warps: int, num_stages: int, python: str) -> dic
                          env=dict(os.environ, TRITON_DEFAULT_FP_FUSION="1"))
     if run.returncode:
         raise RuntimeError(run.stderr[-1500:])
-    return {ext: open(path[:-5] + "." + ext).read() for ext in ("ttgir", "ptx", "sass", "res")}
+    out = {ext: open(path[:-5] + "." + ext).read() for ext in ("ttgir", "ptx", "sass", "res")}
+    out["shared"] = int(open(path[:-5] + ".shared").read())
+    return out
 
 
 def triton_version(python: str):
@@ -131,9 +135,15 @@ def count_kernel(fn, args, num_warps: int, num_stages: int, python: str, path: s
     out = compile_ttir(path, num_warps, num_stages, python)
     ops = sass_op_counts(out["sass"])
     reg = re.search(r"REG:(\d+)", out["res"])
+    stack = re.search(r"STACK:(\d+)", out["res"])
+    loops = ptx_mix.sass_loops(out["sass"])
     return dict(sass=sum(ops.values()), sass_per_code=sum(ops.values()) / codes_per_thread,
                 registers=int(reg.group(1)) if reg else None, top=dict(ops.most_common(10)),
-                codes_per_thread=codes_per_thread)
+                codes_per_thread=codes_per_thread, shared_bytes=out["shared"],
+                stack_bytes=int(stack.group(1)) if stack else None,
+                # the innermost (last) loop: instructions and tensor-core products per pass
+                loop_sass=loops[-1]["count"] if loops else None,
+                loop_hgmma=loops[-1]["mix"].get("HGMMA", 0) if loops else None)
 
 
 def try_count_kernel(fn, args, cfg, python: str, path: str, codes_per_thread: float) -> dict:
@@ -239,10 +249,11 @@ def main(argv=None) -> None:
             print(f"{rung}: {entry['error']}")
             report["rungs"][rung] = entry
             continue
-        for ext, text in out.items():
+        for ext in ("ttgir", "ptx", "sass", "res"):
             with open(path[:-5] + "." + ext, "w") as f:
-                f.write(text)
-        entry.update(summarize(out["ttgir"], out["ptx"], out["sass"], out["res"]))
+                f.write(out[ext])
+        entry.update(summarize(out["ttgir"], out["ptx"], out["sass"], out["res"]),
+                     shared_bytes=out["shared"])
         # codes one thread handles per K step, and the innermost loop's PTX per code
         per_thread = k_step(cfg, K, qc) * cfg.block_n // (32 * cfg.num_warps)
         if entry["loops"]:
