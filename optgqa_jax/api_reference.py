@@ -211,9 +211,8 @@ def undocumented(modules: Sequence[str] = MODULES) -> list[str]:
     return missing
 
 
-def main(argv=None) -> None:
+def main() -> None:
     """Write the page to standard output."""
-    del argv
     sys.stdout.write(render())
 
 
