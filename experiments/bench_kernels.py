@@ -106,7 +106,13 @@ DECODE_SWEEP = [PagedAttentionConfig(keys_per_block=kpb, num_warps=w, num_stages
     for pf in ("none", "tiles") for t in (1024, 2048)] + [
     PagedAttentionConfig(keys_per_block=kpb, replicate_queries=True) for kpb in (32, 64)]
 
-FLASH_SWEEP = [FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st,
+FLASH_SWEEP = [
+    # the q-blocks varying fastest in the launch order (one head's programs side by side)
+    FlashAttentionConfig(block_q=256, block_k=64, num_warps=8, num_stages=3, heavy_first=True,
+                         q_blocks_fastest=True),
+    FlashAttentionConfig(block_q=128, block_k=128, num_warps=8, num_stages=3, heavy_first=True,
+                         q_blocks_fastest=True)] + [
+               FlashAttentionConfig(block_q=bq, block_k=bk, num_warps=w, num_stages=st,
                                     heavy_first=heavy, prefetch_scores=pf)
                for bq, bk, w, st, heavy, pf in [
                    # prefetch_scores: 8 warps and 128 queries, where Triton overlaps the
@@ -300,7 +306,8 @@ def bench_flash(B, T, N, K, D, sweep: bool, rows=None, on_row=None):
                     record("optgqa-sweep", alibi, fn, (q, k, v), ref,
                            note=f"bq={cfg.block_q} bk={cfg.block_k} w={cfg.num_warps} "
                                 f"st={cfg.num_stages}{' heavy' if cfg.heavy_first else ''}"
-                                f"{' prefetch' if cfg.prefetch_scores else ''}{label}")
+                                f"{' prefetch' if cfg.prefetch_scores else ''}"
+                                f"{' qfast' if cfg.q_blocks_fastest else ''}{label}")
         record("cudnn", alibi, jax.jit(lambda q, k, v, b=bias: jax.nn.dot_product_attention(
             q, k, v, bias=b, is_causal=True, implementation="cudnn")), (q, k, v), ref)
         record("xla", alibi, xla, (q, k, v))

@@ -61,20 +61,26 @@ RTOL = 2e-2      # max error over the output's scale, bfloat16 inputs and output
 def _pallas_configs():
     """pallas_kernels.flash_attention tiles timed beside its default (256 x 64, 8 warps, 3
     stages at D = 128 on CUDA; timed again here under its tile name): 128-query tiles with
-    and without ``prefetch_scores`` (the next tile's scores under this tile's softmax), and
-    256-query tiles with fewer stages or 32-key tiles."""
+    and without ``prefetch_scores`` (the next tile's scores under this tile's softmax),
+    256-query tiles with fewer stages or 32-key tiles, and the default's tiles launched with
+    the q-blocks varying fastest (``q_blocks_fastest``)."""
     from pallas_kernels.flash_attention import FlashAttentionConfig
     q128 = [FlashAttentionConfig(block_q=128, block_k=bk, num_warps=8, num_stages=st,
                                  heavy_first=True, prefetch_scores=pf)
             for bk, st in ((64, 3), (128, 2)) for pf in (False, True)]
     q256 = [FlashAttentionConfig(block_q=256, block_k=bk, num_warps=8, num_stages=st,
                                  heavy_first=True) for bk, st in ((64, 3), (64, 2), (32, 3))]
-    return q128 + q256
+    # the default's tiles with the q-blocks varying fastest in the launch order (the native
+    # kernel's order), heaviest first within each head
+    qfast = [FlashAttentionConfig(block_q=256, block_k=64, num_warps=8, num_stages=3,
+                                  heavy_first=True, q_blocks_fastest=True)]
+    return q128 + q256 + qfast
 
 
 def pallas_name(c) -> str:
     return (f"optgqa pallas {c.block_q}x{c.block_k} w{c.num_warps} s{c.num_stages}"
-            f"{' heavy' if c.heavy_first else ''}{' prefetch' if c.prefetch_scores else ''}")
+            f"{' heavy' if c.heavy_first else ''}{' prefetch' if c.prefetch_scores else ''}"
+            f"{' qfast' if c.q_blocks_fastest else ''}")
 
 
 def config_name(c) -> str:

@@ -104,6 +104,20 @@ def test_prefetched_scores_match_float64(rng, case, lazy):
     _check(rng, *case, config=cfg)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("order", ["heads_fastest", "q_blocks_fastest"])
+@pytest.mark.parametrize("heavy", [False, True])
+def test_launch_orders_match_float64(rng, case, order, heavy):
+    """The grid's other launch orders (heads fastest; q-blocks fastest) and heavy-first
+    q-blocks: each program still finds its own queries, K/V and ALiBi slope."""
+    _check(rng, *case, config=dataclasses.replace(SMALL, heavy_first=heavy, **{order: True}))
+
+
+def test_one_launch_order_at_a_time():
+    with pytest.raises(ValueError, match="heads_fastest and q_blocks_fastest"):
+        FlashAttentionConfig(heads_fastest=True, q_blocks_fastest=True).validate()
+
+
 def test_lazy_rescale_branches_in_the_kernel(rng):
     """The lazy path is a conditional inside the kernel; the eager one has none."""
     q, _ = rand(rng, (1, 32, 2, 64), jnp.float32)

@@ -52,6 +52,10 @@ ENTRY_POINTS = {
     "flash_attention_lazy_rescale": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, lazy_rescale=True)), DENSE,
         FlashAttentionConfig),
+    "flash_attention_q_blocks_fastest": (lambda alibi, cfg: lambda *a: flash_attention(
+        *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, q_blocks_fastest=True,
+                                                           heavy_first=True)),
+        DENSE, FlashAttentionConfig),
     "flash_attention_prefetch_scores": (lambda alibi, cfg: lambda *a: flash_attention(
         *a, alibi_slopes=alibi, config=dataclasses.replace(cfg, prefetch_scores=True)),
         DENSE, FlashAttentionConfig),
