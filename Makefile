@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install api-docs clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 # The 25 slowest tests are listed at the end, to keep the suite inside CI's 20 minutes.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+
+# docs/api.md from the code's signatures and docstrings (tests/test_api_reference.py checks it)
+api-docs: $(STAMP)
+	$(PY) -m optgqa_jax.api_reference > docs/api.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

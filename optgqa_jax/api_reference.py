@@ -9,7 +9,8 @@ Regenerate after changing the API::
     python -m optgqa_jax.api_reference > docs/api.md
 
 ``tests/test_api_reference.py`` fails where the page and the code disagree, or where a public
-name, method or property has no docstring (:func:`undocumented`).
+name, method or property has no docstring (:func:`undocumented`). ``make api-docs`` runs the
+command above.
 """
 
 from __future__ import annotations

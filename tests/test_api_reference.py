@@ -16,7 +16,8 @@ def test_page_is_current():
     with open(os.path.join(ROOT, "docs", "api.md")) as f:
         page = f.read()
     assert page == api_reference.render(), (
-        "docs/api.md is out of date: python -m optgqa_jax.api_reference > docs/api.md")
+        "docs/api.md is out of date: run `make api-docs` "
+        "(python -m optgqa_jax.api_reference > docs/api.md)")
 
 
 def test_every_public_name_is_documented():
