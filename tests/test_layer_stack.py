@@ -222,6 +222,32 @@ def test_engine_with_stacked_layers_gives_the_same_tokens(async_scheduling):
             assert ls.argument_buffers(eng.runner.params) < ls.argument_buffers(params)
     assert out[True] == out[False]
     assert not og.EngineConfig().stack_layers
+
+
+def test_stacked_layers_with_the_default_step_kernels(monkeypatch):
+    """Stacked W4 layers on the Pallas path (interpret mode) with the engine's default
+    one-device kernels (residual add + RMS norm, RoPE + K/V write): they are traced, and the
+    greedy tokens are those of the reference attention path."""
+    import importlib
+    cfg = og.ModelConfig.preset("tiny")
+    params = _formats(cfg, False)["w4"]
+    prompts = [[int(t) for t in ROOT_RNG.integers(0, cfg.vocab_size, n)] for n in (7, 12, 3)]
+    greedy = og.SamplingParams(max_tokens=6)
+    calls = []
+    for module, kernel in (("model", "add_rms_norm"), ("kv_layers", "rope_kv_write")):
+        mod = importlib.import_module(f"optgqa_jax.{module}")
+        real = getattr(mod, kernel)
+        monkeypatch.setattr(mod, kernel, lambda *a, real=real, name=kernel, **k:
+                            calls.append(name) or real(*a, **k))
+    jax.clear_caches()                # steps traced by earlier tests would skip the counters
+    out = {}
+    for impl, stack in (("reference", False), ("pallas", True)):
+        eng = og.Engine(cfg, params, og.EngineConfig(
+            num_pages=6, page_size=8, max_num_seqs=3, fuse_projections=True,
+            stack_layers=stack, attention_impl=impl))
+        out[impl] = [o.token_ids for o in eng.generate(prompts, greedy)]
+    assert out["pallas"] == out["reference"]
+    assert {"add_rms_norm", "rope_kv_write"} <= set(calls)
     with pytest.raises(ValueError, match="stack_layers must be True or False"):
         og.EngineConfig(stack_layers=1)
     with pytest.raises(ValueError, match="stack_layers=True needs one device"):
